@@ -1,0 +1,57 @@
+"""The CEMA layer: parameters with the reference initialization, over the pure functions of ops/cema.py."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from megalodon.ops.cema import CemaCoefficients, cema_blocked, cema_coefficients, cema_step
+
+
+class CEMA(nn.Module):
+    """Multi-head complex EMA over time, one EMA of order N per channel (spec section 4)."""
+
+    def __init__(self, dim: int, ndim: int):
+        super().__init__()
+        self.dim, self.ndim = dim, ndim
+        self.alpha = nn.Parameter(torch.empty(dim, ndim, 1))
+        self.delta = nn.Parameter(torch.empty(dim, ndim, 1))
+        self.theta = nn.Parameter(torch.empty(dim, 1, 1))
+        self.gamma = nn.Parameter(torch.empty(dim, ndim, 2))
+        self.omega = nn.Parameter(torch.empty(dim, 1))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.alpha.normal_(0.0, 0.2, generator=generator)
+        self.delta.normal_(0.0, 0.2, generator=generator)
+        # Angles spread geometrically over channels; the permutation comes from `generator` so that
+        # data-parallel ranks seeded alike agree.
+        freqs = torch.exp(-torch.arange(1, self.dim + 1, dtype=torch.float64) * math.log(self.dim) / self.dim)
+        freqs = freqs[torch.randperm(self.dim, generator=generator)]
+        self.theta.copy_(torch.logit(freqs).view(self.dim, 1, 1))
+        self.gamma.zero_()
+        self.gamma[..., 0].normal_(0.0, 1.0, generator=generator)
+        nn.init.trunc_normal_(self.omega, 0.0, 0.25, -1.0, 1.0, generator=generator)
+
+    def coefficients(self) -> CemaCoefficients:
+        params = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+                  for t in (self.alpha, self.delta, self.theta, self.gamma)]
+        return cema_coefficients(*params)
+
+    def forward(
+        self, x: Tensor, h0: Tensor | None = None, block_size: int | None = None,
+        block_reset: Tensor | None = None, need_state: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (B, L, D) -> y (B, L, D) fp32 and the final state (B, D, N) complex, or None."""
+        with torch.autocast(x.device.type, enabled=False):
+            coeffs = self.coefficients()
+            u = x.to(coeffs.p.dtype)
+            omega = self.omega.squeeze(-1).to(u.dtype)
+            if x.shape[1] == 1 and h0 is not None and block_reset is None:
+                y, h = cema_step(u[:, 0], coeffs, omega, h0)
+                return y.unsqueeze(1), h
+            y, h = cema_blocked(u.transpose(1, 2), coeffs, omega, h0, block_size, block_reset, need_state)
+            return y.transpose(1, 2), h

@@ -1,0 +1,43 @@
+"""The normalized feed-forward network (spec section 10): LayerNorm, SwiGLU or SiLU, bias-free linears."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megalodon.config import MegalodonConfig
+from megalodon.layers.norms import LayerNorm
+
+
+class NormalizedFFN(nn.Module):
+    def __init__(self, config: MegalodonConfig, layer_index: int):
+        super().__init__()
+        self.config = config
+        dim, hidden = config.model_dim, config.ffn_hidden_dim
+        self.norm = LayerNorm(dim, config.norm_eps)
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc3 = nn.Linear(dim, hidden, bias=False) if config.swiglu else None
+        self.layer_index = layer_index
+        if config.rescale_nffn:
+            self.alpha = nn.Parameter(torch.full((dim,), self.alpha_init(layer_index)))
+        else:
+            self.alpha = None
+
+    @staticmethod
+    def alpha_init(layer_index: int) -> float:
+        return 0.1 * 0.5 ** layer_index
+
+    def forward(self, y: Tensor, residual: Tensor) -> Tensor:
+        """y: the MEGA output; residual: the block input, which the second hop adds back."""
+        cfg = self.config
+        u = self.norm(y)
+        hidden = F.silu(self.fc1(u))
+        if self.fc3 is not None:
+            hidden = hidden * self.fc3(u)
+        hidden = F.dropout(hidden, cfg.hidden_dropout if self.training else 0.0, self.training)
+        out = F.dropout(self.fc2(hidden), cfg.dropout if self.training else 0.0, self.training)
+        if self.alpha is not None:
+            out = out * self.alpha
+        return out + residual

@@ -1,0 +1,47 @@
+"""The TimestepNorm layer: affine and prior parameters over the pure functions of ops/timestep_norm.py."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from megalodon.ops.timestep_norm import NormStats, timestep_norm_blocked
+
+
+class TimestepNorm(nn.Module):
+    """Causal group normalization along time (spec section 5); weight applied as (weight + 1).
+
+    The prior (count, mean, log-variance) seeds the statistics of every stream. With the default count of 0
+    it has no weight, and the prior mean and log-variance are fixed buffers; with a count > 0 they are learned.
+    """
+
+    def __init__(self, dim: int, num_groups: int, eps: float, prior_count: int = 0):
+        super().__init__()
+        self.num_groups, self.eps = num_groups, eps
+        self.register_buffer("prior_count", torch.tensor(prior_count, dtype=torch.int64))
+        if prior_count > 0:
+            self.prior_mean = nn.Parameter(torch.zeros(num_groups))
+            self.prior_logv = nn.Parameter(torch.zeros(num_groups))
+        else:
+            self.register_buffer("prior_mean", torch.zeros(num_groups))
+            self.register_buffer("prior_logv", torch.zeros(num_groups))
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def prior(self) -> NormStats:
+        return NormStats(self.prior_count, self.prior_mean.float(), self.prior_logv.float().exp())
+
+    def initial_state(self, batch_size: int) -> NormStats:
+        prior = self.prior()
+        return NormStats(prior.count.expand(batch_size).clone(), prior.mean.expand(batch_size, -1).clone(),
+                         prior.var.expand(batch_size, -1).clone())
+
+    def forward(
+        self, x: Tensor, state: NormStats | None = None, block_size: int | None = None,
+        block_reset: Tensor | None = None, pad_mask: Tensor | None = None,
+    ) -> tuple[Tensor, NormStats]:
+        """x: (B, L, D) -> normalized x (fp32) and the statistics after the last token."""
+        with torch.autocast(x.device.type, enabled=False):
+            initial = self.initial_state(x.shape[0]) if state is None else state
+            return timestep_norm_blocked(x, initial, self.weight, self.bias, self.eps, block_size, block_reset,
+                                         self.prior(), pad_mask)

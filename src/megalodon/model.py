@@ -1,0 +1,168 @@
+"""The Megalodon language model: embedding, a stack of blocks, final TimestepNorm and output projection.
+
+Attribute names follow the reference (`embed`, `rope.freqs`, `layers.i.mega`, `layers.i.nffn`,
+`output.final_norm`, `output.output`), so its state_dict is the reference keyspace up to the tied embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megalodon.config import MegalodonConfig
+from megalodon.layers.block import MegalodonBlock
+from megalodon.layers.timestep_norm import TimestepNorm
+from megalodon.ops.attention import rope_frequencies
+from megalodon.state import MegalodonState
+
+
+class Rotary(nn.Module):
+    """Holds the rotary frequencies, shared by every layer (reference key `rope.freqs`)."""
+
+    def __init__(self, config: MegalodonConfig):
+        super().__init__()
+        self.register_buffer("freqs", rope_frequencies(config.head_z_dim, config.rope_theta).float())
+
+
+class OutputHead(nn.Module):
+    def __init__(self, config: MegalodonConfig):
+        super().__init__()
+        self.final_norm = TimestepNorm(config.model_dim, config.norm_num_groups, config.norm_eps)
+        self.output = nn.Linear(config.model_dim, config.num_outputs, bias=False)
+
+
+class Megalodon(nn.Module):
+    def __init__(self, config: MegalodonConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.model_dim)
+        self.rope = Rotary(config)
+        self.layers = nn.ModuleList(MegalodonBlock(config, i) for i in range(config.num_layers))
+        self.output = OutputHead(config)
+        self.reset_parameters()
+        if config.share_emb:
+            self.output.output.weight = self.embed.weight
+
+    # ---- initialization --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference initialization (spec section 2), drawn from torch's global generator."""
+        dim = self.config.model_dim
+        for weight in (self.embed.weight, self.output.output.weight):
+            std = 1.0 / math.sqrt(dim)
+            nn.init.trunc_normal_(weight, 0.0, std, -3.0 * std, 3.0 * std)
+        for block in self.layers:
+            mega, nffn = block.mega, block.nffn
+            mega.cema.reset_parameters()
+            linears = [mega.wz, mega.wv, mega.wr, mega.wh1, mega.wh2, nffn.fc1, nffn.fc2, nffn.fc3]
+            for linear in filter(None, linears):
+                init_linear(linear.weight, self.config.init_mode)
+                if linear.bias is not None:
+                    linear.bias.zero_()
+
+    # ---- the forward pass ------------------------------------------------------------------------------------
+    def forward(
+        self, input_ids: Tensor, state: MegalodonState | None = None, return_state: bool = False,
+        doc_start: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, MegalodonState]:
+        """Logits (B, L, output_size) in fp32, and the state after the last token when return_state.
+
+        state: the stream so far (from an earlier call), or None to start fresh.
+        doc_start: (B, L) bool, True where a new document begins: the CEMA, the norm statistics and attention
+        restart there, so nothing leaks across documents. Documents must start on the chunk grid.
+        """
+        batch, length = self._check_inputs(input_ids, state)
+        block_reset = None if doc_start is None else self._block_reset(doc_start, state, batch, length)
+        position = None if state is None else state.position
+
+        x = self.embed(input_ids)
+        if self.config.scale_emb:
+            x = x * math.sqrt(self.config.model_dim)
+        x = F.dropout(x, self.config.dropout, self.training)
+
+        new_layers = []
+        for i, block in enumerate(self.layers):
+            layer_state = None if state is None else state.layers[i]
+            x, layer_state = block(x, self.rope.freqs, layer_state, position, block_reset, return_state)
+            new_layers.append(layer_state)
+
+        xn, final_stats = self.output.final_norm(x, None if state is None else state.final_norm,
+                                                 self.config.chunk_size, block_reset)
+        logits = self.output.output(xn.to(x.dtype))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if not return_state:
+            return logits
+        start = torch.zeros(batch, dtype=torch.int64, device=x.device) if position is None else position
+        return logits, MegalodonState(new_layers, final_stats, start + length)
+
+    def _check_inputs(self, input_ids: Tensor, state: MegalodonState | None) -> tuple[int, int]:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point or input_ids.is_complex():
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}; "
+                             "use input_ids.unsqueeze(0) for a single sequence")
+        batch, length = input_ids.shape
+        if batch == 0 or length == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}; "
+                             "check that the tokenizer matches the model")
+        if state is not None:
+            if not isinstance(state, MegalodonState):
+                raise TypeError(f"state must be a MegalodonState, got {type(state).__name__}")
+            state.check_compatible(self.config, batch)
+        return batch, length
+
+    def _block_reset(self, doc_start: Tensor, state: MegalodonState | None, batch: int, length: int) -> Tensor:
+        chunk = self.config.chunk_size
+        if doc_start.shape != (batch, length) or doc_start.dtype != torch.bool:
+            raise ValueError(f"doc_start must be a bool tensor of shape {(batch, length)}, "
+                             f"got {doc_start.dtype} {tuple(doc_start.shape)}")
+        if state is not None and bool((state.position % chunk != 0).any()):
+            raise ValueError("doc_start needs a call that begins on a chunk boundary (state.position % "
+                             f"chunk_size == 0); this state sits mid-chunk")
+        off_grid = doc_start.clone()
+        off_grid[:, ::chunk] = False
+        if bool(off_grid.any()):
+            where = off_grid.nonzero()[0].tolist()
+            raise ValueError(f"doc_start is True at row {where[0]}, position {where[1]}, which is not a multiple "
+                             f"of chunk_size={chunk}: documents must start on the chunk grid (pad the previous one)")
+        return doc_start[:, ::chunk]
+
+    # ---- conveniences ----------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from megalodon.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location="cpu") -> "Megalodon":
+        from megalodon.checkpoint import load_pretrained
+
+        return load_pretrained(directory, map_location)
+
+
+def init_linear(weight: Tensor, mode: str) -> None:
+    """The reference init modes for the MEGA and FFN linears."""
+    if mode == "he":
+        nn.init.kaiming_normal_(weight, a=math.sqrt(5.0))  # std = 1 / sqrt(3 * fan_in)
+    elif mode == "bert":
+        nn.init.normal_(weight, 0.0, 0.02)
+    elif mode == "gaussian":
+        nn.init.trunc_normal_(weight, 0.0, 1.0, -3.0, 3.0)
+    elif mode == "xavier":
+        nn.init.xavier_uniform_(weight)
+    else:
+        raise ValueError(f"unknown init_mode {mode!r}")

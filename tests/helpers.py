@@ -1,0 +1,23 @@
+"""Shared builders for the tests: tiny models small enough for float64."""
+
+import torch
+
+from megalodon import Megalodon, MegalodonConfig
+
+
+def tiny_config(**overrides) -> MegalodonConfig:
+    """A model small enough for float64 tests: 2 layers, chunk 8, two heads."""
+    values = dict(chunk_size=8, model_dim=32, z_dim=16, value_dim=32, ffn_hidden_dim=48, norm_num_groups=4,
+                  cema_ndim=4, vocab_size=64)
+    values.update(overrides)
+    return MegalodonConfig.from_preset("tiny", **values)
+
+
+def tiny_model(dtype=torch.float64, seed=0, **overrides) -> Megalodon:
+    torch.manual_seed(seed)
+    model = Megalodon(tiny_config(**overrides)).to(dtype).eval()
+    with torch.no_grad():  # move the zero-initialized affines off zero so that they are exercised
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "norm.bias", "mega.gamma", "mega.beta", "rmsnorm.weight")):
+                param.normal_(0.0, 0.1)
+    return model

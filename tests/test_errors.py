@@ -1,0 +1,44 @@
+"""Bad input gets a clear ValueError/TypeError at the boundary, never an index error from deep inside."""
+
+import pytest
+import torch
+
+from helpers import tiny_model
+
+
+def test_token_ids_out_of_range(model):
+    with pytest.raises(ValueError, match="token id 64 is out of range"):
+        model(torch.tensor([[1, 64]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 3]]))
+
+
+def test_non_integer_ids(model):
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model([[1, 2]])
+
+
+def test_empty_and_wrong_shape(model):
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model(torch.zeros(5, dtype=torch.long))
+
+
+def test_state_from_other_batch_or_config(model):
+    _, state = model(torch.zeros(2, 5, dtype=torch.long), return_state=True)
+    with pytest.raises(ValueError, match="holds 2 rows"):
+        model(torch.zeros(3, 1, dtype=torch.long), state=state)
+    other = tiny_model(model_dim=48)
+    with pytest.raises(ValueError, match="different config"):
+        other(torch.zeros(2, 1, dtype=torch.long), state=state)
+
+
+def test_doc_start_off_the_chunk_grid(model):
+    ids = torch.zeros(1, 20, dtype=torch.long)
+    doc_start = torch.zeros(1, 20, dtype=torch.bool)
+    doc_start[0, 5] = True
+    with pytest.raises(ValueError, match="chunk grid"):
+        model(ids, doc_start=doc_start)

@@ -1,0 +1,160 @@
+"""Whole-model invariants: streaming split invariance, gradients through the state, resets, precision."""
+
+import random
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from megalodon import MegalodonState
+
+
+def run_pieces(model, ids, sizes, detach=False):
+    outs, state, start = [], None, 0
+    for size in sizes:
+        out, state = model(ids[:, start:start + size], state=state, return_state=True)
+        if detach:
+            state = state.detach()
+        outs.append(out)
+        start += size
+    return torch.cat(outs, 1), state
+
+
+def random_split(total, rng):
+    sizes = []
+    while total:
+        size = min(total, rng.choice([1, 1, 2, 3, 5, 7, 8, 9, 17]))
+        sizes.append(size)
+        total -= size
+    return sizes
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_split_invariance_fp32_random_splits(seed):
+    rng = random.Random(seed)
+    model = tiny_model(torch.float32, seed=seed, swiglu=bool(seed % 2), share_emb=seed >= 2)
+    length = rng.randint(20, 45)
+    ids = torch.randint(0, 64, (3, length), generator=torch.Generator().manual_seed(seed))
+    full, full_state = model(ids, return_state=True)
+    pieces, state = run_pieces(model, ids, random_split(length, rng))
+    torch.testing.assert_close(pieces, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.final_norm.var, full_state.final_norm.var, rtol=1e-5, atol=1e-6)
+    assert torch.equal(state.position, full_state.position)
+
+
+def test_single_token_decode_equals_one_call_in_float64(model):
+    ids = torch.randint(0, 64, (2, 19))
+    full = model(ids)
+    pieces, _ = run_pieces(model, ids, [1] * 19)
+    torch.testing.assert_close(pieces, full, rtol=1e-10, atol=1e-10)
+
+
+def test_gradients_through_the_state_at_batch_three(model):
+    ids = torch.randint(0, 64, (3, 21))
+    targets = torch.randint(0, 64, (3, 21))
+
+    def loss_of(logits):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    model.zero_grad()
+    loss_of(model(ids)).backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    streamed, _ = run_pieces(model, ids, [5, 11, 5])
+    loss_of(streamed).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, full_grads[name], rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_gradcheck_with_respect_to_incoming_state(model):
+    ids = torch.randint(0, 64, (2, 11))
+    _, state = model(ids[:, :5], return_state=True)
+    state = state.detach()
+    leaves = [state.layers[0].cema_h, state.layers[1].norm.mean, state.layers[1].norm.var,
+              state.layers[0].k_cache, state.final_norm.mean]
+
+    def fn(cema_h, mean, var, k_cache, final_mean):
+        s = state.clone()
+        s.layers[0].cema_h = cema_h
+        s.layers[1].norm = s.layers[1].norm._replace(mean=mean, var=var)
+        s.layers[0].k_cache = k_cache
+        s.final_norm = s.final_norm._replace(mean=final_mean)
+        return model(ids[:, 5:], state=s)[..., :5]
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in leaves)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_document_packed_after_another_equals_alone():
+    model = tiny_model(torch.float64)
+    doc = torch.randint(0, 64, (1, 13))
+    alone = model(doc)
+    for offset in (8, 16, 24):  # previous documents end anywhere; the next starts on the chunk grid
+        ids = torch.cat([torch.randint(0, 64, (1, offset)), doc, torch.randint(0, 64, (1, 5))], 1)
+        doc_start = torch.zeros_like(ids, dtype=torch.bool)
+        doc_start[0, 0] = doc_start[0, offset] = True
+        packed = model(ids, doc_start=doc_start)
+        torch.testing.assert_close(packed[:, offset:offset + 13], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_reset_discards_an_incoming_state():
+    model = tiny_model(torch.float64)
+    ids = torch.randint(0, 64, (2, 16))
+    _, state = model(torch.randint(0, 64, (2, 8)), return_state=True)
+    doc_start = torch.zeros(2, 16, dtype=torch.bool)
+    doc_start[0, 0] = True
+    out = model(ids, state=state, doc_start=doc_start)
+    torch.testing.assert_close(out[:1], model(ids[:1]), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(out[1:], model(ids[1:]))
+
+
+def test_rows_at_different_fills_decode_like_alone():
+    model = tiny_model(torch.float64)
+    prompts = [torch.randint(0, 64, (1, n)) for n in (3, 10, 6)]
+    continuation = torch.randint(0, 64, (3, 7))
+    states = [model(p, return_state=True)[1] for p in prompts]
+    state = MegalodonState.stack(states, model.config.chunk_size)
+    outs = []
+    for t in range(7):
+        out, state = model(continuation[:, t:t + 1], state=state, return_state=True)
+        outs.append(out)
+    batched = torch.cat(outs, 1)
+    for row, prompt in enumerate(prompts):
+        alone = model(torch.cat([prompt, continuation[row:row + 1]], 1))[:, prompt.shape[1]:]
+        torch.testing.assert_close(batched[row:row + 1], alone, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="different positions"):
+        model(continuation[:, :2], state=state)
+
+
+def test_bf16_autocast_is_close_to_fp32_and_state_stays_fp32():
+    model = tiny_model(torch.float32)
+    ids = torch.randint(0, 64, (2, 30))
+    ref = model(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = model(ids, return_state=True)
+    assert out.dtype == torch.float32
+    assert state.layers[0].cema_h.dtype == torch.complex64
+    assert state.layers[0].norm.var.dtype == torch.float32 and state.final_norm.mean.dtype == torch.float32
+    # bf16 has 8 mantissa bits; logits of order 1 drift by a few percent at most.
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_state_size_does_not_depend_on_position():
+    model = tiny_model(torch.float32)
+    chunk = model.config.chunk_size
+    _, early = model(torch.randint(0, 64, (2, chunk + 3)), return_state=True)
+    _, late = model(torch.randint(0, 64, (2, 40 * chunk + 3)), return_state=True)
+    assert early.nbytes == late.nbytes
+    _, fullest = model(torch.randint(0, 64, (2, chunk - 1)), return_state=True)
+    for length in range(1, 3 * chunk):
+        _, state = model(torch.randint(0, 64, (2, length)), return_state=True)
+        assert state.nbytes <= fullest.nbytes
+
+
+def test_dropout_changes_training_outputs_only():
+    model = tiny_model(torch.float32, dropout=0.1, attention_dropout=0.1, hidden_dropout=0.1)
+    ids = torch.randint(0, 64, (2, 20))
+    assert torch.equal(model(ids), model(ids))
+    model.train()
+    assert not torch.equal(model(ids), model(ids))
