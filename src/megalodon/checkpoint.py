@@ -1,7 +1,13 @@
-"""Pretrained weights on disk: `config.json` + `model.safetensors`, written atomically and loaded strictly."""
+"""Model directories on disk: `config.json` + `model.safetensors`, written atomically and loaded strictly.
+
+One format serves both architectures of the project: `config.json` names its `architecture` ("megalodon" or
+"llama", the matched baseline) beside the config's fields.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,19 +17,62 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from megalodon.config import MegalodonConfig
-
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-TIED_KEY = "output.output.weight"
 
 
-def _persistent_tensors(model) -> dict[str, Tensor]:
-    """The state_dict without the tied output weight (safetensors refuses shared storage)."""
-    tensors = dict(model.state_dict())
-    if model.config.share_emb:
-        tensors.pop(TIED_KEY)
+def architectures() -> dict[str, tuple[type, type]]:
+    """architecture name -> (config class, model class)."""
+    from megalodon.baseline import Llama, LlamaConfig
+    from megalodon.config import MegalodonConfig
+    from megalodon.model import Megalodon
+
+    return {"megalodon": (MegalodonConfig, Megalodon), "llama": (LlamaConfig, Llama)}
+
+
+def architecture_of(model: nn.Module) -> str:
+    for name, (_, model_class) in architectures().items():
+        if isinstance(model, model_class):
+            return name
+    raise TypeError(f"cannot save a {type(model).__name__}: not one of {sorted(architectures())}")
+
+
+def _persistent_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The state_dict with each tied tensor once (safetensors refuses shared storage): the first name wins."""
+    tensors, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if tensor.numel() and tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[key] = tensor
     return tensors
+
+
+def write_config(model: nn.Module, path: str | Path) -> None:
+    values = {"architecture": architecture_of(model), **dataclasses.asdict(model.config)}
+    Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def read_config(path: str | Path):
+    """The config object a model directory's config.json describes, and its model class."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}: not a model directory")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    arch = values.pop("architecture", "megalodon")
+    if arch not in architectures():
+        raise ValueError(f"{path}: unknown architecture {arch!r}; expected one of {sorted(architectures())}")
+    config_class, model_class = architectures()[arch]
+    if hasattr(config_class, "from_dict"):
+        return config_class.from_dict(values), model_class
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown {config_class.__name__} field(s) {unknown}")
+    return config_class(**values), model_class
 
 
 def save_pretrained(model, directory: str | Path) -> None:
@@ -32,7 +81,7 @@ def save_pretrained(model, directory: str | Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in _persistent_tensors(model).items()}
     # Write both files into a temporary name first so that a crash leaves the old checkpoint whole.
     for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        (CONFIG_NAME, lambda p: model.config.save(p))):
+                        (CONFIG_NAME, lambda p: write_config(model, p))):
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
         os.close(fd)
         try:
@@ -73,18 +122,14 @@ def load_state_strict(model: nn.Module, tensors: dict[str, Tensor], source: str)
             expected[key].copy_(tensor)
 
 
-def load_pretrained(directory: str | Path, map_location="cpu"):
-    from megalodon.model import Megalodon
-
+def load_pretrained(directory: str | Path, map_location="cpu") -> nn.Module:
+    """Rebuild the model a directory holds (either architecture), refusing anything that does not fit."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no model directory at {directory}")
-    config = MegalodonConfig.load(directory / CONFIG_NAME)
+    config, model_class = read_config(directory / CONFIG_NAME)
     tensors = read_weights(directory / WEIGHTS_NAME)
-    with torch.device("meta"):
-        model = Megalodon(config)
-    model = model.to_empty(device=map_location)
-    if config.share_emb:
-        model.output.output.weight = model.embed.weight
+    with torch.device(map_location):
+        model = model_class(config)
     load_state_strict(model, tensors, str(directory / WEIGHTS_NAME))
-    return model
+    return model.eval()

@@ -149,7 +149,8 @@ class MegalodonConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        values = {"architecture": "megalodon", **self.to_dict()}
+        Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "MegalodonConfig":
@@ -160,6 +161,8 @@ class MegalodonConfig:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if values.pop("architecture", "megalodon") != "megalodon":
+            raise ValueError(f"{path} describes another architecture, not a Megalodon config")
         return cls.from_dict(values)
 
 

@@ -151,7 +151,11 @@ class Megalodon(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location="cpu") -> "Megalodon":
         from megalodon.checkpoint import load_pretrained
 
-        return load_pretrained(directory, map_location)
+        model = load_pretrained(directory, map_location)
+        if not isinstance(model, cls):
+            raise ValueError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}; "
+                             "use megalodon.checkpoint.load_pretrained for either architecture")
+        return model
 
 
 def init_linear(weight: Tensor, mode: str) -> None:

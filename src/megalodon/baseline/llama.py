@@ -1,0 +1,269 @@
+"""A Llama-style Transformer: the matched baseline every Megalodon result is compared against.
+
+Pre-norm blocks of RMSNorm, causal softmax attention with rotary positions (half-split pairs) and a SwiGLU
+feed-forward; no biases. Attribute names follow Hugging Face's LlamaForCausalLM (`embed_tokens`,
+`layers.i.self_attn.q_proj`, `layers.i.mlp.gate_proj`, `norm`, `lm_head`) so weights map over one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megalodon.baseline.cache import KVCache, attention_mask, document_begins
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    num_layers: int = 4
+    model_dim: int = 256
+    num_heads: int = 4
+    ffn_hidden_dim: int = 704
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dropout: float = 0.0  # on the embeddings, the attention probabilities and both residual branches
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "ffn_hidden_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.model_dim % self.num_heads:
+            raise ValueError(f"LlamaConfig.model_dim ({self.model_dim}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.model_dim / num_heads = {self.head_dim} must be even: rotary "
+                             "embedding rotates feature pairs")
+        if not self.rope_base > 0:
+            raise ValueError(f"LlamaConfig.rope_base must be > 0, got {self.rope_base!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"LlamaConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"LlamaConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LlamaConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: weight initialized to 1 and applied as is (unlike Megalodon's weight + 1)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 or better
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+def rotary_tables(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin, B x 1 x L x head_dim, for rotary positions (B, L). Angles in float64: exact at long range."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # B x L x head_dim/2
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the pairs (x[j], x[j + head_dim/2]) of x (B, H, L, head_dim), in the dtype of the tables."""
+    xf = x.to(cos.dtype)
+    first, second = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        dim = config.model_dim
+        self.num_heads, self.head_dim, self.dropout = config.num_heads, config.head_dim, config.dropout
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """mask None means plain causal attention over this call alone. Returns the output and all keys/values."""
+        batch, length, dim = x.shape
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # B x H x L x hd
+
+        q = apply_rotary(heads(self.q_proj(x)), cos, sin)
+        k = apply_rotary(heads(self.k_proj(x)), cos, sin)
+        v = heads(self.v_proj(x))
+        if past is not None:
+            k = torch.cat([past[0].to(k.dtype), k], dim=2)
+            v = torch.cat([past[1].to(v.dtype), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(batch, length, dim)
+        return F.dropout(self.o_proj(out), self.dropout, self.training), (k, v)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.model_dim, config.ffn_hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.model_dim, config.ffn_hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden_dim, config.model_dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return F.dropout(out, self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.model_dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.model_dim, config.norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        attended, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.model_dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.model_dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: normal(0, 0.02), and 0.02 / sqrt(2 * layers) on the projections that write to the
+        residual stream, so its variance does not grow with depth. Norm weights start at 1."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for block in self.layers:
+            nn.init.normal_(block.self_attn.o_proj.weight, 0.0, residual_std)
+            nn.init.normal_(block.mlp.down_proj.weight, 0.0, residual_std)
+
+    def forward(
+        self, input_ids: Tensor, doc_start: Tensor | None = None, past: KVCache | None = None,
+        return_past: bool = False, window: int | None = None,
+    ) -> Tensor | tuple[Tensor, KVCache]:
+        """Logits (B, L, vocab_size) in fp32 (or better), and the cache after the last token when return_past.
+
+        doc_start: (B, L) bool, True where a document begins: attention stops there and rotary positions
+        restart at 0, so a document gives the same logits packed or alone. Any position may start one.
+        past: the cache of the stream so far, or None to start fresh.
+        window: attend only to the last `window` positions (the query's own included); the cache keeps only
+        the keys that a later query can still see, so its size stays bounded. Use one window for a stream.
+        """
+        batch, length = check_token_ids(input_ids, self.config.vocab_size)
+        self._check_call(batch, length, doc_start, past, window)
+        device = input_ids.device
+        start = 0 if past is None else past.position
+        num_cached = 0 if past is None else past.num_cached
+        positions = torch.arange(start, start + length, device=device)  # L: stream positions
+        previous = torch.zeros(batch, dtype=torch.int64, device=device) if past is None else past.doc_begin
+        doc_begin = document_begins(doc_start, positions, previous)  # B x L
+
+        table_dtype = torch.promote_types(self.embed_tokens.weight.dtype, torch.float32)
+        cos, sin = rotary_tables(positions - doc_begin, self.config.head_dim, self.config.rope_base, table_dtype)
+        key_doc = doc_begin if past is None else torch.cat([past.key_doc_begin, doc_begin], dim=1)  # B x S
+        mask = None  # the fast path: SDPA's own causal mask
+        if past is not None or doc_start is not None or window is not None:
+            key_pos = torch.arange(start - num_cached, start + length, device=device)
+            mask = attention_mask(positions, doc_begin, key_pos, key_doc, window)
+
+        x = F.dropout(self.embed_tokens(input_ids), self.config.dropout, self.training)  # B x L x D
+        new_kv = []
+        for i, block in enumerate(self.layers):
+            x, kv = block(x, cos, sin, mask, None if past is None else (past.keys[i], past.values[i]))
+            new_kv.append(kv)
+        logits = self.lm_head(self.norm(x))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if not return_past:
+            return logits
+
+        total = num_cached + length
+        keep = total if window is None else min(total, window - 1)  # the next query sees window - 1 old keys
+
+        def trim(t: Tensor) -> Tensor:  # clone, so that the dropped keys are freed, not kept as a view's base
+            return t if keep == total else t[..., total - keep:, :].clone()
+
+        cache = KVCache(
+            keys=[trim(k) for k, _ in new_kv], values=[trim(v) for _, v in new_kv],
+            key_doc_begin=key_doc[:, total - keep:].clone(), doc_begin=doc_begin[:, -1].clone(),
+            position=start + length, window=window,
+        )
+        return logits, cache
+
+    def _check_call(self, batch: int, length: int, doc_start: Tensor | None, past: KVCache | None,
+                    window: int | None) -> None:
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
+        if doc_start is not None and (not isinstance(doc_start, Tensor) or doc_start.dtype != torch.bool
+                                      or doc_start.shape != (batch, length)):
+            found = (f"{doc_start.dtype} {tuple(doc_start.shape)}" if isinstance(doc_start, Tensor)
+                     else type(doc_start).__name__)
+            raise ValueError(f"doc_start must be a bool tensor of shape {(batch, length)}, got {found}")
+        if past is None:
+            return
+        if not isinstance(past, KVCache):
+            raise TypeError(f"past must be a KVCache, got {type(past).__name__}")
+        if len(past.keys) != self.config.num_layers:
+            raise ValueError(f"past holds {len(past.keys)} layers, but the model has {self.config.num_layers}")
+        if past.batch_size != batch:
+            raise ValueError(f"past was built for batch size {past.batch_size}, but input_ids has {batch} rows")
+        if past.window != window:
+            raise ValueError(f"past was built with window={past.window}, got window={window}: a stream must "
+                             "keep one window (the cache already dropped the keys a wider one would need)")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def check_token_ids(input_ids: Tensor, vocab_size: int) -> tuple[int, int]:
+    """(batch, length) of a valid (B, L) tensor of ids in [0, vocab_size); clear errors otherwise."""
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point or input_ids.is_complex():
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}; "
+                         "use input_ids.unsqueeze(0) for a single sequence")
+    batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is out of range for vocab_size={vocab_size}; "
+                         "check that the tokenizer matches the model")
+    return batch, length
