@@ -48,14 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", help="config JSON or preset name describing the reference checkpoint")
     convert.add_argument("--vocab-size", type=int, help="vocab size when --config is a preset")
     convert.set_defaults(run=_convert)
+
+    from megalodon.inference.commands import add_eval_parser, add_generate_parser
+
+    add_generate_parser(sub)
+    add_eval_parser(sub)
+
+    from megalodon.training.commands import add_parsers as add_training_parsers
+
+    add_training_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+        return args.run(args, extra) if getattr(args, "takes_overrides", False) else args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as err:
         print(f"megalodon {args.command}: error: {err}", file=sys.stderr)
         return 2
 

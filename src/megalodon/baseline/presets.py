@@ -40,13 +40,16 @@ def llama_head_dim(model_dim: int) -> int:
     return head_dim if model_dim % head_dim == 0 else model_dim
 
 
-def matched_llama_config(megalodon_preset: str, vocab_size: int | None = None) -> LlamaConfig:
+def matched_llama_config(megalodon_preset: str | MegalodonConfig, vocab_size: int | None = None) -> LlamaConfig:
     """The Llama with Megalodon's depth, width and tying whose parameter count is closest to the preset's.
 
-    vocab_size: the tokenizer's; None keeps the preset's default.
+    megalodon_preset: a preset name or a MegalodonConfig. vocab_size: the tokenizer's; None keeps the config's.
     """
     overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
-    mega = MegalodonConfig.from_preset(megalodon_preset, **overrides)
+    if isinstance(megalodon_preset, MegalodonConfig):
+        mega = replace(megalodon_preset, **overrides)
+    else:
+        mega = MegalodonConfig.from_preset(megalodon_preset, **overrides)
     target = count_parameters(mega)
     d, layers = mega.model_dim, mega.num_layers
     narrowest = LlamaConfig(vocab_size=mega.vocab_size, num_layers=layers, model_dim=d,

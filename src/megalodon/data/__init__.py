@@ -11,12 +11,12 @@ from .corpora import (
     read_user_documents,
     strip_gutenberg_boilerplate,
 )
-from .token_store import SPLITS, TokenStore, build_token_store
+from .token_store import SPLITS, TokenStore, build_token_store, split_documents
 from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "BUILTIN_CORPORA", "IGNORE_INDEX", "SPLITS",
     "Batch", "BPETokenizer", "ByteTokenizer", "PackedBatcher", "Tokenizer", "TokenStore",
     "bits_per_byte", "build_token_store", "eval_windows", "fetch_shakespeare", "load_austen", "load_bible",
-    "load_corpus", "load_shakespeare", "load_tokenizer", "read_user_documents", "strip_gutenberg_boilerplate",
+    "load_corpus", "load_shakespeare", "load_tokenizer", "read_user_documents", "split_documents", "strip_gutenberg_boilerplate",
 ]

@@ -68,6 +68,25 @@ def _enough_documents(documents: list[str], n_splits: int) -> list[str]:
     return pieces
 
 
+def split_documents(documents: Sequence[str], split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
+                    seed: int = 0) -> dict[str, list[str]]:
+    """The seeded split by document that `build_token_store` writes (empty documents dropped), so that a
+    tokenizer can be trained on the train split alone before the store is built."""
+    if len(split_fractions) != len(SPLITS) or any(f < 0 for f in split_fractions):
+        raise ValueError(f"split_fractions must be {len(SPLITS)} non-negative numbers {SPLITS}, got {split_fractions}")
+    if abs(sum(split_fractions) - 1.0) > 1e-6 or split_fractions[0] <= 0:
+        raise ValueError(f"split_fractions must sum to 1 with a positive train share, got {split_fractions}")
+    documents = [d for d in documents if d]
+    if not documents:
+        raise ValueError("no documents to tokenize")
+    documents = _enough_documents(documents, sum(f > 0 for f in split_fractions))
+    order = np.random.default_rng(seed).permutation(len(documents))
+    bounds = np.cumsum([0] + _split_sizes(len(documents), split_fractions))
+    # Sorted: within a split, documents keep corpus order (eval walks them in that order).
+    return {split: [documents[i] for i in np.sort(order[lo:hi])]
+            for split, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:])}
+
+
 def build_token_store(
     documents: Sequence[str],
     tokenizer: Tokenizer,
@@ -79,32 +98,20 @@ def build_token_store(
     """Tokenize `documents` (empty ones dropped), split them by document (seeded) into train/val/test,
     and write a store at `out_dir` atomically; returns `out_dir`."""
     out_dir = Path(out_dir)
-    if len(split_fractions) != len(SPLITS) or any(f < 0 for f in split_fractions):
-        raise ValueError(f"split_fractions must be {len(SPLITS)} non-negative numbers {SPLITS}, got {split_fractions}")
-    if abs(sum(split_fractions) - 1.0) > 1e-6 or split_fractions[0] <= 0:
-        raise ValueError(f"split_fractions must sum to 1 with a positive train share, got {split_fractions}")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    documents = [d for d in documents if d]
-    if not documents:
-        raise ValueError("no documents to tokenize")
-    documents = _enough_documents(documents, sum(f > 0 for f in split_fractions))
-
-    order = np.random.default_rng(seed).permutation(len(documents))
-    bounds = np.cumsum([0] + _split_sizes(len(documents), split_fractions))
+    splits = split_documents(documents, split_fractions, seed)
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     meta = {
         "format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name,
         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
         "tokenizer_fingerprint": tokenizer.fingerprint(), "seed": seed,
-        "split_fractions": list(split_fractions), "n_docs": len(documents), "splits": {},
+        "split_fractions": list(split_fractions), "n_docs": sum(map(len, splits.values())), "splits": {},
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        for split, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
-            # Sorted: within a split, documents keep corpus order (eval walks them in that order).
-            split_docs = [documents[i] for i in np.sort(order[lo:hi])]
+        for split, split_docs in splits.items():
             meta["splits"][split] = _write_split(tmp, split, split_docs, tokenizer, dtype)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():

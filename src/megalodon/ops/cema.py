@@ -24,35 +24,56 @@ from torch import Tensor
 
 
 class CemaCoefficients(NamedTuple):
-    """Per-(channel, component) coefficients, each (D, N)."""
+    """Per-(channel, component) coefficients, each (D, N) and real: complex numbers are kept as parts so that
+    the hot paths run as real matmuls and elementwise ops (complex kernels are slow on CPU)."""
 
-    p: Tensor  # real input weight, sigmoid(alpha)
-    log_q: Tensor  # complex log of the decay q: log|q| + i * phi
-    g: Tensor  # complex output weight, gamma / sqrt(N)
+    p: Tensor  # input weight, sigmoid(alpha)
+    log_mag: Tensor  # log|q|
+    phi: Tensor  # arg q
+    g_re: Tensor  # output weight gamma / sqrt(N), real part
+    g_im: Tensor  # imaginary part
+
+    @property
+    def q(self) -> Tensor:
+        return torch.polar(torch.exp(self.log_mag), self.phi)
+
+    @property
+    def g(self) -> Tensor:
+        return torch.complex(self.g_re, self.g_im)
 
 
 def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor) -> CemaCoefficients:
-    """Derive p, q (as log q) and g from the parameters: alpha, delta (D,N,1), theta (D,1,1), gamma (D,N,2)."""
+    """Derive p, q and g from the parameters: alpha, delta (D,N,1), theta (D,1,1), gamma (D,N,2)."""
     ndim = alpha.shape[1]
     p = torch.sigmoid(alpha).squeeze(-1)
-    magnitude = 1.0 - p * torch.sigmoid(delta).squeeze(-1)
+    log_mag = torch.log(1.0 - p * torch.sigmoid(delta).squeeze(-1))
     harmonics = torch.arange(1, ndim + 1, dtype=alpha.dtype, device=alpha.device)
     phi = harmonics * torch.sigmoid(theta).squeeze(-1) * (2.0 * math.pi / ndim)  # D x N
-    log_q = torch.complex(torch.log(magnitude), phi)
-    g = torch.complex(gamma[..., 0], gamma[..., 1]) / math.sqrt(ndim)
-    return CemaCoefficients(p, log_q, g)
+    scale = 1.0 / math.sqrt(ndim)
+    return CemaCoefficients(p, log_mag, phi, gamma[..., 0] * scale, gamma[..., 1] * scale)
 
 
-def q_powers(log_q: Tensor, start: int, stop: int) -> Tensor:
-    """q**j for j in [start, stop) as exp(j * log q): (D, N, stop - start). Never repeated products."""
-    exponents = torch.arange(start, stop, dtype=log_q.real.dtype, device=log_q.device)
-    return torch.exp(log_q.unsqueeze(-1) * exponents)
+def q_powers(coeffs: CemaCoefficients, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """Real and imaginary parts of q**j for j in [start, stop): two (D, N, stop - start).
+
+    Computed as exp(j log|q|) and the angle j * phi, never by repeated products: |q|**j underflows to 0
+    harmlessly for large j instead of accumulating error.
+    """
+    exponents = torch.arange(start, stop, dtype=coeffs.phi.dtype, device=coeffs.phi.device)
+    magnitude = torch.exp(coeffs.log_mag.unsqueeze(-1) * exponents)
+    angle = coeffs.phi.unsqueeze(-1) * exponents
+    return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
 
 
 def cema_kernel(coeffs: CemaCoefficients, length: int) -> Tensor:
     """Real convolution kernel k[d, j] = Re(sum_n p g q**j), j < length: (D, length)."""
-    weights = (coeffs.p * coeffs.g).unsqueeze(-1)
-    return (weights * q_powers(coeffs.log_q, 0, length)).real.sum(1)
+    q_re, q_im = q_powers(coeffs, 0, length)
+    return _kernel_from_powers(coeffs, q_re, q_im)
+
+
+def _kernel_from_powers(coeffs: CemaCoefficients, q_re: Tensor, q_im: Tensor) -> Tensor:
+    pg_re, pg_im = (coeffs.p * coeffs.g_re).unsqueeze(-1), (coeffs.p * coeffs.g_im).unsqueeze(-1)
+    return (pg_re * q_re - pg_im * q_im).sum(1)
 
 
 def causal_fft_conv(u: Tensor, kernel: Tensor) -> Tensor:
@@ -63,19 +84,27 @@ def causal_fft_conv(u: Tensor, kernel: Tensor) -> Tensor:
     return torch.fft.irfft(spectrum, n=n_fft)[..., :length]
 
 
-def _complex_contract(u: Tensor, powers: Tensor) -> Tensor:
-    """sum_j u[..., d, j] * powers[d, n, j] for real u: (..., D, N) complex, as two real contractions."""
-    real = torch.einsum("...dj,dnj->...dn", u, powers.real)
-    imag = torch.einsum("...dj,dnj->...dn", u, powers.imag)
-    return torch.complex(real, imag)
+def _closed_form_states(blocks: Tensor, coeffs: CemaCoefficients, q_re: Tensor, q_im: Tensor) -> Tensor:
+    """p * sum_j q**(len-1-j) u_j for every block entered at zero: blocks (B, D, nb, len) -> (B, D, nb, N)
+    complex. q_re/q_im hold q**0 .. q**(len-1). One real batched matmul with the channel as batch."""
+    batch, dim, num_blocks, length = blocks.shape
+    reversed_powers = torch.cat([q_re[..., :length].flip(-1), q_im[..., :length].flip(-1)], dim=1)  # D x 2N x len
+    u = blocks.permute(1, 0, 2, 3).reshape(dim, batch * num_blocks, length)
+    parts = torch.bmm(u, reversed_powers.transpose(1, 2)).view(dim, batch, num_blocks, -1).permute(1, 0, 2, 3)
+    re, im = parts.chunk(2, dim=-1)
+    return torch.complex(re, im) * coeffs.p.unsqueeze(1)
 
 
-def _state_bias(coeffs: CemaCoefficients, h_in: Tensor, length: int) -> Tensor:
-    """What an incoming state adds to the next `length` outputs: Re(sum_n g q**(t+1) h_in) -> (..., D, length)."""
-    gh = coeffs.g * h_in  # ..., D, N
-    powers = q_powers(coeffs.log_q, 1, length + 1)  # D, N, length
-    return torch.einsum("...dn,dnt->...dt", gh.real, powers.real) - torch.einsum(
-        "...dn,dnt->...dt", gh.imag, powers.imag)
+def _state_bias(h_in: Tensor, coeffs: CemaCoefficients, q_re: Tensor, q_im: Tensor) -> Tensor:
+    """What each block's incoming state adds to its outputs: Re(sum_n g q**(t+1) h_in) for t < len.
+
+    h_in: (B, D, nb, N) complex; q_re/q_im hold q**1 .. q**len. Returns (B, D, nb, len)."""
+    batch, dim, num_blocks, _ = h_in.shape
+    g = coeffs.g.unsqueeze(1)
+    gh = h_in * g
+    lhs = torch.cat([gh.real, -gh.imag], dim=-1).permute(1, 0, 2, 3).reshape(dim, batch * num_blocks, -1)
+    rhs = torch.cat([q_re, q_im], dim=1)  # D x 2N x len
+    return torch.bmm(lhs, rhs).view(dim, batch, num_blocks, -1).permute(1, 0, 2, 3)
 
 
 def cema_blocked(
@@ -99,46 +128,39 @@ def cema_blocked(
     num_blocks = -(-length // block)
     tail = length - (num_blocks - 1) * block  # steps in the last block
 
-    padded = torch.nn.functional.pad(u, (0, num_blocks * block - length))
-    blocks = padded.view(batch, dim, num_blocks, block).transpose(1, 2)  # B x nb x D x block
-    y = causal_fft_conv(blocks, cema_kernel(coeffs, block))
+    blocks = torch.nn.functional.pad(u, (0, num_blocks * block - length)).view(batch, dim, num_blocks, block)
+    q_re, q_im = q_powers(coeffs, 0, block + 1)  # q**0 .. q**block, shared by every use below
+    kernel = _kernel_from_powers(coeffs, q_re[..., :block], q_im[..., :block])  # D x block
+    y = causal_fft_conv(blocks, kernel.unsqueeze(1))
 
-    must_scan = num_blocks > 1 or h0 is not None or need_state
-    if must_scan:
-        # Closed-form state each block leaves behind when entered at zero: p * sum_j q**(len-1-j) u_j.
-        reversed_powers = q_powers(coeffs.log_q, 0, block).flip(-1)
-        h_local = coeffs.p * _complex_contract(blocks, reversed_powers)  # B x nb x D x N
-        if tail != block:
-            tail_powers = q_powers(coeffs.log_q, 0, tail).flip(-1)
-            h_tail = coeffs.p * _complex_contract(blocks[:, -1, :, :tail], tail_powers)
-            h_local = torch.cat([h_local[:, :-1], h_tail.unsqueeze(1)], dim=1)
-        q_block = torch.exp(coeffs.log_q * block)
-        q_tail = torch.exp(coeffs.log_q * tail)
+    h_last = None
+    if num_blocks > 1 or h0 is not None or need_state:
+        h_local = _closed_form_states(blocks, coeffs, q_re, q_im)  # B x D x nb x N
+        if tail != block:  # the last block is shorter: its closed form uses its own length
+            h_tail = _closed_form_states(blocks[..., -1:, :tail], coeffs, q_re, q_im)
+            h_local = torch.cat([h_local[:, :, :-1], h_tail], dim=2)
+        q_block = torch.polar(torch.exp(coeffs.log_mag * block), coeffs.phi * block)
+        q_tail = torch.polar(torch.exp(coeffs.log_mag * tail), coeffs.phi * tail)
 
-        h = torch.zeros_like(h_local[:, 0]) if h0 is None else h0.to(h_local.dtype)
+        h = torch.zeros_like(h_local[:, :, 0]) if h0 is None else h0.to(h_local.dtype)
         incoming = []
         for c in range(num_blocks):  # a scan over blocks, not over time
             if block_reset is not None:
                 h = torch.where(block_reset[:, c, None, None], torch.zeros_like(h), h)
             incoming.append(h)
-            h = (q_tail if c == num_blocks - 1 else q_block) * h + h_local[:, c]
-        h_in = torch.stack(incoming, dim=1)  # B x nb x D x N
-        y = y + _state_bias(coeffs, h_in, block)
-        h_last = h
-    else:
-        h_last = None
+            h = (q_tail if c == num_blocks - 1 else q_block) * h + h_local[:, :, c]
+        y = y + _state_bias(torch.stack(incoming, dim=2), coeffs, q_re[..., 1:], q_im[..., 1:])
+        h_last = h if need_state else None
 
-    y = y.transpose(1, 2).reshape(batch, dim, num_blocks * block)[..., :length]
-    y = y + omega.unsqueeze(-1) * u
-    return y, (h_last if need_state else None)
+    y = y.reshape(batch, dim, num_blocks * block)[..., :length]
+    return y + omega.unsqueeze(-1) * u, h_last
 
 
 def cema_step(u: Tensor, coeffs: CemaCoefficients, omega: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
     """One decode step: u (B, D) real, h0 (B, D, N) complex or None. Returns y (B, D) and the new state."""
-    q = torch.exp(coeffs.log_q)
     h = coeffs.p * u.unsqueeze(-1)
     if h0 is not None:
-        h = h + q * h0
+        h = h + coeffs.q * h0
     y = (coeffs.g * h).real.sum(-1) + omega * u
     return y, h
 
@@ -147,7 +169,7 @@ def cema_sequential(
     u: Tensor, coeffs: CemaCoefficients, omega: Tensor, h0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The recurrence, one step at a time: the slow reference for tests. u (B, D, L)."""
-    q = torch.exp(coeffs.log_q)
+    q = coeffs.q
     h = torch.zeros(u.shape[0], *q.shape, dtype=q.dtype, device=u.device) if h0 is None else h0
     outputs = []
     for t in range(u.shape[-1]):

@@ -1,0 +1,188 @@
+"""The trainer's configuration: one dataclass, loaded from a TOML/YAML/JSON file plus `--key value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHS = ("megalodon", "llama")
+SCHEDULES = ("linear", "cosine")
+DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    arch: str = "megalodon"  # or "llama", the matched baseline
+    preset: str = "small"  # a Megalodon preset; the baseline is matched to it by parameter count
+    model: dict = field(default_factory=dict)  # overrides of model fields, e.g. {"chunk_size": 128}
+    # data
+    data: str = "shakespeare"  # a built-in corpus (shakespeare, bible, austen) or comma-separated paths
+    data_dir: str = "data"  # cache of corpora, tokenizers and token stores
+    tokenizer: str = "bpe"  # "bpe" (trained on the train split), "byte", or a path to a tokenizer.json/dir
+    vocab_size: int = 8192  # for a trained BPE
+    # batches
+    seq_len: int = 1024
+    batch_size: int = 8  # rows per optimizer step, split into grad_accum micro-batches
+    grad_accum: int = 1
+    stateful: bool = True  # carry the recurrent state across consecutive windows of a document (Megalodon)
+    # length of the run: max_steps, or a wall-clock budget that fixes max_steps after a few timed steps
+    max_steps: int = 0
+    time_budget_min: float = 0.0
+    # optimization (reference defaults)
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    warmup_init_ratio: float = 1e-4  # warmup starts at lr * this
+    min_lr_ratio: float = 0.01  # the schedule ends at lr * this
+    schedule: str = "linear"
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # execution
+    dtype: str = "auto"  # bf16 autocast where the hardware has fast bf16, else fp32; weights stay fp32
+    compile: bool = False
+    activation_checkpointing: bool = False
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    seed: int = 0
+    # logging, evaluation, checkpoints
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batch_size: int = 4
+    sample_every: int = 0  # 0: only at the end
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 120
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.arch in ARCHS, "arch", f"one of {ARCHS}"),
+            (self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
+            (self.dtype in DTYPES, "dtype", f"one of {DTYPES}"),
+            (self.seq_len >= 1, "seq_len", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.grad_accum >= 1, "grad_accum", ">= 1"),
+            (self.batch_size % self.grad_accum == 0, "batch_size", f"divisible by grad_accum ({self.grad_accum})"),
+            (self.max_steps >= 0, "max_steps", ">= 0"),
+            (self.time_budget_min >= 0, "time_budget_min", ">= 0"),
+            (self.max_steps > 0 or self.time_budget_min > 0, "max_steps", "> 0, or set time_budget_min"),
+            (self.lr > 0, "lr", "> 0"),
+            (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
+            (0 < self.warmup_init_ratio <= 1, "warmup_init_ratio", "in (0, 1]"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)"),
+            (self.vocab_size >= 259, "vocab_size", ">= 259 (256 bytes + specials)"),
+            (self.log_every >= 1 and self.eval_every >= 0 and self.checkpoint_every >= 0, "log_every/eval_every",
+             "log_every >= 1, the others >= 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name, None)!r}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"TrainConfig.model must be a table of model-field overrides, got {self.model!r}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            raise ValueError("unknown training option(s): " + ", ".join(_suggest(k, names) for k in unknown))
+        return cls(**values)
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A TOML, YAML or JSON file of options; model overrides go in a [model] table."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path} is YAML but PyYAML is not installed: pip install pyyaml, or use TOML") from None
+        return yaml.safe_load(text) or {}
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
+
+
+def _coerce(raw: str, like: Any, key: str) -> Any:
+    if like is None:  # an optional number such as rope_base
+        return None if raw.lower() == "none" else _coerce(raw, 0.0, key)
+    if isinstance(like, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key} expects true or false, got {raw!r}")
+    for kind in (int, float):
+        if isinstance(like, kind):
+            try:
+                return kind(raw)
+            except ValueError:
+                raise ValueError(f"--{key} expects a number ({kind.__name__}), got {raw!r}") from None
+    return raw
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply `--key value`, `--key=value` and `--model.field value` pairs on top of `values`."""
+    from megalodon.config import MegalodonConfig
+
+    defaults = TrainConfig(max_steps=1).to_dict()
+    names = list(defaults)
+    model_names = MegalodonConfig.field_names()
+    values = {**values, "model": dict(values.get("model", {}))}
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not token.startswith("--"):
+            raise ValueError(f"expected an option like --key value, got {token!r}")
+        key, eq, raw = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(overrides) or overrides[i + 1].startswith("--"):
+                raise ValueError(f"--{key} needs a value")
+            raw = overrides[i + 1]
+            i += 1
+        i += 1
+        key = key.replace("-", "_")
+        if key.startswith("model."):
+            name = key[len("model."):]
+            if name not in model_names:
+                raise ValueError(f"unknown model field {_suggest(name, model_names)}")
+            like = dataclasses.fields(MegalodonConfig)[model_names.index(name)].default
+            values["model"][name] = _coerce(raw, like if like is not dataclasses.MISSING else 0, key)
+        elif key in names:
+            values[key] = _coerce(raw, defaults[key], key)
+        else:
+            raise ValueError(f"unknown training option {_suggest(key, names + ['model.<field>'])}")
+    return values

@@ -1,0 +1,62 @@
+import math
+
+import pytest
+
+from helpers import tiny_model
+from megalodon.training.config import TrainConfig, apply_overrides, read_config_file
+from megalodon.training.optim import lr_at, parameter_groups
+
+
+def test_overrides_coerce_types_and_reach_model_fields():
+    values = apply_overrides({}, ["--lr", "3e-4", "--compile=true", "--model.chunk_size", "64", "--max_steps", "9",
+                                  "--model.rope_base", "500"])
+    cfg = TrainConfig.from_dict(values)
+    assert cfg.lr == 3e-4 and cfg.compile is True and cfg.max_steps == 9
+    assert cfg.model == {"chunk_size": 64, "rope_base": 500.0}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learning_rate", "1"], "unknown training option 'learning_rate'"),
+    (["--seq_lne", "5"], "did you mean 'seq_len'"),
+    (["--model.chunk_sise", "5"], "did you mean 'chunk_size'"),
+    (["--lr", "fast"], "expects a number"),
+    (["--lr"], "needs a value"),
+])
+def test_bad_overrides_are_named(args, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides({}, args)
+
+
+def test_invalid_values_are_refused():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(max_steps=1, batch_size=6, grad_accum=4)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig()
+    with pytest.raises(ValueError, match="did you mean 'warmup_steps'"):
+        TrainConfig.from_dict({"warmup_step": 3})
+
+
+def test_toml_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "tiny"\nmax_steps = 3\n[model]\nchunk_size = 16\n')
+    cfg = TrainConfig.from_dict(apply_overrides(read_config_file(path), ["--seq_len", "32"]))
+    assert cfg.preset == "tiny" and cfg.model == {"chunk_size": 16} and cfg.seq_len == 32
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3)
+    assert math.isclose(lr_at(0, cfg, 100), 1e-7)
+    assert math.isclose(lr_at(10, cfg, 100), 1e-3)
+    assert math.isclose(lr_at(100, cfg, 100), 1e-5)
+    cosine = TrainConfig(max_steps=100, warmup_steps=10, schedule="cosine")
+    assert math.isclose(lr_at(55, cosine, 100), 1e-3 * (0.01 + 0.99 * 0.5))
+
+
+def test_no_weight_decay_on_norms_biases_and_cema():
+    model = tiny_model()
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "layers.0.mega.wz.weight" in decayed and "embed.weight" in decayed
+    assert not any("cema" in n or "norm" in n or n.endswith("bias") for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
