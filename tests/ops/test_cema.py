@@ -67,7 +67,7 @@ def test_block_reset_restarts_state():
 
 def test_long_sequence_powers_do_not_overflow_in_fp32():
     coeffs, omega = make(dim=4, ndim=4)
-    coeffs32 = type(coeffs)(*(t.float() for t in coeffs))
+    coeffs32 = type(coeffs)(*(t.to(torch.complex64) if t.is_complex() else t.float() for t in coeffs))
     u = torch.randn(1, 4, 5000, dtype=torch.float64)
     y_ref, _ = cema_sequential(u, coeffs, omega)
     y, h = cema_blocked(u.float(), coeffs32, omega.float(), block_size=512)

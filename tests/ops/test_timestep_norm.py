@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from megalodon.ops.timestep_norm import NormStats, chan_merge, timestep_norm_blocked, timestep_norm_sequential
+from megalodon.ops.timestep_norm import (NormStats, chan_merge, timestep_norm_blocked, timestep_norm_sequential,
+                                         timestep_norm_step)
 
 G, D = 3, 12
 
@@ -114,3 +115,17 @@ def test_gradcheck_with_incoming_state_at_batch_two():
         return y, s.mean, s.var
 
     assert torch.autograd.gradcheck(fn, (x, mean, var, w, b))
+
+
+def test_step_matches_blocked():
+    torch.manual_seed(6)
+    x = torch.randn(2, 7, D, dtype=torch.float64)
+    initial, (w, b) = stats(2, 3), affine()
+    y_ref, s_ref = timestep_norm_blocked(x, initial, w, b, 1e-5)
+    state, outs = initial, []
+    for t in range(7):
+        y, state = timestep_norm_step(x[:, t:t + 1], state, w, b, 1e-5)
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), y_ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(state.count, s_ref.count)
+    torch.testing.assert_close(state.var, s_ref.var, rtol=1e-10, atol=1e-10)

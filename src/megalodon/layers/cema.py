@@ -39,7 +39,14 @@ class CEMA(nn.Module):
     def coefficients(self) -> CemaCoefficients:
         params = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
                   for t in (self.alpha, self.delta, self.theta, self.gamma)]
-        return cema_coefficients(*params)
+        if torch.is_grad_enabled():
+            return cema_coefficients(*params)
+        # Inference: decoding calls this once per token, so reuse the result until a parameter changes.
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in (self.alpha, self.delta, self.theta,
+                                                                             self.gamma))
+        if getattr(self, "_cached", (None,))[0] != key:
+            self._cached = (key, cema_coefficients(*params))
+        return self._cached[1]
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, block_size: int | None = None,

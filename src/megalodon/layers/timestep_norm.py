@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from megalodon.ops.timestep_norm import NormStats, timestep_norm_blocked
+from megalodon.ops.timestep_norm import NormStats, timestep_norm_blocked, timestep_norm_step
 
 
 class TimestepNorm(nn.Module):
@@ -43,5 +43,7 @@ class TimestepNorm(nn.Module):
         """x: (B, L, D) -> normalized x (fp32) and the statistics after the last token."""
         with torch.autocast(x.device.type, enabled=False):
             initial = self.initial_state(x.shape[0]) if state is None else state
+            if x.shape[1] == 1 and block_reset is None and pad_mask is None:
+                return timestep_norm_step(x, initial, self.weight, self.bias, self.eps)
             return timestep_norm_blocked(x, initial, self.weight, self.bias, self.eps, block_size, block_reset,
                                          self.prior(), pad_mask)

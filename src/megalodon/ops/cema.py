@@ -32,14 +32,8 @@ class CemaCoefficients(NamedTuple):
     phi: Tensor  # arg q
     g_re: Tensor  # output weight gamma / sqrt(N), real part
     g_im: Tensor  # imaginary part
-
-    @property
-    def q(self) -> Tensor:
-        return torch.polar(torch.exp(self.log_mag), self.phi)
-
-    @property
-    def g(self) -> Tensor:
-        return torch.complex(self.g_re, self.g_im)
+    q: Tensor  # the decay as one complex tensor, for the step and the scan
+    g: Tensor  # the output weight as one complex tensor
 
 
 def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor) -> CemaCoefficients:
@@ -49,8 +43,9 @@ def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor
     log_mag = torch.log(1.0 - p * torch.sigmoid(delta).squeeze(-1))
     harmonics = torch.arange(1, ndim + 1, dtype=alpha.dtype, device=alpha.device)
     phi = harmonics * torch.sigmoid(theta).squeeze(-1) * (2.0 * math.pi / ndim)  # D x N
-    scale = 1.0 / math.sqrt(ndim)
-    return CemaCoefficients(p, log_mag, phi, gamma[..., 0] * scale, gamma[..., 1] * scale)
+    g_re, g_im = gamma[..., 0] / math.sqrt(ndim), gamma[..., 1] / math.sqrt(ndim)
+    return CemaCoefficients(p, log_mag, phi, g_re, g_im, torch.polar(torch.exp(log_mag), phi),
+                            torch.complex(g_re, g_im))
 
 
 def q_powers(coeffs: CemaCoefficients, start: int, stop: int) -> tuple[Tensor, Tensor]:

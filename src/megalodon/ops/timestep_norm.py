@@ -131,6 +131,21 @@ def timestep_norm_blocked(
     return y, final
 
 
+def timestep_norm_step(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, NormStats]:
+    """One token per row, x (B, 1, D): the Welford update of spec section 5, for decoding."""
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(stat_dtype)
+    mu, s2 = token_moments(x[:, 0], state.mean.shape[-1])
+    count = state.count + 1
+    c2 = (1.0 / count.to(stat_dtype)).unsqueeze(-1)
+    c1 = 1.0 - c2
+    delta = mu - state.mean
+    mean = c1 * state.mean + c2 * mu
+    var = c1 * state.var + c2 * s2 + (c1 * delta) * (c2 * delta)
+    y = normalize(x[:, 0], mean, var, weight.to(stat_dtype), bias.to(stat_dtype), eps)
+    return y.unsqueeze(1), NormStats(count, mean, var)
+
+
 def timestep_norm_sequential(
     x: Tensor, initial: NormStats, weight: Tensor, bias: Tensor, eps: float, pad_mask: Tensor | None = None,
 ) -> tuple[Tensor, NormStats]:

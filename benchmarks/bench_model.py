@@ -1,0 +1,133 @@
+"""Model speed and memory on this machine: Megalodon against the matched Llama, in the same run.
+
+    python benchmarks/bench_model.py                      # small and base, L = 1K, 4K, 16K; decode at 1K and 64K
+    python benchmarks/bench_model.py --presets small --lengths 1024 --decode-positions 1024
+
+Each measurement runs in a fresh subprocess so that its peak RSS is its own. Prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _build(arch: str, preset: str):
+    from megalodon import Megalodon, MegalodonConfig
+    from megalodon.baseline import Llama, matched_llama_config
+
+    config = MegalodonConfig.from_preset(preset)
+    torch.manual_seed(0)
+    return Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
+
+
+def measure_train_step(arch: str, preset: str, length: int, repeats: int) -> dict:
+    """Forward + backward of one sequence of `length` tokens (batch 1), fp32."""
+    model = _build(arch, preset)
+    ids = torch.randint(0, model.config.vocab_size, (1, length))
+    before = _peak_rss_mb()
+
+    def step() -> None:
+        logits = model(ids)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    seconds = (time.perf_counter() - start) / repeats
+    return {"tokens_per_s": length / seconds, "peak_mb": _peak_rss_mb(), "activation_mb": _peak_rss_mb() - before}
+
+
+@torch.no_grad()
+def measure_decode(preset: str, position: int, steps: int) -> dict:
+    """Megalodon: prefill `position` tokens (vectorized, chunk-sized blocks), then decode `steps` tokens."""
+    model = _build("megalodon", preset).eval()
+    vocab, chunk = model.config.vocab_size, model.config.chunk_size
+    generator = torch.Generator().manual_seed(0)
+    state, block = None, 16 * chunk
+    start = time.perf_counter()
+    for offset in range(0, position, block):
+        ids = torch.randint(0, vocab, (1, min(block, position - offset)), generator=generator)
+        _, state = model(ids, state=state, return_state=True)
+    prefill = time.perf_counter() - start
+    state_bytes = state.nbytes
+    token = torch.zeros(1, 1, dtype=torch.long)
+    for _ in range(5):  # warm-up; the chunk fill stays far from a boundary only if positions are chunk-aligned
+        _, state = model(token, state=state, return_state=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, state = model(token, state=state, return_state=True)
+        token = logits[:, -1:].argmax(-1)
+    seconds = time.perf_counter() - start
+    return {"decode_tokens_per_s": steps / seconds, "prefill_tokens_per_s": position / prefill,
+            "state_bytes": state_bytes, "peak_mb": _peak_rss_mb()}
+
+
+def llama_kv_bytes(preset: str, position: int) -> int:
+    """Keys and values the baseline must hold at `position` with full attention (fp32)."""
+    from megalodon import MegalodonConfig
+    from megalodon.baseline import matched_llama_config
+
+    cfg = matched_llama_config(MegalodonConfig.from_preset(preset))
+    return 2 * cfg.num_layers * position * cfg.model_dim * 4
+
+
+def _in_subprocess(kind: str, **kwargs) -> dict:
+    code = (f"import json, sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import bench_model as b; "
+            f"import torch; torch.set_flush_denormal(True); "
+            f"print(json.dumps(b.{kind}(**{kwargs!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["small", "base"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384])
+    parser.add_argument("--decode-positions", nargs="+", type=int, default=[1024, 65536])
+    parser.add_argument("--decode-steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32\n")
+    print("## Forward + backward, batch 1\n")
+    print("| preset | L | Megalodon tok/s | Llama tok/s | ratio | Megalodon act. MB | Llama act. MB |")
+    print("|---|---|---|---|---|---|---|")
+    for preset in args.presets:
+        for length in args.lengths:
+            mega = _in_subprocess("measure_train_step", arch="megalodon", preset=preset, length=length,
+                                  repeats=args.repeats)
+            llama = _in_subprocess("measure_train_step", arch="llama", preset=preset, length=length,
+                                   repeats=args.repeats)
+            print(f"| {preset} | {length} | {mega['tokens_per_s']:,.0f} | {llama['tokens_per_s']:,.0f} | "
+                  f"{mega['tokens_per_s'] / llama['tokens_per_s']:.2f} | {mega['activation_mb']:,.0f} | "
+                  f"{llama['activation_mb']:,.0f} |", flush=True)
+
+    print("\n## Streaming decode (Megalodon), batch 1\n")
+    print("| preset | position | decode tok/s | prefill tok/s | state bytes | Llama KV bytes (full attention) |")
+    print("|---|---|---|---|---|---|")
+    for preset in args.presets:
+        rates = []
+        for position in args.decode_positions:
+            result = _in_subprocess("measure_decode", preset=preset, position=position, steps=args.decode_steps)
+            rates.append(result["decode_tokens_per_s"])
+            print(f"| {preset} | {position:,} | {result['decode_tokens_per_s']:,.1f} | "
+                  f"{result['prefill_tokens_per_s']:,.0f} | {result['state_bytes']:,} | "
+                  f"{llama_kv_bytes(preset, position):,} |", flush=True)
+        print(f"\n{preset}: decode speed at the first position / at the last = {rates[0] / rates[-1]:.2f}\n")
+
+
+if __name__ == "__main__":
+    main()
