@@ -55,6 +55,8 @@ def test_unknown_field_and_preset_suggest_the_closest():
 
 
 def test_json_round_trip(tmp_path):
+    from megalodon.checkpoint import read_config, write_config
+
     cfg = MegalodonConfig.from_preset("small", rope_base=500.0)
-    cfg.save(tmp_path / "c.json")
-    assert MegalodonConfig.load(tmp_path / "c.json") == cfg
+    write_config(cfg, tmp_path / "c.json")
+    assert read_config(tmp_path / "c.json") == (cfg, Megalodon)

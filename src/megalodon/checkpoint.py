@@ -30,11 +30,11 @@ def architectures() -> dict[str, tuple[type, type]]:
     return {"megalodon": (MegalodonConfig, Megalodon), "llama": (LlamaConfig, Llama)}
 
 
-def architecture_of(model: nn.Module) -> str:
-    for name, (_, model_class) in architectures().items():
-        if isinstance(model, model_class):
+def architecture_of(config) -> str:
+    for name, (config_class, _) in architectures().items():
+        if isinstance(config, config_class):
             return name
-    raise TypeError(f"cannot save a {type(model).__name__}: not one of {sorted(architectures())}")
+    raise TypeError(f"cannot save a {type(config).__name__}: not one of {sorted(architectures())}'s configs")
 
 
 def _persistent_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -48,8 +48,9 @@ def _persistent_tensors(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
-def write_config(model: nn.Module, path: str | Path) -> None:
-    values = {"architecture": architecture_of(model), **dataclasses.asdict(model.config)}
+def write_config(config, path: str | Path) -> None:
+    """config.json: the architecture's name beside the config's fields."""
+    values = {"architecture": architecture_of(config), **dataclasses.asdict(config)}
     Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
@@ -81,7 +82,7 @@ def save_pretrained(model, directory: str | Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in _persistent_tensors(model).items()}
     # Write both files into a temporary name first so that a crash leaves the old checkpoint whole.
     for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        (CONFIG_NAME, lambda p: write_config(model, p))):
+                        (CONFIG_NAME, lambda p: write_config(model.config, p))):
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
         os.close(fd)
         try:

@@ -11,12 +11,13 @@ def _convert(args: argparse.Namespace) -> int:
     import torch
 
     from megalodon import Megalodon, MegalodonConfig
+    from megalodon.checkpoint import read_config
     from megalodon.convert import from_reference, read_reference_file, to_reference
 
     if args.direction == "from-reference":
         if args.config is None:
             raise SystemExit("megalodon convert from-reference needs --config (a JSON file or a preset name)")
-        config = (MegalodonConfig.load(args.config) if Path(args.config).is_file()
+        config = (read_config(args.config)[0] if Path(args.config).is_file()
                   else MegalodonConfig.from_preset(args.config, **({"vocab_size": args.vocab_size}
                                                                   if args.vocab_size else {})))
         model = from_reference(read_reference_file(args.source), config)

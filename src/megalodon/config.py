@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 INIT_MODES = ("he", "bert", "gaussian", "xavier")
 
@@ -147,23 +145,6 @@ class MegalodonConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        values = {"architecture": "megalodon", **self.to_dict()}
-        Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "MegalodonConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file at {path}")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        if values.pop("architecture", "megalodon") != "megalodon":
-            raise ValueError(f"{path} describes another architecture, not a Megalodon config")
-        return cls.from_dict(values)
 
 
 def _suggestion(key: str, choices: list[str]) -> str:

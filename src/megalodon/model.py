@@ -18,6 +18,7 @@ from megalodon.layers.block import MegalodonBlock
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import rope_frequencies
 from megalodon.state import MegalodonState
+from megalodon.validation import check_token_ids
 
 
 class Rotary(nn.Module):
@@ -101,21 +102,7 @@ class Megalodon(nn.Module):
         return logits, MegalodonState(new_layers, final_stats, start + length)
 
     def _check_inputs(self, input_ids: Tensor, state: MegalodonState | None) -> tuple[int, int]:
-        if not isinstance(input_ids, Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point or input_ids.is_complex():
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}; "
-                             "use input_ids.unsqueeze(0) for a single sequence")
-        batch, length = input_ids.shape
-        if batch == 0 or length == 0:
-            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}; "
-                             "check that the tokenizer matches the model")
+        batch, length = check_token_ids(input_ids, self.config.vocab_size)
         if state is not None:
             if not isinstance(state, MegalodonState):
                 raise TypeError(f"state must be a MegalodonState, got {type(state).__name__}")
