@@ -83,3 +83,17 @@ def test_bad_data_and_vocab_are_refused(corpus, tmp_path):
               progress=False)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         train(config(corpus, tmp_path, seq_len=40), tmp_path / "d", progress=False)
+
+
+def test_cli_quick_run_and_clear_errors(corpus, tmp_path, capsys):
+    from megalodon.cli import main
+
+    args = ["train", "--quick", "--run-dir", str(tmp_path / "cli"), "--data", str(corpus), "--data_dir",
+            str(tmp_path / "data"), "--max_steps", "3", "--model.chunk_size", "16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "validation bits/byte" in out and (tmp_path / "cli" / "loss.png").is_file()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--quick", "--max_stesp", "3"]) == 2
+    assert "did you mean 'max_steps'" in capsys.readouterr().err

@@ -168,6 +168,7 @@ class Trainer:
         if cfg.compile:
             self.runner = torch.compile(self.model)
         self.start_time = time.perf_counter() - elapsed
+        self.tensorboard = open_tensorboard(self.run_dir) if cfg.tensorboard else None
 
     def _resume(self) -> float:
         checkpoints = list_checkpoints(self.run_dir)
@@ -194,6 +195,10 @@ class Trainer:
     def log(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
 
     def checkpoint(self) -> None:
         state = {"max_steps": self.max_steps, "elapsed": self.elapsed, "tokens": self.tokens,
@@ -281,6 +286,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
           device: str = "cpu", progress: bool = True, stop_at_step: int | None = None) -> RunResult:
     """Build a Trainer and run it (see Trainer.run)."""
     return Trainer(cfg, run_dir, resume, overwrite, device, progress).run(stop_at_step)
+
+
+def open_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
