@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Trains the small Megalodon on Shakespeare for about five minutes (fetched and tokenized on first use).
 demo: $(STAMP)
-	$(PY) -m megalodon.demo
+	$(VENV)/bin/megalodon train --config configs/demo.toml --run-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
