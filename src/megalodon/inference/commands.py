@@ -1,0 +1,255 @@
+"""The `megalodon generate` and `megalodon eval` subcommands: argument parsing and the glue to the Python API.
+
+Errors a user can cause (bad values, missing files, mismatched models) are raised as ValueError or
+FileNotFoundError, which `megalodon.cli.main` turns into a message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "data"  # the trainer's default too, so that corpora are fetched once
+
+
+# ---- generate ----------------------------------------------------------------------------------------------------
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a model directory, streaming to stdout",
+                       description="Generate a continuation of each prompt. One prompt streams as it is generated; "
+                                   "several run as one batch and print when done.")
+    p.add_argument("model_dir", help="model directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-file", metavar="F", help="a file whose whole text is one prompt; '-' reads stdin")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = no limit")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: drawn; a session keeps its own)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after end-of-sequence")
+    p.add_argument("--session-in", metavar="F", help="continue the conversation saved in this session file")
+    p.add_argument("--session-out", metavar="F", help="save the conversation to this session file")
+    p.add_argument("--prefill-only", action="store_true",
+                   help="read the prompt into --session-out without generating (e.g. a book to ask about later)")
+    p.add_argument("--truncate-chunks", type=int, default=None, metavar="N",
+                   help="recency-windowed norm statistics (spec section 13); off by default")
+    _add_runtime_args(p)
+    p.set_defaults(run=run_generate)
+
+
+def _add_runtime_args(p) -> None:
+    p.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
+def _set_up_torch(args) -> None:
+    import torch
+
+    torch.set_flush_denormal(True)  # denormals slow fp32 math several-fold on these CPUs
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = torch's choice), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file is not None:
+        if args.prompt_file == "-":
+            prompts.append(sys.stdin.read())
+        else:
+            path = Path(args.prompt_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"--prompt-file: no file at {path}")
+            prompts.append(path.read_text(encoding="utf-8"))
+    if not prompts:
+        if args.session_in is None:
+            raise ValueError("give a prompt with --prompt TEXT or --prompt-file F (or continue --session-in F)")
+        prompts = [""]  # continue the session's own text
+    if (args.session_in or args.session_out) and len(prompts) != 1:
+        raise ValueError(f"a session holds one conversation: give one prompt with --session-in/--session-out, "
+                         f"got {len(prompts)}")
+    return prompts
+
+
+def run_generate(args) -> int:
+    from megalodon.inference.generate import generate, prefill_session
+    from megalodon.inference.sampling import SamplingConfig
+    from megalodon.inference.session import load_session, save_session
+
+    _set_up_torch(args)
+    if args.prefill_only and not args.session_out:
+        raise ValueError("--prefill-only needs --session-out F: the session is its only output")
+    prompts = _read_prompts(args)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
+                              stop_on_eos=not args.ignore_eos)
+    model, tokenizer = _load_model(args.model_dir, args.device)
+    sessions = None if args.session_in is None else [load_session(args.session_in, model, tokenizer)]
+
+    if args.prefill_only:
+        session = prefill_session(model, tokenizer, prompts[0], None if sessions is None else sessions[0],
+                                  args.truncate_chunks)
+        save_session(args.session_out, session, model, tokenizer)
+        print(f"[read {session.position} tokens into {args.session_out}]", file=sys.stderr)
+        return 0
+
+    streaming = len(prompts) == 1
+
+    def print_token(row: int, token: int, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    results = generate(model, tokenizer, prompts, sampling, sessions=sessions,
+                       on_token=print_token if streaming else None, truncate_chunks=args.truncate_chunks)
+    elapsed = time.perf_counter() - start
+    if streaming:
+        sys.stdout.write("\n")
+    else:
+        for i, result in enumerate(results):
+            sys.stdout.write(f"--- prompt {i} ---\n{result.text}\n")
+    sys.stdout.flush()
+    generated = sum(len(r.ids) for r in results)
+    reasons = ", ".join(r.finish_reason for r in results)
+    print(f"[{generated} tokens in {elapsed:.2f} s ({generated / max(elapsed, 1e-9):.1f} tokens/s); "
+          f"stopped by: {reasons}]", file=sys.stderr)
+    if args.session_out:
+        save_session(args.session_out, results[0].session, model, tokenizer)
+        print(f"[session saved to {args.session_out} at position {results[0].session.position}]", file=sys.stderr)
+    return 0
+
+
+def _load_model(model_dir: str, device: str):
+    from megalodon.checkpoint import load_pretrained
+    from megalodon.data import load_tokenizer
+
+    model = load_pretrained(model_dir, map_location=device)
+    return model, load_tokenizer(model_dir)
+
+
+# ---- eval --------------------------------------------------------------------------------------------------------
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="long-document perplexity, bits/byte and loss by position",
+                       description="Stream whole documents through the model (and a baseline) and write "
+                                   "eval.json and loss_by_position.png into --out.")
+    p.add_argument("model_dir", help="model directory (Megalodon, or a Llama baseline)")
+    p.add_argument("--baseline", metavar="LLAMA_DIR", help="a Llama baseline directory to evaluate alongside")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus", metavar="NAME", help="shakespeare, bible, austen, or a token-store directory")
+    source.add_argument("--files", nargs="+", metavar="F", help="text/jsonl files or directories, every document")
+    p.add_argument("--split", default=None, help="split of --corpus to evaluate (default: test)")
+    attention = p.add_mutually_exclusive_group()
+    attention.add_argument("--window", type=int, metavar="W", help="baseline: sliding attention window")
+    attention.add_argument("--max-context", type=int, metavar="N",
+                           help="baseline: full attention up to N tokens, then a sliding window of N "
+                                "(default 8192)")
+    p.add_argument("--truncate-chunks", type=int, metavar="N",
+                   help="also evaluate Megalodon with truncate_chunks=N and report both")
+    p.add_argument("--out", required=True, metavar="DIR", help="where eval.json and the PNG go")
+    p.add_argument("--block-size", type=int, metavar="N", help="tokens per call (Megalodon: multiple of chunk)")
+    p.add_argument("--bucket-edges", metavar="E", help="comma-separated, from 0 (default: 0,1024,2048,4096,...)")
+    p.add_argument("--max-docs", type=int, metavar="N", help="evaluate only the first N documents")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="cache of corpora and token stores (default: data)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the document split of a built-in --corpus; use the training run's seed to get "
+                        "its held-out documents (or pass its token-store directory as --corpus)")
+    _add_runtime_args(p)
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> int:
+    from megalodon.inference.evaluate import (
+        DEFAULT_MAX_CONTEXT, default_bucket_edges, evaluate, write_report,
+    )
+
+    _set_up_torch(args)
+    if args.split is not None and args.files:
+        raise ValueError("--split selects part of a --corpus; --files evaluates every document of the files")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise ValueError(f"--max-docs must be >= 1, got {args.max_docs}")
+    edges = _parse_edges(args.bucket_edges)
+    model, tokenizer = _load_model(args.model_dir, args.device)
+    entries = [(Path(args.model_dir).name, model, tokenizer)]
+    if args.baseline:
+        baseline, baseline_tokenizer = _load_model(args.baseline, args.device)
+        entries.append((Path(args.baseline).name, baseline, baseline_tokenizer))
+    from megalodon.baseline import Llama
+
+    if (args.window or args.max_context) and not any(isinstance(m, Llama) for _, m, _ in entries):
+        raise ValueError("--window and --max-context apply to a Llama baseline (--baseline LLAMA_DIR); "
+                         "Megalodon needs neither")
+    docs = {}  # tokenizer fingerprint -> documents: models that share a tokenizer share the documents
+    for _, _, tok in entries:
+        docs.setdefault(tok.fingerprint(), _documents(args, tok))
+    if edges is None:  # shared edges, so that every curve has the same buckets
+        edges = default_bucket_edges(max(d.ids.numel() for ds in docs.values() for d in ds))
+
+    max_context = args.max_context if args.max_context is not None else DEFAULT_MAX_CONTEXT
+    runs = []
+    for name, m, tok in entries:
+        is_llama, documents = isinstance(m, Llama), docs[tok.fingerprint()]
+        common = dict(block_size=args.block_size if not is_llama else None, bucket_edges=edges, progress=True)
+        if is_llama:
+            runs.append(evaluate(m, documents, label=f"{name} (llama)", window=args.window,
+                                 max_context=max_context, **common))
+            continue
+        runs.append(evaluate(m, documents, label=name, **common))
+        if args.truncate_chunks is not None:
+            runs.append(evaluate(m, documents, label=f"{name} truncate_chunks={args.truncate_chunks}",
+                                 truncate_chunks=args.truncate_chunks, **common))
+    info = {"model": args.model_dir, "baseline": args.baseline, "corpus": args.corpus or args.files,
+            "split": None if args.files else (args.split or "test"), "documents": len(next(iter(docs.values())))}
+    json_path, png_path = write_report(runs, args.out, info)
+    for run in runs:
+        print(f"{run.label:40s} ppl {run.perplexity:10.3f}  bits/byte {run.bits_per_byte:.4f}  "
+              f"tokens {run.n_tokens}  peak state {run.peak_state_bytes / 1024:.1f} KiB")
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _parse_edges(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        edges = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--bucket-edges must be comma-separated integers, got {text!r}") from None
+    from megalodon.inference.evaluate import check_bucket_edges
+
+    return check_bucket_edges(edges)
+
+
+def _documents(args, tokenizer):
+    """The evaluation documents, tokenized with this tokenizer."""
+    from megalodon.data import BUILTIN_CORPORA, TokenStore, build_token_store, load_corpus, read_user_documents
+    from megalodon.inference.evaluate import documents_from_store, documents_from_texts
+
+    if args.files:
+        texts = read_user_documents(args.files)[:args.max_docs]
+        return documents_from_texts(texts, tokenizer)
+    split = args.split or "test"
+    corpus = Path(args.corpus)
+    if (corpus / "meta.json").is_file():
+        store = TokenStore(corpus, split)
+        if store.tokenizer_fingerprint != tokenizer.fingerprint():
+            raise ValueError(f"the token store {corpus} was built with another tokenizer than the model's; "
+                             "evaluate with --files, or rebuild the store with the model's tokenizer")
+        return documents_from_store(store, args.max_docs)
+    if args.corpus not in BUILTIN_CORPORA:
+        raise ValueError(f"--corpus must be one of {list(BUILTIN_CORPORA)} or a token-store directory, got "
+                         f"{args.corpus!r}; use --files for your own text files")
+    data_dir = Path(args.data_dir).expanduser()
+    store_dir = data_dir / "stores" / f"eval-{args.corpus}-{tokenizer.fingerprint()}-s{args.split_seed}"
+    if not (store_dir / "meta.json").is_file():
+        try:
+            texts = load_corpus(args.corpus, data_dir / "corpora")
+        except RuntimeError as err:  # a missing tool or network: the user's environment, not a bug
+            raise ValueError(f"could not load the corpus {args.corpus!r}: {err}") from None
+        # The default split fractions: the same documents per split as the trainer's store with this seed.
+        build_token_store(texts, tokenizer, store_dir, seed=args.split_seed, overwrite=True)
+    return documents_from_store(TokenStore(store_dir, split), args.max_docs)

@@ -1,0 +1,285 @@
+"""Text generation with Megalodon: vectorized prefill, batched single-token decode, streaming, sessions.
+
+Prompts of different lengths (spec section 16). Megalodon's chunk grid starts at each stream's first token, so
+rows of different lengths sit at different in-chunk positions; padding would shift that grid and change the
+result. So there is no padding at all:
+- prefill: each prompt is fed alone, in chunk-aligned blocks of chunk_size tokens (vectorized calls; the state
+  carries across blocks, which is exact by split invariance and bounds activation memory);
+- the per-row states are stacked with `MegalodonState.stack`: count, mean and var are per row, the CEMA state is
+  per row, and each row keeps its own in-chunk fill in a right-padded key cache;
+- decode: one single-token call per step for the whole batch (the model masks each row's cache beyond its own
+  fill and rotates each row at its own position).
+A row that stops (end-of-sequence, a stop string, or max_new_tokens) is dropped from the batch right after its
+last token has been fed, so its state covers every one of its tokens. Each row therefore gets exactly the
+tokens it gets alone (greedy), up to float rounding in the batched attention.
+
+Each result carries a `Session`: the state, the logits for the next token and the sampling history, to continue
+the conversation later (see session.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import secrets
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from megalodon.data.tokenizer import Tokenizer
+from megalodon.inference.sampling import SamplingConfig, sample_next
+from megalodon.inference.session import Session
+from megalodon.inference.stream import (
+    RecencyWindow, check_truncate_chunks, final_logits_and_state, truncate_norm_stats,
+)
+from megalodon.inference.text_stream import TextTracker
+from megalodon.model import Megalodon
+from megalodon.state import MegalodonState
+
+TokenCallback = Callable[[int, int, str], None]  # (row, token id, newly printable text)
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    ids: list[int]  # generated tokens, including the end-of-sequence token or the one completing a stop string
+    text: str  # their text, cut before the stop string
+    finish_reason: str  # "eos", "stop_string" or "length"
+    session: Session  # continue from here: state after prompt_ids + ids, and the next token's logits
+
+    @property
+    def state(self) -> MegalodonState:
+        return self.session.state
+
+
+@dataclass
+class _Row:
+    """One prompt's progress through generate()."""
+
+    prompt_ids: list[int]
+    session: Session | None  # where it starts; None for a fresh stream
+    generator: torch.Generator
+    seed: int | None
+    window: RecencyWindow | None
+    tracker: TextTracker
+    new_ids: list[int]
+    finish_reason: str | None = None
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """No autograd and no dropout for the duration; the model's training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts, vocab_size: int) -> list[list[int]]:
+    """Token ids of each prompt (text or ids), checked against the model's vocabulary."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings or of token-id lists "
+                         f"(wrap a single prompt in a list), got {type(prompts).__name__}")
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        encoded.append([_token_id(token, i, vocab_size) for token in ids])
+    return encoded
+
+
+def _token_id(token, prompt_index: int, vocab_size: int) -> int:
+    try:
+        if isinstance(token, bool):
+            raise TypeError
+        value = operator.index(token)  # ints, numpy integers, integer tensors of one element
+    except TypeError:
+        raise ValueError(f"prompt {prompt_index}: token ids must be integers, got {token!r}") from None
+    if not 0 <= value < vocab_size:
+        raise ValueError(f"prompt {prompt_index}: token id {value} is out of range for the model's "
+                         f"vocab_size={vocab_size}")
+    return value
+
+
+def _check_model(model, tokenizer: Tokenizer) -> None:
+    if not isinstance(model, Megalodon):
+        raise ValueError(f"generation needs a Megalodon model, got {type(model).__name__}")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}: they do not belong together")
+
+
+def _start_rows(model, tokenizer, prompt_ids, sampling, state, sessions, truncate_chunks) -> list[_Row]:
+    if state is not None and sessions is not None:
+        raise ValueError("give either state or sessions, not both")
+    if state is not None and state.batch_size != len(prompt_ids):
+        raise ValueError(f"state has {state.batch_size} rows but there are {len(prompt_ids)} prompts")
+    if sessions is not None and len(sessions) != len(prompt_ids):
+        raise ValueError(f"{len(sessions)} sessions for {len(prompt_ids)} prompts: give one session per prompt")
+    base_seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
+    chunk = model.config.chunk_size
+    rows = []
+    for b, ids in enumerate(prompt_ids):
+        session = None if sessions is None else sessions[b]
+        if state is not None:
+            session = Session(state[b], next_logits=None)
+        if session is None and not ids:
+            raise ValueError(f"prompt {b} is empty: give at least one token (or continue a session)")
+        if session is not None and session.next_logits is None and not ids:
+            raise ValueError(f"prompt {b} is empty and its state has no next-token logits: give it some text")
+        generator, seed = torch.Generator(), base_seed + b
+        if session is not None and session.rng_state is not None:
+            generator.set_state(session.rng_state)
+            seed = session.seed
+        else:
+            generator.manual_seed(seed)
+        chunks = truncate_chunks if truncate_chunks is not None else getattr(session, "truncate_chunks", None)
+        check_truncate_chunks(chunks)
+        window = None
+        if chunks is not None:
+            saved = None if session is None else session.window
+            if saved is not None:  # a copy: the window advances, the session passed in must not
+                window = RecencyWindow(chunks, chunk, saved.ids.clone(), saved.start)
+            else:
+                window = RecencyWindow.empty(chunks, chunk, 0 if session is None else session.position)
+        rows.append(_Row(ids, session, generator, seed, window, TextTracker(tokenizer, sampling.stop_strings), []))
+    return rows
+
+
+def _prefill(model, row: _Row, block_tokens: int | None) -> tuple[Tensor, MegalodonState]:
+    """The next-token logits (V,) and the state after the row's prompt (continuing its session if any)."""
+    if not row.prompt_ids:
+        return row.session.next_logits, row.session.state
+    device = next(model.parameters()).device
+    ids = torch.tensor(row.prompt_ids, dtype=torch.int64, device=device)
+    start_state = None if row.session is None else row.session.state
+    return final_logits_and_state(model, ids, start_state, row.window, block_tokens)
+
+
+def generate(
+    model: Megalodon, tokenizer: Tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
+    sampling: SamplingConfig | None = None, *, state: MegalodonState | None = None,
+    sessions: Sequence[Session] | None = None, on_token: TokenCallback | None = None,
+    truncate_chunks: int | None = None, prefill_chunks: int = 1,
+) -> list[GenerationResult]:
+    """Generate a continuation of every prompt, batched.
+
+    state: a stream to continue, one row per prompt (e.g. after reading a book); prompts must then be non-empty.
+    sessions: saved conversations to continue, one per prompt; a prompt may then be empty ("go on").
+    on_token(row, token_id, text): called for every generated token with the text that became printable.
+    truncate_chunks: None (off), or see stream.py; a session's own setting applies when this is None.
+    prefill_chunks: prefill block size in chunks (memory: the logits of one block are materialized).
+    """
+    sampling = sampling or SamplingConfig()
+    _check_model(model, tokenizer)
+    prompt_ids = encode_prompts(tokenizer, prompts, model.config.vocab_size)
+    rows = _start_rows(model, tokenizer, prompt_ids, sampling, state, sessions, truncate_chunks)
+    block_tokens = prefill_chunks * model.config.chunk_size
+    with evaluation_mode(model):
+        prefilled = [_prefill(model, row, block_tokens) for row in rows]
+        batch_state = MegalodonState.stack([s for _, s in prefilled], model.config.chunk_size)
+        logits = torch.stack([lg for lg, _ in prefilled])  # B x V
+        ends = _decode(model, tokenizer, rows, sampling, batch_state, logits, on_token, block_tokens)
+    return [_result(row, *ends[b]) for b, row in enumerate(rows)]
+
+
+def _decode(model, tokenizer, rows: list[_Row], sampling: SamplingConfig, batch_state: MegalodonState,
+            logits: Tensor, on_token: TokenCallback | None, block_tokens: int,
+            ) -> dict[int, tuple[MegalodonState, Tensor]]:
+    """Batched single-token decode until every row stops; returns each row's final (state, next logits)."""
+    active = list(range(len(rows)))  # batch position -> row index
+    history = _history_buffer(rows, sampling, logits.device)  # B x T, -1 = empty; only order-free use
+    ends = {}
+    for step in range(sampling.max_new_tokens):
+        generators = [rows[i].generator for i in active]
+        tokens = sample_next(logits, history[active], sampling, generators)
+        if history.shape[1]:
+            history[active, history.shape[1] - sampling.max_new_tokens + step] = tokens
+        last_step = step == sampling.max_new_tokens - 1
+        finished = []
+        for pos, i in enumerate(active):
+            row, token = rows[i], int(tokens[pos])
+            row.new_ids.append(token)
+            is_eos = sampling.stop_on_eos and token == tokenizer.eos_id
+            text = row.tracker.push(token, final=is_eos or last_step)
+            if row.tracker.stop_at is not None:
+                row.finish_reason = "stop_string"
+            elif is_eos:
+                row.finish_reason = "eos"
+            elif last_step:
+                row.finish_reason = "length"
+            if on_token is not None:
+                on_token(i, token, text)
+            if row.finish_reason:
+                finished.append(pos)
+        # Every row feeds its new token, finished ones too, so their state covers all of their tokens.
+        step_logits, batch_state = model(tokens[:, None].to(logits.device), state=batch_state, return_state=True)
+        logits = step_logits[:, -1]
+        batch_state = _maybe_truncate(model, rows, active, tokens, batch_state, block_tokens)
+        for pos in finished:
+            ends[active[pos]] = (batch_state[pos], logits[pos])
+        if finished:
+            keep = [pos for pos in range(len(active)) if pos not in finished]
+            if not keep:
+                break
+            index = torch.tensor(keep, device=logits.device)
+            batch_state, logits = batch_state[index], logits[index]
+            active = [active[pos] for pos in keep]
+    return ends
+
+
+def _history_buffer(rows: list[_Row], sampling: SamplingConfig, device) -> Tensor:
+    """The tokens each row generated before (its session's) and room for the new ones; empty when the
+    repetition penalty is off, since nothing else reads it."""
+    if sampling.repetition_penalty == 1.0:
+        return torch.zeros(len(rows), 0, dtype=torch.int64, device=device)
+    previous = [row.session.generated_ids if row.session else [] for row in rows]
+    width = max(len(p) for p in previous)
+    history = torch.full((len(rows), width + sampling.max_new_tokens), -1, dtype=torch.int64)
+    for b, ids in enumerate(previous):
+        history[b, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return history.to(device)
+
+
+def _maybe_truncate(model, rows, active, tokens, batch_state: MegalodonState, block_tokens: int) -> MegalodonState:
+    due = []
+    for pos, i in enumerate(active):
+        window = rows[i].window
+        if window is not None:
+            window.extend(tokens[pos:pos + 1])
+            if window.due():
+                due.append((pos, window.rerun_span()))
+    return truncate_norm_stats(model, batch_state, due, block_tokens) if due else batch_state
+
+
+def _result(row: _Row, state: MegalodonState, next_logits: Tensor) -> GenerationResult:
+    previous = row.session.generated_ids if row.session else []
+    chunks = None if row.window is None else row.window.truncate_chunks
+    session = Session(state, next_logits, previous + row.new_ids, row.generator.get_state(), row.seed, chunks,
+                      row.window)
+    return GenerationResult(row.prompt_ids, row.new_ids, row.tracker.text, row.finish_reason, session)
+
+
+def prefill_session(
+    model: Megalodon, tokenizer: Tokenizer, prompt: str | Sequence[int], session: Session | None = None,
+    truncate_chunks: int | None = None,
+) -> Session:
+    """Read a prompt (a book, say) into a session without generating anything."""
+    _check_model(model, tokenizer)
+    ids = encode_prompts(tokenizer, [prompt], model.config.vocab_size)
+    rows = _start_rows(model, tokenizer, ids, SamplingConfig(), None, None if session is None else [session],
+                       truncate_chunks)
+    row = rows[0]
+    if not row.prompt_ids:
+        raise ValueError("the prompt is empty: nothing to read")
+    with evaluation_mode(model):
+        logits, state = _prefill(model, row, None)
+    previous = [] if session is None else session.generated_ids
+    rng = None if session is None else session.rng_state
+    chunks = None if row.window is None else row.window.truncate_chunks
+    return Session(state, logits, list(previous), rng, None if session is None else session.seed, chunks,
+                   row.window)

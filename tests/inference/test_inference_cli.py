@@ -1,0 +1,124 @@
+"""`megalodon generate` and `megalodon eval` through megalodon.cli.main, and their error exits."""
+
+import io
+import json
+
+import pytest
+
+from megalodon.checkpoint import load_pretrained
+from megalodon.cli import main
+from megalodon.data import ByteTokenizer, build_token_store
+from megalodon.inference import SamplingConfig, generate
+
+
+def test_generate_streams_the_same_text_as_the_api(model_dir, capsys):
+    assert main(["generate", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0",
+                 "--ignore-eos"]) == 0
+    expected, = generate(load_pretrained(model_dir), ByteTokenizer(), ["Hello"],
+                         SamplingConfig(temperature=0, max_new_tokens=6, stop_on_eos=False))
+    captured = capsys.readouterr()
+    assert captured.out == expected.text + "\n"
+    assert "6 tokens" in captured.err
+
+
+def test_generate_batches_prompts_and_reads_stdin(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin"))
+    assert main(["generate", str(model_dir), "--prompt", "a", "--prompt-file", "-", "--max-new-tokens", "3",
+                 "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "--- prompt 0 ---" in out and "--- prompt 1 ---" in out
+
+
+def test_sessions_continue_across_invocations(model_dir, tmp_path, capsys):
+    book, session = tmp_path / "book.txt", tmp_path / "book.session"
+    book.write_text("A tiny book. It has two sentences.")
+    assert main(["generate", str(model_dir), "--prompt-file", str(book), "--prefill-only",
+                 "--session-out", str(session), "--truncate-chunks", "3"]) == 0
+    assert main(["generate", str(model_dir), "--session-in", str(session), "--prompt", " Why?",
+                 "--max-new-tokens", "4", "--seed", "3", "--session-out", str(tmp_path / "next")]) == 0
+    assert main(["generate", str(model_dir), "--session-in", str(tmp_path / "next"), "--max-new-tokens", "2"]) == 0
+    assert "session saved" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["--prompt", "x", "--top-p", "0"], "top_p"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+    ([], "give a prompt"),
+    (["--prompt", "a", "--prompt", "b", "--session-out", "s"], "one conversation"),
+    (["--prompt", "x", "--prefill-only"], "--session-out"),
+    (["--prompt-file", "/no/such/file"], "no file"),
+    (["--prompt", "x", "--truncate-chunks", "1"], "truncate_chunks"),
+])
+def test_generate_misuse_exits_2_with_a_message(model_dir, capsys, argv, message):
+    assert main(["generate", str(model_dir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_generate_refuses_a_missing_model_and_a_llama(tmp_path, llama_dir, capsys):
+    assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
+    assert main(["generate", str(llama_dir), "--prompt", "x"]) == 2
+    assert "needs a Megalodon model" in capsys.readouterr().err
+
+
+def test_eval_writes_the_report_for_megalodon_truncation_and_baseline(model_dir, llama_dir, tmp_path, capsys):
+    text = tmp_path / "doc.txt"
+    text.write_text("Some text to evaluate, long enough for a few chunks of eight bytes each. " * 2)
+    out = tmp_path / "report"
+    assert main(["eval", str(model_dir), "--baseline", str(llama_dir), "--files", str(text), "--window", "16",
+                 "--truncate-chunks", "3", "--out", str(out), "--bucket-edges", "0,16,64,1000"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert [r["settings"].get("truncate_chunks") for r in report["results"]] == [None, 3, None]
+    assert report["results"][2]["settings"]["window"] == 16
+    assert [b["end"] for b in report["results"][0]["loss_by_position"]] == [16, 64, 1000]
+    assert (out / "loss_by_position.png").is_file()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_reads_a_token_store_split(model_dir, tmp_path):
+    store = build_token_store([f"document number {i}, with words." for i in range(60)], ByteTokenizer(),
+                              tmp_path / "store")
+    assert main(["eval", str(model_dir), "--corpus", str(store), "--split", "val", "--out", str(tmp_path / "o"),
+                 "--max-docs", "2"]) == 0
+    report = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert report["split"] == "val" and len(report["results"][0]["documents"]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--files", "F", "--split", "test"], "--split"),
+    (["--files", "F", "--window", "8"], "Llama baseline"),
+    (["--corpus", "no-such-corpus"], "--corpus must be one of"),
+    (["--files", "F", "--bucket-edges", "0,x"], "--bucket-edges"),
+    (["--files", "F", "--bucket-edges", "5,10"], "bucket edges"),
+    (["--files", "F", "--block-size", "12"], "multiple of chunk_size"),
+])
+def test_eval_misuse_exits_2_with_a_message(model_dir, tmp_path, capsys, argv, message):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("some words")
+    argv = [str(doc) if a == "F" else a for a in argv]
+    assert main(["eval", str(model_dir), *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_argument_errors_exit_2(model_dir):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(model_dir), "--files", "x"])  # --out is required
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(model_dir), "--files", "x", "--window", "4", "--max-context", "8", "--out", "o"])
+    assert exit_info.value.code == 2
+
+
+def test_eval_splits_a_builtin_corpus_like_the_trainer(model_dir, tmp_path):
+    plays = tmp_path / "data" / "corpora" / "shakespeare"  # a pre-filled corpus cache: nothing is downloaded
+    plays.mkdir(parents=True)
+    for i in range(40):
+        (plays / f"play{i:02d}_gut.txt").write_text(f"Act {i}. Enter a tiny player.\n")
+    argv = ["eval", str(model_dir), "--corpus", "shakespeare", "--data-dir", str(tmp_path / "data"),
+            "--split-seed", "3", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert report["split"] == "test" and len(report["results"][0]["documents"]) == 2  # 5% of 40
+    assert list((tmp_path / "data" / "stores").glob("eval-shakespeare-*-s3"))
