@@ -158,3 +158,12 @@ def test_dropout_changes_training_outputs_only():
     assert torch.equal(model(ids), model(ids))
     model.train()
     assert not torch.equal(model(ids), model(ids))
+
+
+def test_logits_to_keep_projects_only_the_tail(model):
+    ids = torch.randint(0, 64, (2, 13))
+    full, state = model(ids, return_state=True)
+    tail, tail_state = model(ids, return_state=True, logits_to_keep=3)
+    assert tail.shape == (2, 3, 64)
+    torch.testing.assert_close(tail, full[:, -3:])
+    assert torch.equal(tail_state.final_norm.var, state.final_norm.var)

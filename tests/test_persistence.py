@@ -114,3 +114,17 @@ def test_reference_file_loads_weights_only(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights-only"):
         read_reference_file(tmp_path / "evil.pth")
+
+
+def test_state_file_carries_extra_tensors_and_refuses_clashes(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model(torch.float32)
+    _, state = model(torch.randint(0, 64, (1, 5)), return_state=True)
+    state.save(tmp_path / "s.safetensors", model.config, extra_tensors={"note": torch.arange(3)},
+               extra_metadata={"who": "test"})
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["who"] == "test" and torch.equal(handle.get_tensor("note"), torch.arange(3))
+    assert MegalodonState.load(tmp_path / "s.safetensors", model.config).nbytes == state.nbytes
+    with pytest.raises(ValueError, match="overwrite"):
+        state.save(tmp_path / "t.safetensors", extra_tensors={"position": torch.zeros(1)})

@@ -69,13 +69,14 @@ class Megalodon(nn.Module):
     # ---- the forward pass ------------------------------------------------------------------------------------
     def forward(
         self, input_ids: Tensor, state: MegalodonState | None = None, return_state: bool = False,
-        doc_start: Tensor | None = None,
+        doc_start: Tensor | None = None, logits_to_keep: int = 0,
     ) -> Tensor | tuple[Tensor, MegalodonState]:
         """Logits (B, L, output_size) in fp32, and the state after the last token when return_state.
 
         state: the stream so far (from an earlier call), or None to start fresh.
         doc_start: (B, L) bool, True where a new document begins: the CEMA, the norm statistics and attention
         restart there, so nothing leaks across documents. Documents must start on the chunk grid.
+        logits_to_keep: project only the last N positions (0 = all); prefill needs just the last one.
         """
         batch, length = self._check_inputs(input_ids, state)
         block_reset = None if doc_start is None else self._block_reset(doc_start, state, batch, length)
@@ -94,6 +95,8 @@ class Megalodon(nn.Module):
 
         xn, final_stats = self.output.final_norm(x, None if state is None else state.final_norm,
                                                  self.config.chunk_size, block_reset)
+        if logits_to_keep:
+            xn = xn[:, -logits_to_keep:]
         logits = self.output.output(xn.to(x.dtype))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if not return_state:

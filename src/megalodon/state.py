@@ -149,14 +149,25 @@ class MegalodonState:
             raise ValueError("the state's final norm statistics do not match this model's config")
 
     # ---- persistence -----------------------------------------------------------------------------------------
-    def save(self, path: str | Path, config: MegalodonConfig | None = None) -> None:
-        """Write to safetensors, atomically; the config is recorded so that loading can refuse a mismatch."""
+    def save(self, path: str | Path, config: MegalodonConfig | None = None,
+             extra_tensors: dict[str, Tensor] | None = None, extra_metadata: dict[str, str] | None = None) -> None:
+        """Write to safetensors, atomically; the config is recorded so that loading can refuse a mismatch.
+
+        extra_tensors / extra_metadata ride along in the same file (e.g. a generation session's); their names
+        must not clash with the state's own."""
         path = Path(path)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         meta = {"format": STATE_FORMAT, "num_layers": str(len(self.layers))}
         if config is not None:
             meta["config"] = json.dumps(config.to_dict(), sort_keys=True)
+        for ours, extra, what in ((tensors, extra_tensors, "tensor"), (meta, extra_metadata, "metadata key")):
+            clash = sorted(set(ours) & set(extra or {}))
+            if clash:
+                raise ValueError(f"extra {what}(s) {clash} would overwrite the state's own")
+            ours.update({k: (v.detach().contiguous().cpu() if what == "tensor" else v)
+                         for k, v in (extra or {}).items()})
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
 
     @classmethod

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from megalodon.data.tokenizer import Tokenizer
@@ -66,26 +66,20 @@ def save_session(path: str | Path, session: Session, model: nn.Module, tokenizer
     if session.state.batch_size != 1:
         raise ValueError(f"a session holds one conversation; this state has {session.state.batch_size} rows "
                          "(save each row, state[i], as its own session)")
-    tmp = path.with_name(path.name + ".tmp")
-    session.state.save(tmp, model.config)
-    with safe_open(str(tmp), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    tensors = load_file(str(tmp))
-    tensors.update({
-        "session.next_logits": session.next_logits.detach().float().cpu().contiguous(),
+    tensors = {
+        "session.next_logits": session.next_logits.detach().float(),
         "session.generated_ids": torch.tensor(session.generated_ids, dtype=torch.int64),
-    })
+    }
     if session.rng_state is not None:
         tensors["session.rng_state"] = session.rng_state.cpu()
     if session.window is not None:
         tensors["session.window_ids"] = session.window.ids.cpu()
-    metadata[SESSION_KEY] = json.dumps({
+    record = json.dumps({
         "format": SESSION_FORMAT, "model": model_fingerprint(model), "tokenizer": tokenizer.fingerprint(),
         "seed": session.seed, "truncate_chunks": session.truncate_chunks,
         "window_start": None if session.window is None else session.window.start,
     })
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    session.state.save(path, model.config, extra_tensors=tensors, extra_metadata={SESSION_KEY: record})
     return path
 
 

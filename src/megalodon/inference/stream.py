@@ -87,10 +87,11 @@ def chunk_aligned_blocks(position: int, length: int, block_tokens: int) -> Itera
 
 def stream_blocks(
     model: Megalodon, ids: Tensor, state: MegalodonState | None = None, block_tokens: int | None = None,
-    window: RecencyWindow | None = None,
+    window: RecencyWindow | None = None, logits_to_keep: int = 0,
 ) -> Iterator[tuple[int, Tensor, MegalodonState]]:
-    """Feed ids (1-D, one stream) block by block; yield (offset of the block in ids, its logits (1, L, V), the
-    state after it). With a window, truncate_chunks runs after each block."""
+    """Feed ids (1-D, one stream) block by block; yield (offset of the block in ids, its logits (1, L, V) or
+    the last `logits_to_keep` of them, the state after it). With a window, truncate_chunks runs after each
+    block."""
     chunk = model.config.chunk_size
     block_tokens = chunk if block_tokens is None else block_tokens
     if block_tokens < 1 or block_tokens % chunk:
@@ -100,7 +101,7 @@ def stream_blocks(
     position = 0 if state is None else int(state.position[0])
     ids = ids.reshape(1, -1)
     for begin, end in chunk_aligned_blocks(position, ids.shape[1], block_tokens):
-        logits, state = model(ids[:, begin:end], state=state, return_state=True)
+        logits, state = model(ids[:, begin:end], state=state, return_state=True, logits_to_keep=logits_to_keep)
         if window is not None:
             window.extend(ids[0, begin:end])
             if window.due():
@@ -114,7 +115,7 @@ def final_logits_and_state(
 ) -> tuple[Tensor, MegalodonState]:
     """Prefill: the logits (V,) after the last of ids, and the state; only the last block's logits are kept."""
     last = None
-    for _, logits, state in stream_blocks(model, ids, state, block_tokens, window):
+    for _, logits, state in stream_blocks(model, ids, state, block_tokens, window, logits_to_keep=1):
         last = logits[0, -1]
     if last is None:
         raise ValueError("nothing to feed: the token sequence is empty")
