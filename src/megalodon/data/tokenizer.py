@@ -203,7 +203,9 @@ class BPETokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
         self._tok.save(str(path))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
+        # split_special_tokens: text that spells "<eos>" stays text under transformers too, as in encode().
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
+                  "split_special_tokens": True}
         config.update({k: v for k, v in (("bos_token", self.bos_token), ("pad_token", self.pad_token)) if v})
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         return path

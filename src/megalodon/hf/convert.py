@@ -1,0 +1,70 @@
+"""Between our model directories (config.json + model.safetensors, core key names) and transformers' layout.
+
+The transformers layout is what `MegalodonForCausalLM.save_pretrained` writes: the same tensors under the
+prefix `model.`, a transformers config.json (model_type "megalodon"), generation_config.json and a one-line
+loader module for `trust_remote_code=True` tools (see remote_code.py); export_hf adds the tokenizer.
+Conversion copies tensors unchanged, so a round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megalodon.data.tokenizer import Tokenizer, load_tokenizer
+from megalodon.hf.configuration import MegalodonHFConfig
+from megalodon.hf.modeling import MegalodonForCausalLM
+from megalodon.hf.tokenizer import save_hf_tokenizer
+from megalodon.model import Megalodon
+
+
+def wrap(model: Megalodon, **config_kwargs) -> MegalodonForCausalLM:
+    """A MegalodonForCausalLM around `model` itself (parameters shared, nothing copied or re-initialized).
+
+    config_kwargs: bos_token_id, eos_token_id, pad_token_id and other transformers config arguments.
+    """
+    if not isinstance(model, Megalodon):
+        raise TypeError(f"expected a megalodon.Megalodon, got {type(model).__name__}")
+    config = MegalodonHFConfig.from_core(model.config, **config_kwargs)
+    with torch.device("meta"):  # build the shell without allocating or initializing a second set of weights
+        hf_model = MegalodonForCausalLM(config)
+    hf_model.model = model
+    return hf_model.train(model.training)
+
+
+def export_hf(model: Megalodon | str | Path, out_dir: str | Path,
+              tokenizer: Tokenizer | str | Path | None = None) -> Path:
+    """Write `model` (a Megalodon or our model directory) in the transformers layout, with its tokenizer.
+
+    The tokenizer (ours, or a directory holding one) supplies bos/eos/pad ids for the config and is saved as
+    a PreTrainedTokenizerFast, so that AutoTokenizer and AutoModelForCausalLM both load `out_dir`.
+    """
+    if isinstance(model, (str, Path)):
+        model = Megalodon.from_pretrained(model)
+    special_ids = {}
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                             f"{model.config.vocab_size}: they do not belong together")
+        special_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                       "pad_token_id": tokenizer.pad_id}
+    out_dir = Path(out_dir)
+    wrap(model, **special_ids).save_pretrained(out_dir)
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, out_dir)
+    return out_dir
+
+
+def import_hf(hf_dir: str | Path) -> Megalodon:
+    """The core Megalodon held by a transformers-layout directory; refuses missing, unknown or misshapen tensors."""
+    hf_model, info = MegalodonForCausalLM.from_pretrained(str(hf_dir), output_loading_info=True)
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys",
+                                                                "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        raise ValueError(f"{hf_dir} does not fit its own config: "
+                         + "; ".join(f"{kind} {keys[:8]}" for kind, keys in problems.items()))
+    return hf_model.model.eval()

@@ -1,0 +1,107 @@
+"""The forward pass: core logits unchanged, labels loss, cache continuation, padding."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megalodon.hf import MegalodonCache  # noqa: E402
+from megalodon.hf.modeling import CACHE_ARG  # noqa: E402
+
+
+def _cache(output):
+    """The cache field under the installed transformers' name ("cache", or "past_key_values" in early 5.x)."""
+    return output.get(CACHE_ARG)
+
+
+def _ids(batch, length, seed=0):
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_are_the_core_logits(core, hf_model):
+    ids = _ids(2, 13)
+    out = hf_model(ids)
+    assert torch.equal(out.logits, core(ids))
+    assert isinstance(_cache(out), MegalodonCache) and _cache(out).get_seq_length() == 13
+
+
+def test_labels_give_the_shifted_cross_entropy(core, hf_model):
+    ids = _ids(2, 13)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    logits = core(ids)
+    manual = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                             ignore_index=-100)
+    loss = hf_model(ids, labels=labels).loss
+    torch.testing.assert_close(loss, manual, rtol=0, atol=0)
+    hf_model.train()
+    assert _cache(hf_model(ids, labels=labels)) is None  # training does not build a cache unless asked
+    hf_model(ids, labels=labels).loss.backward()
+    assert core.embed.weight.grad is not None
+
+
+def test_continuing_the_cache_equals_one_call(core, hf_model):
+    ids = _ids(2, 21)
+    whole = core(ids)
+    first = hf_model(ids[:, :11], use_cache=True)
+    second = hf_model(ids[:, 11:], cache=_cache(first))
+    assert _cache(second) is _cache(first) and _cache(second).get_seq_length() == 21
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_rows_run_on_their_real_tokens_only(core, hf_model):
+    ids = _ids(3, 12)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    mask[2, 9:] = 0  # right padding
+    out = hf_model(ids, attention_mask=mask)
+    for row, (start, end) in enumerate([(5, 12), (0, 12), (0, 9)]):
+        alone = core(ids[row:row + 1, start:end])
+        torch.testing.assert_close(out.logits[row:row + 1, start:end], alone, rtol=1e-5, atol=1e-5)
+    assert bool((out.logits[mask == 0] == 0).all())
+    assert _cache(out).state.position.tolist() == [7, 12, 9]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_to_keep_returns_the_last_columns(hf_model, padded):
+    ids = _ids(3, 12)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :5] = 0
+        mask[2, 9:] = 0
+    full = hf_model(ids, attention_mask=mask).logits
+    for keep in (1, 4, 20):
+        kept = hf_model(ids, attention_mask=mask, logits_to_keep=keep).logits
+        torch.testing.assert_close(kept, full[:, -keep:], rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_inputs_are_refused(hf_model):
+    ids = _ids(2, 6)
+    holey = torch.tensor([[1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        hf_model(ids, attention_mask=holey)
+    with pytest.raises(ValueError, match="no real token"):
+        hf_model(ids, attention_mask=torch.zeros_like(ids))
+    cache = _cache(hf_model(ids))
+    with pytest.raises(ValueError, match="must not be padded"):
+        hf_model(ids[:, :2], attention_mask=torch.tensor([[1] * 7 + [0], [1] * 8]), cache=cache)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        hf_model(ids, inputs_embeds=torch.zeros(2, 6, 64))
+
+
+def test_tuple_output_when_return_dict_is_false(core, hf_model):
+    ids = _ids(1, 5)
+    loss, logits, cache = hf_model(ids, labels=ids, return_dict=False)
+    assert torch.equal(logits, core(ids)) and isinstance(cache, MegalodonCache) and loss.dim() == 0
+
+
+def test_reorder_cache_selects_rows(core, hf_model):
+    ids = _ids(3, 10)
+    cache = _cache(hf_model(ids))
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    nxt = _ids(3, 1, seed=1)[[2, 2, 0]]
+    step = hf_model(nxt, cache=cache).logits
+    _, state = core(ids[[2, 2, 0]], return_state=True)
+    torch.testing.assert_close(step, core(nxt, state=state), rtol=1e-5, atol=1e-5)
