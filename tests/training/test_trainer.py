@@ -97,3 +97,11 @@ def test_cli_quick_run_and_clear_errors(corpus, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--quick", "--max_stesp", "3"]) == 2
     assert "did you mean 'max_steps'" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_does_not_change_the_losses(corpus, tmp_path):
+    plain = train(config(corpus, tmp_path, max_steps=3), tmp_path / "plain", progress=False)
+    recomputed = train(config(corpus, tmp_path, max_steps=3, activation_checkpointing=True), tmp_path / "ckpt",
+                       progress=False)
+    assert abs(plain.val_loss - recomputed.val_loss) < 1e-6
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "plain"), losses(tmp_path / "ckpt"))) < 1e-6

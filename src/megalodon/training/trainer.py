@@ -255,10 +255,14 @@ class Trainer:
 
     def _after_step(self, loss: float, bar) -> None:
         cfg, step = self.cfg, self.step
+        if self.max_steps == 0 and step == 1:
+            self._calibration_start = self.elapsed  # the first step pays one-off costs: leave it out
         if self.max_steps == 0 and step >= CALIBRATION_STEPS:
             # The budget becomes a step count while still in warmup, so the schedule is fixed from here on
             # and a resumed run follows the same one.
-            self.max_steps = max(step + 1, int(cfg.time_budget_min * 60 / (self.elapsed / step)))
+            per_step = (self.elapsed - self._calibration_start) / (step - 1)
+            remaining = cfg.time_budget_min * 60 - self.elapsed
+            self.max_steps = max(step + 1, step + int(remaining / per_step))
             bar.total = self.max_steps
         last = step == self.max_steps
         if step % cfg.log_every == 0 or last:
