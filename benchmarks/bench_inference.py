@@ -22,15 +22,11 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_model import llama_kv_bytes  # noqa: E402
 
+from megalodon.inference.stream import default_block_tokens  # noqa: E402
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def prefill_block(model) -> int:
-    """Tokens per prefill call: whole chunks, large enough that per-call overhead does not matter."""
-    chunk = model.config.chunk_size
-    return chunk * max(16, -(-8192 // chunk))
 
 
 def _load(model_dir: str | None, preset: str):
@@ -46,7 +42,7 @@ def _load(model_dir: str | None, preset: str):
 def decode_by_position(model_dir: str | None, preset: str, positions: list[int], steps: int) -> list[dict]:
     """One stream: prefill up to each position in turn (vectorized blocks), then time `steps` decode steps."""
     model = _load(model_dir, preset)
-    vocab, block = model.config.vocab_size, prefill_block(model)
+    vocab, block = model.config.vocab_size, default_block_tokens(model.config.chunk_size)
     generator = torch.Generator().manual_seed(0)
     state, position, rows = None, 0, []
     for target in positions:
@@ -76,9 +72,9 @@ def prefill_rate(model_dir: str | None, preset: str, length: int) -> dict:
 
     model = _load(model_dir, preset)
     ids = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(0))
-    final_logits_and_state(model, ids[:2048], block_tokens=prefill_block(model))  # warm-up
+    final_logits_and_state(model, ids[:2048], block_tokens=default_block_tokens(model.config.chunk_size))  # warm-up
     start = time.perf_counter()
-    final_logits_and_state(model, ids, block_tokens=prefill_block(model))
+    final_logits_and_state(model, ids, block_tokens=default_block_tokens(model.config.chunk_size))
     prefill = length / (time.perf_counter() - start)
     train_ids = torch.randint(0, model.config.vocab_size, (8, 1024), generator=torch.Generator().manual_seed(1))
     with torch.enable_grad():
@@ -102,7 +98,7 @@ def stream_perplexity(model_dir: str | None, preset: str, length: int) -> dict:
     n_bytes = round(len(text.encode()) * length / len(tokenizer.encode(text)))
     before = _peak_rss_mb()
     start = time.perf_counter()
-    result = evaluate(model, [EvalDocument(ids, n_bytes, "stream")], block_size=prefill_block(model))
+    result = evaluate(model, [EvalDocument(ids, n_bytes, "stream")], block_size=default_block_tokens(model.config.chunk_size))
     return {"length": length, "seconds": time.perf_counter() - start, "perplexity": result.perplexity,
             "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": before}
 

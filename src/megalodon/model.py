@@ -112,11 +112,14 @@ class Megalodon(nn.Module):
             state.check_compatible(self.config, batch)
         return batch, length
 
-    def _block_reset(self, doc_start: Tensor, state: MegalodonState | None, batch: int, length: int) -> Tensor:
+    def _block_reset(self, doc_start: Tensor, state: MegalodonState | None, batch: int,
+                     length: int) -> Tensor | None:
         chunk = self.config.chunk_size
         if doc_start.shape != (batch, length) or doc_start.dtype != torch.bool:
             raise ValueError(f"doc_start must be a bool tensor of shape {(batch, length)}, "
                              f"got {doc_start.dtype} {tuple(doc_start.shape)}")
+        if not bool(doc_start.any()):
+            return None
         if state is not None and bool((state.position % chunk != 0).any()):
             raise ValueError("doc_start needs a call that begins on a chunk boundary (state.position % "
                              f"chunk_size == 0); this state sits mid-chunk")

@@ -15,9 +15,10 @@ def test_it_replaces_only_the_norm_statistics(model):
         _, truncated = final_logits_and_state(model, ids, window=RecencyWindow.empty(8, C, 0))
         _, recent = model(ids[None, 2 * C:], return_state=True)  # the last 6 chunks, from an empty state
     for layer_plain, layer_trunc, layer_recent in zip(plain.layers, truncated.layers, recent.layers):
-        assert torch.equal(layer_plain.cema_h, layer_trunc.cema_h)
-        assert torch.equal(layer_plain.k_cache, layer_trunc.k_cache)
-        assert torch.equal(layer_plain.v_cache, layer_trunc.v_cache)
+        # Equal up to rounding: the window feeds 2-chunk blocks, the plain stream one block.
+        torch.testing.assert_close(layer_plain.cema_h, layer_trunc.cema_h, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer_plain.k_cache, layer_trunc.k_cache, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer_plain.v_cache, layer_trunc.v_cache, rtol=1e-12, atol=1e-12)
         assert not torch.allclose(layer_plain.norm.mean, layer_trunc.norm.mean)
         assert int(layer_trunc.norm.count) == 6 * C
         for got, want in zip(layer_trunc.norm, layer_recent.norm):

@@ -164,7 +164,7 @@ def generate(
     model: Megalodon, tokenizer: Tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     sampling: SamplingConfig | None = None, *, state: MegalodonState | None = None,
     sessions: Sequence[Session] | None = None, on_token: TokenCallback | None = None,
-    truncate_chunks: int | None = None, prefill_chunks: int = 1,
+    truncate_chunks: int | None = None, prefill_chunks: int | None = None,
 ) -> list[GenerationResult]:
     """Generate a continuation of every prompt, batched.
 
@@ -172,13 +172,14 @@ def generate(
     sessions: saved conversations to continue, one per prompt; a prompt may then be empty ("go on").
     on_token(row, token_id, text): called for every generated token with the text that became printable.
     truncate_chunks: None (off), or see stream.py; a session's own setting applies when this is None.
-    prefill_chunks: prefill block size in chunks (memory: the logits of one block are materialized).
+    prefill_chunks: prefill block size in chunks (default: about 4096 tokens, or 2 chunks with truncate_chunks,
+    whose reruns fire after blocks); activation memory grows with it.
     """
     sampling = sampling or SamplingConfig()
     _check_model(model, tokenizer)
     prompt_ids = encode_prompts(tokenizer, prompts, model.config.vocab_size)
     rows = _start_rows(model, tokenizer, prompt_ids, sampling, state, sessions, truncate_chunks)
-    block_tokens = prefill_chunks * model.config.chunk_size
+    block_tokens = None if prefill_chunks is None else prefill_chunks * model.config.chunk_size
     with evaluation_mode(model):
         prefilled = [_prefill(model, row, block_tokens) for row in rows]
         batch_state = MegalodonState.stack([s for _, s in prefilled], model.config.chunk_size)
@@ -188,7 +189,7 @@ def generate(
 
 
 def _decode(model, tokenizer, rows: list[_Row], sampling: SamplingConfig, batch_state: MegalodonState,
-            logits: Tensor, on_token: TokenCallback | None, block_tokens: int,
+            logits: Tensor, on_token: TokenCallback | None, block_tokens: int | None,
             ) -> dict[int, tuple[MegalodonState, Tensor]]:
     """Batched single-token decode until every row stops; returns each row's final (state, next logits)."""
     active = list(range(len(rows)))  # batch position -> row index
@@ -245,7 +246,8 @@ def _history_buffer(rows: list[_Row], sampling: SamplingConfig, device) -> Tenso
     return history.to(device)
 
 
-def _maybe_truncate(model, rows, active, tokens, batch_state: MegalodonState, block_tokens: int) -> MegalodonState:
+def _maybe_truncate(model, rows, active, tokens, batch_state: MegalodonState,
+                    block_tokens: int | None) -> MegalodonState:
     due = []
     for pos, i in enumerate(active):
         window = rows[i].window

@@ -74,6 +74,14 @@ class RecencyWindow:
         return self.ids
 
 
+PREFILL_TOKENS = 4096  # per call: large enough that per-call overhead vanishes, small enough for activations
+
+
+def default_block_tokens(chunk_size: int) -> int:
+    """Whole chunks adding up to about PREFILL_TOKENS (at least one chunk)."""
+    return chunk_size * max(1, -(-PREFILL_TOKENS // chunk_size))
+
+
 def chunk_aligned_blocks(position: int, length: int, block_tokens: int) -> Iterator[tuple[int, int]]:
     """(begin, end) offsets into a sequence of `length` tokens that starts at stream `position`, cut wherever
     the stream position is a multiple of block_tokens."""
@@ -93,7 +101,9 @@ def stream_blocks(
     the last `logits_to_keep` of them, the state after it). With a window, truncate_chunks runs after each
     block."""
     chunk = model.config.chunk_size
-    block_tokens = chunk if block_tokens is None else block_tokens
+    if block_tokens is None:
+        # A truncate_chunks window fires after blocks: keep them as short as its period, as the reference does.
+        block_tokens = KEPT_CHUNK_SHORTFALL * chunk if window is not None else default_block_tokens(chunk)
     if block_tokens < 1 or block_tokens % chunk:
         raise ValueError(f"block_tokens must be a positive multiple of chunk_size={chunk}, got {block_tokens}")
     if state is not None and state.batch_size != 1:
