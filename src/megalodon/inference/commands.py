@@ -191,16 +191,17 @@ def run_eval(args) -> int:
 
     max_context = args.max_context if args.max_context is not None else DEFAULT_MAX_CONTEXT
     runs = []
-    for name, m, tok in entries:
+    for _, m, tok in entries:
         is_llama, documents = isinstance(m, Llama), docs[tok.fingerprint()]
         common = dict(block_size=args.block_size if not is_llama else None, bucket_edges=edges, progress=True)
         if is_llama:
-            runs.append(evaluate(m, documents, label=f"{name} (llama)", window=args.window,
+            attention = f"window {args.window}" if args.window else f"full attention to {max_context}, then window"
+            runs.append(evaluate(m, documents, label=f"Llama ({attention})", window=args.window,
                                  max_context=max_context, **common))
             continue
-        runs.append(evaluate(m, documents, label=name, **common))
+        runs.append(evaluate(m, documents, label="Megalodon", **common))
         if args.truncate_chunks is not None:
-            runs.append(evaluate(m, documents, label=f"{name} truncate_chunks={args.truncate_chunks}",
+            runs.append(evaluate(m, documents, label=f"Megalodon, truncate_chunks={args.truncate_chunks}",
                                  truncate_chunks=args.truncate_chunks, **common))
     info = {"model": args.model_dir, "baseline": args.baseline, "corpus": args.corpus or args.files,
             "split": None if args.files else (args.split or "test"), "documents": len(next(iter(docs.values())))}

@@ -36,7 +36,7 @@ from megalodon.baseline import Llama
 from megalodon.data.token_store import TokenStore
 from megalodon.data.tokenizer import Tokenizer
 from megalodon.inference.generate import evaluation_mode
-from megalodon.inference.stream import RecencyWindow, check_truncate_chunks, stream_blocks
+from megalodon.inference.stream import RecencyWindow, check_truncate_chunks, default_block_tokens, stream_blocks
 from megalodon.model import Megalodon
 
 DEFAULT_FIRST_EDGE = 1024
@@ -141,7 +141,7 @@ def evaluate(
 ) -> EvalResult:
     """Stream every document through the model and measure its loss.
 
-    block_size: tokens per call (Megalodon: a multiple of chunk_size, default chunk_size; baseline: 512).
+    block_size: tokens per call (Megalodon: a multiple of chunk_size, default about 4096; baseline: 512).
     truncate_chunks: Megalodon only (see stream.py). window / max_context: the baseline only (module docstring);
     max_context=None with no window means unbounded full attention.
     """
@@ -196,7 +196,7 @@ def _scorer(model, block_size, truncate_chunks, window, max_context):
         if window is not None:
             raise ValueError("window applies to the baseline; Megalodon needs no window (its memory is constant)")
         chunk = model.config.chunk_size
-        block = block_size or chunk
+        block = block_size or default_block_tokens(chunk, truncating=truncate_chunks is not None)
         if block % chunk:
             raise ValueError(f"block_size must be a multiple of chunk_size={chunk} for Megalodon, got {block}")
         settings = {"architecture": "megalodon", "block_size": block, "truncate_chunks": truncate_chunks,

@@ -77,8 +77,11 @@ class RecencyWindow:
 PREFILL_TOKENS = 4096  # per call: large enough that per-call overhead vanishes, small enough for activations
 
 
-def default_block_tokens(chunk_size: int) -> int:
-    """Whole chunks adding up to about PREFILL_TOKENS (at least one chunk)."""
+def default_block_tokens(chunk_size: int, truncating: bool = False) -> int:
+    """Whole chunks adding up to about PREFILL_TOKENS (at least one chunk). A truncate_chunks window fires after
+    blocks, so with one the blocks are as short as its period (2 chunks), as in the reference."""
+    if truncating:
+        return KEPT_CHUNK_SHORTFALL * chunk_size
     return chunk_size * max(1, -(-PREFILL_TOKENS // chunk_size))
 
 
@@ -102,8 +105,7 @@ def stream_blocks(
     block."""
     chunk = model.config.chunk_size
     if block_tokens is None:
-        # A truncate_chunks window fires after blocks: keep them as short as its period, as the reference does.
-        block_tokens = KEPT_CHUNK_SHORTFALL * chunk if window is not None else default_block_tokens(chunk)
+        block_tokens = default_block_tokens(chunk, truncating=window is not None)
     if block_tokens < 1 or block_tokens % chunk:
         raise ValueError(f"block_tokens must be a positive multiple of chunk_size={chunk}, got {block_tokens}")
     if state is not None and state.batch_size != 1:

@@ -34,6 +34,7 @@ class CemaCoefficients(NamedTuple):
     g_im: Tensor  # imaginary part
     q: Tensor  # the decay as one complex tensor, for the step and the scan
     g: Tensor  # the output weight as one complex tensor
+    powers: dict | None = None  # memo of q_powers by range, for coefficients reused across calls (inference)
 
 
 def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor) -> CemaCoefficients:
@@ -54,10 +55,15 @@ def q_powers(coeffs: CemaCoefficients, start: int, stop: int) -> tuple[Tensor, T
     Computed as exp(j log|q|) and the angle j * phi, never by repeated products: |q|**j underflows to 0
     harmlessly for large j instead of accumulating error.
     """
+    if coeffs.powers is not None and (start, stop) in coeffs.powers:
+        return coeffs.powers[start, stop]
     exponents = torch.arange(start, stop, dtype=coeffs.phi.dtype, device=coeffs.phi.device)
     magnitude = torch.exp(coeffs.log_mag.unsqueeze(-1) * exponents)
     angle = coeffs.phi.unsqueeze(-1) * exponents
-    return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
+    result = magnitude * torch.cos(angle), magnitude * torch.sin(angle)
+    if coeffs.powers is not None:
+        coeffs.powers[start, stop] = result
+    return result
 
 
 def cema_kernel(coeffs: CemaCoefficients, length: int) -> Tensor:
