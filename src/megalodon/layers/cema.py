@@ -45,7 +45,7 @@ class CEMA(nn.Module):
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in (self.alpha, self.delta, self.theta,
                                                                              self.gamma))
         if getattr(self, "_cached", (None,))[0] != key:
-            self._cached = (key, cema_coefficients(*params)._replace(powers={}))
+            self._cached = (key, cema_coefficients(*params)._replace(tables={}))
         return self._cached[1]
 
     def forward(

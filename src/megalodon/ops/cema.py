@@ -34,7 +34,7 @@ class CemaCoefficients(NamedTuple):
     g_im: Tensor  # imaginary part
     q: Tensor  # the decay as one complex tensor, for the step and the scan
     g: Tensor  # the output weight as one complex tensor
-    powers: dict | None = None  # memo of q_powers by range, for coefficients reused across calls (inference)
+    tables: dict | None = None  # memo of PowerTables by (block, tail), for coefficients reused at inference
 
 
 def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor) -> CemaCoefficients:
@@ -49,32 +49,55 @@ def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor
                             torch.complex(g_re, g_im))
 
 
-def q_powers(coeffs: CemaCoefficients, start: int, stop: int) -> tuple[Tensor, Tensor]:
+def q_powers(log_mag: Tensor, phi: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     """Real and imaginary parts of q**j for j in [start, stop): two (D, N, stop - start).
 
     Computed as exp(j log|q|) and the angle j * phi, never by repeated products: |q|**j underflows to 0
     harmlessly for large j instead of accumulating error.
     """
-    if coeffs.powers is not None and (start, stop) in coeffs.powers:
-        return coeffs.powers[start, stop]
-    exponents = torch.arange(start, stop, dtype=coeffs.phi.dtype, device=coeffs.phi.device)
-    magnitude = torch.exp(coeffs.log_mag.unsqueeze(-1) * exponents)
-    angle = coeffs.phi.unsqueeze(-1) * exponents
-    result = magnitude * torch.cos(angle), magnitude * torch.sin(angle)
-    if coeffs.powers is not None:
-        coeffs.powers[start, stop] = result
-    return result
+    exponents = torch.arange(start, stop, dtype=phi.dtype, device=phi.device)
+    magnitude = torch.exp(log_mag.unsqueeze(-1) * exponents)
+    angle = phi.unsqueeze(-1) * exponents
+    return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
 
 
-def cema_kernel(coeffs: CemaCoefficients, length: int) -> Tensor:
-    """Real convolution kernel k[d, j] = Re(sum_n p g q**j), j < length: (D, length)."""
-    q_re, q_im = q_powers(coeffs, 0, length)
-    return _kernel_from_powers(coeffs, q_re, q_im)
+class PowerTables(NamedTuple):
+    """Everything a blocked call needs from the powers q**j, j <= block, as real tensors."""
+
+    kernel: Tensor  # D x block: the convolution kernel
+    reversed: Tensor  # D x 2N x block: [Re, Im] of q**(block-1-j), for the closed-form block states
+    reversed_tail: Tensor  # D x 2N x tail: the same for a shorter last block
+    bias: Tensor  # D x 2N x block: [Re, Im] of q**(t+1), for the incoming-state bias
 
 
-def _kernel_from_powers(coeffs: CemaCoefficients, q_re: Tensor, q_im: Tensor) -> Tensor:
-    pg_re, pg_im = (coeffs.p * coeffs.g_re).unsqueeze(-1), (coeffs.p * coeffs.g_im).unsqueeze(-1)
-    return (pg_re * q_re - pg_im * q_im).sum(1)
+def _tables(p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor, block: int,
+            tail: int) -> PowerTables:
+    q_re, q_im = q_powers(log_mag, phi, 0, block + 1)  # q**0 .. q**block
+    kernel = ((p * g_re).unsqueeze(-1) * q_re[..., :block] - (p * g_im).unsqueeze(-1) * q_im[..., :block]).sum(1)
+
+    def reversed_parts(length: int) -> Tensor:
+        return torch.cat([q_re[..., :length].flip(-1), q_im[..., :length].flip(-1)], dim=1)
+
+    bias = torch.cat([q_re[..., 1:], q_im[..., 1:]], dim=1)
+    return PowerTables(kernel, reversed_parts(block), reversed_parts(tail), bias)
+
+
+def power_tables(coeffs: CemaCoefficients, block: int, tail: int) -> PowerTables:
+    """The tables for blocks of `block` steps and a last block of `tail` steps.
+
+    In training the (D, N, block) intermediates would each be kept for backward; recomputing them there instead
+    (activation checkpointing of this small elementwise work) roughly halves the CEMA's activation memory.
+    At inference the tables are memoized on the coefficients."""
+    args = (coeffs.p, coeffs.log_mag, coeffs.phi, coeffs.g_re, coeffs.g_im, block, tail)
+    if coeffs.tables is not None:
+        if (block, tail) not in coeffs.tables:
+            coeffs.tables[block, tail] = _tables(*args)
+        return coeffs.tables[block, tail]
+    if torch.is_grad_enabled() and coeffs.p.requires_grad:
+        from torch.utils.checkpoint import checkpoint
+
+        return PowerTables(*checkpoint(_tables, *args, use_reentrant=False))
+    return _tables(*args)
 
 
 def causal_fft_conv(u: Tensor, kernel: Tensor) -> Tensor:
@@ -85,27 +108,25 @@ def causal_fft_conv(u: Tensor, kernel: Tensor) -> Tensor:
     return torch.fft.irfft(spectrum, n=n_fft)[..., :length]
 
 
-def _closed_form_states(blocks: Tensor, coeffs: CemaCoefficients, q_re: Tensor, q_im: Tensor) -> Tensor:
+def _closed_form_states(blocks: Tensor, coeffs: CemaCoefficients, reversed_powers: Tensor) -> Tensor:
     """p * sum_j q**(len-1-j) u_j for every block entered at zero: blocks (B, D, nb, len) -> (B, D, nb, N)
-    complex. q_re/q_im hold q**0 .. q**(len-1). One real batched matmul with the channel as batch."""
+    complex. reversed_powers: (D, 2N, len). One real batched matmul with the channel as batch."""
     batch, dim, num_blocks, length = blocks.shape
-    reversed_powers = torch.cat([q_re[..., :length].flip(-1), q_im[..., :length].flip(-1)], dim=1)  # D x 2N x len
     u = blocks.permute(1, 0, 2, 3).reshape(dim, batch * num_blocks, length)
     parts = torch.bmm(u, reversed_powers.transpose(1, 2)).view(dim, batch, num_blocks, -1).permute(1, 0, 2, 3)
     re, im = parts.chunk(2, dim=-1)
     return torch.complex(re, im) * coeffs.p.unsqueeze(1)
 
 
-def _state_bias(h_in: Tensor, coeffs: CemaCoefficients, q_re: Tensor, q_im: Tensor) -> Tensor:
+def _state_bias(h_in: Tensor, coeffs: CemaCoefficients, powers: Tensor) -> Tensor:
     """What each block's incoming state adds to its outputs: Re(sum_n g q**(t+1) h_in) for t < len.
 
-    h_in: (B, D, nb, N) complex; q_re/q_im hold q**1 .. q**len. Returns (B, D, nb, len)."""
+    h_in: (B, D, nb, N) complex; powers: (D, 2N, len), [Re, Im] of q**1 .. q**len. Returns (B, D, nb, len)."""
     batch, dim, num_blocks, _ = h_in.shape
     g = coeffs.g.unsqueeze(1)
     gh = h_in * g
     lhs = torch.cat([gh.real, -gh.imag], dim=-1).permute(1, 0, 2, 3).reshape(dim, batch * num_blocks, -1)
-    rhs = torch.cat([q_re, q_im], dim=1)  # D x 2N x len
-    return torch.bmm(lhs, rhs).view(dim, batch, num_blocks, -1).permute(1, 0, 2, 3)
+    return torch.bmm(lhs, powers).view(dim, batch, num_blocks, -1).permute(1, 0, 2, 3)
 
 
 def cema_blocked(
@@ -130,15 +151,14 @@ def cema_blocked(
     tail = length - (num_blocks - 1) * block  # steps in the last block
 
     blocks = torch.nn.functional.pad(u, (0, num_blocks * block - length)).view(batch, dim, num_blocks, block)
-    q_re, q_im = q_powers(coeffs, 0, block + 1)  # q**0 .. q**block, shared by every use below
-    kernel = _kernel_from_powers(coeffs, q_re[..., :block], q_im[..., :block])  # D x block
-    y = causal_fft_conv(blocks, kernel.unsqueeze(1))
+    tables = power_tables(coeffs, block, tail)
+    y = causal_fft_conv(blocks, tables.kernel.unsqueeze(1))
 
     h_last = None
     if num_blocks > 1 or h0 is not None or need_state:
-        h_local = _closed_form_states(blocks, coeffs, q_re, q_im)  # B x D x nb x N
+        h_local = _closed_form_states(blocks, coeffs, tables.reversed)  # B x D x nb x N
         if tail != block:  # the last block is shorter: its closed form uses its own length
-            h_tail = _closed_form_states(blocks[..., -1:, :tail], coeffs, q_re, q_im)
+            h_tail = _closed_form_states(blocks[..., -1:, :tail], coeffs, tables.reversed_tail)
             h_local = torch.cat([h_local[:, :, :-1], h_tail], dim=2)
         q_block = torch.polar(torch.exp(coeffs.log_mag * block), coeffs.phi * block)
         q_tail = torch.polar(torch.exp(coeffs.log_mag * tail), coeffs.phi * tail)
@@ -150,7 +170,7 @@ def cema_blocked(
                 h = torch.where(block_reset[:, c, None, None], torch.zeros_like(h), h)
             incoming.append(h)
             h = (q_tail if c == num_blocks - 1 else q_block) * h + h_local[:, :, c]
-        y = y + _state_bias(torch.stack(incoming, dim=2), coeffs, q_re[..., 1:], q_im[..., 1:])
+        y = y + _state_bias(torch.stack(incoming, dim=2), coeffs, tables.bias)
         h_last = h if need_state else None
 
     y = y.reshape(batch, dim, num_blocks * block)[..., :length]
