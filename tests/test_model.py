@@ -167,3 +167,13 @@ def test_logits_to_keep_projects_only_the_tail(model):
     assert tail.shape == (2, 3, 64)
     torch.testing.assert_close(tail, full[:, -3:])
     assert torch.equal(tail_state.final_norm.var, state.final_norm.var)
+
+
+def test_torch_compile_matches_eager():
+    model = tiny_model(torch.float32)
+    ids = torch.randint(0, 64, (2, 40))
+    doc_start = torch.zeros(2, 40, dtype=torch.bool)
+    doc_start[:, 0] = doc_start[1, 16] = True
+    eager = model(ids, doc_start=doc_start)
+    compiled = torch.compile(model)(ids, doc_start=doc_start)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

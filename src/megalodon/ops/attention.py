@@ -74,13 +74,13 @@ def chunked_attention(
         num_chunks = -(-body // chunk_size)
         pad = num_chunks * chunk_size - body
 
-        def to_chunks(t: Tensor) -> Tensor:
+        def to_chunks(t: Tensor) -> Tensor:  # (B * chunks) x H x C x d: 4-D, as every SDPA backend accepts
             t = F.pad(t, (0, 0, 0, 0, 0, pad))
-            return t.view(batch, num_chunks, chunk_size, heads, -1).permute(0, 1, 3, 2, 4)
+            return t.view(batch * num_chunks, chunk_size, heads, -1).transpose(1, 2)
 
         out = _sdpa(to_chunks(q[:, head:]), to_chunks(k[:, start:]), to_chunks(v[:, start:]), None, True,
                     dropout_p)
-        out = out.permute(0, 1, 3, 2, 4).reshape(batch, num_chunks * chunk_size, heads, -1)[:, :body]
+        out = out.transpose(1, 2).reshape(batch, num_chunks * chunk_size, heads, -1)[:, :body]
         pieces.append(out)
 
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
