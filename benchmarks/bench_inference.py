@@ -98,7 +98,8 @@ def stream_perplexity(model_dir: str | None, preset: str, length: int) -> dict:
     n_bytes = round(len(text.encode()) * length / len(tokenizer.encode(text)))
     before = _peak_rss_mb()
     start = time.perf_counter()
-    result = evaluate(model, [EvalDocument(ids, n_bytes, "stream")], block_size=default_block_tokens(model.config.chunk_size))
+    block = default_block_tokens(model.config.chunk_size)
+    result = evaluate(model, [EvalDocument(ids, n_bytes, "stream")], block_size=block)
     return {"length": length, "seconds": time.perf_counter() - start, "perplexity": result.perplexity,
             "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": before}
 

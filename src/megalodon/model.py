@@ -122,7 +122,7 @@ class Megalodon(nn.Module):
             return None
         if state is not None and bool((state.position % chunk != 0).any()):
             raise ValueError("doc_start needs a call that begins on a chunk boundary (state.position % "
-                             f"chunk_size == 0); this state sits mid-chunk")
+                             "chunk_size == 0); this state sits mid-chunk")
         off_grid = doc_start.clone()
         off_grid[:, ::chunk] = False
         if bool(off_grid.any()):

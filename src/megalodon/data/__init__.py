@@ -18,5 +18,6 @@ __all__ = [
     "BUILTIN_CORPORA", "IGNORE_INDEX", "SPLITS",
     "Batch", "BPETokenizer", "ByteTokenizer", "PackedBatcher", "Tokenizer", "TokenStore",
     "bits_per_byte", "build_token_store", "eval_windows", "fetch_shakespeare", "load_austen", "load_bible",
-    "load_corpus", "load_shakespeare", "load_tokenizer", "read_user_documents", "split_documents", "strip_gutenberg_boilerplate",
+    "load_corpus", "load_shakespeare", "load_tokenizer", "read_user_documents", "split_documents",
+    "strip_gutenberg_boilerplate",
 ]

@@ -131,7 +131,8 @@ def timestep_norm_blocked(
     return y, final
 
 
-def timestep_norm_step(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, NormStats]:
+def timestep_norm_step(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor,
+                       eps: float) -> tuple[Tensor, NormStats]:
     """One token per row, x (B, 1, D): the Welford update of spec section 5, for decoding."""
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
     x = x.to(stat_dtype)
