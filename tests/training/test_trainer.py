@@ -105,3 +105,11 @@ def test_activation_checkpointing_does_not_change_the_losses(corpus, tmp_path):
                        progress=False)
     assert abs(plain.val_loss - recomputed.val_loss) < 1e-6
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "plain"), losses(tmp_path / "ckpt"))) < 1e-6
+
+
+def test_a_time_budget_fixes_max_steps_at_the_end_of_warmup(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, max_steps=0, time_budget_min=0.02, warmup_steps=6, checkpoint_every=0)
+    result = train(cfg, tmp_path / "budget", progress=False)
+    assert result.steps >= 7 and result.val_bpb > 0
+    state = json.loads((list_checkpoints(tmp_path / "budget")[-1] / "trainer_state.json").read_text())
+    assert state["max_steps"] == result.steps

@@ -32,7 +32,7 @@ class TrainConfig:
     stateful: bool = True  # carry the recurrent state across consecutive windows of a document (Megalodon)
     # length of the run: max_steps, or a wall-clock budget that fixes max_steps after a few timed steps
     max_steps: int = 0
-    time_budget_min: float = 0.0
+    time_budget_min: float = 0.0  # training time; max_steps is fixed from it at the end of warmup
     # optimization (reference defaults)
     lr: float = 1e-3
     warmup_steps: int = 100

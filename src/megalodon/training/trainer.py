@@ -24,7 +24,7 @@ from megalodon.training.data import open_splits, prepare_data
 from megalodon.training.optim import build_optimizer, lr_at
 from megalodon.training.report import write_report
 
-CALIBRATION_STEPS = 5  # timed steps that turn a wall-clock budget into max_steps (taken inside warmup)
+CALIBRATION_STEPS = 5  # steady-state steps timed before a wall-clock budget is turned into max_steps
 
 
 @dataclass
@@ -236,6 +236,7 @@ class Trainer:
         run would (Ctrl-C does the same); a later run with resume=True continues exactly."""
         cfg = self.cfg
         self.model.train()
+        self._pace_from: tuple[int, float] | None = None
         bar = tqdm(total=self.max_steps or self.step + CALIBRATION_STEPS, initial=self.step, desc=cfg.arch,
                    disable=not self.progress, dynamic_ncols=True)
         try:
@@ -253,17 +254,27 @@ class Trainer:
             return RunResult(self.run_dir, self.step, math.nan, math.nan, self.tokens / self.elapsed, "")
         return self._finish()
 
+    def _calibrate(self, step: int, bar) -> None:
+        """Turn the wall-clock budget into max_steps from the pace of steady-state steps.
+
+        The estimate is final at the end of warmup: the schedule does not depend on max_steps before then, so
+        the run (and any resumed run) follows one fixed schedule. Until then it only sizes the progress bar."""
+        if self._pace_from is None:  # the first step of this process pays one-off costs: leave it out
+            self._pace_from = (step, self.elapsed)
+            return
+        first_step, first_time = self._pace_from
+        if step - first_step < CALIBRATION_STEPS:
+            return
+        per_step = (self.elapsed - first_time) / (step - first_step)
+        estimate = step + int((self.cfg.time_budget_min * 60 - self.elapsed) / per_step)
+        if step >= self.cfg.warmup_steps:
+            self.max_steps = max(step + 1, estimate)
+        bar.total = max(step + 1, estimate)
+
     def _after_step(self, loss: float, bar) -> None:
         cfg, step = self.cfg, self.step
-        if self.max_steps == 0 and step == 1:
-            self._calibration_start = self.elapsed  # the first step pays one-off costs: leave it out
-        if self.max_steps == 0 and step >= CALIBRATION_STEPS:
-            # The budget becomes a step count while still in warmup, so the schedule is fixed from here on
-            # and a resumed run follows the same one.
-            per_step = (self.elapsed - self._calibration_start) / (step - 1)
-            remaining = cfg.time_budget_min * 60 - self.elapsed
-            self.max_steps = max(step + 1, step + int(remaining / per_step))
-            bar.total = self.max_steps
+        if self.max_steps == 0:
+            self._calibrate(step, bar)
         last = step == self.max_steps
         if step % cfg.log_every == 0 or last:
             rate = self.tokens / max(self.elapsed, 1e-9)
