@@ -14,27 +14,39 @@ def _convert(args: argparse.Namespace) -> int:
     from megalodon.checkpoint import read_config
     from megalodon.convert import from_reference, read_reference_file, to_reference
 
+    output = Path(args.output)
     if args.direction == "from-reference":
         if args.config is None:
-            raise SystemExit("megalodon convert from-reference needs --config (a JSON file or a preset name)")
+            raise ValueError("from-reference needs --config: a config.json or a preset name (with --vocab-size)")
+        overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         config = (read_config(args.config)[0] if Path(args.config).is_file()
-                  else MegalodonConfig.from_preset(args.config, **({"vocab_size": args.vocab_size}
-                                                                  if args.vocab_size else {})))
+                  else MegalodonConfig.from_preset(args.config, **overrides))
         model = from_reference(read_reference_file(args.source), config)
-        model.save_pretrained(args.output)
-        print(f"wrote {args.output} ({model.num_parameters():,} parameters)")
-    else:
+        model.save_pretrained(output)
+        print(f"wrote {output} ({model.num_parameters():,} parameters)")
+    elif args.direction == "to-reference":
         model = Megalodon.from_pretrained(args.source)
         tensors = to_reference(model)
-        output = Path(args.output)
         if output.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in tensors.items() if k != "output.output.weight"
-                       or not model.config.share_emb}, str(output))
+            if model.config.share_emb:  # safetensors refuses shared storage; import re-ties the two keys
+                tensors["output.output.weight"] = tensors["output.output.weight"].clone()
+            save_file(tensors, str(output))
         else:
             torch.save(tensors, output)
         print(f"wrote {output} ({len(tensors)} reference keys)")
+    elif args.direction == "to-hf":
+        from megalodon.hf import export_hf
+
+        tokenizer = args.source if (Path(args.source) / "tokenizer_config.json").is_file() else None
+        export_hf(args.source, output, tokenizer=tokenizer)
+        print(f"wrote {output} (transformers layout{', with tokenizer' if tokenizer else ''})")
+    else:
+        from megalodon.hf import import_hf
+
+        import_hf(args.source).save_pretrained(output)
+        print(f"wrote {output}")
     return 0
 
 
@@ -42,10 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megalodon", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    convert = sub.add_parser("convert", help="convert to or from the reference implementation's keyspace")
-    convert.add_argument("direction", choices=["from-reference", "to-reference"])
-    convert.add_argument("source", help="reference .pth/.safetensors (from-reference) or a model directory")
-    convert.add_argument("output", help="model directory (from-reference) or .pth/.safetensors file")
+    convert = sub.add_parser("convert", help="convert a model directory to or from the reference implementation's "
+                                              "keyspace or the Hugging Face transformers layout")
+    convert.add_argument("direction", choices=["from-reference", "to-reference", "to-hf", "from-hf"])
+    convert.add_argument("source", help="reference .pth/.safetensors, a model directory, or an HF directory")
+    convert.add_argument("output", help="model directory, .pth/.safetensors file, or HF directory")
     convert.add_argument("--config", help="config JSON or preset name describing the reference checkpoint")
     convert.add_argument("--vocab-size", type=int, help="vocab size when --config is a preset")
     convert.set_defaults(run=_convert)
