@@ -11,22 +11,15 @@ fresh subprocess, so its peak RSS is its own. Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_model import llama_kv_bytes  # noqa: E402
+from bench_model import in_subprocess, llama_kv_bytes, peak_rss_mb  # noqa: E402
 
 from megalodon.inference.stream import default_block_tokens  # noqa: E402
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _load(model_dir: str | None, preset: str):
@@ -96,21 +89,16 @@ def stream_perplexity(model_dir: str | None, preset: str, length: int) -> dict:
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64) % model.config.vocab_size
     ids = ids.repeat(length // len(ids) + 1)[:length]
     n_bytes = round(len(text.encode()) * length / len(tokenizer.encode(text)))
-    before = _peak_rss_mb()
+    before = peak_rss_mb()
     start = time.perf_counter()
     block = default_block_tokens(model.config.chunk_size)
     result = evaluate(model, [EvalDocument(ids, n_bytes, "stream")], block_size=block)
     return {"length": length, "seconds": time.perf_counter() - start, "perplexity": result.perplexity,
-            "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": before}
+            "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before}
 
 
 def _in_subprocess(kind: str, **kwargs):
-    code = (f"import json, sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import bench_inference as b; "
-            f"import torch; torch.set_flush_denormal(True); print(json.dumps(b.{kind}(**{kwargs!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_subprocess("bench_inference", kind, **kwargs)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import time
 import torch
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -35,7 +35,7 @@ def measure_train_step(arch: str, preset: str, length: int, repeats: int) -> dic
     """Forward + backward of one sequence of `length` tokens (batch 1), fp32."""
     model = _build(arch, preset)
     ids = torch.randint(0, model.config.vocab_size, (1, length))
-    before = _peak_rss_mb()
+    before = peak_rss_mb()
 
     def step() -> None:
         logits = model(ids)
@@ -47,7 +47,7 @@ def measure_train_step(arch: str, preset: str, length: int, repeats: int) -> dic
     for _ in range(repeats):
         step()
     seconds = (time.perf_counter() - start) / repeats
-    return {"tokens_per_s": length / seconds, "peak_mb": _peak_rss_mb(), "activation_mb": _peak_rss_mb() - before}
+    return {"tokens_per_s": length / seconds, "peak_mb": peak_rss_mb(), "activation_mb": peak_rss_mb() - before}
 
 
 @torch.no_grad()
@@ -72,7 +72,7 @@ def measure_decode(preset: str, position: int, steps: int) -> dict:
         token = logits[:, -1:].argmax(-1)
     seconds = time.perf_counter() - start
     return {"decode_tokens_per_s": steps / seconds, "prefill_tokens_per_s": position / prefill,
-            "state_bytes": state_bytes, "peak_mb": _peak_rss_mb()}
+            "state_bytes": state_bytes, "peak_mb": peak_rss_mb()}
 
 
 def llama_kv_bytes(preset: str, position: int) -> int:
@@ -84,12 +84,18 @@ def llama_kv_bytes(preset: str, position: int) -> int:
     return 2 * cfg.num_layers * position * cfg.model_dim * 4
 
 
-def _in_subprocess(kind: str, **kwargs) -> dict:
-    code = (f"import json, sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import bench_model as b; "
-            f"import torch; torch.set_flush_denormal(True); "
-            f"print(json.dumps(b.{kind}(**{kwargs!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+def in_subprocess(module: str, kind: str, **kwargs):
+    """Run benchmarks/<module>.py's function `kind` in a fresh interpreter, so that its peak RSS is its own."""
+    code = (f"import json, sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import {module} as b; "
+            f"import torch; torch.set_flush_denormal(True); print(json.dumps(b.{kind}(**{kwargs!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _in_subprocess(kind: str, **kwargs) -> dict:
+    return in_subprocess("bench_model", kind, **kwargs)
 
 
 def main() -> None:
