@@ -113,7 +113,7 @@ def test_rows_at_different_fills_decode_like_alone():
     prompts = [torch.randint(0, 64, (1, n)) for n in (3, 10, 6)]
     continuation = torch.randint(0, 64, (3, 7))
     states = [model(p, return_state=True)[1] for p in prompts]
-    state = MegalodonState.stack(states, model.config.chunk_size)
+    state = MegalodonState.stack(states)
     outs = []
     for t in range(7):
         out, state = model(continuation[:, t:t + 1], state=state, return_state=True)

@@ -95,7 +95,7 @@ class MegalodonState:
         return self.map(lambda t: t[index])
 
     @staticmethod
-    def stack(states: list["MegalodonState"], chunk_size: int) -> "MegalodonState":
+    def stack(states: list["MegalodonState"]) -> "MegalodonState":
         """Concatenate states along the batch. Rows may sit at different in-chunk positions: their caches are
         right-padded to the longest fill, which only single-token decode accepts."""
         if not states:

@@ -57,7 +57,7 @@ def test_sessions_from_another_model_are_refused(model, tokenizer, tmp_path, mod
 def test_a_batch_state_is_not_a_session(model, tokenizer, tmp_path):
     results = generate(model, tokenizer, ["a", "b"], SamplingConfig(temperature=0, max_new_tokens=1))
     session = results[0].session
-    session.state = MegalodonState.stack([results[0].state, results[1].state], 8)
+    session.state = MegalodonState.stack([results[0].state, results[1].state])
     with pytest.raises(ValueError, match="one conversation"):
         save_session(tmp_path / "x", session, model, tokenizer)
 

@@ -57,6 +57,6 @@ def forward_rows(model: Megalodon, input_ids: Tensor, starts: Tensor, lengths: T
         logits[rows[:, None].expand_as(out_columns)[inside], out_columns[inside]] = out[inside]
         group_rows.append(rows)
         group_states.append(state)
-    state = MegalodonState.stack(group_states, model.config.chunk_size)
+    state = MegalodonState.stack(group_states)
     batch_order = torch.argsort(torch.cat(group_rows))  # batch row b -> its row in the stacked state
     return logits, state.map(lambda t: t.index_select(0, batch_order.to(t.device)))

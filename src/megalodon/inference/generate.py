@@ -182,7 +182,7 @@ def generate(
     block_tokens = None if prefill_chunks is None else prefill_chunks * model.config.chunk_size
     with evaluation_mode(model):
         prefilled = [_prefill(model, row, block_tokens) for row in rows]
-        batch_state = MegalodonState.stack([s for _, s in prefilled], model.config.chunk_size)
+        batch_state = MegalodonState.stack([s for _, s in prefilled])
         logits = torch.stack([lg for lg, _ in prefilled])  # B x V
         ends = _decode(model, tokenizer, rows, sampling, batch_state, logits, on_token, block_tokens)
     return [_result(row, *ends[b]) for b, row in enumerate(rows)]

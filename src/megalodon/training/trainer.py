@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -88,6 +89,11 @@ def fast_bf16(device: torch.device) -> bool:
     Without those, CPU bf16 matmuls run several times slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return _cpu_has_bf16_units()
+
+
+@functools.cache
+def _cpu_has_bf16_units() -> bool:  # asked on every step: read /proc/cpuinfo once
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -102,10 +108,8 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 
 def forward_loss(model, batch: Batch, state, stateful: bool):
-    """Summed cross-entropy (nats) over the batch's labels, and the carried state when stateful."""
-    if isinstance(model, Llama) or (hasattr(model, "_orig_mod") and isinstance(model._orig_mod, Llama)):
-        logits, new_state = model(batch.input_ids, doc_start=batch.doc_start), None
-    elif stateful:
+    """Summed cross-entropy (nats) over the batch's labels, and the carried state when stateful (Megalodon)."""
+    if stateful:
         logits, new_state = model(batch.input_ids, state=state, return_state=True, doc_start=batch.doc_start)
     else:
         logits, new_state = model(batch.input_ids, doc_start=batch.doc_start), None
@@ -123,7 +127,7 @@ def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int
     for batch in eval_windows(store, cfg.seq_len, chunk, pad_id, cfg.eval_batch_size):
         batch = batch.to(device)
         with autocast(cfg, device):
-            loss, state = forward_loss(model, batch, state, stateful=True)
+            loss, state = forward_loss(model, batch, state, stateful=isinstance(model, Megalodon))
         nats += float(loss)
         count += int((batch.labels != IGNORE_INDEX).sum())
     model.train(was_training)
