@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton kernels run on CPU tensors through the interpreter when there is no GPU. The interpreter is chosen when a
+# kernel is decorated, so this must happen before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import tiny_model
 

@@ -21,3 +21,19 @@ def tiny_model(dtype=torch.float64, seed=0, **overrides) -> Megalodon:
             if name.endswith(("norm.weight", "norm.bias", "mega.gamma", "mega.beta", "rmsnorm.weight")):
                 param.normal_(0.0, 0.1)
     return model
+
+
+def requires_cuda(test):
+    """Skip a test cleanly on machines without a GPU (CI has none)."""
+    import pytest
+
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test)
+
+
+def requires_triton(test):
+    """Skip a kernel test when triton is not installed (it runs under the interpreter on CPU)."""
+    import importlib.util
+
+    import pytest
+
+    return pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")(test)

@@ -1,0 +1,41 @@
+"""Triton kernels for the ops of this package, and the one rule that says when they run.
+
+Each kernel lives beside the op it speeds up (`ops/triton/<op>.py` for `ops/<op>.py`); the PyTorch path in
+`ops/` stays the fallback and the reference. Kernel modules are imported lazily, on the first CUDA call, so that
+importing megalodon never needs triton.
+
+Tests run the kernels on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, set by tests/conftest.py
+when there is no GPU). The interpreter decides at decoration time, so the variable must be set before a kernel
+module is first imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+DISABLE_ENV = "MEGALODON_DISABLE_TRITON"
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: Tensor) -> bool:
+    """Whether the Triton path should run for these inputs: all on CUDA, triton installed, not disabled.
+
+    Setting MEGALODON_DISABLE_TRITON=1 forces the PyTorch path everywhere (to compare, or to work around a
+    kernel bug)."""
+    if os.environ.get(DISABLE_ENV, "0") == "1" or not triton_installed():
+        return False
+    return all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
