@@ -31,11 +31,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(*tensors: Tensor) -> bool:
-    """Whether the Triton path should run for these inputs: all on CUDA, triton installed, not disabled.
+def disabled_ops() -> set[str]:
+    """Ops forced onto the PyTorch path by MEGALODON_DISABLE_TRITON: "1" or "all" for every op, or a comma list
+    of op names such as "cema,timestep_norm"."""
+    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if value in ("", "0"):
+        return set()
+    return {"all"} if value in ("1", "all", "true") else {name.strip() for name in value.split(",")}
 
-    Setting MEGALODON_DISABLE_TRITON=1 forces the PyTorch path everywhere (to compare, or to work around a
-    kernel bug)."""
-    if os.environ.get(DISABLE_ENV, "0") == "1" or not triton_installed():
+
+def use_triton(op: str, *tensors: Tensor) -> bool:
+    """Whether op's Triton path should run for these inputs: all on CUDA, triton installed, op not disabled.
+
+    MEGALODON_DISABLE_TRITON (see disabled_ops) forces the PyTorch path, to compare or to work around a kernel
+    bug without editing code."""
+    off = disabled_ops()
+    if "all" in off or op in off or not triton_installed():
         return False
     return all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
