@@ -1,0 +1,396 @@
+"""GPU speed and memory: Megalodon against the matched Llama on one CUDA device, in one run (issue #8's table).
+
+    python benchmarks/bench_gpu.py                       # everything, about 6-8 minutes on an H100
+    python benchmarks/bench_gpu.py --sections train --presets mega200M --lengths 4096
+    python benchmarks/bench_gpu.py --out results/        # also write results.json and a profile there
+
+Sections, in the order they run:
+- env:    the device, torch/triton/CUDA versions, which Triton kernels are on;
+- parity: the CUDA model (Triton kernels, fp32) against the CPU fp32 model: logits and gradients; bf16 autocast
+          against fp32; split invariance on CUDA;
+- train:  forward + backward (no optimizer), batch 1, bf16 autocast over fp32 master weights, both models
+          alternating step by step, eager and compiled; tokens/s, the ratio, activation memory;
+- jax:    megalodon-jax at the mega200M shape with bf16 compute, when it is installed (a separate process: JAX
+          and PyTorch must not share the GPU's memory pools);
+- decode: tokens/s at batch 1 after prefilling 2K and 1M tokens, both models (the Llama up to its KV memory);
+- profile: the top CUDA kernels of one mega200M 4K step (torch.profiler), written under --out.
+
+Activation memory is the peak allocated during the step minus what was allocated before it (weights and
+gradients included in the baseline), so it counts activations and temporaries only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+GiB = 1024**3
+TRAIN_CASES = {  # preset -> lengths; 1.3B at 32K only fits with activation checkpointing
+    "mega200M": [4096, 16384, 32768],
+    "mega1.3B": [4096, 32768],
+}
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+def build(arch: str, preset: str, device: str = "cuda", seed: int = 0):
+    from megalodon import Megalodon, MegalodonConfig
+    from megalodon.baseline import Llama, matched_llama_config
+
+    config = MegalodonConfig.from_preset(preset)
+    torch.manual_seed(seed)
+    model = Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
+    return model.to(device)
+
+
+def compiled(model, arch: str):
+    """The model's best compiled form: per-block compilation where the model offers it, else the whole model."""
+    if arch == "megalodon":
+        try:
+            from megalodon.model import compile_blocks
+        except ImportError:
+            return torch.compile(model)
+        compile_blocks(model)
+        return model
+    for block in model.layers:
+        block.compile()
+    return model
+
+
+def checkpointed(model) -> None:
+    from megalodon.training.trainer import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model)
+
+
+def loss_of(model, ids):
+    logits = model(ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+# ---- sections --------------------------------------------------------------------------------------------------
+def section_env() -> dict:
+    from megalodon.ops.triton import disabled_ops, triton_installed
+
+    props = torch.cuda.get_device_properties(0)
+    info = {"device": props.name, "memory_gib": round(props.total_memory / GiB, 1), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": None, "triton_disabled": sorted(disabled_ops())}
+    if triton_installed():
+        import triton
+
+        info["triton"] = triton.__version__
+    log("## Environment\n")
+    for key, value in info.items():
+        log(f"- {key}: {value}")
+    log()
+    return info
+
+
+def section_parity() -> dict:
+    """The CUDA path (Triton kernels where they run) against the CPU reference path, fp32."""
+    log("## Parity: CUDA against CPU (fp32), bf16 against fp32, split invariance\n")
+    from megalodon import Megalodon, MegalodonConfig
+
+    results = {}
+    # mega200M's shape with 2 layers: every kernel at its real width, a CPU pass that takes seconds.
+    config = MegalodonConfig.from_preset("mega200M", num_layers=2)
+    torch.manual_seed(0)
+    cpu = Megalodon(config).float()
+    with torch.no_grad():  # move the zero-initialized affines off zero so that they matter
+        for name, param in cpu.named_parameters():
+            if name.endswith(("norm.weight", "norm.bias", "mega.gamma", "mega.beta")):
+                param.normal_(0.0, 0.1)
+    gpu = Megalodon(config).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    length = 2 * config.chunk_size + 777  # two whole chunks and a partial one
+    ids = torch.randint(0, config.vocab_size, (2, length))
+
+    def run(model, ids):
+        model.zero_grad(set_to_none=True)
+        logits = model(ids)
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach().float().cpu(), grads
+
+    ref_logits, ref_grads = run(cpu, ids)
+    out_logits, out_grads = run(gpu, ids.cuda())
+    results["logits_max_rel"] = float((out_logits - ref_logits).abs().max() / ref_logits.abs().max())
+    worst = max(ref_grads, key=lambda n: float((out_grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp(
+        min=1e-30)))
+    results["grad_worst_param"] = worst
+    results["grad_worst_rel"] = float((out_grads[worst] - ref_grads[worst]).norm() / ref_grads[worst].norm())
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = gpu(ids.cuda()).float().cpu()
+    results["bf16_logits_max_rel"] = float((bf16 - ref_logits).abs().max() / ref_logits.abs().max())
+
+    with torch.no_grad():
+        cut = config.chunk_size + 313
+        first, state = gpu(ids[:, :cut].cuda(), return_state=True)
+        second = gpu(ids[:, cut:].cuda(), state=state)
+        split = torch.cat([first, second], dim=1).float().cpu()
+    results["split_max_rel"] = float((split - out_logits).abs().max() / out_logits.abs().max())
+
+    checks = {"logits_max_rel": 1e-4, "grad_worst_rel": 1e-3, "bf16_logits_max_rel": 5e-2, "split_max_rel": 1e-4}
+    log("| check | value | bound | |\n|---|---|---|---|")
+    for key, bound in checks.items():
+        ok = results[key] <= bound
+        results[key + "_ok"] = ok
+        log(f"| {key} | {results[key]:.2e} | {bound:.0e} | {'ok' if ok else 'FAIL'} |")
+    log(f"\nworst gradient: {worst}\n")
+    return results
+
+
+def time_steps(model, ids, repeats: int) -> tuple[float, float]:
+    """Seconds per forward+backward and the activation memory (GiB) of one step."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_of(model, ids).backward()
+    torch.cuda.synchronize()
+    activation = (torch.cuda.max_memory_allocated() - before) / GiB
+    start = time.perf_counter()
+    for _ in range(repeats):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_of(model, ids).backward()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats, activation
+
+
+def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: bool, repeats: int) -> dict:
+    """Both models at one shape, alternating: each gets a warm-up, then their timed rounds interleave."""
+    row = {}
+    models = {}
+    for arch in ("megalodon", "llama"):
+        try:
+            model = build(arch, preset)
+            if checkpoint:
+                checkpointed(model)
+            if compile_models:
+                model = compiled(model, arch)
+            ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):  # warm-up, compilation included
+                loss_of(model, ids).backward()
+            models[arch] = (model, ids)
+        except torch.cuda.OutOfMemoryError:
+            row[arch] = {"error": "out of memory"}
+            models.pop(arch, None)
+            torch.cuda.empty_cache()
+    timings = {arch: [] for arch in models}
+    for _ in range(repeats):
+        for arch, (model, ids) in models.items():
+            try:
+                seconds, activation = time_steps(model, ids, 1)
+                timings[arch].append((seconds, activation))
+            except torch.cuda.OutOfMemoryError:
+                row[arch] = {"error": "out of memory"}
+    for arch, samples in timings.items():
+        if samples and arch not in row:
+            best = min(s for s, _ in samples)
+            row[arch] = {"tokens_per_s": length / best, "activation_gib": max(a for _, a in samples)}
+    del models
+    torch.cuda.empty_cache()
+    return row
+
+
+def section_train(presets: list[str], lengths: list[int] | None, modes: list[str], repeats: int) -> list[dict]:
+    log("## Training step: forward + backward, batch 1, bf16 autocast\n")
+    log("| preset | L | mode | Megalodon tok/s | Llama tok/s | ratio | Megalodon act. GiB | Llama act. GiB |")
+    log("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for preset in presets:
+        for length in lengths or TRAIN_CASES.get(preset, [4096]):
+            for mode in modes:
+                checkpoint = preset != "mega200M" and length >= 16384
+                label = mode + (" + act. ckpt" if checkpoint else "")
+                try:
+                    row = measure_pair(preset, length, mode == "compiled", checkpoint, repeats)
+                except Exception as err:  # a failing mode must not end the run: report it and go on
+                    row = {"megalodon": {"error": f"{type(err).__name__}: {str(err)[:200]}"}, "llama": {}}
+                row.update(preset=preset, length=length, mode=label)
+                rows.append(row)
+                mega, llama = row.get("megalodon", {}), row.get("llama", {})
+
+                def rate(r):
+                    return f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else r.get("error", "-")
+
+                def act(r):
+                    return f"{r['activation_gib']:.1f}" if "activation_gib" in r else "-"
+
+                ratio = (f"{mega['tokens_per_s'] / llama['tokens_per_s']:.2f}"
+                         if "tokens_per_s" in mega and "tokens_per_s" in llama else "-")
+                log(f"| {preset} | {length // 1024}K | {label} | {rate(mega)} | {rate(llama)} | {ratio} | "
+                    f"{act(mega)} | {act(llama)} |")
+    log()
+    return rows
+
+
+def jax_worker(length: int, repeats: int) -> dict:
+    """megalodon-jax's training step at the mega200M shape, bf16 compute (run in its own process)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    from megalodon_jax import MegalodonConfig, MegalodonForCausalLM
+
+    config = MegalodonConfig(vocab_size=32000, model_dim=1024, num_layers=12, num_heads=1, z_dim=256,
+                             value_dim=2048, ffn_hidden_dim=2560, chunk_size=2048, norm_num_groups=32,
+                             compute_dtype=jnp.bfloat16)
+    model = MegalodonForCausalLM(config, key=jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (1, length), 0, config.vocab_size)
+
+    def loss_fn(model, ids):
+        logits, _ = model(ids)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+    step = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn))
+    jax.block_until_ready(step(model, ids))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(step(model, ids))
+    return {"tokens_per_s": length * repeats / (time.perf_counter() - start), "jax": jax.__version__,
+            "backend": jax.default_backend()}
+
+
+def section_jax(lengths: list[int], repeats: int) -> dict:
+    log("## megalodon-jax (mega200M shape, bf16 compute)\n")
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("megalodon_jax") is None:
+            log("megalodon-jax is not installed here; skipped (see docs/benchmarks.md for carrying its wheel).\n")
+            return {}
+    except Exception:
+        return {}
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    results = {}
+    log("| L | megalodon-jax tok/s |\n|---|---|")
+    for length in lengths:
+        code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_gpu; "
+                f"print(json.dumps(bench_gpu.jax_worker({length}, {repeats})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if out.returncode:
+            results[length] = {"error": out.stderr.strip().splitlines()[-1][:300] if out.stderr else "failed"}
+            log(f"| {length // 1024}K | {results[length]['error']} |")
+            continue
+        results[length] = json.loads(out.stdout.strip().splitlines()[-1])
+        log(f"| {length // 1024}K | {results[length]['tokens_per_s']:,.0f} ({results[length]['backend']}) |")
+    log()
+    return results
+
+
+def section_decode(preset: str, positions: list[int], steps: int) -> list[dict]:
+    log(f"## Decode: {preset}, batch 1, bf16, greedy, after prefilling each position\n")
+    from megalodon.inference.benchmark import measure_decode
+
+    log("| model | position | decode tok/s | prefill tok/s | state/cache MiB |\n|---|---|---|---|---|")
+    rows = []
+    for arch in ("megalodon", "llama"):
+        model = build(arch, preset).to(torch.bfloat16).eval()
+        for position in positions:
+            try:
+                result = measure_decode(model, position=position, steps=steps)
+            except torch.cuda.OutOfMemoryError:
+                result = {"error": "out of memory"}
+            except ValueError as err:  # e.g. a position beyond what the baseline's cache may hold
+                result = {"error": str(err)[:120]}
+            result.update(model=arch, position=position)
+            rows.append(result)
+            if "error" in result:
+                log(f"| {arch} | {position:,} | {result['error']} | | |")
+            else:
+                log(f"| {arch} | {position:,} | {result['decode_tokens_per_s']:,.0f} | "
+                    f"{result['prefill_tokens_per_s']:,.0f} | {result['state_bytes'] / 2**20:,.1f} |")
+            torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
+    log()
+    return rows
+
+
+def section_profile(out: Path | None) -> None:
+    log("## Profile: one mega200M step at 4K (eager, bf16 autocast)\n")
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build("megalodon", "mega200M")
+    ids = torch.randint(0, model.config.vocab_size, (1, 4096), device="cuda")
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_of(model, ids).backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_of(model, ids).backward()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    launches = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    log(f"CUDA kernel launches in one step: {launches:,}\n")
+    log("```\n" + table + "\n```\n")
+    if out is not None:
+        prof.export_chrome_trace(str(out / "trace_mega200M_4K.json"))
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="env,parity,train,jax,decode,profile",
+                        help="comma list of: env, parity, train, jax, decode, profile")
+    parser.add_argument("--presets", nargs="+", default=list(TRAIN_CASES))
+    parser.add_argument("--lengths", nargs="+", type=int, default=None,
+                        help="override the lengths of every preset (default: %s)" % TRAIN_CASES)
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--jax-lengths", nargs="+", type=int, default=[4096, 16384])
+    parser.add_argument("--decode-preset", default="mega200M")
+    parser.add_argument("--decode-positions", nargs="+", type=int, default=[2048, 1 << 20])
+    parser.add_argument("--decode-steps", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=None, help="write results.json (and the profile trace) here")
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA device; for CPU figures use benchmarks/bench_model.py")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32; training runs in bf16 anyway
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
+    started = time.perf_counter()
+    runners = {
+        "env": lambda: section_env(),
+        "parity": lambda: section_parity(),
+        "train": lambda: section_train(args.presets, args.lengths, args.modes, args.repeats),
+        "jax": lambda: section_jax(args.jax_lengths, args.repeats),
+        "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps),
+        "profile": lambda: section_profile(args.out),
+    }
+    for name in sections:
+        if name not in runners:
+            sys.exit(f"unknown section {name!r}; choose from {', '.join(runners)}")
+        section_start = time.perf_counter()
+        try:
+            results[name] = runners[name]()
+        except Exception as err:  # one broken section must not cost the others on a rented GPU
+            log(f"section {name} failed: {type(err).__name__}: {err}\n")
+            results[name] = {"error": f"{type(err).__name__}: {err}"}
+        log(f"({name}: {time.perf_counter() - section_start:.0f} s)\n")
+        if args.out is not None:
+            with contextlib.suppress(TypeError):
+                (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    log(f"total: {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
