@@ -60,3 +60,21 @@ def test_json_round_trip(tmp_path):
     cfg = MegalodonConfig.from_preset("small", rope_base=500.0)
     write_config(cfg, tmp_path / "c.json")
     assert read_config(tmp_path / "c.json") == (cfg, Megalodon)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(swiglu="no"), "swiglu must be true or false, got 'no'"),
+    (dict(norm_eps=float("inf")), "norm_eps must be a finite number"),
+    (dict(dropout="x"), "dropout must be a number"),
+    (dict(init_mode=3), "init_mode must be a string, got 3"),
+    (dict(rope_base="big"), "rope_base must be a number or None"),
+    (dict(num_layers=2.0), "num_layers must be an integer, got 2.0"),
+])
+def test_field_types_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MegalodonConfig.from_preset("tiny", **overrides)
+
+
+def test_a_preset_that_looks_like_a_path_says_the_file_is_missing():
+    with pytest.raises(FileNotFoundError, match=r"no config file at '/missing.json' \(and it is not a preset"):
+        MegalodonConfig.from_preset("/missing.json")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 
 INIT_MODES = ("he", "bert", "gaussian", "xavier")
@@ -86,14 +87,15 @@ class MegalodonConfig:
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:
+        check_field_types(self)
         for name in ("vocab_size", "num_layers", "model_dim", "z_dim", "value_dim", "num_heads",
                      "ffn_hidden_dim", "cema_ndim", "norm_num_groups"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ValueError(f"MegalodonConfig.{name} must be a positive integer, got {value!r}")
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+        if self.chunk_size < 1:
             raise ValueError(f"MegalodonConfig.chunk_size must be an integer >= 1, got {self.chunk_size!r}")
-        if not (self.output_size == -1 or (isinstance(self.output_size, int) and self.output_size > 0)):
+        if not (self.output_size == -1 or self.output_size > 0):
             raise ValueError(f"MegalodonConfig.output_size must be -1 (= vocab_size) or positive, "
                              f"got {self.output_size!r}")
         if self.share_emb and self.num_outputs != self.vocab_size:
@@ -138,6 +140,9 @@ class MegalodonConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MegalodonConfig":
+        if name not in PRESETS and ("/" in name or name.endswith(".json")):
+            raise FileNotFoundError(f"no config file at {name!r} (and it is not a preset name: presets are "
+                                    f"{sorted(PRESETS)})")
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}"
                              + _suggestion(name, list(PRESETS)))
@@ -145,6 +150,50 @@ class MegalodonConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_field_types(config) -> None:
+    """Raise ValueError naming the first dataclass field whose value is not of its annotated type.
+
+    Config files are where wrong types come from: TOML `swiglu = "no"` is a truthy string, YAML reads `1e-3` as
+    text. A bool is not accepted as a number, an int is accepted as a float, and floats must be finite."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        optional = kind.endswith(" | None")
+        kind = kind.removesuffix(" | None")
+        if optional and value is None:
+            continue
+        expected = _type_problem(value, kind)
+        if expected:
+            hint = ""
+            if kind in ("int", "float") and isinstance(value, str) and _parses_as_number(value):
+                hint = " (a quoted number? write it without quotes; YAML reads 1e-3 as text and 1.0e-3 as a number)"
+            raise ValueError(f"{type(config).__name__}.{f.name} must be {expected}{' or None' if optional else ''}, "
+                             f"got {value!r}{hint}")
+
+
+def _type_problem(value, kind: str) -> str:
+    """What `value` should have been for the annotation `kind`; empty when it is fine."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return "" if isinstance(value, bool) else "true or false"
+    if kind == "int":
+        return "" if number and isinstance(value, int) else "an integer"
+    if kind == "float":
+        return "" if number and math.isfinite(value) else "a finite number" if number else "a number"
+    if kind == "str":
+        return "" if isinstance(value, str) else "a string"
+    if kind == "dict":
+        return "" if isinstance(value, dict) else "a table of model-field overrides"
+    raise TypeError(f"no type check for the annotation {kind!r}")
+
+
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _suggestion(key: str, choices: list[str]) -> str:
