@@ -60,3 +60,55 @@ def test_no_weight_decay_on_norms_biases_and_cema():
     assert "layers.0.mega.wz.weight" in decayed and "embed.weight" in decayed
     assert not any("cema" in n or "norm" in n or n.endswith("bias") for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
+    (dict(stateful="no"), "stateful must be true or false, got 'no'"),
+    (dict(keep_checkpoints=2.5), "keep_checkpoints must be an integer, got 2.5"),
+    (dict(eval_batch_size="four"), "eval_batch_size must be an integer, got 'four'"),
+    (dict(model=5), "model must be a table of model-field overrides, got 5"),
+    (dict(model={"swiglu": "no"}), "MegalodonConfig.swiglu must be true or false"),
+    (dict(model={"chunk_sise": 4}), "did you mean 'chunk_size'"),
+    (dict(preset="smal"), "did you mean 'small'"),
+    (dict(lr=float("inf")), "lr must be a finite number, got inf"),
+    (dict(lr=float("nan")), "lr must be a finite number"),
+    (dict(lr="1e-3"), "lr must be a number, got '1e-3'.*without quotes"),
+    (dict(data=5), "data must be a string"),
+    (dict(sample_prompt=""), "sample_prompt must be non-empty"),
+    (dict(sample_tokens=0), "sample_tokens must be >= 1"),
+    (dict(seed=-1), "seed must be >= 0"),
+    (dict(threads=-2), "threads must be >= 0"),
+])
+def test_every_field_is_checked_for_type_and_range(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"max_steps": 1, **values})
+
+
+def test_config_files_are_validated_like_flags(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('max_steps = 3\nstateful = "no"\n')
+    with pytest.raises(ValueError, match="stateful must be true or false"):
+        TrainConfig.from_dict(apply_overrides(read_config_file(path), []))
+    path.write_text("max_steps = 3\nmodel = 5\n")
+    with pytest.raises(ValueError, match="model must be a table"):
+        TrainConfig.from_dict(apply_overrides(read_config_file(path), []))
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("list.json", "[1, 2]", r"list.json must hold a table of options \(key = value\), found a list"),
+    ("bad.json", "{", r"bad.json is not valid JSON"),
+    ("bad.toml", "lr = = 3", r"bad.toml is not valid TOML"),
+])
+def test_malformed_config_files_are_named(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_config_file(tmp_path / name)
+
+
+def test_an_extension_continues_the_decay_from_where_it_stands():
+    cfg = TrainConfig(max_steps=30, warmup_steps=10, lr=1e-3)
+    at_20 = lr_at(20, cfg, 30)
+    assert math.isclose(lr_at(20, cfg, 40, restart=(20, at_20)), at_20)  # no jump at the extension
+    assert math.isclose(lr_at(40, cfg, 40, restart=(20, at_20)), 1e-5)  # and the same floor at the new end
+    assert math.isclose(lr_at(35, cfg, 40, restart=(30, 1e-5)), 1e-5)  # a finished run stays at its floor

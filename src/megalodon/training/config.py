@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megalodon.config import MegalodonConfig, check_field_types
+
 ARCHS = ("megalodon", "llama")
 SCHEDULES = ("linear", "cosine")
 DTYPES = ("auto", "bf16", "fp32")
@@ -65,6 +67,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Types, then ranges, then the model the preset and overrides describe: all before any work starts."""
+        check_field_types(self)
         checks = [
             (self.arch in ARCHS, "arch", f"one of {ARCHS}"),
             (self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
@@ -80,19 +84,27 @@ class TrainConfig:
             (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
             (0 < self.warmup_init_ratio <= 1, "warmup_init_ratio", "in (0, 1]"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]"),
-            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", "in [0, 1)"),
+            (0 <= self.beta1 < 1, "beta1", "in [0, 1)"),
+            (0 <= self.beta2 < 1, "beta2", "in [0, 1)"),
+            (self.eps > 0, "eps", "> 0"),
             (self.weight_decay >= 0, "weight_decay", ">= 0"),
             (self.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)"),
             (self.vocab_size >= 259, "vocab_size", ">= 259 (256 bytes + specials)"),
-            (self.log_every >= 1 and self.eval_every >= 0 and self.checkpoint_every >= 0, "log_every/eval_every",
-             "log_every >= 1, the others >= 0"),
+            (self.threads >= 0, "threads", ">= 0 (0 keeps torch's default)"),
+            (self.seed >= 0, "seed", ">= 0"),
+            (self.log_every >= 1, "log_every", ">= 1"),
+            (self.eval_every >= 0, "eval_every", ">= 0 (0: only at the end)"),
+            (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
+            (self.sample_every >= 0, "sample_every", ">= 0 (0: only at the end)"),
+            (self.sample_prompt != "", "sample_prompt", "non-empty: the sample continues it"),
+            (self.sample_tokens >= 1, "sample_tokens", ">= 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0: only at the end)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1"),
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name, None)!r}")
-        if not isinstance(self.model, dict):
-            raise ValueError(f"TrainConfig.model must be a table of model-field overrides, got {self.model!r}")
+                raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+        MegalodonConfig.from_preset(self.preset, **self.model)  # unknown presets and bad model fields, now
 
     @property
     def micro_batch_size(self) -> int:
@@ -120,20 +132,36 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err})") from None
     if path.suffix == ".toml":
         import tomllib
 
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
+        values = _parse(path, "TOML", tomllib.loads, text, tomllib.TOMLDecodeError)
+    elif path.suffix == ".json":
+        values = _parse(path, "JSON", json.loads, text, json.JSONDecodeError)
+    else:
         try:
             import yaml
         except ImportError:
             raise ValueError(f"{path} is YAML but PyYAML is not installed: pip install pyyaml, or use TOML") from None
-        return yaml.safe_load(text) or {}
-    if path.suffix == ".json":
-        return json.loads(text)
-    raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
+        values = _parse(path, "YAML", yaml.safe_load, text, yaml.YAMLError)
+        values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a table of options (key = value), found a "
+                         f"{type(values).__name__}")
+    return values
+
+
+def _parse(path: Path, kind: str, parse, text: str, error: type[Exception]):
+    try:
+        return parse(text)
+    except error as err:
+        raise ValueError(f"config file {path} is not valid {kind}: {err}") from None
 
 
 def _coerce(raw: str, like: Any, key: str) -> Any:
@@ -156,12 +184,11 @@ def _coerce(raw: str, like: Any, key: str) -> Any:
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Apply `--key value`, `--key=value` and `--model.field value` pairs on top of `values`."""
-    from megalodon.config import MegalodonConfig
-
     defaults = TrainConfig(max_steps=1).to_dict()
     names = list(defaults)
     model_names = MegalodonConfig.field_names()
-    values = {**values, "model": dict(values.get("model", {}))}
+    model = values.get("model", {})
+    values = {**values, "model": dict(model) if isinstance(model, dict) else model}  # a non-table is refused later
     i = 0
     while i < len(overrides):
         token = overrides[i]
@@ -176,6 +203,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         i += 1
         key = key.replace("-", "_")
         if key.startswith("model."):
+            if not isinstance(values["model"], dict):
+                raise ValueError(f"--{key} needs the config's model to be a table, got {values['model']!r}")
             name = key[len("model."):]
             if name not in model_names:
                 raise ValueError(f"unknown model field {_suggest(name, model_names)}")

@@ -34,14 +34,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                              eps=cfg.eps)
 
 
-def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
-    """Linear warmup from lr * warmup_init_ratio, then linear or cosine decay to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
+def lr_at(step: int, cfg: TrainConfig, max_steps: int, restart: tuple[int, float] | None = None) -> float:
+    """Linear warmup from lr * warmup_init_ratio, then linear or cosine decay to lr * min_lr_ratio at max_steps.
+
+    restart = (step0, lr0): from step0 on, decay from lr0 instead of lr. A run extended or shortened after its
+    warmup continues its decay from where it stands, with no jump (a finished run stays at its floor)."""
+    if restart is not None and step >= restart[0]:
+        start_step, start_lr = restart
+    elif step < cfg.warmup_steps:
         start = cfg.lr * cfg.warmup_init_ratio
         return start + (cfg.lr - start) * step / cfg.warmup_steps
-    span = max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    else:
+        start_step, start_lr = cfg.warmup_steps, cfg.lr
+    progress = min(1.0, (step - start_step) / max(1, max_steps - start_step))
     floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr + (floor - cfg.lr) * progress
+    remaining = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return floor + (start_lr - floor) * remaining
