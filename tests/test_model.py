@@ -134,7 +134,8 @@ def test_bf16_autocast_is_close_to_fp32_and_state_stays_fp32():
         out, state = model(ids, return_state=True)
     assert out.dtype == torch.float32
     assert state.layers[0].cema_h.dtype == torch.complex64
-    assert state.layers[0].norm.var.dtype == torch.float32 and state.final_norm.mean.dtype == torch.float32
+    # the norm statistics are float64 at any compute dtype (a stream's running statistics, ops/timestep_norm.py)
+    assert state.layers[0].norm.var.dtype == torch.float64 and state.final_norm.mean.dtype == torch.float64
     # bf16 has 8 mantissa bits; logits of order 1 drift by a few percent at most.
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

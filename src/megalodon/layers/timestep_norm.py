@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from megalodon.ops.timestep_norm import NormStats, timestep_norm_blocked, timestep_norm_step
+from megalodon.ops.timestep_norm import STATS_DTYPE, NormStats, timestep_norm, timestep_norm_step
 
 
 class TimestepNorm(nn.Module):
@@ -13,6 +13,7 @@ class TimestepNorm(nn.Module):
 
     The prior (count, mean, log-variance) seeds the statistics of every stream. With the default count of 0
     it has no weight, and the prior mean and log-variance are fixed buffers; with a count > 0 they are learned.
+    The running statistics are float64 whatever the model's dtype, and autocast never touches them.
     """
 
     def __init__(self, dim: int, num_groups: int, eps: float, prior_count: int = 0):
@@ -29,7 +30,7 @@ class TimestepNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def prior(self) -> NormStats:
-        return NormStats(self.prior_count, self.prior_mean.float(), self.prior_logv.float().exp())
+        return NormStats(self.prior_count, self.prior_mean.to(STATS_DTYPE), self.prior_logv.to(STATS_DTYPE).exp())
 
     def initial_state(self, batch_size: int) -> NormStats:
         prior = self.prior()
@@ -45,5 +46,5 @@ class TimestepNorm(nn.Module):
             initial = self.initial_state(x.shape[0]) if state is None else state
             if x.shape[1] == 1 and block_reset is None and pad_mask is None:
                 return timestep_norm_step(x, initial, self.weight, self.bias, self.eps)
-            return timestep_norm_blocked(x, initial, self.weight, self.bias, self.eps, block_size, block_reset,
-                                         self.prior(), pad_mask)
+            return timestep_norm(x, initial, self.weight, self.bias, self.eps, block_size, block_reset,
+                                 self.prior(), pad_mask)
