@@ -1,0 +1,205 @@
+"""The Triton TimestepNorm (forward and backward) against the float64 per-token reference, under the interpreter on
+CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU) or on a GPU when there is one."""
+
+import pytest
+import torch
+from helpers import requires_cuda
+
+from megalodon.ops import timestep_norm as ops
+from megalodon.ops.timestep_norm import NormStats, timestep_norm, timestep_norm_sequential
+
+pytest.importorskip("triton")  # the kernels run under the interpreter on CPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+G, D = 3, 12
+
+
+def triton_path(*args, **kwargs):
+    from megalodon.ops.triton.timestep_norm import timestep_norm_triton
+
+    return timestep_norm_triton(*args, **kwargs)
+
+
+def reference(x, initial, prior, weight, bias, eps, block, reset):
+    """Spec section 5 token by token in float64; a reset block restarts its row at the prior."""
+    rows, finals = [], []
+    for b in range(x.shape[0]):
+        state = NormStats(*(t[b:b + 1] for t in initial))
+        pieces = []
+        for c, start in enumerate(range(0, x.shape[1], block)):
+            if reset is not None and reset[b, c]:
+                state = NormStats(prior.count.expand(1), prior.mean.expand(1, -1), prior.var.expand(1, -1))
+            y, state = timestep_norm_sequential(x[b:b + 1, start:start + block], state, weight, bias, eps)
+            pieces.append(y)
+        rows.append(torch.cat(pieces, 1))
+        finals.append(state)
+    return torch.cat(rows), NormStats(*(torch.cat(ts) for ts in zip(*finals)))
+
+
+def case(batch, length, count, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, length, D, generator=g) * 2 + 3).to(dtype)
+    initial = NormStats(torch.arange(batch) * count, torch.randn(batch, G, generator=g, dtype=torch.float64) + 3,
+                        torch.rand(batch, G, generator=g, dtype=torch.float64) + 0.5)
+    prior = NormStats(torch.tensor(count), torch.randn(G, generator=g, dtype=torch.float64),
+                      torch.rand(G, generator=g, dtype=torch.float64) + 0.5)
+    weight, bias = torch.randn(D, generator=g) * 0.5, torch.randn(D, generator=g)
+    return x, initial, prior, weight, bias
+
+
+def leaves(x, initial, prior, weight, bias):
+    """Fresh leaf tensors on DEVICE for the triton run, and float64 CPU copies for the reference."""
+    inputs = [x, initial.mean, initial.var, prior.mean, prior.var, weight, bias]
+    dev = [t.detach().to(DEVICE).requires_grad_() for t in inputs]
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    return dev, ref
+
+
+def run(fn, tensors, counts, eps, block, reset):
+    x, mean, var, prior_mean, prior_var, weight, bias = tensors
+    initial = NormStats(counts[0].to(x.device), mean, var)
+    prior = NormStats(counts[1].to(x.device), prior_mean, prior_var)
+    return fn(x, initial, prior, weight, bias, eps, block, None if reset is None else reset.to(x.device))
+
+
+def triton_fn(x, initial, prior, weight, bias, eps, block, reset):
+    return triton_path(x, initial, weight, bias, eps, block, reset, prior)
+
+
+@pytest.mark.parametrize("batch,length,block,count,resets", [
+    (2, 23, 5, 2, [[0, 1, 0, 0, 1], [1, 0, 0, 1, 0]]),  # L not a multiple of the block, resets, prior count > 0
+    (1, 16, 16, 0, None),  # one block, prior count 0
+    (3, 40, 8, 3, [[0, 0, 1, 0, 0]] * 3),  # several tiles per row
+])
+def test_forward_and_gradients_match_the_float64_reference(batch, length, block, count, resets):
+    x, initial, prior, weight, bias = case(batch, length, count, seed=length)
+    reset = None if resets is None else torch.tensor(resets, dtype=torch.bool)
+    dev, ref = leaves(x, initial, prior, weight, bias)
+    counts = (initial.count, prior.count)
+    y, final = run(triton_fn, dev, counts, 1e-5, block, reset)
+    y_ref, final_ref = run(reference, ref, counts, 1e-5, block, reset)
+
+    torch.testing.assert_close(y.cpu().double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(final.count.cpu(), final_ref.count)
+    assert final.mean.dtype == torch.float64 and final.var.dtype == torch.float64
+    torch.testing.assert_close(final.mean.cpu(), final_ref.mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(final.var.cpu(), final_ref.var, rtol=1e-5, atol=1e-6)
+
+    g = torch.Generator().manual_seed(1)
+    dy, dm, dv = (torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (y_ref, final_ref.mean, final_ref.var))
+
+    def loss(y, final):
+        return ((y.double() * dy.to(y.device)).sum() + (final.mean * dm.to(y.device)).sum()
+                + (final.var * dv.to(y.device)).sum())
+
+    grads = torch.autograd.grad(loss(y, final), dev)
+    grads_ref = torch.autograd.grad(loss(y_ref, final_ref), ref, allow_unused=True, materialize_grads=True)
+    names = ["x", "mean", "var", "prior_mean", "prior_var", "weight", "bias"]
+    for name, got, want in zip(names, grads, grads_ref):
+        scale = want.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(got.cpu().double() / scale, want / scale, rtol=0, atol=2e-5, msg=name)
+    if resets is None:  # no reset: the prior is unused
+        assert grads[3].abs().max() == 0
+
+
+def test_bf16_input():
+    x, initial, prior, weight, bias = case(2, 19, 1, seed=7, dtype=torch.bfloat16)
+    dev, ref = leaves(x, initial, prior, weight, bias)
+    counts = (initial.count, prior.count)
+    y, final = run(triton_fn, dev, counts, 1e-5, 8, None)
+    y_ref, final_ref = run(reference, ref, counts, 1e-5, 8, None)
+    assert y.dtype == torch.float32  # statistics and output in fp32 from the bf16 values
+    torch.testing.assert_close(y.cpu().double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.var.cpu(), final_ref.var, rtol=1e-5, atol=1e-6)
+    (dx,) = torch.autograd.grad(y.sum() + final.mean.sum(), dev[0])
+    (dx_ref,) = torch.autograd.grad(y_ref.sum() + final_ref.mean.sum(), ref[0])
+    assert dx.dtype == torch.bfloat16
+    torch.testing.assert_close(dx.cpu().double(), dx_ref, rtol=2e-2, atol=2e-2 * dx_ref.abs().max().item())
+
+
+def test_long_stream_with_a_large_mean_stays_accurate():
+    """Long tiles and a carry far from zero: the shifted sums and float64 carry keep fp32 rounding in check."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 1500, D, generator=g, dtype=torch.float64) + 300.0
+    initial = NormStats(torch.zeros(1, dtype=torch.int64), torch.zeros(1, G, dtype=torch.float64),
+                        torch.ones(1, G, dtype=torch.float64))
+    weight, bias = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+    y_ref, s_ref = ops.timestep_norm_blocked(x, initial, weight, bias, 1e-5, block_size=512)
+    y, s = triton_path(x.float().to(DEVICE), initial, weight.float(), bias.float(), 1e-5, 512)
+    torch.testing.assert_close(s.var.cpu(), s_ref.var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(y[:, -200:].cpu().double(), y_ref[:, -200:], rtol=1e-3, atol=1e-3)
+
+
+def test_two_calls_equal_one():
+    x, initial, _, weight, bias = case(2, 21, 0, seed=3)
+    x, weight, bias = x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE)
+    y, s = triton_path(x, initial, weight, bias, 1e-5, 4)
+    y1, s1 = triton_path(x[:, :10], initial, weight, bias, 1e-5, 4)
+    y2, s2 = triton_path(x[:, 10:], s1, weight, bias, 1e-5, 4)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(s2.count, s.count)
+    torch.testing.assert_close(s2.var, s.var, rtol=1e-6, atol=1e-7)
+
+
+def test_dispatch_picks_triton_without_pad_mask(monkeypatch):
+    """The one dispatch function: the kernels when use_triton says so (here forced on CPU tensors), the PyTorch
+    path for a pad_mask or float64."""
+    x, initial, prior, weight, bias = case(2, 9, 1, seed=5)
+    calls = []
+    import megalodon.ops.triton.timestep_norm as kernels
+
+    monkeypatch.setattr(ops, "use_triton", lambda op, *tensors: op == "timestep_norm")
+    original = kernels.timestep_norm_triton
+    monkeypatch.setattr(kernels, "timestep_norm_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    timestep_norm(x, initial, weight, bias, 1e-5, 4, prior=prior)
+    assert calls == [1]
+    timestep_norm(x, initial, weight, bias, 1e-5, 4, prior=prior, pad_mask=torch.zeros(2, 9, dtype=torch.bool))
+    timestep_norm(x.double(), initial, weight.double(), bias.double(), 1e-5, 4, prior=prior)
+    assert calls == [1]
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration, as torch.compile relies on them."""
+    from megalodon.ops.triton.timestep_norm import timestep_norm_fwd
+
+    x, initial, prior, weight, bias = case(2, 10, 2, seed=6)
+    args = (x.to(DEVICE).requires_grad_(), initial.count, initial.mean.requires_grad_(), initial.var,
+            prior.count.expand(2).contiguous(), prior.mean.expand(2, G).contiguous(),
+            prior.var.expand(2, G).contiguous(), torch.tensor([[False, True, False]]).expand(2, 3).contiguous(),
+            weight.requires_grad_(), bias, 1e-5, 4)
+    args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(timestep_norm_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                               "test_autograd_registration"))
+
+
+def test_compiled_graph_holds_the_op(monkeypatch):
+    """Dynamo traces the dispatch and the custom op with fullgraph (no graph break), forward and backward."""
+    x, initial, prior, weight, bias = case(2, 12, 1, seed=8)
+    monkeypatch.setattr(ops, "use_triton", lambda op, *tensors: True)
+    x = x.to(DEVICE).requires_grad_()
+
+    def fn(x):
+        y, s = timestep_norm(x, initial, weight, bias, 1e-5, 4, prior=prior)
+        return y.square().sum() + s.var.sum()
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    (g_eager,) = torch.autograd.grad(fn(x), x)
+    (g_compiled,) = torch.autograd.grad(compiled(x), x)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
+@requires_cuda
+def test_cuda_matches_the_pytorch_path_at_a_real_shape():
+    """On a GPU: the compiled kernels (not the interpreter) at a mega200M-like width, against the PyTorch path."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3000, 1024, device="cuda").requires_grad_()
+    initial = NormStats(torch.tensor([0, 5000], device="cuda"), torch.randn(2, 32, device="cuda", dtype=torch.float64),
+                        torch.rand(2, 32, device="cuda", dtype=torch.float64) + 0.5)
+    weight, bias = torch.randn(1024, device="cuda"), torch.randn(1024, device="cuda")
+    reset = torch.tensor([[False, True], [False, False]], device="cuda")
+    y, s = triton_path(x, initial, weight, bias, 1e-5, 2048, reset)
+    y_ref, s_ref = ops.timestep_norm_blocked(x.double(), initial, weight.double(), bias.double(), 1e-5, 2048, reset)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.var, s_ref.var, rtol=1e-5, atol=1e-6)
+    (dx,) = torch.autograd.grad((y * y_ref.detach().float()).sum(), x)
+    (dx_ref,) = torch.autograd.grad((y_ref * y_ref.detach()).sum(), x)
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-3, atol=1e-3 * dx_ref.abs().max().item())
