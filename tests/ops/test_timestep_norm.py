@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megalodon.ops.timestep_norm import (NormStats, chan_merge, timestep_norm_blocked, timestep_norm_sequential,
-                                         timestep_norm_step)
+from megalodon.ops.timestep_norm import (NormStats, chan_merge, timestep_norm, timestep_norm_blocked,
+                                         timestep_norm_sequential, timestep_norm_step)
 
 G, D = 3, 12
 
@@ -129,3 +129,47 @@ def test_step_matches_blocked():
     torch.testing.assert_close(torch.cat(outs, 1), y_ref, rtol=1e-10, atol=1e-10)
     assert torch.equal(state.count, s_ref.count)
     torch.testing.assert_close(state.var, s_ref.var, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_with_resets_prior_and_padding():
+    """The fused backward passes of the moments and the normalization, and autograd through the block scan,
+    including the prior's gradient (count > 0) where a block restarts."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    var = (torch.rand(2, 2, dtype=torch.float64) + 0.5).requires_grad_(True)
+    prior_mean = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    prior_var = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_(True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    reset = torch.tensor([[False, True, False, False], [True, False, True, False]])
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5] = True
+
+    def fn(x, mean, var, prior_mean, prior_var, w, b):
+        y, s = timestep_norm_blocked(x, NormStats(torch.tensor([3, 1]), mean, var), w, b, 1e-5, block_size=2,
+                                     block_reset=reset, prior=NormStats(torch.tensor(2), prior_mean, prior_var),
+                                     pad_mask=pad)
+        return y, s.mean, s.var
+
+    assert torch.autograd.gradcheck(fn, (x, mean, var, prior_mean, prior_var, w, b))
+
+
+def test_empty_sequence_returns_the_incoming_state():
+    initial = stats(2, 5)
+    y, s = timestep_norm(torch.zeros(2, 0, D, dtype=torch.float64), initial, *affine(), 1e-5, block_size=4)
+    assert y.shape == (2, 0, D) and s.count.tolist() == [5, 5]
+    assert torch.equal(s.mean, initial.mean) and torch.equal(s.var, initial.var)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(x=torch.zeros(2, 3, 10)), "not a multiple of the 3 groups"),
+    (dict(x=torch.zeros(2, 3)), "shape \\(B, L, D\\)"),
+    (dict(block_reset=torch.zeros(2, 2, dtype=torch.bool)), "block_reset must be a bool tensor of shape \\(2, 3\\)"),
+    (dict(block_size=0), "block_size must be >= 1"),
+])
+def test_bad_input_is_named(kwargs, match):
+    args = dict(x=torch.zeros(2, 9, D), block_size=4, block_reset=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        timestep_norm(args["x"], stats(2), *affine(), 1e-5, args["block_size"], args["block_reset"])
