@@ -93,3 +93,12 @@ def test_zero_fraction_split_is_empty(tmp_path, synthetic_documents):
     out = build_token_store(synthetic_documents(10), TOK, tmp_path / "s", split_fractions=(0.9, 0.1, 0.0))
     test = TokenStore(out, "test")
     assert test.n_docs == 0 and test.n_tokens == 0
+
+
+def test_meta_records_each_split_hash(tmp_path, synthetic_documents):
+    import hashlib
+
+    out = build_token_store(synthetic_documents(10), TOK, tmp_path / "store")
+    meta = json.loads((out / "meta.json").read_text())
+    for split in SPLITS:
+        assert meta["splits"][split]["sha256"] == hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()

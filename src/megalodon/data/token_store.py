@@ -1,7 +1,8 @@
 """Tokenized corpora on disk: one flat memmap of token ids per split, with document offsets.
 
 Layout of a store directory:
-    meta.json               format, dtype, vocab size, eos id, tokenizer fingerprint, per-split counts
+    meta.json               format, dtype, vocab size, eos id, tokenizer fingerprint, per-split counts and the
+                            SHA-256 of each {split}.bin (what a resumed training run checks its data against)
     {split}.bin             all documents of the split back to back, each followed by eos (uint16 or uint32)
     {split}.offsets.npy     int64, n_docs + 1 entries: document i is tokens[offsets[i]:offsets[i+1]]
     {split}.bytes.npy       int64, UTF-8 byte count of each document's text (for bits/byte)
@@ -9,6 +10,7 @@ Layout of a store directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -123,7 +125,7 @@ def build_token_store(
 
 
 def _write_split(directory: Path, split: str, docs: list[str], tokenizer: Tokenizer, dtype) -> dict:
-    lengths, n_bytes = [], []
+    lengths, n_bytes, digest = [], [], hashlib.sha256()
     with open(directory / f"{split}.bin", "wb") as out:
         start = 0
         while start < len(docs):
@@ -135,14 +137,17 @@ def _write_split(directory: Path, split: str, docs: list[str], tokenizer: Tokeni
                 ids = np.asarray(ids + [tokenizer.eos_id], dtype=np.int64)
                 if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
                     raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
-                out.write(ids.astype(dtype).tobytes())
+                data = ids.astype(dtype).tobytes()
+                out.write(data)
+                digest.update(data)
                 lengths.append(len(ids))
                 n_bytes.append(len(text.encode("utf-8")))
             start = end
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
     np.save(directory / f"{split}.offsets.npy", offsets)
     np.save(directory / f"{split}.bytes.npy", np.asarray(n_bytes, dtype=np.int64))
-    return {"n_docs": len(docs), "n_tokens": int(offsets[-1]), "n_bytes": int(sum(n_bytes))}
+    return {"n_docs": len(docs), "n_tokens": int(offsets[-1]), "n_bytes": int(sum(n_bytes)),
+            "sha256": digest.hexdigest()}
 
 
 class TokenStore:

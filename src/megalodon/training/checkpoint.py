@@ -4,6 +4,7 @@ A checkpoint is a directory `step-NNNNNNN/` holding the model directory files, t
 carried stream states, and `trainer_state.json` (step, data cursor, RNG). `manifest.json`, written last, lists
 each file's size and SHA-256: a checkpoint whose files do not match it is refused. The directory is built under
 a temporary name and renamed into place, so a crash never leaves a half-written checkpoint that looks whole.
+Weights that are not finite are never saved, so a diverged run cannot replace a good checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +25,7 @@ from megalodon.state import MegalodonState
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
+NAME = re.compile(r"step-(\d+)")  # exactly: a user's `step-backup` copy is not a checkpoint
 
 
 def _sha256(path: Path) -> str:
@@ -53,9 +56,16 @@ def _optimizer_state(tensors: dict, meta: dict) -> dict:
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict,
                     streams: list[MegalodonState | None], keep: int) -> Path:
+    """Write checkpoints/step-NNNNNNN atomically, then drop all but the newest `keep`."""
+    bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        raise ValueError(f"refusing to save a checkpoint at step {step}: non-finite weights in {', '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''}; the previous checkpoints are kept")
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"{PREFIX}{step:07d}"
+    if final.exists():  # this step is saved (a resumed run stopped at once): the same weights, moments and data
+        return final    # position; replacing it would open a moment with no checkpoint of the step at all
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=checkpoints))
     try:
         save_pretrained(model, tmp)
@@ -79,8 +89,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,11 +98,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories of a run, oldest first (temporary ones excluded)."""
+    """Checkpoint directories `step-N` of a run, oldest first (temporary ones and other names excluded)."""
     checkpoints = Path(run_dir) / "checkpoints"
     if not checkpoints.is_dir():
         return []
-    return sorted(p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    found = [p for p in checkpoints.iterdir() if p.is_dir() and NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
 
 
 def verify_checkpoint(path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from megalodon.data import (BUILTIN_CORPORA, BPETokenizer, ByteTokenizer, Tokenizer, TokenStore, build_token_store,
                             load_corpus, load_tokenizer, split_documents)
 from megalodon.training.config import TrainConfig
+from megalodon.training.run_dir import exclusive, remove_stale_temporaries
 
 
 def _corpus_source(cfg: TrainConfig) -> str | list[str]:
@@ -21,29 +22,44 @@ def _corpus_source(cfg: TrainConfig) -> str | list[str]:
     return paths
 
 
-def _slug(cfg: TrainConfig, source) -> str:
-    if isinstance(source, str):
-        return source
-    digest = hashlib.sha256("\n".join(str(Path(p).resolve()) for p in source).encode()).hexdigest()[:10]
-    return f"user-{digest}"
+def files_key(paths: list[str]) -> str:
+    """A key that changes when any file under `paths` changes: the path, size and modification time of each
+    file (everything under a directory, so an unrelated file there costs a rebuild, never a stale store)."""
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            stat = file.stat()
+            digest.update(f"{file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
-    """The token store directory and tokenizer for this config, building them on first use."""
-    source = _corpus_source(cfg)
-    data_dir = Path(cfg.data_dir)
-    if cfg.tokenizer == "byte":
-        tok_key = "byte"
-    elif cfg.tokenizer == "bpe":
-        tok_key = f"bpe{cfg.vocab_size}"
-    else:
-        tok_key = "user-" + hashlib.sha256(str(Path(cfg.tokenizer).resolve()).encode()).hexdigest()[:10]
-    store_dir = data_dir / "stores" / f"{_slug(cfg, source)}-{tok_key}-s{cfg.seed}"
-    tokenizer_dir = store_dir / "tokenizer"
-    if (store_dir / "meta.json").is_file():
-        return store_dir, load_tokenizer(tokenizer_dir)
+    """The token store directory and tokenizer for this config, building them on first use.
 
-    documents = load_corpus(source, data_dir / "corpora")
+    The store's name holds everything that shapes it: the corpus (for your own files, their paths, sizes and
+    modification times), the tokenizer and the split seed. Edited files therefore get a new store. One process
+    builds a store while others wait for it (a lock file per store)."""
+    source = _corpus_source(cfg)
+    data_key = source if isinstance(source, str) else f"user-{files_key(source)}"
+    if cfg.tokenizer in ("byte", "bpe"):
+        tok_key = "byte" if cfg.tokenizer == "byte" else f"bpe{cfg.vocab_size}"
+    else:
+        tok_key = f"tok-{files_key([cfg.tokenizer])}"
+    stores = Path(cfg.data_dir) / "stores"
+    stores.mkdir(parents=True, exist_ok=True)
+    store_dir = stores / f"{data_key}-{tok_key}-s{cfg.seed}"
+    remove_stale_temporaries(stores)
+    with exclusive(stores / f".{store_dir.name}.lock"):
+        tokenizer_dir = store_dir / "tokenizer"
+        if (store_dir / "meta.json").is_file() and tokenizer_dir.is_dir():
+            return store_dir, load_tokenizer(tokenizer_dir)
+        tokenizer = _build_store(cfg, source, store_dir)
+    return store_dir, tokenizer
+
+
+def _build_store(cfg: TrainConfig, source, store_dir: Path) -> Tokenizer:
+    documents = load_corpus(source, Path(cfg.data_dir) / "corpora")
     if not any(documents):
         raise ValueError(f"data {cfg.data!r} holds no text")
     if cfg.tokenizer == "byte":
@@ -54,9 +70,10 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
         tokenizer = BPETokenizer.train(train_docs, vocab_size=cfg.vocab_size)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
-    build_token_store(documents, tokenizer, store_dir, seed=cfg.seed)
-    tokenizer.save(tokenizer_dir)
-    return store_dir, tokenizer
+    # overwrite: a store a crash left without its tokenizer is rebuilt
+    build_token_store(documents, tokenizer, store_dir, seed=cfg.seed, overwrite=True)
+    tokenizer.save(store_dir / "tokenizer")
+    return tokenizer
 
 
 def open_splits(store_dir: Path) -> tuple[TokenStore, TokenStore]:

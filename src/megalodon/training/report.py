@@ -1,14 +1,50 @@
-"""End-of-run artifacts: the loss curves as a PNG and a short text summary."""
+"""What a run leaves to read: metrics.jsonl (strict JSON lines), the loss curves as a PNG, a short summary."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+from megalodon.training.run_dir import atomic_write_text
+
+
+def strict_json(record: dict, **kwargs) -> str:
+    """JSON that strict readers accept: a non-finite number is written as null, never as NaN."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False, **kwargs)
+
+
+def parse_metrics(path: Path, torn_tail_ok: bool = False) -> list[tuple[str, dict]]:
+    """(line, record) pairs of a metrics.jsonl file. A line that is not a JSON record is an error naming the file
+    and line, except a torn last line (a kill during an append) when torn_tail_ok: it is dropped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError as err:
+            if torn_tail_ok and number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not a metrics record ({err}); a write was cut short or the "
+                             "file was edited. Delete or fix that line") from None
+        pairs.append((line, record))
+    return pairs
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to `step` (those logged before the checkpoint a run resumes from), so that the log
+    reads as one run. Replaced atomically: a kill during the rewrite leaves the old log whole."""
+    if path.is_file():
+        kept = [line for line, record in parse_metrics(path, torn_tail_ok=True) if record["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) of a metrics.jsonl file."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [record for _, record in parse_metrics(path)]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
@@ -39,24 +75,27 @@ def plot_curves(curves: dict[str, tuple[list[dict], list[dict]]], out: Path, tit
     plt.close(fig)
 
 
-def write_report(run_dir: Path, cfg, model, sample: str, padding_fraction: float) -> dict:
+def write_report(run_dir: Path, cfg, model, sample: str, padding_fraction: float, timing: dict) -> dict:
+    """summary.txt, summary.json and loss.png of a finished run. timing: tokens, train_s (the training steps
+    alone) and wall_s (the run's wall-clock time, evaluations and checkpoints included)."""
     train, val = read_metrics(run_dir / "metrics.jsonl")
     plot_curves({cfg.arch: (train, val)}, run_dir / "loss.png", f"{cfg.arch} / {cfg.preset} on {cfg.data}")
     last_val = val[-1] if val else {"val_loss": float("nan"), "val_ppl": float("nan"), "val_bpb": float("nan")}
-    rate = train[-1]["tokens_per_s"] if train else 0.0
-    final = {**last_val, "tokens_per_s": rate, "steps": train[-1]["step"] if train else 0,
-             "tokens": train[-1]["tokens"] if train else 0, "parameters": model.num_parameters(),
-             "padding_fraction": padding_fraction}
+    rate = timing["tokens"] / timing["train_s"] if timing["train_s"] > 0 else 0.0
+    final = {**last_val, "tokens_per_s": rate, "steps": train[-1]["step"] if train else 0, **timing,
+             "parameters": model.num_parameters(), "padding_fraction": padding_fraction}
     lines = [
         f"run        {run_dir}",
         f"model      {cfg.arch} ({cfg.preset}), {final['parameters']:,} parameters",
         f"data       {cfg.data}, seq_len {cfg.seq_len}, batch {cfg.batch_size}, padding {padding_fraction:.1%}",
-        f"trained    {final['steps']} steps, {final['tokens']:,} tokens at {rate:,.0f} tokens/s",
+        f"trained    {final['steps']} steps, {timing['tokens']:,} tokens at {rate:,.0f} tokens/s of training time",
+        f"time       {timing['train_s']:,.1f} s training, {timing['wall_s']:,.1f} s wall-clock (evaluations and "
+        "checkpoints included)",
         f"validation loss {last_val['val_loss']:.4f}, perplexity {last_val['val_ppl']:.2f}, "
         f"bits/byte {last_val['val_bpb']:.4f}",
         "sample:",
         sample,
     ]
-    (run_dir / "summary.txt").write_text("\n".join(lines) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps(final, indent=2))
+    atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
+    atomic_write_text(run_dir / "summary.json", strict_json(final, indent=2))
     return final

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from megalodon.baseline import Llama, matched_llama_config
 from megalodon.checkpoint import save_pretrained
 from megalodon.config import MegalodonConfig
-from megalodon.data import IGNORE_INDEX, Batch, PackedBatcher, TokenStore, bits_per_byte, eval_windows
+from megalodon.data import IGNORE_INDEX, Batch, PackedBatcher
 from megalodon.model import Megalodon
 from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
+from megalodon.training.compute import autocast, evaluate, forward_loss, sample_text
 from megalodon.training.config import TrainConfig
 from megalodon.training.data import open_splits, prepare_data
 from megalodon.training.optim import build_optimizer, lr_at
-from megalodon.training.report import write_report
+from megalodon.training.report import strict_json, truncate_metrics, write_report
+from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
+from megalodon.training.signals import StopSignals
 
 CALIBRATION_STEPS = 5  # steady-state steps timed before a wall-clock budget is turned into max_steps
 
@@ -34,8 +35,10 @@ class RunResult:
     steps: int
     val_loss: float
     val_bpb: float
-    tokens_per_s: float
+    tokens_per_s: float  # tokens per second of training steps (evaluation and checkpoints not counted)
     sample: str
+    finished: bool = True
+    stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run early
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
@@ -53,28 +56,6 @@ def chunk_size_of(cfg: TrainConfig) -> int:
     return MegalodonConfig.from_preset(cfg.preset, **cfg.model).chunk_size
 
 
-def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
-    saved = run_dir / "train_config.json"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite:
-            import shutil
-
-            shutil.rmtree(run_dir)
-        elif not resume:
-            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to "
-                             "replace it")
-        elif not saved.is_file():
-            raise ValueError(f"{run_dir} is not a training run directory (no train_config.json)")
-        else:
-            previous = json.loads(saved.read_text())
-            ignore = {"max_steps", "time_budget_min"}
-            diffs = sorted(k for k in cfg.to_dict() if k not in ignore and previous.get(k) != cfg.to_dict()[k])
-            if diffs:
-                raise ValueError(f"{run_dir} holds a different run (options differ: {', '.join(diffs)}); "
-                                 "use another --run-dir or --overwrite")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each block's activations in backward instead of storing them."""
     from torch.utils.checkpoint import checkpoint
@@ -84,64 +65,25 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls beat fp32 here: on CUDA with bf16 support, or on CPUs with AMX or AVX512-BF16.
-    Without those, CPU bf16 matmuls run several times slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return _cpu_has_bf16_units()
-
-
-@functools.cache
-def _cpu_has_bf16_units() -> bool:  # asked on every step: read /proc/cpuinfo once
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and fast_bf16(device)):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def forward_loss(model, batch: Batch, state, stateful: bool):
-    """Summed cross-entropy (nats) over the batch's labels, and the carried state when stateful (Megalodon)."""
-    if stateful:
-        logits, new_state = model(batch.input_ids, state=state, return_state=True, doc_start=batch.doc_start)
-    else:
-        logits, new_state = model(batch.input_ids, doc_start=batch.doc_start), None
-    loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, new_state
-
-
-@torch.no_grad()
-def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int, device) -> dict:
-    """Loss over a whole split, streaming windows of each document with the carried state."""
-    was_training = model.training
-    model.eval()
-    nats, count, state = 0.0, 0, None
-    for batch in eval_windows(store, cfg.seq_len, chunk, pad_id, cfg.eval_batch_size):
-        batch = batch.to(device)
-        with autocast(cfg, device):
-            loss, state = forward_loss(model, batch, state, stateful=isinstance(model, Megalodon))
-        nats += float(loss)
-        count += int((batch.labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    mean = nats / max(count, 1)
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_bpb": bits_per_byte(nats, store.n_bytes)}
-
-
 class Trainer:
-    """One training run: built from a config and a run directory, resumable from its checkpoints."""
+    """One training run: built from a config and a run directory, resumable from its checkpoints.
+
+    It holds an exclusive lock on the run directory from construction to close() (`with Trainer(...)` closes)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  device: str = "cpu", progress: bool = True):
         self.cfg, self.run_dir, self.device, self.progress = cfg, Path(run_dir), torch.device(device), progress
-        prepare_run_dir(self.run_dir, cfg, resume, overwrite)
+        self.tensorboard = None
+        self.lock = RunDirLock(self.run_dir).acquire()  # before --overwrite may delete anything
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, resume: bool, overwrite: bool) -> None:
+        cfg = self.cfg
+        prepare_run_dir(self.run_dir, cfg.to_dict(), resume, overwrite)
         torch.set_flush_denormal(True)  # fp32 training slows 3-4x on denormals on these CPUs
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -152,6 +94,7 @@ class Trainer:
         if train_store.vocab_size != self.tokenizer.vocab_size:
             raise ValueError(f"the token store's vocab ({train_store.vocab_size}) does not match the tokenizer's "
                              f"({self.tokenizer.vocab_size}); delete {store_dir} to rebuild it")
+        self.data_fingerprint = hashlib.sha256(json.dumps(train_store.meta, sort_keys=True).encode()).hexdigest()
         self.chunk = chunk_size_of(cfg)
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -160,10 +103,11 @@ class Trainer:
         self.batcher = PackedBatcher(train_store, cfg.batch_size, cfg.seq_len, self.chunk, cfg.seed, self.pad_id)
         self.stateful = cfg.stateful and isinstance(self.model, Megalodon)
         self.streams: list = [None] * cfg.grad_accum  # carried state of each micro-batch's rows
-        self.step, self.max_steps, self.tokens, elapsed = 0, cfg.max_steps, 0, 0.0
+        self.step, self.max_steps, self.tokens, self.train_time, elapsed = 0, cfg.max_steps, 0, 0.0, 0.0
+        self.restart: tuple[int, float] | None = None  # where the lr decay restarted after a change of length
         if resume:
             elapsed = self._resume()
-        (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(self.run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         tok.save(self.run_dir / "model")
 
         self.runner = self.model
@@ -174,10 +118,26 @@ class Trainer:
         self.start_time = time.perf_counter() - elapsed
         self.tensorboard = open_tensorboard(self.run_dir) if cfg.tensorboard else None
 
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        self.lock.release()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _resume(self) -> float:
+        metrics = self.run_dir / "metrics.jsonl"
         checkpoints = list_checkpoints(self.run_dir)
         if not checkpoints:
+            cleared = " (the metrics it logged are cleared)" if metrics.exists() else ""
+            print(f"{self.run_dir} has no checkpoint yet: starting from step 0{cleared}")
+            metrics.unlink(missing_ok=True)
             return 0.0
+        previous = saved_options(self.run_dir)
         latest = checkpoints[-1]
         try:
             verify_checkpoint(latest)
@@ -186,37 +146,74 @@ class Trainer:
             raise ValueError(f"refusing to resume: {err}{older}. Delete the damaged checkpoint to resume from "
                              "the one before it") from None
         saved, streams = load_checkpoint(latest, self.model, self.optimizer)
+        # Checkpoints written before these keys existed lack them: no data check, wall-clock as training time.
+        if saved.get("data", self.data_fingerprint) != self.data_fingerprint:
+            raise ValueError(f"the training data changed since {latest} was written ({self.cfg.data}): resuming "
+                             "would not continue the same run. Restore the files, or start a new run")
         self.streams = [None if s is None else s.to(self.device) for s in streams] or self.streams
         self.batcher.load_state_dict(saved["batcher"])
         self.step, self.max_steps, self.tokens = saved["step"], saved["max_steps"], saved["tokens"]
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.train_time = saved.get("train_s", saved["elapsed"])
+        self.restart = tuple(saved["lr_restart"]) if saved.get("lr_restart") else None
+        truncate_metrics(metrics, self.step)
+        self._change_length(previous.get("time_budget_min"))
         return saved["elapsed"]
+
+    def _change_length(self, saved_budget: float | None) -> None:
+        """Apply a --max_steps given on resume that differs from the run's length. After warmup the lr decay goes
+        on from where it stands to the floor at the new end, with no jump; a finished run trains on at its floor."""
+        cfg, old = self.cfg, self.max_steps
+        if cfg.max_steps == 0:
+            if old and cfg.time_budget_min != saved_budget:
+                raise ValueError(f"this run's length was fixed at {old} steps from its time budget; change it with "
+                                 "--max_steps N, not --time_budget_min")
+            return
+        if cfg.max_steps == old:
+            return
+        if cfg.max_steps < self.step:
+            raise ValueError(f"the run is already at step {self.step}: --max_steps {cfg.max_steps} is behind it; give "
+                             f"at least {self.step}")
+        if self.step >= cfg.warmup_steps:
+            self.restart = (self.step, lr_at(self.step, cfg, old or 10 ** 9, self.restart))
+            plan = (f"the learning rate decays from {self.restart[1]:.3g} (its value at step {self.step}) to "
+                    f"{cfg.lr * cfg.min_lr_ratio:.3g} at step {cfg.max_steps}")
+        else:
+            plan = f"the schedule after warmup is planned for {cfg.max_steps} steps"
+        self.max_steps = cfg.max_steps
+        verb = "extending" if cfg.max_steps > (old or 0) else "shortening"
+        print(f"{verb} the run from {old or 'its time budget'} to {cfg.max_steps} steps: {plan}")
+        self.log({"step": self.step, "event": f"max_steps {old} -> {cfg.max_steps}", "lr_restart": self.restart})
 
     @property
     def elapsed(self) -> float:
+        """Wall-clock seconds of the run so far, evaluations and checkpoints included."""
         return time.perf_counter() - self.start_time
 
     def log(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(strict_json(record) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
-                if key != "step":
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def checkpoint(self) -> None:
-        state = {"max_steps": self.max_steps, "elapsed": self.elapsed, "tokens": self.tokens,
-                 "batcher": self.batcher.state_dict()}
+        state = {"max_steps": self.max_steps, "lr_restart": self.restart, "elapsed": self.elapsed,
+                 "train_s": self.train_time, "tokens": self.tokens, "batcher": self.batcher.state_dict(),
+                 "data": self.data_fingerprint}
         save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                         self.streams if self.stateful else [], self.cfg.keep_checkpoints)
 
     def train_step(self) -> float:
-        """One optimizer step over batch_size rows in grad_accum micro-batches; returns the mean loss."""
+        """One optimizer step over batch_size rows in grad_accum micro-batches; returns the mean loss.
+        A non-finite loss or gradient stops the run before the optimizer touches the weights."""
+        started = time.perf_counter()
         cfg, micro = self.cfg, self.cfg.micro_batch_size
         batch = self.batcher.next_batch().to(self.device)
         n_labels = max(int((batch.labels != IGNORE_INDEX).sum()), 1)
+        lr = lr_at(self.step, cfg, self.max_steps or 10 ** 9, self.restart)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg, self.max_steps or 10 ** 9)
+            group["lr"] = lr
         total = 0.0
         for m in range(cfg.grad_accum):
             rows = slice(m * micro, (m + 1) * micro)
@@ -227,36 +224,47 @@ class Trainer:
             total += float(loss.detach())
             if self.stateful:
                 self.streams[m] = new_state.detach()  # truncated BPTT: the state goes on, its graph does not
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # max_norm inf only measures: the norm is what tells a diverging run apart
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf))
+        if not (math.isfinite(total) and math.isfinite(self.grad_norm)):
+            latest = list_checkpoints(self.run_dir)[-1:]
+            raise RuntimeError(
+                f"training diverged at step {self.step + 1}: the loss is {total / n_labels:.4g} and the gradient "
+                f"norm {self.grad_norm:.4g} (learning rate {lr:.3g}). Nothing of this step was saved; "
+                f"{'the last checkpoint is ' + str(latest[0]) if latest else 'no checkpoint was written yet'}. "
+                "Lower --lr or raise --warmup_steps, and start again")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += batch.input_ids.numel()
+        self.train_time += time.perf_counter() - started
         return total / n_labels
 
+    def _done(self) -> bool:
+        return self.max_steps > 0 and self.step >= self.max_steps
+
     def run(self, stop_at_step: int | None = None) -> RunResult:
-        """Train to max_steps (or the time budget). stop_at_step: checkpoint and stop there, as an interrupted
-        run would (Ctrl-C does the same); a later run with resume=True continues exactly."""
+        """Train to max_steps (or the time budget). SIGINT (Ctrl-C) and SIGTERM stop it at the next step boundary
+        with a checkpoint, as stop_at_step does at that step; a later run with resume=True continues exactly."""
         cfg = self.cfg
         self.model.train()
         self._pace_from: tuple[int, float] | None = None
         bar = tqdm(total=self.max_steps or self.step + CALIBRATION_STEPS, initial=self.step, desc=cfg.arch,
                    disable=not self.progress, dynamic_ncols=True)
-        try:
-            while (self.max_steps == 0 or self.step < self.max_steps) and self.step != stop_at_step:
-                loss = self.train_step()
-                bar.update(1)
-                self._after_step(loss, bar)
-        except KeyboardInterrupt:
-            bar.write("interrupted")
-        finally:
-            bar.close()
-        if self.step < self.max_steps or self.max_steps == 0:
+        with StopSignals() as stop:
+            try:
+                while not self._done() and self.step != stop_at_step and stop.received is None:
+                    loss = self.train_step()
+                    bar.update(1)
+                    self._after_step(loss, bar)
+            finally:
+                bar.close()
+            if self._done():
+                return self._finish()
             self.checkpoint()
-            print(f"stopped at step {self.step}; continue with --resume --run-dir {self.run_dir}")
-            return RunResult(self.run_dir, self.step, math.nan, math.nan, self.tokens / self.elapsed, "")
-        return self._finish()
+        print(f"stopped at step {self.step}; continue with: megalodon train --resume --run-dir {self.run_dir}")
+        return RunResult(self.run_dir, self.step, math.nan, math.nan, self.tokens / max(self.train_time, 1e-9), "",
+                         finished=False, stopped_by=stop.received)
 
     def _calibrate(self, step: int, bar) -> None:
         """Turn the wall-clock budget into max_steps from the pace of steady-state steps.
@@ -281,9 +289,10 @@ class Trainer:
             self._calibrate(step, bar)
         last = step == self.max_steps
         if step % cfg.log_every == 0 or last:
-            rate = self.tokens / max(self.elapsed, 1e-9)
+            rate = self.tokens / max(self.train_time, 1e-9)  # training steps only: evaluation is not training
             self.log({"step": step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                      "tokens": self.tokens, "tokens_per_s": rate, "elapsed_s": self.elapsed})
+                      "grad_norm": self.grad_norm, "tokens": self.tokens, "tokens_per_s": rate,
+                      "train_s": self.train_time, "elapsed_s": self.elapsed})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             result = evaluate(self.model, self.val_store, cfg, self.chunk, self.pad_id, self.device)
@@ -297,14 +306,16 @@ class Trainer:
     def _finish(self) -> RunResult:
         save_pretrained(self.model, self.run_dir / "model")
         sample = sample_text(self.model, self.tokenizer, self.cfg, self.device)
-        final = write_report(self.run_dir, self.cfg, self.model, sample, self.batcher.padding_fraction)
+        timing = {"tokens": self.tokens, "train_s": self.train_time, "wall_s": self.elapsed}
+        final = write_report(self.run_dir, self.cfg, self.model, sample, self.batcher.padding_fraction, timing)
         return RunResult(self.run_dir, self.step, final["val_loss"], final["val_bpb"], final["tokens_per_s"], sample)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           device: str = "cpu", progress: bool = True, stop_at_step: int | None = None) -> RunResult:
-    """Build a Trainer and run it (see Trainer.run)."""
-    return Trainer(cfg, run_dir, resume, overwrite, device, progress).run(stop_at_step)
+    """Build a Trainer, run it (see Trainer.run) and release its run directory."""
+    with Trainer(cfg, run_dir, resume, overwrite, device, progress) as trainer:
+        return trainer.run(stop_at_step)
 
 
 def open_tensorboard(run_dir: Path):
@@ -313,39 +324,3 @@ def open_tensorboard(run_dir: Path):
     except ImportError:
         raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint we resume from, so the log reads as one run."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-@torch.no_grad()
-def sample_text(model, tokenizer, cfg: TrainConfig, device, temperature: float = 0.8, top_k: int = 50) -> str:
-    """A short continuation of the sample prompt: the sanity check a person reads."""
-    from megalodon.inference.generate import generate
-    from megalodon.inference.sampling import SamplingConfig, sample_next
-
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, seed=cfg.seed, max_new_tokens=cfg.sample_tokens)
-    was_training = model.training
-    model.eval()
-    try:
-        if isinstance(model, Megalodon):
-            return cfg.sample_prompt + generate(model, tokenizer, [cfg.sample_prompt], sampling)[0].text
-        # The baseline decodes with its KV cache; same sampler, same seed.
-        ids = torch.tensor([tokenizer.encode(cfg.sample_prompt)], device=device)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        logits, past = model(ids, return_past=True)
-        new: list[int] = []
-        for _ in range(cfg.sample_tokens):
-            token = int(sample_next(logits[:, -1], [new], sampling, [generator])[0])
-            if token == tokenizer.eos_id:
-                break
-            new.append(token)
-            logits, past = model(torch.tensor([[token]], device=device), past=past, return_past=True)
-        return cfg.sample_prompt + tokenizer.decode(new)
-    finally:
-        model.train(was_training)

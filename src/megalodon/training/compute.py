@@ -1,0 +1,95 @@
+"""What the trainer computes: bf16 autocast where it is fast, the summed loss of a batch, the validation loss of
+a whole split, and a text sample."""
+
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megalodon.data import IGNORE_INDEX, Batch, TokenStore, bits_per_byte, eval_windows
+from megalodon.model import Megalodon
+from megalodon.training.config import TrainConfig
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls beat fp32 here: on CUDA with bf16 support, or on CPUs with AMX or AVX512-BF16.
+    Without those, CPU bf16 matmuls run several times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return _cpu_has_bf16_units()
+
+
+@functools.cache
+def _cpu_has_bf16_units() -> bool:  # asked on every step: read /proc/cpuinfo once
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and fast_bf16(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def forward_loss(model, batch: Batch, state, stateful: bool):
+    """Summed cross-entropy (nats) over the batch's labels, and the carried state when stateful (Megalodon)."""
+    if stateful:
+        logits, new_state = model(batch.input_ids, state=state, return_state=True, doc_start=batch.doc_start)
+    else:
+        logits, new_state = model(batch.input_ids, doc_start=batch.doc_start), None
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, new_state
+
+
+@torch.no_grad()
+def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int, device) -> dict:
+    """Loss over a whole split, streaming windows of each document with the carried state."""
+    was_training = model.training
+    model.eval()
+    nats, count, state = 0.0, 0, None
+    for batch in eval_windows(store, cfg.seq_len, chunk, pad_id, cfg.eval_batch_size):
+        batch = batch.to(device)
+        with autocast(cfg, device):
+            loss, state = forward_loss(model, batch, state, stateful=isinstance(model, Megalodon))
+        nats += float(loss)
+        count += int((batch.labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    mean = nats / max(count, 1)
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_bpb": bits_per_byte(nats, store.n_bytes)}
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, cfg: TrainConfig, device, temperature: float = 0.8, top_k: int = 50) -> str:
+    """A short continuation of the sample prompt: the sanity check a person reads."""
+    from megalodon.inference.generate import generate
+    from megalodon.inference.sampling import SamplingConfig, sample_next
+
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, seed=cfg.seed, max_new_tokens=cfg.sample_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, Megalodon):
+            return cfg.sample_prompt + generate(model, tokenizer, [cfg.sample_prompt], sampling)[0].text
+        # The baseline decodes with its KV cache; same sampler, same seed.
+        ids = torch.tensor([tokenizer.encode(cfg.sample_prompt)], device=device)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        logits, past = model(ids, return_past=True)
+        new: list[int] = []
+        for _ in range(cfg.sample_tokens):
+            token = int(sample_next(logits[:, -1], [new], sampling, [generator])[0])
+            if token == tokenizer.eos_id:
+                break
+            new.append(token)
+            logits, past = model(torch.tensor([[token]], device=device), past=past, return_past=True)
+        return cfg.sample_prompt + tokenizer.decode(new)
+    finally:
+        model.train(was_training)

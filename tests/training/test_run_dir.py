@@ -1,0 +1,94 @@
+"""The run directory: one trainer at a time, atomic rewrites, crash leftovers cleaned, honest resume."""
+
+import os
+
+import pytest
+
+from megalodon.training.checkpoint import list_checkpoints
+from megalodon.training.report import read_metrics
+from megalodon.training.run_dir import RunDirLock, RunInUse
+from megalodon.training.trainer import Trainer, train
+from training_helpers import losses
+
+
+def test_a_locked_run_directory_is_refused_and_never_deleted(make_config, tmp_path):
+    run = tmp_path / "run"
+    train(make_config(max_steps=2), run, progress=False)
+    with RunDirLock(run):  # another open of the directory: flock refuses it as it would another process
+        with pytest.raises(RunInUse, match=rf"in use by another trainer \(pid {os.getpid()}, started "):
+            train(make_config(max_steps=3), run, resume=True, progress=False)
+        with pytest.raises(RunInUse, match="in use"):
+            train(make_config(max_steps=2), run, overwrite=True, progress=False)
+        assert (run / "summary.txt").is_file() and list_checkpoints(run)
+    train(make_config(max_steps=3), run, resume=True, progress=False)  # free again once released
+
+
+def test_crash_leftovers_are_removed_and_only_step_dirs_count(make_config, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_config()
+    train(cfg, run, progress=False, stop_at_step=4)
+    checkpoints = run / "checkpoints"
+    (checkpoints / ".step-0000008.tmp-abc123").mkdir()  # a checkpoint being written when the power went
+    (checkpoints / "step-backup").mkdir()  # a user's copy: never taken for the latest checkpoint
+    (run / ".metrics.jsonl.tmp-xyz").write_text("half")
+    stores = tmp_path / "data" / "stores"
+    (stores / ".somestore.tmp-q1w2").mkdir()
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000004"]
+    train(cfg, run, resume=True, progress=False)
+    assert not list(checkpoints.glob(".*.tmp-*")) and not list(run.glob(".*.tmp-*"))
+    assert not list(stores.glob(".*.tmp-*"))
+    assert (checkpoints / "step-backup").is_dir()
+
+
+def test_resume_before_the_first_checkpoint_says_so_and_resets_the_log(make_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = make_config(checkpoint_every=0)
+    Trainer(cfg, run, progress=False).close()  # as if killed in step 1: the directory holds its config
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo')
+    train(cfg, run, resume=True, progress=False)
+    assert "no checkpoint yet" in capsys.readouterr().out
+    assert len(losses(run)) == 8 and losses(run)[0] != 5.0
+
+
+def test_the_resume_rewrite_of_metrics_is_atomic(make_config, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = make_config()
+    train(cfg, run, progress=False, stop_at_step=6)
+    before = (run / "metrics.jsonl").read_text()
+
+    def killed(source, target, _replace=os.replace):  # the process dies before the new log is put in place
+        if str(target).endswith("metrics.jsonl"):
+            raise KeyboardInterrupt
+        _replace(source, target)
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, resume=True, progress=False)
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_named_when_read(make_config, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_config()
+    train(cfg, run, progress=False, stop_at_step=4)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "loss": 3.1')  # kill -9 during the append of step 5
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 5"):
+        read_metrics(run / "metrics.jsonl")
+    train(cfg, run, resume=True, progress=False)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")[0]] == list(range(1, 9))
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_finite_checkpoint(make_config, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    cfg = make_config(lr=1e4, warmup_steps=0, checkpoint_every=1, keep_checkpoints=1, max_steps=30, grad_clip=0.0)
+    with pytest.raises(RuntimeError, match=r"training diverged at step \d+: the loss is"):
+        train(cfg, run, progress=False)
+    (latest,) = list_checkpoints(run)
+    assert all(torch.isfinite(t).all() for t in load_file(str(latest / "model.safetensors")).values())
+    assert not (run / "model" / "model.safetensors").exists()
+    assert all(isinstance(x, float) for x in losses(run))  # strict JSON, every logged loss finite
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        make_config(lr=float("inf"))
