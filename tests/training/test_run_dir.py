@@ -92,3 +92,15 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_finite_checkpoint(m
     assert all(isinstance(x, float) for x in losses(run))  # strict JSON, every logged loss finite
     with pytest.raises(ValueError, match="lr must be a finite number"):
         make_config(lr=float("inf"))
+
+
+def test_a_run_dir_that_is_a_file_or_read_only_is_named(make_config, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file; give a directory"):
+        train(make_config(), tmp_path / "file", progress=False)
+    with pytest.raises(ValueError, match="cannot use .*under-a-file"):
+        train(make_config(), tmp_path / "file" / "under-a-file", progress=False)
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(ValueError, match="cannot write in the run directory"):
+            train(make_config(), tmp_path / "ro", progress=False)

@@ -142,3 +142,17 @@ def test_throughput_counts_training_time_alone(make_config, tmp_path, monkeypatc
     assert summary["wall_s"] > summary["train_s"] + 2.0
     assert result.tokens_per_s == summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_s"])
     assert "wall-clock" in (tmp_path / "run" / "summary.txt").read_text()
+
+
+def test_compare_reports_training_throughput_and_resumes_from_its_saved_options(config_file, tmp_path, capsys):
+    from megalodon.cli import main
+
+    out = tmp_path / "compare"
+    assert main(["compare", "--config", str(config_file(max_steps=2)), "--run-dir", str(out)]) == 0
+    text = (out / "compare.md").read_text()
+    assert "tokens/s (training)" in text and "training throughput ratio megalodon/llama" in text
+    for arch in ("megalodon", "llama"):
+        summary = json.loads((out / arch / "summary.json").read_text())
+        assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_s"])
+    assert main(["compare", "--resume", "--run-dir", str(out), "--max_steps", "3"]) == 0
+    assert [json.loads((out / a / "summary.json").read_text())["steps"] for a in ("megalodon", "llama")] == [3, 3]

@@ -41,8 +41,14 @@ class RunDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunDirLock":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"--run-dir {self.run_dir} is a file; give a directory (new or holding a run)")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as err:
+            raise ValueError(f"cannot use {self.run_dir} as the run directory: {err.strerror}; give another "
+                             "--run-dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -51,8 +57,13 @@ class RunDirLock:
                            "or stop it first (Ctrl-C or kill -TERM saves its checkpoint)") from None
         self._fd = fd
         started = time.strftime("%Y-%m-%d %H:%M:%S")
-        (self.run_dir / OWNER).write_text(json.dumps({"pid": os.getpid(), "started": started,
-                                                      "host": socket.gethostname()}))
+        try:
+            (self.run_dir / OWNER).write_text(json.dumps({"pid": os.getpid(), "started": started,
+                                                          "host": socket.gethostname()}))
+        except OSError as err:
+            self.release()
+            raise ValueError(f"cannot write in the run directory {self.run_dir}: {err.strerror}; give a writable "
+                             "--run-dir") from None
         return self
 
     def _holder(self) -> str:
