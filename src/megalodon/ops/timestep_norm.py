@@ -5,19 +5,18 @@ The running statistics after token t merge all observations up to and including 
 weighing 1), starting from an incoming state (count, mean, var).
 
 Paths (`timestep_norm` picks one; the layer never asks which device it is on):
-- `timestep_norm_blocked`, PyTorch, any device and dtype, the fallback and the only path with a pad_mask.
+- `timestep_norm_blocked`, PyTorch, any device and dtype: the fallback, and the only path with a pad_mask.
   1. Per-token moments (mu, s2): (B, L, D) -> (B, L, G).
-  2. `causal_statistics` on the small (B, L, G) tensors: inside each block (the chunk grid), cumulative sums
-     shifted by the block's first token mean; across blocks a Python scan that Chan-merges the block totals into a
-     float64 carry and restarts at the prior where `block_reset` says so. The scan runs L / block steps, not L.
-  3. Normalize with the per-token statistics.
-  Steps 1 and 3 touch every activation and have hand-written backward passes (a few fused passes instead of
-  autograd's dozens); step 2 is differentiated by autograd on tensors D/G times smaller.
-  Every cumulative sum scans at most 32 elements (longer ones are tiled, `_short_cumsum`): Inductor turns longer
-  scans with few outputs into split scans, and a split scan over a broadcast input crashes it on CUDA (PyTorch
-  issue #180221).
+  2. The running statistics on the small (B, L, G) tensors, blocked on the chunk grid
+     (ops/timestep_norm_stats.py).
+  3. y = (x - mean_t) * rstd_t * (weight + 1) + bias.
+  One autograd.Function with a hand-written backward: a few passes over the activations (the normalization's
+  gradient, then dx = g * rstd + (P + 2 C (x - mean_t)) / (D/G) with g = dy * (weight + 1)) around the reverse scan
+  `causal_statistics_backward`, instead of autograd's dozens of passes. It saves x, mean_t, rstd_t and the counts.
 - `megalodon.ops.triton.timestep_norm`: fused Triton kernels, on CUDA for fp32/bf16/fp16 input without a pad_mask.
 - `timestep_norm_step` / `timestep_norm_step_`: one token per row, the decode step (in place for CUDA graphs).
+- For chunk parallelism (spec section 14): `segment_statistics` (a segment's statistics from an empty state),
+  `merge_statistics` (Chan), and `timestep_norm_blocked` with the merged incoming state. All differentiable.
 
 Precision: per-token statistics are computed in fp32 (or the input's dtype if wider); the running statistics that
 a stream carries (`NormStats.mean`, `.var`) are float64, and every merge into them is done in float64. A fp32
@@ -29,24 +28,17 @@ resolution and its error grows with position (1.6e-3 relative at 200K tokens).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from megalodon.ops.timestep_norm_stats import (STATS_DTYPE, NormStats, causal_statistics,
+                                               causal_statistics_backward, chan_merge, per_row, running_statistics)
 from megalodon.ops.triton import use_triton
 
-STATS_DTYPE = torch.float64  # the running mean/var a stream carries
-_SCAN = 32  # longest single cumsum; Inductor never splits a scan this short
-
-
-class NormStats(NamedTuple):
-    """Running statistics per row: count (B,) int64, mean and var (B, G) float64 (a population variance)."""
-
-    count: Tensor
-    mean: Tensor
-    var: Tensor
+__all__ = ["STATS_DTYPE", "NormStats", "causal_statistics", "chan_merge", "merge_statistics", "normalize",
+           "segment_statistics", "timestep_norm", "timestep_norm_blocked", "timestep_norm_sequential",
+           "timestep_norm_step", "timestep_norm_step_", "token_moments"]
 
 
 # ---- per-token pieces over the full activations (B, L, D), with fused backward passes -------------------------
@@ -75,31 +67,38 @@ def token_moments(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     return _TokenMoments.apply(x, num_groups)
 
 
+def _normalized(grouped: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    return (grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+
+
+def _affine_backward(dy: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor) -> tuple[Tensor, ...]:
+    """Through y = xhat * (w + 1) + b, xhat = (x - m) * rstd, rstd = (v + eps)^-1/2, on grouped (..., G, D/G)
+    tensors: g = dy * (w + 1), dm = -rstd * sum(g), dv = -rstd^2 / 2 * sum(g * xhat), and the weight and bias
+    gradients (D,)."""
+    scale = (weight + 1.0).to(xhat.dtype).view(xhat.shape[-2:])
+    g = dy * scale
+    dy_xhat = dy * xhat
+    d_mean = -rstd * g.sum(-1)
+    d_var = (-0.5 * rstd.square()) * (dy_xhat * scale).sum(-1)
+    d_weight = dy_xhat.flatten(0, -3).sum(0).flatten().to(weight.dtype)
+    d_bias = dy.flatten(0, -3).sum(0).flatten().to(weight.dtype)
+    return g, d_mean, d_var, d_weight, d_bias
+
+
 class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         rstd = torch.rsqrt(var + eps)
-        grouped = x.to(mean.dtype).unflatten(-1, (mean.shape[-1], -1))
-        xhat = (grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+        xhat = _normalized(x.to(mean.dtype).unflatten(-1, (mean.shape[-1], -1)), mean, rstd)
         ctx.save_for_backward(x, mean, rstd, weight)
         return torch.addcmul(bias.to(mean.dtype), xhat.flatten(-2), (weight + 1.0).to(mean.dtype))
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        # y = xhat * (w + 1) + b with xhat = (x - m) * rstd, rstd = (v + eps)^-1/2:
-        # dx = g * rstd, dm = -rstd * sum(g), dv = -rstd^2 / 2 * sum(g * xhat), where g = dy * (w + 1).
         x, mean, rstd, weight = ctx.saved_tensors
-        groups = mean.shape[-1]
-        grouped = x.to(mean.dtype).unflatten(-1, (groups, -1))
-        xhat = (grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-        dy = dy.unflatten(-1, (groups, -1))
-        g = dy * (weight + 1.0).to(mean.dtype).view(groups, -1)
-        d_mean = -rstd * g.sum(-1)
-        d_var = (-0.5 * rstd.square()) * (g * xhat).sum(-1)
-        dx = (g * rstd.unsqueeze(-1)).flatten(-2).to(x.dtype)
-        d_weight = (dy * xhat).flatten(-2).flatten(0, -2).sum(0).to(weight.dtype)
-        d_bias = dy.flatten(-2).flatten(0, -2).sum(0).to(weight.dtype)
-        return dx, d_mean, d_var, d_weight, d_bias, None
+        xhat = _normalized(x.to(mean.dtype).unflatten(-1, (mean.shape[-1], -1)), mean, rstd)
+        g, d_mean, d_var, d_weight, d_bias = _affine_backward(dy.unflatten(-1, xhat.shape[-2:]), xhat, rstd, weight)
+        return (g * rstd.unsqueeze(-1)).flatten(-2).to(x.dtype), d_mean, d_var, d_weight, d_bias, None
 
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -107,20 +106,7 @@ def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor
     return _Normalize.apply(x, mean, var, weight, bias, eps)
 
 
-# ---- statistics on the small (..., G) tensors ------------------------------------------------------------------
-
-def chan_merge(count_a: Tensor, mean_a: Tensor, var_a: Tensor,
-               count_b: Tensor, mean_b: Tensor, var_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge two sets of population statistics. Counts are float and broadcast against the means."""
-    count = count_a + count_b
-    safe = count.clamp(min=1.0)
-    share_b = count_b / safe
-    delta = mean_b - mean_a
-    mean = mean_a + delta * share_b
-    var = (count_a * var_a + count_b * var_b) / safe + delta.square() * (count_a / safe) * share_b
-    empty = count == 0
-    return count, torch.where(empty, mean_a, mean), torch.where(empty, var_a, var)
-
+# ---- statistics of whole segments (chunk parallelism) -----------------------------------------------------------
 
 def merge_statistics(first: NormStats, second: NormStats) -> NormStats:
     """The statistics of `first`'s tokens followed by `second`'s (spec section 14), in float64. Differentiable."""
@@ -141,72 +127,6 @@ def segment_statistics(x: Tensor, num_groups: int, pad_mask: Tensor | None = Non
     mean = (mu * weight).sum(1) / count.clamp(min=1.0)
     var = ((s2 + (mu - mean[:, None]).square()) * weight).sum(1) / count.clamp(min=1.0)
     return NormStats(count[:, 0].round().to(torch.int64), mean.to(STATS_DTYPE), var.to(STATS_DTYPE))
-
-
-def _short_cumsum(t: Tensor) -> Tensor:
-    """cumsum along dim -2 built from scans of at most _SCAN elements: tiles, then a scan over the tile totals."""
-    n = t.shape[-2]
-    if n <= _SCAN:
-        return t.cumsum(-2)
-    tiles = -(-n // _SCAN)
-    inner = F.pad(t, (0, 0, 0, tiles * _SCAN - n)).unflatten(-2, (tiles, _SCAN)).cumsum(-2)
-    before = F.pad(_short_cumsum(inner[..., -1, :])[..., :-1, :], (0, 0, 1, 0))  # exclusive prefix of tile sums
-    return (inner + before.unsqueeze(-2)).flatten(-3, -2)[..., :n, :]
-
-
-def causal_statistics(
-    mu: Tensor, s2: Tensor, initial: NormStats, block_size: int | None = None, block_reset: Tensor | None = None,
-    prior: NormStats | None = None, valid: Tensor | None = None,
-) -> tuple[Tensor, Tensor, NormStats]:
-    """Running mean and variance at every token from per-token moments mu, s2 (B, L, G), and the final state.
-
-    Returns mean_t, var_t (B, L, G) in mu's dtype and the float64 statistics after the last token. `valid`
-    (B, L), 1 for a token that counts and 0 for padding; block_size/block_reset/prior as in timestep_norm.
-    """
-    dtype = mu.dtype
-    batch, length, groups = mu.shape
-    block = length if block_size is None else min(block_size, length)
-    num_blocks = -(-length // block)
-    pad_len = num_blocks * block - length
-    valid = mu.new_ones(batch, length) if valid is None else valid.to(dtype)
-    mu, s2 = (F.pad(t, (0, 0, 0, pad_len)).view(batch, num_blocks, block, groups) for t in (mu, s2))
-    valid = F.pad(valid, (0, pad_len)).view(batch, num_blocks, block, 1)
-
-    # Inside each block: sums shifted by the block's first token mean, so that the sum-of-squares form does not
-    # cancel catastrophically. The shift cancels exactly, so it carries no gradient.
-    shift = mu[:, :, :1].detach()
-    centered = (mu - shift) * valid
-    count_local = _short_cumsum(valid)
-    safe = count_local.clamp(min=1.0)
-    first = _short_cumsum(centered) / safe
-    second = _short_cumsum((s2 + (mu - shift).square()) * valid) / safe
-    mean_local = shift + first
-    var_local = (second - first.square()).clamp(min=0.0)
-
-    # Across blocks: a float64 carry, so that merging a block into a long stream loses nothing.
-    prior = initial if prior is None else prior
-    count = initial.count.to(torch.int64).expand(batch)
-    mean, var = initial.mean.to(STATS_DTYPE), initial.var.to(STATS_DTYPE)
-    prior_count = prior.count.to(torch.int64).expand(batch)
-    prior_mean = prior.mean.to(STATS_DTYPE).expand(batch, groups)
-    prior_var = prior.var.to(STATS_DTYPE).expand(batch, groups)
-    block_counts = count_local[:, :, -1, 0].round().to(torch.int64)  # B x nb
-    incoming = []
-    for c in range(num_blocks):  # a scan over blocks, not over time
-        if block_reset is not None:
-            reset = block_reset[:, c]
-            count = torch.where(reset, prior_count, count)
-            mean = torch.where(reset[:, None], prior_mean, mean)
-            var = torch.where(reset[:, None], prior_var, var)
-        incoming.append((count.to(STATS_DTYPE)[:, None], mean, var))
-        _, mean, var = chan_merge(*incoming[-1], count_local[:, c, -1].to(STATS_DTYPE),
-                                  mean_local[:, c, -1].to(STATS_DTYPE), var_local[:, c, -1].to(STATS_DTYPE))
-        count = count + block_counts[:, c]
-    count_in, mean_in, var_in = (torch.stack(t, dim=1).unsqueeze(2).to(dtype) for t in zip(*incoming))
-    _, mean_t, var_t = chan_merge(count_in, mean_in, var_in, count_local, mean_local, var_local)
-    mean_t = mean_t.flatten(1, 2)[:, :length]
-    var_t = var_t.flatten(1, 2)[:, :length].clamp(min=0.0)
-    return mean_t, var_t, NormStats(count, mean, var)
 
 
 # ---- the op --------------------------------------------------------------------------------------------------
@@ -262,6 +182,55 @@ def timestep_norm(
     return timestep_norm_blocked(x, initial, weight, bias, eps, block_size, block_reset, prior, pad_mask)
 
 
+class _BlockedTimestepNorm(torch.autograd.Function):
+    """The PyTorch path of timestep_norm: forward as in the module docstring, backward by hand."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, count: Tensor, mean: Tensor, var: Tensor, prior_count: Tensor, prior_mean: Tensor,
+                prior_var: Tensor, weight: Tensor, bias: Tensor, eps: float, block_size: int | None,
+                block_reset: Tensor | None, valid: Tensor | None):
+        grouped = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (mean.shape[-1], -1))
+        mu = grouped.mean(-1)  # two passes: torch.var_mean is 10x slower over a short last dim on CPU
+        s2 = (grouped - mu.unsqueeze(-1)).square().mean(-1)
+        mean_t, var_t, final, count_t = running_statistics(
+            mu, s2, NormStats(count, mean, var), block_size, block_reset, NormStats(prior_count, prior_mean, prior_var),
+            valid)
+        rstd = torch.rsqrt(var_t + eps)
+        y = torch.addcmul(bias.to(mu.dtype), _normalized(grouped, mean_t, rstd).flatten(-2),
+                          (weight + 1.0).to(mu.dtype))
+        if valid is not None:
+            y = y.masked_fill(~valid.unsqueeze(-1), 0.0)
+        ctx.save_for_backward(x, mean_t, rstd, count_t, count, mean, prior_count, prior_mean, weight, block_reset,
+                              valid)
+        ctx.block_size = block_size
+        ctx.mark_non_differentiable(final.count)
+        return y, final.count, final.mean, final.var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor, _d_count, d_final_mean: Tensor, d_final_var: Tensor):
+        x, mean_t, rstd, count_t, count, mean, prior_count, prior_mean, weight, block_reset, valid = ctx.saved_tensors
+        grouped = x.to(mean_t.dtype).unflatten(-1, (mean_t.shape[-1], -1))
+        dy = dy.unflatten(-1, grouped.shape[-2:])
+        if valid is not None:  # padded outputs are constant zeros
+            dy = dy * valid[..., None, None]
+        xhat = _normalized(grouped, mean_t, rstd)
+        g, d_mean_t, d_var_t, d_weight, d_bias = _affine_backward(dy, xhat, rstd, weight)
+        d_mean_t[:, -1] += d_final_mean.to(d_mean_t.dtype)  # the final state is the last token's statistics
+        d_var_t[:, -1] += d_final_var.to(d_var_t.dtype)
+        p, c, d_mean, d_var, d_prior_mean, d_prior_var = causal_statistics_backward(
+            d_mean_t, d_var_t, mean_t, count_t, ctx.block_size, block_reset, (count, mean), (prior_count, prior_mean))
+        if valid is not None:  # padding does not enter the statistics
+            p, c = p * valid[..., None], c * valid[..., None]
+        # dx = g * rstd + (P + 2 C (x - m)) / n, with x - m = xhat / rstd
+        n = grouped.shape[-1]
+        dx = torch.addcmul((p / n).unsqueeze(-1), xhat, (c * (2.0 / n) / rstd).unsqueeze(-1))
+        dx.addcmul_(g, rstd.unsqueeze(-1))
+        return (dx.flatten(-2).to(x.dtype), None, d_mean.to(mean.dtype), d_var.to(mean.dtype), None,
+                d_prior_mean.to(prior_mean.dtype), d_prior_var.to(prior_mean.dtype), d_weight, d_bias, None, None,
+                None, None)
+
+
 def timestep_norm_blocked(
     x: Tensor,
     initial: NormStats,
@@ -274,13 +243,12 @@ def timestep_norm_blocked(
     pad_mask: Tensor | None = None,
 ) -> tuple[Tensor, NormStats]:
     """The PyTorch path of `timestep_norm` (same arguments)."""
-    mu, s2 = token_moments(x, initial.mean.shape[-1])  # B x L x G
-    valid = None if pad_mask is None else ~pad_mask
-    mean_t, var_t, final = causal_statistics(mu, s2, initial, block_size, block_reset, prior, valid)
-    y = normalize(x, mean_t, var_t, weight, bias, eps)
-    if pad_mask is not None:
-        y = y.masked_fill(pad_mask.unsqueeze(-1), 0.0)
-    return y, final
+    batch, groups = x.shape[0], initial.mean.shape[-1]
+    initial_rows = per_row(initial, batch, groups)
+    prior_rows = initial_rows if prior is None else per_row(prior, batch, groups)
+    y, count, mean, var = _BlockedTimestepNorm.apply(x, *initial_rows, *prior_rows, weight, bias, eps, block_size,
+                                                     block_reset, None if pad_mask is None else ~pad_mask)
+    return y, NormStats(count, mean, var)
 
 
 def _welford(mu: Tensor, s2: Tensor, state: NormStats) -> NormStats:
