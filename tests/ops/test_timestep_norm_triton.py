@@ -203,3 +203,58 @@ def test_cuda_matches_the_pytorch_path_at_a_real_shape():
     (dx,) = torch.autograd.grad((y * y_ref.detach().float()).sum(), x)
     (dx_ref,) = torch.autograd.grad((y_ref * y_ref.detach()).sum(), x)
     torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-3, atol=1e-3 * dx_ref.abs().max().item())
+
+
+def test_step_kernel_matches_the_pytorch_step(monkeypatch):
+    """The fused decode step (forced on CPU tensors under the interpreter), functional and in place, fp32 and bf16,
+    against the PyTorch step; a count of zero (the prior has no weight) included."""
+    from megalodon.ops.timestep_norm import timestep_norm_step, timestep_norm_step_
+
+    g = torch.Generator().manual_seed(9)
+    state = NormStats(torch.tensor([0, 6, 1_000_000]), torch.randn(3, G, generator=g, dtype=torch.float64) + 3,
+                      torch.rand(3, G, generator=g, dtype=torch.float64) + 0.5)
+    weight, bias = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3, 1, D, generator=g) + 3).to(dtype)
+        with torch.no_grad():
+            y_ref, new_ref = timestep_norm_step(x, state, weight, bias, 1e-5)
+            monkeypatch.setattr(ops, "use_triton", lambda op, *t: op == "timestep_norm_step")
+            y, new = timestep_norm_step(x, state, weight, bias, 1e-5)
+            buffers = NormStats(*(t.clone() for t in state))
+            y_in_place = timestep_norm_step_(x, buffers, weight, bias, 1e-5)
+            monkeypatch.undo()
+        for got in (y, y_in_place):
+            torch.testing.assert_close(got, y_ref, rtol=1e-5, atol=1e-5)
+        for got_state in (new, buffers):
+            assert torch.equal(got_state.count, new_ref.count)
+            torch.testing.assert_close(got_state.mean, new_ref.mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got_state.var, new_ref.var, rtol=1e-12, atol=1e-12)
+        assert torch.equal(state.count, torch.tensor([0, 6, 1_000_000]))  # the functional step left its input alone
+
+
+@requires_cuda
+def test_in_place_step_runs_in_a_cuda_graph_without_host_syncs():
+    from megalodon.ops.timestep_norm import timestep_norm_step_
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 1024, device="cuda")
+    weight, bias = torch.randn(1024, device="cuda"), torch.randn(1024, device="cuda")
+    state = NormStats(torch.zeros(4, dtype=torch.int64, device="cuda"),
+                      torch.zeros(4, 32, dtype=torch.float64, device="cuda"),
+                      torch.ones(4, 32, dtype=torch.float64, device="cuda"))
+    reference = NormStats(*(t.clone() for t in state))
+    with torch.no_grad():
+        timestep_norm_step_(x, NormStats(*(t.clone() for t in state)), weight, bias, 1e-5)  # warm-up (compiles)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(graph):
+                y = timestep_norm_step_(x, state, weight, bias, 1e-5)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for _ in range(3):
+            graph.replay()
+            y_ref = ops.timestep_norm_step_(x, reference, weight, bias, 1e-5)
+        torch.testing.assert_close(y, y_ref)
+        assert state.count.tolist() == [3] * 4
+        torch.testing.assert_close(state.var, reference.var)

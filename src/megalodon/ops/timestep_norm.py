@@ -263,9 +263,29 @@ def _welford(mu: Tensor, s2: Tensor, state: NormStats) -> NormStats:
     return NormStats(count, mean, var)
 
 
+def _step_kernel_runs(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor) -> bool:
+    """The fused step kernel: CUDA, not float64, and no gradient wanted (it is inference-only)."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias, state.mean, state.var))
+    return not wants_grad and x.dtype != torch.float64 and use_triton("timestep_norm_step", x)
+
+
+def _step_kernel(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    from megalodon.ops.triton.timestep_norm_step import timestep_norm_step_kernel
+
+    y = timestep_norm_step_kernel(x[:, 0].contiguous(), state.count, state.mean, state.var, weight.contiguous(),
+                                  bias.contiguous(), float(eps))
+    return y.unsqueeze(1)
+
+
 def timestep_norm_step(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor,
                        eps: float) -> tuple[Tensor, NormStats]:
-    """One token per row, x (B, 1, D): the Welford update of spec section 5, for decoding. No host syncs."""
+    """One token per row, x (B, 1, D): the Welford update of spec section 5, for decoding. No host syncs.
+
+    On CUDA without autograd it is one Triton kernel (MEGALODON_DISABLE_TRITON=timestep_norm_step turns it off)."""
+    if _step_kernel_runs(x, state, weight, bias):
+        new = NormStats(state.count.to(torch.int64).clone(), state.mean.to(STATS_DTYPE).clone(),
+                        state.var.to(STATS_DTYPE).clone())
+        return _step_kernel(x, new, weight, bias, eps), new
     mu, s2 = token_moments(x[:, 0], state.mean.shape[-1])
     new = _welford(mu, s2, state)
     y = normalize(x[:, 0], new.mean.to(mu.dtype), new.var.to(mu.dtype), weight, bias, eps)
@@ -275,14 +295,19 @@ def timestep_norm_step(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor
 @torch.no_grad()
 def timestep_norm_step_(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """`timestep_norm_step` that updates `state`'s tensors in place and returns y: for static decode buffers
-    (CUDA graphs). The state's mean/var must be float64 (as `initial_state` makes them). Not differentiable."""
-    if state.mean.dtype != STATS_DTYPE or state.var.dtype != STATS_DTYPE:
-        raise ValueError(f"timestep_norm_step_ updates the state in place and needs float64 mean/var, got "
-                         f"{state.mean.dtype}/{state.var.dtype}: convert once with .double() before decoding")
+    (CUDA graphs). The state must be contiguous, with int64 count and float64 mean/var (as `initial_state` makes
+    them). Not differentiable."""
+    if state.count.dtype != torch.int64 or state.mean.dtype != STATS_DTYPE or state.var.dtype != STATS_DTYPE:
+        raise ValueError(f"timestep_norm_step_ updates the state in place and needs an int64 count and float64 "
+                         f"mean/var, got {state.count.dtype}/{state.mean.dtype}/{state.var.dtype}: convert the "
+                         "state once (.double() on mean and var) before decoding")
+    if not all(t.is_contiguous() for t in state):
+        raise ValueError("timestep_norm_step_ needs contiguous state tensors: .contiguous() them once")
+    if _step_kernel_runs(x, state, weight, bias):
+        return _step_kernel(x, state, weight, bias, eps)
     y, new = timestep_norm_step(x, state, weight, bias, eps)
-    state.count.copy_(new.count)
-    state.mean.copy_(new.mean)
-    state.var.copy_(new.var)
+    for buffer, value in zip(state, new):
+        buffer.copy_(value)
     return y
 
 
