@@ -128,3 +128,15 @@ def test_gradcheck_segment_statistics_and_merge():
         return merged.mean, merged.var
 
     assert torch.autograd.gradcheck(fn, (x, mean, var))
+
+
+def test_layer_step_in_place_equals_its_forward():
+    torch.manual_seed(6)
+    norm = TimestepNorm(D, G, 1e-5)
+    x = torch.randn(2, 3, D)
+    _, state = norm(x[:, :2], block_size=4)
+    y, expected = norm(x[:, 2:], state)
+    with torch.no_grad():
+        y_in_place = norm.step_(x[:, 2:], state)
+    torch.testing.assert_close(y_in_place, y, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(state, expected))

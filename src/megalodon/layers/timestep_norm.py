@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from megalodon.ops.timestep_norm import STATS_DTYPE, NormStats, timestep_norm, timestep_norm_step
+from megalodon.ops.timestep_norm import STATS_DTYPE, NormStats, timestep_norm, timestep_norm_step, timestep_norm_step_
 
 
 class TimestepNorm(nn.Module):
@@ -48,3 +48,9 @@ class TimestepNorm(nn.Module):
                 return timestep_norm_step(x, initial, self.weight, self.bias, self.eps)
             return timestep_norm(x, initial, self.weight, self.bias, self.eps, block_size, block_reset,
                                  self.prior(), pad_mask)
+
+    def step_(self, x: Tensor, state: NormStats) -> Tensor:
+        """Decode one token per row, x (B, 1, D), updating `state` in place (static buffers, CUDA graphs); returns
+        the normalized x. Inference only."""
+        with torch.autocast(x.device.type, enabled=False):
+            return timestep_norm_step_(x, state, self.weight, self.bias, self.eps)
