@@ -58,6 +58,8 @@ def test_bad_data_and_vocab_are_refused(make_config, tmp_path):
         train(make_config(model={"chunk_size": 16, "vocab_size": 300}), tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         train(make_config(seq_len=40), tmp_path / "d", progress=False)
+    with pytest.raises(FileNotFoundError, match="tokenizer '/missing.json': no such file"):
+        train(make_config(tokenizer="/missing.json"), tmp_path / "e", progress=False)
 
 
 def test_cli_quick_run_and_clear_errors(corpus, tmp_path, capsys):
@@ -114,6 +116,8 @@ def test_extending_a_finished_run_continues_at_the_final_learning_rate(make_conf
     assert "trained    9 steps" in (run / "summary.txt").read_text()
     with pytest.raises(ValueError, match="already at step 9"):
         train(make_config(max_steps=7), run, resume=True, progress=False)
+    with pytest.raises(ValueError, match="fixed at 9 steps; change it with --max_steps N, not --time_budget_min"):
+        train(make_config(max_steps=9, time_budget_min=1.0), run, resume=True, progress=False)
 
 
 def test_a_changed_model_shape_is_refused_on_resume(config_file, tmp_path, capsys):

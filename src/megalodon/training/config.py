@@ -33,8 +33,8 @@ class TrainConfig:
     grad_accum: int = 1
     stateful: bool = True  # carry the recurrent state across consecutive windows of a document (Megalodon)
     # length of the run: max_steps, or a wall-clock budget that fixes max_steps after a few timed steps
-    max_steps: int = 0
-    time_budget_min: float = 0.0  # training time; max_steps is fixed from it at the end of warmup
+    max_steps: int = 0  # wins over time_budget_min when both are set
+    time_budget_min: float = 0.0  # wall-clock minutes of the training loop; fixes max_steps at the end of warmup
     # optimization (reference defaults)
     lr: float = 1e-3
     warmup_steps: int = 100

@@ -44,8 +44,11 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
     data_key = source if isinstance(source, str) else f"user-{files_key(source)}"
     if cfg.tokenizer in ("byte", "bpe"):
         tok_key = "byte" if cfg.tokenizer == "byte" else f"bpe{cfg.vocab_size}"
-    else:
+    elif Path(cfg.tokenizer).exists():
         tok_key = f"tok-{files_key([cfg.tokenizer])}"
+    else:
+        raise FileNotFoundError(f"tokenizer {cfg.tokenizer!r}: no such file or directory; give bpe, byte, or the path "
+                                "of a tokenizer.json or a tokenizer directory")
     stores = Path(cfg.data_dir) / "stores"
     stores.mkdir(parents=True, exist_ok=True)
     store_dir = stores / f"{data_key}-{tok_key}-s{cfg.seed}"

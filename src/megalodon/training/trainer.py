@@ -163,12 +163,10 @@ class Trainer:
         """Apply a --max_steps given on resume that differs from the run's length. After warmup the lr decay goes
         on from where it stands to the floor at the new end, with no jump; a finished run trains on at its floor."""
         cfg, old = self.cfg, self.max_steps
-        if cfg.max_steps == 0:
-            if old and cfg.time_budget_min != saved_budget:
-                raise ValueError(f"this run's length was fixed at {old} steps from its time budget; change it with "
-                                 "--max_steps N, not --time_budget_min")
-            return
-        if cfg.max_steps == old:
+        if old and cfg.time_budget_min != saved_budget:  # a budget no longer decides anything once max_steps is set
+            raise ValueError(f"this run's length is fixed at {old} steps; change it with --max_steps N, not "
+                             "--time_budget_min")
+        if cfg.max_steps in (0, old):
             return
         if cfg.max_steps < self.step:
             raise ValueError(f"the run is already at step {self.step}: --max_steps {cfg.max_steps} is behind it; give "
