@@ -1,12 +1,13 @@
-"""The parallel-prefix combine in one process: P segments summarized apart, combined, corrected, must equal the
-whole sequence run by the sequential float64 references, document resets included."""
+"""The chunk-parallel combine in one process: P segments summarized apart, combined, corrected, must equal the whole
+sequence run by the sequential float64 references (outputs, final states and gradients), document resets and
+incoming states included."""
 
 import pytest
 import torch
 
 from megalodon.ops.cema import cema, cema_coefficients, cema_sequential, cema_state_bias
 from megalodon.ops.timestep_norm import NormStats, timestep_norm_blocked, timestep_norm_sequential
-from megalodon.parallel.combine import cema_prefix, cema_summary, norm_prefix, norm_summary
+from megalodon.parallel.combine import cema_incoming, cema_summary, norm_incoming, norm_summary
 
 CHUNK = 4
 DTYPE = torch.float64
@@ -55,57 +56,82 @@ def cema_reference(u, coeffs, omega, h0, resets):
     return torch.cat(rows), torch.cat(finals)
 
 
+def projection_loss(tensors, seed: int):
+    """A fixed random linear function of several tensors, to compare gradients through all of them at once."""
+    gen = torch.Generator().manual_seed(seed)
+    return sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in tensors)
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-def test_norm_prefix_equals_whole_sequence(ranks):
+def test_norm_combine_equals_whole_sequence(ranks):
     torch.manual_seed(ranks)
     batch, blocks_per_rank, dim, groups = 3, 2, 12, 3
     length = ranks * blocks_per_rank * CHUNK
-    x = torch.randn(batch, length, dim, dtype=DTYPE) * 2 + 0.5
+    x = (torch.randn(batch, length, dim, dtype=DTYPE) * 2 + 0.5).requires_grad_()
     weight, bias = torch.randn(dim, dtype=DTYPE) * 0.1, torch.randn(dim, dtype=DTYPE) * 0.1
     prior = NormStats(torch.tensor(2), torch.randn(groups, dtype=DTYPE), torch.rand(groups, dtype=DTYPE) + 0.5)
-    initial = NormStats(torch.tensor([0, 5, 9]), torch.randn(batch, groups, dtype=DTYPE),
-                        torch.rand(batch, groups, dtype=DTYPE) + 0.5)
+    initial = NormStats(torch.tensor([0, 5, 9]), torch.randn(batch, groups, dtype=DTYPE).requires_grad_(),
+                        (torch.rand(batch, groups, dtype=DTYPE) + 0.5).requires_grad_())
     resets = random_resets(batch, ranks * blocks_per_rank, seed=ranks)
     resets[1, ::blocks_per_rank] = True  # a document starting exactly at every segment boundary
 
-    segments = x.chunk(ranks, dim=1)
-    seg_resets = resets.chunk(ranks, dim=1)
+    # What every rank does: summarize its segment, gather (here: stack), take its incoming state and the final one.
+    segments, seg_resets = x.chunk(ranks, dim=1), resets.chunk(ranks, dim=1)
     summaries = torch.stack([norm_summary(s, groups, CHUNK, r) for s, r in zip(segments, seg_resets)])
-    states = norm_prefix(initial, prior, summaries)
-    outputs = [timestep_norm_blocked(s, NormStats(*(t[r] for t in states)), weight, bias, 1e-5, CHUNK,
-                                     seg_resets[r], prior)[0] for r, s in enumerate(segments)]
+    outputs = []
+    for r, segment in enumerate(segments):
+        incoming, final = (NormStats(*t) for t in zip(*norm_incoming(initial, prior, summaries, (r, ranks))))
+        outputs.append(timestep_norm_blocked(segment, incoming, weight, bias, 1e-5, CHUNK, seg_resets[r], prior)[0])
+    outputs = torch.cat(outputs, 1)
 
-    expected, final = norm_reference(x, initial, prior, weight, bias, 1e-5, resets)
-    torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=1e-10, atol=1e-10)
-    assert torch.equal(states.count[-1], final.count)
-    torch.testing.assert_close(states.mean[-1], final.mean, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(states.var[-1], final.var, rtol=1e-10, atol=1e-10)
+    expected, expected_final = norm_reference(x, initial, prior, weight, bias, 1e-5, resets)
+    torch.testing.assert_close(outputs, expected, rtol=1e-10, atol=1e-10)
+    assert torch.equal(final.count, expected_final.count)
+    torch.testing.assert_close(final.mean, expected_final.mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final.var, expected_final.var, rtol=1e-10, atol=1e-10)
+
+    inputs = (x, initial.mean, initial.var)
+    grads = torch.autograd.grad(projection_loss([outputs, final.mean, final.var], 0), inputs)
+    expected_grads = torch.autograd.grad(projection_loss([expected, expected_final.mean, expected_final.var], 0),
+                                         inputs)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-def test_cema_prefix_equals_whole_sequence(ranks):
+def test_cema_combine_equals_whole_sequence(ranks):
     torch.manual_seed(10 + ranks)
     batch, blocks_per_rank, dim, ndim = 3, 3, 6, 4
     length = ranks * blocks_per_rank * CHUNK - (CHUNK - 1)  # the last segment ends mid-chunk
-    alpha, delta = torch.randn(dim, ndim, 1, dtype=DTYPE), torch.randn(dim, ndim, 1, dtype=DTYPE)
-    theta, gamma = torch.randn(dim, 1, 1, dtype=DTYPE), torch.randn(dim, ndim, 2, dtype=DTYPE)
-    coeffs = cema_coefficients(alpha, delta, theta, gamma)
+    params = [torch.randn(dim, ndim, 1, dtype=DTYPE), torch.randn(dim, ndim, 1, dtype=DTYPE),
+              torch.randn(dim, 1, 1, dtype=DTYPE), torch.randn(dim, ndim, 2, dtype=DTYPE)]
+    params = [p.requires_grad_() for p in params]
+    coeffs = cema_coefficients(*params)
     omega = torch.randn(dim, dtype=DTYPE)
-    u = torch.randn(batch, dim, length, dtype=DTYPE)
-    h0 = torch.randn(batch, dim, ndim, dtype=torch.complex128)
+    u = torch.randn(batch, dim, length, dtype=DTYPE, requires_grad=True)
+    h0 = torch.randn(batch, dim, ndim, dtype=torch.complex128, requires_grad=True)
     resets = random_resets(batch, -(-length // CHUNK), seed=ranks)
     resets[1, ::blocks_per_rank] = True
 
     bounds = [min(r * blocks_per_rank * CHUNK, length) for r in range(ranks + 1)]
-    segments = [u[..., a:b] for a, b in zip(bounds, bounds[1:])]
+    segments = [u[..., a:b].transpose(1, 2) for a, b in zip(bounds, bounds[1:])]  # B x S x D, as the layer has it
     seg_resets = resets.split(blocks_per_rank, dim=1)
-    local = [cema(s.transpose(1, 2), coeffs, omega, None, CHUNK, r) for s, r in zip(segments, seg_resets)]
-    summaries = torch.stack([cema_summary(torch.view_as_complex(h), s.shape[-1], r)
+    local = [cema(s, coeffs, omega, None, CHUNK, r) for s, r in zip(segments, seg_resets)]
+    summaries = torch.stack([cema_summary(torch.view_as_complex(h), s.shape[1], r)
                              for (_, h), s, r in zip(local, segments, seg_resets)])
-    states = cema_prefix(h0, coeffs, summaries)
-    outputs = [y + cema_state_bias(torch.view_as_real(states[r]), coeffs, segments[r].shape[-1], CHUNK, seg_resets[r])
-               for r, (y, _) in enumerate(local)]
+    outputs = []
+    for r, (y, _) in enumerate(local):
+        incoming, final = cema_incoming(h0, coeffs, summaries, (r, ranks))
+        outputs.append(y + cema_state_bias(torch.view_as_real(incoming), coeffs, segments[r].shape[1], CHUNK,
+                                           seg_resets[r]))
+    outputs = torch.cat(outputs, 1).transpose(1, 2)
 
-    expected, final = cema_reference(u, coeffs, omega, h0, resets)
-    torch.testing.assert_close(torch.cat(outputs, 1).transpose(1, 2), expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(states[-1], final, rtol=1e-10, atol=1e-10)
+    expected, expected_final = cema_reference(u, coeffs, omega, h0, resets)
+    torch.testing.assert_close(outputs, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, expected_final, rtol=1e-10, atol=1e-10)
+
+    inputs = (u, h0, *params)
+    grads = torch.autograd.grad(projection_loss([outputs, torch.view_as_real(final)], 1), inputs, retain_graph=True)
+    expected_grads = torch.autograd.grad(projection_loss([expected, torch.view_as_real(expected_final)], 1), inputs)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)

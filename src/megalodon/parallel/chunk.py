@@ -20,7 +20,7 @@ from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.cema import cema_state_bias
 from megalodon.ops.timestep_norm import NormStats
 from megalodon.parallel.collectives import gather_summaries
-from megalodon.parallel.combine import cema_prefix, cema_summary, norm_prefix, norm_summary, segment_lengths
+from megalodon.parallel.combine import cema_incoming, cema_summary, norm_incoming, norm_summary, segment_lengths
 
 
 def _check_segments(summaries: Tensor, block_size: int | None) -> None:
@@ -54,12 +54,12 @@ class ChunkParallelTimestepNorm(TimestepNorm):
             summaries = gather_summaries(norm_summary(x, self.num_groups, block_size, block_reset), self.cp_group)
             if self.cp_check_segments:
                 _check_segments(summaries, block_size)
-            states = norm_prefix(initial, self.prior(), summaries)  # P + 1 entries
-            # Indexing the stacked scan (not using `initial` directly on rank 0) keeps every rank's output
-            # dependent on the gather, so that every rank joins its backward.
-            incoming = NormStats(*(t[rank] for t in states))
+            # Entering this segment, and leaving the last. Rank 0's incoming state is computed from the gathered
+            # tensor too (with zero weights), not taken from `initial`: every rank must join the gather's backward.
+            incoming, final = (NormStats(*t) for t in zip(*norm_incoming(initial, self.prior(), summaries,
+                                                                         (rank, len(summaries)))))
             y, _ = super().forward(x, incoming, block_size, block_reset)
-        return y, NormStats(*(t[-1] for t in states))
+        return y, final
 
 
 class ChunkParallelCEMA(CEMA):
@@ -81,8 +81,9 @@ class ChunkParallelCEMA(CEMA):
             summaries = gather_summaries(cema_summary(h_local, length, block_reset), self.cp_group)
             if h0 is None:
                 h0 = torch.zeros_like(h_local)
-            states = cema_prefix(h0.to(h_local.dtype), coeffs, summaries)  # P + 1 entries, see the norm
-            y = y_local + cema_state_bias(torch.view_as_real(states[rank]), coeffs, length, block_size, block_reset)
+            targets = (rank, len(summaries)) if need_state else (rank,)  # as in the norm
+            states = cema_incoming(h0.to(h_local.dtype), coeffs, summaries, targets)
+            y = y_local + cema_state_bias(torch.view_as_real(states[0]), coeffs, length, block_size, block_reset)
         return y, states[-1] if need_state else None
 
 

@@ -1,30 +1,35 @@
-"""The parallel-prefix combine of chunk parallelism (spec section 14), as pure functions.
+"""The combine of chunk parallelism (spec section 14), as pure functions.
 
 Rank r of P holds one segment of every sequence. It summarizes its segment from a zero incoming state; the
-summaries of all ranks are gathered into one (P, B, K) tensor; every rank then runs the same short scan over the
-P summaries to find its exact incoming state, and corrects its own outputs with it.
+summaries of all ranks are gathered into one (P, B, K) tensor; every rank then computes its exact incoming state
+from the summaries before it, and corrects its own outputs with it.
 
-TimestepNorm: the summary is the statistics (count, mean, var) of the tokens after the segment's last document
-reset, and the combine is the Chan merge:
-    s(0) = the stream's incoming statistics (the prior for a fresh stream)
-    s(r+1) = merge(prior if segment r restarted else s(r), local(r))
-CEMA: the summary is the closed-form final state h_loc(r) of the segment entered at zero, and the combine is the
-affine map
-    h(0) = the stream's incoming state (zero for a fresh stream)
-    h(r+1) = q**S_r * h(r) + h_loc(r)          (the first term is dropped when segment r restarted)
+The recurrences over segments:
+    TimestepNorm   s(0) = the stream's incoming statistics (the prior for a fresh stream)
+                   s(r+1) = ChanMerge(prior if segment r restarted else s(r), local(r))
+    CEMA           h(0) = the stream's incoming state (zero for a fresh stream)
+                   h(r+1) = q**S_r h(r) + h_loc(r)          (the first term dropped when segment r restarted)
+where local(r) holds the statistics of segment r's tokens after its last document reset, and h_loc(r) its final
+state entered at zero. Both unroll into one sum over the segments since the last restart before r, so each rank
+evaluates its own entry directly, in a fixed number of tensor ops whatever P is, with no loop over ranks:
+    s(r): count-weighted mean and variance of the start state and the segments in the window, in two passes;
+    h(r) = sum_s q**(E_r - E_{s+1}) h_loc(s) (+ q**E_r h(0) if no restart), E_k = tokens before segment k.
+(The tests check the result against the whole sequence run token by token.)
 The outputs of a segment entered at h(r) differ from those entered at zero by Re(sum_n g q**(t+1) h(r)) at step t,
 up to the segment's first reset (`megalodon.ops.cema.cema_state_bias`).
 
-Only summaries cross ranks: B (2G + 3) float64 for a norm and B (2DN + 2) fp32 for a CEMA, whatever the segment length.
+Only summaries cross ranks: B (3 + 2G) float64 for a norm and B (2 + 2DN) fp32 for a CEMA, whatever the length.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from megalodon.ops.cema import CemaCoefficients
-from megalodon.ops.timestep_norm import STATS_DTYPE, NormStats, merge_statistics, segment_statistics
+from megalodon.ops.timestep_norm import STATS_DTYPE, NormStats, segment_statistics
 
 
 def _header(length: int, block_reset: Tensor | None, like: Tensor) -> Tensor:
@@ -37,6 +42,17 @@ def _header(length: int, block_reset: Tensor | None, like: Tensor) -> Tensor:
 def segment_lengths(summaries: Tensor) -> Tensor:
     """The length of every segment, (P,), from gathered summaries (P, B, K) of either kind."""
     return summaries[:, 0, 0]
+
+
+def _window(summaries: Tensor, target: int) -> tuple[Tensor, Tensor]:
+    """Which segments reach the state entering segment `target` (P for the state after the last one): those from
+    the last restart before it on. Returns `inside` (P, B) bool and `from_start` (B,) bool, True where no
+    segment before the target restarted, so that the stream's incoming state reaches it too."""
+    restarted = summaries[:, :, 1] > 0  # P x B
+    index = torch.arange(summaries.shape[0], device=summaries.device)[:, None]
+    before = index < target
+    last = torch.where(restarted & before, index, -1).amax(0)  # B: the last restart before the target, or -1
+    return before & (index >= last), last < 0
 
 
 def norm_summary(x: Tensor, num_groups: int, block_size: int | None = None,
@@ -55,24 +71,35 @@ def norm_summary(x: Tensor, num_groups: int, block_size: int | None = None,
                       stats.var], dim=-1)
 
 
-def norm_prefix(initial: NormStats, prior: NormStats, summaries: Tensor) -> NormStats:
-    """The statistics entering every segment and leaving the last: summaries (P, B, 3 + 2G) from `norm_summary`.
-    Returns NormStats with a leading axis of P + 1: entry r enters segment r, entry P leaves the last one."""
+def norm_incoming(initial: NormStats, prior: NormStats, summaries: Tensor, targets: Sequence[int]) -> NormStats:
+    """The statistics entering each target segment (P = after the last one), stacked along a leading axis.
+
+    initial: the stream's incoming statistics; prior: where a document restarts them; summaries (P, B, 3 + 2G)
+    from `norm_summary`."""
     groups = (summaries.shape[-1] - 3) // 2
     batch = summaries.shape[1]
-    state = NormStats(initial.count.expand(batch), initial.mean.to(STATS_DTYPE).expand(batch, groups),
-                      initial.var.to(STATS_DTYPE).expand(batch, groups))
-    prior = NormStats(prior.count.expand(batch), prior.mean.to(STATS_DTYPE).expand(batch, groups),
-                      prior.var.to(STATS_DTYPE).expand(batch, groups))
-    states = [state]
-    for summary in summaries:  # P steps of (B, G) work
-        restarted = summary[:, 1] > 0
-        start = NormStats(torch.where(restarted, prior.count, state.count),
-                          *(torch.where(restarted[:, None], a, b) for a, b in zip(prior[1:], state[1:])))
-        local = NormStats(summary[:, 2].round().to(torch.int64), summary[:, 3:3 + groups], summary[:, 3 + groups:])
-        state = merge_statistics(start, local)
-        states.append(state)
+    counts, means, variances = summaries[:, :, 2], summaries[:, :, 3:3 + groups], summaries[:, :, 3 + groups:]
+    states = []
+    for target in targets:
+        inside, from_start = _window(summaries, target)
+        start = NormStats(*(torch.where(from_start.view(-1, *[1] * (a.dim() - 1)), a, b) for a, b in
+                            zip(_expand(initial, batch, groups), _expand(prior, batch, groups))))
+        weights = counts * inside  # P x B
+        n0 = start.count.to(STATS_DTYPE)
+        total = n0 + weights.sum(0)  # B
+        safe = total.clamp(min=1.0)[:, None]
+        mean = (n0[:, None] * start.mean + (weights[..., None] * means).sum(0)) / safe
+        spread = n0[:, None] * (start.var + (start.mean - mean).square()) \
+            + (weights[..., None] * (variances + (means - mean).square())).sum(0)
+        empty = (total == 0)[:, None]  # nothing seen yet: the start state as it is
+        states.append(NormStats(start.count + weights.sum(0).round().to(torch.int64),
+                                torch.where(empty, start.mean, mean), torch.where(empty, start.var, spread / safe)))
     return NormStats(*(torch.stack(t) for t in zip(*states)))
+
+
+def _expand(stats: NormStats, batch: int, groups: int) -> NormStats:
+    return NormStats(stats.count.expand(batch), stats.mean.to(STATS_DTYPE).expand(batch, groups),
+                     stats.var.to(STATS_DTYPE).expand(batch, groups))
 
 
 def cema_summary(h_local: Tensor, length: int, block_reset: Tensor | None = None) -> Tensor:
@@ -82,16 +109,29 @@ def cema_summary(h_local: Tensor, length: int, block_reset: Tensor | None = None
     return torch.cat([_header(length, block_reset, parts), parts], dim=-1)
 
 
-def cema_prefix(h0: Tensor, coeffs: CemaCoefficients, summaries: Tensor) -> Tensor:
-    """The CEMA state entering every segment and leaving the last: h0 (B, D, N) complex, summaries (P, B, K)
-    from `cema_summary`. Returns (P + 1, B, D, N): entry r enters segment r, entry P leaves the last one."""
+def _q_power(coeffs: CemaCoefficients, exponent: Tensor) -> Tensor:
+    """q**e for exponents e (...,) >= 0: (..., D, N) complex, via exp(e log|q|), which underflows to 0 cleanly.
+    In float64, then cast: at e ~ 1e7 tokens an fp32 product e * phi would be off by radians."""
+    e = exponent.to(torch.float64)[..., None, None]
+    power = torch.polar(torch.exp(coeffs.log_mag.to(torch.float64) * e), coeffs.phi.to(torch.float64) * e)
+    return power.to(torch.complex128 if coeffs.phi.dtype == torch.float64 else torch.complex64)
+
+
+def cema_incoming(h0: Tensor, coeffs: CemaCoefficients, summaries: Tensor, targets: Sequence[int]) -> Tensor:
+    """The CEMA state entering each target segment (P = after the last one): (len(targets), B, D, N) complex.
+
+    h0: the stream's incoming state (B, D, N) complex; summaries (P, B, 2 + 2DN) from `cema_summary`."""
+    num, batch = summaries.shape[:2]
     dim, ndim = coeffs.p.shape
-    h = h0
-    states = [h]
-    for summary in summaries:  # P steps of (B, D, N) work
-        length, restarted = summary[0, 0], summary[:, 1] > 0
-        h_local = torch.view_as_complex(summary[:, 2:].reshape(-1, dim, ndim, 2).contiguous())
-        decay = torch.polar(torch.exp(coeffs.log_mag * length), coeffs.phi * length)  # q**S, D x N
-        h = torch.where(restarted[:, None, None], torch.zeros_like(h), decay * h) + h_local
-        states.append(h)
+    lengths = summaries[:, 0, 0].to(torch.float64)
+    ends = torch.cumsum(lengths, 0)  # E_{s+1}: tokens up to the end of segment s
+    starts = torch.cat([ends.new_zeros(1), ends])  # E_k for k = 0..P
+    h_local = torch.view_as_complex(summaries[:, :, 2:].reshape(num, batch, dim, ndim, 2).contiguous())
+    states = []
+    for target in targets:
+        inside, from_start = _window(summaries, target)
+        # Segments at or after the target get exponent 0 (not a negative one, which would overflow) and weight 0.
+        decay = _q_power(coeffs, (starts[target] - ends).clamp(min=0.0))  # P x D x N
+        h = (inside[..., None, None] * decay[:, None] * h_local).sum(0)
+        states.append(h + from_start[:, None, None] * _q_power(coeffs, starts[target]) * h0)
     return torch.stack(states)
