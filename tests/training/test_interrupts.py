@@ -64,6 +64,7 @@ def _wait_for(path, child, timeout=120.0):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_mid_step_then_resume_equals_an_uninterrupted_run(signum, config_file, tmp_path, capsys):
     config = config_file()
