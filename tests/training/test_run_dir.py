@@ -104,3 +104,13 @@ def test_a_run_dir_that_is_a_file_or_read_only_is_named(make_config, tmp_path):
         (tmp_path / "ro").mkdir(mode=0o555)
         with pytest.raises(ValueError, match="cannot write in the run directory"):
             train(make_config(), tmp_path / "ro", progress=False)
+
+
+def test_resume_refuses_training_files_that_changed(make_config, corpus, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_config()
+    train(cfg, run, progress=False, stop_at_step=4)
+    for path in corpus.iterdir():
+        path.write_text(path.read_text().replace("fox", "cat"))
+    with pytest.raises(ValueError, match="training data changed since .*step-0000004"):
+        train(cfg, run, resume=True, progress=False)
