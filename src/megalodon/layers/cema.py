@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from megalodon.ops.cema import CemaCoefficients, cema_blocked, cema_coefficients, cema_step
+from megalodon.ops.cema import CemaCoefficients, cema, cema_coefficients, cema_step
 
 
 class CEMA(nn.Module):
@@ -37,28 +37,29 @@ class CEMA(nn.Module):
         nn.init.trunc_normal_(self.omega, 0.0, 0.25, -1.0, 1.0, generator=generator)
 
     def coefficients(self) -> CemaCoefficients:
+        """p, q and g from the parameters, recomputed on every call: a (D, N) elementwise computation, so there
+        is no cache to go stale (edits through `.data` do not bump a parameter's version)."""
         params = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
                   for t in (self.alpha, self.delta, self.theta, self.gamma)]
-        if torch.is_grad_enabled():
-            return cema_coefficients(*params)
-        # Inference: decoding calls this once per token, so reuse the result until a parameter changes.
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in (self.alpha, self.delta, self.theta,
-                                                                             self.gamma))
-        if getattr(self, "_cached", (None,))[0] != key:
-            self._cached = (key, cema_coefficients(*params)._replace(tables={}))
-        return self._cached[1]
+        return cema_coefficients(*params)
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, block_size: int | None = None,
         block_reset: Tensor | None = None, need_state: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """x: (B, L, D) -> y (B, L, D) fp32 and the final state (B, D, N) complex, or None."""
+        """x: (B, L, D) -> y (B, L, D) fp32 and the final state (B, D, N) complex, or None.
+
+        The state is complex at this boundary (as MegalodonState keeps it) and real pairs inside."""
         with torch.autocast(x.device.type, enabled=False):
             coeffs = self.coefficients()
-            u = x.to(coeffs.p.dtype)
-            omega = self.omega.squeeze(-1).to(u.dtype)
+            omega = self.omega.squeeze(-1).to(coeffs.p.dtype)
+            h_in = None if h0 is None else torch.view_as_real(h0.to(_complex(coeffs.p.dtype)))
             if x.shape[1] == 1 and h0 is not None and block_reset is None:
-                y, h = cema_step(u[:, 0], coeffs, omega, h0)
-                return y.unsqueeze(1), h
-            y, h = cema_blocked(u.transpose(1, 2), coeffs, omega, h0, block_size, block_reset, need_state)
-            return y.transpose(1, 2), h
+                y, h = cema_step(x[:, 0].to(coeffs.p.dtype), coeffs, omega, h_in)
+                return y.unsqueeze(1), torch.view_as_complex(h)
+            y, h = cema(x, coeffs, omega, h_in, block_size, block_reset, need_state)
+            return y, None if h is None else torch.view_as_complex(h)
+
+
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64

@@ -5,13 +5,27 @@ Per channel d and EMA component n:
     h_t = p * u_t + q * h_{t-1}            (complex, h_{-1} = h0)
     y_t = Re(sum_n g * h_t) + omega * u_t
 
-`cema_sequential` is that recurrence written out (the reference every path is tested against).
-`cema_blocked` is the fast path: an FFT convolution per block, the closed-form state at each block end, a scan
-over blocks (L / block steps, never L), and the bias that each block's incoming state adds to its outputs.
-The same scan restarts the state at document boundaries, which is what packed training needs.
-`cema_step` is the single-token decode update.
+The paths:
+- `cema_sequential`: that recurrence written out, in complex numbers: the reference every path is tested against.
+- `cema_chunked`: the PyTorch fast path, in real arithmetic. Time is cut into chunks of T <= 64 steps.
+  1. Inside a chunk the outputs are the causal convolution with k[j] = Re(sum_n p g q**j), j < T (plus omega on
+     the diagonal): one (T x T) Toeplitz matmul per channel.
+  2. Each chunk's final state from a zero start, p * sum_j q**(T-1-j) u_j, is one matmul with a (T, 2N) table.
+  3. A scan over chunks (L / T steps of (B, D, N) work, never L) carries the state and restarts it at documents.
+  4. The state entering a chunk adds Re(sum_n g q**(t+1) h_in) to its outputs: one matmul with a (2N, T) table.
+  Every table is (D, T, T) or (D, 2N, T) whatever L is, so nothing is memoized and nothing grows with L.
+  Why not the FFT convolution the spec describes: the FFT needs (D, N, block) power tables (0.76 GiB per layer
+  at mega200M with chunk 2048), complex intermediates that Inductor cannot compile, and padding to twice the next
+  power of two. These three small real matmuls are exact, compile to one graph, and measured 3-4x faster than
+  the FFT path on the `small` training shape on CPU.
+- The Triton path (ops/triton/cema.py) runs the same chunking on CUDA with the state held in registers.
+- `cema` is the one function that decides which path runs.
+- `cema_step`: the single-token decode update. `cema_state_bias`: what an incoming state adds to a segment's
+  outputs, for chunk parallelism (spec section 14).
 
-Everything here runs in fp32 (complex64) or float64 (complex128), never in bf16: the caller casts.
+States at this level are real pairs (..., N, 2), laid out as `torch.view_as_real` does, because Inductor runs
+complex ops eagerly; the layer converts to complex64 at the state boundary. Everything runs in fp32 or float64,
+never in bf16: the paths upcast.
 """
 
 from __future__ import annotations
@@ -20,180 +34,281 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from megalodon.ops.triton import use_triton
+
+MAX_CHUNK = 64  # steps per chunk on the PyTorch path: Toeplitz work grows with T, the scan's steps with L / T
 
 
 class CemaCoefficients(NamedTuple):
     """Per-(channel, component) coefficients, each (D, N) and real: complex numbers are kept as parts so that
-    the hot paths run as real matmuls and elementwise ops (complex kernels are slow on CPU)."""
+    the hot paths run as real matmuls and elementwise ops, and compile."""
 
     p: Tensor  # input weight, sigmoid(alpha)
-    log_mag: Tensor  # log|q|
+    log_mag: Tensor  # log|q|, finite even where |q| rounds to 0
     phi: Tensor  # arg q
     g_re: Tensor  # output weight gamma / sqrt(N), real part
     g_im: Tensor  # imaginary part
-    q: Tensor  # the decay as one complex tensor, for the step and the scan
-    g: Tensor  # the output weight as one complex tensor
-    tables: dict | None = None  # memo of PowerTables by (block, tail), for coefficients reused at inference
+
+    @property
+    def q(self) -> Tensor:
+        """The decay as one complex tensor (for the reference and tests)."""
+        return torch.polar(torch.exp(self.log_mag), self.phi)
+
+    @property
+    def g(self) -> Tensor:
+        return torch.complex(self.g_re, self.g_im)
+
+
+def log_decay(alpha: Tensor, delta: Tensor) -> Tensor:
+    """log|q| = log(1 - sigmoid(alpha) sigmoid(delta)), finite wherever the inputs are.
+
+    Where the product rounds to 1 in fp32, log(1 - x) is -inf and exp(-inf * 0) = NaN at the power q**0. Above
+    x = 1/2 (so alpha, delta > 0) it is taken in log space instead, from
+    1 - s(a) s(d) = (e^-a + e^-d + e^-(a+d)) / ((1 + e^-a)(1 + e^-d)); below, log1p is accurate."""
+    x = torch.sigmoid(alpha) * torch.sigmoid(delta)
+    direct = torch.log1p(-x.clamp(max=0.5))  # the clamp keeps the branch not taken finite, gradient included
+    terms = torch.stack([-alpha, -delta, -(alpha + delta)])
+    log_space = torch.logsumexp(terms, dim=0) - F.softplus(-alpha) - F.softplus(-delta)
+    return torch.where(x > 0.5, log_space, direct)
 
 
 def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor) -> CemaCoefficients:
-    """Derive p, q and g from the parameters: alpha, delta (D,N,1), theta (D,1,1), gamma (D,N,2)."""
+    """Derive p, q and g from the parameters: alpha, delta (D,N,1), theta (D,1,1), gamma (D,N,2).
+
+    A (D, N) elementwise computation, cheap enough to redo on every call: no cache can go stale."""
     ndim = alpha.shape[1]
-    p = torch.sigmoid(alpha).squeeze(-1)
-    log_mag = torch.log(1.0 - p * torch.sigmoid(delta).squeeze(-1))
     harmonics = torch.arange(1, ndim + 1, dtype=alpha.dtype, device=alpha.device)
     phi = harmonics * torch.sigmoid(theta).squeeze(-1) * (2.0 * math.pi / ndim)  # D x N
-    g_re, g_im = gamma[..., 0] / math.sqrt(ndim), gamma[..., 1] / math.sqrt(ndim)
-    return CemaCoefficients(p, log_mag, phi, g_re, g_im, torch.polar(torch.exp(log_mag), phi),
-                            torch.complex(g_re, g_im))
+    scale = 1.0 / math.sqrt(ndim)
+    return CemaCoefficients(torch.sigmoid(alpha).squeeze(-1), log_decay(alpha, delta).squeeze(-1), phi,
+                            gamma[..., 0] * scale, gamma[..., 1] * scale)
 
 
-def q_powers(log_mag: Tensor, phi: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
-    """Real and imaginary parts of q**j for j in [start, stop): two (D, N, stop - start).
+def q_powers(log_mag: Tensor, phi: Tensor, start: int, stop: int, step: int = 1) -> tuple[Tensor, Tensor]:
+    """Real and imaginary parts of q**j for j in range(start, stop, step): two (D, N, len(range)).
 
     Computed as exp(j log|q|) and the angle j * phi, never by repeated products: |q|**j underflows to 0
-    harmlessly for large j instead of accumulating error.
-    """
-    exponents = torch.arange(start, stop, dtype=phi.dtype, device=phi.device)
+    harmlessly for large j instead of accumulating error."""
+    exponents = torch.arange(start, stop, step, dtype=phi.dtype, device=phi.device)
     magnitude = torch.exp(log_mag.unsqueeze(-1) * exponents)
     angle = phi.unsqueeze(-1) * exponents
     return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
 
 
-class PowerTables(NamedTuple):
-    """Everything a blocked call needs from the powers q**j, j <= block, as real tensors."""
-
-    kernel: Tensor  # D x block: the convolution kernel
-    reversed: Tensor  # D x 2N x block: [Re, Im] of q**(block-1-j), for the closed-form block states
-    reversed_tail: Tensor  # D x 2N x tail: the same for a shorter last block
-    bias: Tensor  # D x 2N x block: [Re, Im] of q**(t+1), for the incoming-state bias
-
-
-def _tables(p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor, block: int,
-            tail: int) -> PowerTables:
-    q_re, q_im = q_powers(log_mag, phi, 0, block + 1)  # q**0 .. q**block
-    kernel = ((p * g_re).unsqueeze(-1) * q_re[..., :block] - (p * g_im).unsqueeze(-1) * q_im[..., :block]).sum(1)
-
-    def reversed_parts(length: int) -> Tensor:
-        return torch.cat([q_re[..., :length].flip(-1), q_im[..., :length].flip(-1)], dim=1)
-
-    bias = torch.cat([q_re[..., 1:], q_im[..., 1:]], dim=1)
-    return PowerTables(kernel, reversed_parts(block), reversed_parts(tail), bias)
-
-
-def power_tables(coeffs: CemaCoefficients, block: int, tail: int) -> PowerTables:
-    """The tables for blocks of `block` steps and a last block of `tail` steps.
-
-    In training the (D, N, block) intermediates would each be kept for backward; recomputing them there instead
-    (activation checkpointing of this small elementwise work) roughly halves the CEMA's activation memory.
-    At inference the tables are memoized on the coefficients."""
-    args = (coeffs.p, coeffs.log_mag, coeffs.phi, coeffs.g_re, coeffs.g_im, block, tail)
-    if coeffs.tables is not None:
-        if (block, tail) not in coeffs.tables:
-            coeffs.tables[block, tail] = _tables(*args)
-        return coeffs.tables[block, tail]
-    if torch.is_grad_enabled() and coeffs.p.requires_grad:
-        from torch.utils.checkpoint import checkpoint
-
-        return PowerTables(*checkpoint(_tables, *args, use_reentrant=False))
-    return _tables(*args)
-
-
-def causal_fft_conv(u: Tensor, kernel: Tensor) -> Tensor:
-    """y[..., t] = sum_{j<=t} kernel[..., j] * u[..., t-j] along the last dim, via rfft at size >= 2L."""
-    length = u.shape[-1]
-    n_fft = 2 * (1 << (length - 1).bit_length())  # the reference's size: twice the next power of two
-    spectrum = torch.fft.rfft(u, n=n_fft) * torch.fft.rfft(kernel, n=n_fft)
-    return torch.fft.irfft(spectrum, n=n_fft)[..., :length]
-
-
-def _closed_form_states(blocks: Tensor, coeffs: CemaCoefficients, reversed_powers: Tensor) -> Tensor:
-    """p * sum_j q**(len-1-j) u_j for every block entered at zero: blocks (B, D, nb, len) -> (B, D, nb, N)
-    complex. reversed_powers: (D, 2N, len). One real batched matmul with the channel as batch."""
-    batch, dim, num_blocks, length = blocks.shape
-    u = blocks.permute(1, 0, 2, 3).reshape(dim, batch * num_blocks, length)
-    parts = torch.bmm(u, reversed_powers.transpose(1, 2)).view(dim, batch, num_blocks, -1).permute(1, 0, 2, 3)
-    re, im = parts.chunk(2, dim=-1)
-    return torch.complex(re, im) * coeffs.p.unsqueeze(1)
-
-
-def _state_bias(h_in: Tensor, coeffs: CemaCoefficients, powers: Tensor) -> Tensor:
-    """What each block's incoming state adds to its outputs: Re(sum_n g q**(t+1) h_in) for t < len.
-
-    h_in: (B, D, nb, N) complex; powers: (D, 2N, len), [Re, Im] of q**1 .. q**len. Returns (B, D, nb, len)."""
-    batch, dim, num_blocks, _ = h_in.shape
-    g = coeffs.g.unsqueeze(1)
-    gh = h_in * g
-    lhs = torch.cat([gh.real, -gh.imag], dim=-1).permute(1, 0, 2, 3).reshape(dim, batch * num_blocks, -1)
-    return torch.bmm(lhs, powers).view(dim, batch, num_blocks, -1).permute(1, 0, 2, 3)
-
-
-def cema_blocked(
-    u: Tensor,
-    coeffs: CemaCoefficients,
-    omega: Tensor,
-    h0: Tensor | None = None,
-    block_size: int | None = None,
-    block_reset: Tensor | None = None,
-    need_state: bool = True,
+def cema(
+    u: Tensor, coeffs: CemaCoefficients, omega: Tensor, h0: Tensor | None = None, block_size: int | None = None,
+    block_reset: Tensor | None = None, need_state: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """The vectorized CEMA over a block of steps.
+    """The CEMA over a sequence: the one place that chooses the Triton or the PyTorch path.
 
-    u: (B, D, L) real. omega: (D,). h0: (B, D, N) complex or None (zero).
-    block_size: cut time into blocks of this many steps (default: one block). Costs O(L log block).
-    block_reset: (B, num_blocks) bool; True restarts the state at zero at that block's first step.
-    Returns y (B, D, L) and the final state h_L (B, D, N), or None when need_state is False.
+    u: (B, L, D), any float dtype (upcast to the coefficients' dtype). omega: (D,). h0: (B, D, N, 2) real pairs
+    or None (zero). block_reset: (B, ceil(L / block_size)) bool; True restarts the state at zero at the first step
+    of that block of `block_size` steps (the chunk grid of packed documents).
+    Returns y (B, L, D) in the coefficients' dtype and the final state (B, D, N, 2), or None if not need_state.
     """
-    batch, dim, length = u.shape
-    block = length if block_size is None else min(block_size, length)
-    num_blocks = -(-length // block)
-    tail = length - (num_blocks - 1) * block  # steps in the last block
+    _check_inputs(u, coeffs, h0, block_size, block_reset)
+    fp32 = coeffs.p.dtype == torch.float32
+    if u.is_cuda and fp32 and use_triton("cema", u):
+        from megalodon.ops.triton.cema import cema_scan
 
-    blocks = torch.nn.functional.pad(u, (0, num_blocks * block - length)).view(batch, dim, num_blocks, block)
-    tables = power_tables(coeffs, block, tail)
-    y = causal_fft_conv(blocks, tables.kernel.unsqueeze(1))
+        resets = None if block_reset is None else step_resets(block_reset, block_size, u.shape[1])
+        y, h = cema_scan(u, *coeffs, omega, h0, resets)
+        return y, h if need_state else None
+    return cema_chunked(u.to(coeffs.p.dtype), coeffs, omega, h0, block_size, block_reset, need_state)
+
+
+def _check_inputs(u: Tensor, coeffs: CemaCoefficients, h0: Tensor | None, block_size: int | None,
+                  block_reset: Tensor | None) -> None:
+    batch, length, dim = u.shape
+    ndim = coeffs.p.shape[1]
+    if coeffs.p.shape[0] != dim:
+        raise ValueError(f"CEMA input has {dim} channels but the coefficients are for {coeffs.p.shape[0]}")
+    if h0 is not None and (h0.shape != (batch, dim, ndim, 2) or h0.is_complex()):
+        raise ValueError(f"CEMA incoming state must be real pairs of shape {(batch, dim, ndim, 2)} "
+                         f"(torch.view_as_real of the complex state), got {tuple(h0.shape)} {h0.dtype}")
+    if block_reset is not None:
+        if block_size is None:
+            raise ValueError("block_reset needs block_size: the resets are at the first step of each block")
+        blocks = -(-length // block_size)
+        if block_reset.shape != (batch, blocks):
+            raise ValueError(f"block_reset must be (batch, ceil(L / block_size)) = {(batch, blocks)}, "
+                             f"got {tuple(block_reset.shape)}")
+
+
+def chunk_length(length: int, block_size: int | None, has_resets: bool) -> int:
+    """Steps per chunk on the PyTorch path: at most MAX_CHUNK, and a divisor of block_size when there are resets,
+    so that every reset falls on a chunk boundary. A block size whose divisors are all small is used whole."""
+    if not has_resets or block_size is None:
+        return max(1, min(MAX_CHUNK, length))
+    best = max(d for d in range(1, min(MAX_CHUNK, block_size) + 1) if block_size % d == 0)
+    return best if best >= 16 or block_size <= MAX_CHUNK else block_size
+
+
+class ChunkTables(NamedTuple):
+    """The real tables for chunks of T steps: everything the PyTorch path needs from the powers q**j, j <= T."""
+
+    toeplitz: Tensor  # D x T x T: [s, t] = k[t - s] for s <= t, with omega on the diagonal
+    states: Tensor  # D x T x 2N: p [Re, Im] q**(T-1-s), so that u @ states is a chunk's final state from zero
+    bias: Tensor  # D x 2N x T: [Re, -Im] of g q**(t+1), so that [Re h, Im h] @ bias = Re(sum_n g q**(t+1) h)
+    decay: Tensor  # D x 2N x 2N: q**T as a real matrix, so that [Re h, Im h] @ decay = q**T h
+
+
+def _output_table(coeffs: CemaCoefficients, re: Tensor, im: Tensor) -> Tensor:
+    """[Re, -Im] of g q**j for the given powers (D, N, T): (D, 2N, T), so that
+    [Re h, Im h] @ table = Re(sum_n g q**j h)."""
+    g_re, g_im = coeffs.g_re.unsqueeze(-1), coeffs.g_im.unsqueeze(-1)
+    return torch.cat([g_re * re - g_im * im, -(g_re * im + g_im * re)], dim=1)
+
+
+def chunk_tables(coeffs: CemaCoefficients, omega: Tensor, steps: int) -> ChunkTables:
+    re, im = q_powers(coeffs.log_mag, coeffs.phi, 0, steps + 1)  # D x N x (T + 1): q**0 .. q**T
+    p = coeffs.p.unsqueeze(-1)
+    g_re, g_im = coeffs.g_re.unsqueeze(-1), coeffs.g_im.unsqueeze(-1)
+    kernel = (p * (g_re * re[..., :steps] - g_im * im[..., :steps])).sum(1)  # D x T
+    kernel = kernel + F.pad(omega.unsqueeze(-1), (0, steps - 1))  # omega * u_t rides on the lag-0 diagonal
+    offsets = torch.arange(steps, device=kernel.device)
+    lags = offsets[None, :] - offsets[:, None]  # [s, t] = t - s
+    toeplitz = kernel[:, lags.clamp(min=0)] * (lags >= 0)
+    states = torch.cat([re[..., :steps], im[..., :steps]], dim=1).flip(-1) * torch.cat([p, p], dim=1)
+    return ChunkTables(toeplitz, states.transpose(1, 2), _output_table(coeffs, re[..., 1:], im[..., 1:]),
+                       _rotation(re[..., steps], im[..., steps]))
+
+
+def _rotation(re: Tensor, im: Tensor) -> Tensor:
+    """Multiplication by the complex (D, N) number re + i im as a real (D, 2N, 2N) matrix acting on row vectors
+    [Re h | Im h]. Dense and mostly zeros, but one batched matmul per scan step beats six elementwise ops."""
+    re, im = torch.diag_embed(re), torch.diag_embed(im)
+    return torch.cat([torch.cat([re, im], dim=2), torch.cat([-im, re], dim=2)], dim=1)
+
+
+class _Transpose(torch.autograd.Function):
+    """A 2-D transpose, contiguous, with a contiguous gradient too. Through a plain `.t()` view the matmuls of
+    the backward get a strided gradient, and CPU bmm then copies every channel's matrix separately; a 3-D
+    permute copy is 10x slower than this 2-D one (both measured on the `small` training shape)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.t().contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.t().contiguous()
+
+
+def cema_chunked(
+    u: Tensor, coeffs: CemaCoefficients, omega: Tensor, h0: Tensor | None = None, block_size: int | None = None,
+    block_reset: Tensor | None = None, need_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """The PyTorch path of `cema` (same arguments): chunked Toeplitz matmuls and a scan over chunks."""
+    batch, length, dim = u.shape
+    ndim = coeffs.p.shape[1]
+    steps = chunk_length(length, block_size, block_reset is not None)
+    num_chunks = -(-length // steps)
+    tail = length - (num_chunks - 1) * steps
+    tables = chunk_tables(coeffs, omega, steps)
+
+    # D x (B * chunks) x T: channels lead, so that every product below is one batched matmul per channel.
+    chunks = _Transpose.apply(u.reshape(-1, dim)).view(dim, batch, length)
+    if num_chunks * steps > length:
+        chunks = F.pad(chunks, (0, num_chunks * steps - length))
+    chunks = chunks.view(dim, -1, steps)
+    y = torch.bmm(chunks, tables.toeplitz)
 
     h_last = None
-    if num_blocks > 1 or h0 is not None or need_state:
-        h_local = _closed_form_states(blocks, coeffs, tables.reversed)  # B x D x nb x N
-        if tail != block:  # the last block is shorter: its closed form uses its own length
-            h_tail = _closed_form_states(blocks[..., -1:, :tail], coeffs, tables.reversed_tail)
-            h_local = torch.cat([h_local[:, :, :-1], h_tail], dim=2)
-        q_block = torch.polar(torch.exp(coeffs.log_mag * block), coeffs.phi * block)
-        q_tail = torch.polar(torch.exp(coeffs.log_mag * tail), coeffs.phi * tail)
-
-        h = torch.zeros_like(h_local[:, :, 0]) if h0 is None else h0.to(h_local.dtype)
+    if num_chunks > 1 or h0 is not None or need_state:
+        local = torch.bmm(chunks, tables.states).view(dim, batch, num_chunks, 2 * ndim).unbind(2)  # from zero
+        keep = None
+        if block_reset is not None:  # chunk c restarts where its block does and the chunk starts that block
+            starts = torch.arange(num_chunks, device=u.device) * steps
+            keep = torch.where(starts % block_size == 0, ~block_reset[:, starts // block_size], True)
+            keep = keep.to(u.dtype).T.unsqueeze(-1)  # chunks x B x 1
+        h = u.new_zeros(dim, batch, 2 * ndim) if h0 is None else h0.to(u.dtype).permute(1, 0, 3, 2).flatten(2)
         incoming = []
-        for c in range(num_blocks):  # a scan over blocks, not over time
-            if block_reset is not None:
-                h = torch.where(block_reset[:, c, None, None], torch.zeros_like(h), h)
+        for c in range(num_chunks):  # the scan over chunks, not over time
+            if keep is not None:
+                h = h * keep[c]
             incoming.append(h)
-            h = (q_tail if c == num_blocks - 1 else q_block) * h + h_local[:, :, c]
-        y = y + _state_bias(torch.stack(incoming, dim=2), coeffs, tables.bias)
-        h_last = h if need_state else None
+            if c < num_chunks - 1:
+                h = torch.baddbmm(local[c], h, tables.decay)
+        y = torch.baddbmm(y, torch.stack(incoming, dim=2).view(dim, -1, 2 * ndim), tables.bias)
+        if need_state:  # the last chunk may be short: its own decay and the last `tail` rows of the state table
+            re, im = q_powers(coeffs.log_mag, coeffs.phi, tail, tail + 1)
+            last = torch.bmm(chunks.view(dim, batch, num_chunks, steps)[:, :, -1, :tail],
+                             tables.states[:, steps - tail:])
+            h = torch.baddbmm(last, h, _rotation(re[..., 0], im[..., 0]))
+            h_last = h.view(dim, batch, 2, ndim).permute(1, 0, 3, 2).contiguous()
 
-    y = y.reshape(batch, dim, num_blocks * block)[..., :length]
-    return y + omega.unsqueeze(-1) * u, h_last
+    y = y.view(dim, batch, num_chunks * steps)[..., :length].reshape(dim, -1)
+    return _Transpose.apply(y).view(batch, length, dim), h_last
 
 
-def cema_step(u: Tensor, coeffs: CemaCoefficients, omega: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One decode step: u (B, D) real, h0 (B, D, N) complex or None. Returns y (B, D) and the new state."""
-    h = coeffs.p * u.unsqueeze(-1)
-    if h0 is not None:
-        h = h + coeffs.q * h0
-    y = (coeffs.g * h).real.sum(-1) + omega * u
-    return y, h
+def cema_state_bias(
+    h_in: Tensor, coeffs: CemaCoefficients, length: int, block_size: int | None = None,
+    block_reset: Tensor | None = None,
+) -> Tensor:
+    """What entering a segment of `length` steps at state h_in (B, D, N, 2) adds to its outputs:
+    Re(sum_n g q**(t+1) h_in) at step t, as (B, length, D), and 0 from the segment's first reset on (block_reset
+    as in `cema`). Differentiable. Chunk by chunk: the tables are (D, N, length / T) and (D, 2N, T), never
+    (D, N, length). With `cema` from a zero state, this is what chunk parallelism needs (spec section 14)."""
+    batch, dim, ndim, _ = h_in.shape
+    steps = max(1, min(MAX_CHUNK, length))
+    num_chunks = -(-length // steps)
+    re, im = (t.unsqueeze(1) for t in q_powers(coeffs.log_mag, coeffs.phi, 0, num_chunks * steps, steps))
+    h_re, h_im = h_in[..., 0].transpose(0, 1).unsqueeze(-1), h_in[..., 1].transpose(0, 1).unsqueeze(-1)
+    # The state entering chunk c is q**(c T) h_in: D x B x 2N x chunks.
+    entering = torch.cat([re * h_re - im * h_im, re * h_im + im * h_re], dim=2)
+    table = _output_table(coeffs, *q_powers(coeffs.log_mag, coeffs.phi, 1, steps + 1))
+    bias = torch.bmm(entering.transpose(2, 3).reshape(dim, -1, 2 * ndim), table)
+    bias = bias.view(dim, batch, num_chunks * steps)[..., :length].permute(1, 2, 0)
+    if block_reset is None:
+        return bias
+    before_reset = step_resets(block_reset, block_size, length).cumsum(1) == 0  # B x L
+    return bias * before_reset.unsqueeze(-1)
+
+
+def step_resets(block_reset: Tensor, block_size: int, length: int) -> Tensor:
+    """Per-step reset flags (B, L) from per-block ones (B, ceil(L / block_size)): True at a restarted block's
+    first step."""
+    first = torch.arange(block_size, device=block_reset.device) == 0
+    return (block_reset.unsqueeze(-1) & first).flatten(1)[:, :length]  # B x (blocks * block_size), cut to L
+
+
+def cema_step(
+    u: Tensor, coeffs: CemaCoefficients, omega: Tensor, h: Tensor | None, out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One decode step: u (B, D), h (B, D, N, 2) real pairs or None (zero). Returns y (B, D) and the new state.
+
+    Sync-free and shape-static, for CUDA graphs: with `out` (which may be `h` itself, e.g.
+    torch.view_as_real(state.cema_h)) the new state is written there in place and `out` is returned."""
+    pu = coeffs.p * u.unsqueeze(-1)
+    if h is None:
+        new_re, new_im = pu, torch.zeros_like(pu)
+    else:
+        magnitude = torch.exp(coeffs.log_mag)
+        q_re, q_im = magnitude * torch.cos(coeffs.phi), magnitude * torch.sin(coeffs.phi)
+        h_re, h_im = h[..., 0], h[..., 1]
+        new_re = torch.addcmul(pu, q_re, h_re).sub_(q_im * h_im)
+        new_im = torch.addcmul(q_im * h_re, q_re, h_im)
+    y = (coeffs.g_re * new_re - coeffs.g_im * new_im).sum(-1) + omega * u
+    if out is None:
+        return y, torch.stack([new_re, new_im], dim=-1)
+    out[..., 0].copy_(new_re)
+    out[..., 1].copy_(new_im)
+    return y, out
 
 
 def cema_sequential(
     u: Tensor, coeffs: CemaCoefficients, omega: Tensor, h0: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The recurrence, one step at a time: the slow reference for tests. u (B, D, L)."""
-    q = coeffs.q
+    """The recurrence, one step at a time, in complex numbers: the slow reference for tests.
+    u (B, D, L) real, h0 (B, D, N) complex or None. Returns y (B, D, L) and the last state h (B, D, N) complex."""
+    q, g = coeffs.q, coeffs.g
     h = torch.zeros(u.shape[0], *q.shape, dtype=q.dtype, device=u.device) if h0 is None else h0
     outputs = []
     for t in range(u.shape[-1]):
         h = coeffs.p * u[..., t, None] + q * h
-        outputs.append((coeffs.g * h).real.sum(-1) + omega * u[..., t])
+        outputs.append((g * h).real.sum(-1) + omega * u[..., t])
     return torch.stack(outputs, dim=-1), h
