@@ -52,9 +52,10 @@ def _token_tiles(groups: int, dim: int) -> tuple[int, int]:
 
 
 def _scan_tiles(groups: int, block: int) -> tuple[int, int]:
-    """BLOCK_T x BLOCK_G tiles for the scans: a few groups per program, long tiles for few sequential steps."""
-    block_g = min(triton.next_power_of_2(groups), 16)
-    return min(triton.next_power_of_2(block), max(16, 2048 // block_g)), block_g
+    """BLOCK_T x BLOCK_G tiles for the scans. Each program walks its row's L / BLOCK_T tiles in sequence, so long
+    tiles of few groups keep that chain short (16 steps at L = 4096) and give G / 8 programs per row."""
+    block_g = min(triton.next_power_of_2(groups), 8)
+    return min(triton.next_power_of_2(block), 256), block_g
 
 
 # ---- kernels --------------------------------------------------------------------------------------------------
