@@ -1,0 +1,195 @@
+"""The CEMA (ops/cema.py) on CUDA in Triton: training and prefill, forward and backward, with no (D, N, L) tensor.
+
+Shape of the kernels: a chunked scan with the (BLOCK_D x N) complex state held in registers as two fp32 tiles.
+Time is cut into chunks of CHUNK = 64 steps (a multiple of 16, independent of the model's chunk_size; any L).
+Forward, three launches (ops/triton/cema_kernels.py):
+1. per (chunk, channel block, row): the chunk's final state entered at zero, by running the recurrence;
+2. per (channel block, row): the scan over chunks, s_in(c+1) = q**len(c) s_in(c) + s_loc(c), from h0, cut where a
+   document restarts inside chunk c; it also gives the final state;
+3. per (chunk, channel block, row): the chunk rerun from its incoming state, writing y.
+Backward, six launches: the adjoint is the same recurrence run in reverse time with conj(q) (phases 1-3 on dy give
+dL/du, the adjoint state entering each chunk, and dL/dh0), phases 1-2 rerun on u for the forward states entering
+each chunk, and one kernel that reruns every chunk forward with tangents dh/dq and dh/dp to sum the parameter
+gradients (see `parameter_grads_kernel`); the per-chunk partial sums are reduced by torch in fp32.
+
+Why this shape and not a fused kernel for k[d, j] = Re(sum_n p g q**j) plus an FFT (the official code's): the work
+is O(B L D N) multiply-adds in registers (at mega200M, L = 4096, about 0.5 GFLOP per pass, under a millisecond of
+CUDA-core time), u and y are read and written once per pass, coalesced along D in their (B, L, D) layout, so no
+transposes; there is no power table at all, no FFT padding to 2 x next_pow2(L), and document resets, the incoming
+state and the final state come from the same scan instead of three extra tensors. Parallelism is
+B x D / 32 x L / 64 programs (2,048 at mega200M, 4K tokens, batch 1). The cost is sequential latency within a
+chunk (64 dependent steps), hidden by running many programs per SM.
+
+Memory: saved for backward are u itself (in its own dtype, bf16 stays bf16), h0 and the reset flags: zero bytes
+per token beyond the input. Transient: the chunk states, (B, L / 64, 2, D, N) fp32 = D N / 8 bytes per token
+(2 KB at D = 1024, N = 16), and in backward the parameter partial sums, 5 D N / 16 bytes per token.
+
+`cema_scan` is a `torch.library.custom_op` (`megalodon::cema_scan`, backward `megalodon::cema_scan_backward`)
+with fake implementations and autograd registered, so a compiled graph holds it as one node.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK = 64  # steps per chunk
+BLOCK_D = 32  # channels per program
+UNROLL = 8  # steps issued together (see cema_kernels)
+NUM_WARPS = 4  # no register spills at these sizes (sm_90, checked with cuobjdump), 56-96 registers a thread
+
+
+def _kernels():
+    # Imported on first use: the interpreter switch (TRITON_INTERPRET) is read when the kernels are decorated.
+    from megalodon.ops.triton import cema_kernels
+
+    return cema_kernels
+
+
+def _decay(log_mag: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
+    magnitude = torch.exp(log_mag)
+    return magnitude * torch.cos(phi), magnitude * torch.sin(phi)
+
+
+def _run(x: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor], h0: Tensor | None,
+         resets: Tensor | None, chunk: int, reverse: bool,
+         outputs: tuple[tuple[Tensor, Tensor], Tensor, torch.dtype] | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One run of the generic recurrence (see cema_kernels) over x (B, L, D), from state h0 (B, D, N, 2).
+    outputs: (c_out parts, kappa, dtype of y), or None to stop after the scan.
+    Returns the state entering every chunk (B, chunks, 2, D, N), the final state (B, D, N, 2) and y or None."""
+    kernels = _kernels()
+    batch, length, dim = x.shape
+    ndim = decay[0].shape[1]
+    num_chunks = -(-length // chunk)
+    block_n = max(1, 1 << (ndim - 1).bit_length())
+    meta = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=block_n, UNROLL=UNROLL, REVERSE=reverse,
+                HAS_RESET=resets is not None, num_warps=NUM_WARPS)
+    reset_flags = x if resets is None else resets  # any pointer will do when unused
+    keep = x
+    if resets is not None:
+        padded = F.pad(resets, (0, num_chunks * chunk - length)).view(batch, num_chunks, chunk)
+        keep = 1.0 - padded.amax(-1).to(torch.float32)
+    grid = (num_chunks, -(-dim // BLOCK_D), batch)
+    local = x.new_empty(batch, num_chunks, 2, dim, ndim, dtype=torch.float32)
+    kernels.local_states_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, local, length, dim, ndim,
+                                      num_chunks, **meta)
+    incoming = torch.empty_like(local)
+    final = x.new_empty(batch, dim, ndim, 2, dtype=torch.float32)
+    kernels.scan_kernel[grid[1:]](local, keep, *decay, x if h0 is None else h0, incoming, final, length, dim, ndim,
+                                  num_chunks, HAS_H0=h0 is not None, **meta)
+    if outputs is None:
+        return incoming, final, None
+    cout, kappa, dtype = outputs
+    y = x.new_empty(batch, length, dim, dtype=dtype)
+    kernels.outputs_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, *cout, kappa, incoming, y, length, dim,
+                                 ndim, num_chunks, **meta)
+    return incoming, final, y
+
+
+def _check(u: Tensor, p: Tensor, chunk: int) -> None:
+    if chunk % 16 or chunk <= 0:
+        raise ValueError(f"cema_scan: chunk must be a positive multiple of 16, got {chunk}")
+    if u.dim() != 3 or u.shape[2] != p.shape[0]:
+        raise ValueError(f"cema_scan: u must be (B, L, D) with D = {p.shape[0]}, got {tuple(u.shape)}")
+    if p.dtype != torch.float32:
+        raise ValueError(f"cema_scan: the coefficients must be fp32 (the kernels compute in fp32), got {p.dtype}")
+
+
+def _forward_parts(p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor, omega: Tensor):
+    """The forward as the generic recurrence with outputs from the state before each step:
+    y_t = Re(sum_n g h_t) + omega u_t = Re(sum_n g q h_{t-1}) + (omega + sum_n p Re g) u_t."""
+    q_re, q_im = _decay(log_mag, phi)
+    cout = (g_re * q_re - g_im * q_im, g_re * q_im + g_im * q_re)
+    kappa = omega + (p * g_re).sum(-1)
+    return (q_re, q_im), cout, kappa
+
+
+@torch.library.custom_op("megalodon::cema_scan", mutates_args=())
+def cema_scan(u: Tensor, p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor, omega: Tensor,
+              h0: Optional[Tensor] = None, resets: Optional[Tensor] = None,
+              chunk: int = CHUNK) -> tuple[Tensor, Tensor]:
+    """The CEMA of ops/cema.py on the chunked Triton scan. u (B, L, D) fp32/bf16/fp16; p, log_mag, phi, g_re, g_im
+    (D, N) fp32; omega (D,) fp32; h0 (B, D, N, 2) fp32 or None; resets (B, L) bool or None, True where the state
+    restarts at zero before that step; chunk a multiple of 16. Returns y (B, L, D) fp32 and the final state
+    (B, D, N, 2) fp32."""
+    _check(u, p, chunk)
+    p, log_mag, phi, g_re, g_im, omega = (t.contiguous() for t in (p, log_mag, phi, g_re, g_im, omega))
+    _, cout, kappa = _forward_parts(p, log_mag, phi, g_re, g_im, omega)
+    h0 = None if h0 is None else h0.contiguous()
+    resets = None if resets is None else resets.to(torch.uint8)
+    _, final, y = _run(u, (p, torch.zeros_like(p)), (log_mag, phi), h0, resets, chunk, False,
+                       (cout, kappa, torch.float32))
+    return y, final
+
+
+@cema_scan.register_fake
+def _(u, p, log_mag, phi, g_re, g_im, omega, h0=None, resets=None, chunk=CHUNK):
+    batch, length, dim = u.shape
+    return (u.new_empty(batch, length, dim, dtype=torch.float32),
+            u.new_empty(batch, dim, p.shape[1], 2, dtype=torch.float32))
+
+
+@torch.library.custom_op("megalodon::cema_scan_backward", mutates_args=())
+def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, p: Tensor, log_mag: Tensor, phi: Tensor,
+                       g_re: Tensor, g_im: Tensor, omega: Tensor, h0: Optional[Tensor], resets: Optional[Tensor],
+                       chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of `cema_scan` for (u, p, log_mag, phi, g_re, g_im, omega, h0) from dy (B, L, D) and the final
+    state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None."""
+    p, log_mag, phi, g_re, g_im, omega = (t.contiguous() for t in (p, log_mag, phi, g_re, g_im, omega))
+    (q_re, q_im), _, kappa = _forward_parts(p, log_mag, phi, g_re, g_im, omega)
+    dy = dy.contiguous()
+    dh = None if dh is None else dh.contiguous()
+    h0 = None if h0 is None else h0.contiguous()
+    resets = None if resets is None else resets.to(torch.uint8)
+    # Adjoint: s = dL/dh_t from the future; s <- conj(q) (conj(g) dy_t + s), and dL/du_t = Re(sum_n p s) + kappa dy_t
+    # with s taken before the step, so the same kernels run it in reverse time. It leaves with dL/dh0.
+    cin = (g_re * q_re - g_im * q_im, -(g_re * q_im + g_im * q_re))  # conj(q g)
+    future, d_h0, du = _run(dy, cin, (log_mag, -phi), dh, resets, chunk, True,
+                            ((p, torch.zeros_like(p)), kappa, u.dtype))
+    incoming, _, _ = _run(u, (p, torch.zeros_like(p)), (log_mag, phi), h0, resets, chunk, False, None)
+
+    batch, length, dim = u.shape
+    ndim = p.shape[1]
+    num_chunks = incoming.shape[1]
+    partial = u.new_empty(batch, num_chunks, 5, dim, ndim, dtype=torch.float32)
+    partial_omega = u.new_empty(batch, num_chunks, dim, dtype=torch.float32)
+    block_n = max(1, 1 << (ndim - 1).bit_length())
+    grid = (num_chunks, -(-dim // BLOCK_D), batch)
+    _kernels().parameter_grads_kernel[grid](
+        u, *u.stride(), dy, u if resets is None else resets, p, log_mag, phi, g_re, g_im, incoming,
+        future, partial, partial_omega, length, dim, ndim, num_chunks, CHUNK=chunk, BLOCK_D=BLOCK_D,
+        BLOCK_N=block_n, UNROLL=UNROLL, HAS_RESET=resets is not None, num_warps=NUM_WARPS)
+    dg_re, dg_im, dq_re, dq_im, dp = (t.clone() for t in partial.sum((0, 1)).unbind(0))  # outputs: no views
+    # q = exp(log_mag + i phi): dL/dlog_mag = Re(conj(dq) q), dL/dphi = Re(conj(dq) i q).
+    d_log_mag = dq_re * q_re + dq_im * q_im
+    d_phi = dq_im * q_re - dq_re * q_im
+    return du, dp, d_log_mag, d_phi, dg_re, dg_im, partial_omega.sum((0, 1)), d_h0
+
+
+@cema_scan_backward.register_fake
+def _(dy, dh, u, p, log_mag, phi, g_re, g_im, omega, h0, resets, chunk):
+    batch, _, dim = u.shape
+    table = p.new_empty(p.shape)
+    return (torch.empty_like(u), table, table.clone(), table.clone(), table.clone(), table.clone(),
+            omega.new_empty(omega.shape), u.new_empty(batch, dim, p.shape[1], 2, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, p, log_mag, phi, g_re, g_im, omega, h0, resets, chunk = inputs
+    ctx.save_for_backward(u, p, log_mag, phi, g_re, g_im, omega, h0, resets)
+    ctx.chunk = chunk
+    ctx.has_h0 = h0 is not None
+
+
+def _backward(ctx, dy: Tensor | None, dh: Tensor | None):
+    u, p, log_mag, phi, g_re, g_im, omega, h0, resets = ctx.saved_tensors
+    if dy is None:
+        dy = u.new_zeros(u.shape, dtype=torch.float32)
+    grads = cema_scan_backward(dy, dh, u, p, log_mag, phi, g_re, g_im, omega, h0, resets, ctx.chunk)
+    return *grads[:7], grads[7] if ctx.has_h0 else None, None, None
+
+
+cema_scan.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,261 @@
+"""Triton kernels of the CEMA's chunked scan (the design is in ops/triton/cema.py's docstring).
+
+One linear recurrence serves the forward and the adjoint, per channel d and component n:
+
+    before step t:  s = 0 if reset[t] (forward only)
+    output:         y_t = Re(sum_n c_out s) + kappa x_t          (from the state before the step)
+    step:           s = a s + c_in x_t
+    after step t:   s = 0 if reset[t] (reverse only)
+
+with complex a, c_in, c_out given as real parts. Time runs forward or, with REVERSE, backward. Time is cut into
+chunks of CHUNK steps, aligned to the start of the sequence in both directions. Each program owns one chunk of one
+row for BLOCK_D channels, and keeps the (BLOCK_D, N) complex state as two fp32 register tiles.
+
+Every loop over time or chunks is unrolled UNROLL steps at a time (`tl.static_range`), so that the loads of the
+next steps, which do not depend on the state, are issued together and their latency overlaps the dependent complex
+multiply-adds; steps past the end are masked. All loads are masked, all shapes powers of two, all arithmetic fp32;
+inputs of any float dtype are upcast on load.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(pid_d, D, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Channel offsets (BLOCK_D,), their mask, and the (BLOCK_D, BLOCK_N) offsets and mask into a (D, N) table."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < D
+    mask = mask_d[:, None] & (offs_n[None, :] < N)
+    return offs_d, mask_d, offs_d[:, None] * N + offs_n[None, :], mask
+
+
+@triton.jit
+def _power(log_ptr, angle_ptr, offs, mask, exponent):
+    """Re and Im of a**exponent = exp(exponent log|a|) (cos, sin)(exponent arg a)."""
+    log_mag = tl.load(log_ptr + offs, mask=mask, other=0.0)
+    angle = tl.load(angle_ptr + offs, mask=mask, other=0.0)
+    magnitude = tl.exp(log_mag * exponent)
+    return magnitude * tl.cos(angle * exponent), magnitude * tl.sin(angle * exponent)
+
+
+@triton.jit
+def _time(start, length, i, REVERSE: tl.constexpr):
+    if REVERSE:
+        return start + length - 1 - i
+    else:
+        return start + i
+
+
+@triton.jit
+def _keep(reset_ptr, b, L, t, valid):
+    """0.0 where the state restarts before step t, else 1.0."""
+    return 1.0 - tl.load(reset_ptr + b.to(tl.int64) * L + t, mask=valid, other=0).to(tl.float32)
+
+
+@triton.jit
+def _both(mask, valid):
+    """mask & valid for a scalar valid, as a select: Triton's interpreter turns that & into int32."""
+    return tl.where(valid, mask, False)
+
+
+@triton.jit
+def _step(s_re, s_im, a_re, a_im, cin_re, cin_im, x):
+    """s <- a s + c_in x, complex, as real parts."""
+    return a_re * s_re - a_im * s_im + cin_re * x, a_re * s_im + a_im * s_re + cin_im * x
+
+
+@triton.jit
+def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr, cin_im_ptr, log_ptr,
+                        angle_ptr, loc_ptr, L, D, N, num_chunks,
+                        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+                        REVERSE: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Phase 1, grid (chunks, D / BLOCK_D, B): each chunk's final state entered at zero -> loc (B, chunks, 2, D, N)."""
+    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d, mask_d, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
+    a_re, a_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
+    cin_re = tl.load(cin_re_ptr + offs, mask=mask, other=0.0)
+    cin_im = tl.load(cin_im_ptr + offs, mask=mask, other=0.0)
+    s_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    s_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    start = c * CHUNK
+    length = tl.minimum(CHUNK, L - start)
+    x_row = x_ptr + b.to(tl.int64) * stride_xb + offs_d * stride_xd
+    for i0 in range(0, length, UNROLL):
+        for k in tl.static_range(UNROLL):
+            valid = i0 + k < length
+            t = _time(start, length, i0 + k, REVERSE)
+            x = tl.load(x_row + t.to(tl.int64) * stride_xt, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
+            keep = 1.0
+            if HAS_RESET:
+                keep = _keep(reset_ptr, b, L, t, valid)
+            if not REVERSE:  # forward: the state restarts before the step
+                s_re, s_im = s_re * keep, s_im * keep
+            new_re, new_im = _step(s_re, s_im, a_re, a_im, cin_re, cin_im, x[:, None])
+            if REVERSE:  # reverse: the adjoint stops flowing after it
+                new_re, new_im = new_re * keep, new_im * keep
+            s_re, s_im = tl.where(valid, new_re, s_re), tl.where(valid, new_im, s_im)
+    base = (b.to(tl.int64) * num_chunks + c) * 2 * D * N
+    tl.store(loc_ptr + base + offs, s_re, mask=mask)
+    tl.store(loc_ptr + base + D * N + offs, s_im, mask=mask)
+
+
+@triton.jit
+def scan_kernel(loc_ptr, keep_ptr, log_ptr, angle_ptr, h0_ptr, incoming_ptr, final_ptr, L, D, N, num_chunks,
+                CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+                REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Phase 2, grid (D / BLOCK_D, B): the scan over chunks, s_in(next) = a**len keep s_in + loc, from h0.
+    Writes the state entering every chunk (B, chunks, 2, D, N) and the one leaving the last (B, D, N, 2)."""
+    pid_d, b = tl.program_id(0), tl.program_id(1)
+    _, _, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
+    tail = L - (num_chunks - 1) * CHUNK
+    full_re, full_im = _power(log_ptr, angle_ptr, offs, mask, CHUNK * 1.0)
+    tail_re, tail_im = _power(log_ptr, angle_ptr, offs, mask, tail * 1.0)
+    if HAS_H0:
+        s_re = tl.load(h0_ptr + b.to(tl.int64) * D * N * 2 + offs * 2, mask=mask, other=0.0)
+        s_im = tl.load(h0_ptr + b.to(tl.int64) * D * N * 2 + offs * 2 + 1, mask=mask, other=0.0)
+    else:
+        s_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        s_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    for j0 in range(0, num_chunks, UNROLL):
+        for k in tl.static_range(UNROLL):
+            valid = j0 + k < num_chunks
+            c = _time(0, num_chunks, j0 + k, REVERSE)
+            base = (b.to(tl.int64) * num_chunks + c) * 2 * D * N
+            tl.store(incoming_ptr + base + offs, s_re, mask=_both(mask, valid))
+            tl.store(incoming_ptr + base + D * N + offs, s_im, mask=_both(mask, valid))
+            is_tail = c == num_chunks - 1
+            a_re = tl.where(is_tail, tail_re, full_re)
+            a_im = tl.where(is_tail, tail_im, full_im)
+            if HAS_RESET:  # a reset anywhere in the chunk cuts what enters it off from what leaves it
+                keep = tl.load(keep_ptr + b.to(tl.int64) * num_chunks + c, mask=valid, other=0.0)
+                a_re, a_im = a_re * keep, a_im * keep
+            loc_re = tl.load(loc_ptr + base + offs, mask=_both(mask, valid), other=0.0)
+            loc_im = tl.load(loc_ptr + base + D * N + offs, mask=_both(mask, valid), other=0.0)
+            new_re, new_im = _step(s_re, s_im, a_re, a_im, 1.0, 0.0, 0.0)
+            s_re, s_im = tl.where(valid, new_re + loc_re, s_re), tl.where(valid, new_im + loc_im, s_im)
+    tl.store(final_ptr + b.to(tl.int64) * D * N * 2 + offs * 2, s_re, mask=mask)
+    tl.store(final_ptr + b.to(tl.int64) * D * N * 2 + offs * 2 + 1, s_im, mask=mask)
+
+
+@triton.jit
+def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr, cin_im_ptr, log_ptr, angle_ptr,
+                   cout_re_ptr, cout_im_ptr, kappa_ptr, incoming_ptr, y_ptr, L, D, N, num_chunks,
+                   CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+                   REVERSE: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Phase 3, grid as phase 1: each chunk rerun from its incoming state, writing y (B, L, D) contiguous."""
+    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d, mask_d, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
+    a_re, a_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
+    cin_re = tl.load(cin_re_ptr + offs, mask=mask, other=0.0)
+    cin_im = tl.load(cin_im_ptr + offs, mask=mask, other=0.0)
+    cout_re = tl.load(cout_re_ptr + offs, mask=mask, other=0.0)
+    cout_im = tl.load(cout_im_ptr + offs, mask=mask, other=0.0)
+    kappa = tl.load(kappa_ptr + offs_d, mask=mask_d, other=0.0)
+    base = (b.to(tl.int64) * num_chunks + c) * 2 * D * N
+    s_re = tl.load(incoming_ptr + base + offs, mask=mask, other=0.0)
+    s_im = tl.load(incoming_ptr + base + D * N + offs, mask=mask, other=0.0)
+    start = c * CHUNK
+    length = tl.minimum(CHUNK, L - start)
+    x_row = x_ptr + b.to(tl.int64) * stride_xb + offs_d * stride_xd
+    y_row = y_ptr + b.to(tl.int64) * L * D + offs_d
+    for i0 in range(0, length, UNROLL):
+        for k in tl.static_range(UNROLL):
+            valid = i0 + k < length
+            t = _time(start, length, i0 + k, REVERSE)
+            x = tl.load(x_row + t.to(tl.int64) * stride_xt, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
+            keep = 1.0
+            if HAS_RESET:
+                keep = _keep(reset_ptr, b, L, t, valid)
+            if not REVERSE:
+                s_re, s_im = s_re * keep, s_im * keep
+            y = tl.sum(cout_re * s_re - cout_im * s_im, axis=1) + kappa * x
+            tl.store(y_row + t.to(tl.int64) * D, y.to(y_ptr.dtype.element_ty), mask=_both(mask_d, valid))
+            new_re, new_im = _step(s_re, s_im, a_re, a_im, cin_re, cin_im, x[:, None])
+            if REVERSE:
+                new_re, new_im = new_re * keep, new_im * keep
+            s_re, s_im = tl.where(valid, new_re, s_re), tl.where(valid, new_im, s_im)
+
+
+@triton.jit
+def parameter_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_ptr, p_ptr, log_ptr, angle_ptr,
+                           g_re_ptr, g_im_ptr, incoming_ptr, future_ptr, partial_ptr, partial_omega_ptr,
+                           L, D, N, num_chunks,
+                           CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           UNROLL: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Backward, grid as phase 1: per chunk, sums over its steps of the parameter gradients.
+
+    The chunk is rerun forward from its incoming state h_in, with forward-mode tangents entered at zero:
+    dh/dq (hq_t = h_{t-1} + q hq_{t-1}) and dh/dp (w_t = u_t + q w_{t-1}). The loss seen from inside the chunk,
+    with h_in held fixed, is sum_t dy_t Re(sum_n g h_t) + Re(conj(mu) h_last), where mu = dL/dh_last from later
+    chunks (the reverse scan's state entering this chunk). Hence, per (d, n):
+        dg = sum_t dy_t conj(h_t)
+        dq = sum_t dy_t conj(g hq_t) + mu conj(hq_last)
+        dp = sum_t dy_t Re(g w_t) + Re(conj(mu) w_last)
+    and d omega[d] = sum_t dy_t u_t. Summed over chunks, these are the full gradients: every use of q and p is a
+    step of some chunk. partial (B, chunks, 5, D, N) = [dg_re, dg_im, dq_re, dq_im, dp]; partial_omega (B, chunks, D).
+    """
+    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d, mask_d, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
+    q_re, q_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    g_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
+    g_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
+    base = (b.to(tl.int64) * num_chunks + c) * 2 * D * N
+    h_re = tl.load(incoming_ptr + base + offs, mask=mask, other=0.0)
+    h_im = tl.load(incoming_ptr + base + D * N + offs, mask=mask, other=0.0)
+    hq_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    hq_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    w_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    w_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dg_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dg_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dq_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # sum_t dy_t g hq_t, conjugated at the end
+    dq_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dp = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    d_omega = tl.zeros((BLOCK_D,), tl.float32)
+    start = c * CHUNK
+    length = tl.minimum(CHUNK, L - start)
+    u_row = u_ptr + b.to(tl.int64) * stride_ub + offs_d * stride_ud
+    dy_row = dy_ptr + b.to(tl.int64) * L * D + offs_d
+    for i0 in range(0, length, UNROLL):
+        for k in tl.static_range(UNROLL):
+            # Past the chunk's end u and dy load as 0, which adds nothing to the sums, but the states would still
+            # move: they are frozen there, because the terms with mu below use the chunk's last states.
+            valid = i0 + k < length
+            t = start + i0 + k
+            u = tl.load(u_row + t.to(tl.int64) * stride_ut, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + t.to(tl.int64) * D, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
+            d_omega += dy * u
+            u, dy = u[:, None], dy[:, None]
+            if HAS_RESET:
+                keep = _keep(reset_ptr, b, L, t, valid)
+                h_re, h_im = h_re * keep, h_im * keep
+                hq_re, hq_im = hq_re * keep, hq_im * keep
+                w_re, w_im = w_re * keep, w_im * keep
+            new_hq_re, new_hq_im = _step(hq_re, hq_im, q_re, q_im, 1.0, 0.0, 0.0)
+            hq_re, hq_im = tl.where(valid, new_hq_re + h_re, hq_re), tl.where(valid, new_hq_im + h_im, hq_im)
+            new_w_re, new_w_im = _step(w_re, w_im, q_re, q_im, 1.0, 0.0, u)
+            w_re, w_im = tl.where(valid, new_w_re, w_re), tl.where(valid, new_w_im, w_im)
+            new_h_re, new_h_im = _step(h_re, h_im, q_re, q_im, p, 0.0, u)
+            h_re, h_im = tl.where(valid, new_h_re, h_re), tl.where(valid, new_h_im, h_im)
+            dg_re += dy * h_re
+            dg_im -= dy * h_im
+            dq_re += dy * (g_re * hq_re - g_im * hq_im)
+            dq_im += dy * (g_re * hq_im + g_im * hq_re)
+            dp += dy * (g_re * w_re - g_im * w_im)
+    mu_re = tl.load(future_ptr + base + offs, mask=mask, other=0.0)
+    mu_im = tl.load(future_ptr + base + D * N + offs, mask=mask, other=0.0)
+    dq_re = dq_re + mu_re * hq_re + mu_im * hq_im
+    dq_im = -dq_im + mu_im * hq_re - mu_re * hq_im
+    dp = dp + mu_re * w_re + mu_im * w_im
+    out = partial_ptr + (b.to(tl.int64) * num_chunks + c) * 5 * D * N + offs
+    tl.store(out, dg_re, mask=mask)
+    tl.store(out + D * N, dg_im, mask=mask)
+    tl.store(out + 2 * D * N, dq_re, mask=mask)
+    tl.store(out + 3 * D * N, dq_im, mask=mask)
+    tl.store(out + 4 * D * N, dp, mask=mask)
+    tl.store(partial_omega_ptr + (b.to(tl.int64) * num_chunks + c) * D + offs_d, d_omega, mask=mask_d)

@@ -1,0 +1,223 @@
+"""The CEMA's Triton path (ops/triton/cema.py), forward and backward, against the float64 recurrence and its
+autograd gradients. Under the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU), or on a
+GPU when there is one; and compiled for an H100 (sm_90) wherever triton's NVIDIA backend can compile."""
+
+import pytest
+import torch
+from helpers import requires_cuda
+
+from megalodon.layers.cema import CEMA
+from megalodon.ops.cema import cema, cema_coefficients, step_resets
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CHUNK = 16  # the kernels' chunk, small so that short sequences span several
+
+
+def triton_scan(*args, **kwargs):
+    from megalodon.ops.triton.cema import cema_scan
+
+    return cema_scan(*args, **kwargs)
+
+
+def parameters(dim, ndim, seed):
+    torch.manual_seed(seed)
+    layer = CEMA(dim, ndim)
+    with torch.no_grad():
+        layer.gamma[..., 1].normal_()
+    return [p.detach() for p in (layer.alpha, layer.delta, layer.theta, layer.gamma, layer.omega)]
+
+
+def reference(u, params, h0, resets):
+    """The recurrence step by step in complex128, with autograd: u (B, L, D), resets (B, L) or None."""
+    alpha, delta, theta, gamma, omega = params
+    coeffs = cema_coefficients(alpha, delta, theta, gamma)
+    q, g = coeffs.q, coeffs.g
+    h = torch.zeros(u.shape[0], *q.shape, dtype=q.dtype) if h0 is None else torch.view_as_complex(h0)
+    outputs = []
+    for t in range(u.shape[1]):
+        if resets is not None:
+            h = torch.where(resets[:, t, None, None], torch.zeros_like(h), h)
+        h = coeffs.p * u[:, t, :, None] + q * h
+        outputs.append((g * h).real.sum(-1) + omega.squeeze(-1) * u[:, t])
+    return torch.stack(outputs, dim=1), torch.view_as_real(h)
+
+
+def run_both(batch, length, dim, ndim, with_h0, block, seed=0, dtype=torch.float32):
+    """Outputs and gradients of the Triton path (on DEVICE) and of the float64 reference, for the same inputs
+    and the same random output gradients."""
+    params = parameters(dim, ndim, seed)
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, length, dim, generator=g).to(dtype)
+    h0 = torch.randn(batch, dim, ndim, 2, generator=g) if with_h0 else None
+    resets = None
+    if block is not None:
+        block_reset = torch.rand(batch, -(-length // block), generator=g) < 0.5
+        block_reset[0, 0] = True
+        resets = step_resets(block_reset, block, length)
+    dy = torch.randn(batch, length, dim, generator=g, dtype=torch.float64)
+    dh = torch.randn(batch, dim, ndim, 2, generator=g, dtype=torch.float64)
+
+    def grads(inputs, y, h):
+        return torch.autograd.grad((y * dy.to(y)).sum() + (h * dh.to(h)).sum(), [t for t in inputs if t is not None])
+
+    ref_inputs = [t if t is None else t.double().requires_grad_() for t in (u, h0, *params)]
+    y_ref, h_ref = reference(ref_inputs[0], ref_inputs[2:], ref_inputs[1], resets)
+    dev_inputs = [t if t is None else t.to(DEVICE).requires_grad_() for t in (u, h0, *params)]
+    u_dev, h0_dev, *params_dev = dev_inputs
+    coeffs = cema_coefficients(*params_dev[:4])
+    y, h = triton_scan(u_dev, *coeffs, params_dev[4].squeeze(-1), h0_dev,
+                       None if resets is None else resets.to(DEVICE), CHUNK)
+    return (y, h, grads(dev_inputs, y, h)), (y_ref, h_ref, grads(ref_inputs, y_ref, h_ref))
+
+
+def assert_close(actual, expected, tol):
+    """Within tol of the reference, relative to the reference's largest entry."""
+    scale = expected.abs().max().clamp(min=1e-6)
+    torch.testing.assert_close(actual.double().cpu() / scale, expected / scale, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("length, with_h0, block", [
+    (1, True, None), (7, False, None), (16, True, 8), (33, True, 16), (3 * CHUNK + 5, False, 8),
+])
+def test_forward_and_backward_match_the_recurrence(length, with_h0, block):
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, length, 6, 4, with_h0, block)
+    assert y.dtype == torch.float32 and h.shape == (2, 6, 4, 2)
+    assert_close(y, y_ref, 1e-5)
+    assert_close(h, h_ref, 1e-5)  # the returned final state is the recurrence's last h
+    for grad, expected in zip(grads, grads_ref):  # u, h0, alpha, delta, theta, gamma, omega
+        assert_close(grad, expected, 2e-5)
+
+
+def test_channels_and_components_that_do_not_fill_a_tile():
+    """D = 40 spans two channel blocks of 32; N = 3 is padded to 4 in registers."""
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(1, 21, 40, 3, True, None, seed=1)
+    assert_close(y, y_ref, 1e-5)
+    assert_close(h, h_ref, 1e-5)
+    for grad, expected in zip(grads, grads_ref):
+        assert_close(grad, expected, 2e-5)
+
+
+def test_bf16_input_is_upcast_in_the_kernel():
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, 20, 6, 4, True, None, dtype=torch.bfloat16)
+    assert y.dtype == torch.float32 and grads[0].dtype == torch.bfloat16
+    assert_close(y, y_ref, 1e-5)  # the reference sees the same bf16-rounded input, in float64
+    assert_close(grads[0], grads_ref[0], 1e-2)  # du is rounded to bf16 on the way out
+    for grad, expected in zip(grads[1:], grads_ref[1:]):
+        assert_close(grad, expected, 2e-5)
+
+
+def test_op_registration_fake_and_autograd():
+    """torch.library.opcheck: schema, fake tensors, autograd registration, and AOT dispatch as compile uses it."""
+    from megalodon.ops.triton.cema import cema_scan
+
+    params = [p.to(DEVICE) for p in parameters(4, 2, 0)]
+    coeffs = [t.detach().requires_grad_() for t in cema_coefficients(*params[:4])]
+    u = torch.randn(2, 5, 4, device=DEVICE, requires_grad=True)
+    h0 = torch.randn(2, 4, 2, 2, device=DEVICE, requires_grad=True)
+    resets = torch.tensor([[False] * 5, [False, False, True, False, False]], device=DEVICE)
+    omega = params[4].squeeze(-1).requires_grad_()
+    torch.library.opcheck(cema_scan, (u, *coeffs, omega, h0, resets, CHUNK))
+
+
+def test_compiled_graph_holds_the_op():
+    """fullgraph=True: no graph break around the custom op, and the same numbers as eager."""
+    params = [p.to(DEVICE) for p in parameters(4, 2, 0)]
+    u = torch.randn(2, 19, 4, device=DEVICE)
+
+    def fn(u, alpha, delta, theta, gamma, omega):
+        y, h = triton_scan(u, *cema_coefficients(alpha, delta, theta, gamma), omega.squeeze(-1), None, None, CHUNK)
+        return y.square().sum() + h.square().sum()
+
+    leaves = [t.clone().requires_grad_() for t in (u, *params)]
+    eager = fn(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    leaves = [t.clone().requires_grad_() for t in (u, *params)]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves)
+    compiled_grads = torch.autograd.grad(compiled, leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_chunk_is_refused():
+    params = parameters(4, 2, 0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        triton_scan(torch.randn(1, 5, 4), *cema_coefficients(*params[:4]), params[4].squeeze(-1), None, None, 24)
+
+
+COMPILE_FOR_H100 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from megalodon.ops.triton import cema as glue
+from megalodon.ops.triton import cema_kernels as kernels
+
+def compile_for_h100(fn, types, constexprs):
+    types = iter(types)
+    signature = {name: "constexpr" if name in constexprs else next(types) for name in fn.arg_names}
+    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": glue.NUM_WARPS})
+
+fp32, ints = "*fp32", ["i32"] * 4  # L, D, N, num_chunks
+x = ["*bf16", "i32", "i32", "i32", "*u8"]  # a bf16 input with its strides, the reset flags
+shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL)
+# Each constexpr flag compiles different code: every branch appears at least once (8 compiles, not all 18).
+cases = []
+for reverse in (False, True):
+    flags = dict(shapes, REVERSE=reverse, HAS_RESET=True)
+    cases.append((kernels.local_states_kernel, x + [fp32] * 5 + ints, flags))
+    cases.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints, flags))
+    cases.append((kernels.scan_kernel, [fp32] * 7 + ints, dict(shapes, REVERSE=reverse, HAS_RESET=reverse,
+                                                                 HAS_H0=reverse)))
+    cases.append((kernels.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints,
+                  dict(shapes, HAS_RESET=reverse)))
+try:
+    compile_for_h100(*cases[0])
+except (RuntimeError, FileNotFoundError, ImportError) as error:  # no NVIDIA backend or ptxas in this triton
+    print(error)
+    sys.exit(77)
+for case in cases[1:]:
+    assert compile_for_h100(*case).asm["cubin"], case[0].__name__
+"""
+
+
+def test_kernels_compile_for_h100():
+    """Every kernel variant compiles to an sm_90 cubin (no GPU needed: triton ships ptxas), so that a kernel the
+    interpreter accepts but the compiler rejects is caught on CPU. In a subprocess: under the interpreter the
+    kernels are not compilable objects."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode == 77:
+        pytest.skip(f"triton cannot compile for sm_90 here: {result.stdout.strip()}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_layer_matches_the_pytorch_path(dtype):
+    """On a GPU the layer dispatches to Triton: outputs, state and gradients as the float64 PyTorch path's."""
+    torch.manual_seed(0)
+    layer = CEMA(64, 16).cuda()
+    reference_layer = CEMA(64, 16).double()
+    reference_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 300, 64).to(dtype)
+    h0 = torch.randn(3, 64, 16, dtype=torch.complex64)
+    reset = torch.rand(3, 3) < 0.5
+
+    def run(module, x, h0, reset):
+        x = x.detach().requires_grad_()
+        y, h = module(x, h0, 128, reset, need_state=True)
+        loss = y.square().sum() + torch.view_as_real(h).square().sum()
+        return [y, torch.view_as_real(h), *torch.autograd.grad(loss, [x, *module.parameters()])]
+
+    results = run(layer, x.cuda(), h0.cuda(), reset.cuda())
+    expected = run(reference_layer, x.double(), h0.to(torch.complex128), reset)
+    for actual, wanted in zip(results, expected):
+        assert_close(actual, wanted.detach(), 1e-2 if actual.dtype == torch.bfloat16 else 1e-4)
