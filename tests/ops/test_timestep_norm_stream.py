@@ -97,7 +97,8 @@ def test_chunk_parallel_emulation_equals_one_call_with_gradients():
     segment's incoming state, then each segment normalized from it; outputs and gradients equal one call's."""
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(2, 24, D, generator=g, dtype=torch.float64) + 1).requires_grad_()
-    prior = NormStats(torch.tensor([0, 0]), torch.zeros(2, G, dtype=torch.float64), torch.ones(2, G, dtype=torch.float64))
+    prior = NormStats(torch.tensor([0, 0]), torch.zeros(2, G, dtype=torch.float64),
+                      torch.ones(2, G, dtype=torch.float64))
     w = torch.randn(D, generator=g, dtype=torch.float64)
     b = torch.randn(D, generator=g, dtype=torch.float64)
     y_one, _ = timestep_norm_blocked(x, prior, w, b, 1e-5, block_size=8)

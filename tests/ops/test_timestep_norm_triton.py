@@ -85,7 +85,8 @@ def test_forward_and_gradients_match_the_float64_reference(batch, length, block,
     torch.testing.assert_close(final.var.cpu(), final_ref.var, rtol=1e-5, atol=1e-6)
 
     g = torch.Generator().manual_seed(1)
-    dy, dm, dv = (torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (y_ref, final_ref.mean, final_ref.var))
+    dy, dm, dv = (torch.randn(t.shape, generator=g, dtype=torch.float64)
+                  for t in (y_ref, final_ref.mean, final_ref.var))
 
     def loss(y, final):
         return ((y.double() * dy.to(y.device)).sum() + (final.mean * dm.to(y.device)).sum()

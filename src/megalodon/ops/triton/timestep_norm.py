@@ -16,7 +16,8 @@ Forward, three launches:
 Saved for backward: x (the input), mean_t and rstd_t (B, L, G) fp32, and the count entering each block (B, nb).
 
 Backward. Within a segment (since the last reset) that starts from (n0, m0, v0), token t's statistics are
-    n_t = n0 + k_t,  m_t = (n0 m0 + sum_{i<=t} mu_i) / n_t,  v_t = (n0 (v0 + m0^2) + sum_{i<=t} (s2_i + mu_i^2)) / n_t - m_t^2
+    n_t = n0 + k_t,  m_t = (n0 m0 + sum_{i<=t} mu_i) / n_t,
+    v_t = (n0 (v0 + m0^2) + sum_{i<=t} (s2_i + mu_i^2)) / n_t - m_t^2
 so, with A_i = sum_{t>=i} dm_t / n_t, C_i = sum_{t>=i} dv_t / n_t and E_i(c) = sum_{t>=i} dv_t (m_t - c) / n_t
 (suffix sums inside the segment; E for any shift c, E(c') = E(c) + (c - c') C):
     d mu_i = A_i + 2 (mu_i - c) C_i - 2 E_i(c),   d s2_i = C_i,   d m0 = n0 (A + 2 (m0 - c) C - 2 E(c)),   d v0 = n0 C
