@@ -1,9 +1,15 @@
 """truncate_chunks (spec section 13): off by default; replaces the norm statistics only; per row in batches."""
 
-import torch
+import math
 
-from megalodon.inference import SamplingConfig, generate
-from megalodon.inference.stream import RecencyWindow, final_logits_and_state
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megalodon import MegalodonState
+from megalodon.inference import EvalDocument, SamplingConfig, evaluate, generate
+from megalodon.inference.stream import RecencyWindow, final_logits_and_state, stream_blocks
+from megalodon.state import LayerState
 
 C = 8
 
@@ -59,3 +65,45 @@ def test_rows_truncate_on_their_own_schedule_in_a_batch(model, tokenizer):
         alone, = generate(model, tokenizer, [prompt], sampling, truncate_chunks=3)
         assert result.ids == alone.ids
         torch.testing.assert_close(result.state.final_norm.mean, alone.state.final_norm.mean)
+
+
+def reference_evaluation_logits(model, tokens, truncate_chunks=8, chunks_per_call=2):
+    """A literal port of the reference's evaluation loop (megalodon/inference.py, `inference`): whole chunks in
+    calls of 2 chunks (the last may be 1), a rerun on the last truncate_chunks - 2 chunks after every call that
+    ends at or past truncate_chunks chunks, except after the last call when no partial tail follows; then the
+    tail in one call."""
+    length = tokens.shape[1]
+    n_chunks = length // C
+    prev_pos = n_chunks * C
+    state, logits = None, []
+    for c in range(0, n_chunks, chunks_per_call):
+        s, e = c * C, min(c + chunks_per_call, n_chunks) * C
+        pred, state = model(tokens[:, s:e], state=state, return_state=True)
+        logits.append(pred)
+        if truncate_chunks * C <= e and (e < n_chunks * C or prev_pos < length):
+            ss = e - (truncate_chunks - chunks_per_call) * C
+            _, fresh = model(tokens[:, ss:e], return_state=True)
+            layers = [LayerState(ours.cema_h, theirs.norm, ours.k_cache, ours.v_cache)
+                      for ours, theirs in zip(state.layers, fresh.layers)]
+            state = MegalodonState(layers, fresh.final_norm, state.position)
+    if prev_pos < length:
+        logits.append(model(tokens[:, prev_pos:], state=state))
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("length", [9 * C + 5, 11 * C + 3, 13 * C + 1, 8 * C, 9 * C, 10 * C + 5, 16 * C])
+def test_evaluation_equals_the_reference_loop(model, length):
+    ids = torch.randint(0, 259, (length,), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        want = reference_evaluation_logits(model, ids[None])
+        window = RecencyWindow.empty(8, C, 0)
+        got = torch.cat([logits for _, logits, _ in stream_blocks(model, ids, window=window)], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_evaluate_uses_the_reference_schedule(model):
+    doc = EvalDocument(torch.randint(0, 259, (11 * C + 4,), generator=torch.Generator().manual_seed(3)), 1, "d")
+    with torch.no_grad():
+        logits = reference_evaluation_logits(model, doc.ids[None, :-1])[0]
+    nll = F.cross_entropy(logits, doc.ids[1:], reduction="sum")
+    assert math.isclose(evaluate(model, [doc], truncate_chunks=8).nll, float(nll), rel_tol=1e-11)

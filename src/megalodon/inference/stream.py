@@ -5,13 +5,17 @@ activation memory is bounded by the block, not by the sequence; the carried stat
 to one call (split invariance).
 
 truncate_chunks (spec section 13, off by default). Over a long stream the TimestepNorm statistics become
-lifetime averages. With truncate_chunks = T, each time the tokens since the recency window began reach T
-chunks, the model is rerun from an empty state on the last T - 2 chunks (grid-aligned, plus the current
-partial chunk) and every layer's norm statistics (count, mean, var), and the final norm's, are replaced by that
-rerun's. The CEMA states and the attention cache are kept. This trades exactness (outputs then depend on
-where the truncations fell, not on the tokens alone) and the compute of a (T - 2)-chunk rerun every 2 chunks
-for statistics that follow the recent text. Like the reference's eval, it fires after prefill blocks; unlike the
-reference's generation (prefill only), it also fires during decode, whenever a row reaches the condition.
+lifetime averages. With truncate_chunks = T, the model is rerun from an empty state on the last T - 2 chunks
+(grid-aligned, plus the current partial chunk) and every layer's norm statistics (count, mean, var), and the
+final norm's, are replaced by that rerun's. The CEMA states and the attention cache are kept. This trades
+exactness (outputs then depend on where the truncations fell, not on the tokens alone) and the compute of a
+(T - 2)-chunk rerun every 2 chunks for statistics that follow the recent text. When it fires:
+- after a prefill block that ends on the chunk grid, as in the reference's evaluation loop: once the stream is
+  T chunks long, after every such block that adds a whole chunk to the window. The partial chunk at the end
+  of a call is its own block, so a call whose whole chunks end on an odd count (a 1-chunk last block) reruns
+  before its tail, as the reference does;
+- anywhere else (decode, the tail of a call), when the window holds T chunks. The reference's generation never
+  truncates while decoding; we do, so that a long generation keeps recent statistics too.
 """
 
 from __future__ import annotations
@@ -62,8 +66,13 @@ class RecencyWindow:
     def extend(self, new_ids: Tensor) -> None:
         self.ids = torch.cat([self.ids, new_ids.reshape(-1).to(device="cpu", dtype=torch.int64)])
 
-    def due(self) -> bool:
-        return self.ids.numel() >= self.truncate_chunks * self.chunk_size
+    def due(self, block_end: bool = False) -> bool:
+        """Whether to rerun now. block_end: a prefill block just ended (module docstring)."""
+        chunk, limit = self.chunk_size, self.truncate_chunks * self.chunk_size
+        if self.ids.numel() >= limit:
+            return True
+        grown = self.ids.numel() >= (self.truncate_chunks - KEPT_CHUNK_SHORTFALL + 1) * chunk  # a chunk to drop
+        return block_end and self.end % chunk == 0 and self.end >= limit and grown
 
     def rerun_span(self) -> Tensor:
         """The last truncate_chunks - 2 whole chunks plus the current partial one, starting on the grid; the
@@ -85,13 +94,18 @@ def default_block_tokens(chunk_size: int, truncating: bool = False) -> int:
     return chunk_size * max(1, -(-PREFILL_TOKENS // chunk_size))
 
 
-def chunk_aligned_blocks(position: int, length: int, block_tokens: int) -> Iterator[tuple[int, int]]:
+def chunk_aligned_blocks(position: int, length: int, block_tokens: int, tail_chunk: int | None = None,
+                         ) -> Iterator[tuple[int, int]]:
     """(begin, end) offsets into a sequence of `length` tokens that starts at stream `position`, cut wherever
-    the stream position is a multiple of block_tokens."""
+    the stream position is a multiple of block_tokens. With tail_chunk (a chunk size), the partial chunk at
+    the end is a block of its own."""
+    whole_end = length if tail_chunk is None else (position + length) // tail_chunk * tail_chunk - position
     begin = 0
     while begin < length:
         room = block_tokens - (position + begin) % block_tokens
         end = min(length, begin + room)
+        if begin < whole_end < end:
+            end = whole_end
         yield begin, end
         begin = end
 
@@ -101,8 +115,8 @@ def stream_blocks(
     window: RecencyWindow | None = None, logits_to_keep: int = 0,
 ) -> Iterator[tuple[int, Tensor, MegalodonState]]:
     """Feed ids (1-D, one stream) block by block; yield (offset of the block in ids, its logits (1, L, V) or
-    the last `logits_to_keep` of them, the state after it). With a window, truncate_chunks runs after each
-    block."""
+    the last `logits_to_keep` of them, the state after it). With a window, truncate_chunks runs after the
+    blocks where it is due (module docstring)."""
     chunk = model.config.chunk_size
     if block_tokens is None:
         block_tokens = default_block_tokens(chunk, truncating=window is not None)
@@ -112,11 +126,12 @@ def stream_blocks(
         raise ValueError(f"stream_blocks feeds one stream; the state has {state.batch_size} rows (use state[i])")
     position = 0 if state is None else int(state.position[0])
     ids = ids.reshape(1, -1)
-    for begin, end in chunk_aligned_blocks(position, ids.shape[1], block_tokens):
+    tail_chunk = None if window is None else chunk
+    for begin, end in chunk_aligned_blocks(position, ids.shape[1], block_tokens, tail_chunk):
         logits, state = model(ids[:, begin:end], state=state, return_state=True, logits_to_keep=logits_to_keep)
         if window is not None:
             window.extend(ids[0, begin:end])
-            if window.due():
+            if window.due(block_end=True):
                 state = truncate_norm_stats(model, state, [(0, window.rerun_span())], block_tokens)
         yield begin, logits, state
 
