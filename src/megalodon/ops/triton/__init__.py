@@ -11,7 +11,6 @@ module is first imported.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -21,9 +20,12 @@ from torch import Tensor
 DISABLE_ENV = "MEGALODON_DISABLE_TRITON"
 
 
-@functools.cache
+# Looked up once at import: a cached function here would make torch.compile warn on every traced call.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:
@@ -45,7 +47,7 @@ def use_triton(op: str, *tensors: Tensor) -> bool:
 
     MEGALODON_DISABLE_TRITON (see disabled_ops) forces the PyTorch path, to compare or to work around a kernel
     bug without editing code."""
-    off = disabled_ops()
-    if "all" in off or op in off or not triton_installed():
+    if not (_TRITON_INSTALLED and all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)):
         return False
-    return all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    off = disabled_ops()
+    return "all" not in off and op not in off
