@@ -164,17 +164,18 @@ def _output_table(coeffs: CemaCoefficients, re: Tensor, im: Tensor) -> Tensor:
 
 
 def chunk_tables(coeffs: CemaCoefficients, omega: Tensor, steps: int) -> ChunkTables:
-    re, im = q_powers(coeffs.log_mag, coeffs.phi, 0, steps + 1)  # D x N x (T + 1): q**0 .. q**T
+    # Full-width power tables only: on CPU these (D, N, T) ops are memory-bound, and every slice would cost a
+    # zero-filled gradient buffer in backward.
+    bias = _output_table(coeffs, *q_powers(coeffs.log_mag, coeffs.phi, 1, steps + 1))  # g q**(t+1), t < T
+    lag0 = (coeffs.p * coeffs.g_re).sum(1, keepdim=True) + omega.unsqueeze(-1)  # omega * u_t rides on lag 0
+    lags = (coeffs.p.unsqueeze(-1) * bias[:, :coeffs.p.shape[1], :steps - 1]).sum(1)  # Re(sum_n p g q**j), j >= 1
+    # [s, t] = k[t - s]: row T-1-s of the sliding windows over [0 (T-1 times), k], so reversed along rows
+    toeplitz = F.pad(torch.cat([lag0, lags], dim=1), (steps - 1, 0)).unfold(1, steps, 1).flip(1)
+    re, im = q_powers(coeffs.log_mag, coeffs.phi, steps - 1, -1, -1)  # q**(T-1-s), s < T
     p = coeffs.p.unsqueeze(-1)
-    g_re, g_im = coeffs.g_re.unsqueeze(-1), coeffs.g_im.unsqueeze(-1)
-    kernel = (p * (g_re * re[..., :steps] - g_im * im[..., :steps])).sum(1)  # D x T
-    kernel = kernel + F.pad(omega.unsqueeze(-1), (0, steps - 1))  # omega * u_t rides on the lag-0 diagonal
-    offsets = torch.arange(steps, device=kernel.device)
-    lags = offsets[None, :] - offsets[:, None]  # [s, t] = t - s
-    toeplitz = kernel[:, lags.clamp(min=0)] * (lags >= 0)
-    states = torch.cat([re[..., :steps], im[..., :steps]], dim=1).flip(-1) * torch.cat([p, p], dim=1)
-    return ChunkTables(toeplitz, states.transpose(1, 2), _output_table(coeffs, re[..., 1:], im[..., 1:]),
-                       _rotation(re[..., steps], im[..., steps]))
+    states = torch.cat([p * re, p * im], dim=1).transpose(1, 2)
+    decay_re, decay_im = q_powers(coeffs.log_mag, coeffs.phi, steps, steps + 1)
+    return ChunkTables(toeplitz, states, bias, _rotation(decay_re[..., 0], decay_im[..., 0]))
 
 
 def _rotation(re: Tensor, im: Tensor) -> Tensor:
