@@ -1,7 +1,7 @@
 """Hugging Face integration: transformers config/model/cache/tokenizer adapters and lm-eval task files.
 
 Importing this package registers the "megalodon" model type with AutoConfig and AutoModelForCausalLM.
-It needs the `hf` extra (transformers, lm-eval); `import megalodon` never imports it.
+It needs the `hf` extra (transformers); lm-eval runs need the `eval` extra. `import megalodon` never imports it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from megalodon.hf.harness import lm_eval_task
 from megalodon.hf.modeling import MegalodonForCausalLM
 from megalodon.hf.tokenizer import save_hf_tokenizer, to_hf_tokenizer
 
+# The `<Model>Config` name transformers users expect beside MegalodonForCausalLM. `megalodon.MegalodonConfig` is the
+# core dataclass that this config wraps field for field (`MegalodonHFConfig.to_core()` / `.from_core()`).
+MegalodonConfig = MegalodonHFConfig
+
 
 def register() -> None:
     """Make AutoConfig / AutoModelForCausalLM resolve model_type "megalodon" to our classes (idempotent)."""
@@ -30,6 +34,6 @@ def register() -> None:
 register()
 
 __all__ = [
-    "MegalodonCache", "MegalodonForCausalLM", "MegalodonHFConfig",
+    "MegalodonCache", "MegalodonConfig", "MegalodonForCausalLM", "MegalodonHFConfig",
     "export_hf", "import_hf", "lm_eval_task", "register", "save_hf_tokenizer", "to_hf_tokenizer", "wrap",
 ]

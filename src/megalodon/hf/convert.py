@@ -1,9 +1,9 @@
 """Between our model directories (config.json + model.safetensors, core key names) and transformers' layout.
 
 The transformers layout is what `MegalodonForCausalLM.save_pretrained` writes: the same tensors under the
-prefix `model.`, a transformers config.json (model_type "megalodon"), generation_config.json and a one-line
-loader module for `trust_remote_code=True` tools (see remote_code.py); export_hf adds the tokenizer.
-Conversion copies tensors unchanged, so a round trip is bit-exact.
+prefix `model.`, a transformers config.json (model_type "megalodon"), generation_config.json and the generated,
+self-contained code files for `trust_remote_code=True` (see remote_code.py); export_hf adds the tokenizer and a
+model card. Conversion copies tensors unchanged, so a round trip is bit-exact.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from megalodon.data.tokenizer import Tokenizer, load_tokenizer
 from megalodon.hf.configuration import MegalodonHFConfig
+from megalodon.hf.model_card import model_card, training_record
 from megalodon.hf.modeling import MegalodonForCausalLM
 from megalodon.hf.tokenizer import save_hf_tokenizer
 from megalodon.model import Megalodon
@@ -35,12 +36,15 @@ def wrap(model: Megalodon, **config_kwargs) -> MegalodonForCausalLM:
 
 def export_hf(model: Megalodon | str | Path, out_dir: str | Path,
               tokenizer: Tokenizer | str | Path | None = None) -> Path:
-    """Write `model` (a Megalodon or our model directory) in the transformers layout, with its tokenizer.
+    """Write `model` (a Megalodon or our model directory) in the transformers layout, with its tokenizer and a
+    model card (README.md; it includes the training summary when the model directory is a training run's).
 
     The tokenizer (ours, or a directory holding one) supplies bos/eos/pad ids for the config and is saved as
     a PreTrainedTokenizerFast, so that AutoTokenizer and AutoModelForCausalLM both load `out_dir`.
     """
+    summary, train_config = {}, {}
     if isinstance(model, (str, Path)):
+        summary, train_config = training_record(Path(model))
         model = Megalodon.from_pretrained(model)
     special_ids = {}
     if tokenizer is not None:
@@ -55,6 +59,8 @@ def export_hf(model: Megalodon | str | Path, out_dir: str | Path,
     wrap(model, **special_ids).save_pretrained(out_dir)
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, out_dir)
+    card = model_card(model.config, model.num_parameters(), summary, train_config, has_tokenizer=tokenizer is not None)
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
     return out_dir
 
 

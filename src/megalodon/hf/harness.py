@@ -18,7 +18,10 @@ def lm_eval_task(directory: str | Path, name: str, data_file: str | Path, kind: 
                  text_field: str = "text", question_field: str = "question", choices_field: str = "choices",
                  answer_field: str = "answer") -> Path:
     """Write `<directory>/<name>.yaml`, a task over `data_file`; pass `directory` to lm-eval as include_path."""
-    import yaml  # a dependency of lm-eval, which is the only user of this file
+    try:
+        import yaml  # a dependency of lm-eval, which is the only user of this file
+    except ImportError:
+        raise ImportError("lm_eval_task writes YAML for lm-eval: pip install 'megalodon-torch[eval]'") from None
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -8,7 +8,9 @@ attention masks (padding), the cache object, labels and the output class.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -16,8 +18,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from megalodon.hf.cache import MegalodonCache
 from megalodon.hf.configuration import MegalodonHFConfig
+from megalodon.hf.export_code import package_only
 from megalodon.hf.padding import forward_rows, real_token_spans
-from megalodon.hf.remote_code import AUTO_MAP, write_loader_module
 from megalodon.model import Megalodon
 
 IGNORE_INDEX = -100  # the label that transformers' losses skip
@@ -38,6 +40,7 @@ class MegalodonForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _is_stateful = True  # tells generate that the cache cannot be rolled back (no assisted decoding)
+    supports_gradient_checkpointing = True
     _no_split_modules = ["MegalodonBlock"]
     # {target: source}; transformers applies it only when config.tie_word_embeddings (= share_emb) is True.
     _tied_weights_keys = {"model.output.output.weight": "model.embed.weight"}
@@ -56,12 +59,28 @@ class MegalodonForCausalLM(PreTrainedModel, GenerationMixin):
         # included) is persistent, so from_pretrained fills them all: transformers' generic init must not touch them.
         pass
 
+    @package_only
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """transformers' save, plus the loader module that lets processes without megalodon.hf imported load
-        the directory with trust_remote_code=True (see remote_code.py)."""
+        """transformers' save, plus the generated code files that `trust_remote_code=True` loads without this
+        package (see remote_code.py). The exported class has no such override: transformers copies its own
+        code files on save, because it was loaded as remote code."""
+        from megalodon.hf.remote_code import AUTO_MAP, write_remote_code
+
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
-        write_loader_module(save_directory)
+        write_remote_code(save_directory)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1) -> None:
+        """What gradient_checkpointing_enable() / activation_checkpointing_enable() call: in training, every
+        `every_n_layers`-th block recomputes its activations in backward instead of storing them."""
+        for index, block in enumerate(self.model.layers):
+            block.gradient_checkpointing = enable and index % every_n_layers == 0
+            if block.gradient_checkpointing:
+                plain = type(block).forward.__get__(block)
+                block.forward = functools.partial(_checkpointed, block, plain, gradient_checkpointing_func)
+            else:
+                block.__dict__.pop("forward", None)  # back to the class's forward
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed
@@ -152,6 +171,12 @@ class MegalodonForCausalLM(PreTrainedModel, GenerationMixin):
                                  "the full sequence including at least one new token")
         return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache,
                 "logits_to_keep": logits_to_keep, CACHE_ARG: cache}
+
+
+def _checkpointed(block: nn.Module, forward, checkpoint, *args, **kwargs):
+    if block.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 Both kinds export, and encode and decode exactly as the originals:
 - BPE: its own `tokenizer.json`, with bos/eos/pad declared as the special tokens.
 - Byte: an equivalent `tokenizers` model built here: byte-level BPE with the 256 byte symbols as ids 0..255,
-  no merges, then <bos>=256, <eos>=257, <pad>=258 (the ids of `ByteTokenizer`).
+  no merges, then <bos>=256, <eos>=257, <pad>=258 (the ids of `ByteTokenizer`). Its tokenizer_config.json also
+  carries our byte tokenizer's marker, so that `load_tokenizer` reads it back as a `ByteTokenizer`.
 Text that contains a special token's spelling (say "<eos>") stays text, as in our tokenizers
 (`split_special_tokens=True`). Padding is on the left, which is what batched generation needs.
 """
@@ -19,14 +20,18 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from megalodon.data.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
+MARKER_KEY = "megalodon_tokenizer"  # the tokenizer_config.json key by which load_tokenizer recognizes ByteTokenizer
+
 
 def to_hf_tokenizer(tokenizer: Tokenizer | str | Path) -> PreTrainedTokenizerFast:
     """A transformers tokenizer equivalent to `tokenizer` (one of ours, or a directory that holds one)."""
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
+    marker = {}
     if isinstance(tokenizer, ByteTokenizer):
         backend = _byte_backend(tokenizer)
         names = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+        marker = {MARKER_KEY: ByteTokenizer.KIND}  # an unknown key to transformers: kept, saved, and ignored
     elif isinstance(tokenizer, BPETokenizer):
         backend = _bpe_backend(tokenizer)
         names = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
@@ -35,7 +40,7 @@ def to_hf_tokenizer(tokenizer: Tokenizer | str | Path) -> PreTrainedTokenizerFas
         raise TypeError(f"cannot export a {type(tokenizer).__name__}: expected a ByteTokenizer or BPETokenizer")
     names = {key: value for key, value in names.items() if value is not None}
     return PreTrainedTokenizerFast(tokenizer_object=backend, split_special_tokens=True, padding_side="left",
-                                   **names)
+                                   **names, **marker)
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer | str | Path, directory: str | Path) -> PreTrainedTokenizerFast:
