@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+HF_ONLY_KEYS = ("transformers_version", "auto_map", "architectures")  # what only a transformers config.json holds
 
 
 def architectures() -> dict[str, tuple[type, type]]:
@@ -49,8 +50,11 @@ def _persistent_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def write_config(config, path: str | Path) -> None:
-    """config.json: the architecture's name beside the config's fields."""
-    values = {"architecture": architecture_of(config), **dataclasses.asdict(config)}
+    """config.json: the architecture's name beside the config's fields. A Megalodon's also names transformers'
+    `model_type`, so that AutoModelForCausalLM reads the directory once megalodon.hf is imported."""
+    arch = architecture_of(config)
+    values = {"architecture": arch, **({"model_type": "megalodon"} if arch == "megalodon" else {}),
+              **dataclasses.asdict(config)}
     Path(path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
@@ -63,6 +67,10 @@ def read_config(path: str | Path):
         values = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if any(key in values for key in HF_ONLY_KEYS):
+        raise ValueError(f"{path.parent} is in the Hugging Face transformers layout, not a megalodon model directory: "
+                         f"convert it with `megalodon convert from-hf {path.parent} OUT_DIR`")
+    values.pop("model_type", None)
     arch = values.pop("architecture", "megalodon")
     if arch not in architectures():
         raise ValueError(f"{path}: unknown architecture {arch!r}; expected one of {sorted(architectures())}")

@@ -37,6 +37,10 @@ class MegalodonHFConfig(PretrainedConfig):
 
     def __init__(self, bos_token_id: int | None = None, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, use_cache: bool = True, **kwargs):
+        # A megalodon model directory's config.json (read by AutoConfig through its model_type) names its architecture.
+        architecture = kwargs.pop("architecture", "megalodon")
+        if architecture != "megalodon":
+            raise ValueError(f"this config describes the {architecture!r} architecture, not a Megalodon")
         core = {name: kwargs.pop(name, default) for name, default in core_defaults().items()}
         MegalodonConfig(**core)  # validates, with the core's error messages
         tied = kwargs.pop("tie_word_embeddings", core["share_emb"])
