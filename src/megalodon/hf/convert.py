@@ -64,8 +64,12 @@ def export_hf(model: Megalodon | str | Path, out_dir: str | Path,
     return out_dir
 
 
-def import_hf(hf_dir: str | Path) -> Megalodon:
-    """The core Megalodon held by a transformers-layout directory; refuses missing, unknown or misshapen tensors."""
+def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Megalodon:
+    """The core Megalodon held by a transformers-layout directory; refuses missing, unknown or misshapen tensors.
+
+    out_dir: also write it there as our model directory, with the tokenizer when `hf_dir` has one (so that
+    `megalodon generate out_dir` runs).
+    """
     hf_model, info = MegalodonForCausalLM.from_pretrained(str(hf_dir), output_loading_info=True)
     problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys",
                                                                 "mismatched_keys")}
@@ -73,4 +77,9 @@ def import_hf(hf_dir: str | Path) -> Megalodon:
     if problems:
         raise ValueError(f"{hf_dir} does not fit its own config: "
                          + "; ".join(f"{kind} {keys[:8]}" for kind, keys in problems.items()))
-    return hf_model.model.eval()
+    model = hf_model.model.eval()
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+        if any((Path(hf_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            load_tokenizer(hf_dir).save(out_dir)
+    return model
