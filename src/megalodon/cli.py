@@ -37,21 +37,33 @@ def _convert(args: argparse.Namespace) -> int:
             torch.save(tensors, output)
         print(f"wrote {output} ({len(tensors)} reference keys)")
     elif args.direction == "to-hf":
-        from megalodon.hf import export_hf
+        export_hf = _hf_adapter().export_hf
 
         tokenizer = args.source if (Path(args.source) / "tokenizer_config.json").is_file() else None
         export_hf(args.source, output, tokenizer=tokenizer)
         print(f"wrote {output} (transformers layout{', with tokenizer' if tokenizer else ''})")
     else:
-        from megalodon.hf import import_hf
+        import_hf = _hf_adapter().import_hf
 
-        import_hf(args.source).save_pretrained(output)
+        import_hf(args.source, output)  # the model and its tokenizer
         print(f"wrote {output}")
     return 0
 
 
+def _hf_adapter():
+    """megalodon.hf, or an error that names the install step (transformers is an optional extra)."""
+    try:
+        import megalodon.hf
+    except ImportError as err:
+        raise RuntimeError(str(err)) from None
+    return megalodon.hf
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from megalodon import __version__
+
     parser = argparse.ArgumentParser(prog="megalodon", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"megalodon-torch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert", help="convert a model directory to or from the reference implementation's "
