@@ -36,3 +36,51 @@ def test_hf_round_trip(tmp_path):
     assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     ids = torch.randint(0, 259, (2, 17))
     assert torch.equal(Megalodon.from_pretrained(tmp_path / "back")(ids), model(ids))
+
+
+def _reference_file(tmp_path, **overrides):
+    model = tiny_model(torch.float32, **overrides)
+    model.save_pretrained(tmp_path / "ours")
+    main(["convert", "to-reference", str(tmp_path / "ours"), str(tmp_path / "ref.pth")])
+    return tmp_path / "ref.pth", tmp_path / "ours" / "config.json"
+
+
+def test_an_existing_model_directory_is_kept_without_overwrite(tmp_path, capsys):
+    from megalodon.data import ByteTokenizer
+
+    reference, config = _reference_file(tmp_path)
+    existing = tmp_path / "existing"
+    tiny_model(torch.float32, seed=3).save_pretrained(existing)
+    ByteTokenizer().save(existing)
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    assert main(["convert", "from-reference", str(reference), str(existing), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and str(existing) in err
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+    # With --overwrite the directory is replaced whole: no tokenizer of the old model is left beside the new one.
+    assert main(["convert", "from-reference", str(reference), str(existing), "--config", str(config),
+                 "--overwrite"]) == 0
+    assert not (existing / "tokenizer_config.json").exists()
+    ids = torch.randint(0, 64, (1, 9))
+    assert torch.equal(Megalodon.from_pretrained(existing)(ids), Megalodon.from_pretrained(tmp_path / "ours")(ids))
+
+
+def test_overwrite_never_empties_a_directory_that_is_not_a_model(tmp_path, capsys):
+    reference, config = _reference_file(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.txt").write_text("years of work")
+    assert main(["convert", "from-reference", str(reference), str(home), "--config", str(config),
+                 "--overwrite"]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert (home / "thesis.txt").read_text() == "years of work"
+
+
+def test_an_existing_reference_file_is_kept_without_overwrite(tmp_path, capsys):
+    tiny_model(torch.float32).save_pretrained(tmp_path / "ours")
+    target = tmp_path / "ref.pth"
+    target.write_bytes(b"precious")
+    assert main(["convert", "to-reference", str(tmp_path / "ours"), str(target)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and target.read_bytes() == b"precious"
+    assert main(["convert", "to-reference", str(tmp_path / "ours"), str(target), "--overwrite"]) == 0
+    assert target.read_bytes() != b"precious"

@@ -3,51 +3,67 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import warnings
 from pathlib import Path
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import torch
+    from megalodon.files import check_output_path, replace_directory, replace_file
 
-    from megalodon import Megalodon, MegalodonConfig
-    from megalodon.checkpoint import read_config
-    from megalodon.convert import from_reference, read_reference_file, to_reference
-
-    output = Path(args.output)
+    output = check_output_path(args.output, args.overwrite, "the output")
     if args.direction == "from-reference":
-        if args.config is None:
-            raise ValueError("from-reference needs --config: a config.json or a preset name (with --vocab-size)")
-        overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
-        config = (read_config(args.config)[0] if Path(args.config).is_file()
-                  else MegalodonConfig.from_preset(args.config, **overrides))
-        model = from_reference(read_reference_file(args.source), config)
-        model.save_pretrained(output)
+        model = _from_reference(args)
+        replace_directory(output, model.save_pretrained)
         print(f"wrote {output} ({model.num_parameters():,} parameters)")
     elif args.direction == "to-reference":
+        from megalodon import Megalodon
+        from megalodon.convert import to_reference
+
         model = Megalodon.from_pretrained(args.source)
         tensors = to_reference(model)
-        if output.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            if model.config.share_emb:  # safetensors refuses shared storage; import re-ties the two keys
-                tensors["output.output.weight"] = tensors["output.output.weight"].clone()
-            save_file(tensors, str(output))
-        else:
-            torch.save(tensors, output)
+        replace_file(output, lambda path: _write_reference(tensors, path, output.suffix, model.config.share_emb))
         print(f"wrote {output} ({len(tensors)} reference keys)")
     elif args.direction == "to-hf":
         export_hf = _hf_adapter().export_hf
 
         tokenizer = args.source if (Path(args.source) / "tokenizer_config.json").is_file() else None
-        export_hf(args.source, output, tokenizer=tokenizer)
+        replace_directory(output, lambda path: export_hf(args.source, path, tokenizer=tokenizer))
         print(f"wrote {output} (transformers layout{', with tokenizer' if tokenizer else ''})")
     else:
         import_hf = _hf_adapter().import_hf
 
-        import_hf(args.source, output)  # the model and its tokenizer
+        replace_directory(output, lambda path: import_hf(args.source, path))  # the model and its tokenizer
         print(f"wrote {output}")
     return 0
+
+
+def _from_reference(args: argparse.Namespace):
+    from megalodon import MegalodonConfig
+    from megalodon.checkpoint import read_config
+    from megalodon.convert import from_reference, read_reference_file
+
+    if args.config is None:
+        raise ValueError("from-reference needs --config: a config.json or a preset name (with --vocab-size)")
+    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    config = (read_config(args.config)[0] if Path(args.config).is_file()
+              else MegalodonConfig.from_preset(args.config, **overrides))
+    return from_reference(read_reference_file(args.source), config)
+
+
+def _write_reference(tensors: dict, path: Path, suffix: str, tied: bool) -> None:
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        if tied:  # safetensors refuses shared storage; import re-ties the two keys
+            tensors = {**tensors, "output.output.weight": tensors["output.output.weight"].clone()}
+        save_file(tensors, str(path))
+    else:
+        import torch
+
+        torch.save(tensors, path)
 
 
 def _hf_adapter():
@@ -73,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="model directory, .pth/.safetensors file, or HF directory")
     convert.add_argument("--config", help="config JSON or preset name describing the reference checkpoint")
     convert.add_argument("--vocab-size", type=int, help="vocab size when --config is a preset")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an existing output (a model directory is replaced whole)")
     convert.set_defaults(run=_convert)
 
     from megalodon.inference.commands import add_eval_parser, add_generate_parser
@@ -83,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megalodon.training.commands import add_parsers as add_training_parsers
 
     add_training_parsers(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true",
+                             help="show the full traceback of an error (or set MEGALODON_DEBUG=1)")
     return parser
 
 
@@ -91,11 +112,78 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = args.debug or os.environ.get("MEGALODON_DEBUG", "") not in ("", "0")
+    prefix = f"megalodon {args.command}"
     try:
-        return args.run(args, extra) if getattr(args, "takes_overrides", False) else args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as err:
-        print(f"megalodon {args.command}: error: {err}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_: print(f"{prefix}: note: {message}", file=sys.stderr)
+            if getattr(args, "device", None) is not None:
+                check_device(args.device)
+            return args.run(args, extra) if getattr(args, "takes_overrides", False) else args.run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every error becomes one line; --debug shows the traceback
+        if debug:
+            raise
+        print(f"{prefix}: error: {describe_error(err)}", file=sys.stderr)
         return 2
+
+
+def check_device(spec: str) -> None:
+    """Refuse a --device this torch cannot use, before any work (torch would fail later, deep inside)."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {spec!r} is not a torch device ({err}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"--device {spec}: this PyTorch build has no CUDA support (a CPU-only wheel); use "
+                             "--device cpu, or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: no CUDA GPU is visible to this process; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {spec}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {spec}: unsupported device type {device.type!r}; use cpu or cuda")
+
+
+_OS_HINTS = {
+    errno.EACCES: "check the permissions, or choose another location",
+    errno.EPERM: "check the permissions, or choose another location",
+    errno.EROFS: "the file system is read-only; choose another location",
+    errno.ENOSPC: "the disk is full; free some space or choose another location",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or choose another location",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "a file was expected there, not a directory",
+    errno.ENOENT: "no such file or directory",
+}
+
+
+def describe_error(err: Exception) -> str:
+    """One line for the user: what went wrong, with which file or option, and what to do."""
+    from safetensors import SafetensorError
+
+    if isinstance(err, OSError) and err.filename is not None:
+        names = " -> ".join(str(n) for n in (err.filename, err.filename2) if n is not None)
+        reason, hint = err.strerror or str(err), _OS_HINTS.get(err.errno, "")
+        return f"{names}: {reason}" + (f" ({hint})" if hint and hint != reason.lower() else "")
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        return err.strerror  # ours: the message names the file and the fix already
+    if isinstance(err, (ValueError, OSError, TypeError, RuntimeError)):
+        return str(err)
+    if isinstance(err, SafetensorError):
+        return (f"a safetensors file could not be read or written ({err}): it may be truncated or damaged, or "
+                "the disk full")
+    return (f"unexpected {type(err).__name__}: {err} (rerun with --debug, or MEGALODON_DEBUG=1, to see the "
+            "traceback, and please report it)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ than against whatever this package's modules happen to be called.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,13 +96,26 @@ def read_reference_file(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
     try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols mean nothing to the user
+            warnings.simplefilter("ignore")
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe pickles
-        raise ValueError(f"{path} could not be read as a weights-only torch checkpoint: {err}") from None
+        # torch's own advice (allow-list a global, or weights_only=False) runs the file's code: keep its first
+        # sentence alone.
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip()
+        reason = detail.splitlines()[0].split(". ")[0].rstrip(".") if detail else ""
+        raise ValueError(f"{path} could not be read as a weights-only checkpoint of tensors ({type(err).__name__}"
+                         f"{': ' + reason if reason else ''}); it is damaged, not a torch checkpoint, or holds "
+                         "Python objects, which are never loaded (they could run code). Save the reference "
+                         "model's state_dict of tensors alone, or as .safetensors") from None
     if isinstance(loaded, dict) and "model" in loaded and isinstance(loaded["model"], dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):

@@ -122,3 +122,25 @@ def test_eval_splits_a_builtin_corpus_like_the_trainer(model_dir, tmp_path):
     report = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert report["split"] == "test" and len(report["results"][0]["documents"]) == 2  # 5% of 40
     assert list((tmp_path / "data" / "stores").glob("eval-shakespeare-*-s3"))
+
+
+@pytest.mark.parametrize("target", ["model.safetensors", "config.json", "tokenizer_config.json", "."])
+def test_a_session_is_never_written_over_a_model_file(model_dir, capsys, target):
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    for extra in ([], ["--prefill-only"]):
+        assert main(["generate", str(model_dir), "--prompt", "hi", "--max-new-tokens", "2",
+                     "--session-out", str(model_dir / target), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "not a session" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    load_pretrained(model_dir)
+
+
+def test_a_session_file_is_replaced_by_the_next_turn(model_dir, tmp_path):
+    session = tmp_path / "chat.session"
+    assert main(["generate", str(model_dir), "--prompt", "hi", "--max-new-tokens", "2", "--seed", "1",
+                 "--session-out", str(session)]) == 0
+    first = session.read_bytes()
+    assert main(["generate", str(model_dir), "--session-in", str(session), "--max-new-tokens", "2",
+                 "--session-out", str(session)]) == 0
+    assert session.read_bytes() != first

@@ -58,12 +58,17 @@ def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file is not None:
         if args.prompt_file == "-":
-            prompts.append(sys.stdin.read())
+            try:
+                prompts.append(sys.stdin.read())
+            except UnicodeDecodeError as err:
+                raise ValueError(f"--prompt-file - : standard input is not UTF-8 text ({err.reason} at byte "
+                                 f"{err.start}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
         else:
             path = Path(args.prompt_file)
             if not path.is_file():
-                raise FileNotFoundError(f"--prompt-file: no file at {path}")
-            prompts.append(path.read_text(encoding="utf-8"))
+                raise FileNotFoundError(f"--prompt-file: no file at {path}"
+                                        + (" (it is a directory)" if path.is_dir() else ""))
+            prompts.append(_utf8(path.read_bytes(), f"--prompt-file {path}"))
     if not prompts:
         if args.session_in is None:
             raise ValueError("give a prompt with --prompt TEXT or --prompt-file F (or continue --session-in F)")
@@ -74,14 +79,26 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); "
+                         "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def run_generate(args) -> int:
     from megalodon.inference.generate import generate, prefill_session
     from megalodon.inference.sampling import SamplingConfig
-    from megalodon.inference.session import load_session, save_session
+    from megalodon.files import check_writable_dir
+    from megalodon.inference.session import check_session_target, load_session, save_session
 
     _set_up_torch(args)
     if args.prefill_only and not args.session_out:
         raise ValueError("--prefill-only needs --session-out F: the session is its only output")
+    if args.session_out:  # before the work: a session never replaces a model file, and must be writable
+        check_session_target(args.session_out)
+        check_writable_dir(Path(args.session_out).parent, "--session-out")
     prompts = _read_prompts(args)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -163,11 +180,13 @@ def add_eval_parser(sub) -> None:
 
 
 def run_eval(args) -> int:
+    from megalodon.files import check_writable_dir
     from megalodon.inference.evaluate import (
         DEFAULT_MAX_CONTEXT, default_bucket_edges, evaluate, write_report,
     )
 
     _set_up_torch(args)
+    check_writable_dir(args.out, "--out")  # before the work, which may take hours
     if args.split is not None and args.files:
         raise ValueError("--split selects part of a --corpus; --files evaluates every document of the files")
     if args.max_docs is not None and args.max_docs < 1:
