@@ -96,3 +96,52 @@ def test_bpe_tokenizer_exports_with_its_special_tokens(tmp_path):
         assert theirs.encode(text, add_special_tokens=False) == ids
         assert theirs.decode(ids) == ours.decode(ids)
 
+
+
+# ---- both layouts, and the commands between them ------------------------------------------------------------------
+def test_auto_model_reads_our_model_directory(core, tmp_path):
+    core.save_pretrained(tmp_path / "ours")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert type(loaded) is MegalodonForCausalLM
+    ids = torch.randint(0, 256, (2, 11))
+    assert torch.equal(loaded(ids).logits, core(ids))
+
+
+def test_our_loaders_name_the_convert_command_for_a_transformers_directory(core, tmp_path, capsys):
+    from megalodon.cli import main
+
+    export_hf(core, tmp_path / "hf", tokenizer=ByteTokenizer())
+    with pytest.raises(ValueError, match="Hugging Face transformers layout.*megalodon convert from-hf"):
+        Megalodon.from_pretrained(tmp_path / "hf")
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "Hi", "--max-new-tokens", "2"]) == 2
+    assert "megalodon convert from-hf" in capsys.readouterr().err
+
+
+def test_convert_from_hf_keeps_the_tokenizer(core, tmp_path, capsys):
+    from megalodon.cli import main
+
+    core.save_pretrained(tmp_path / "ours")
+    ByteTokenizer().save(tmp_path / "ours")
+    assert main(["convert", "to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    assert isinstance(load_tokenizer(tmp_path / "back"), ByteTokenizer)
+    outputs = []
+    for directory in ("ours", "back"):
+        capsys.readouterr()
+        assert main(["generate", str(tmp_path / directory), "--prompt", "Hi", "--max-new-tokens", "8", "--seed",
+                     "1"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+def test_convert_to_hf_without_transformers_names_the_install_step(core, tmp_path):
+    import subprocess
+    import sys
+
+    core.save_pretrained(tmp_path / "ours")
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from megalodon.cli import main\n"
+            f"sys.exit(main(['convert', 'to-hf', {str(tmp_path / 'ours')!r}, {str(tmp_path / 'hf')!r}]))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "pip install 'megalodon-torch[hf]'" in run.stderr and "Traceback" not in run.stderr

@@ -105,3 +105,37 @@ def test_reorder_cache_selects_rows(core, hf_model):
     step = hf_model(nxt, cache=cache).logits
     _, state = core(ids[[2, 2, 0]], return_state=True)
     torch.testing.assert_close(step, core(nxt, state=state), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_each_block_and_keeps_the_gradients(core, hf_model):
+    import warnings
+
+    ids = _ids(2, 21)
+    calls = []
+    hf_model.model.layers[0].mega.register_forward_hook(lambda *args: calls.append(1))
+    hf_model.train()
+
+    def loss_and_grads():
+        hf_model.zero_grad()
+        calls.clear()
+        loss = hf_model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in hf_model.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads()
+    assert len(calls) == 1
+    with warnings.catch_warnings():  # transformers 5.x renames it activation_checkpointing_enable, with a warning
+        warnings.simplefilter("ignore", FutureWarning)
+        hf_model.gradient_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in hf_model.modules())
+    loss, grads = loss_and_grads()
+    assert len(calls) == 2  # the forward, and its recomputation in backward
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        hf_model.gradient_checkpointing_disable()
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in hf_model.modules())
+    loss_and_grads()
+    assert len(calls) == 1

@@ -1,0 +1,7 @@
+"""`python -m megalodon ...` runs the `megalodon` command."""
+
+import sys
+
+from megalodon.cli import main
+
+sys.exit(main())
