@@ -14,10 +14,12 @@ The paths:
   3. A scan over chunks (L / T steps of (B, D, N) work, never L) carries the state and restarts it at documents.
   4. The state entering a chunk adds Re(sum_n g q**(t+1) h_in) to its outputs: one matmul with a (2N, T) table.
   Every table is (D, T, T) or (D, 2N, T) whatever L is, so nothing is memoized and nothing grows with L.
+  Autograd keeps a channel-major copy of u and the chunks' incoming states: (1 + 2N / T) D floats per token
+  (1.5 D at N = 16), plus the small tables.
   Why not the FFT convolution the spec describes: the FFT needs (D, N, block) power tables (0.76 GiB per layer
   at mega200M with chunk 2048), complex intermediates that Inductor cannot compile, and padding to twice the next
-  power of two. These three small real matmuls are exact, compile to one graph, and measured 3-4x faster than
-  the FFT path on the `small` training shape on CPU.
+  power of two. These three small real matmuls are exact, compile to one graph, and measured about 3x faster
+  than the FFT path on the `small` training shape on CPU (forward + backward).
 - The Triton path (ops/triton/cema.py) runs the same chunking on CUDA with the state held in registers.
 - `cema` is the one function that decides which path runs.
 - `cema_step`: the single-token decode update. `cema_state_bias`: what an incoming state adds to a segment's
