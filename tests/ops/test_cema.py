@@ -180,6 +180,8 @@ def test_bad_inputs_name_the_problem():
         cema(u, coeffs, omega, block_size=4, block_reset=torch.zeros(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="channels"):
         cema(u[..., :5], coeffs, omega)
+    with pytest.raises(ValueError, match="no time steps"):
+        cema(u[:, :0], coeffs, omega)
 
 
 # Review fixes (issue 12, items 1, 3 and 4).

@@ -129,6 +129,8 @@ def _check_inputs(u: Tensor, coeffs: CemaCoefficients, h0: Tensor | None, block_
                   block_reset: Tensor | None) -> None:
     batch, length, dim = u.shape
     ndim = coeffs.p.shape[1]
+    if length == 0:
+        raise ValueError("CEMA input has no time steps (L = 0): pass at least one token")
     if coeffs.p.shape[0] != dim:
         raise ValueError(f"CEMA input has {dim} channels but the coefficients are for {coeffs.p.shape[0]}")
     if h0 is not None and (h0.shape != (batch, dim, ndim, 2) or h0.is_complex()):
