@@ -1,15 +1,20 @@
 """Model directories on disk: `config.json` + `model.safetensors`, written atomically and loaded strictly.
 
 One format serves both architectures of the project: `config.json` names its `architecture` ("megalodon" or
-"llama", the matched baseline) beside the config's fields.
+"llama", the matched baseline) beside the config's fields. `checksums.json`, written last, records the size and
+SHA-256 of both files: a directory whose files do not match it (flipped bits, a partial copy, an interrupted
+save, a hand edit) is refused on load. A directory from before checksums loads with a note. Weights that are
+not finite are neither saved nor loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +24,8 @@ from torch import Tensor, nn
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CHECKSUMS_NAME = "checksums.json"
+CHECKSUMS_FORMAT = "megalodon-checksums/1"
 HF_ONLY_KEYS = ("transformers_version", "auto_map", "architectures")  # what only a transformers config.json holds
 
 
@@ -84,21 +91,78 @@ def read_config(path: str | Path):
     return config_class(**values), model_class
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_atomically(directory: Path, name: str, write) -> None:
+    """write(tmp_path), synced, then renamed over directory/name: a crash leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / name)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def non_finite_tensors(tensors: dict[str, Tensor]) -> list[str]:
+    return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def _refuse_non_finite(tensors: dict[str, Tensor], what: str) -> None:
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise ValueError(f"{what}: non-finite values (NaN or inf) in {', '.join(bad[:3])}"
+                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; the model diverged or the file "
+                         "is damaged: use an earlier checkpoint")
+
+
 def save_pretrained(model, directory: str | Path) -> None:
+    """Write config.json and model.safetensors (each atomically), then checksums.json, which vouches for both."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in _persistent_tensors(model).items()}
-    # Write both files into a temporary name first so that a crash leaves the old checkpoint whole.
-    for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        (CONFIG_NAME, lambda p: write_config(model.config, p))):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    _refuse_non_finite(tensors, f"refusing to save {directory}")
+    directory.mkdir(parents=True, exist_ok=True)
+    _replace_atomically(directory, WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _replace_atomically(directory, CONFIG_NAME, lambda p: write_config(model.config, p))
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+             for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    record = json.dumps({"format": CHECKSUMS_FORMAT, "files": files}, indent=2) + "\n"
+    _replace_atomically(directory, CHECKSUMS_NAME, lambda p: Path(p).write_text(record))
+
+
+def verify_directory(directory: str | Path) -> None:
+    """Raise ValueError unless every file checksums.json lists matches its size and SHA-256; a directory without
+    checksums.json (written before they existed) passes with a warning."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS_NAME
+    if not path.is_file():
+        if not all((directory / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME)):
+            return  # loading names the missing file
+        warnings.warn(f"{directory} has no checksums ({CHECKSUMS_NAME}; written by an older version): its "
+                      "integrity cannot be checked. Save it again to add them", stacklevel=3)
+        return
+    try:
+        entries = json.loads(path.read_text())["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in entries.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is malformed ({type(err).__name__}: {err}); restore the model directory from "
+                         f"a good copy, or delete {CHECKSUMS_NAME} to load it unchecked") from None
+    for name, (size, sha256) in sorted(expected.items()):
+        file = directory / name
+        if not file.is_file():
+            continue  # loading names the missing file
+        if file.stat().st_size != size or _sha256(file) != sha256:
+            raise ValueError(f"{file} does not match the checksum recorded when the model was saved (damaged, "
+                             "partly copied, edited, or its save was interrupted); restore it from a good copy")
 
 
 def read_weights(path: Path) -> dict[str, Tensor]:
@@ -131,13 +195,18 @@ def load_state_strict(model: nn.Module, tensors: dict[str, Tensor], source: str)
             expected[key].copy_(tensor)
 
 
-def load_pretrained(directory: str | Path, map_location="cpu") -> nn.Module:
-    """Rebuild the model a directory holds (either architecture), refusing anything that does not fit."""
+def load_pretrained(directory: str | Path, map_location="cpu", verify: bool = True) -> nn.Module:
+    """Rebuild the model a directory holds (either architecture), refusing anything that does not fit.
+
+    verify: check the files against checksums.json first (reads the weights twice; about 1 s per GB)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no model directory at {directory}")
+    if verify:
+        verify_directory(directory)
     config, model_class = read_config(directory / CONFIG_NAME)
     tensors = read_weights(directory / WEIGHTS_NAME)
+    _refuse_non_finite(tensors, str(directory / WEIGHTS_NAME))
     with torch.device(map_location):
         model = model_class(config)
     load_state_strict(model, tensors, str(directory / WEIGHTS_NAME))
