@@ -156,8 +156,10 @@ from megalodon.ops.triton import cema_kernels as kernels
 def compile_for_h100(fn, types, constexprs):
     types = iter(types)
     signature = {name: "constexpr" if name in constexprs else next(types) for name in fn.arg_names}
+    warps = {"scan_kernel": glue.WARPS_SCAN, "parameter_grads_kernel": glue.WARPS_GRADS}.get(fn.__name__,
+                                                                                             glue.WARPS_STEPS)
     return triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": glue.NUM_WARPS})
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 fp32, ints = "*fp32", ["i32"] * 4  # L, D, N, num_chunks
 x = ["*bf16", "i32", "i32", "i32", "*u8"]  # a bf16 input with its strides, the reset flags

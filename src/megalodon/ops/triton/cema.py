@@ -2,6 +2,9 @@
 
 Shape of the kernels: a chunked scan with the (BLOCK_D x N) complex state held in registers as two fp32 tiles.
 Time is cut into chunks of CHUNK = 64 steps (a multiple of 16, independent of the model's chunk_size; any L).
+In the per-step kernels a program is one warp over 32 channels and a thread owns one channel with all its N
+components: the sum over N stays in the thread, and the step loops use no shared memory and no barrier (checked
+in the sm_90 TTGIR and PTX). The coefficient tables and chunk states are stored (N, D) for coalesced loads.
 Forward, three launches (ops/triton/cema_kernels.py):
 1. per (chunk, channel block, row): the chunk's final state entered at zero, by running the recurrence;
 2. per (channel block, row): the scan over chunks, s_in(c+1) = q**len(c) s_in(c) + s_loc(c), from h0, cut where a
@@ -39,7 +42,11 @@ from torch import Tensor
 CHUNK = 64  # steps per chunk
 BLOCK_D = 32  # channels per program
 UNROLL = 8  # steps issued together (see cema_kernels)
-NUM_WARPS = 4  # no register spills at these sizes (sm_90, checked with cuobjdump), 56-96 registers a thread
+# Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
+# the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
+# loop). The scan and the gradient kernel hold more tiles and would spill with one warp. Checked on sm_90 with
+# cuobjdump: 168-178 registers a thread at 1 warp, 152 (scan) and 96 (gradients) at 2 and 4, no spills.
+WARPS_STEPS, WARPS_SCAN, WARPS_GRADS = 1, 2, 4
 
 
 def _kernels():
@@ -58,34 +65,36 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor], h0
          resets: Tensor | None, chunk: int, reverse: bool,
          outputs: tuple[tuple[Tensor, Tensor], Tensor, torch.dtype] | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """One run of the generic recurrence (see cema_kernels) over x (B, L, D), from state h0 (B, D, N, 2).
-    outputs: (c_out parts, kappa, dtype of y), or None to stop after the scan.
-    Returns the state entering every chunk (B, chunks, 2, D, N), the final state (B, D, N, 2) and y or None."""
+    The (complex) coefficients c_in, a (as log|a| and arg a) and c_out come as real parts, each (N, D):
+    transposed, so that a program's loads are contiguous along its channels.
+    outputs: (c_out parts, kappa (D,), dtype of y), or None to stop after the scan.
+    Returns the state entering every chunk (B, chunks, 2, N, D), the final state (B, D, N, 2) and y or None."""
     kernels = _kernels()
     batch, length, dim = x.shape
-    ndim = decay[0].shape[1]
+    ndim = decay[0].shape[0]
     num_chunks = -(-length // chunk)
     block_n = max(1, 1 << (ndim - 1).bit_length())
     meta = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=block_n, UNROLL=UNROLL, REVERSE=reverse,
-                HAS_RESET=resets is not None, num_warps=NUM_WARPS)
+                HAS_RESET=resets is not None)
     reset_flags = x if resets is None else resets  # any pointer will do when unused
     keep = x
     if resets is not None:
         padded = F.pad(resets, (0, num_chunks * chunk - length)).view(batch, num_chunks, chunk)
         keep = 1.0 - padded.amax(-1).to(torch.float32)
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
-    local = x.new_empty(batch, num_chunks, 2, dim, ndim, dtype=torch.float32)
+    local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)
     kernels.local_states_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, local, length, dim, ndim,
-                                      num_chunks, **meta)
+                                      num_chunks, num_warps=WARPS_STEPS, **meta)
     incoming = torch.empty_like(local)
     final = x.new_empty(batch, dim, ndim, 2, dtype=torch.float32)
     kernels.scan_kernel[grid[1:]](local, keep, *decay, x if h0 is None else h0, incoming, final, length, dim, ndim,
-                                  num_chunks, HAS_H0=h0 is not None, **meta)
+                                  num_chunks, HAS_H0=h0 is not None, num_warps=WARPS_SCAN, **meta)
     if outputs is None:
         return incoming, final, None
     cout, kappa, dtype = outputs
     y = x.new_empty(batch, length, dim, dtype=dtype)
     kernels.outputs_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, *cout, kappa, incoming, y, length, dim,
-                                 ndim, num_chunks, **meta)
+                                 ndim, num_chunks, num_warps=WARPS_STEPS, **meta)
     return incoming, final, y
 
 
@@ -100,11 +109,17 @@ def _check(u: Tensor, p: Tensor, chunk: int) -> None:
 
 def _forward_parts(p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor, omega: Tensor):
     """The forward as the generic recurrence with outputs from the state before each step:
-    y_t = Re(sum_n g h_t) + omega u_t = Re(sum_n g q h_{t-1}) + (omega + sum_n p Re g) u_t."""
+    y_t = Re(sum_n g h_t) + omega u_t = Re(sum_n g q h_{t-1}) + (omega + sum_n p Re g) u_t.
+    The tables are (N, D) here."""
     q_re, q_im = _decay(log_mag, phi)
     cout = (g_re * q_re - g_im * q_im, g_re * q_im + g_im * q_re)
-    kappa = omega + (p * g_re).sum(-1)
+    kappa = omega + (p * g_re).sum(0)
     return (q_re, q_im), cout, kappa
+
+
+def _transposed(*tables: Tensor) -> list[Tensor]:
+    """(D, N) tables as contiguous (N, D), the layout the kernels read."""
+    return [t.t().contiguous() for t in tables]
 
 
 @torch.library.custom_op("megalodon::cema_scan", mutates_args=())
@@ -116,7 +131,7 @@ def cema_scan(u: Tensor, p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, 
     restarts at zero before that step; chunk a multiple of 16. Returns y (B, L, D) fp32 and the final state
     (B, D, N, 2) fp32."""
     _check(u, p, chunk)
-    p, log_mag, phi, g_re, g_im, omega = (t.contiguous() for t in (p, log_mag, phi, g_re, g_im, omega))
+    p, log_mag, phi, g_re, g_im = _transposed(p, log_mag, phi, g_re, g_im)
     _, cout, kappa = _forward_parts(p, log_mag, phi, g_re, g_im, omega)
     h0 = None if h0 is None else h0.contiguous()
     resets = None if resets is None else resets.to(torch.uint8)
@@ -138,7 +153,7 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, p: Tensor, l
                        chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `cema_scan` for (u, p, log_mag, phi, g_re, g_im, omega, h0) from dy (B, L, D) and the final
     state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None."""
-    p, log_mag, phi, g_re, g_im, omega = (t.contiguous() for t in (p, log_mag, phi, g_re, g_im, omega))
+    p, log_mag, phi, g_re, g_im = _transposed(p, log_mag, phi, g_re, g_im)
     (q_re, q_im), _, kappa = _forward_parts(p, log_mag, phi, g_re, g_im, omega)
     dy = dy.contiguous()
     dh = None if dh is None else dh.contiguous()
@@ -152,21 +167,21 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, p: Tensor, l
     incoming, _, _ = _run(u, (p, torch.zeros_like(p)), (log_mag, phi), h0, resets, chunk, False, None)
 
     batch, length, dim = u.shape
-    ndim = p.shape[1]
+    ndim = p.shape[0]
     num_chunks = incoming.shape[1]
-    partial = u.new_empty(batch, num_chunks, 5, dim, ndim, dtype=torch.float32)
+    partial = u.new_empty(batch, num_chunks, 5, ndim, dim, dtype=torch.float32)
     partial_omega = u.new_empty(batch, num_chunks, dim, dtype=torch.float32)
     block_n = max(1, 1 << (ndim - 1).bit_length())
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
     _kernels().parameter_grads_kernel[grid](
         u, *u.stride(), dy, u if resets is None else resets, p, log_mag, phi, g_re, g_im, incoming,
         future, partial, partial_omega, length, dim, ndim, num_chunks, CHUNK=chunk, BLOCK_D=BLOCK_D,
-        BLOCK_N=block_n, UNROLL=UNROLL, HAS_RESET=resets is not None, num_warps=NUM_WARPS)
-    dg_re, dg_im, dq_re, dq_im, dp = (t.clone() for t in partial.sum((0, 1)).unbind(0))  # outputs: no views
+        BLOCK_N=block_n, UNROLL=UNROLL, HAS_RESET=resets is not None, num_warps=WARPS_GRADS)
+    dg_re, dg_im, dq_re, dq_im, dp = partial.sum((0, 1)).unbind(0)
     # q = exp(log_mag + i phi): dL/dlog_mag = Re(conj(dq) q), dL/dphi = Re(conj(dq) i q).
     d_log_mag = dq_re * q_re + dq_im * q_im
     d_phi = dq_im * q_re - dq_re * q_im
-    return du, dp, d_log_mag, d_phi, dg_re, dg_im, partial_omega.sum((0, 1)), d_h0
+    return (du, *_transposed(dp, d_log_mag, d_phi, dg_re, dg_im), partial_omega.sum((0, 1)), d_h0)
 
 
 @cema_scan_backward.register_fake

@@ -25,12 +25,13 @@ import triton.language as tl
 
 @triton.jit
 def _tile(pid_d, D, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Channel offsets (BLOCK_D,), their mask, and the (BLOCK_D, BLOCK_N) offsets and mask into a (D, N) table."""
+    """Channel offsets (BLOCK_D,), their mask, and the (BLOCK_D, BLOCK_N) offsets and mask into an (N, D) table:
+    the tables are stored transposed, so that loads run along the channels (see WARPS_STEPS in cema.py)."""
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < D
     mask = mask_d[:, None] & (offs_n[None, :] < N)
-    return offs_d, mask_d, offs_d[:, None] * N + offs_n[None, :], mask
+    return offs_d, mask_d, offs_d[:, None] + offs_n[None, :] * D, mask
 
 
 @triton.jit
@@ -73,7 +74,7 @@ def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_r
                         angle_ptr, loc_ptr, L, D, N, num_chunks,
                         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
                         REVERSE: tl.constexpr, HAS_RESET: tl.constexpr):
-    """Phase 1, grid (chunks, D / BLOCK_D, B): each chunk's final state entered at zero -> loc (B, chunks, 2, D, N)."""
+    """Phase 1, grid (chunks, D / BLOCK_D, B): each chunk's final state entered at zero -> loc (B, chunks, 2, N, D)."""
     c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d, mask_d, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
     a_re, a_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
@@ -108,15 +109,16 @@ def scan_kernel(loc_ptr, keep_ptr, log_ptr, angle_ptr, h0_ptr, incoming_ptr, fin
                 CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
                 REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr):
     """Phase 2, grid (D / BLOCK_D, B): the scan over chunks, s_in(next) = a**len keep s_in + loc, from h0.
-    Writes the state entering every chunk (B, chunks, 2, D, N) and the one leaving the last (B, D, N, 2)."""
+    Writes the state entering every chunk (B, chunks, 2, N, D) and the one leaving the last (B, D, N, 2)."""
     pid_d, b = tl.program_id(0), tl.program_id(1)
-    _, _, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
+    offs_d, _, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
     tail = L - (num_chunks - 1) * CHUNK
     full_re, full_im = _power(log_ptr, angle_ptr, offs, mask, CHUNK * 1.0)
     tail_re, tail_im = _power(log_ptr, angle_ptr, offs, mask, tail * 1.0)
+    pairs = b.to(tl.int64) * D * N * 2 + (offs_d[:, None] * N + tl.arange(0, BLOCK_N)[None, :]) * 2  # (B, D, N, 2)
     if HAS_H0:
-        s_re = tl.load(h0_ptr + b.to(tl.int64) * D * N * 2 + offs * 2, mask=mask, other=0.0)
-        s_im = tl.load(h0_ptr + b.to(tl.int64) * D * N * 2 + offs * 2 + 1, mask=mask, other=0.0)
+        s_re = tl.load(h0_ptr + pairs, mask=mask, other=0.0)
+        s_im = tl.load(h0_ptr + pairs + 1, mask=mask, other=0.0)
     else:
         s_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
         s_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -137,8 +139,8 @@ def scan_kernel(loc_ptr, keep_ptr, log_ptr, angle_ptr, h0_ptr, incoming_ptr, fin
             loc_im = tl.load(loc_ptr + base + D * N + offs, mask=_both(mask, valid), other=0.0)
             new_re, new_im = _step(s_re, s_im, a_re, a_im, 1.0, 0.0, 0.0)
             s_re, s_im = tl.where(valid, new_re + loc_re, s_re), tl.where(valid, new_im + loc_im, s_im)
-    tl.store(final_ptr + b.to(tl.int64) * D * N * 2 + offs * 2, s_re, mask=mask)
-    tl.store(final_ptr + b.to(tl.int64) * D * N * 2 + offs * 2 + 1, s_im, mask=mask)
+    tl.store(final_ptr + pairs, s_re, mask=mask)
+    tl.store(final_ptr + pairs + 1, s_im, mask=mask)
 
 
 @triton.jit
@@ -196,7 +198,7 @@ def parameter_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset
         dq = sum_t dy_t conj(g hq_t) + mu conj(hq_last)
         dp = sum_t dy_t Re(g w_t) + Re(conj(mu) w_last)
     and d omega[d] = sum_t dy_t u_t. Summed over chunks, these are the full gradients: every use of q and p is a
-    step of some chunk. partial (B, chunks, 5, D, N) = [dg_re, dg_im, dq_re, dq_im, dp]; partial_omega (B, chunks, D).
+    step of some chunk. partial (B, chunks, 5, N, D) = [dg_re, dg_im, dq_re, dq_im, dp]; partial_omega (B, chunks, D).
     """
     c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d, mask_d, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
