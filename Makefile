@@ -13,17 +13,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel of these machines; the package itself only asks for torch>=2.4.
 	$(PY) -m pip install --quiet torch==2.13.0 numpy
-	$(PY) -m pip install --quiet -e ".[dev,hf]"
+	# Every extra the demo and the tests use: transformers, lm-eval, matplotlib, pytest (+ triton for the
+	# interpreter tests of the kernels).
+	$(PY) -m pip install --quiet -e ".[dev,hf,eval,plot]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 # Trains the small Megalodon on Shakespeare for about five minutes (fetched and tokenized on first use).
 demo: $(STAMP)
-	$(VENV)/bin/megalodon train --config configs/demo.toml --run-dir runs/demo --overwrite
+	$(VENV)/bin/megalodon train --config demo --run-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -5,18 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-
-from megalodon.inference.evaluate import EvalResult  # noqa: E402
+from megalodon.inference.evaluate import EvalResult
+from megalodon.optional import pyplot
 
 
-def plot_loss_by_position(results: Sequence[EvalResult], path: str | Path, title: str | None = None) -> Path:
-    """Mean loss per position bucket, each bucket drawn at its middle, on a log2 position axis."""
+def plot_loss_by_position(results: Sequence[EvalResult], path: str | Path, title: str | None = None) -> Path | None:
+    """Mean loss per position bucket, each bucket drawn at its middle, on a log2 position axis.
+    Without matplotlib: a warning that names the install step, and None."""
     path = Path(path)
+    plt = pyplot(str(path))
+    if plt is None:
+        return None
+    from matplotlib.ticker import FuncFormatter
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for result in results:
         points = [((b["start"] + b["end"]) / 2, b["mean_loss"]) for b in result.buckets() if b["tokens"]]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megalodon import configs as builtin_configs
 from megalodon.config import MegalodonConfig, check_field_types
 
 ARCHS = ("megalodon", "llama")
@@ -128,10 +130,9 @@ def _suggest(key: str, choices: list[str]) -> str:
 
 
 def read_config_file(path: str | Path) -> dict:
-    """A TOML, YAML or JSON file of options; model overrides go in a [model] table."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
+    """A TOML, YAML or JSON file of options, or a built-in config's name ("demo"); model overrides go in a
+    [model] table."""
+    path = builtin_configs.resolve(path)
     if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ValueError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
     try:
@@ -139,7 +140,10 @@ def read_config_file(path: str | Path) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"config file {path} is not UTF-8 text ({err})") from None
     if path.suffix == ".toml":
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # the same parser, released separately
+            import tomli as tomllib
 
         values = _parse(path, "TOML", tomllib.loads, text, tomllib.TOMLDecodeError)
     elif path.suffix == ".json":

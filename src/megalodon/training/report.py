@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from megalodon.optional import pyplot
 from megalodon.training.run_dir import atomic_write_text
 
 
@@ -49,12 +50,11 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_curves(curves: dict[str, tuple[list[dict], list[dict]]], out: Path, title: str) -> None:
-    """Train and validation loss against tokens seen, one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Train and validation loss against tokens seen, one colour per run (skipped, with a warning, without
+    matplotlib)."""
+    plt = pyplot(str(out))
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (label, (train, val)) in enumerate(curves.items()):
         colour = f"C{i}"

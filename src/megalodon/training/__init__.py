@@ -1,0 +1,1 @@
+"""Training: TrainConfig, optimizer and schedule, checkpoints, the Trainer, and the train/compare commands."""
