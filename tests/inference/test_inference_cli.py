@@ -2,13 +2,15 @@
 
 import io
 import json
+import os
+import signal
 
 import pytest
 
 from megalodon.checkpoint import load_pretrained
 from megalodon.cli import main
 from megalodon.data import ByteTokenizer, build_token_store
-from megalodon.inference import SamplingConfig, generate
+from megalodon.inference import SamplingConfig, generate, load_session
 
 
 def test_generate_streams_the_same_text_as_the_api(model_dir, capsys):
@@ -144,3 +146,121 @@ def test_a_session_file_is_replaced_by_the_next_turn(model_dir, tmp_path):
     assert main(["generate", str(model_dir), "--session-in", str(session), "--max-new-tokens", "2",
                  "--session-out", str(session)]) == 0
     assert session.read_bytes() != first
+
+
+class CtrlCAfter:
+    """A stdout that presses Ctrl-C (a real SIGINT to this process) `presses` times after `writes` writes."""
+
+    def __init__(self, writes: int, presses: int = 1):
+        self.text, self.writes, self.presses = "", writes, presses
+
+    def write(self, text: str) -> None:
+        self.text += text
+        self.writes -= 1
+        if self.writes == 0:
+            for _ in range(self.presses):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_ctrl_c_while_generating_prints_the_text_and_saves_the_session(model_dir, tmp_path, capsys, monkeypatch):
+    session = tmp_path / "chat.session"
+    argv = ["generate", str(model_dir), "--prompt", "Once", "--max-new-tokens", "500", "--ignore-eos",
+            "--seed", "4", "--session-out", str(session)]
+    stdout = CtrlCAfter(writes=5)
+    monkeypatch.setattr("sys.stdout", stdout)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopped by: interrupted" in err and "session saved" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    model = load_pretrained(model_dir)
+    saved = load_session(session, model, ByteTokenizer())
+    generated = saved.generated_ids
+    assert 5 <= len(generated) < 20 and saved.position == 4 + len(generated)
+    assert stdout.text == ByteTokenizer().decode(generated) + "\n"
+    # The session continues exactly as an uninterrupted run would have.
+    whole, = generate(model, ByteTokenizer(), ["Once"], SamplingConfig(max_new_tokens=len(generated) + 5,
+                                                                     stop_on_eos=False, seed=4))
+    rest, = generate(model, ByteTokenizer(), [""], SamplingConfig(max_new_tokens=5, stop_on_eos=False),
+                     sessions=[saved])
+    assert generated + rest.ids == whole.ids
+
+
+def test_a_second_ctrl_c_quits_at_once_and_keeps_the_old_session(model_dir, tmp_path, capsys, monkeypatch):
+    session = tmp_path / "chat.session"
+    assert main(["generate", str(model_dir), "--prompt", "hi", "--max-new-tokens", "2", "--session-out",
+                 str(session)]) == 0
+    before = session.read_bytes()
+    monkeypatch.setattr("sys.stdout", CtrlCAfter(writes=3, presses=2))
+    assert main(["generate", str(model_dir), "--session-in", str(session), "--max-new-tokens", "500",
+                 "--ignore-eos", "--session-out", str(session)]) == 130
+    err = capsys.readouterr().err
+    assert "second Ctrl-C" in err and "nothing was saved" in err and "Traceback" not in err
+    assert session.read_bytes() == before
+
+
+def test_ctrl_c_while_reading_a_prompt_stops_and_saves_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    from megalodon.inference import console
+
+    monkeypatch.setattr(console, "PROGRESS_DELAY_S", 0.0)
+    calls = []
+    update = console.PrefillBar.update
+
+    def press_ctrl_c(self, row, read, total):
+        update(self, row, read, total)
+        calls.append((read, total))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(console.PrefillBar, "update", press_ctrl_c)
+    monkeypatch.setattr("megalodon.inference.stream.PREFILL_TOKENS", 16)  # 2-chunk blocks: several updates
+    book = tmp_path / "book.txt"
+    book.write_text("word " * 20)
+    assert main(["generate", str(model_dir), "--prompt-file", str(book), "--prefill-only", "--session-out",
+                 str(tmp_path / "s")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted while reading the prompt (32 of 100 tokens read)" in err and "Traceback" not in err
+    assert calls == [(16, 100), (32, 100)] and not (tmp_path / "s").exists()
+
+
+def test_a_slow_prefill_shows_a_progress_bar_on_stderr(model_dir, tmp_path, capsys, monkeypatch):
+    from megalodon.inference import console
+
+    book = tmp_path / "book.txt"
+    book.write_text("word " * 20)
+    argv = ["generate", str(model_dir), "--prompt-file", str(book), "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    assert "reading the prompt" not in capsys.readouterr().err  # fast: no bar
+    monkeypatch.setattr(console, "PROGRESS_DELAY_S", 0.0)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "reading the prompt" in captured.err and "/100 [" in captured.err
+    assert "reading" not in captured.out
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_real_generate_process(model_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    session = tmp_path / "chat.session"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "megalodon", "generate", str(model_dir), "--prompt", "Once", "--max-new-tokens",
+         "100000", "--ignore-eos", "--session-out", str(session), "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                          signal.SIG_DFL))
+    try:
+        first = child.stdout.read(1)  # the first token is out: generation is under way
+        time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    err = err.decode()
+    assert first and child.returncode == 130, err
+    assert "stopped by: interrupted" in err and "Traceback" not in err
+    saved = load_session(session, load_pretrained(model_dir), ByteTokenizer())
+    assert saved.position == 4 + len(saved.generated_ids) > 5

@@ -88,10 +88,9 @@ def _utf8(data: bytes, what: str) -> str:
 
 
 def run_generate(args) -> int:
-    from megalodon.inference.generate import generate, prefill_session
-    from megalodon.inference.sampling import SamplingConfig
     from megalodon.files import check_writable_dir
-    from megalodon.inference.session import check_session_target, load_session, save_session
+    from megalodon.inference.sampling import SamplingConfig
+    from megalodon.inference.session import check_session_target, load_session
 
     _set_up_torch(args)
     if args.prefill_only and not args.session_out:
@@ -106,39 +105,93 @@ def run_generate(args) -> int:
                               stop_on_eos=not args.ignore_eos)
     model, tokenizer = _load_model(args.model_dir, args.device)
     sessions = None if args.session_in is None else [load_session(args.session_in, model, tokenizer)]
+    return _GenerateRun(args, model, tokenizer, prompts, sampling, sessions).run()
 
-    if args.prefill_only:
-        session = prefill_session(model, tokenizer, prompts[0], None if sessions is None else sessions[0],
-                                  args.truncate_chunks)
-        save_session(args.session_out, session, model, tokenizer)
-        print(f"[read {session.position} tokens into {args.session_out}]", file=sys.stderr)
-        return 0
 
-    streaming = len(prompts) == 1
+class _GenerateRun:
+    """One `megalodon generate`: a progress bar while prompts are read, tokens streamed as they come, and Ctrl-C
+    answered (during reading: stop, nothing saved; during generation: stop after the token, print the text,
+    save the session; a second Ctrl-C: quit at once)."""
 
-    def print_token(row: int, token: int, text: str) -> None:
-        if text:
+    def __init__(self, args, model, tokenizer, prompts, sampling, sessions):
+        from megalodon.inference.console import PrefillBar
+
+        self.args, self.model, self.tokenizer, self.prompts = args, model, tokenizer, prompts
+        self.sampling, self.sessions = sampling, sessions
+        self.streaming = len(prompts) == 1
+        self.bar = PrefillBar(len(prompts))
+        self.decoding = False
+
+    def run(self) -> int:
+        from megalodon.inference.console import CtrlC
+
+        with CtrlC() as self.ctrl_c:
+            try:
+                return self._prefill_only() if self.args.prefill_only else self._generate()
+            except KeyboardInterrupt:
+                self.bar.close()
+                print(f"\n[{self._interrupted_where()}; nothing was saved]", file=sys.stderr)
+                return 130
+            finally:
+                self.bar.close()
+
+    def _interrupted_where(self) -> str:
+        if self.decoding:
+            return "stopped at once by a second Ctrl-C"
+        return f"interrupted while reading the prompt ({self.bar.read} of {self.bar.total} tokens read)"
+
+    def _on_prefill(self, row: int, read: int, total: int) -> None:
+        self.bar.update(row, read, total)
+        if self.ctrl_c.requested:
+            raise KeyboardInterrupt
+
+    def _on_token(self, row: int, token: int, text: str) -> None:
+        if not self.decoding:
+            self.decoding = True
+            self.bar.close()
+        if self.streaming and text:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    start = time.perf_counter()
-    results = generate(model, tokenizer, prompts, sampling, sessions=sessions,
-                       on_token=print_token if streaming else None, truncate_chunks=args.truncate_chunks)
-    elapsed = time.perf_counter() - start
-    if streaming:
-        sys.stdout.write("\n")
-    else:
-        for i, result in enumerate(results):
-            sys.stdout.write(f"--- prompt {i} ---\n{result.text}\n")
-    sys.stdout.flush()
-    generated = sum(len(r.ids) for r in results)
-    reasons = ", ".join(r.finish_reason for r in results)
-    print(f"[{generated} tokens in {elapsed:.2f} s ({generated / max(elapsed, 1e-9):.1f} tokens/s); "
-          f"stopped by: {reasons}]", file=sys.stderr)
-    if args.session_out:
-        save_session(args.session_out, results[0].session, model, tokenizer)
-        print(f"[session saved to {args.session_out} at position {results[0].session.position}]", file=sys.stderr)
-    return 0
+    def _prefill_only(self) -> int:
+        from megalodon.inference.generate import prefill_session
+
+        session = prefill_session(self.model, self.tokenizer, self.prompts[0],
+                                  None if self.sessions is None else self.sessions[0], self.args.truncate_chunks,
+                                  progress=lambda read, total: self._on_prefill(0, read, total))
+        self.bar.close()
+        self._save(session)
+        print(f"[read {session.position} tokens into {self.args.session_out}]", file=sys.stderr)
+        return 0
+
+    def _generate(self) -> int:
+        from megalodon.inference.generate import generate
+
+        start = time.perf_counter()
+        results = generate(self.model, self.tokenizer, self.prompts, self.sampling, sessions=self.sessions,
+                           on_token=self._on_token, truncate_chunks=self.args.truncate_chunks,
+                           prefill_progress=self._on_prefill, should_stop=lambda: self.ctrl_c.requested)
+        elapsed = time.perf_counter() - start
+        if self.streaming:
+            sys.stdout.write("\n")
+        else:
+            for i, result in enumerate(results):
+                sys.stdout.write(f"--- prompt {i} ---\n{result.text}\n")
+        sys.stdout.flush()
+        generated = sum(len(r.ids) for r in results)
+        reasons = ", ".join(r.finish_reason for r in results)
+        print(f"[{generated} tokens in {elapsed:.2f} s ({generated / max(elapsed, 1e-9):.1f} tokens/s); "
+              f"stopped by: {reasons}]", file=sys.stderr)
+        if self.args.session_out:
+            self._save(results[0].session)
+            print(f"[session saved to {self.args.session_out} at position {results[0].session.position}]",
+                  file=sys.stderr)
+        return 130 if any(r.finish_reason == "interrupted" for r in results) else 0
+
+    def _save(self, session) -> None:
+        from megalodon.inference.session import save_session
+
+        save_session(self.args.session_out, session, self.model, self.tokenizer)
 
 
 def _load_model(model_dir: str, device: str):

@@ -20,6 +20,7 @@ the conversation later (see session.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import secrets
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from megalodon.model import Megalodon
 from megalodon.state import MegalodonState
 
 TokenCallback = Callable[[int, int, str], None]  # (row, token id, newly printable text)
+PrefillProgress = Callable[[int, int, int], None]  # (row, prompt tokens read, prompt tokens)
 
 
 @dataclass
@@ -46,7 +48,7 @@ class GenerationResult:
     prompt_ids: list[int]
     ids: list[int]  # generated tokens, including the end-of-sequence token or the one completing a stop string
     text: str  # their text, cut before the stop string
-    finish_reason: str  # "eos", "stop_string" or "length"
+    finish_reason: str  # "eos", "stop_string", "length" or "interrupted" (should_stop)
     session: Session  # continue from here: state after prompt_ids + ids, and the next token's logits
 
     @property
@@ -150,20 +152,22 @@ def _start_rows(model, tokenizer, prompt_ids, sampling, state, sessions, truncat
     return rows
 
 
-def _prefill(model, row: _Row, block_tokens: int | None) -> tuple[Tensor, MegalodonState]:
+def _prefill(model, row: _Row, block_tokens: int | None, progress: Callable[[int, int], None] | None = None,
+             ) -> tuple[Tensor, MegalodonState]:
     """The next-token logits (V,) and the state after the row's prompt (continuing its session if any)."""
     if not row.prompt_ids:
         return row.session.next_logits, row.session.state
     device = next(model.parameters()).device
     ids = torch.tensor(row.prompt_ids, dtype=torch.int64, device=device)
     start_state = None if row.session is None else row.session.state
-    return final_logits_and_state(model, ids, start_state, row.window, block_tokens)
+    return final_logits_and_state(model, ids, start_state, row.window, block_tokens, progress)
 
 
 def generate(
     model: Megalodon, tokenizer: Tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
     sampling: SamplingConfig | None = None, *, state: MegalodonState | None = None,
     sessions: Sequence[Session] | None = None, on_token: TokenCallback | None = None,
+    prefill_progress: PrefillProgress | None = None, should_stop: Callable[[], bool] | None = None,
     truncate_chunks: int | None = None, prefill_chunks: int | None = None,
 ) -> list[GenerationResult]:
     """Generate a continuation of every prompt, batched.
@@ -171,6 +175,9 @@ def generate(
     state: a stream to continue, one row per prompt (e.g. after reading a book); prompts must then be non-empty.
     sessions: saved conversations to continue, one per prompt; a prompt may then be empty ("go on").
     on_token(row, token_id, text): called for every generated token with the text that became printable.
+    prefill_progress(row, read, total): called after each prefill block (a progress bar, say).
+    should_stop(): asked before each decode step; once it says True, every row stops after one more token
+    with finish_reason "interrupted", its session complete (the CLI's Ctrl-C).
     truncate_chunks: None (off), or see stream.py; a session's own setting applies when this is None.
     prefill_chunks: prefill block size in chunks (default: about 4096 tokens, or 2 chunks with truncate_chunks,
     whose reruns fire after blocks); activation memory grows with it.
@@ -181,15 +188,18 @@ def generate(
     rows = _start_rows(model, tokenizer, prompt_ids, sampling, state, sessions, truncate_chunks)
     block_tokens = None if prefill_chunks is None else prefill_chunks * model.config.chunk_size
     with evaluation_mode(model):
-        prefilled = [_prefill(model, row, block_tokens) for row in rows]
+        prefilled = [_prefill(model, row, block_tokens,
+                              None if prefill_progress is None else functools.partial(prefill_progress, b))
+                     for b, row in enumerate(rows)]
         batch_state = MegalodonState.stack([s for _, s in prefilled])
         logits = torch.stack([lg for lg, _ in prefilled])  # B x V
-        ends = _decode(model, tokenizer, rows, sampling, batch_state, logits, on_token, block_tokens)
+        ends = _decode(model, tokenizer, rows, sampling, batch_state, logits, on_token, block_tokens, should_stop)
     return [_result(row, *ends[b]) for b, row in enumerate(rows)]
 
 
 def _decode(model, tokenizer, rows: list[_Row], sampling: SamplingConfig, batch_state: MegalodonState,
             logits: Tensor, on_token: TokenCallback | None, block_tokens: int | None,
+            should_stop: Callable[[], bool] | None = None,
             ) -> dict[int, tuple[MegalodonState, Tensor]]:
     """Batched single-token decode until every row stops; returns each row's final (state, next logits)."""
     active = list(range(len(rows)))  # batch position -> row index
@@ -200,7 +210,8 @@ def _decode(model, tokenizer, rows: list[_Row], sampling: SamplingConfig, batch_
         tokens = sample_next(logits, history[active], sampling, generators)
         if history.shape[1]:
             history[active, history.shape[1] - sampling.max_new_tokens + step] = tokens
-        last_step = step == sampling.max_new_tokens - 1
+        stopping = should_stop is not None and should_stop()
+        last_step = stopping or step == sampling.max_new_tokens - 1
         finished = []
         for pos, i in enumerate(active):
             row, token = rows[i], int(tokens[pos])
@@ -212,7 +223,7 @@ def _decode(model, tokenizer, rows: list[_Row], sampling: SamplingConfig, batch_
             elif is_eos:
                 row.finish_reason = "eos"
             elif last_step:
-                row.finish_reason = "length"
+                row.finish_reason = "interrupted" if stopping else "length"
             if on_token is not None:
                 on_token(i, token, text)
             if row.finish_reason:
@@ -268,7 +279,7 @@ def _result(row: _Row, state: MegalodonState, next_logits: Tensor) -> Generation
 
 def prefill_session(
     model: Megalodon, tokenizer: Tokenizer, prompt: str | Sequence[int], session: Session | None = None,
-    truncate_chunks: int | None = None,
+    truncate_chunks: int | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> Session:
     """Read a prompt (a book, say) into a session without generating anything."""
     _check_model(model, tokenizer)
@@ -279,7 +290,7 @@ def prefill_session(
     if not row.prompt_ids:
         raise ValueError("the prompt is empty: nothing to read")
     with evaluation_mode(model):
-        logits, state = _prefill(model, row, None)
+        logits, state = _prefill(model, row, None, progress)
     previous = [] if session is None else session.generated_ids
     rng = None if session is None else session.rng_state
     chunks = None if row.window is None else row.window.truncate_chunks

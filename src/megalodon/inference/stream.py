@@ -21,7 +21,7 @@ exactness (outputs then depend on where the truncations fell, not on the tokens 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ from megalodon.ops.timestep_norm import NormStats
 from megalodon.state import LayerState, MegalodonState
 
 KEPT_CHUNK_SHORTFALL = 2  # the rerun covers truncate_chunks - 2 chunks, as in the reference
+Progress = Callable[[int, int], None]  # (tokens fed so far, tokens in all)
 
 
 def check_truncate_chunks(value: int | None) -> None:
@@ -112,11 +113,11 @@ def chunk_aligned_blocks(position: int, length: int, block_tokens: int, tail_chu
 
 def stream_blocks(
     model: Megalodon, ids: Tensor, state: MegalodonState | None = None, block_tokens: int | None = None,
-    window: RecencyWindow | None = None, logits_to_keep: int = 0,
+    window: RecencyWindow | None = None, logits_to_keep: int = 0, progress: Progress | None = None,
 ) -> Iterator[tuple[int, Tensor, MegalodonState]]:
     """Feed ids (1-D, one stream) block by block; yield (offset of the block in ids, its logits (1, L, V) or
     the last `logits_to_keep` of them, the state after it). With a window, truncate_chunks runs after the
-    blocks where it is due (module docstring)."""
+    blocks where it is due (module docstring). progress(tokens fed, tokens in all) follows each block."""
     chunk = model.config.chunk_size
     if block_tokens is None:
         block_tokens = default_block_tokens(chunk, truncating=window is not None)
@@ -133,16 +134,18 @@ def stream_blocks(
             window.extend(ids[0, begin:end])
             if window.due(block_end=True):
                 state = truncate_norm_stats(model, state, [(0, window.rerun_span())], block_tokens)
+        if progress is not None:
+            progress(end, ids.shape[1])
         yield begin, logits, state
 
 
 def final_logits_and_state(
     model: Megalodon, ids: Tensor, state: MegalodonState | None = None, window: RecencyWindow | None = None,
-    block_tokens: int | None = None,
+    block_tokens: int | None = None, progress: Progress | None = None,
 ) -> tuple[Tensor, MegalodonState]:
     """Prefill: the logits (V,) after the last of ids, and the state; only the last block's logits are kept."""
     last = None
-    for _, logits, state in stream_blocks(model, ids, state, block_tokens, window, logits_to_keep=1):
+    for _, logits, state in stream_blocks(model, ids, state, block_tokens, window, 1, progress):
         last = logits[0, -1]
     if last is None:
         raise ValueError("nothing to feed: the token sequence is empty")
