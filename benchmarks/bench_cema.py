@@ -1,0 +1,85 @@
+"""The CEMA alone, forward and forward + backward, on each path this machine has.
+
+    python benchmarks/bench_cema.py                                   # CPU, the `small` training shape, fp32
+    python benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16   # mega200M on a GPU
+
+On CUDA both paths run: Triton (the default dispatch) and the PyTorch path (MEGALODON_DISABLE_TRITON=cema).
+Prints a Markdown table: milliseconds (median of --repeats after a warm-up) and, on CUDA, the peak memory above
+the inputs. Document resets every 256 steps are on with --resets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from megalodon.layers.cema import CEMA
+from megalodon.ops.triton import DISABLE_ENV
+
+
+def measure(layer: CEMA, x: torch.Tensor, resets: torch.Tensor | None, backward: bool, repeats: int) -> dict:
+    def run() -> None:
+        y, _ = layer(x, None, 256, resets)
+        if backward:
+            y.backward(torch.ones_like(y))
+
+    def sync() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    run()
+    sync()
+    if x.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if x.is_cuda else 0
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}" if x.is_cuda else "-"
+    return {"ms": statistics.median(times) * 1e3, "peak_mib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", default="8,1024,256", help="B,L,D")
+    parser.add_argument("--ndim", type=int, default=16)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--resets", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    batch, length, dim = (int(v) for v in args.shape.split(","))
+    torch.manual_seed(0)
+    layer = CEMA(dim, args.ndim).to(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    x = torch.randn(batch, length, dim, device=args.device, dtype=dtype, requires_grad=True)
+    resets = None
+    if args.resets:
+        resets = torch.zeros(batch, -(-length // 256), dtype=torch.bool, device=args.device)
+        resets[:, 1::2] = True
+    paths = ["triton", "pytorch"] if x.is_cuda else ["pytorch"]
+    print(f"CEMA B={batch} L={length} D={dim} N={args.ndim} {args.dtype} on {args.device}"
+          f"{' with resets' if args.resets else ''}\n")
+    print("| path | forward ms | forward + backward ms | fwd+bwd peak MiB | tokens/s (fwd+bwd) |")
+    print("|---|---|---|---|---|")
+    for path in paths:
+        os.environ[DISABLE_ENV] = "" if path == "triton" else "cema"
+        forward = measure(layer, x.detach(), resets, False, args.repeats)
+        both = measure(layer, x, resets, True, args.repeats)
+        print(f"| {path} | {forward['ms']:.2f} | {both['ms']:.2f} | {both['peak_mib']} | "
+              f"{batch * length / both['ms'] * 1e3:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
