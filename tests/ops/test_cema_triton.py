@@ -89,6 +89,20 @@ def test_forward_and_backward_match_the_recurrence(length, with_h0, block):
         assert_close(grad, expected, 2e-5)
 
 
+def test_split_calls_equal_one_call():
+    """Consecutive calls that carry the state equal one call, at cuts inside and on chunk boundaries."""
+    params = [p.to(DEVICE) for p in parameters(6, 4, 2)]
+    coeffs, omega = cema_coefficients(*params[:4]), params[4].squeeze(-1)
+    u = torch.randn(2, 45, 6, device=DEVICE)
+    y_full, h_full = triton_scan(u, *coeffs, omega, None, None, CHUNK)
+    h, parts = None, []
+    for start, stop in [(0, 7), (7, 32), (32, 45)]:
+        y, h = triton_scan(u[:, start:stop], *coeffs, omega, h, None, CHUNK)
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts, 1), y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_full, rtol=1e-5, atol=1e-5)
+
+
 def test_channels_and_components_that_do_not_fill_a_tile():
     """D = 40 spans two channel blocks of 32; N = 3 is padded to 4 in registers."""
     (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(1, 21, 40, 3, True, None, seed=1)
