@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megalodon.training.commands import add_parsers as add_training_parsers
 
     add_training_parsers(sub)
+    from megalodon.tasks.commands import add_parser as add_tasks_parser
+
+    add_tasks_parser(sub)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true",
                              help="show the full traceback of an error (or set MEGALODON_DEBUG=1)")
