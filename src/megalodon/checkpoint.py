@@ -139,17 +139,13 @@ def save_pretrained(model, directory: str | Path) -> None:
     _replace_atomically(directory, CHECKSUMS_NAME, lambda p: Path(p).write_text(record))
 
 
-def verify_directory(directory: str | Path) -> None:
-    """Raise ValueError unless every file checksums.json lists matches its size and SHA-256; a directory without
-    checksums.json (written before they existed) passes with a warning."""
+def verify_directory(directory: str | Path) -> bool:
+    """Raise ValueError unless every file checksums.json lists matches its size and SHA-256. False when there is
+    no checksums.json (a directory saved before they existed): nothing could be checked."""
     directory = Path(directory)
     path = directory / CHECKSUMS_NAME
     if not path.is_file():
-        if not all((directory / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME)):
-            return  # loading names the missing file
-        warnings.warn(f"{directory} has no checksums ({CHECKSUMS_NAME}; written by an older version): its "
-                      "integrity cannot be checked. Save it again to add them", stacklevel=3)
-        return
+        return False
     try:
         entries = json.loads(path.read_text())["files"]
         expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in entries.items()}
@@ -163,6 +159,7 @@ def verify_directory(directory: str | Path) -> None:
         if file.stat().st_size != size or _sha256(file) != sha256:
             raise ValueError(f"{file} does not match the checksum recorded when the model was saved (damaged, "
                              "partly copied, edited, or its save was interrupted); restore it from a good copy")
+    return True
 
 
 def read_weights(path: Path) -> dict[str, Tensor]:
@@ -202,9 +199,11 @@ def load_pretrained(directory: str | Path, map_location="cpu", verify: bool = Tr
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no model directory at {directory}")
-    if verify:
-        verify_directory(directory)
+    verified = verify_directory(directory) if verify else True
     config, model_class = read_config(directory / CONFIG_NAME)
+    if not verified and (directory / WEIGHTS_NAME).is_file():
+        warnings.warn(f"{directory} has no checksums ({CHECKSUMS_NAME}; saved by an older version): its files "
+                      "cannot be verified. Save it again to add them", stacklevel=2)
     tensors = read_weights(directory / WEIGHTS_NAME)
     _refuse_non_finite(tensors, str(directory / WEIGHTS_NAME))
     with torch.device(map_location):
