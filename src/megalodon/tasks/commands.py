@@ -59,14 +59,14 @@ def run_tasks(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _train(args, overrides: list[str]) -> int:
     from megalodon.tasks.models import build_task_model, save_task_model
-    from megalodon.tasks.recipes import recipe, test_task
+    from megalodon.tasks.recipes import held_out_task, recipe
     from megalodon.tasks.train import answer_chance, train_task
 
     if not args.out:
         raise ValueError("--train needs --out DIR (where the task model is written)")
     options = _task_options(args)
     task, cfg = recipe(args.task, options, overrides)
-    test = test_task(args.task, options).examples("test", args.examples or 200, args.seed)
+    test = held_out_task(args.task, options).examples("test", args.examples or 200, args.seed)
     model = build_task_model(task, cfg, args.ema)
     print(f"{args.task}: {sum(p.numel() for p in model.parameters()):,} parameters ({cfg.arch}, {args.ema} EMA), "
           f"{cfg.max_steps} steps of {cfg.batch_size}; chance {answer_chance(task):.3f}")
@@ -95,9 +95,9 @@ def _evaluate(args) -> int:
 
 
 def _show(args) -> int:
-    from megalodon.tasks.recipes import test_task
+    from megalodon.tasks.recipes import held_out_task
 
-    task = test_task(args.task, _task_options(args))
+    task = held_out_task(args.task, _task_options(args))
     print(f"{args.task} options: {task.settings()}; vocabulary {task.vocab_size}")
     for example in task.examples("test", args.examples or 2, args.seed):
         answer = example.label if example.answers.size == 0 else example.answer_tokens().tolist()

@@ -55,6 +55,10 @@ class Passkey(Task):
         texts: {"train": [...], "test": [...]} haystack documents; None reads `corpus` and splits it by document
         as the trainer does (train plays for train, test plays for test)."""
         check_range("passkey depth", depth, 0.0, 1.0)
+        if texts is not None and not (isinstance(texts, dict) and all(isinstance(texts.get(s), (list, tuple))
+                                                                      for s in ("train", "test"))):
+            raise ValueError("passkey texts must be {'train': [documents], 'test': [documents]} (from Python; "
+                             "on the command line use corpus=NAME)")
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 18:
             raise ValueError(f"passkey digits must be an integer in [1, 18], got {digits!r}")
         self.tokenizer_name = tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__

@@ -53,7 +53,7 @@ def recipe(name: str, task_options: dict | None = None, cli_overrides: list[str]
     return task, TrainConfig.from_dict(values)
 
 
-def test_task(name: str, task_options: dict | None = None) -> Task:
+def held_out_task(name: str, task_options: dict | None = None) -> Task:
     """The recipe's test setting: its training options, its `test` options, then `task_options`."""
     found = RECIPES[name]
     return make_task(name, **{**found.task, **found.test, **(task_options or {})})

@@ -15,7 +15,7 @@ TASKS: dict[str, type[Task]] = {"passkey": Passkey, "recall": AssociativeRecall,
 
 
 def task_options(name: str) -> list[str]:
-    return [p for p in inspect.signature(task_class(name)).parameters if p != "texts"]
+    return list(inspect.signature(task_class(name)).parameters)
 
 
 def task_class(name: str) -> type[Task]:
