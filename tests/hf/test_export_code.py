@@ -92,6 +92,33 @@ def test_lazy_imports_become_aliases_or_a_raise(tmp_path):
     assert "not_installed_anywhere" not in result.source
 
 
+def test_imports_for_type_checkers_only_create_no_cycle(tmp_path):
+    recipe = _package(tmp_path, {
+        "a.py": """
+            from __future__ import annotations
+
+            from typing import TYPE_CHECKING
+
+            if TYPE_CHECKING:
+                from pkg.b import Holder
+
+            def unwrap(holder: Holder) -> int:
+                return holder.value
+            """,
+        "b.py": """
+            from pkg.a import unwrap
+
+            class Holder:
+                value = 4
+
+            def run():
+                return unwrap(Holder())
+            """,
+    })
+    result = bundle(["pkg.b"], recipe, "t")
+    assert result.modules == ["pkg.a", "pkg.b"] and _run(result.source)["run"]() == 4
+
+
 def test_substitutes_dropped_modules_and_package_only_definitions(tmp_path):
     recipe = _package(tmp_path, {
         "kernels/__init__.py": "import triton_like\n\ndef fast():\n    return True\n",

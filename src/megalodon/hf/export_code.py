@@ -16,13 +16,13 @@ Comments and formatting are kept: edits are spliced into the original text, neve
 from __future__ import annotations
 
 import ast
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megalodon.hf.scopes import (bound_names, declared_globals, global_name_nodes, module_level_statements,
                                  undefined_globals)
+from megalodon.hf.source_edits import EditError, SourceEdits
 
 DROP_DECORATOR = "package_only"
 
@@ -59,6 +59,7 @@ class _Module:
     tree: ast.Module
     bindings: list[tuple[str, tuple]] = field(default_factory=list)  # (name, identity) in source order
     renames: dict[str, str] = field(default_factory=dict)
+    typing_only: set[int] = field(default_factory=set)  # ids of imports under `if TYPE_CHECKING:` (never run)
 
 
 def bundle(roots: list[str], recipe: Recipe, header: str, provided: tuple[str, Bundle] | None = None) -> Bundle:
@@ -93,7 +94,7 @@ class _Bundler:
 
     def kind(self, target: str) -> str:
         """"provided", "dropped", "unavailable" (behind a substituted module) or "bundle"."""
-        if self.provided and any(m == target for m in self.provided.modules):
+        if self.provided and target in self.provided.modules:
             return "provided"
         if target in self.recipe.dropped:
             return "dropped"
@@ -113,6 +114,11 @@ class _Bundler:
     def is_ours(self, name: str) -> bool:
         return name == self.recipe.package or name.startswith(self.recipe.package + ".")
 
+    def imports_ours(self, module: _Module, node: ast.Import | ast.ImportFrom) -> bool:
+        if isinstance(node, ast.Import):
+            return any(self.is_ours(alias.name) for alias in node.names)
+        return self.is_ours(self.absolute(module, node))
+
     def load(self, name: str, chain: tuple[str, ...] = ()) -> _Module:
         if name in self.modules:
             return self.modules[name]
@@ -123,7 +129,10 @@ class _Bundler:
             raise ExportError(f"cannot find the source of {name} (imported by {chain[-1] if chain else 'the roots'})")
         text = path.read_text(encoding="utf-8")
         module = _Module(name, path, text, ast.parse(text, str(path)))
+        module.typing_only = _type_checking_imports(module.tree)
         for statement in module_level_statements(module.tree):
+            if id(statement) in module.typing_only:
+                continue
             if isinstance(statement, ast.Import) and any(self.is_ours(a.name) for a in statement.names):
                 raise ExportError(f"{name}: `import {statement.names[0].name}` at module level; the export inlines "
                                   "only `from <module> import <names>`")
@@ -164,7 +173,8 @@ class _Bundler:
     def collect_bindings(self, module: _Module) -> None:
         top = set(map(id, module.tree.body))
         for statement in module_level_statements(module.tree):
-            if isinstance(statement, ast.ImportFrom) and statement.module == "__future__":
+            if id(statement) in module.typing_only or (isinstance(statement, ast.ImportFrom)
+                                                       and statement.module == "__future__"):
                 continue
             if isinstance(statement, ast.ImportFrom) and self.is_ours(self.absolute(module, statement)):
                 target = self.absolute(module, statement)
@@ -210,7 +220,7 @@ class _Bundler:
 
     # ---- rewriting -------------------------------------------------------------------------------------------
     def rewrite(self, module: _Module) -> str:
-        edits = _Edits(module.text)
+        edits = SourceEdits(module.text)
         sole = _sole_statements(module.tree)
         top = set(map(id, module.tree.body))
         for index, statement in enumerate(module.tree.body):
@@ -219,7 +229,9 @@ class _Bundler:
             if docstring or imports or _is_dunder_all(statement):
                 edits.remove_lines(statement)
         for node in ast.walk(module.tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+            if id(node) in module.typing_only and self.imports_ours(module, node):
+                edits.replace(node, "pass" if id(node) in sole else "")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
                 renamed = set(bound_names(node)) & set(module.renames)
                 if renamed and node in module_level_statements(module.tree):
                     raise ExportError(f"{module.name} binds {sorted(renamed)} by an import inside a module-level "
@@ -290,7 +302,11 @@ class _Bundler:
         banner += " " + "-" * max(4, 116 - len(banner))
         doc = ast.get_docstring(module.tree)
         comment = "".join(f"# {line}".rstrip() + "\n" for line in doc.splitlines()) if doc else ""
-        return banner + "\n" + comment + "\n" + self.rewrite(module).strip("\n")
+        try:
+            body = self.rewrite(module)
+        except EditError as err:
+            raise ExportError(f"{module.name}: {err}") from None
+        return banner + "\n" + comment + "\n" + body.strip("\n")
 
     def imports(self) -> str:
         plain, grouped, provided = [], {}, []
@@ -338,6 +354,15 @@ def _is_dunder_all(statement: ast.stmt) -> bool:
                                                      for t in statement.targets)
 
 
+def _type_checking_imports(tree: ast.Module) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _decorator_name(node.test) == "TYPE_CHECKING":
+            found.update(id(n) for statement in node.body for n in ast.walk(statement)
+                         if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return found
+
+
 def _decorator_name(node: ast.expr) -> str:
     return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
 
@@ -362,55 +387,3 @@ def _wrap(line: str, width: int = 120) -> str:
         return line
     head, names = line.split(" import ", 1)
     return f"{head} import (\n" + "".join(f"    {name},\n" for name in names.split(", ")) + ")"
-
-
-class _Edits:
-    """Text edits on one module's source, by AST positions (columns are UTF-8 byte offsets).
-
-    Removals and replacements cover whole statements; renames cover one identifier. A rename that falls inside a
-    removed statement (a package_only method, say) is skipped, and so is any edit inside a removed statement."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.lines = text.splitlines(keepends=True)
-        self.starts = [0]
-        for line in self.lines:
-            self.starts.append(self.starts[-1] + len(line))
-        self.statements: list[tuple[int, int, str]] = []
-        self.renames: list[tuple[int, int, str]] = []
-
-    def offset(self, lineno: int, col: int) -> int:
-        line = self.lines[lineno - 1]
-        return self.starts[lineno - 1] + len(line.encode("utf-8")[:col].decode("utf-8"))
-
-    def remove_lines(self, node: ast.AST, first_line: int | None = None, keep_pass: bool = False) -> None:
-        first = first_line or node.lineno
-        indent = re.match(r"\s*", self.lines[first - 1]).group(0)
-        self.statements.append((self.starts[first - 1], self.starts[node.end_lineno],
-                                f"{indent}pass\n" if keep_pass else ""))
-
-    def replace(self, node: ast.AST, text: str) -> None:
-        self.statements.append((self.offset(node.lineno, node.col_offset),
-                                self.offset(node.end_lineno, node.end_col_offset), text))
-
-    def rename(self, lineno: int, col: int, old: str, new: str) -> None:
-        start = self.offset(lineno, col)
-        if self.text[start:start + len(old)] != old:
-            raise ExportError(f"position mismatch renaming {old!r} at line {lineno}")
-        self.renames.append((start, start + len(old), new))
-
-    def rename_definition(self, node: ast.AST, new: str) -> None:
-        found = re.compile(r"(?:async\s+)?(?:def|class)\s+(\w+)").match(self.text, self.offset(node.lineno,
-                                                                                                  node.col_offset))
-        self.renames.append((found.start(1), found.end(1), new))
-
-    def apply(self) -> str:
-        edits = self.statements + self.renames
-        kept = [x for x in edits if not any(s <= x[0] and x[1] <= e and (s, e) != x[:2] for s, e, _ in self.statements)]
-        text, end = self.text, len(self.text)
-        for start, stop, new in sorted(kept, reverse=True):
-            if stop > end:
-                raise ExportError(f"overlapping edits at character {start} of the module")
-            text, end = text[:start] + new + text[stop:], start
-        text = re.sub(r"\n\n\n+(?=[ \t]+\S)", "\n\n", text)  # one blank line where an indented definition went
-        return re.sub(r"\n{4,}", "\n\n\n", text)
