@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-EXTRAS = {"transformers": "hf", "lm_eval": "eval", "matplotlib": "plot", "rdata": "corpora"}
+EXTRAS = {"transformers": "hf", "lm_eval": "eval", "matplotlib": "plot"}  # module -> the extra that installs it
 
 
 def install_step(module: str) -> str:

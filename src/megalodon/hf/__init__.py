@@ -6,10 +6,12 @@ It needs the `hf` extra (transformers); lm-eval runs need the `eval` extra. `imp
 
 from __future__ import annotations
 
+from megalodon.optional import install_step
+
 try:
     import transformers  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError("megalodon.hf needs transformers: pip install 'megalodon-torch[hf]'") from err
+    raise ImportError(f"megalodon.hf needs transformers: {install_step('transformers')}") from err
 
 from megalodon.hf.cache import MegalodonCache
 from megalodon.hf.configuration import MegalodonHFConfig

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megalodon.optional import install_step
+
 KINDS = ("perplexity", "multiple_choice")
 
 
@@ -21,7 +23,7 @@ def lm_eval_task(directory: str | Path, name: str, data_file: str | Path, kind: 
     try:
         import yaml  # a dependency of lm-eval, which is the only user of this file
     except ImportError:
-        raise ImportError("lm_eval_task writes YAML for lm-eval: pip install 'megalodon-torch[eval]'") from None
+        raise ImportError(f"lm_eval_task writes YAML for lm-eval: {install_step('lm_eval')}") from None
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
