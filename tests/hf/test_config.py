@@ -61,3 +61,11 @@ def test_core_package_imports_without_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'megalodon-torch[hf]'" in out.stdout
+
+
+def test_the_config_class_also_has_the_name_transformers_users_expect():
+    from megalodon.hf import MegalodonConfig
+
+    assert MegalodonConfig is MegalodonHFConfig
+    with pytest.raises(ValueError, match="describes the 'llama' architecture, not a Megalodon"):
+        MegalodonHFConfig(vocab_size=10, architecture="llama")
