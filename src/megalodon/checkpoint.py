@@ -74,6 +74,8 @@ def read_config(path: str | Path):
         values = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object of config fields, found a {type(values).__name__}")
     if any(key in values for key in HF_ONLY_KEYS):
         raise ValueError(f"{path.parent} is in the Hugging Face transformers layout, not a megalodon model directory: "
                          f"convert it with `megalodon convert from-hf {path.parent} OUT_DIR`")
@@ -82,13 +84,15 @@ def read_config(path: str | Path):
     if arch not in architectures():
         raise ValueError(f"{path}: unknown architecture {arch!r}; expected one of {sorted(architectures())}")
     config_class, model_class = architectures()[arch]
-    if hasattr(config_class, "from_dict"):
-        return config_class.from_dict(values), model_class
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown {config_class.__name__} field(s) {unknown}")
-    return config_class(**values), model_class
+    try:
+        if hasattr(config_class, "from_dict"):
+            return config_class.from_dict(values), model_class
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class)})
+        if unknown:
+            raise ValueError(f"unknown {config_class.__name__} field(s) {unknown}")
+        return config_class(**values), model_class
+    except (TypeError, ValueError) as err:  # the config's own validation: name the file it came from
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _sha256(path: Path) -> str:
@@ -128,6 +132,8 @@ def _refuse_non_finite(tensors: dict[str, Tensor], what: str) -> None:
 def save_pretrained(model, directory: str | Path) -> None:
     """Write config.json and model.safetensors (each atomically), then checksums.json, which vouches for both."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot save a model directory at {directory}: it is a file")
     tensors = {k: v.detach().contiguous().cpu() for k, v in _persistent_tensors(model).items()}
     _refuse_non_finite(tensors, f"refusing to save {directory}")
     directory.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 def _convert(args: argparse.Namespace) -> int:
     from megalodon.files import check_output_path, replace_directory, replace_file
 
-    output = check_output_path(args.output, args.overwrite, "the output")
+    output = check_output_path(args.output, args.overwrite, "the output", is_file=args.direction == "to-reference")
     if args.direction == "from-reference":
         model = _from_reference(args)
         replace_directory(output, model.save_pretrained)
@@ -42,7 +42,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _from_reference(args: argparse.Namespace):
     from megalodon import MegalodonConfig
-    from megalodon.checkpoint import read_config
+    from megalodon.checkpoint import non_finite_tensors, read_config
     from megalodon.convert import from_reference, read_reference_file
 
     if args.config is None:
@@ -50,7 +50,12 @@ def _from_reference(args: argparse.Namespace):
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     config = (read_config(args.config)[0] if Path(args.config).is_file()
               else MegalodonConfig.from_preset(args.config, **overrides))
-    return from_reference(read_reference_file(args.source), config)
+    tensors = read_reference_file(args.source)
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise ValueError(f"{args.source}: non-finite values (NaN or inf) in {', '.join(bad[:3])}; the checkpoint "
+                         "diverged or is damaged: convert an earlier one")
+    return from_reference(tensors, config)
 
 
 def _write_reference(tensors: dict, path: Path, suffix: str, tied: bool) -> None:

@@ -39,11 +39,14 @@ def is_model_directory(directory: Path) -> bool:
     return (directory / "config.json").is_file()
 
 
-def check_output_path(path: str | Path, overwrite: bool, what: str) -> Path:
+def check_output_path(path: str | Path, overwrite: bool, what: str, is_file: bool = False) -> Path:
     """Refuse an existing output unless overwrite; with overwrite, a directory is replaced only if it holds a
-    model (never a directory of other things). An unwritable location is refused now, before the work."""
+    model (never a directory of other things). An unwritable location is refused now, before the work.
+    is_file: the output is one file (else a directory)."""
     path = Path(path)
-    check_writable_dir(path.parent, what)
+    check_writable_dir(path.parent, f"{what} {path}")
+    if is_file and path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory; give the path of a file to write")
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return path
     if not overwrite:
