@@ -145,6 +145,12 @@ def _prompt(ws):
     return ["--prompt", "hi", "--max-new-tokens", "2"]
 
 
+def _session_over(ws, name):
+    """A session written into a copy of the model directory (should it be accepted, the copy is lost)."""
+    directory = ws.copy()
+    return ["generate", str(directory), *_prompt(ws), "--session-out", str(directory / name)]
+
+
 CLI_CASES = [
     # ---- the model directory
     generate_case("missing model directory", _prompt, "no model directory", lambda ws: ws.root / "nope"),
@@ -239,11 +245,10 @@ CLI_CASES = [
                   "not a readable"),
     generate_case("session-in from another model", lambda ws: ["--session-in", str(ws.session)],
                   "different model", lambda ws: ws.other),
-    generate_case("session-out over the model's weights",
-                  lambda ws: [*_prompt(ws), "--session-out", str(ws.model / "model.safetensors")], "not a session"),
-    generate_case("session-out over config.json",
-                  lambda ws: [*_prompt(ws), "--session-out", str(ws.model / "config.json")], "not a session"),
-    generate_case("session-out over a text file", lambda ws: [*_prompt(ws), "--session-out", str(ws.text)],
+    Case("generate: session-out over the model's weights", lambda ws: _session_over(ws, "model.safetensors"),
+         "not a session"),
+    Case("generate: session-out over config.json", lambda ws: _session_over(ws, "config.json"), "not a session"),
+    generate_case("session-out over a text file", lambda ws: [*_prompt(ws), "--session-out", str(ws.copy(ws.text))],
                   "not a session"),
     generate_case("session-out a directory", lambda ws: [*_prompt(ws), "--session-out", str(ws.root)],
                   "directory"),
@@ -363,7 +368,7 @@ CLI_CASES = [
                                                                        str(ws.root / "nope"), str(ws.root / "r.pth")],
          "no model directory"),
     Case("convert: to-reference over an existing file", lambda ws: ["convert", "to-reference", str(ws.model),
-                                                                    str(ws.text)], "--overwrite"),
+                                                                    str(ws.copy(ws.text))], "--overwrite"),
     Case("convert: to-reference onto a directory", lambda ws: ["convert", "to-reference", str(ws.model),
                                                                str(ws.copy()), "--overwrite"], "directory"),
     Case("convert: to-reference from a damaged model", lambda ws: ["convert", "to-reference", str(
@@ -462,7 +467,7 @@ API_CASES = [
     Case("api: save_pretrained into a file's place", _api(lambda ws: save_pretrained(make_model(), ws.text)),
          "doc.txt"),
     Case("api: save_session over model weights", _api(lambda ws: save_session(
-        ws.model / "model.safetensors", *_session_of(ws)[::-1], ByteTokenizer())), "not a session"),
+        ws.copy() / "model.safetensors", *_session_of(ws)[::-1], ByteTokenizer())), "not a session"),
     Case("api: save_session of a batch", _api(lambda ws: save_session(
         ws.root / "b.session", _batch_session(ws), load_pretrained(ws.model), ByteTokenizer())), "one conversation"),
     Case("api: load_session with another model", _api(lambda ws: load_session(
