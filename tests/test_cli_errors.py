@@ -168,3 +168,16 @@ def test_garbage_reference_files_never_suggest_unsafe_loading(tmp_path, model_di
         line = one_line_error(capsys, str(tmp_path / name))
         for unsafe_advice in ("weights_only=False", "weights_only` set to `False", "safe_globals"):
             assert unsafe_advice not in line
+
+
+def test_ctrl_c_during_eval_is_one_line_and_writes_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("megalodon.inference.evaluate"), "evaluate", interrupted)
+    (tmp_path / "doc.txt").write_text("some words to evaluate")
+    out = tmp_path / "report"
+    assert main(["eval", str(model_dir), "--files", str(tmp_path / "doc.txt"), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "megalodon eval: interrupted" in err and "Traceback" not in err
+    assert not (out / "eval.json").exists()

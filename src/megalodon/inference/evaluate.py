@@ -217,12 +217,13 @@ def _scorer(model, block_size, truncate_chunks, window, max_context):
 
 def write_report(results: Sequence[EvalResult], out_dir: str | Path, info: dict | None = None,
                  ) -> tuple[Path, Path]:
-    """eval.json (every result, plus `info` about the run) and loss_by_position.png in out_dir."""
+    """eval.json (every result, plus `info` about the run; written whole or not at all) and
+    loss_by_position.png in out_dir."""
+    from megalodon.files import replace_file
     from megalodon.inference.plots import plot_loss_by_position
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "eval.json"
-    report = {**(info or {}), "results": [r.to_dict() for r in results]}
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    report = json.dumps({**(info or {}), "results": [r.to_dict() for r in results]}, indent=2) + "\n"
+    json_path = replace_file(out_dir / "eval.json", lambda path: path.write_text(report))
     return json_path, plot_loss_by_position(results, out_dir / "loss_by_position.png")
