@@ -3,23 +3,17 @@ model directories, sessions, streaming and evaluation (issue 12's review, redone
 
 Every case must end in one clear error that names the problem: exit code 2 and one `error:` line on stderr
 (argparse's own usage errors count too), or a ValueError / TypeError / OSError from the API. A traceback or a
-raw library error is a failure, and so is silent acceptance.
+raw library error is a failure, and so is silent acceptance. The workspace and the classification are in
+sweep_support.py.
 
 For the tally, run it as a script: `.venv/bin/python tests/inference/test_bad_input_sweep.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import importlib.util
-import io
-import json
 import os
-import shutil
+import sys
 import tempfile
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from unittest import mock
@@ -27,113 +21,17 @@ from unittest import mock
 import pytest
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from megalodon.checkpoint import load_pretrained, save_pretrained
-from megalodon.cli import main
-from megalodon.data import ByteTokenizer, build_token_store
-from megalodon.inference import EvalDocument, SamplingConfig, evaluate, generate
-from megalodon.inference.session import load_session, save_session
-from megalodon.inference.stream import RecencyWindow, final_logits_and_state, stream_blocks
+sys.path.insert(0, str(Path(__file__).parent))  # as a script, too
+from sweep_support import (  # noqa: E402
+    Case, Workspace, edit_config, flip_last_byte, full_disk, make_model, nan_weights, read_only, run_case,
+)
 
-
-def _inference_conftest():
-    """This directory's conftest (its tiny models), by path: `import conftest` may find another directory's."""
-    spec = importlib.util.spec_from_file_location("inference_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _inference_conftest()
-make_model, make_llama = _conftest.make_model, _conftest.make_llama
-
-CLEAR_API_ERRORS = (ValueError, TypeError, OSError)
-
-
-class Workspace:
-    """A tiny model directory, a baseline, a session and some files; fresh copies for cases that damage them."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.model = root / "model"
-        save_pretrained(make_model(dtype=torch.float32), self.model)
-        ByteTokenizer().save(self.model)
-        self.other = root / "other"
-        save_pretrained(make_model(seed=7, dtype=torch.float32), self.other)
-        ByteTokenizer().save(self.other)
-        self.llama = root / "llama"
-        save_pretrained(make_llama(torch.float32), self.llama)
-        ByteTokenizer().save(self.llama)
-        self.session = root / "good.session"
-        assert main(["generate", str(self.model), "--prompt", "hi", "--max-new-tokens", "2",
-                     "--session-out", str(self.session)]) == 0
-        self.text = self.file("doc.txt", "Some words to evaluate, long enough for a few chunks.")
-        self.reference = root / "ref.pth"
-        assert main(["convert", "to-reference", str(self.model), str(self.reference)]) == 0
-        self._copies = 0
-
-    def file(self, name: str, content: str | bytes) -> Path:
-        path = self.root / name
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        return path
-
-    def copy(self, source: Path | None = None) -> Path:
-        self._copies += 1
-        target = self.root / f"copy{self._copies}"
-        if (source or self.model).is_dir():
-            shutil.copytree(source or self.model, target)
-        else:
-            shutil.copy(source, target)
-        return target
-
-    def damaged_model(self, change: Callable[[Path], None]) -> Path:
-        directory = self.copy()
-        change(directory)
-        return directory
-
-
-def flip_last_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x40
-    path.write_bytes(bytes(data))
-
-
-def edit_config(**changes):
-    def change(directory: Path) -> None:
-        config = json.loads((directory / "config.json").read_text())
-        config.update(changes)
-        (directory / "config.json").write_text(json.dumps(config))
-        (directory / "checksums.json").unlink(missing_ok=True)  # a hand edit of an old directory: only validation can catch it
-    return change
-
-
-def nan_weights(directory: Path) -> None:
-    tensors = load_file(str(directory / "model.safetensors"))
-    name = sorted(tensors)[0]
-    tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, str(directory / "model.safetensors"))
-    (directory / "checksums.json").unlink(missing_ok=True)
-
-
-def full_disk(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def read_only(*args, **kwargs):
-    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), args[0] if args else None)
-
-
-@dataclass
-class Case:
-    name: str
-    build: Callable[[Workspace], list[str] | Callable[[], object]]  # CLI argv, or an API call
-    needle: str  # what the message must contain
-    patches: dict = field(default_factory=dict)  # target -> replacement, for simulated faults
-
-    @property
-    def kind(self) -> str:
-        return self.name.split(":")[0]
+from megalodon.checkpoint import load_pretrained, save_pretrained  # noqa: E402
+from megalodon.data import ByteTokenizer  # noqa: E402
+from megalodon.inference import EvalDocument, SamplingConfig, evaluate, generate  # noqa: E402
+from megalodon.inference.session import load_session, save_session  # noqa: E402
+from megalodon.inference.stream import RecencyWindow, final_logits_and_state, stream_blocks  # noqa: E402
 
 
 def generate_case(name, extra, needle, model=None, **kw) -> Case:
@@ -379,66 +277,6 @@ CLI_CASES = [
 ]
 
 
-def _extend_workspace() -> None:
-    """Builders for the cases' less common inputs."""
-
-    def damaged_session(ws):
-        path = ws.copy(ws.session)
-        flip_last_byte(path)
-        return path
-
-    def truncated_session(ws):
-        path = ws.copy(ws.session)
-        path.write_bytes(path.read_bytes()[:-50])
-        return path
-
-    def byte_store(ws, corrupt=False):
-        store = build_token_store([f"document number {i}, with words." for i in range(40)], ByteTokenizer(),
-                                  ws.root / f"store{ws._copies}", overwrite=True)
-        ws._copies += 1
-        if corrupt:
-            (store / "meta.json").write_text("{")
-        return store
-
-    def bpe_store(ws):
-        from megalodon.data.tokenizer import BPETokenizer
-
-        texts = [f"document number {i}, with words." for i in range(40)]
-        return build_token_store(texts, BPETokenizer.train(texts, vocab_size=270), ws.root / "bpe-store",
-                                 overwrite=True)
-
-    def saved_pth(ws, obj):
-        ws._copies += 1
-        path = ws.root / f"obj{ws._copies}.pth"
-        torch.save(obj, path)
-        return path
-
-    def code_pth(ws):
-        return saved_pth(ws, {"x": RunsCode()})
-
-    def reference_without(ws, key):
-        tensors = torch.load(ws.reference, weights_only=True)
-        tensors.pop(key)
-        return saved_pth(ws, tensors)
-
-    def reference_with_nan(ws):
-        tensors = torch.load(ws.reference, weights_only=True)
-        tensors["layers.0.mega.wz.weight"] = torch.full_like(tensors["layers.0.mega.wz.weight"], float("nan"))
-        return saved_pth(ws, tensors)
-
-    for fn in (damaged_session, truncated_session, byte_store, bpe_store, saved_pth, code_pth, reference_without,
-               reference_with_nan):
-        setattr(Workspace, fn.__name__, fn)
-
-
-class RunsCode:
-    def __reduce__(self):
-        return (print, ("this ran",))
-
-
-_extend_workspace()
-
-
 def _api(fn) -> Callable[[Workspace], Callable[[], object]]:
     return lambda ws: (lambda: fn(ws))
 
@@ -475,7 +313,7 @@ API_CASES = [
     Case("api: load_session of a damaged file", _api(lambda ws: load_session(
         ws.damaged_session(), load_pretrained(ws.model), ByteTokenizer())), "damaged"),
     Case("api: load_session of a bare state", _api(lambda ws: load_session(
-        _bare_state(ws), load_pretrained(ws.model), ByteTokenizer())), "not a session"),
+        ws.bare_state(), load_pretrained(ws.model), ByteTokenizer())), "not a session"),
     Case("api: evaluate with truncate_chunks 2.5", _api(lambda ws: evaluate(make_model(), [_doc()],
                                                                             truncate_chunks=2.5)), "truncate_chunks"),
     Case("api: evaluate with truncate_chunks True", _api(lambda ws: evaluate(make_model(), [_doc()],
@@ -518,50 +356,6 @@ def _nan_model():
     with torch.no_grad():
         model.embed.weight.fill_(float("nan"))
     return model
-
-
-def _bare_state(ws):
-    model = load_pretrained(ws.model)
-    with torch.no_grad():
-        _, state = model(torch.zeros(1, 3, dtype=torch.int64), return_state=True)
-    path = ws.root / "bare.state"
-    state.save(path, model.config)
-    return path
-
-
-def run_case(case: Case, ws: Workspace) -> tuple[str, str]:
-    """(outcome, message): outcome is "clear", "unclear" (an error without the expected words, or not one line),
-    "traceback" (an exception escaped, or a raw library error from the API) or "accepted"."""
-    with contextlib.ExitStack() as stack:
-        built = case.build(ws)
-        for target, replacement in case.patches.items():
-            stack.enter_context(mock.patch(target, replacement))
-        if callable(built):
-            stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore")  # the note on directories without checksums, say
-            try:
-                built()
-            except CLEAR_API_ERRORS as err:
-                return ("clear" if case.needle in str(err) else "unclear"), f"{type(err).__name__}: {err}"
-            except Exception as err:  # noqa: BLE001 - a raw error is what the sweep looks for
-                return "traceback", f"{type(err).__name__}: {err}"
-            return "accepted", ""
-        err, out = io.StringIO(), io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-                code = main(built)
-        except SystemExit as exit_:  # argparse: usage and one error line, exit 2
-            code = exit_.code
-        except BaseException as exc:  # noqa: BLE001
-            return "traceback", f"{type(exc).__name__}: {exc}"
-    text = err.getvalue()
-    if code == 0:
-        return "accepted", text
-    lines = [line for line in text.splitlines() if "error:" in line]
-    if "Traceback" in text:
-        return "traceback", text
-    clear = code == 2 and len(lines) == 1 and case.needle in lines[0]
-    return ("clear" if clear else "unclear"), (lines[0] if lines else text)
 
 
 @pytest.fixture(scope="module")
