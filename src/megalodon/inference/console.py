@@ -30,7 +30,7 @@ class CtrlC:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[Ctrl-C: stopping after this token (press it again to quit at once)]", file=sys.stderr,
+        print("\n[Ctrl-C: stopping cleanly (press it again to quit at once)]", file=sys.stderr,
               flush=True)
 
     def __exit__(self, *exc) -> None:
