@@ -1,0 +1,82 @@
+"""Experiments 1 and 4 (language modeling): loss by position on whole held-out Austen novels, far past the
+1024-token training window, and stateful against stateless training.
+
+The models are experiment 5's seed-0 Austen runs (Megalodon and the Llama on the same tokens) plus a Megalodon
+trained on the same tokens without carrying its state across windows (`--stateful false`). The Austen corpus
+splits by novel: four train, one validation, one test; both held-out novels are evaluated whole, each from its
+first token, in one stream per novel.
+
+    megalodon             streams its state through the whole novel (constant memory)
+    megalodon-stateless   the same, trained on isolated 1024-token windows
+    llama-full            full attention up to --max-context tokens, then a sliding window of that size
+    llama-window          a 1024-token sliding window (what it was trained on)
+
+    python benchmarks/long_context/extrapolation.py                # the small settings (after head_to_head)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from common import IMAGES, RUNS, command, machine, markdown_table, save_results, setup
+from head_to_head import base_config, run_dir, trained
+
+from megalodon.checkpoint import load_pretrained
+from megalodon.data import TokenStore
+from megalodon.inference.evaluate import documents_from_store, evaluate
+from megalodon.inference.plots import plot_loss_by_position
+from megalodon.training.data import prepare_data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--corpus", default="austen")
+    parser.add_argument("--max-context", type=int, default=8192, help="the Llama's full-attention limit")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--tag", default="small")
+    args = parser.parse_args()
+    setup(args.threads)
+    cfg = base_config(args.steps, args.preset, args.corpus, 0)
+    runs = {"megalodon": trained(cfg, run_dir(args.tag, args.corpus, "megalodon", 0)),
+            "megalodon-stateless": trained(replace(cfg, stateful=False),
+                                           run_dir(args.tag, args.corpus, "megalodon-stateless", 0)),
+            "llama": trained(replace(cfg, arch="llama"), run_dir(args.tag, args.corpus, "llama", 0))}
+    store_dir, _ = prepare_data(cfg)
+    documents = [doc for split in ("val", "test") for doc in documents_from_store(TokenStore(store_dir, split))]
+    evaluations = []
+    for label, name, settings in (("megalodon", "megalodon", {}), ("megalodon-stateless", "megalodon-stateless", {}),
+                                  (f"llama-full (to {args.max_context // 1024}K)", "llama",
+                                   {"max_context": args.max_context}),
+                                  ("llama-window (1K)", "llama", {"window": cfg.seq_len})):
+        model = load_pretrained(runs[name]["run_dir"] + "/model")
+        result = evaluate(model, documents, label=label, **settings)
+        print(label, result.perplexity, result.bits_per_byte, f"{result.seconds:.0f} s", flush=True)
+        evaluations.append(result)
+    results = {"command": command(), "machine": machine(), "seed": 0, "documents": [
+        {"name": d.name, "tokens": int(d.ids.numel())} for d in documents],
+        "budget": {"preset": args.preset, "steps": args.steps, "seq_len": cfg.seq_len,
+                   "batch_size": cfg.batch_size, "tokens": args.steps * cfg.batch_size * cfg.seq_len},
+        "training": runs, "evaluations": [r.to_dict() for r in evaluations]}
+    save_results(f"extrapolation-{args.tag}", results, table(evaluations))
+    plot_loss_by_position(evaluations, IMAGES / f"extrapolation_{args.tag}.png",
+                          f"Held-out Austen novels, {args.preset} models trained on 1024-token windows")
+
+
+def table(evaluations) -> str:
+    edges = evaluations[0].bucket_edges
+    header = ["model", "bits/byte"] + [f"{_k(a)}-{_k(b)}" for a, b in zip(edges, edges[1:])]
+    rows = [[r.label, r.bits_per_byte] + [b["mean_loss"] if b["tokens"] else "" for b in r.buckets()]
+            for r in evaluations]
+    return "Mean loss (nats/token) by position bucket, both held-out novels together\n\n" + \
+        markdown_table(header, rows)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 else str(n)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Experiment 5: Megalodon `small` against the parameter-matched Llama, 3 seeds, two corpora, with error bars.
+
+Phase `tokens`: both architectures train on the same tokens (same seed: same data order) for the same steps.
+Phase `walltime` (run it last: the machine is shared and wall-clock is noisy): the Llama trains for the
+training-loop seconds its Megalodon twin took, so it sees more tokens when it is faster.
+
+Each run is the project's own trainer (`megalodon train`), validated at the end on the whole validation split
+(bits per byte over whole documents, Megalodon streaming its state, the Llama in 1024-token windows).
+A difference between means smaller than the larger standard deviation is reported as a tie.
+
+    python benchmarks/long_context/head_to_head.py --phase tokens          # the small settings: 60 steps of 4x1024
+    python benchmarks/long_context/head_to_head.py --phase walltime
+    python benchmarks/long_context/head_to_head.py --phase tokens --steps 200 --tag long
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from common import DATA, RUNS, command, machine, markdown_table, save_results, setup
+
+from megalodon.training.config import TrainConfig
+from megalodon.training.trainer import train
+
+CORPORA = ("shakespeare", "austen")
+SEEDS = (0, 1, 2)
+
+
+def base_config(steps: int, preset: str, corpus: str, seed: int) -> TrainConfig:
+    return TrainConfig(preset=preset, data=corpus, data_dir=DATA, seq_len=1024, batch_size=4, max_steps=steps,
+                       warmup_steps=max(6, steps // 10), lr=1e-3, eval_every=0, checkpoint_every=0,
+                       keep_checkpoints=1, sample_tokens=8, log_every=10, seed=seed)
+
+
+def run_dir(tag: str, corpus: str, name: str, seed: int) -> Path:
+    return RUNS / f"lm-{tag}" / corpus / f"{name}-s{seed}"
+
+
+def trained(cfg: TrainConfig, out: Path) -> dict:
+    """The run's summary, training it first unless a finished run is already there."""
+    summary = out / "summary.json"
+    if not summary.is_file():
+        train(cfg, out, overwrite=True, progress=False)
+    return {**json.loads(summary.read_text()), "run_dir": str(out)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", choices=["tokens", "walltime"], required=True)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--corpora", nargs="+", default=list(CORPORA))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--tag", default="small")
+    args = parser.parse_args()
+    setup(args.threads)
+    runs = {}
+    for corpus in args.corpora:
+        for seed in args.seeds:
+            cfg = base_config(args.steps, args.preset, corpus, seed)
+            mega = trained(cfg, run_dir(args.tag, corpus, "megalodon", seed))
+            runs[f"{corpus}/megalodon/{seed}"] = mega
+            if args.phase == "tokens":
+                runs[f"{corpus}/llama/{seed}"] = trained(replace(cfg, arch="llama"),
+                                                         run_dir(args.tag, corpus, "llama", seed))
+            else:
+                budget = replace(cfg, arch="llama", max_steps=0, time_budget_min=mega["train_s"] / 60)
+                runs[f"{corpus}/llama-walltime/{seed}"] = trained(budget, run_dir(args.tag, corpus, "llama-walltime",
+                                                                                   seed))
+    results = {"command": command(), "machine": machine(), "phase": args.phase, "seeds": args.seeds,
+               "budget": {"preset": args.preset, "steps": args.steps, "seq_len": 1024, "batch_size": 4,
+                          "tokens": args.steps * 4 * 1024}, "runs": runs}
+    save_results(f"head-to-head-{args.tag}-{args.phase}", results, table(results, args))
+
+
+def table(results: dict, args) -> str:
+    rival = "llama" if args.phase == "tokens" else "llama-walltime"
+    header = ["corpus", "megalodon bits/byte", f"{rival} bits/byte", "difference (mega - llama)",
+              "paired differences", "verdict", "megalodon tok/s", "llama tok/s", "llama tokens"]
+    rows = []
+    for corpus in args.corpora:
+        mega = [results["runs"][f"{corpus}/megalodon/{s}"] for s in args.seeds]
+        other = [results["runs"][f"{corpus}/{rival}/{s}"] for s in args.seeds]
+        a, b = [r["val_bpb"] for r in mega], [r["val_bpb"] for r in other]
+        diff = statistics.mean(a) - statistics.mean(b)
+        spread = max(_sd(a), _sd(b))
+        verdict = "tie" if abs(diff) < spread else ("Megalodon better" if diff < 0 else "Llama better")
+        rows.append([corpus, _mean_sd(a), _mean_sd(b), f"{diff:+.3f}", " ".join(f"{x - y:+.3f}" for x, y in zip(a, b)),
+                     verdict, f"{statistics.mean(r['tokens_per_s'] for r in mega):,.0f}",
+                     f"{statistics.mean(r['tokens_per_s'] for r in other):,.0f}",
+                     f"{statistics.mean(r['tokens'] for r in other):,.0f}"])
+    return markdown_table(header, rows)
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {_sd(values):.3f}"
+
+
+if __name__ == "__main__":
+    main()
