@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon.config import MegalodonConfig
+from megalodon.decode_state import DecodeState
 from megalodon.layers.block import MegalodonBlock
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import rope_frequencies
@@ -103,6 +104,29 @@ class Megalodon(nn.Module):
             return logits
         start = torch.zeros(batch, dtype=torch.int64, device=x.device) if position is None else position
         return logits, MegalodonState(new_layers, final_stats, start + length)
+
+    @torch.no_grad()
+    def decode_step_(self, input_ids: Tensor, state: DecodeState) -> Tensor:
+        """One token per row, input_ids (B,) int64, advancing the static `state` in place; returns the logits
+        (B, output_size) in fp32 (or better). Equal to forward() on (B, 1) ids with the MegalodonState that
+        `state` holds, rows at any in-chunk positions, but with no host sync and no data-dependent shape, so a
+        CUDA graph or torch.compile can hold it (megalodon.inference.decoding.StaticDecoder does).
+
+        The ids' values are not checked here (on a GPU that needs a sync): StaticDecoder checks what it can."""
+        if input_ids.shape != (state.batch_size,):
+            raise ValueError(f"decode_step_ takes one token id per row, shape ({state.batch_size},), "
+                             f"got {tuple(input_ids.shape)}")
+        fill = state.position % self.config.chunk_size  # B: each row's slot in its chunk
+        x = self.embed(input_ids).unsqueeze(1)  # B x 1 x D
+        if self.config.scale_emb:
+            x = x * math.sqrt(self.config.model_dim)
+        for block, layer_state in zip(self.layers, state.layers, strict=True):
+            y = block.mega.decode_step_(x, self.rope.freqs, fill, layer_state)
+            x = block.nffn(y, residual=x)  # the two-hop residual, as in MegalodonBlock.forward
+        xn = self.output.final_norm.step_(x, state.final_norm)
+        logits = self.output.output(xn.to(x.dtype))[:, 0]
+        state.position.add_(1)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _check_inputs(self, input_ids: Tensor, state: MegalodonState | None) -> tuple[int, int]:
         batch, length = check_token_ids(input_ids, self.config.vocab_size)

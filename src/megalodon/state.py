@@ -77,10 +77,18 @@ class MegalodonState:
         return MegalodonState([layer.map(fn) for layer in self.layers], NormStats(*(fn(t) for t in self.final_norm)),
                               fn(self.position))
 
-    def to(self, *args, **kwargs) -> "MegalodonState":
-        """Move to a device. Dtypes are kept: the recurrent state stays fp32 whatever the model's dtype."""
-        device = torch.empty(0).to(*args, **kwargs).device
-        return self.map(lambda t: t.to(device))
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "MegalodonState":
+        """Move to a device. Dtypes are kept (the CEMA state stays complex64 and the norm statistics float64
+        whatever the model's dtype), so a dtype is refused rather than ignored."""
+        if dtype is not None or isinstance(device, torch.dtype):
+            raise TypeError("MegalodonState.to moves a state between devices only: its dtypes are fixed (complex64 "
+                            "CEMA state, float64 norm statistics) whatever the model's dtype; pass a device")
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError):
+            raise TypeError(f"MegalodonState.to needs a device such as 'cuda' or torch.device('cpu'), "
+                            f"got {device!r}") from None
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def detach(self) -> "MegalodonState":
         return self.map(lambda t: t.detach())
@@ -88,11 +96,49 @@ class MegalodonState:
     def clone(self) -> "MegalodonState":
         return self.map(lambda t: t.clone())
 
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __iter__(self):
+        return (self[i] for i in range(self.batch_size))
+
     def __getitem__(self, index) -> "MegalodonState":
-        """Select rows along the batch; an int keeps the batch dimension (a batch of one)."""
+        """Select rows along the batch: an int (keeps the batch dimension: a batch of one), a slice, a list of
+        ints, or a 1-D integer or bool tensor. A selection outside the batch, or of no rows, is refused."""
+        rows = self._rows(index)
+        return self.map(lambda t: t[rows])
+
+    def _rows(self, index) -> slice | Tensor:
+        batch = self.batch_size
+        if isinstance(index, (list, tuple)):
+            if not all(isinstance(i, int) for i in index):
+                raise TypeError(f"a list of state rows must hold ints, got {index!r}")
+            index = torch.tensor(index, dtype=torch.bool if index and isinstance(index[0], bool) else torch.int64)
+        if isinstance(index, bool):
+            raise TypeError("a state row index must be an int, not a bool")
         if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        return self.map(lambda t: t[index])
+            if not -batch <= index < batch:
+                raise ValueError(f"row {index} is out of range for a state of {batch} rows")
+            index %= batch
+            return slice(index, index + 1)
+        if isinstance(index, slice):
+            if not range(batch)[index]:
+                raise ValueError(f"the slice {index} selects no rows of a state of {batch} rows")
+            return index
+        if not isinstance(index, Tensor) or index.dim() != 1:
+            raise TypeError(f"state rows are selected by an int, a slice, a list of ints or a 1-D tensor, got "
+                            f"{type(index).__name__}{'' if not isinstance(index, Tensor) else f' of {index.dim()} dims'}")
+        if index.dtype == torch.bool:
+            if index.shape[0] != batch:
+                raise ValueError(f"a bool row mask must have {batch} entries (one per row), got {index.shape[0]}")
+            index = index.nonzero().squeeze(1)
+        elif index.is_floating_point() or index.is_complex():
+            raise TypeError(f"state row indices must be integers, got {index.dtype}")
+        if index.numel() == 0:
+            raise ValueError("the selection holds no rows: a state needs at least one")
+        if bool(((index < -batch) | (index >= batch)).any()):
+            raise ValueError(f"row indices {index.tolist()} go beyond a state of {batch} rows")
+        return index.to(self.device)
 
     @staticmethod
     def stack(states: list["MegalodonState"]) -> "MegalodonState":
@@ -100,6 +146,7 @@ class MegalodonState:
         right-padded to the longest fill, which only single-token decode accepts."""
         if not states:
             raise ValueError("MegalodonState.stack needs at least one state")
+        _check_stackable(states)
         longest = max(s.layers[0].k_cache.shape[1] if s.layers else 0 for s in states)
 
         def pad_to(t: Tensor) -> Tensor:
@@ -147,6 +194,7 @@ class MegalodonState:
                                  f"more than a partial chunk of chunk_size={config.chunk_size}")
         if self.final_norm.mean.shape != (batch_size, config.norm_num_groups):
             raise ValueError("the state's final norm statistics do not match this model's config")
+        check_positions(self.position, batch_size)
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | Path, config: MegalodonConfig | None = None,
@@ -201,7 +249,41 @@ class MegalodonState:
                     NormStats(*(tensors[f"layers.{i}.norm_{n}"] for n in NormStats._fields)),
                     tensors[f"layers.{i}.k_cache"], tensors[f"layers.{i}.v_cache"]))
             final = NormStats(*(tensors[f"final_norm.{n}"] for n in NormStats._fields))
-            return cls(layers, final, tensors["position"])
+            position = tensors["position"]
         except KeyError as err:
             raise ValueError(f"{path} is missing the state tensor {err.args[0]!r}") from None
+        if position.dtype != torch.int64 or position.dim() != 1 or bool((position < 0).any()):
+            raise ValueError(f"{path}: the state's position must be non-negative int64 token counts, one per row")
+        return cls(layers, final, position)
 
+
+
+def check_positions(position: Tensor, batch_size: int) -> None:
+    """Positions are (B,) int64 counts of tokens seen, never negative. The sign is checked where it costs nothing,
+    on the CPU: a check of a GPU tensor would make every forward wait for the GPU. GPU states are checked where
+    they enter decoding (DecodeState.from_state) and when loaded from a file."""
+    if not isinstance(position, Tensor) or position.dtype != torch.int64 or position.shape != (batch_size,):
+        found = f"{position.dtype} {tuple(position.shape)}" if isinstance(position, Tensor) else type(position).__name__
+        raise ValueError(f"state.position must be an int64 tensor of shape ({batch_size},), got {found}")
+    if position.device.type == "cpu" and bool((position < 0).any()):
+        raise ValueError(f"state.position must count tokens seen (>= 0), got {position.tolist()}")
+
+
+def _check_stackable(states: list[MegalodonState]) -> None:
+    """States stack along the batch only if they come from one model: same layers, per-row shapes, dtypes and
+    device (the caches may differ in length: rows sit at different fills)."""
+    first = states[0].tensors()
+    for i, state in enumerate(states):
+        if not isinstance(state, MegalodonState):
+            raise TypeError(f"MegalodonState.stack takes MegalodonStates; item {i} is a {type(state).__name__}")
+        if len(state.layers) != len(states[0].layers):
+            raise ValueError(f"state {i} has {len(state.layers)} layers but state 0 has {len(states[0].layers)}: "
+                             "states from different models cannot be stacked")
+        for name, tensor in state.tensors().items():
+            ref = first[name]
+            per_row = 2 if name.endswith(("k_cache", "v_cache")) else 1  # caches: batch and fill may differ
+            if (tensor.shape[per_row:] != ref.shape[per_row:] or tensor.dtype != ref.dtype
+                    or tensor.device != ref.device):
+                raise ValueError(f"state {i}'s {name} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}, "
+                                 f"state 0's is {ref.dtype} {tuple(ref.shape)} on {ref.device}: states from "
+                                 "different models, dtypes or devices cannot be stacked")

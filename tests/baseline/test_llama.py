@@ -1,4 +1,5 @@
-"""The Llama baseline against an explicit float64 reference: masks, documents, KV cache, windows, presets."""
+"""The Llama baseline against an explicit float64 reference: masks, documents, KV cache, windows, presets, and the
+static decode (StaticKVCache, Llama.decode_step_, CUDA graphs)."""
 
 import math
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import requires_cuda
 from megalodon import count_parameters
-from megalodon.baseline import (LLAMA_PRESETS, KVCache, Llama, LlamaConfig, count_llama_parameters,
+from megalodon.baseline import (LLAMA_PRESETS, KVCache, Llama, LlamaConfig, StaticKVCache, count_llama_parameters,
                                 matched_llama_config)
+from megalodon.inference.decoding import StaticDecoder
 
 VOCAB = 64
 
@@ -247,3 +250,59 @@ def test_config_rejects_heads_that_do_not_divide_or_odd_head_dim():
         LlamaConfig(vocab_size=VOCAB, model_dim=32, num_heads=5)
     with pytest.raises(ValueError, match="must be even"):
         LlamaConfig(vocab_size=VOCAB, model_dim=30, num_heads=2)
+
+
+# ---- static decode -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt_length", [1, 6, 13])
+def test_static_decode_equals_the_reference_at_every_position(prompt_length):
+    model, ids = tiny_llama(), random_ids(3, 24, seed=prompt_length)
+    doc_start = torch.zeros_like(ids, dtype=torch.bool)
+    doc_start[1, prompt_length // 2] = doc_start[2, prompt_length - 1] = True  # documents begun in the prompt
+    reference = reference_logits(model, ids, doc_start)
+    _, past = model(ids[:, :prompt_length], doc_start=doc_start[:, :prompt_length], return_past=True)
+    cache = model.static_cache(3, 24, past)
+    for t in range(prompt_length, 24):
+        logits = model.decode_step_(ids[:, t], cache)
+        torch.testing.assert_close(logits, reference[:, t], rtol=0, atol=1e-10)
+    assert cache.position.tolist() == [24, 24, 24]
+
+
+def test_static_decode_from_an_empty_cache_equals_forward():
+    model, ids = tiny_llama(seed=1), random_ids(2, 10, seed=1)
+    decoder = StaticDecoder(model, model.static_cache(2, 10))
+    logits = torch.stack([decoder.step(ids[:, t]) for t in range(10)], dim=1)
+    torch.testing.assert_close(logits, model(ids), rtol=0, atol=1e-10)
+
+
+def test_full_cache_and_bad_conversions_are_refused():
+    model, ids = tiny_llama(), random_ids(1, 6)
+    decoder = StaticDecoder(model, model.static_cache(1, 2))
+    decoder.step(ids[:, 0]), decoder.step(ids[:, 1])
+    with pytest.raises(ValueError, match="holds 2 positions and is full"):
+        decoder.step(ids[:, 2])
+    _, windowed = model(ids, return_past=True, window=3)
+    with pytest.raises(ValueError, match="sliding-window"):
+        StaticKVCache.from_cache(windowed, 10)
+    _, past = model(ids, return_past=True)
+    with pytest.raises(ValueError, match="no room"):
+        StaticKVCache.from_cache(past, 6)
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        model.static_cache(1, 0)
+
+
+@requires_cuda
+def test_cuda_graph_decode_equals_eager_without_syncs():
+    model = tiny_llama().float().cuda()
+    ids = random_ids(2, 12, seed=3).cuda()
+    _, past = model(ids[:, :4], return_past=True)
+    graphed = StaticDecoder(model, model.static_cache(2, 16, past))
+    eager = StaticDecoder(model, model.static_cache(2, 16, past), cuda_graph=False)
+    torch.testing.assert_close(graphed.step(ids[:, 4]), eager.step(ids[:, 4]), rtol=1e-5, atol=1e-5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside a step raises
+    try:
+        pairs = [(graphed.step(ids[:, t]).clone(), eager.step(ids[:, t])) for t in range(5, 12)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for mine, theirs in pairs:
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)

@@ -43,6 +43,65 @@ class KVCache:
         return self.position
 
 
+@dataclass
+class StaticKVCache:
+    """The decode form of the cache (gpt-fast style): buffers of a fixed max_length written in place, so that a
+    single-token step has static shapes and no host sync (Llama.decode_step_; a CUDA graph can replay it).
+
+    Slot s holds the key of stream position s; a query at position p sees slots doc_begin..p, masked, whatever
+    the later slots hold. A step costs O(max_length), so size the cache for the stream at hand.
+    """
+
+    keys: list[Tensor]  # per layer: B x max_length x H x head_dim, rotary applied
+    values: list[Tensor]  # per layer: B x max_length x H x head_dim
+    doc_begin: Tensor  # B int64: where each row's current document begins
+    position: Tensor  # B int64: the stream position (and slot) of each row's next token
+
+    @property
+    def batch_size(self) -> int:
+        return self.position.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values, self.doc_begin, self.position])
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch_size: int, max_length: int, num_heads: int, head_dim: int,
+                 device=None, dtype: torch.dtype = torch.float32) -> "StaticKVCache":
+        """An empty cache: every row at position 0."""
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        shape = (batch_size, max_length, num_heads, head_dim)
+        zeros = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)], zeros, zeros.clone())
+
+    @classmethod
+    def from_cache(cls, cache: KVCache, max_length: int) -> "StaticKVCache":
+        """Static buffers holding a copy of `cache` (from a prefill without a window), with room up to
+        max_length positions."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"from_cache needs a KVCache, got {type(cache).__name__}")
+        if cache.window is not None:
+            raise ValueError("a sliding-window cache has dropped the keys that slot = position needs; prefill "
+                             "without a window to decode with a static cache")
+        if max_length <= cache.position:
+            raise ValueError(f"max_length={max_length} leaves no room after the cache's {cache.position} "
+                             "positions: give the prompt length plus the tokens to generate")
+        batch, heads, length, head_dim = cache.keys[0].shape
+        out = cls.allocate(len(cache.keys), batch, max_length, heads, head_dim, cache.keys[0].device,
+                           cache.keys[0].dtype)
+        for buffer, source in zip(out.keys + out.values, cache.keys + cache.values):
+            buffer[:, :length] = source.transpose(1, 2)
+        out.doc_begin.copy_(cache.doc_begin)
+        out.position.fill_(cache.position)
+        return out
+
+
 def document_begins(doc_start: Tensor | None, positions: Tensor, previous: Tensor) -> Tensor:
     """B x L: the stream position where each token's document begins.
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalodon.baseline.cache import KVCache, attention_mask, document_begins
+from megalodon.baseline.cache import KVCache, StaticKVCache, attention_mask, document_begins
+from megalodon.ops.static_kv import attend_slots, write_slot_
 from megalodon.validation import check_token_ids
 
 
@@ -115,6 +116,21 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, length, dim)
         return F.dropout(self.o_proj(out), self.dropout, self.training), (k, v)
 
+    def decode_step_(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, position: Tensor,
+                     doc_begin: Tensor) -> Tensor:
+        """forward() for one token per row, x (B, 1, D), writing its key and value at slot `position` of the
+        static buffers (B, max_length, H, head_dim) and attending to slots doc_begin..position."""
+        batch, _, dim = x.shape
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)  # B x H x 1 x hd
+
+        q = apply_rotary(heads(self.q_proj(x)), cos, sin).transpose(1, 2)  # B x 1 x H x hd
+        write_slot_(keys, position, apply_rotary(heads(self.k_proj(x)), cos, sin)[:, :, 0])
+        write_slot_(values, position, heads(self.v_proj(x))[:, :, 0])
+        out = attend_slots(q, keys, values, position, first=doc_begin)
+        return self.o_proj(out.reshape(batch, 1, dim))
+
 
 class FeedForward(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -144,6 +160,11 @@ class Block(nn.Module):
         attended, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+    def decode_step_(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, position: Tensor,
+                     doc_begin: Tensor) -> Tensor:
+        x = x + self.self_attn.decode_step_(self.input_layernorm(x), cos, sin, keys, values, position, doc_begin)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Llama(nn.Module):
@@ -224,6 +245,33 @@ class Llama(nn.Module):
             position=start + length, window=window,
         )
         return logits, cache
+
+    @torch.no_grad()
+    def decode_step_(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:
+        """One token per row, input_ids (B,) int64, on a StaticKVCache advanced in place; returns the logits
+        (B, vocab_size) in fp32 (or better). Equal to forward() with the KVCache it holds, but with static shapes
+        and no host sync, for CUDA graphs and torch.compile. Ids and room in the cache are not checked here (that
+        needs a sync on a GPU): megalodon.inference.decoding.StaticDecoder checks what it can."""
+        if input_ids.shape != (cache.batch_size,):
+            raise ValueError(f"decode_step_ takes one token id per row, shape ({cache.batch_size},), "
+                             f"got {tuple(input_ids.shape)}")
+        table_dtype = torch.promote_types(self.embed_tokens.weight.dtype, torch.float32)
+        cos, sin = rotary_tables((cache.position - cache.doc_begin)[:, None], self.config.head_dim,
+                                 self.config.rope_base, table_dtype)
+        x = self.embed_tokens(input_ids).unsqueeze(1)  # B x 1 x D
+        for block, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
+            x = block.decode_step_(x, cos, sin, keys, values, cache.position, cache.doc_begin)
+        cache.position.add_(1)
+        logits = self.lm_head(self.norm(x))[:, 0]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def static_cache(self, batch_size: int, max_length: int, past: KVCache | None = None) -> StaticKVCache:
+        """A StaticKVCache for this model with room for max_length positions: empty, or holding `past`."""
+        if past is not None:
+            return StaticKVCache.from_cache(past, max_length)
+        cfg, weight = self.config, self.embed_tokens.weight
+        return StaticKVCache.allocate(cfg.num_layers, batch_size, max_length, cfg.num_heads, cfg.head_dim,
+                                      weight.device, weight.dtype)
 
     def _check_call(self, batch: int, length: int, doc_start: Tensor | None, past: KVCache | None,
                     window: int | None) -> None:

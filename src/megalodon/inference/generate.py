@@ -7,10 +7,15 @@ result. So there is no padding at all:
   carries across blocks, which is exact by split invariance and bounds activation memory);
 - the per-row states are stacked with `MegalodonState.stack`: count, mean and var are per row, the CEMA state is
   per row, and each row keeps its own in-chunk fill in a right-padded key cache;
-- decode: one single-token call per step for the whole batch (the model masks each row's cache beyond its own
-  fill and rotates each row at its own position).
-A row that stops (end-of-sequence, a stop string, or max_new_tokens) is dropped from the batch right after its
-last token has been fed, so its state covers every one of its tokens. Each row therefore gets exactly the
+- decode: the stacked state goes into static buffers (decode_state.DecodeState) and a StaticDecoder
+  (decoding.py) advances the whole batch one token per step, each row at its own in-chunk position; on CUDA the
+  step is a CUDA graph replay. Sampling runs on the device (the generators' numbers are drawn up front), and
+  each step's tokens reach the host while the GPU computes the next step (TokenReader): nothing in the loop
+  waits for the GPU except that small copy.
+A row that stops (end-of-sequence, a stop string, or max_new_tokens) has its state and next-token logits
+copied right after its last token has been fed, so its state covers every one of its tokens; it then rides
+along unused until the dead rows are as many as the live ones, when the batch is compacted (so a graph is
+recaptured, or a compiled step recompiled, at most log2(batch) times). Each row therefore gets exactly the
 tokens it gets alone (greedy), up to float rounding in the batched attention.
 
 Each result carries a `Session`: the state, the logits for the next token and the sampling history, to continue
@@ -30,11 +35,11 @@ import torch
 from torch import Tensor
 
 from megalodon.data.tokenizer import Tokenizer
+from megalodon.decode_state import DecodeState
+from megalodon.inference.decoding import StaticDecoder, TokenReader
 from megalodon.inference.sampling import SamplingConfig, sample_next
 from megalodon.inference.session import Session
-from megalodon.inference.stream import (
-    RecencyWindow, check_truncate_chunks, final_logits_and_state, truncate_norm_stats,
-)
+from megalodon.inference.stream import RecencyWindow, check_truncate_chunks, final_logits_and_state
 from megalodon.inference.text_stream import TextTracker
 from megalodon.model import Megalodon
 from megalodon.state import MegalodonState
@@ -113,6 +118,9 @@ def _check_model(model, tokenizer: Tokenizer) -> None:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")
+    if model.config.num_outputs != model.config.vocab_size:
+        raise ValueError(f"the model predicts {model.config.num_outputs} outputs over a vocabulary of "
+                         f"{model.config.vocab_size}: generation feeds its predictions back, so they must agree")
 
 
 def _start_rows(model, tokenizer, prompt_ids, sampling, state, sessions, truncate_chunks) -> list[_Row]:
@@ -168,7 +176,7 @@ def generate(
     sampling: SamplingConfig | None = None, *, state: MegalodonState | None = None,
     sessions: Sequence[Session] | None = None, on_token: TokenCallback | None = None,
     prefill_progress: PrefillProgress | None = None, should_stop: Callable[[], bool] | None = None,
-    truncate_chunks: int | None = None, prefill_chunks: int | None = None,
+    truncate_chunks: int | None = None, prefill_chunks: int | None = None, compile: bool = False,
 ) -> list[GenerationResult]:
     """Generate a continuation of every prompt, batched.
 
@@ -181,6 +189,8 @@ def generate(
     truncate_chunks: None (off), or see stream.py; a session's own setting applies when this is None.
     prefill_chunks: prefill block size in chunks (default: about 4096 tokens, or 2 chunks with truncate_chunks,
     whose reruns fire after blocks); activation memory grows with it.
+    compile: run the decode step through torch.compile (worth it for long generations: it compiles first).
+    On CUDA the decode step is captured in a CUDA graph either way.
     """
     sampling = sampling or SamplingConfig()
     _check_model(model, tokenizer)
@@ -193,28 +203,35 @@ def generate(
                      for b, row in enumerate(rows)]
         batch_state = MegalodonState.stack([s for _, s in prefilled])
         logits = torch.stack([lg for lg, _ in prefilled])  # B x V
-        ends = _decode(model, tokenizer, rows, sampling, batch_state, logits, on_token, block_tokens, should_stop)
+        decoder = StaticDecoder(model, DecodeState.from_state(batch_state, model.config), compile=compile)
+        ends = _decode(model, decoder, tokenizer, rows, sampling, logits, on_token, block_tokens, should_stop)
     return [_result(row, *ends[b]) for b, row in enumerate(rows)]
 
 
-def _decode(model, tokenizer, rows: list[_Row], sampling: SamplingConfig, batch_state: MegalodonState,
-            logits: Tensor, on_token: TokenCallback | None, block_tokens: int | None,
-            should_stop: Callable[[], bool] | None = None,
-            ) -> dict[int, tuple[MegalodonState, Tensor]]:
+def _decode(model, decoder: StaticDecoder, tokenizer, rows: list[_Row], sampling: SamplingConfig, logits: Tensor,
+            on_token: TokenCallback | None, block_tokens: int | None,
+            should_stop: Callable[[], bool] | None = None) -> dict[int, tuple[MegalodonState, Tensor]]:
     """Batched single-token decode until every row stops; returns each row's final (state, next logits)."""
-    active = list(range(len(rows)))  # batch position -> row index
+    slots: list[int | None] = list(range(len(rows)))  # batch position -> row index; None once the row stopped
     history = _history_buffer(rows, sampling, logits.device)  # B x T, -1 = empty; only order-free use
+    uniforms, rng_starts = _draw_uniforms(rows, sampling, logits.device)
+    reader = TokenReader()
     ends = {}
     for step in range(sampling.max_new_tokens):
-        generators = [rows[i].generator for i in active]
-        tokens = sample_next(logits, history[active], sampling, generators)
+        tokens = sample_next(logits, history, sampling, None, None if uniforms is None else uniforms[:, step])
         if history.shape[1]:
-            history[active, history.shape[1] - sampling.max_new_tokens + step] = tokens
+            history[:, history.shape[1] - sampling.max_new_tokens + step] = tokens
+        reader.start(tokens)
+        # Every row feeds its new token, finished ones too, so their state covers all of their tokens.
+        logits = decoder.step(tokens)
+        host_tokens = reader.get()  # waits for the copy only: the GPU is busy with the step meanwhile
         stopping = should_stop is not None and should_stop()
         last_step = stopping or step == sampling.max_new_tokens - 1
         finished = []
-        for pos, i in enumerate(active):
-            row, token = rows[i], int(tokens[pos])
+        for pos, i in enumerate(slots):
+            if i is None:
+                continue
+            row, token = rows[i], host_tokens[pos]
             row.new_ids.append(token)
             is_eos = sampling.stop_on_eos and token == tokenizer.eos_id
             text = row.tracker.push(token, final=is_eos or last_step)
@@ -228,20 +245,42 @@ def _decode(model, tokenizer, rows: list[_Row], sampling: SamplingConfig, batch_
                 on_token(i, token, text)
             if row.finish_reason:
                 finished.append(pos)
-        # Every row feeds its new token, finished ones too, so their state covers all of their tokens.
-        step_logits, batch_state = model(tokens[:, None].to(logits.device), state=batch_state, return_state=True)
-        logits = step_logits[:, -1]
-        batch_state = _maybe_truncate(model, rows, active, tokens, batch_state, block_tokens)
+            _maybe_truncate(model, decoder, pos, row, token, block_tokens)
         for pos in finished:
-            ends[active[pos]] = (batch_state[pos], logits[pos])
-        if finished:
-            keep = [pos for pos in range(len(active)) if pos not in finished]
-            if not keep:
-                break
-            index = torch.tensor(keep, device=logits.device)
-            batch_state, logits = batch_state[index], logits[index]
-            active = [active[pos] for pos in keep]
+            ends[slots[pos]] = (decoder.state.select([pos]).to_state(), logits[pos].clone())
+            slots[pos] = None
+        live = [pos for pos, i in enumerate(slots) if i is not None]
+        if not live:
+            break
+        if 2 * len(live) <= len(slots):  # as many dead rows as live ones: compact the batch
+            decoder.select(live)
+            index = torch.tensor(live, device=logits.device)
+            logits, history = logits[index], history[index]
+            uniforms = None if uniforms is None else uniforms[index]
+            slots = [slots[pos] for pos in live]
+    _rewind_generators(rows, rng_starts)
     return ends
+
+
+def _draw_uniforms(rows: list[_Row], sampling: SamplingConfig, device) -> tuple[Tensor | None, list]:
+    """Each row's random numbers for the whole generation, drawn up front exactly as sample_next would draw them
+    one token at a time (B x max_new_tokens float64, on the device), so that no copy to the GPU happens per token;
+    and each generator's state before, for _rewind_generators. None when greedy: nothing is drawn."""
+    if sampling.greedy:
+        return None, []
+    starts = [row.generator.get_state() for row in rows]
+    uniforms = torch.tensor([[float(torch.rand((), generator=row.generator, dtype=torch.float64))
+                              for _ in range(sampling.max_new_tokens)] for row in rows], dtype=torch.float64)
+    return uniforms.to(device), starts
+
+
+def _rewind_generators(rows: list[_Row], starts: list) -> None:
+    """Leave each generator where drawing one number per generated token would have left it, so that a session
+    continues the same random stream."""
+    for row, start in zip(rows, starts):
+        row.generator.set_state(start)
+        for _ in row.new_ids:
+            torch.rand((), generator=row.generator, dtype=torch.float64)
 
 
 def _history_buffer(rows: list[_Row], sampling: SamplingConfig, device) -> Tensor:
@@ -257,16 +296,17 @@ def _history_buffer(rows: list[_Row], sampling: SamplingConfig, device) -> Tenso
     return history.to(device)
 
 
-def _maybe_truncate(model, rows, active, tokens, batch_state: MegalodonState,
-                    block_tokens: int | None) -> MegalodonState:
-    due = []
-    for pos, i in enumerate(active):
-        window = rows[i].window
-        if window is not None:
-            window.extend(tokens[pos:pos + 1])
-            if window.due():
-                due.append((pos, window.rerun_span()))
-    return truncate_norm_stats(model, batch_state, due, block_tokens) if due else batch_state
+def _maybe_truncate(model, decoder: StaticDecoder, pos: int, row: _Row, token: int,
+                    block_tokens: int | None) -> None:
+    """truncate_chunks (stream.py): when the row's recency window is due, replace its norm statistics in the
+    decoder's buffers, in place, by those of a fresh run over the window's span."""
+    if row.window is None:
+        return
+    row.window.extend(torch.tensor([token]))
+    if row.window.due():
+        span = row.window.rerun_span().to(decoder.state.device)
+        _, fresh = final_logits_and_state(model, span, block_tokens=block_tokens)
+        decoder.state.replace_norm_stats_(pos, fresh)
 
 
 def _result(row: _Row, state: MegalodonState, next_logits: Tensor) -> GenerationResult:

@@ -109,12 +109,14 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 def sample_next(
     logits: Tensor, generated_ids: Tensor | Sequence[Sequence[int]], cfg: SamplingConfig,
-    generators: Sequence[torch.Generator] | None,
+    generators: Sequence[torch.Generator] | None, uniforms: Tensor | None = None,
 ) -> Tensor:
     """The next token of every row: logits (B, V) -> ids (B,) int64.
 
     generated_ids: the tokens each row generated so far, as a (B, T) tensor padded with -1 or as lists
     (used by the repetition penalty only). generators: one per row (unused and may be None when greedy).
+    uniforms: (B,) float64, the numbers the generators would draw, drawn beforehand (the decode loop draws them
+    all at once, so that no copy to the GPU happens per token); generators are then not used.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
@@ -123,12 +125,15 @@ def sample_next(
     logits = penalize_repetition(logits.double(), history, cfg.repetition_penalty)
     if cfg.greedy:
         return logits.argmax(-1)
-    if generators is None or len(generators) != batch:
-        raise ValueError(f"sampling needs one torch.Generator per row ({batch}), "
-                         f"got {None if generators is None else len(generators)}")
+    if uniforms is None:
+        if generators is None or len(generators) != batch:
+            raise ValueError(f"sampling needs one torch.Generator per row ({batch}), "
+                             f"got {None if generators is None else len(generators)}")
+        uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+    elif uniforms.shape != (batch,):
+        raise ValueError(f"uniforms must have shape ({batch},), got {tuple(uniforms.shape)}")
     logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
     cdf = logits.softmax(-1).cumsum(-1)  # float64, so the tail of the CDF is not lost to rounding
-    uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
     # The first token whose CDF exceeds u * total: tokens of probability 0 occupy an empty interval.
     targets = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)

@@ -7,6 +7,7 @@ reference state_dict maps onto this module key for key.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,12 @@ from megalodon.layers.cema import CEMA
 from megalodon.layers.norms import RMSNorm, rms_normalize
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import apply_rotary, chunked_attention, decode_attention
+from megalodon.ops.cema import cema_step
+from megalodon.ops.static_kv import attend_slots, write_slot_
 from megalodon.state import LayerState
+
+if TYPE_CHECKING:
+    from megalodon.decode_state import DecodeLayerState
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -98,3 +104,30 @@ class MovingAverageGatedAttention(nn.Module):
 
         new_state = LayerState(cema_h, norm_state, k_cache, v_cache) if need_state else None
         return out, new_state
+
+    @torch.no_grad()
+    def decode_step_(self, x: Tensor, freqs: Tensor, fill: Tensor, state: DecodeLayerState) -> Tensor:
+        """forward() for one token per row, x (B, 1, D), on static buffers (decode_state.py) updated in place: the
+        norm statistics, the CEMA state, and the new key/value at slot fill[b] = position mod chunk_size, each row
+        at its own in-chunk position. No host syncs and no data-dependent shapes: a CUDA graph can replay it.
+        Inference only (no dropout, no autograd)."""
+        cfg = self.config
+        batch = x.shape[0]
+        xn = self.timenorm.step_(x, state.norm)  # B x 1 x D fp32
+        with torch.autocast(x.device.type, enabled=False):
+            coeffs = self.cema.coefficients()
+            omega = self.cema.omega.squeeze(-1).to(coeffs.p.dtype)
+            c, _ = cema_step(xn[:, 0].to(coeffs.p.dtype), coeffs, omega, state.cema_h, out=state.cema_h)
+        mx = self.rmsnorm(c.unsqueeze(1).to(x.dtype))
+        xn = xn.to(x.dtype)
+
+        q, k = self._queries_keys(mx)
+        v = F.silu(self.wv(xn)).view(batch, 1, self.heads, cfg.head_value_dim)
+        r = F.silu(self.wr(mx))
+        q, k = apply_rotary(q, fill[:, None], freqs), apply_rotary(k, fill[:, None], freqs)
+        write_slot_(state.keys, fill, k[:, 0])
+        write_slot_(state.values, fill, v[:, 0])
+        attn = attend_slots(q, state.keys, state.values, fill, scale=1.0)  # the 1/sqrt(dz) is folded into q
+
+        h = self.wh1(mx) + self.wh2(attn.reshape(batch, 1, cfg.value_dim) * r)
+        return h + x

@@ -1,0 +1,33 @@
+"""write_slot_ / attend_slots (ops/static_kv.py) against attention over each row's valid slots alone, in float64."""
+
+import math
+
+import torch
+
+from megalodon.ops.static_kv import attend_slots, write_slot_
+
+
+def test_write_then_attend_equals_softmax_over_the_visible_slots():
+    gen = torch.Generator().manual_seed(0)
+    batch, slots, heads, dk, dv = 4, 9, 2, 6, 5
+    keys = torch.randn(batch, slots, heads, dk, dtype=torch.float64, generator=gen)  # stale entries everywhere
+    values = torch.randn(batch, slots, heads, dv, dtype=torch.float64, generator=gen)
+    q = torch.randn(batch, 1, heads, dk, dtype=torch.float64, generator=gen)
+    k_new = torch.randn(batch, heads, dk, dtype=torch.float64, generator=gen)
+    v_new = torch.randn(batch, heads, dv, dtype=torch.float64, generator=gen)
+    last, first = torch.tensor([0, 3, 8, 5]), torch.tensor([0, 1, 8, 0])
+    before = keys.clone()
+    write_slot_(keys, last, k_new)
+    write_slot_(values, last, v_new)
+    out = attend_slots(q, keys, values, last, first)
+    for b in range(batch):
+        changed = (keys[b] != before[b]).any(-1).any(-1).nonzero().flatten().tolist()
+        assert changed == [int(last[b])]  # only the row's own slot is written
+        lo, hi = int(first[b]), int(last[b]) + 1
+        scores = torch.einsum("hd,shd->hs", q[b, 0], keys[b, lo:hi]) / math.sqrt(dk)
+        expected = torch.einsum("hs,shd->hd", scores.softmax(-1), values[b, lo:hi])
+        torch.testing.assert_close(out[b, 0], expected, rtol=0, atol=1e-12)
+    scaled = attend_slots(q, keys, values, last, scale=1.0)[1, 0]
+    scores = torch.einsum("hd,shd->hs", q[1, 0], keys[1, :4])
+    torch.testing.assert_close(scaled, torch.einsum("hs,shd->hd", scores.softmax(-1), values[1, :4]),
+                               rtol=0, atol=1e-12)
