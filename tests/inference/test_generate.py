@@ -93,3 +93,55 @@ def test_bad_truncate_chunks_and_state_are_refused(model, tokenizer):
     _, state = model(torch.tensor([[1, 2, 3]]), return_state=True)
     with pytest.raises(ValueError, match="1 rows but there are 2 prompts"):
         generate(model, tokenizer, ["a", "b"], GREEDY, state=state)
+
+
+def sampled_one_token_at_a_time(model, prompt_ids: list[int], cfg: SamplingConfig, seed: int):
+    """The plain loop: full forward per step through the MegalodonState, one generator draw per token."""
+    from megalodon.inference import sample_next
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        logits, state = model(torch.tensor([prompt_ids]), return_state=True)
+        new: list[int] = []
+        for _ in range(cfg.max_new_tokens):
+            token = int(sample_next(logits[:, -1], [new], cfg, [generator])[0])
+            new.append(token)
+            logits, state = model(torch.tensor([[token]]), state=state, return_state=True)
+    return new, generator.get_state()
+
+
+@pytest.mark.parametrize("cfg", [
+    SamplingConfig(temperature=0.9, top_k=20, seed=3, max_new_tokens=12, stop_on_eos=False),
+    SamplingConfig(temperature=1.3, top_p=0.8, repetition_penalty=1.5, seed=4, max_new_tokens=12, stop_on_eos=False),
+])
+def test_sampling_on_the_static_decoder_equals_the_plain_loop(model, tokenizer, cfg):
+    """Random numbers drawn up front and sampling on the device give each row the tokens, and leave its generator
+    in the state, of the plain one-draw-per-token loop."""
+    prompts = ["ab", "a longer prompt, across chunks"]
+    results = generate(model, tokenizer, prompts, cfg)
+    for b, (prompt, result) in enumerate(zip(prompts, results)):
+        ids, rng_state = sampled_one_token_at_a_time(model, tokenizer.encode(prompt), cfg, cfg.seed + b)
+        assert result.ids == ids
+        assert torch.equal(result.session.rng_state, rng_state)
+
+
+def test_rows_that_stop_early_get_their_tokens_state_and_logits_alone(model, tokenizer):
+    """Rows stopping at different steps ride along, then the batch is compacted; each row's tokens, final state
+    and next-token logits equal its own run's."""
+    prompts = ["a", "bcd", "efghijklmnop", "qr"]
+    free = generate(model, tokenizer, prompts, GREEDY)
+
+    def stops(token: int) -> list[int]:  # how many tokens each row generates if `token` ends a sequence
+        return [r.ids.index(token) + 1 if token in r.ids else len(r.ids) for r in free]
+
+    # An end-of-sequence token that stops the rows at three or more different steps, so that the batch shrinks.
+    tokenizer.eos_id = next(tok for r in free for tok in r.ids if len(set(stops(tok))) >= 3)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=20)
+    batched = generate(model, tokenizer, prompts, cfg)
+    assert [len(r.ids) for r in batched] == stops(tokenizer.eos_id)
+    for prompt, result in zip(prompts, batched):
+        alone, = generate(model, tokenizer, [prompt], cfg)
+        assert result.ids == alone.ids and result.finish_reason == alone.finish_reason
+        torch.testing.assert_close(result.session.next_logits, alone.session.next_logits, rtol=0, atol=1e-10)
+        for name, tensor in alone.state.tensors().items():
+            torch.testing.assert_close(result.state.tensors()[name], tensor, rtol=0, atol=1e-10)
