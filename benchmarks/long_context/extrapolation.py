@@ -31,7 +31,7 @@ from megalodon.training.data import prepare_data
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--corpus", default="austen")
     parser.add_argument("--max-context", type=int, default=8192, help="the Llama's full-attention limit")

@@ -8,7 +8,7 @@ Each run is the project's own trainer (`megalodon train`), validated at the end 
 (bits per byte over whole documents, Megalodon streaming its state, the Llama in 1024-token windows).
 A difference between means smaller than the larger standard deviation is reported as a tie.
 
-    python benchmarks/long_context/head_to_head.py --phase tokens          # the small settings: 60 steps of 4x1024
+    python benchmarks/long_context/head_to_head.py --phase tokens          # the small settings: 48 steps of 4x1024
     python benchmarks/long_context/head_to_head.py --phase walltime
     python benchmarks/long_context/head_to_head.py --phase tokens --steps 200 --tag long
 """
@@ -51,7 +51,7 @@ def trained(cfg: TrainConfig, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=["tokens", "walltime"], required=True)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--corpora", nargs="+", default=list(CORPORA))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))

@@ -73,7 +73,7 @@ def table(results: dict) -> str:
 def plot(results: dict, path) -> None:
     plt = pyplot()
     labels = list(results["models"])
-    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.4 * len(labels), 3.6), squeeze=False, sharey=True)
     for ax, label in zip(axes[0], labels):
         grid = results["models"][label]["grid"]
         values = [[grid[f"{n}@{d}"]["token_accuracy"] for n in results["lengths"]] for d in results["depths"]]
@@ -86,8 +86,8 @@ def plot(results: dict, path) -> None:
                                                        for n in results["lengths"]])
         ax.set_yticks(range(len(results["depths"])), [f"{d:.0%}" for d in results["depths"]])
         ax.set_xlabel("haystack length (tokens)")
-        ax.set_ylabel("needle depth")
         ax.set_title(f"{label}: digit accuracy")
+    axes[0][0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -8,6 +8,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-../../.venv/bin/python}
 $PY memory.py
 $PY passkey.py
+$PY listops.py
 $PY head_to_head.py --phase tokens
 $PY extrapolation.py
 $PY head_to_head.py --phase walltime
