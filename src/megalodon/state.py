@@ -126,8 +126,8 @@ class MegalodonState:
                 raise ValueError(f"the slice {index} selects no rows of a state of {batch} rows")
             return index
         if not isinstance(index, Tensor) or index.dim() != 1:
-            raise TypeError(f"state rows are selected by an int, a slice, a list of ints or a 1-D tensor, got "
-                            f"{type(index).__name__}{'' if not isinstance(index, Tensor) else f' of {index.dim()} dims'}")
+            found = f"a tensor of {index.dim()} dims" if isinstance(index, Tensor) else type(index).__name__
+            raise TypeError(f"state rows are selected by an int, a slice, a list of ints or a 1-D tensor, got {found}")
         if index.dtype == torch.bool:
             if index.shape[0] != batch:
                 raise ValueError(f"a bool row mask must have {batch} entries (one per row), got {index.shape[0]}")
