@@ -42,3 +42,33 @@ def test_doc_start_off_the_chunk_grid(model):
     doc_start[0, 5] = True
     with pytest.raises(ValueError, match="chunk grid"):
         model(ids, doc_start=doc_start)
+
+
+def test_logits_to_keep_must_be_a_non_negative_int(model):
+    ids = torch.zeros(1, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+        model(ids, logits_to_keep=-1)
+    for bad in (1.5, True, "2"):
+        with pytest.raises(TypeError, match="logits_to_keep must be an int"):
+            model(ids, logits_to_keep=bad)
+    assert model(ids, logits_to_keep=9).shape[1] == 6  # more than there are: all of them
+
+
+def test_ids_must_be_int64_or_int32(model):
+    for dtype in (torch.uint8, torch.int16):
+        with pytest.raises(TypeError, match=r"int64.*input_ids.long\(\)"):
+            model(torch.zeros(1, 4, dtype=dtype))
+    assert model(torch.zeros(1, 4, dtype=torch.int32)).shape == (1, 4, 64)
+
+
+def test_doc_start_as_a_list(model):
+    with pytest.raises(TypeError, match="doc_start must be a torch.Tensor"):
+        model(torch.zeros(1, 4, dtype=torch.long), doc_start=[[True, False, False, False]])
+
+
+def test_multi_token_call_on_rows_at_different_fills(model):
+    from megalodon import MegalodonState
+
+    states = [model(torch.zeros(1, n, dtype=torch.long), return_state=True)[1] for n in (3, 5)]
+    with pytest.raises(ValueError, match="different positions inside their chunks"):
+        model(torch.zeros(2, 2, dtype=torch.long), state=MegalodonState.stack(states))

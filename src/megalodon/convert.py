@@ -40,8 +40,9 @@ def reference_shapes(config: MegalodonConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{m}.{name}.weight"] = (rows, cols)
             shapes[f"{m}.{name}.bias"] = (rows,)
         shapes.update({f"{m}.wh2.weight": (d, v), f"{m}.gamma": (2, z), f"{m}.beta": (2, z),
-                       f"{ffn}.norm.weight": (d,), f"{ffn}.norm.bias": (d,), f"{ffn}.fc1.weight": (f, d),
-                       f"{ffn}.fc2.weight": (d, f)})
+                       f"{ffn}.fc1.weight": (f, d), f"{ffn}.fc2.weight": (d, f)})
+        if config.norm_affine:  # the reference builds the FFN LayerNorm with elementwise_affine=norm_affine
+            shapes.update({f"{ffn}.norm.weight": (d,), f"{ffn}.norm.bias": (d,)})
         if config.swiglu:
             shapes[f"{ffn}.fc3.weight"] = (f, d)
         if config.rescale_nffn:

@@ -19,7 +19,7 @@ from megalodon.layers.block import MegalodonBlock
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import rope_frequencies
 from megalodon.state import MegalodonState
-from megalodon.validation import check_token_ids
+from megalodon.validation import check_token_ids, require
 
 
 class Rotary(nn.Module):
@@ -79,7 +79,7 @@ class Megalodon(nn.Module):
         restart there, so nothing leaks across documents. Documents must start on the chunk grid.
         logits_to_keep: project only the last N positions (0 = all); prefill needs just the last one.
         """
-        batch, length = self._check_inputs(input_ids, state)
+        batch, length = self._check_inputs(input_ids, state, logits_to_keep)
         block_reset = None if doc_start is None else self._block_reset(doc_start, state, batch, length)
         position = None if state is None else state.position
 
@@ -128,31 +128,50 @@ class Megalodon(nn.Module):
         state.position.add_(1)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def _check_inputs(self, input_ids: Tensor, state: MegalodonState | None) -> tuple[int, int]:
+    def _check_inputs(self, input_ids: Tensor, state: MegalodonState | None, logits_to_keep: int) -> tuple[int, int]:
+        """Shapes and types eagerly; values without a host sync (validation.require)."""
         batch, length = check_token_ids(input_ids, self.config.vocab_size)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
+            raise TypeError(f"logits_to_keep must be an int (0 = every position), got {logits_to_keep!r}")
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 = every position, N = the last N), "
+                             f"got {logits_to_keep}")
         if state is not None:
             if not isinstance(state, MegalodonState):
                 raise TypeError(f"state must be a MegalodonState, got {type(state).__name__}")
             state.check_compatible(self.config, batch)
+            if length > 1 and state.layers:
+                # The key caches hold the current partial chunk, as long as the fill of its fullest row.
+                fill = state.layers[0].k_cache.shape[1]
+                require((state.position % self.config.chunk_size == fill).all(),
+                        "the rows of this state sit at different positions inside their chunks; only "
+                        "single-token calls can advance them together (prefill each row separately, then "
+                        "decode one token at a time)")
         return batch, length
 
-    def _block_reset(self, doc_start: Tensor, state: MegalodonState | None, batch: int,
-                     length: int) -> Tensor | None:
+    def _block_reset(self, doc_start: Tensor, state: MegalodonState | None, batch: int, length: int) -> Tensor:
+        """doc_start (B, L) -> one reset flag per chunk (B, ceil(L / C)), checked without a host sync."""
         chunk = self.config.chunk_size
+        if not isinstance(doc_start, Tensor):
+            raise TypeError(f"doc_start must be a torch.Tensor of bools of shape {(batch, length)}, "
+                            f"got {type(doc_start).__name__}")
         if doc_start.shape != (batch, length) or doc_start.dtype != torch.bool:
             raise ValueError(f"doc_start must be a bool tensor of shape {(batch, length)}, "
                              f"got {doc_start.dtype} {tuple(doc_start.shape)}")
-        if not bool(doc_start.any()):
-            return None
-        if state is not None and bool((state.position % chunk != 0).any()):
-            raise ValueError("doc_start needs a call that begins on a chunk boundary (state.position % "
-                             "chunk_size == 0); this state sits mid-chunk")
         off_grid = doc_start.clone()
         off_grid[:, ::chunk] = False
-        if bool(off_grid.any()):
-            where = off_grid.nonzero()[0].tolist()
-            raise ValueError(f"doc_start is True at row {where[0]}, position {where[1]}, which is not a multiple "
-                             f"of chunk_size={chunk}: documents must start on the chunk grid (pad the previous one)")
+
+        def where() -> str:
+            row, pos = off_grid.nonzero()[0].tolist()
+            return (f"doc_start is True at row {row}, position {pos}, which is not a multiple of "
+                    f"chunk_size={chunk}: documents must start on the chunk grid (pad the previous one)")
+
+        require(~off_grid.any(), f"doc_start is True off the chunk grid (positions that are not multiples of "
+                                 f"chunk_size={chunk}): documents must start on the chunk grid", where)
+        if state is not None:
+            require(~(doc_start.any() & (state.position % chunk != 0).any()),
+                    "doc_start needs a call that begins on a chunk boundary (state.position % chunk_size == 0); "
+                    "this state sits mid-chunk")
         return doc_start[:, ::chunk]
 
     # ---- conveniences ----------------------------------------------------------------------------------------
@@ -187,3 +206,17 @@ def init_linear(weight: Tensor, mode: str) -> None:
         nn.init.xavier_uniform_(weight)
     else:
         raise ValueError(f"unknown init_mode {mode!r}")
+
+
+def compile_blocks(model: Megalodon, **options) -> Megalodon:
+    """torch.compile each block and the final norm in place (`options` go to torch.compile, e.g.
+    fullgraph=True or mode="max-autotune"); returns the model.
+
+    Per-block compilation keeps graphs small (blocks of one model share their compiled code), and leaves the
+    embedding, the checks at the boundary and the loop over layers eager. It composes with activation
+    checkpointing and FSDP applied per block. Training and streaming calls both work; a call of a new length
+    or state layout recompiles (mark lengths dynamic with torch._dynamo.mark_dynamic to avoid that)."""
+    for block in model.layers:
+        block.compile(**options)
+    model.output.final_norm.compile(**options)
+    return model

@@ -1,26 +1,51 @@
-"""Checks at the boundary shared by both architectures: token ids in, clear errors out."""
+"""Checks at the boundary shared by both architectures: token ids in, clear errors out.
+
+A check of a value on an accelerator would make the host wait for the device on every call. So values are
+checked eagerly on the CPU, where that costs nothing, and on a GPU (or inside a compiled graph) as an asynchronous
+device assertion, which stops the stream with the same message when it fails and never waits for it otherwise.
+Shapes and dtypes are always checked eagerly: they are known on the host.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 
+def require(condition: Tensor, message: str, host_message: Callable[[], str] | None = None) -> None:
+    """Raise ValueError(message) unless the bool tensor `condition` is True, without a host sync off the CPU.
+
+    host_message: a more precise message (which element failed, say), computed only where the check runs on the
+    host."""
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(condition):
+            raise ValueError(message if host_message is None else host_message())
+    else:
+        torch._assert_async(condition, message)
+
+
 def check_token_ids(input_ids: Tensor, vocab_size: int) -> tuple[int, int]:
-    """(batch, length) of a valid (B, L) tensor of ids in [0, vocab_size); clear errors otherwise."""
+    """(batch, length) of a valid (B, L) tensor of int64 or int32 ids in [0, vocab_size); clear errors otherwise."""
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point or input_ids.is_complex():
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids as int64 (or int32), got dtype {input_ids.dtype}; "
+                        "convert with input_ids.long()")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}; "
                          "use input_ids.unsqueeze(0) for a single sequence")
     batch, length = input_ids.shape
     if batch == 0 or length == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"token id {bad} is out of range for vocab_size={vocab_size}; "
-                         "check that the tokenizer matches the model")
+
+    advice = "check that the tokenizer matches the model"
+
+    def which() -> str:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        return f"token id {low if low < 0 else high} is out of range for vocab_size={vocab_size}; {advice}"
+
+    require(((input_ids >= 0) & (input_ids < vocab_size)).all(),
+            f"a token id is out of range for vocab_size={vocab_size}; {advice}", which)
     return batch, length

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megalodon.ops.attention import (apply_rotary, chunked_attention, decode_attention, dense_chunk_attention,
-                                     rope_frequencies)
+from megalodon.ops.attention import (apply_rotary, attention_path, chunked_attention, decode_attention,
+                                     dense_chunk_attention, rope_frequencies)
 
 C = 8
 
@@ -37,6 +37,58 @@ def test_streamed_pieces_match_dense(split):
         start += piece
         assert k_cache.shape[1] == start % C
     torch.testing.assert_close(torch.cat(outs, 1), reference, rtol=1e-10, atol=1e-10)
+
+
+def streamed(q, k, v, split, dropout_p=0.0):
+    outs, k_cache, v_cache, start = [], None, None, 0
+    for piece in split:
+        sl = slice(start, start + piece)
+        out, k_cache, v_cache = chunked_attention(q[:, sl], k[:, sl], v[:, sl], C, k_cache, v_cache, dropout_p)
+        outs.append(out)
+        start += piece
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("dv", [4, 6])  # dv = dz: SDPA; dv != dz: the materialized form
+@pytest.mark.parametrize("split", [[3 * C - 2], [C], [5], [3, 5, 9], [7, 1, 2 * C + 3]])
+def test_gradients_match_dense_in_float64(dv, split):
+    q, k, v = (t.requires_grad_() for t in qkv(2, sum(split), dv=dv, seed=4))
+    assert attention_path(q, v) == ("sdpa" if dv == 4 else "materialized")
+    weight = torch.randn(2, sum(split), 2, dv, dtype=torch.float64)
+    grads = torch.autograd.grad((streamed(q, k, v, split) * weight).sum(), (q, k, v))
+    expected = torch.autograd.grad((dense_chunk_attention(q, k, v, C) * weight).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_materialized_path_keeps_nothing_of_chunk_by_chunk_size_for_backward():
+    q, k, v = (t.requires_grad_() for t in qkv(2, 4 * C, dv=6))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out, _, _ = chunked_attention(q, k, v, C)
+    assert saved and not [s for s in saved if tuple(s[-2:]) == (C, C)], saved
+    out.sum().backward()  # and the backward still runs from what was kept
+
+
+def test_bf16_materialized_path_is_close_to_float64():
+    q, k, v = qkv(2, 3 * C + 3, dv=6, seed=5)
+    out, _, _ = chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), C)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), dense_chunk_attention(q, k, v, C), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dv", [4, C])
+def test_attention_dropout_drops_probabilities(dv):
+    """With one-hot values (v = identity over a chunk's keys), each output row is its row of dropped
+    probabilities: every entry is 0 or p / (1 - rate), and both occur."""
+    q, k, _ = qkv(2, C, heads=1, dz=4, seed=6)
+    v = torch.eye(C, dtype=torch.float64).expand(2, C, C).unsqueeze(2)[..., :dv].contiguous()
+    torch.manual_seed(0)
+    out, _, _ = chunked_attention(q, k, v, C, dropout_p=0.5)
+    probs = dense_chunk_attention(q, k, v, C)
+    kept = torch.isclose(out, 2 * probs, rtol=1e-10, atol=1e-12)
+    dropped = out == 0
+    assert bool((kept | dropped).all()) and bool((dropped & (probs > 0)).any()) and bool(kept[probs > 0].any())
 
 
 def test_decode_with_rows_at_different_fills():

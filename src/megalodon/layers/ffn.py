@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon.config import MegalodonConfig
-from megalodon.layers.norms import LayerNorm
+from megalodon.layers.norms import LayerNorm, compute_dtype
+from megalodon.ops.fused import gated_linear
 
 
 class NormalizedFFN(nn.Module):
@@ -15,7 +16,7 @@ class NormalizedFFN(nn.Module):
         super().__init__()
         self.config = config
         dim, hidden = config.model_dim, config.ffn_hidden_dim
-        self.norm = LayerNorm(dim, config.norm_eps)
+        self.norm = LayerNorm(dim, config.norm_eps, affine=config.norm_affine)
         self.fc1 = nn.Linear(dim, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, dim, bias=False)
         self.fc3 = nn.Linear(dim, hidden, bias=False) if config.swiglu else None
@@ -32,12 +33,11 @@ class NormalizedFFN(nn.Module):
     def forward(self, y: Tensor, residual: Tensor) -> Tensor:
         """y: the MEGA output; residual: the block input, which the second hop adds back."""
         cfg = self.config
-        u = self.norm(y)
-        hidden = F.silu(self.fc1(u))
-        if self.fc3 is not None:
-            hidden = hidden * self.fc3(u)
-        hidden = F.dropout(hidden, cfg.hidden_dropout if self.training else 0.0, self.training)
-        out = F.dropout(self.fc2(hidden), cfg.dropout if self.training else 0.0, self.training)
+        u = self.norm(y, compute_dtype(y))
+        # fc2(dropout(silu(fc1 u) [* fc3 u])), with the SiLU and the product recomputed in backward
+        up = None if self.fc3 is None else self.fc3(u)
+        out = gated_linear(up, self.fc1(u), self.fc2.weight, cfg.hidden_dropout, self.training)
+        out = F.dropout(out, cfg.dropout if self.training else 0.0, self.training)
         if self.alpha is not None:
             out = out * self.alpha
         return out + residual

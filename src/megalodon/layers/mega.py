@@ -1,7 +1,8 @@
 """The MEGA layer (spec section 7): TimestepNorm -> CEMA -> normalized, gated chunk attention.
 
 Attribute names follow the reference (`timenorm`, `cema`, `rmsnorm`, `wz`, ..., `gamma`, `beta`), so that the
-reference state_dict maps onto this module key for key.
+reference state_dict maps onto this module key for key. The projections are small methods shared by `forward`
+and the in-place decode step, so that the math lives in one place.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ from torch import Tensor, nn
 
 from megalodon.config import MegalodonConfig
 from megalodon.layers.cema import CEMA
-from megalodon.layers.norms import RMSNorm, rms_normalize
+from megalodon.layers.norms import RMSNorm, compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import apply_rotary, chunked_attention, decode_attention
 from megalodon.ops.cema import cema_step
+from megalodon.ops.fused import gated_linear, rms_norm
 from megalodon.ops.static_kv import attend_slots, write_slot_
 from megalodon.state import LayerState
 
 if TYPE_CHECKING:
     from megalodon.decode_state import DecodeLayerState
+
+# Below this many tokens per call (decode), Wz, Wr and Wh1 run as three GEMMs: concatenating their weights would
+# cost more than it saves.
+FUSED_PROJECTION_MIN_TOKENS = 16
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -44,64 +50,74 @@ class MovingAverageGatedAttention(nn.Module):
         self.beta = nn.Parameter(torch.zeros(2, config.z_dim))
         self.heads = heads
 
-    def _queries_keys(self, mx: Tensor) -> tuple[Tensor, Tensor]:
-        batch, length, _ = mx.shape
-        dz = self.config.head_z_dim
-        z = self.wz(mx).view(batch, length, self.heads, dz)
-        compute_dtype = z.dtype  # bf16 under autocast
-        z = rms_normalize(z, self.config.norm_eps).flatten(-2)  # fp32
-        scale = (self.gamma.float() + 1.0) / math.sqrt(dz)
-        q = z * scale[0] + self.beta[0].float()
-        k = z * scale[1] + self.beta[1].float()
-        shape = (batch, length, self.heads, dz)
-        return q.view(shape).to(compute_dtype), k.view(shape).to(compute_dtype)
+    # ---- the projections, shared by forward and decode_step_ ---------------------------------------------------
+    def _mixed_projections(self, mx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Wz mx, Wr mx (the gate before its SiLU) and Wh1 mx, biases included, in mx's dtype. They share their
+        input, so a call of many tokens runs them as one GEMM over the concatenated weights (the parameters stay
+        separate, under the reference's names)."""
+        linears = (self.wz, self.wr, self.wh1)
+        if mx.shape[0] * mx.shape[1] < FUSED_PROJECTION_MIN_TOKENS:
+            return tuple(F.linear(mx, m.weight.to(mx.dtype), m.bias.to(mx.dtype)) for m in linears)
+        weight = torch.cat([m.weight.to(mx.dtype) for m in linears])
+        bias = torch.cat([m.bias.to(mx.dtype) for m in linears])
+        return F.linear(mx, weight, bias).split([m.out_features for m in linears], dim=-1)
 
+    def _queries_keys(self, z: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+        """q and k (B, L, H, dz), rotated to `positions` ((L,) or (B, L), inside the chunk), in z's dtype:
+        z normalized per head (no affine), then q = z (gamma[0] + 1) / sqrt(dz) + beta[0], k likewise with row 1.
+        Computed in fp32 or better (a float64 model stays float64), both at once."""
+        batch, length, _ = z.shape
+        heads, dz = self.heads, self.config.head_z_dim
+        zn = rms_norm(z.reshape(batch, length, heads, dz), None, self.config.norm_eps).flatten(-2)  # B x L x z_dim
+        scale = (self.gamma.to(zn.dtype) + 1.0) / math.sqrt(dz)
+        qk = zn.unsqueeze(2) * scale + self.beta.to(zn.dtype)  # B x L x 2 x z_dim
+        qk = apply_rotary(qk.view(batch, length, 2 * heads, dz), positions, freqs).to(z.dtype)
+        return qk[:, :, :heads], qk[:, :, heads:]
+
+    def _values(self, xn: Tensor) -> Tensor:
+        """v = silu(Wv xn), (B, L, H, dv): from the TimestepNorm output, not from mx."""
+        batch, length, _ = xn.shape
+        return F.silu(self.wv(xn)).view(batch, length, self.heads, self.config.head_value_dim)
+
+    def _output(self, attn: Tensor, gate: Tensor, h1: Tensor, x: Tensor) -> Tensor:
+        """dropout(Wh1 mx + Wh2 dropout(attn * silu(gate))) + x: the first hop of the residual."""
+        training = self.training
+        h = h1 + gated_linear(attn, gate, self.wh2.weight, self.config.hidden_dropout, training)
+        return F.dropout(h, self.config.dropout if training else 0.0, training) + x
+
+    # ---- a call of any length ----------------------------------------------------------------------------------
     def forward(
         self, x: Tensor, freqs: Tensor, state: LayerState | None, position: Tensor | None,
         block_reset: Tensor | None = None, need_state: bool = False,
     ) -> tuple[Tensor, LayerState | None]:
-        """x: (B, L, D). position: (B,) tokens seen before this call, or None for a fresh stream."""
+        """x: (B, L, D). position: (B,) tokens seen before this call, or None for a fresh stream.
+
+        A call of several tokens needs every row at the same in-chunk position, which the model checks: the
+        key cache's length is then that position. A single token may find its rows at different positions."""
         cfg = self.config
         batch, length, _ = x.shape
         chunk = cfg.chunk_size
-        hidden_drop = cfg.hidden_dropout if self.training else 0.0
+        dtype = compute_dtype(x)  # the linears' dtype: bf16 under autocast
 
         xn, norm_state = self.timenorm(x, None if state is None else state.norm, chunk, block_reset)
         c, cema_h = self.cema(xn, None if state is None else state.cema_h, chunk, block_reset, need_state)
-        mx = F.dropout(self.rmsnorm(c.to(x.dtype)), hidden_drop, self.training)
-        xn = xn.to(x.dtype)
+        mx = F.dropout(self.rmsnorm(c, dtype), cfg.hidden_dropout if self.training else 0.0, self.training)
+        z, gate, h1 = self._mixed_projections(mx)
+        v = self._values(xn.to(dtype))
 
-        q, k = self._queries_keys(mx)
-        v = F.silu(self.wv(xn)).view(batch, length, self.heads, cfg.head_value_dim)
-        r = F.silu(self.wr(mx))
-
-        fill = torch.zeros(batch, dtype=torch.int64, device=x.device) if position is None else position % chunk
-        uniform = bool((fill == fill[0]).all())
-        if uniform:
-            start = int(fill[0])
-            rope_pos = (torch.arange(length, device=x.device) + start) % chunk  # L
-        elif length == 1:
-            rope_pos = fill[:, None]  # B x 1
+        if state is not None and length == 1:
+            fill = position % chunk  # B: each row's own position in its chunk
+            q, k = self._queries_keys(z, fill[:, None], freqs)
+            attn, k_cache, v_cache = decode_attention(q, k, v, state.k_cache, state.v_cache, fill, chunk)
         else:
-            raise ValueError("the rows of this state sit at different positions inside their chunks; only "
-                             "single-token calls can advance them together (prefill each row separately, then "
-                             "decode one token at a time)")
-        q, k = apply_rotary(q, rope_pos, freqs), apply_rotary(k, rope_pos, freqs)
+            k_cache = None if state is None else state.k_cache
+            v_cache = None if state is None else state.v_cache
+            start = 0 if k_cache is None else k_cache.shape[1]  # the shared fill of the current chunk
+            q, k = self._queries_keys(z, (torch.arange(length, device=x.device) + start) % chunk, freqs)
+            attn, k_cache, v_cache = chunked_attention(q, k, v, chunk, k_cache, v_cache,
+                                                       cfg.attention_dropout if self.training else 0.0)
 
-        k_cache = None if state is None else state.k_cache
-        v_cache = None if state is None else state.v_cache
-        attn_drop = cfg.attention_dropout if self.training else 0.0
-        if uniform:
-            if k_cache is not None:
-                k_cache, v_cache = k_cache[:, :start], v_cache[:, :start]
-            attn, k_cache, v_cache = chunked_attention(q, k, v, chunk, k_cache, v_cache, attn_drop)
-        else:
-            attn, k_cache, v_cache = decode_attention(q, k, v, k_cache, v_cache, fill, chunk)
-
-        attn = F.dropout(attn.reshape(batch, length, cfg.value_dim) * r, hidden_drop, self.training)
-        h = self.wh1(mx) + self.wh2(attn)
-        out = F.dropout(h, cfg.dropout if self.training else 0.0, self.training) + x
-
+        out = self._output(attn.reshape(batch, length, cfg.value_dim), gate, h1, x)
         new_state = LayerState(cema_h, norm_state, k_cache, v_cache) if need_state else None
         return out, new_state
 
@@ -111,23 +127,18 @@ class MovingAverageGatedAttention(nn.Module):
         norm statistics, the CEMA state, and the new key/value at slot fill[b] = position mod chunk_size, each row
         at its own in-chunk position. No host syncs and no data-dependent shapes: a CUDA graph can replay it.
         Inference only (no dropout, no autograd)."""
-        cfg = self.config
         batch = x.shape[0]
+        dtype = compute_dtype(x)
         xn = self.timenorm.step_(x, state.norm)  # B x 1 x D fp32
         with torch.autocast(x.device.type, enabled=False):
             coeffs = self.cema.coefficients()
             omega = self.cema.omega.squeeze(-1).to(coeffs.p.dtype)
             c, _ = cema_step(xn[:, 0].to(coeffs.p.dtype), coeffs, omega, state.cema_h, out=state.cema_h)
-        mx = self.rmsnorm(c.unsqueeze(1).to(x.dtype))
-        xn = xn.to(x.dtype)
-
-        q, k = self._queries_keys(mx)
-        v = F.silu(self.wv(xn)).view(batch, 1, self.heads, cfg.head_value_dim)
-        r = F.silu(self.wr(mx))
-        q, k = apply_rotary(q, fill[:, None], freqs), apply_rotary(k, fill[:, None], freqs)
+        mx = self.rmsnorm(c.unsqueeze(1), dtype)
+        z, gate, h1 = self._mixed_projections(mx)
+        q, k = self._queries_keys(z, fill[:, None], freqs)
+        v = self._values(xn.to(dtype))
         write_slot_(state.keys, fill, k[:, 0])
         write_slot_(state.values, fill, v[:, 0])
         attn = attend_slots(q, state.keys, state.values, fill, scale=1.0)  # the 1/sqrt(dz) is folded into q
-
-        h = self.wh1(mx) + self.wh2(attn.reshape(batch, 1, cfg.value_dim) * r)
-        return h + x
+        return self._output(attn.reshape(batch, 1, self.config.value_dim), gate, h1, x)

@@ -1,4 +1,8 @@
-"""RMSNorm and LayerNorm in the reference parameterization: weights stored as zeros, applied as (weight + 1)."""
+"""RMSNorm and LayerNorm in the reference parameterization: weights stored as zeros, applied as (weight + 1).
+
+Statistics run in fp32 (or better, for a float64 model). The output dtype is the caller's choice: the compute
+dtype of the linears that read it (bf16 under autocast), so that no fp32 copy is made only to be cast again.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megalodon.ops.fused import rms_norm
 
-def rms_normalize(x: Tensor, eps: float) -> Tensor:
-    """x * rsqrt(mean(x**2) + eps) over the last dim, statistics in fp32; returns fp32 or better."""
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the linears after a norm run in: autocast's where it is on, else x's."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class RMSNorm(nn.Module):
@@ -19,22 +27,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim)) if affine else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = rms_normalize(x, self.eps)
-        if self.weight is not None:
-            out = out * (self.weight + 1.0)
-        return out.to(x.dtype)
+    def forward(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        """out_dtype: default x's."""
+        return rms_norm(x, self.weight, self.eps, x.dtype if out_dtype is None else out_dtype)
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, affine: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        # Without affine (the reference's norm_affine=False) there is no weight and no bias at all.
+        self.weight = nn.Parameter(torch.zeros(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        """out_dtype: default x's."""
         compute = torch.promote_types(x.dtype, torch.float32)
-        out = F.layer_norm(x.to(compute), x.shape[-1:], (self.weight + 1.0).to(compute), self.bias.to(compute),
-                           self.eps)
-        return out.to(x.dtype)
+        weight = None if self.weight is None else (self.weight + 1.0).to(compute)
+        bias = None if self.bias is None else self.bias.to(compute)
+        out = F.layer_norm(x.to(compute), x.shape[-1:], weight, bias, self.eps)
+        return out.to(x.dtype if out_dtype is None else out_dtype)

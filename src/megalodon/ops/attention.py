@@ -4,6 +4,13 @@ Tokens attend causally within their own chunk of C tokens; chunks are aligned to
 A call may start mid-chunk: the keys and values of the current partial chunk come in as a cache, and the
 trailing partial chunk goes out as the new cache. `dense_chunk_attention` is the slow reference: one dense
 softmax with an explicit block-diagonal causal mask.
+
+Inside a chunk, `attend` picks one of two exact paths (`attention_path` decides):
+- SDPA, where the query/key and value head dims are equal (flash attention applies);
+- otherwise the materialized form: q k^T in the compute dtype, a masked softmax in fp32, then the product with
+  v. SDPA never picks flash when the dims differ (Megalodon's dv is 8x dz), and its fallbacks are slower than
+  these three steps. Its backward recomputes the probabilities from a saved log-sum-exp (as flash attention
+  does), so that nothing of size (chunk x chunk) is kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -34,12 +41,77 @@ def apply_rotary(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
     return rotated.flatten(-2).to(x.dtype)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
-    """SDPA over (..., H, S, d) with no scaling beyond the one folded into q (scale=1)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
-                                          scale=1.0)
+# ---- attention inside one chunk ----------------------------------------------------------------------------
+def attention_path(q: Tensor, v: Tensor) -> str:
+    """The one rule that picks how a chunk is attended: "sdpa" where the head dims agree, else "materialized"."""
+    return "sdpa" if q.shape[-1] == v.shape[-1] else "materialized"
 
 
+def _future(queries: int, keys: int, offset: int, device: torch.device) -> Tensor:
+    """(queries, keys) bool, True where key j lies after query i, which sits at key position i + offset."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).triu(offset + 1)
+
+
+def _masked_scores(q: Tensor, k: Tensor, offset: int) -> Tensor:
+    """q k^T in the compute dtype, then masked in fp32 (or better): (..., Sq, Sk)."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    return scores.masked_fill(_future(q.shape[-2], k.shape[-2], offset, q.device), float("-inf"))
+
+
+class _MaterializedAttention(torch.autograd.Function):
+    """softmax(q k^T + mask) v over token-major (N, S, H, d) tensors, saving q, k, v, the output and the
+    log-sum-exp only: backward recomputes the probabilities. The products run in the inputs' dtype, the
+    softmax in fp32 (or better)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+        with torch.autocast(q.device.type, enabled=False):
+            scores = _masked_scores(q.transpose(1, 2), k.transpose(1, 2), offset)  # N x H x Sq x Sk
+            lse = scores.logsumexp(-1, keepdim=True)
+            probs = scores.sub_(lse).exp_().to(v.dtype)
+            # token-major, so that the caller's (B, L, H * dv) view and this saved output share memory
+            out = torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2).contiguous()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.offset = offset
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, grad = (t.transpose(1, 2) for t in (q, k, v, out, grad))  # head-major views
+        with torch.autocast(q.device.type, enabled=False):
+            grad = grad.to(v.dtype)
+            probs = _masked_scores(q, k, ctx.offset).sub_(lse).exp_()
+            grad_v = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad)
+            # d scores = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
+            row = (grad.to(probs.dtype) * out.to(probs.dtype)).sum(-1, keepdim=True)
+            grad_p = torch.matmul(grad, v.transpose(-1, -2)).to(probs.dtype)
+            grad_s = probs.mul_(grad_p.sub_(row)).to(q.dtype)
+            grad_q = torch.matmul(grad_s, k)
+            grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
+        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, offset: int = 0, dropout_p: float = 0.0) -> Tensor:
+    """Causal attention of q (N, Sq, H, dz) over k (N, Sk, H, dz) and v (N, Sk, H, dv), token-major, with no
+    scale (spec section 9: the 1/sqrt(dz) is folded into q). Query i sits at key position i + offset and sees
+    keys 0..i + offset. Dropout, if any, acts on the probabilities. Returns (N, Sq, H, dv)."""
+    if attention_path(q, v) == "sdpa":
+        if offset == 0 and q.shape[1] == k.shape[1]:
+            mask, causal = None, True
+        else:
+            mask, causal = ~_future(q.shape[1], k.shape[1], offset, q.device), False
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=causal, dropout_p=dropout_p, scale=1.0)
+        return out.transpose(1, 2)
+    if dropout_p:
+        probs = F.dropout(_masked_scores(q.transpose(1, 2), k.transpose(1, 2), offset).softmax(-1), dropout_p)
+        return torch.matmul(probs.to(v.dtype), v.transpose(1, 2)).transpose(1, 2)
+    return _MaterializedAttention.apply(q, k, v, offset)
+
+
+# ---- chunks and the streaming cache ------------------------------------------------------------------------
 def chunked_attention(
     q: Tensor, k: Tensor, v: Tensor, chunk_size: int,
     k_cache: Tensor | None = None, v_cache: Tensor | None = None, dropout_p: float = 0.0,
@@ -61,27 +133,24 @@ def chunked_attention(
     # Head: the queries that finish the current partial chunk see the cached keys plus their own.
     head = min(length, chunk_size - fill) if fill else 0
     if head:
-        q_idx = torch.arange(head, device=q.device) + fill
-        mask = torch.arange(fill + head, device=q.device) <= q_idx[:, None]
-        out = _sdpa(q[:, :head].transpose(1, 2), k[:, :fill + head].transpose(1, 2),
-                    v[:, :fill + head].transpose(1, 2), mask, False, dropout_p)
-        pieces.append(out.transpose(1, 2))
+        pieces.append(attend(q[:, :head], k[:, :fill + head], v[:, :fill + head], fill, dropout_p))
 
-    # Body: whole chunks from here on, plus a zero-padded tail chunk; padding sits after every real query.
+    # Body: whole chunks from here on, the last one zero-padded (padding sits after every real query). A body
+    # shorter than a chunk is one chunk of its own length.
     start = fill + head
     body = total - start
     if body:
-        num_chunks = -(-body // chunk_size)
-        pad = num_chunks * chunk_size - body
+        size = min(body, chunk_size)
+        num_chunks = -(-body // size)
+        pad = num_chunks * size - body
 
-        def to_chunks(t: Tensor) -> Tensor:  # (B * chunks) x H x C x d: 4-D, as every SDPA backend accepts
-            t = F.pad(t, (0, 0, 0, 0, 0, pad))
-            return t.view(batch * num_chunks, chunk_size, heads, -1).transpose(1, 2)
+        def to_chunks(t: Tensor) -> Tensor:  # (B * chunks) x C x H x d
+            t = F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
+            return t.reshape(batch * num_chunks, size, heads, -1)
 
-        out = _sdpa(to_chunks(q[:, head:]), to_chunks(k[:, start:]), to_chunks(v[:, start:]), None, True,
-                    dropout_p)
-        out = out.transpose(1, 2).reshape(batch, num_chunks * chunk_size, heads, -1)[:, :body]
-        pieces.append(out)
+        out = attend(to_chunks(q[:, head:]), to_chunks(k[:, start:]), to_chunks(v[:, start:]), 0, dropout_p)
+        out = out.reshape(batch, num_chunks * size, heads, -1)
+        pieces.append(out[:, :body] if pad else out)
 
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     keep = total % chunk_size
@@ -99,14 +168,14 @@ def decode_attention(
     """
     batch = q.shape[0]
     rows = torch.arange(batch, device=q.device)
-    slots = k_cache.shape[1] + 1
     k_buf = F.pad(k_cache.to(k.dtype), (0, 0, 0, 0, 0, 1)).index_put((rows, fill), k[:, 0])
     v_buf = F.pad(v_cache.to(v.dtype), (0, 0, 0, 0, 0, 1)).index_put((rows, fill), v[:, 0])
-    mask = (torch.arange(slots, device=q.device) <= fill[:, None])[:, None, None, :]  # B x 1 x 1 x S
-    out = _sdpa(q.transpose(1, 2), k_buf.transpose(1, 2), v_buf.transpose(1, 2), mask, False, 0.0)
+    mask = (torch.arange(k_buf.shape[1], device=q.device) <= fill[:, None])[:, None, None, :]  # B x 1 x 1 x S
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_buf.transpose(1, 2), v_buf.transpose(1, 2),
+                                         attn_mask=mask, scale=1.0).transpose(1, 2)
     new_fill = (fill + 1) % chunk_size
     keep = int(new_fill.max())
-    return out.transpose(1, 2), k_buf[:, :keep], v_buf[:, :keep]
+    return out, k_buf[:, :keep], v_buf[:, :keep]
 
 
 def dense_chunk_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, start: int = 0) -> Tensor:

@@ -1,0 +1,106 @@
+"""Two fused ops that keep less for the backward pass: an RMSNorm and a SiLU-gated linear.
+
+Autograd, op by op, keeps every intermediate a later gradient needs: the RMSNorm its fp32 input and fp32
+output, the gate `x * silu(g)` its input, the SiLU output and the product. These two ops keep only their inputs
+(and one scalar per row) and recompute the cheap elementwise part in backward, which cuts the activations of a
+MEGA layer and an FFN by about a quarter. Each has a plain autograd reference beside it (`*_reference`, the
+obviously right form), the tests compare the two in float64, and one function per op decides which path runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ---- RMSNorm ---------------------------------------------------------------------------------------------------
+def rms_norm_reference(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
+    """x * rsqrt(mean(x**2) + eps) * (weight + 1) over the last dim, in fp32 or better, cast to out_dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * (weight.to(out.dtype) + 1.0)
+    return out.to(out_dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Saves x as given and rstd (one per row); the normalized x is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        out = xf * rstd
+        if weight is not None:
+            out = out * (weight.to(out.dtype) + 1.0)
+        ctx.save_for_backward(x, rstd, weight)
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        grad = grad.to(rstd.dtype)
+        grad_weight = None
+        if weight is not None:
+            grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype)
+            grad = grad * (weight.to(rstd.dtype) + 1.0)
+        grad_x = rstd * (grad - normed * (grad * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None, None
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
+    """RMSNorm over the last dim in the reference parameterization (applied as weight + 1; None: no affine).
+    Statistics in fp32 or better; the output in out_dtype (default: fp32 or better)."""
+    out_dtype = torch.promote_types(x.dtype, torch.float32) if out_dtype is None else out_dtype
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return _RMSNorm.apply(x, weight, eps, out_dtype)
+    return rms_norm_reference(x, weight, eps, out_dtype)
+
+
+# ---- SiLU-gated linear -------------------------------------------------------------------------------------------
+def gated_linear_reference(x: Tensor | None, gate: Tensor, weight: Tensor, dropout_p: float = 0.0,
+                           training: bool = False) -> Tensor:
+    """dropout(x * silu(gate)) @ weight^T (x None: silu(gate) alone), in gate's dtype."""
+    hidden = F.silu(gate) if x is None else x * F.silu(gate)
+    return F.linear(F.dropout(hidden, dropout_p, training), weight.to(gate.dtype))
+
+
+class _GatedLinear(torch.autograd.Function):
+    """Saves x, gate and the weight; silu(gate) and the product are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor | None, gate: Tensor, weight: Tensor) -> Tensor:
+        with torch.autocast(gate.device.type, enabled=False):
+            hidden = F.silu(gate) if x is None else x * F.silu(gate)
+            out = F.linear(hidden, weight)
+        ctx.save_for_backward(x, gate, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, gate, weight = ctx.saved_tensors
+        with torch.autocast(gate.device.type, enabled=False):
+            grad = grad.to(gate.dtype)
+            sig = torch.sigmoid(gate)
+            act = gate * sig
+            hidden = act if x is None else x * act
+            grad_weight = grad.flatten(0, -2).t().mm(hidden.flatten(0, -2))
+            grad_hidden = grad.matmul(weight)
+            grad_x = None if x is None else grad_hidden * act
+            if x is not None:
+                grad_hidden = grad_hidden * x
+            grad_gate = grad_hidden * (sig * (1.0 + gate * (1.0 - sig)))  # silu'(g) = s (1 + g (1 - s))
+        return grad_x, grad_gate, grad_weight
+
+
+def gated_linear(x: Tensor | None, gate: Tensor, weight: Tensor, dropout_p: float = 0.0,
+                 training: bool = False) -> Tensor:
+    """dropout(x * silu(gate)) @ weight^T, or silu(gate) @ weight^T when x is None (bias-free), in gate's dtype
+    (the weight is cast to it). With dropout the reference path runs (its mask must be kept anyway)."""
+    if (dropout_p and training) or not torch.is_grad_enabled():
+        return gated_linear_reference(x, gate, weight, dropout_p, training)
+    if x is not None:
+        x = x.to(gate.dtype)
+    return _GatedLinear.apply(x, gate, weight.to(gate.dtype))
