@@ -218,10 +218,12 @@ def bf16_policy_keeps_cema_and_norm_fp32() -> dict:
                        param_dtype=torch.bfloat16)
     seen = {}
     block = model.layers[0]
-    for name, module, param in (("cema", block.mega.cema, "alpha"), ("timenorm", block.mega.timenorm, "weight"),
-                                ("final_norm", model.output.final_norm, "weight"), ("wz", block.mega.wz, "weight")):
+    probes = {"cema": (block.mega.cema, lambda m: m.alpha), "timenorm": (block.mega.timenorm, lambda m: m.weight),
+              "final_norm": (model.output.final_norm, lambda m: m.weight), "wz": (block.mega, lambda m: m.wz.weight)}
+    for name, (module, param) in probes.items():
+        # Read as the module runs, i.e. with its unit's parameters unsharded in that unit's dtype.
         module.register_forward_pre_hook(lambda m, args, name=name, param=param:
-                                         seen.__setitem__(name, str(getattr(m, param).dtype)))
+                                         seen.__setitem__(name, str(param(m).dtype)))
     ids, labels, doc_start = (local_segment(t, mesh["cp"].get_group(), CHUNK) for t in packed_batch(2, 32, 0))
     logits = model(ids, doc_start=doc_start)
     loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
