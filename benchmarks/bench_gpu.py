@@ -40,19 +40,49 @@ TRAIN_CASES = {  # preset -> lengths; 1.3B at 32K only fits with activation chec
 }
 
 
+DEVICE = "cuda"  # --device cpu runs every section at --tiny sizes: a smoke test of this script without a GPU
+
+
 def log(*args) -> None:
     print(*args, flush=True)
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast():
+    return torch.autocast(DEVICE, dtype=torch.bfloat16)
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+
+
+def peak_allocated() -> int:
+    return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+
+
+def reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 # ---- models ----------------------------------------------------------------------------------------------------
-def build(arch: str, preset: str, device: str = "cuda", seed: int = 0):
+def build(arch: str, preset: str, seed: int = 0):
     from megalodon import Megalodon, MegalodonConfig
     from megalodon.baseline import Llama, matched_llama_config
 
     config = MegalodonConfig.from_preset(preset)
     torch.manual_seed(seed)
     model = Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
-    return model.to(device)
+    return model.to(DEVICE)
 
 
 def compiled(model, arch: str):
@@ -84,9 +114,11 @@ def loss_of(model, ids):
 def section_env() -> dict:
     from megalodon.ops.triton import disabled_ops, triton_installed
 
-    props = torch.cuda.get_device_properties(0)
-    info = {"device": props.name, "memory_gib": round(props.total_memory / GiB, 1), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": None, "triton_disabled": sorted(disabled_ops())}
+    info = {"device": "cpu", "torch": torch.__version__, "cuda": torch.version.cuda, "triton": None,
+            "triton_disabled": sorted(disabled_ops())}
+    if DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, memory_gib=round(props.total_memory / GiB, 1))
     if triton_installed():
         import triton
 
@@ -98,21 +130,21 @@ def section_env() -> dict:
     return info
 
 
-def section_parity() -> dict:
+def section_parity(preset: str) -> dict:
     """The CUDA path (Triton kernels where they run) against the CPU reference path, fp32."""
     log("## Parity: CUDA against CPU (fp32), bf16 against fp32, split invariance\n")
     from megalodon import Megalodon, MegalodonConfig
 
     results = {}
     # mega200M's shape with 2 layers: every kernel at its real width, a CPU pass that takes seconds.
-    config = MegalodonConfig.from_preset("mega200M", num_layers=2)
+    config = MegalodonConfig.from_preset(preset, num_layers=2)
     torch.manual_seed(0)
     cpu = Megalodon(config).float()
     with torch.no_grad():  # move the zero-initialized affines off zero so that they matter
         for name, param in cpu.named_parameters():
             if name.endswith(("norm.weight", "norm.bias", "mega.gamma", "mega.beta")):
                 param.normal_(0.0, 0.1)
-    gpu = Megalodon(config).cuda()
+    gpu = Megalodon(config).to(DEVICE)
     gpu.load_state_dict(cpu.state_dict())
     length = 2 * config.chunk_size + 777  # two whole chunks and a partial one
     ids = torch.randint(0, config.vocab_size, (2, length))
@@ -125,21 +157,21 @@ def section_parity() -> dict:
         return logits.detach().float().cpu(), grads
 
     ref_logits, ref_grads = run(cpu, ids)
-    out_logits, out_grads = run(gpu, ids.cuda())
+    out_logits, out_grads = run(gpu, ids.to(DEVICE))
     results["logits_max_rel"] = float((out_logits - ref_logits).abs().max() / ref_logits.abs().max())
     worst = max(ref_grads, key=lambda n: float((out_grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp(
         min=1e-30)))
     results["grad_worst_param"] = worst
     results["grad_worst_rel"] = float((out_grads[worst] - ref_grads[worst]).norm() / ref_grads[worst].norm())
 
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        bf16 = gpu(ids.cuda()).float().cpu()
+    with torch.no_grad(), autocast():
+        bf16 = gpu(ids.to(DEVICE)).float().cpu()
     results["bf16_logits_max_rel"] = float((bf16 - ref_logits).abs().max() / ref_logits.abs().max())
 
     with torch.no_grad():
         cut = config.chunk_size + 313
-        first, state = gpu(ids[:, :cut].cuda(), return_state=True)
-        second = gpu(ids[:, cut:].cuda(), state=state)
+        first, state = gpu(ids[:, :cut].to(DEVICE), return_state=True)
+        second = gpu(ids[:, cut:].to(DEVICE), state=state)
         split = torch.cat([first, second], dim=1).float().cpu()
     results["split_max_rel"] = float((split - out_logits).abs().max() / out_logits.abs().max())
 
@@ -155,18 +187,18 @@ def section_parity() -> dict:
 
 def time_steps(model, ids, repeats: int) -> tuple[float, float]:
     """Seconds per forward+backward and the activation memory (GiB) of one step."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    sync()
+    reset_peak()
+    before = allocated()
+    with autocast():
         loss_of(model, ids).backward()
-    torch.cuda.synchronize()
-    activation = (torch.cuda.max_memory_allocated() - before) / GiB
+    sync()
+    activation = (peak_allocated() - before) / GiB
     start = time.perf_counter()
     for _ in range(repeats):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast():
             loss_of(model, ids).backward()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeats, activation
 
 
@@ -181,14 +213,14 @@ def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: boo
                 checkpointed(model)
             if compile_models:
                 model = compiled(model, arch)
-            ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
-            with torch.autocast("cuda", dtype=torch.bfloat16):  # warm-up, compilation included
+            ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
+            with autocast():  # warm-up, compilation included
                 loss_of(model, ids).backward()
             models[arch] = (model, ids)
         except torch.cuda.OutOfMemoryError:
             row[arch] = {"error": "out of memory"}
             models.pop(arch, None)
-            torch.cuda.empty_cache()
+            free_cache()
     timings = {arch: [] for arch in models}
     for _ in range(repeats):
         for arch, (model, ids) in models.items():
@@ -202,11 +234,12 @@ def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: boo
             best = min(s for s, _ in samples)
             row[arch] = {"tokens_per_s": length / best, "activation_gib": max(a for _, a in samples)}
     del models
-    torch.cuda.empty_cache()
+    free_cache()
     return row
 
 
-def section_train(presets: list[str], lengths: list[int] | None, modes: list[str], repeats: int) -> list[dict]:
+def section_train(presets: list[str], lengths: list[int] | None, modes: list[str], repeats: int,
+                  checkpoint_from: int = 16384) -> list[dict]:
     log("## Training step: forward + backward, batch 1, bf16 autocast\n")
     log("| preset | L | mode | Megalodon tok/s | Llama tok/s | ratio | Megalodon act. GiB | Llama act. GiB |")
     log("|---|---|---|---|---|---|---|---|")
@@ -214,7 +247,7 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
     for preset in presets:
         for length in lengths or TRAIN_CASES.get(preset, [4096]):
             for mode in modes:
-                checkpoint = preset != "mega200M" and length >= 16384
+                checkpoint = preset == "mega1.3B" and length >= checkpoint_from
                 label = mode + (" + act. ckpt" if checkpoint else "")
                 try:
                     row = measure_pair(preset, length, mode == "compiled", checkpoint, repeats)
@@ -232,7 +265,7 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
 
                 ratio = (f"{mega['tokens_per_s'] / llama['tokens_per_s']:.2f}"
                          if "tokens_per_s" in mega and "tokens_per_s" in llama else "-")
-                log(f"| {preset} | {length // 1024}K | {label} | {rate(mega)} | {rate(llama)} | {ratio} | "
+                log(f"| {preset} | {length:,} | {label} | {rate(mega)} | {rate(llama)} | {ratio} | "
                     f"{act(mega)} | {act(llama)} |")
     log()
     return rows
@@ -314,33 +347,35 @@ def section_decode(preset: str, positions: list[int], steps: int) -> list[dict]:
             else:
                 log(f"| {arch} | {position:,} | {result['decode_tokens_per_s']:,.0f} | "
                     f"{result['prefill_tokens_per_s']:,.0f} | {result['state_bytes'] / 2**20:,.1f} |")
-            torch.cuda.empty_cache()
+            free_cache()
         del model
-        torch.cuda.empty_cache()
+        free_cache()
     log()
     return rows
 
 
-def section_profile(out: Path | None) -> None:
-    log("## Profile: one mega200M step at 4K (eager, bf16 autocast)\n")
+def section_profile(preset: str, length: int, out: Path | None) -> None:
+    log(f"## Profile: one {preset} step at {length} tokens (eager, bf16 autocast)\n")
     from torch.profiler import ProfilerActivity, profile
 
-    model = build("megalodon", "mega200M")
-    ids = torch.randint(0, model.config.vocab_size, (1, 4096), device="cuda")
+    model = build("megalodon", preset)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
     for _ in range(2):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast():
             loss_of(model, ids).backward()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with autocast():
             loss_of(model, ids).backward()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        sync()
+    sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
     launches = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
     log(f"CUDA kernel launches in one step: {launches:,}\n")
     log("```\n" + table + "\n```\n")
     if out is not None:
-        prof.export_chrome_trace(str(out / "trace_mega200M_4K.json"))
+        prof.export_chrome_trace(str(out / f"trace_{preset}_{length}.json"))
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -358,10 +393,21 @@ def main() -> None:
     parser.add_argument("--decode-positions", nargs="+", type=int, default=[2048, 1 << 20])
     parser.add_argument("--decode-steps", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None, help="write results.json (and the profile trace) here")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a smoke test of this script at tiny sizes (tests/test_bench_gpu.py runs it)")
+    parser.add_argument("--strict", action="store_true", help="a failing section fails the run (for the smoke test)")
     args = parser.parse_args()
 
-    if not torch.cuda.is_available():
-        sys.exit("bench_gpu.py needs a CUDA device; for CPU figures use benchmarks/bench_model.py")
+    global DEVICE
+    DEVICE = args.device
+    parity_preset, profile_case = "mega200M", ("mega200M", 4096)
+    if DEVICE == "cpu":  # the smoke test: every code path at the tiny preset's sizes
+        args.presets, args.lengths, parity_preset, profile_case = ["tiny"], [160], "tiny", ("tiny", 96)
+        args.decode_preset, args.decode_positions, args.decode_steps = "tiny", [64, 300], 8
+        args.repeats, args.jax_lengths = 1, [128]
+    elif not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA device; for CPU figures use benchmarks/bench_model.py "
+                 "(--device cpu only smoke-tests this script)")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32; training runs in bf16 anyway
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.out is not None:
@@ -370,11 +416,11 @@ def main() -> None:
     started = time.perf_counter()
     runners = {
         "env": lambda: section_env(),
-        "parity": lambda: section_parity(),
+        "parity": lambda: section_parity(parity_preset),
         "train": lambda: section_train(args.presets, args.lengths, args.modes, args.repeats),
         "jax": lambda: section_jax(args.jax_lengths, args.repeats),
         "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps),
-        "profile": lambda: section_profile(args.out),
+        "profile": lambda: section_profile(*profile_case, args.out),
     }
     for name in sections:
         if name not in runners:
@@ -383,6 +429,8 @@ def main() -> None:
         try:
             results[name] = runners[name]()
         except Exception as err:  # one broken section must not cost the others on a rented GPU
+            if args.strict:
+                raise
             log(f"section {name} failed: {type(err).__name__}: {err}\n")
             results[name] = {"error": f"{type(err).__name__}: {err}"}
         log(f"({name}: {time.perf_counter() - section_start:.0f} s)\n")

@@ -1,0 +1,23 @@
+"""benchmarks/bench_gpu.py runs on rented GPU time, so its every section is smoke-tested here on the CPU at tiny
+sizes: an API change that would break it fails in CI, not on the device."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_every_section_on_cpu(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--strict",
+         "--modes", "eager", "--sections", "env,parity,train,jax,decode,profile", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for heading in ("## Parity", "## Training step", "## Decode", "## Profile"):
+        assert heading in out.stdout
+    assert "FAIL" not in out.stdout
+    assert (tmp_path / "results.json").is_file()
