@@ -1,15 +1,16 @@
 """Experiment 5: Megalodon `small` against the parameter-matched Llama, 3 seeds, two corpora, with error bars.
 
 Phase `tokens`: both architectures train on the same tokens (same seed: same data order) for the same steps.
-Phase `walltime` (run it last: the machine is shared and wall-clock is noisy): the Llama trains for the
-training-loop seconds its Megalodon twin took, so it sees more tokens when it is faster.
+Phase `walltime` (run it last: the machine is shared and wall-clock is noisy): both train for the same
+wall-clock seconds of training loop (`--seconds`), Megalodon and the Llama of each seed one after the other so
+that they meet similar load; the faster one sees more tokens.
 
 Each run is the project's own trainer (`megalodon train`), validated at the end on the whole validation split
 (bits per byte over whole documents, Megalodon streaming its state, the Llama in 1024-token windows).
 A difference between means smaller than the larger standard deviation is reported as a tie.
 
     python benchmarks/long_context/head_to_head.py --phase tokens          # the small settings: 48 steps of 4x1024
-    python benchmarks/long_context/head_to_head.py --phase walltime
+    python benchmarks/long_context/head_to_head.py --phase walltime --seconds 60
     python benchmarks/long_context/head_to_head.py --phase tokens --steps 200 --tag long
 """
 
@@ -52,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=["tokens", "walltime"], required=True)
     parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--seconds", type=float, default=60.0, help="walltime phase: training seconds per run")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--corpora", nargs="+", default=list(CORPORA))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
@@ -63,29 +65,28 @@ def main() -> None:
     for corpus in args.corpora:
         for seed in args.seeds:
             cfg = base_config(args.steps, args.preset, corpus, seed)
-            mega = trained(cfg, run_dir(args.tag, corpus, "megalodon", seed))
-            runs[f"{corpus}/megalodon/{seed}"] = mega
-            if args.phase == "tokens":
-                runs[f"{corpus}/llama/{seed}"] = trained(replace(cfg, arch="llama"),
-                                                         run_dir(args.tag, corpus, "llama", seed))
-            else:
-                budget = replace(cfg, arch="llama", max_steps=0, time_budget_min=mega["train_s"] / 60)
-                runs[f"{corpus}/llama-walltime/{seed}"] = trained(budget, run_dir(args.tag, corpus, "llama-walltime",
-                                                                                   seed))
+            for arch in ("megalodon", "llama"):
+                if args.phase == "tokens":
+                    name, run_cfg = arch, replace(cfg, arch=arch)
+                else:
+                    name = f"{arch}-walltime"
+                    run_cfg = replace(cfg, arch=arch, max_steps=0, time_budget_min=args.seconds / 60)
+                runs[f"{corpus}/{name}/{seed}"] = trained(run_cfg, run_dir(args.tag, corpus, name, seed))
     results = {"command": command(), "machine": machine(), "phase": args.phase, "seeds": args.seeds,
-               "budget": {"preset": args.preset, "steps": args.steps, "seq_len": 1024, "batch_size": 4,
-                          "tokens": args.steps * 4 * 1024}, "runs": runs}
+               "budget": {"preset": args.preset, "seq_len": 1024, "batch_size": 4, **(
+                   {"steps": args.steps, "tokens": args.steps * 4 * 1024} if args.phase == "tokens"
+                   else {"seconds": args.seconds})}, "runs": runs}
     save_results(f"head-to-head-{args.tag}-{args.phase}", results, table(results, args))
 
 
 def table(results: dict, args) -> str:
-    rival = "llama" if args.phase == "tokens" else "llama-walltime"
-    header = ["corpus", "megalodon bits/byte", f"{rival} bits/byte", "difference (mega - llama)",
-              "paired differences", "verdict", "megalodon tok/s", "llama tok/s", "llama tokens"]
+    suffix = "" if args.phase == "tokens" else "-walltime"
+    header = ["corpus", "megalodon bits/byte", "llama bits/byte", "difference (mega - llama)", "paired differences",
+              "verdict", "megalodon tok/s", "llama tok/s", "megalodon tokens", "llama tokens"]
     rows = []
     for corpus in args.corpora:
-        mega = [results["runs"][f"{corpus}/megalodon/{s}"] for s in args.seeds]
-        other = [results["runs"][f"{corpus}/{rival}/{s}"] for s in args.seeds]
+        mega = [results["runs"][f"{corpus}/megalodon{suffix}/{s}"] for s in args.seeds]
+        other = [results["runs"][f"{corpus}/llama{suffix}/{s}"] for s in args.seeds]
         a, b = [r["val_bpb"] for r in mega], [r["val_bpb"] for r in other]
         diff = statistics.mean(a) - statistics.mean(b)
         spread = max(_sd(a), _sd(b))
@@ -93,6 +94,7 @@ def table(results: dict, args) -> str:
         rows.append([corpus, _mean_sd(a), _mean_sd(b), f"{diff:+.3f}", " ".join(f"{x - y:+.3f}" for x, y in zip(a, b)),
                      verdict, f"{statistics.mean(r['tokens_per_s'] for r in mega):,.0f}",
                      f"{statistics.mean(r['tokens_per_s'] for r in other):,.0f}",
+                     f"{statistics.mean(r['tokens'] for r in mega):,.0f}",
                      f"{statistics.mean(r['tokens'] for r in other):,.0f}"])
     return markdown_table(header, rows)
 

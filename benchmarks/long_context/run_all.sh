@@ -11,4 +11,4 @@ $PY passkey.py
 $PY listops.py
 $PY head_to_head.py --phase tokens
 $PY extrapolation.py
-$PY head_to_head.py --phase walltime
+$PY head_to_head.py --phase walltime --seconds 60
