@@ -105,12 +105,18 @@ class Megalodon(nn.Module):
         start = torch.zeros(batch, dtype=torch.int64, device=x.device) if position is None else position
         return logits, MegalodonState(new_layers, final_stats, start + length)
 
+    def decode_constants(self) -> list:
+        """Per layer, what decode_step_ derives from the parameters alone (MovingAverageGatedAttention
+        .decode_constants): compute them once per generation and pass them to every step."""
+        return [block.mega.decode_constants() for block in self.layers]
+
     @torch.no_grad()
-    def decode_step_(self, input_ids: Tensor, state: DecodeState) -> Tensor:
+    def decode_step_(self, input_ids: Tensor, state: DecodeState, constants: list | None = None) -> Tensor:
         """One token per row, input_ids (B,) int64, advancing the static `state` in place; returns the logits
         (B, output_size) in fp32 (or better). Equal to forward() on (B, 1) ids with the MegalodonState that
         `state` holds, rows at any in-chunk positions, but with no host sync and no data-dependent shape, so a
         CUDA graph or torch.compile can hold it (megalodon.inference.decoding.StaticDecoder does).
+        constants: decode_constants() (None computes them in the step, which costs a few kernels per layer).
 
         The ids' values are not checked here (on a GPU that needs a sync): StaticDecoder checks what it can."""
         if input_ids.shape != (state.batch_size,):
@@ -120,8 +126,9 @@ class Megalodon(nn.Module):
         x = self.embed(input_ids).unsqueeze(1)  # B x 1 x D
         if self.config.scale_emb:
             x = x * math.sqrt(self.config.model_dim)
-        for block, layer_state in zip(self.layers, state.layers, strict=True):
-            y = block.mega.decode_step_(x, self.rope.freqs, fill, layer_state)
+        constants = [None] * len(self.layers) if constants is None else constants
+        for block, layer_state, layer_constants in zip(self.layers, state.layers, constants, strict=True):
+            y = block.mega.decode_step_(x, self.rope.freqs, fill, layer_state, layer_constants)
             x = block.nffn(y, residual=x)  # the two-hop residual, as in MegalodonBlock.forward
         xn = self.output.final_norm.step_(x, state.final_norm)
         logits = self.output.output(xn.to(x.dtype))[:, 0]

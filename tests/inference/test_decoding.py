@@ -32,12 +32,14 @@ def test_decode_steps_equal_the_blocked_forward_at_every_position(seed):
     steps = 2 * CHUNK + 3
     sequences = [random_ids(1, n + steps, seed + 10 * b)[0] for b, n in enumerate(lengths)]
     state = DecodeState.from_state(stacked_prefill(model, [s[:n] for s, n in zip(sequences, lengths)]), model.config)
+    decoder = StaticDecoder(model, state.clone())  # passes the CEMA constants computed once
     full = [model(s[None])[0] for s in sequences]  # L x V each
     for t in range(steps):
         ids = torch.stack([s[n + t] for s, n in zip(sequences, lengths)])
-        logits = model.decode_step_(ids, state)
+        logits = model.decode_step_(ids, state)  # computes them in the step
         for b, n in enumerate(lengths):
             torch.testing.assert_close(logits[b], full[b][n + t], rtol=0, atol=1e-10)
+        torch.testing.assert_close(decoder.step(ids), logits, rtol=0, atol=0)
     assert state.position.tolist() == [n + steps for n in lengths]
 
 

@@ -33,8 +33,9 @@ WARMUP_STEPS = 2  # before a capture: lazy initializations (cuBLAS, Triton JIT, 
 class StaticDecoder:
     """Single-token decode of a batch on static buffers.
 
-    model: a Megalodon or a Llama, in eval mode. state: its static state (DecodeState or StaticKVCache), which
-    step() advances in place; read it (e.g. `state.to_state()`) between steps.
+    model: a Megalodon or a Llama, in eval mode, its weights fixed while the decoder lives (Megalodon's
+    parameter-derived constants are computed once, here). state: its static state (DecodeState or StaticKVCache),
+    which step() advances in place; read it (e.g. `state.to_state()`) between steps.
     compile: run the step through torch.compile (Inductor, static shapes).
     cuda_graph: capture the step in a CUDA graph on the first step() and replay it; default on for CUDA states.
     """
@@ -52,6 +53,8 @@ class StaticDecoder:
             raise ValueError(f"cuda_graph=True needs the state on a CUDA device; it is on {device}")
         self.model, self.state, self.cuda_graph = model, state, cuda_graph
         self._step = torch.compile(model.decode_step_, dynamic=False) if compile else model.decode_step_
+        # Megalodon's parameter-derived constants (CEMA coefficients), computed once rather than every token.
+        self._constants = (model.decode_constants(),) if isinstance(state, DecodeState) else ()
         self._graph: torch.cuda.CUDAGraph | None = None
         self._ids: Tensor | None = None
         self._logits: Tensor | None = None
@@ -72,7 +75,7 @@ class StaticDecoder:
         self._check_room(1)
         self._furthest += 1
         if not self.cuda_graph:
-            return self._step(input_ids, self.state)
+            return self._step(input_ids, self.state, *self._constants)
         if self._graph is None:
             self._check_room(WARMUP_STEPS)  # warm-up writes these slots (then the positions are restored)
             self._capture()
@@ -99,12 +102,12 @@ class StaticDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                self._step(self._ids, self.state)
+                self._step(self._ids, self.state, *self._constants)
         torch.cuda.current_stream().wait_stream(side)
         restore()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._logits = self._step(self._ids, self.state)
+            self._logits = self._step(self._ids, self.state, *self._constants)
         self._graph = graph
 
 

@@ -19,7 +19,7 @@ from megalodon.layers.cema import CEMA
 from megalodon.layers.norms import RMSNorm, compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import apply_rotary, chunked_attention, decode_attention
-from megalodon.ops.cema import cema_step
+from megalodon.ops.cema import CemaCoefficients, cema_step
 from megalodon.ops.fused import gated_linear, rms_norm
 from megalodon.ops.static_kv import attend_slots, write_slot_
 from megalodon.state import LayerState
@@ -122,17 +122,25 @@ class MovingAverageGatedAttention(nn.Module):
         return out, new_state
 
     @torch.no_grad()
-    def decode_step_(self, x: Tensor, freqs: Tensor, fill: Tensor, state: DecodeLayerState) -> Tensor:
+    def decode_constants(self) -> tuple[CemaCoefficients, Tensor]:
+        """What decode_step_ derives from the parameters alone (the CEMA coefficients and omega, fp32 or better):
+        a decoder computes them once, not for every token. They hold the weights as they are now."""
+        with torch.autocast(self.cema.omega.device.type, enabled=False):
+            coeffs = self.cema.coefficients()
+            return coeffs, self.cema.omega.squeeze(-1).to(coeffs.p.dtype)
+
+    @torch.no_grad()
+    def decode_step_(self, x: Tensor, freqs: Tensor, fill: Tensor, state: DecodeLayerState,
+                     constants: tuple[CemaCoefficients, Tensor] | None = None) -> Tensor:
         """forward() for one token per row, x (B, 1, D), on static buffers (decode_state.py) updated in place: the
         norm statistics, the CEMA state, and the new key/value at slot fill[b] = position mod chunk_size, each row
         at its own in-chunk position. No host syncs and no data-dependent shapes: a CUDA graph can replay it.
-        Inference only (no dropout, no autograd)."""
+        constants: decode_constants(), or None to compute them here. Inference only (no dropout, no autograd)."""
         batch = x.shape[0]
         dtype = compute_dtype(x)
         xn = self.timenorm.step_(x, state.norm)  # B x 1 x D fp32
+        coeffs, omega = self.decode_constants() if constants is None else constants
         with torch.autocast(x.device.type, enabled=False):
-            coeffs = self.cema.coefficients()
-            omega = self.cema.omega.squeeze(-1).to(coeffs.p.dtype)
             c, _ = cema_step(xn[:, 0].to(coeffs.p.dtype), coeffs, omega, state.cema_h, out=state.cema_h)
         mx = self.rmsnorm(c.unsqueeze(1), dtype)
         z, gate, h1 = self._mixed_projections(mx)
