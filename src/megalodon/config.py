@@ -42,28 +42,28 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class MegalodonConfig:
-    vocab_size: int
-    output_size: int = -1
-    num_layers: int = 8
-    model_dim: int = 1024
-    z_dim: int = 256
-    value_dim: int = 2048
-    num_heads: int = 1
-    ffn_hidden_dim: int = 2048
-    cema_ndim: int = 16
-    chunk_size: int = 2048
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    norm_affine: bool = True
-    rope_base: float | None = None
-    swiglu: bool = False
-    rescale_nffn: bool = False
-    scale_emb: bool = False
-    share_emb: bool = False
-    init_mode: str = "he"
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
+    vocab_size: int  # token ids the embedding holds
+    output_size: int = -1  # output logits (-1: vocab_size)
+    num_layers: int = 8  # Megalodon blocks
+    model_dim: int = 1024  # width of the residual stream
+    z_dim: int = 256  # shared query/key representation Z
+    value_dim: int = 2048  # attention values
+    num_heads: int = 1  # attention heads (z_dim and value_dim are split among them)
+    ffn_hidden_dim: int = 2048  # feed-forward hidden width
+    cema_ndim: int = 16  # CEMA dimensions per model channel
+    chunk_size: int = 2048  # attention runs within chunks of this many tokens
+    norm_num_groups: int = 32  # TimestepNorm groups
+    norm_eps: float = 1e-5  # epsilon of the norms
+    norm_affine: bool = True  # learned scale and shift of the LayerNorm and RMSNorm
+    rope_base: float | None = None  # rotary base (None: 10000)
+    swiglu: bool = False  # SwiGLU feed-forward instead of the plain one
+    rescale_nffn: bool = False  # a learned per-channel scale on the feed-forward output
+    scale_emb: bool = False  # multiply embeddings by sqrt(model_dim)
+    share_emb: bool = False  # tie the output projection to the embedding
+    init_mode: str = "he"  # weight initialization: he, bert, gaussian or xavier
+    dropout: float = 0.0  # dropout on each sublayer's output
+    attention_dropout: float = 0.0  # dropout on attention weights
+    hidden_dropout: float = 0.0  # dropout inside the attention and feed-forward paths
 
     def __post_init__(self) -> None:
         self.validate()

@@ -52,7 +52,8 @@ def forward_loss(model, batch: Batch, state, stateful: bool):
 
 @torch.no_grad()
 def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int, device) -> dict:
-    """Loss over a whole split, streaming windows of each document with the carried state."""
+    """Loss over a split, streaming windows of each document with the carried state: the whole split, or its first
+    cfg.eval_tokens labels (bits/byte then count the split's bytes in proportion to the tokens read)."""
     was_training = model.training
     model.eval()
     nats, count, state = 0.0, 0, None
@@ -62,9 +63,12 @@ def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int
             loss, state = forward_loss(model, batch, state, stateful=isinstance(model, Megalodon))
         nats += float(loss)
         count += int((batch.labels != IGNORE_INDEX).sum())
+        if cfg.eval_tokens and count >= cfg.eval_tokens:
+            break
     model.train(was_training)
     mean = nats / max(count, 1)
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_bpb": bits_per_byte(nats, store.n_bytes)}
+    n_bytes = store.n_bytes * min(1.0, count / max(store.n_tokens - store.n_docs, 1))  # every label, if all read
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_bpb": bits_per_byte(nats, n_bytes)}
 
 
 @torch.no_grad()

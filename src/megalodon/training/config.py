@@ -21,49 +21,50 @@ DTYPES = ("auto", "bf16", "fp32")
 @dataclass
 class TrainConfig:
     # what to train
-    arch: str = "megalodon"  # or "llama", the matched baseline
+    arch: str = "megalodon"  # "megalodon", or "llama": the baseline matched to the preset
     preset: str = "small"  # a Megalodon preset; the baseline is matched to it by parameter count
-    model: dict = field(default_factory=dict)  # overrides of model fields, e.g. {"chunk_size": 128}
+    model: dict = field(default_factory=dict)  # overrides of model fields ([model] table, or --model.field)
     # data
     data: str = "shakespeare"  # a built-in corpus (shakespeare, bible, austen) or comma-separated paths
     data_dir: str = "data"  # cache of corpora, tokenizers and token stores
     tokenizer: str = "bpe"  # "bpe" (trained on the train split), "byte", or a path to a tokenizer.json/dir
     vocab_size: int = 8192  # for a trained BPE
     # batches
-    seq_len: int = 1024
+    seq_len: int = 1024  # tokens per training window (a multiple of the chunk size)
     batch_size: int = 8  # rows per optimizer step, split into grad_accum micro-batches
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
     stateful: bool = True  # carry the recurrent state across consecutive windows of a document (Megalodon)
     # length of the run: max_steps, or a wall-clock budget that fixes max_steps after a few timed steps
     max_steps: int = 0  # wins over time_budget_min when both are set
     time_budget_min: float = 0.0  # wall-clock minutes of the training loop; fixes max_steps at the end of warmup
     # optimization (reference defaults)
-    lr: float = 1e-3
-    warmup_steps: int = 100
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 100  # linear warmup from lr * warmup_init_ratio to lr
     warmup_init_ratio: float = 1e-4  # warmup starts at lr * this
     min_lr_ratio: float = 0.01  # the schedule ends at lr * this
-    schedule: str = "linear"
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    schedule: str = "linear"  # decay after warmup: "linear" or "cosine"
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.98  # AdamW
+    eps: float = 1e-8  # AdamW
+    weight_decay: float = 0.1  # AdamW, none on norms, biases and CEMA parameters
+    grad_clip: float = 1.0  # gradient norm clipping (0: off)
     # execution
-    dtype: str = "auto"  # bf16 autocast where the hardware has fast bf16, else fp32; weights stay fp32
-    compile: bool = False
-    activation_checkpointing: bool = False
+    dtype: str = "auto"  # "auto" (bf16 autocast where bf16 is fast, else fp32), "bf16" or "fp32"; weights stay fp32
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
     threads: int = 0  # torch threads; 0 keeps torch's default
-    seed: int = 0
+    seed: int = 0  # initialization, data order, document split and samples
     # logging, evaluation, checkpoints
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batch_size: int = 4
-    sample_every: int = 0  # 0: only at the end
-    sample_prompt: str = "ROMEO:"
-    sample_tokens: int = 120
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    tensorboard: bool = False
+    log_every: int = 10  # steps between metrics.jsonl records (and progress lines in a log)
+    eval_every: int = 200  # steps between validation runs (0: only at the end)
+    eval_batch_size: int = 4  # rows of validation windows
+    eval_tokens: int = 0  # validation tokens per evaluation (0: the whole split; bits/byte then scale its bytes)
+    sample_every: int = 0  # steps between printed samples (0: only at the end)
+    sample_prompt: str = "ROMEO:"  # what the samples continue
+    sample_tokens: int = 120  # tokens per sample
+    checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3  # the newest ones kept
+    tensorboard: bool = False  # also log to run_dir/tensorboard
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +98,7 @@ class TrainConfig:
             (self.log_every >= 1, "log_every", ">= 1"),
             (self.eval_every >= 0, "eval_every", ">= 0 (0: only at the end)"),
             (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),
+            (self.eval_tokens >= 0, "eval_tokens", ">= 0 (0: the whole split)"),
             (self.sample_every >= 0, "sample_every", ">= 0 (0: only at the end)"),
             (self.sample_prompt != "", "sample_prompt", "non-empty: the sample continues it"),
             (self.sample_tokens >= 1, "sample_tokens", ">= 1"),
