@@ -82,8 +82,9 @@ def _hf_adapter():
 
 def build_parser() -> argparse.ArgumentParser:
     from megalodon import __version__
+    from megalodon.cli_options import SPELLING_NOTE, Parser, add_verbosity_options
 
-    parser = argparse.ArgumentParser(prog="megalodon", description=__doc__)
+    parser = Parser(prog="megalodon", description=f"{__doc__} {SPELLING_NOTE}")
     parser.add_argument("--version", action="version", version=f"megalodon-torch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -112,20 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true",
                              help="show the full traceback of an error (or set MEGALODON_DEBUG=1)")
+        add_verbosity_options(command)
+    parser.verbs = sub.choices
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megalodon.cli_options import command_logging, resolve_device, unknown_option_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "takes_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "takes_overrides", False):
+            verb = parser.verbs[args.command]
+            verb.error(unknown_option_error(verb, extra, argv))
+    except SystemExit as done:  # --help, --version, or a usage error that argparse has printed
+        return done.code if isinstance(done.code, int) else 0
     debug = args.debug or os.environ.get("MEGALODON_DEBUG", "") not in ("", "0")
     prefix = f"megalodon {args.command}"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), command_logging(args.verbose, args.quiet):
             warnings.showwarning = lambda message, *_: print(f"{prefix}: note: {message}", file=sys.stderr)
             if getattr(args, "device", None) is not None:
+                args.device = resolve_device(args.device)
                 check_device(args.device)
             return args.run(args, extra) if getattr(args, "takes_overrides", False) else args.run(args)
     except KeyboardInterrupt:

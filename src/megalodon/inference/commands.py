@@ -21,12 +21,14 @@ def add_generate_parser(sub) -> None:
     p.add_argument("model_dir", help="model directory (config.json, model.safetensors, tokenizer)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", metavar="F", help="a file whose whole text is one prompt; '-' reads stdin")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = no limit")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: drawn; a session keeps its own)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample from the likeliest tokens whose probabilities sum to P (1: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1: off")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="random seed (default: drawn; a session keeps its own)")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after end-of-sequence")
     p.add_argument("--session-in", metavar="F", help="continue the conversation saved in this session file")
@@ -40,8 +42,10 @@ def add_generate_parser(sub) -> None:
 
 
 def _add_runtime_args(p) -> None:
-    p.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    from megalodon.cli_options import add_device_option
+
+    add_device_option(p)
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0: torch's choice)")
 
 
 def _set_up_torch(args) -> None:
@@ -224,8 +228,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--block-size", type=int, metavar="N", help="tokens per call (Megalodon: multiple of chunk)")
     p.add_argument("--bucket-edges", metavar="E", help="comma-separated, from 0 (default: 0,1024,2048,4096,...)")
     p.add_argument("--max-docs", type=int, metavar="N", help="evaluate only the first N documents")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="cache of corpora and token stores (default: data)")
-    p.add_argument("--split-seed", type=int, default=0,
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR", help="cache of corpora and token stores")
+    p.add_argument("--split-seed", type=int, default=0, metavar="N",
                    help="seed of the document split of a built-in --corpus; use the training run's seed to get "
                         "its held-out documents (or pass its token-store directory as --corpus)")
     _add_runtime_args(p)

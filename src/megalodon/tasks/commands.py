@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="--eval/--show: seed of the test examples")
     p.add_argument("--window", type=int, default=None, help="--eval: the Llama's sliding attention window")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present, else CPU), cpu or cuda")
     p.set_defaults(run=run_tasks, takes_overrides=True)
 
 

@@ -1,33 +1,47 @@
-"""`megalodon train` and `megalodon compare`."""
+"""`megalodon train` and `megalodon compare`: every TrainConfig field is an option, listed by --help."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
-from megalodon.training.config import TrainConfig, apply_overrides, read_config_file
+from megalodon.cli_options import SPELLING_NOTE, add_device_option, field_docs
+from megalodon.config import MegalodonConfig
+from megalodon.training.config import TrainConfig, parse_value, read_config_file
 from megalodon.training.run_dir import atomic_write_text, saved_options
 
+# A tiny byte-level run: 40 steps, and each evaluation reads 4096 validation tokens, not the whole split.
 QUICK = {"preset": "tiny", "tokenizer": "byte", "seq_len": 128, "batch_size": 4, "max_steps": 40, "eval_every": 20,
          "warmup_steps": 10, "checkpoint_every": 20, "sample_tokens": 60, "log_every": 5, "lr": 3e-3,
-         "time_budget_min": 0.0}
+         "time_budget_min": 0.0, "eval_tokens": 4096}
+MODEL_PREFIX = "model."
 
 
-def given_options(args: argparse.Namespace, overrides: list[str]) -> dict:
-    """The options the user gave: a config file, --quick, then --key value overrides."""
+def given_options(args: argparse.Namespace) -> dict:
+    """The options the user gave: a config file, --quick, then the --field and --model.field options."""
     values = read_config_file(args.config) if args.config else {}
     if args.quick:
         values = {**values, **QUICK}
-    return apply_overrides(values, overrides)
+    flags = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k != "model"}
+    model_flags = {k[len(MODEL_PREFIX):]: v for k, v in vars(args).items() if k.startswith(MODEL_PREFIX)}
+    values = {**values, **flags}
+    if model_flags:
+        model = values.get("model", {})
+        if not isinstance(model, dict):
+            raise ValueError(f"--model.* options need the config's model to be a table, got {model!r}")
+        values["model"] = {**model, **model_flags}
+    return values
 
 
-def resolve_config(args: argparse.Namespace, overrides: list[str], run_dir: Path | None = None) -> TrainConfig:
+def resolve_config(args: argparse.Namespace, run_dir: Path | None = None) -> TrainConfig:
     """The run's config. With --resume and a run in run_dir, its saved options with the given ones on top (the
     trainer refuses those that would change what the run computes), so that `--resume --run-dir DIR` alone
     continues the run."""
-    given = given_options(args, overrides)
+    given = given_options(args)
     if not args.resume or run_dir is None:
         return TrainConfig.from_dict(given)
     if (run_dir / "train_config.json").is_file():
@@ -42,15 +56,23 @@ def resolve_config(args: argparse.Namespace, overrides: list[str], run_dir: Path
                          f"describe a new one: {err}") from None
 
 
+def print_config(cfg: TrainConfig) -> int:
+    """--print_config: the resolved config as JSON (what train_config.json will hold; --config reads it back)."""
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
 def _default_run_dir(values: dict) -> Path:
     return Path("runs") / f"{values.get('arch', 'megalodon')}-{values.get('preset', 'small')}"
 
 
-def run_train(args: argparse.Namespace, overrides: list[str]) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from megalodon.training.trainer import train
 
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(given_options(args, overrides))
-    cfg = resolve_config(args, overrides, run_dir)
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(given_options(args))
+    cfg = resolve_config(args, run_dir)
+    if args.print_config:
+        return print_config(cfg)
     try:
         result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, device=args.device)
     except KeyboardInterrupt:  # before training started, or a third Ctrl-C: nothing half-written is kept
@@ -63,16 +85,18 @@ def run_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def run_compare(args: argparse.Namespace, overrides: list[str]) -> int:
+def run_compare(args: argparse.Namespace) -> int:
     """Megalodon and the matched Llama on the same tokens for the same number of steps, side by side."""
     from dataclasses import replace
 
     from megalodon.training.report import plot_curves, read_metrics
     from megalodon.training.trainer import train
 
-    preset = given_options(args, overrides).get("preset", "small")
+    preset = given_options(args).get("preset", "small")
     out = Path(args.run_dir) if args.run_dir else Path("runs") / f"compare-{preset}"
-    cfg = resolve_config(args, overrides, out / "megalodon")
+    cfg = resolve_config(args, out / "megalodon")
+    if args.print_config:
+        return print_config(cfg)
     if cfg.max_steps == 0:
         raise ValueError("compare needs a fixed --max_steps, so that both models see the same tokens")
     results = {}
@@ -105,15 +129,70 @@ def add_parsers(sub) -> None:
     for name, handler, helptext in (("train", run_train, "train a model (Megalodon or the matched Llama)"),
                                     ("compare", run_compare, "train Megalodon and the matched Llama on the same "
                                                              "tokens and compare")):
-        parser = sub.add_parser(name, help=helptext, allow_abbrev=False,
-                                description=helptext + ". Any TrainConfig field can be set as "
-                                "--field value (model fields as --model.field value).")
-        parser.add_argument("--config", help="a TOML, YAML or JSON file of options")
-        parser.add_argument("--run-dir", help="where checkpoints, metrics, plots and the model go")
+        parser = sub.add_parser(name, help=helptext, usage=f"megalodon {name} [--config FILE] [--quick] [--run-dir DIR] "
+                                "[--resume] [--print-config] [--FIELD VALUE ...] [--model.FIELD VALUE ...]",
+                                description=f"{helptext}. Options apply in this order: "
+                                f"--config, then --quick, then each --field. {SPELLING_NOTE}")
+        parser.add_argument("--config", help="a TOML, YAML or JSON file of options, or a built-in config's name "
+                                             "(demo)")
+        parser.add_argument("--run-dir", help="where checkpoints, metrics, plots and the model go (default: "
+                                              "runs/ARCH-PRESET, or runs/compare-PRESET)")
         parser.add_argument("--resume", action="store_true",
                             help="continue the run in --run-dir exactly, with its saved options (options given "
                                  "beside it may change its length and logging, not what it computes)")
         parser.add_argument("--overwrite", action="store_true", help="replace what --run-dir holds")
-        parser.add_argument("--quick", action="store_true", help="a tiny byte-level run that ends in under a minute")
-        parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-        parser.set_defaults(run=handler, takes_overrides=True)
+        parser.add_argument("--quick", action="store_true",
+                            help="a tiny byte-level run that ends in under a minute: " + _quick_text())
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved config as JSON and exit (it is a valid --config file)")
+        add_device_option(parser)
+        add_config_options(parser)
+        parser.set_defaults(run=handler)
+
+
+def _quick_text() -> str:
+    return ", ".join(f"{key} {value}" for key, value in QUICK.items()).replace("%", "%%")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """An option per TrainConfig field (`--seq-len`) and per model field (`--model.chunk-size`), grouped by the
+    dataclass's section comments, with its type, default and help line. An option not given stays out of the
+    namespace, so that a config file's value is kept."""
+    helps, sections = field_docs(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
+        section = sections.get(f.name) or "options"
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(f"training: {section}"))
+        _add_field(group, f.name, hints[f.name], f.default, helps.get(f.name, ""), f"default: {f.default!r}")
+    group = parser.add_argument_group("model fields (override the preset's; a [model] table in a config file)")
+    helps, _ = field_docs(MegalodonConfig)
+    hints = typing.get_type_hints(MegalodonConfig)
+    for f in dataclasses.fields(MegalodonConfig):
+        like = 0 if f.default is dataclasses.MISSING else f.default
+        _add_field(group, MODEL_PREFIX + f.name, hints[f.name], like, helps.get(f.name, ""), "default: the preset's")
+
+
+def _add_field(group, name: str, hint, like, helptext: str, default_text: str) -> None:
+    def parse(raw: str):
+        try:
+            return parse_value(raw, like, name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    text = f"{helptext} ({default_text})".replace("%", "%%")
+    option = "--" + name.replace("_", "-")
+    if hint is bool:  # --compile alone means true
+        group.add_argument(option, dest=name, type=parse, nargs="?", const=True, default=argparse.SUPPRESS,
+                           metavar="BOOL", help=text)
+    else:
+        group.add_argument(option, dest=name, type=parse, default=argparse.SUPPRESS, metavar=_metavar(hint),
+                           help=text)
+
+
+def _metavar(hint) -> str:
+    if isinstance(hint, type):
+        return hint.__name__.upper()
+    return "|".join("none" if arg is type(None) else arg.__name__.upper() for arg in typing.get_args(hint))

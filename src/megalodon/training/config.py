@@ -170,9 +170,10 @@ def _parse(path: Path, kind: str, parse, text: str, error: type[Exception]):
         raise ValueError(f"config file {path} is not valid {kind}: {err}") from None
 
 
-def _coerce(raw: str, like: Any, key: str) -> Any:
+def parse_value(raw: str, like: Any, key: str) -> Any:
+    """A command-line string as a value of the type of `like` (the field's default); `key` names it in errors."""
     if like is None:  # an optional number such as rope_base
-        return None if raw.lower() == "none" else _coerce(raw, 0.0, key)
+        return None if raw.lower() == "none" else parse_value(raw, 0.0, key)
     if isinstance(like, bool):
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
@@ -215,9 +216,9 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             if name not in model_names:
                 raise ValueError(f"unknown model field {_suggest(name, model_names)}")
             like = dataclasses.fields(MegalodonConfig)[model_names.index(name)].default
-            values["model"][name] = _coerce(raw, like if like is not dataclasses.MISSING else 0, key)
+            values["model"][name] = parse_value(raw, like if like is not dataclasses.MISSING else 0, key)
         elif key in names:
-            values[key] = _coerce(raw, defaults[key], key)
+            values[key] = parse_value(raw, defaults[key], key)
         else:
             raise ValueError(f"unknown training option {_suggest(key, names + ['model.<field>'])}")
     return values
