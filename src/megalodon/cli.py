@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true",
                              help="show the full traceback of an error (or set MEGALODON_DEBUG=1)")
         add_verbosity_options(command)
+        command.epilog = SPELLING_NOTE
     parser.verbs = sub.choices
     return parser
 

@@ -40,13 +40,14 @@ def test_crash_leftovers_are_removed_and_only_step_dirs_count(make_config, tmp_p
     assert (checkpoints / "step-backup").is_dir()
 
 
-def test_resume_before_the_first_checkpoint_says_so_and_resets_the_log(make_config, tmp_path, capsys):
+def test_resume_before_the_first_checkpoint_says_so_and_resets_the_log(make_config, tmp_path, caplog):
     run = tmp_path / "run"
     cfg = make_config(checkpoint_every=0)
     Trainer(cfg, run, progress=False).close()  # as if killed in step 1: the directory holds its config
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo')
-    train(cfg, run, resume=True, progress=False)
-    assert "no checkpoint yet" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="megalodon"):
+        train(cfg, run, resume=True, progress=False)
+    assert "no checkpoint yet" in caplog.text
     assert len(losses(run)) == 8 and losses(run)[0] != 5.0
 
 

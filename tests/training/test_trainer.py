@@ -104,11 +104,12 @@ def test_the_token_store_follows_edits_of_the_training_files(make_config, corpus
     assert prepare_data(cfg)[0] == after
 
 
-def test_extending_a_finished_run_continues_at_the_final_learning_rate(make_config, tmp_path, capsys):
+def test_extending_a_finished_run_continues_at_the_final_learning_rate(make_config, tmp_path, caplog):
     run = tmp_path / "run"
     train(make_config(max_steps=6), run, progress=False)
-    result = train(make_config(max_steps=9), run, resume=True, progress=False)
-    assert result.steps == 9 and "extending the run from 6 to 9 steps" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="megalodon"):
+        result = train(make_config(max_steps=9), run, resume=True, progress=False)
+    assert result.steps == 9 and "extending the run from 6 to 9 steps" in caplog.text
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if "loss" in r]
     assert len(lrs) == 9 and lrs[6:] == [pytest.approx(3e-5)] * 3  # the floor where the 6-step schedule ended

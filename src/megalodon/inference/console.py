@@ -6,7 +6,7 @@ import signal
 import sys
 import threading
 
-from tqdm import tqdm
+from megalodon.progress import progress_bar
 
 PROGRESS_DELAY_S = 3.0  # a prompt read faster than this shows no bar
 
@@ -46,7 +46,7 @@ class PrefillBar:
     def __init__(self, n_prompts: int, delay: float | None = None):
         self.n_prompts = n_prompts
         self.delay = PROGRESS_DELAY_S if delay is None else delay
-        self._bar: tqdm | None = None
+        self._bar = None  # a tqdm bar or a LogProgress, from the first update on
         self._row: int | None = None
         self.read = self.total = 0  # of the prompt being read
 
@@ -55,7 +55,7 @@ class PrefillBar:
             self.close()
             self._row = row
             desc = "reading the prompt" if self.n_prompts == 1 else f"reading prompt {row + 1}/{self.n_prompts}"
-            self._bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, delay=self.delay, leave=False,
+            self._bar = progress_bar(total=total, desc=desc, unit="tok", unit_scale=True, delay=self.delay, leave=False,
                              file=sys.stderr, dynamic_ncols=True)
         self._bar.update(read - self._bar.n)
         self.read, self.total = read, total

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from megalodon.baseline import Llama
 from megalodon.data.token_store import TokenStore
@@ -38,6 +37,7 @@ from megalodon.data.tokenizer import Tokenizer
 from megalodon.inference.generate import evaluation_mode
 from megalodon.inference.stream import RecencyWindow, check_truncate_chunks, default_block_tokens, stream_blocks
 from megalodon.model import Megalodon
+from megalodon.progress import progress_bar
 
 DEFAULT_FIRST_EDGE = 1024
 DEFAULT_MAX_CONTEXT = 8192
@@ -156,7 +156,7 @@ def evaluate(
     loss_sums = torch.zeros(len(edges) - 1, dtype=torch.float64)
     token_counts = torch.zeros(len(edges) - 1, dtype=torch.int64)
     device = next(model.parameters()).device
-    bar = tqdm(total=sum(d.ids.numel() - 1 for d in documents), disable=not progress, unit="tok",
+    bar = progress_bar(total=sum(d.ids.numel() - 1 for d in documents), disable=not progress, unit="tok",
                desc=result.label, leave=False, mininterval=2.0)
     start_time = time.perf_counter()
     with evaluation_mode(model):

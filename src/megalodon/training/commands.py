@@ -9,7 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
-from megalodon.cli_options import SPELLING_NOTE, add_device_option, field_docs
+from megalodon.cli_options import add_device_option, field_docs
 from megalodon.config import MegalodonConfig
 from megalodon.training.config import TrainConfig, parse_value, read_config_file
 from megalodon.training.run_dir import atomic_write_text, saved_options
@@ -132,7 +132,7 @@ def add_parsers(sub) -> None:
         parser = sub.add_parser(name, help=helptext, usage=f"megalodon {name} [--config FILE] [--quick] [--run-dir DIR] "
                                 "[--resume] [--print-config] [--FIELD VALUE ...] [--model.FIELD VALUE ...]",
                                 description=f"{helptext}. Options apply in this order: "
-                                f"--config, then --quick, then each --field. {SPELLING_NOTE}")
+                                "--config, then --quick, then each --field.")
         parser.add_argument("--config", help="a TOML, YAML or JSON file of options, or a built-in config's name "
                                              "(demo)")
         parser.add_argument("--run-dir", help="where checkpoints, metrics, plots and the model go (default: "

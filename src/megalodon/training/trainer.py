@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from megalodon.baseline import Llama, matched_llama_config
 from megalodon.checkpoint import save_pretrained
 from megalodon.config import MegalodonConfig
 from megalodon.data import IGNORE_INDEX, Batch, PackedBatcher
 from megalodon.model import Megalodon
+from megalodon.progress import progress_bar
 from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
 from megalodon.training.compute import autocast, evaluate, forward_loss, sample_text
 from megalodon.training.config import TrainConfig
@@ -26,6 +27,7 @@ from megalodon.training.report import strict_json, truncate_metrics, write_repor
 from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
 from megalodon.training.signals import StopSignals
 
+logger = logging.getLogger(__name__)
 CALIBRATION_STEPS = 5  # steady-state steps timed before a wall-clock budget is turned into max_steps
 
 
@@ -134,7 +136,7 @@ class Trainer:
         checkpoints = list_checkpoints(self.run_dir)
         if not checkpoints:
             cleared = " (the metrics it logged are cleared)" if metrics.exists() else ""
-            print(f"{self.run_dir} has no checkpoint yet: starting from step 0{cleared}")
+            logger.info("%s has no checkpoint yet: starting from step 0%s", self.run_dir, cleared)
             metrics.unlink(missing_ok=True)
             return 0.0
         previous = saved_options(self.run_dir)
@@ -179,7 +181,7 @@ class Trainer:
             plan = f"the schedule after warmup is planned for {cfg.max_steps} steps"
         self.max_steps = cfg.max_steps
         verb = "extending" if cfg.max_steps > (old or 0) else "shortening"
-        print(f"{verb} the run from {old or 'its time budget'} to {cfg.max_steps} steps: {plan}")
+        logger.info("%s the run from %s to %s steps: %s", verb, old or "its time budget", cfg.max_steps, plan)
         self.log({"step": self.step, "event": f"max_steps {old} -> {cfg.max_steps}", "lr_restart": self.restart})
 
     @property
@@ -247,7 +249,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self._pace_from: tuple[int, float] | None = None
-        bar = tqdm(total=self.max_steps or self.step + CALIBRATION_STEPS, initial=self.step, desc=cfg.arch,
+        bar = progress_bar(total=self.max_steps or self.step + CALIBRATION_STEPS, initial=self.step, desc=cfg.arch,
                    disable=not self.progress, dynamic_ncols=True)
         with StopSignals() as stop:
             try:
@@ -260,7 +262,8 @@ class Trainer:
             if self._done():
                 return self._finish()
             self.checkpoint()
-        print(f"stopped at step {self.step}; continue with: megalodon train --resume --run-dir {self.run_dir}")
+        logger.warning("stopped at step %d; continue with: megalodon train --resume --run-dir %s", self.step,
+                       self.run_dir)
         return RunResult(self.run_dir, self.step, math.nan, math.nan, self.tokens / max(self.train_time, 1e-9), "",
                          finished=False, stopped_by=stop.received)
 
