@@ -124,7 +124,7 @@ CLI_CASES = [
     generate_case("device cuda on a CPU-only torch", lambda ws: ["--prompt", "x", "--device", "cuda"], "--device"),
     generate_case("device nonsense", lambda ws: ["--prompt", "x", "--device", "gpu"], "--device"),
     generate_case("device cuda:7", lambda ws: ["--prompt", "x", "--device", "cuda:7"], "--device"),
-    generate_case("unknown option", lambda ws: ["--prompt", "x", "--temprature", "1"], "unrecognized"),
+    generate_case("unknown option", lambda ws: ["--prompt", "x", "--temprature", "1"], "did you mean 'temperature'"),
     # ---- prompt files
     generate_case("prompt file missing", lambda ws: ["--prompt-file", str(ws.root / "nope.txt")], "no file"),
     generate_case("prompt file a directory", lambda ws: ["--prompt-file", str(ws.root)], "directory"),
