@@ -62,6 +62,14 @@ def test_each_verb_takes_both_spellings(model_dir, tmp_path, capsys, spelling):
     printed = json.loads(capsys.readouterr().out)
     assert printed["seq_len"] == 64 and printed["model"] == {"chunk_size": 16}
     assert not (tmp_path / "r").exists()  # --print_config trains nothing
+    doc = tmp_path / "doc.txt"
+    doc.write_text("a few words to score " * 4)
+    assert main(["eval", str(model_dir), "--files", str(doc), "--out", str(tmp_path / "eval"), opt("max-docs"), "1",
+                 opt("block-size"), "16", opt("bucket-edges"), "0,8"]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"][0]
+    assert result["settings"]["block_size"] == 16 and result["loss_by_position"][0]["end"] == 8
+    assert main(["tasks", "recall", "--show", opt("task-option"), "gap=3", "--examples", "1"]) == 0
+    assert "'gap': 3" in capsys.readouterr().out
     preset_model = tmp_path / "preset-model"  # the tiny preset at a vocab it does not have by default
     Megalodon(MegalodonConfig.from_preset("tiny", vocab_size=300)).save_pretrained(preset_model)
     assert main(["convert", "to-reference", str(preset_model), str(tmp_path / "ref.pth")]) == 0

@@ -26,8 +26,8 @@ def progress_bar(total: int | None = None, desc: str = "", disable: bool = False
 
 
 class LogProgress:
-    """`desc: n/total (p%), postfix, elapsed, left` logged at most every `interval` seconds and at the end; nothing
-    at all for a loop that ends within `delay` seconds."""
+    """`desc: n/total (p%), postfix, elapsed, left` logged every `interval` seconds and once at the end; nothing at
+    all for a loop that ends within `delay` seconds."""
 
     def __init__(self, total: int | None, desc: str, initial: int = 0, delay: float = 0.0,
                  interval: float = LOG_INTERVAL_S):
@@ -41,7 +41,7 @@ class LogProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.perf_counter()
-        due = now >= self.first_line_at and (self.last_line_at is None or now - self.last_line_at >= self.interval)
+        due = now >= self.first_line_at and now - (self.last_line_at or self.start) >= self.interval
         if due or (self.total is not None and self.n >= self.total and now >= self.first_line_at):
             self._line(now)
 
