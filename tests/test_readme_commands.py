@@ -103,7 +103,8 @@ def environment(root: Path) -> dict:
 
 def run(command: list[str], root: Path, label: str) -> None:
     result = subprocess.run(command, cwd=root, env=environment(root), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{label}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, \
+        f"{label}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
 # Runs blocks sent as JSON lines in one namespace; answers each with one JSON line on the real stdout (the blocks'

@@ -129,10 +129,10 @@ def add_parsers(sub) -> None:
     for name, handler, helptext in (("train", run_train, "train a model (Megalodon or the matched Llama)"),
                                     ("compare", run_compare, "train Megalodon and the matched Llama on the same "
                                                              "tokens and compare")):
-        parser = sub.add_parser(name, help=helptext, usage=f"megalodon {name} [--config FILE] [--quick] [--run-dir DIR] "
-                                "[--resume] [--print-config] [--FIELD VALUE ...] [--model.FIELD VALUE ...]",
-                                description=f"{helptext}. Options apply in this order: "
-                                "--config, then --quick, then each --field.")
+        usage = (f"megalodon {name} [--config FILE] [--quick] [--run-dir DIR] [--resume] [--print-config] "
+                 "[--FIELD VALUE ...] [--model.FIELD VALUE ...]")
+        parser = sub.add_parser(name, help=helptext, usage=usage, description=f"{helptext}. Options apply in this "
+                                "order: --config, then --quick, then each --field.")
         parser.add_argument("--config", help="a TOML, YAML or JSON file of options, or a built-in config's name "
                                              "(demo)")
         parser.add_argument("--run-dir", help="where checkpoints, metrics, plots and the model go (default: "
@@ -159,14 +159,15 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     dataclass's section comments, with its type, default and help line. An option not given stays out of the
     namespace, so that a config file's value is kept."""
     helps, sections = field_docs(TrainConfig)
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups = {}  # section comment -> argument group
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
         section = sections.get(f.name) or "options"
-        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(f"training: {section}"))
-        _add_field(group, f.name, hints[f.name], f.default, helps.get(f.name, ""), f"default: {f.default!r}")
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"training: {section}")
+        _add_field(groups[section], f.name, hints[f.name], f.default, helps.get(f.name, ""), f"default: {f.default!r}")
     group = parser.add_argument_group("model fields (override the preset's; a [model] table in a config file)")
     helps, _ = field_docs(MegalodonConfig)
     hints = typing.get_type_hints(MegalodonConfig)
