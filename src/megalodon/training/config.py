@@ -16,6 +16,7 @@ from megalodon.config import MegalodonConfig, check_field_types
 ARCHS = ("megalodon", "llama")
 SCHEDULES = ("linear", "cosine")
 DTYPES = ("auto", "bf16", "fp32")
+PARALLEL_KINDS = ("fsdp", "ddp")
 
 
 @dataclass
@@ -54,6 +55,11 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
     threads: int = 0  # torch threads; 0 keeps torch's default
     seed: int = 0  # initialization, data order, document split and samples
+    # several processes (docs/distributed.md): torchrun -m megalodon train, or --nproc N
+    nproc: int = 0  # processes to start on this machine, as torchrun --standalone would (0: this one only)
+    parallel: str = "fsdp"  # on several ranks: "fsdp" (FSDP2, weights sharded) or "ddp" (weights replicated)
+    chunk_parallel: int = 1  # ranks that split every sequence between them (the mesh is dp x cp)
+    collective_timeout_min: float = 30.0  # a rank left waiting this long for the others ends the run
     # logging, evaluation, checkpoints
     log_every: int = 10  # steps between metrics.jsonl records (and progress lines in a log)
     eval_every: int = 200  # steps between validation runs (0: only at the end)
@@ -95,6 +101,10 @@ class TrainConfig:
             (self.vocab_size >= 259, "vocab_size", ">= 259 (256 bytes + specials)"),
             (self.threads >= 0, "threads", ">= 0 (0 keeps torch's default)"),
             (self.seed >= 0, "seed", ">= 0"),
+            (self.nproc >= 0, "nproc", ">= 0 (0: this process only)"),
+            (self.parallel in PARALLEL_KINDS, "parallel", f"one of {PARALLEL_KINDS}"),
+            (self.chunk_parallel >= 1, "chunk_parallel", ">= 1"),
+            (self.collective_timeout_min > 0, "collective_timeout_min", "> 0"),
             (self.log_every >= 1, "log_every", ">= 1"),
             (self.eval_every >= 0, "eval_every", ">= 0 (0: only at the end)"),
             (self.eval_batch_size >= 1, "eval_batch_size", ">= 1"),

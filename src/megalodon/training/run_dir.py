@@ -25,7 +25,7 @@ TEMP_MARK = ".tmp-"  # in the name of every temporary file or directory: `.<fina
 RESUMABLE_CHANGES = frozenset({
     "max_steps", "time_budget_min", "data_dir", "threads", "compile", "activation_checkpointing", "log_every",
     "eval_every", "eval_batch_size", "sample_every", "sample_prompt", "sample_tokens", "checkpoint_every",
-    "keep_checkpoints", "tensorboard",
+    "keep_checkpoints", "tensorboard", "nproc", "parallel", "chunk_parallel", "collective_timeout_min",
 })
 
 
