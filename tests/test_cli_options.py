@@ -124,10 +124,13 @@ def test_field_docs_reads_inline_comments_and_sections():
         c: dict = dataclasses.field(
             default_factory=dict)  # spans lines
         d: float = 0.5
+        e: int = dataclasses.field(default=0, metadata={"help": "from metadata"})  # not this
 
     helps, sections = field_docs(Example)
-    assert helps == {"a": "the a", "b": 'the b, with a "quote" # and a hash', "c": "spans lines", "d": ""}
-    assert sections == {"a": "first part", "b": "first part", "c": "second part", "d": "second part"}
+    assert helps == {"a": "the a", "b": 'the b, with a "quote" # and a hash', "c": "spans lines", "d": "",
+                     "e": "from metadata"}
+    assert sections == {"a": "first part", "b": "first part", "c": "second part", "d": "second part",
+                        "e": "second part"}
 
 
 def test_generate_help_shows_defaults(capsys):

@@ -127,15 +127,16 @@ def command_logging(verbose: bool = False, quiet: bool = False):
 # ---- dataclass fields as options ---------------------------------------------------------------------------------
 def field_docs(cls) -> tuple[dict[str, str], dict[str, str]]:
     """(help, section) of each field of a dataclass, read from its source: the comment at the end of the field's
-    line is its help, and the last comment line above it names its section. Empty when the source is missing."""
+    line is its help (or `metadata={"help": ...}`), and the last comment line above it names its section."""
+    fields = dataclasses.fields(cls)
     try:
         source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}, {}
+    except (OSError, TypeError):  # no source (a frozen application): the metadata alone
+        return {f.name: f.metadata.get("help", "") for f in fields}, {}
     lines = source.splitlines()
     comments = {token.start[0]: token.string.lstrip("#").strip()
                 for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in fields}
     helps, sections, section, previous_end = {}, {}, "", 0
     for node in ast.parse(source).body[0].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names):
@@ -143,7 +144,8 @@ def field_docs(cls) -> tuple[dict[str, str], dict[str, str]]:
         for line in range(previous_end + 1, node.lineno):  # comment lines of their own above the field
             if line in comments and lines[line - 1].lstrip().startswith("#"):
                 section = comments[line]
-        helps[node.target.id] = comments.get(node.end_lineno, "")
-        sections[node.target.id] = section
+        name = node.target.id
+        helps[name] = cls.__dataclass_fields__[name].metadata.get("help") or comments.get(node.end_lineno, "")
+        sections[name] = section
         previous_end = node.end_lineno
     return helps, sections
