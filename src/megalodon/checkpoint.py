@@ -205,6 +205,10 @@ def load_pretrained(directory: str | Path, map_location="cpu", verify: bool = Tr
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no model directory at {directory}")
+    if not (directory / WEIGHTS_NAME).is_file() and (directory / "dcp" / ".metadata").is_file():
+        from megalodon.training.dist_checkpoint import load_sharded_model  # a checkpoint of a run on several ranks
+
+        return load_sharded_model(directory).to(map_location).eval()
     verified = verify_directory(directory) if verify else True
     config, model_class = read_config(directory / CONFIG_NAME)
     if not verified and (directory / WEIGHTS_NAME).is_file():

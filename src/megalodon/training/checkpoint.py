@@ -83,18 +83,24 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         state = {**trainer_state, "step": step, "optimizer": opt_meta, "stream_files": stream_files,
                  "num_streams": len(streams)}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for path in tmp.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+        write_manifest(tmp)
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json: the size and SHA-256 of every file under `directory` (by relative path), then sync them all,
+    so that the rename that follows publishes complete files."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for path in [*files, directory / MANIFEST]:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

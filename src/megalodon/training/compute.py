@@ -51,21 +51,26 @@ def forward_loss(model, batch: Batch, state, stateful: bool):
 
 
 @torch.no_grad()
-def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int, device) -> dict:
+def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int, device, ranks=None) -> dict:
     """Loss over a split, streaming windows of each document with the carried state: the whole split, or its first
-    cfg.eval_tokens labels (bits/byte then count the split's bytes in proportion to the tokens read)."""
+    cfg.eval_tokens labels (bits/byte then count the split's bytes in proportion to the tokens read).
+
+    On several ranks (megalodon.parallel.runtime.Ranks) every rank reads the same windows, each chunk-parallel
+    rank its own segment of them; the result is the same on every rank."""
     was_training = model.training
     model.eval()
     nats, count, state = 0.0, 0, None
     for batch in eval_windows(store, cfg.seq_len, chunk, pad_id, cfg.eval_batch_size):
-        batch = batch.to(device)
+        count += int((batch.labels != IGNORE_INDEX).sum())  # of the whole window: every rank stops together
+        batch = (batch if ranks is None else ranks.segment(batch)).to(device)
         with autocast(cfg, device):
             loss, state = forward_loss(model, batch, state, stateful=isinstance(model, Megalodon))
         nats += float(loss)
-        count += int((batch.labels != IGNORE_INDEX).sum())
         if cfg.eval_tokens and count >= cfg.eval_tokens:
             break
     model.train(was_training)
+    if ranks is not None:
+        nats = ranks.sum_cp([nats])[0]
     mean = nats / max(count, 1)
     n_bytes = store.n_bytes * min(1.0, count / max(store.n_tokens - store.n_docs, 1))  # every label, if all read
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_bpb": bits_per_byte(nats, n_bytes)}

@@ -1,4 +1,5 @@
-"""The training loop: stateful windows, bf16 autocast, accumulation, evaluation, exact resume."""
+"""The training loop: stateful windows, bf16 autocast, accumulation, evaluation, exact resume; on one process or
+on several (torchrun: FSDP2 or DDP, chunk parallelism; see megalodon.parallel.runtime)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from megalodon.config import MegalodonConfig
 from megalodon.data import IGNORE_INDEX, Batch, PackedBatcher
 from megalodon.model import Megalodon
 from megalodon.progress import progress_bar
+from megalodon.parallel.runtime import Ranks, launched_distributed, rank_device
+from megalodon.state import MegalodonState
 from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
 from megalodon.training.compute import autocast, evaluate, forward_loss, sample_text
 from megalodon.training.config import TrainConfig
 from megalodon.training.data import open_splits, prepare_data
+from megalodon.training.dist_checkpoint import is_sharded, load_sharded, save_sharded
 from megalodon.training.optim import build_optimizer, lr_at
 from megalodon.training.report import strict_json, truncate_metrics, write_report
 from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
@@ -67,25 +71,49 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
+def start_ranks(cfg: TrainConfig, device: torch.device) -> Ranks | None:
+    """The (dp, cp) mesh when this process is one of several ranks; None in a single process."""
+    if not launched_distributed():
+        if cfg.chunk_parallel > 1:
+            raise ValueError(f"--chunk_parallel {cfg.chunk_parallel} splits sequences across ranks, and this is one "
+                             f"process: launch with --nproc N or torchrun --nproc_per_node N (N a multiple of "
+                             f"{cfg.chunk_parallel})")
+        return None
+    return Ranks.start(cfg.parallel, cfg.chunk_parallel, chunk_size_of(cfg), device, cfg.collective_timeout_min)
+
+
 class Trainer:
     """One training run: built from a config and a run directory, resumable from its checkpoints.
 
-    It holds an exclusive lock on the run directory from construction to close() (`with Trainer(...)` closes)."""
+    It holds an exclusive lock on the run directory from construction to close() (`with Trainer(...)` closes).
+    On several ranks every rank builds one; rank 0 holds the lock and alone logs, samples and writes files."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  device: str = "cpu", progress: bool = True):
-        self.cfg, self.run_dir, self.device, self.progress = cfg, Path(run_dir), torch.device(device), progress
-        self.tensorboard = None
-        self.lock = RunDirLock(self.run_dir).acquire()  # before --overwrite may delete anything
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.device = rank_device(torch.device(device))
+        self.tensorboard = self.lock = None
+        self.ranks = start_ranks(cfg, self.device)
+        self.main = self.ranks is None or self.ranks.main
+        if not self.main:
+            logging.getLogger("megalodon").setLevel(logging.ERROR)  # rank 0 speaks for the run
         try:
+            self._on_main(self._lock)  # before --overwrite may delete anything
             self._setup(resume, overwrite)
         except BaseException:
             self.close()
             raise
 
+    def _lock(self) -> None:
+        self.lock = RunDirLock(self.run_dir).acquire()
+
+    def _on_main(self, fn):
+        """fn() on rank 0 only; its result, or its error, on every rank."""
+        return fn() if self.ranks is None else self.ranks.on_main(fn)
+
     def _setup(self, resume: bool, overwrite: bool) -> None:
         cfg = self.cfg
-        prepare_run_dir(self.run_dir, cfg.to_dict(), resume, overwrite)
+        self._on_main(lambda: prepare_run_dir(self.run_dir, cfg.to_dict(), resume, overwrite))
         torch.set_flush_denormal(True)  # fp32 training slows 3-4x on denormals on these CPUs
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -101,29 +129,40 @@ class Trainer:
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
         self.model = build_model(cfg, tok.vocab_size).to(self.device)
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.runner = self.model  # what a training step calls: the model, or DDP's wrapper of it
+        if self.ranks is not None:
+            self.ranks.check_shapes(cfg.batch_size, cfg.grad_accum, cfg.seq_len)
+            self.runner = self.ranks.wrap(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
+        # Every rank reads the same global batch and keeps its own rows (Ranks.rows): the cursor is global.
         self.batcher = PackedBatcher(train_store, cfg.batch_size, cfg.seq_len, self.chunk, cfg.seed, self.pad_id)
         self.stateful = cfg.stateful and isinstance(self.model, Megalodon)
         self.streams: list = [None] * cfg.grad_accum  # carried state of each micro-batch's rows
         self.step, self.max_steps, self.tokens, self.train_time, elapsed = 0, cfg.max_steps, 0, 0.0, 0.0
         self.restart: tuple[int, float] | None = None  # where the lr decay restarted after a change of length
+        self._stop_signal = 0  # on several ranks: the signal any rank received
         if resume:
             elapsed = self._resume()
-        atomic_write_text(self.run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
-        tok.save(self.run_dir / "model")
-
-        self.runner = self.model
-        if cfg.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
+        self._on_main(lambda: self._write_config(tok))
         if cfg.compile:
-            self.runner = torch.compile(self.model)
+            self.runner = torch.compile(self.runner)
         self.start_time = time.perf_counter() - elapsed
-        self.tensorboard = open_tensorboard(self.run_dir) if cfg.tensorboard else None
+        if cfg.tensorboard:
+            self._on_main(lambda: setattr(self, "tensorboard", open_tensorboard(self.run_dir)))
+
+    def _write_config(self, tokenizer) -> None:
+        atomic_write_text(self.run_dir / "train_config.json", json.dumps(self.cfg.to_dict(), indent=2))
+        tokenizer.save(self.run_dir / "model")
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
+        if self.ranks is not None:
+            self.ranks.close()
 
     def __enter__(self) -> "Trainer":
         return self
@@ -137,27 +176,30 @@ class Trainer:
         if not checkpoints:
             cleared = " (the metrics it logged are cleared)" if metrics.exists() else ""
             logger.info("%s has no checkpoint yet: starting from step 0%s", self.run_dir, cleared)
-            metrics.unlink(missing_ok=True)
+            self._on_main(lambda: metrics.unlink(missing_ok=True))
             return 0.0
         previous = saved_options(self.run_dir)
         latest = checkpoints[-1]
-        try:
-            verify_checkpoint(latest)
-        except ValueError as err:
-            older = f"; the previous checkpoint is {checkpoints[-2]}" if len(checkpoints) > 1 else ""
-            raise ValueError(f"refusing to resume: {err}{older}. Delete the damaged checkpoint to resume from "
-                             "the one before it") from None
-        saved, streams = load_checkpoint(latest, self.model, self.optimizer)
+        self._on_main(lambda: _verify_latest(checkpoints))
+        if is_sharded(latest):
+            saved, streams = load_sharded(latest, self.model, self.optimizer)
+        elif self.ranks is not None:
+            raise ValueError(f"{latest} was written by a run in one process: resume it in one process (without "
+                             "--nproc or torchrun), or start a new run on several ranks")
+        else:
+            saved, parts = load_checkpoint(latest, self.model, self.optimizer)
+            streams = MegalodonState.stack(parts) if parts and all(p is not None for p in parts) else None
         # Checkpoints written before these keys existed lack them: no data check, wall-clock as training time.
         if saved.get("data", self.data_fingerprint) != self.data_fingerprint:
             raise ValueError(f"the training data changed since {latest} was written ({self.cfg.data}): resuming "
                              "would not continue the same run. Restore the files, or start a new run")
-        self.streams = [None if s is None else s.to(self.device) for s in streams] or self.streams
+        if streams is not None and self.stateful:
+            self._set_streams(streams.to(self.device))
         self.batcher.load_state_dict(saved["batcher"])
         self.step, self.max_steps, self.tokens = saved["step"], saved["max_steps"], saved["tokens"]
         self.train_time = saved.get("train_s", saved["elapsed"])
         self.restart = tuple(saved["lr_restart"]) if saved.get("lr_restart") else None
-        truncate_metrics(metrics, self.step)
+        self._on_main(lambda: truncate_metrics(metrics, self.step))
         self._change_length(previous.get("time_budget_min"))
         return saved["elapsed"]
 
@@ -190,6 +232,8 @@ class Trainer:
         return time.perf_counter() - self.start_time
 
     def log(self, record: dict) -> None:
+        if not self.main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(strict_json(record) + "\n")
         if self.tensorboard is not None:
@@ -201,31 +245,65 @@ class Trainer:
         state = {"max_steps": self.max_steps, "lr_restart": self.restart, "elapsed": self.elapsed,
                  "train_s": self.train_time, "tokens": self.tokens, "batcher": self.batcher.state_dict(),
                  "data": self.data_fingerprint}
-        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                        self.streams if self.stateful else [], self.cfg.keep_checkpoints)
+        if self.ranks is None:
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                            self.streams if self.stateful else [], self.cfg.keep_checkpoints)
+        else:
+            save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, self._global_streams(),
+                         self.cfg.keep_checkpoints, self.ranks)
+
+    def _row_offset(self) -> int:
+        """Global batch row of this rank's first row."""
+        return 0 if self.ranks is None else self.ranks.dp_rank * (self.cfg.batch_size // self.ranks.dp)
+
+    def _set_streams(self, streams: MegalodonState) -> None:
+        """Hand each micro-batch its rows of the carried state of the whole global batch."""
+        if streams.batch_size != self.cfg.batch_size:
+            raise ValueError(f"the checkpoint carries the state of {streams.batch_size} rows; this run has "
+                             f"batch_size {self.cfg.batch_size}")
+        micro = self.cfg.batch_size // (self.cfg.grad_accum * (1 if self.ranks is None else self.ranks.dp))
+        first = self._row_offset()
+        self.streams = [streams[first + m * micro: first + (m + 1) * micro] for m in range(self.cfg.grad_accum)]
+
+    def _global_streams(self) -> MegalodonState | None:
+        """The carried state of every row of the global batch, in row order (collective on several ranks)."""
+        mine = None
+        if self.stateful and all(s is not None for s in self.streams):
+            mine = MegalodonState.stack([s.to("cpu") for s in self.streams])
+        everyone = self.ranks.gather(mine)[::self.ranks.cp]  # one rank per dp replica: cp ranks hold the same
+        return None if any(s is None for s in everyone) else MegalodonState.stack(everyone)
 
     def train_step(self) -> float:
         """One optimizer step over batch_size rows in grad_accum micro-batches; returns the mean loss.
         A non-finite loss or gradient stops the run before the optimizer touches the weights."""
         started = time.perf_counter()
-        cfg, micro = self.cfg, self.cfg.micro_batch_size
-        batch = self.batcher.next_batch().to(self.device)
-        n_labels = max(int((batch.labels != IGNORE_INDEX).sum()), 1)
+        cfg = self.cfg
+        batch = self.batcher.next_batch()
+        n_labels = max(int((batch.labels != IGNORE_INDEX).sum()), 1)  # over the global batch, on every rank
+        mine = (batch if self.ranks is None else self.ranks.rows(batch)).to(self.device)
+        micro = mine.input_ids.shape[0] // cfg.grad_accum
+        # FSDP and DDP average the ranks' gradients: scale up so that the result is the global token mean's
+        scale = (1 if self.ranks is None else self.ranks.world) / n_labels
         lr = lr_at(self.step, cfg, self.max_steps or 10 ** 9, self.restart)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
         for m in range(cfg.grad_accum):
             rows = slice(m * micro, (m + 1) * micro)
-            part = Batch(batch.input_ids[rows], batch.labels[rows], batch.doc_start[rows], batch.continues[rows])
+            part = Batch(mine.input_ids[rows], mine.labels[rows], mine.doc_start[rows], mine.continues[rows])
             with autocast(cfg, self.device):
                 loss, new_state = forward_loss(self.runner, part, self.streams[m], self.stateful)
-            (loss / n_labels).backward()  # every label weighs the same across micro-batches
+            (loss * scale).backward()  # every label weighs the same across micro-batches and ranks
             total += float(loss.detach())
-            if self.stateful:
-                self.streams[m] = new_state.detach()  # truncated BPTT: the state goes on, its graph does not
+            if self.stateful:  # truncated BPTT: the state goes on, its graph does not
+                new_state = new_state.detach()
+                self.streams[m] = new_state if self.ranks is None else \
+                    self.ranks.global_state(new_state, part.input_ids.shape[1])
+        if self.ranks is not None:
+            total = self.ranks.sum([total])[0]
         # max_norm inf only measures: the norm is what tells a diverging run apart
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if not (math.isfinite(total) and math.isfinite(self.grad_norm)):
             latest = list_checkpoints(self.run_dir)[-1:]
             raise RuntimeError(
@@ -250,10 +328,10 @@ class Trainer:
         self.model.train()
         self._pace_from: tuple[int, float] | None = None
         bar = progress_bar(total=self.max_steps or self.step + CALIBRATION_STEPS, initial=self.step, desc=cfg.arch,
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and self.main), dynamic_ncols=True)
         with StopSignals() as stop:
             try:
-                while not self._done() and self.step != stop_at_step and stop.received is None:
+                while not self._done() and self.step != stop_at_step and not self._stopping(stop):
                     loss = self.train_step()
                     bar.update(1)
                     self._after_step(loss, bar)
@@ -265,7 +343,14 @@ class Trainer:
         logger.warning("stopped at step %d; continue with: megalodon train --resume --run-dir %s", self.step,
                        self.run_dir)
         return RunResult(self.run_dir, self.step, math.nan, math.nan, self.tokens / max(self.train_time, 1e-9), "",
-                         finished=False, stopped_by=stop.received)
+                         finished=False, stopped_by=stop.received or self._stop_signal)
+
+    def _stopping(self, stop: StopSignals) -> bool:
+        """Whether a stop signal arrived; on several ranks, at any rank, so that all stop at the same step."""
+        if self.ranks is None:
+            return stop.received is not None
+        self._stop_signal = int(max(self.ranks.gather(stop.received or 0)))  # torchrun signals every rank
+        return self._stop_signal > 0
 
     def _calibrate(self, step: int, bar) -> None:
         """Turn the wall-clock budget into max_steps from the pace of steady-state steps.
@@ -278,8 +363,10 @@ class Trainer:
         first_step, first_time = self._pace_from
         if step - first_step < CALIBRATION_STEPS:
             return
-        per_step = (self.elapsed - first_time) / (step - first_step)
-        estimate = step + int((self.cfg.time_budget_min * 60 - self.elapsed) / per_step)
+        per_step, elapsed = (self.elapsed - first_time) / (step - first_step), self.elapsed
+        if self.ranks is not None:  # one estimate for all ranks: their clocks differ a little
+            per_step, elapsed = (v / self.ranks.world for v in self.ranks.sum([per_step, elapsed]))
+        estimate = step + int((self.cfg.time_budget_min * 60 - elapsed) / per_step)
         if step >= self.cfg.warmup_steps:
             self.max_steps = max(step + 1, estimate)
         bar.total = max(step + 1, estimate)
@@ -296,19 +383,41 @@ class Trainer:
                       "train_s": self.train_time, "elapsed_s": self.elapsed})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-            result = evaluate(self.model, self.val_store, cfg, self.chunk, self.pad_id, self.device)
+            result = evaluate(self.model, self.val_store, cfg, self.chunk, self.pad_id, self.device, self.ranks)
             self.log({"step": step, **result})
             bar.write(f"step {step}: val loss {result['val_loss']:.4f}, bits/byte {result['val_bpb']:.4f}")
         if cfg.sample_every and step % cfg.sample_every == 0:
-            bar.write(f"step {step} sample: {sample_text(self.model, self.tokenizer, cfg, self.device)!r}")
+            model = self._whole_model()
+            if self.main:
+                bar.write(f"step {step} sample: {sample_text(model, self.tokenizer, cfg, self.device)!r}")
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
             self.checkpoint()
 
+    def _whole_model(self) -> torch.nn.Module | None:
+        """The model as one process holds it, on rank 0 (None elsewhere): a plain copy on several ranks, gathered
+        from the shards (collective). Sampling and the final model directory use it."""
+        if self.ranks is None:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.main:
+            return None
+        with torch.random.fork_rng(devices=[]):  # initializing the copy must not move rank 0's random stream
+            model = build_model(self.cfg, self.tokenizer.vocab_size)
+        model.load_state_dict(full)
+        return model.to(self.device).train(self.model.training)
+
     def _finish(self) -> RunResult:
-        save_pretrained(self.model, self.run_dir / "model")
-        sample = sample_text(self.model, self.tokenizer, self.cfg, self.device)
-        timing = {"tokens": self.tokens, "train_s": self.train_time, "wall_s": self.elapsed}
-        final = write_report(self.run_dir, self.cfg, self.model, sample, self.batcher.padding_fraction, timing)
+        model = self._whole_model()
+
+        def report() -> tuple[dict, str]:
+            save_pretrained(model, self.run_dir / "model")
+            sample = sample_text(model, self.tokenizer, self.cfg, self.device)
+            timing = {"tokens": self.tokens, "train_s": self.train_time, "wall_s": self.elapsed}
+            return write_report(self.run_dir, self.cfg, model, sample, self.batcher.padding_fraction, timing), sample
+
+        final, sample = self._on_main(report)
         return RunResult(self.run_dir, self.step, final["val_loss"], final["val_bpb"], final["tokens_per_s"], sample)
 
 
@@ -325,3 +434,12 @@ def open_tensorboard(run_dir: Path):
     except ImportError:
         raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _verify_latest(checkpoints: list[Path]) -> None:
+    try:
+        verify_checkpoint(checkpoints[-1])
+    except ValueError as err:
+        older = f"; the previous checkpoint is {checkpoints[-2]}" if len(checkpoints) > 1 else ""
+        raise ValueError(f"refusing to resume: {err}{older}. Delete the damaged checkpoint to resume from "
+                         "the one before it") from None

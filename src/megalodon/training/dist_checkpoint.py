@@ -1,0 +1,128 @@
+"""Sharded training checkpoints for runs on several ranks (torch.distributed.checkpoint), with the promises of
+the single-process ones (training/checkpoint.py): built under a temporary name and renamed into place, a manifest
+of every file's size and SHA-256 written last, refused when damaged.
+
+    step-NNNNNNN/
+        dcp/                 the model and optimizer, one file per rank (keys are the plain model's names, so the
+                             checkpoint loads at any number of ranks, under FSDP, DDP or in one process)
+        config.json          the model's config
+        streams.safetensors  the carried state of every row of the global batch, in row order (stateful runs)
+        rng.safetensors, trainer_state.json, manifest.json
+
+Every rank writes its own shard of `dcp/`; rank 0 writes the rest and renames. The model directory a run ends
+with is always consolidated (model.safetensors); `consolidate` turns any sharded checkpoint into one too, and
+`megalodon.checkpoint.load_pretrained` reads a sharded checkpoint directly (generate, eval and convert take it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from megalodon.checkpoint import CONFIG_NAME, read_config, write_config
+from megalodon.state import MegalodonState
+from megalodon.training.checkpoint import MANIFEST, PREFIX, list_checkpoints, verify_checkpoint, write_manifest
+from megalodon.training.run_dir import TEMP_MARK
+
+SHARDS = "dcp"
+STREAMS = "streams.safetensors"
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / SHARDS / ".metadata").is_file()
+
+
+def _local_finite(model) -> bool:
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not torch.isfinite(local).all():
+            return False
+    return True
+
+
+def save_sharded(run_dir: Path, step: int, model, optimizer, trainer_state: dict, streams: MegalodonState | None,
+                 keep: int, ranks) -> Path:
+    """Collective: every rank calls it. `streams` (rank 0's argument counts) holds every row's carried state."""
+    ranks.agree(_local_finite(model), f"refusing to save a checkpoint at step {step}: non-finite weights; the "
+                                      "previous checkpoints are kept")
+    checkpoints = run_dir / "checkpoints"
+    final = checkpoints / f"{PREFIX}{step:07d}"
+
+    def begin() -> str | None:
+        if final.exists():  # this step is saved already (see save_checkpoint)
+            return None
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARK}", dir=checkpoints)
+
+    tmp = ranks.on_main(begin)
+    if tmp is None:
+        return final
+    tmp = Path(tmp)
+    try:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=dcp.FileSystemWriter(tmp / SHARDS))
+        ranks.barrier()  # every shard is on disk before rank 0 lists and hashes them
+        ranks.on_main(lambda: _finish(tmp, final, model, trainer_state, streams, step, ranks.world))
+    finally:
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if ranks.main:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _finish(tmp: Path, final: Path, model, trainer_state: dict, streams, step: int, world: int) -> None:
+    write_config(model.config, tmp / CONFIG_NAME)
+    if streams is not None:
+        streams.save(tmp / STREAMS, model.config)
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    state = {**trainer_state, "step": step, "format": "sharded", "ranks": world, "streams": streams is not None}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    write_manifest(tmp)
+    tmp.rename(final)
+
+
+def load_sharded(path: Path, model, optimizer) -> tuple[dict, MegalodonState | None]:
+    """Restore model, optimizer and RNG in place, at any number of ranks (collective when a process group is up);
+    return the trainer state and every row's carried state. Verify the manifest first (verify_checkpoint)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / SHARDS)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    state = json.loads((path / "trainer_state.json").read_text())
+    streams = MegalodonState.load(path / STREAMS, _plain(model).config) if state["streams"] else None
+    return state, streams
+
+
+def _plain(model):
+    return getattr(model, "module", model)
+
+
+def load_sharded_model(path: str | Path) -> torch.nn.Module:
+    """The model of a sharded checkpoint, whole, read in this process (no process group needed)."""
+    path = Path(path)
+    verify_checkpoint(path)
+    config, model_class = read_config(path / CONFIG_NAME)
+    model = model_class(config)
+    tensors = model.state_dict()
+    dcp.load({"model": tensors}, storage_reader=dcp.FileSystemReader(path / SHARDS), no_dist=True)
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path}: non-finite weights in {', '.join(bad[:3])}")
+    return model
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """Write a sharded checkpoint's model as a model directory (config.json, model.safetensors, checksums)."""
+    from megalodon.checkpoint import load_pretrained, save_pretrained
+
+    save_pretrained(load_pretrained(path), out)
+    return Path(out)
