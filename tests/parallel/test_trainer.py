@@ -35,7 +35,7 @@ def workdir(tmp_path_factory):
 
 def options(corpus, workdir, **overrides) -> dict:
     # one data_dir for every run: the token store is built once
-    return run_values(corpus, workdir, max_steps=3, checkpoint_every=0, **overrides)
+    return run_values(corpus, workdir, **{"max_steps": 3, "checkpoint_every": 0, **overrides})
 
 
 def weights(run_dir) -> dict:
@@ -86,3 +86,24 @@ def test_a_2x2_mesh_trains_like_one_process(ranks, corpus, workdir, reference):
     run = workdir / "mesh"
     ranks().run(train_tasks.train_on_ranks, options(corpus, workdir, chunk_parallel=2), str(run))
     compare(run, reference)
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_four(two_ranks, ranks, corpus, workdir):
+    """Stopped at step 2 on 2 FSDP ranks (a sharded checkpoint, with every row's carried state), then continued
+    to step 5 in one process, and on 4 DDP ranks (one row each): both equal an uninterrupted process."""
+    values = options(corpus, workdir, max_steps=5, grad_accum=1)
+    reference = one_process(values, workdir / "one-5")
+    stopped = workdir / "stopped"
+    two_ranks().run(train_tasks.train_on_ranks, values, str(stopped), False, 2)
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-0000002"]
+    assert (stopped / "checkpoints" / "step-0000002" / "dcp" / ".metadata").is_file()
+
+    on_one = workdir / "resumed-1"
+    shutil.copytree(stopped, on_one)
+    train(TrainConfig(**values), on_one, resume=True, progress=False)
+    compare(on_one, reference)
+
+    on_four = workdir / "resumed-4"
+    shutil.copytree(stopped, on_four)
+    ranks().run(train_tasks.train_on_ranks, {**values, "parallel": "ddp"}, str(on_four), True)
+    compare(on_four, reference)

@@ -94,7 +94,8 @@ def load_sharded(path: Path, model, optimizer) -> tuple[dict, MegalodonState | N
     """Restore model, optimizer and RNG in place, at any number of ranks (collective when a process group is up);
     return the trainer state and every row's carried state. Verify the manifest first (verify_checkpoint)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / SHARDS)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / SHARDS,
+             no_dist=not torch.distributed.is_initialized())  # resuming in one process
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
     state = json.loads((path / "trainer_state.json").read_text())
