@@ -12,6 +12,7 @@ global token mean, whatever the split of rows and segments.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,11 @@ def init_mesh(chunk_parallel: int = 1, device_type: str | None = None) -> Device
 
 def _reduction_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The ranks whose gradients are averaged: all of a (dp, cp) mesh, or a 1-D mesh as given."""
-    return mesh if mesh.ndim == 1 else mesh[SHARD_DIM]
+    if mesh.ndim == 1:
+        return mesh
+    with warnings.catch_warnings():  # torch 2.13 notes that this slicing will change; it works as documented
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+        return mesh[SHARD_DIM]
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None = None,

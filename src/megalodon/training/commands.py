@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -73,6 +74,10 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args, run_dir)
     if args.print_config:
         return print_config(cfg)
+    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun: become its agent
+        from megalodon.parallel.launch import launch_train
+
+        return launch_train(cfg.nproc, cfg.to_dict(), run_dir, args.resume, args.overwrite, args.device)
     try:
         result = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, device=args.device)
     except KeyboardInterrupt:  # before training started, or a third Ctrl-C: nothing half-written is kept
@@ -80,6 +85,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 130
     if not result.finished:
         return 128 + result.stopped_by if result.stopped_by else 0
+    if os.environ.get("RANK", "0") != "0":  # rank 0 reports for a run on several ranks
+        return 0
     print((run_dir / "summary.txt").read_text(), end="")
     print(f"validation bits/byte: {result.val_bpb:.4f}")
     return 0
