@@ -32,6 +32,11 @@ def _convert(args: argparse.Namespace) -> int:
         tokenizer = args.source if (Path(args.source) / "tokenizer_config.json").is_file() else None
         replace_directory(output, lambda path: export_hf(args.source, path, tokenizer=tokenizer))
         print(f"wrote {output} (transformers layout{', with tokenizer' if tokenizer else ''})")
+    elif args.direction == "consolidate":  # a sharded checkpoint of a run on several ranks
+        from megalodon.training.dist_checkpoint import consolidate
+
+        replace_directory(output, lambda path: consolidate(args.source, path))
+        print(f"wrote {output}")
     else:
         import_hf = _hf_adapter().import_hf
 
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a model directory to or from the reference implementation's "
                                               "keyspace or the Hugging Face transformers layout")
-    convert.add_argument("direction", choices=["from-reference", "to-reference", "to-hf", "from-hf"])
+    convert.add_argument("direction", choices=["from-reference", "to-reference", "to-hf", "from-hf", "consolidate"])
     convert.add_argument("source", help="reference .pth/.safetensors, a model directory, or an HF directory")
     convert.add_argument("output", help="model directory, .pth/.safetensors file, or HF directory")
     convert.add_argument("--config", help="config JSON or preset name describing the reference checkpoint")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,8 +49,9 @@ def _local_finite(model) -> bool:
 
 
 def save_sharded(run_dir: Path, step: int, model, optimizer, trainer_state: dict, streams: MegalodonState | None,
-                 keep: int, ranks) -> Path:
-    """Collective: every rank calls it. `streams` (rank 0's argument counts) holds every row's carried state."""
+                 keep: int, ranks, tokenizer=None) -> Path:
+    """Collective: every rank calls it. `streams` (rank 0's argument counts) holds every row's carried state.
+    With the tokenizer saved beside it, the checkpoint is a model directory that generate and eval take."""
     ranks.agree(_local_finite(model), f"refusing to save a checkpoint at step {step}: non-finite weights; the "
                                       "previous checkpoints are kept")
     checkpoints = run_dir / "checkpoints"
@@ -69,7 +71,7 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, trainer_state: dict
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, storage_writer=dcp.FileSystemWriter(tmp / SHARDS))
         ranks.barrier()  # every shard is on disk before rank 0 lists and hashes them
-        ranks.on_main(lambda: _finish(tmp, final, model, trainer_state, streams, step, ranks.world))
+        ranks.on_main(lambda: _finish(tmp, final, model, trainer_state, streams, step, ranks.world, tokenizer))
     finally:
         if ranks.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -79,8 +81,11 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, trainer_state: dict
     return final
 
 
-def _finish(tmp: Path, final: Path, model, trainer_state: dict, streams, step: int, world: int) -> None:
+def _finish(tmp: Path, final: Path, model, trainer_state: dict, streams, step: int, world: int,
+            tokenizer) -> None:
     write_config(model.config, tmp / CONFIG_NAME)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
     if streams is not None:
         streams.save(tmp / STREAMS, model.config)
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
@@ -94,8 +99,10 @@ def load_sharded(path: Path, model, optimizer) -> tuple[dict, MegalodonState | N
     """Restore model, optimizer and RNG in place, at any number of ranks (collective when a process group is up);
     return the trainer state and every row's carried state. Verify the manifest first (verify_checkpoint)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / SHARDS,
-             no_dist=not torch.distributed.is_initialized())  # resuming in one process
+    with warnings.catch_warnings():  # resuming in one process: the note that it is one process is noise
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path / SHARDS,
+                 no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
     state = json.loads((path / "trainer_state.json").read_text())
@@ -114,16 +121,25 @@ def load_sharded_model(path: str | Path) -> torch.nn.Module:
     config, model_class = read_config(path / CONFIG_NAME)
     model = model_class(config)
     tensors = model.state_dict()
-    dcp.load({"model": tensors}, storage_reader=dcp.FileSystemReader(path / SHARDS), no_dist=True)
+    with warnings.catch_warnings():  # the note that this is one process: it is meant to be
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": tensors}, storage_reader=dcp.FileSystemReader(path / SHARDS), no_dist=True)
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{path}: non-finite weights in {', '.join(bad[:3])}")
     return model
 
 
-def consolidate(path: str | Path, out: str | Path) -> Path:
-    """Write a sharded checkpoint's model as a model directory (config.json, model.safetensors, checksums)."""
-    from megalodon.checkpoint import load_pretrained, save_pretrained
+def consolidate(path: str | Path, out: str | Path) -> None:
+    """Write a sharded checkpoint's model and tokenizer as a model directory (config.json, model.safetensors,
+    checksums, tokenizer): `megalodon convert consolidate CHECKPOINT OUT`."""
+    from megalodon.checkpoint import save_pretrained
+    from megalodon.data import load_tokenizer
 
-    save_pretrained(load_pretrained(path), out)
-    return Path(out)
+    path = Path(path)
+    if not is_sharded(path):
+        raise ValueError(f"{path} is not a sharded checkpoint (no {SHARDS}/.metadata); a checkpoint of a run in one "
+                         "process is a model directory already")
+    save_pretrained(load_sharded_model(path), out)
+    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        load_tokenizer(path).save(Path(out))

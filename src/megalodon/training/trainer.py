@@ -250,7 +250,7 @@ class Trainer:
                             self.streams if self.stateful else [], self.cfg.keep_checkpoints)
         else:
             save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, self._global_streams(),
-                         self.cfg.keep_checkpoints, self.ranks)
+                         self.cfg.keep_checkpoints, self.ranks, self.tokenizer)
 
     def _row_offset(self) -> int:
         """Global batch row of this rank's first row."""
