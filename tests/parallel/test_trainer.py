@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_tasks
+from megalodon.checkpoint import load_pretrained
+from megalodon.cli import main
 from megalodon.training.config import TrainConfig
 from megalodon.training.trainer import train
 from training_helpers import losses, run_values
@@ -96,7 +98,21 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_four(two_ranks, ranks, 
     stopped = workdir / "stopped"
     two_ranks().run(train_tasks.train_on_ranks, values, str(stopped), False, 2)
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-0000002"]
-    assert (stopped / "checkpoints" / "step-0000002" / "dcp" / ".metadata").is_file()
+    sharded = stopped / "checkpoints" / "step-0000002"
+    assert (sharded / "dcp" / ".metadata").is_file()
+    # the sharded checkpoint's model, read whole, and consolidated, is the one process's model at step 2
+    train(TrainConfig(**values), workdir / "one-2", progress=False, stop_at_step=2)
+    at_two = load_file(str(workdir / "one-2" / "checkpoints" / "step-0000002" / "model.safetensors"))
+    assert max_rel(load_pretrained(sharded).state_dict(), at_two) < 1e-5
+    assert main(["convert", "consolidate", str(sharded), str(workdir / "consolidated")]) == 0
+    assert max_rel(load_file(str(workdir / "consolidated" / "model.safetensors")), at_two) < 1e-5
+
+    damaged = workdir / "damaged"
+    shutil.copytree(stopped, damaged)
+    shard = next((damaged / "checkpoints" / "step-0000002" / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=rf"refusing to resume: .*dcp/{shard.name} does not match"):
+        train(TrainConfig(**values), damaged, resume=True, progress=False)
 
     on_one = workdir / "resumed-1"
     shutil.copytree(stopped, on_one)
