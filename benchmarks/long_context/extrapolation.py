@@ -17,14 +17,15 @@ first token, in one stream per novel.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 
 from common import IMAGES, RUNS, command, machine, markdown_table, save_results, setup
 from head_to_head import base_config, run_dir, trained
 
 from megalodon.checkpoint import load_pretrained
 from megalodon.data import TokenStore
-from megalodon.inference.evaluate import documents_from_store, evaluate
+from megalodon.inference.evaluate import EvalResult, documents_from_store, evaluate
 from megalodon.inference.plots import plot_loss_by_position
 from megalodon.training.data import prepare_data
 
@@ -51,8 +52,16 @@ def main() -> None:
                                   (f"llama-full (to {args.max_context // 1024}K)", "llama",
                                    {"max_context": args.max_context}),
                                   ("llama-window (1K)", "llama", {"window": cfg.seq_len})):
-        model = load_pretrained(runs[name]["run_dir"] + "/model")
-        result = evaluate(model, documents, label=label, **settings)
+        # each finished evaluation is kept, so an interrupted run resumes at the next one
+        cached = RUNS / f"extrapolation-{args.tag}" / f"eval-{name}-{settings.get('window') or 'full'}.json"
+        if cached.is_file():
+            result = EvalResult(**json.loads(cached.read_text()))
+        else:
+            model = load_pretrained(runs[name]["run_dir"] + "/model")
+            result = evaluate(model, documents, label=label, **settings)
+            result.settings["commit"] = machine()["commit"]
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(asdict(result)))
         print(label, result.perplexity, result.bits_per_byte, f"{result.seconds:.0f} s", flush=True)
         evaluations.append(result)
     results = {"command": command(), "machine": machine(), "seed": 0, "documents": [

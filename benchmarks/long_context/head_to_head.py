@@ -12,6 +12,7 @@ A difference between means smaller than the larger standard deviation is reporte
     python benchmarks/long_context/head_to_head.py --phase tokens          # the small settings: 48 steps of 4x1024
     python benchmarks/long_context/head_to_head.py --phase walltime --seconds 60
     python benchmarks/long_context/head_to_head.py --phase tokens --steps 200 --tag long
+    python benchmarks/long_context/head_to_head.py --plot                  # the figure from both phases' results
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from common import DATA, RUNS, command, machine, markdown_table, save_results, setup
+from common import DATA, IMAGES, RUNS, command, load_json, machine, markdown_table, pyplot, save_results, setup
 
 from megalodon.training.config import TrainConfig
 from megalodon.training.trainer import train
@@ -51,7 +52,8 @@ def trained(cfg: TrainConfig, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["tokens", "walltime"], required=True)
+    parser.add_argument("--phase", choices=["tokens", "walltime"])
+    parser.add_argument("--plot", action="store_true", help="only draw the figure from the phases' saved results")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--seconds", type=float, default=60.0, help="walltime phase: training seconds per run")
     parser.add_argument("--preset", default="small")
@@ -60,6 +62,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--tag", default="small")
     args = parser.parse_args()
+    if args.plot:
+        return print(plot(args.tag))
+    if args.phase is None:
+        parser.error("give --phase tokens or --phase walltime (or --plot)")
     setup(args.threads)
     runs = {}
     for corpus in args.corpora:
@@ -77,6 +83,7 @@ def main() -> None:
                    {"steps": args.steps, "tokens": args.steps * 4 * 1024} if args.phase == "tokens"
                    else {"seconds": args.seconds})}, "runs": runs}
     save_results(f"head-to-head-{args.tag}-{args.phase}", results, table(results, args))
+    plot(args.tag)
 
 
 def table(results: dict, args) -> str:
@@ -97,6 +104,40 @@ def table(results: dict, args) -> str:
                      f"{statistics.mean(r['tokens'] for r in mega):,.0f}",
                      f"{statistics.mean(r['tokens'] for r in other):,.0f}"])
     return markdown_table(header, rows)
+
+
+def plot(tag: str) -> Path:
+    """Validation bits/byte of every seed, both architectures, each phase that has results, one panel per corpus."""
+    phases = {phase: load_json(RUNS / f"head-to-head-{tag}-{phase}" / "results.json") for phase in ("tokens", "walltime")}
+    phases = {phase: r for phase, r in phases.items() if r}
+    corpora = sorted({key.split("/")[0] for r in phases.values() for key in r["runs"]}, key=list(CORPORA).index)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(corpora), figsize=(4.5 * len(corpora), 3.6), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        ticks = []
+        for p, (phase, r) in enumerate(phases.items()):
+            suffix = "" if phase == "tokens" else "-walltime"
+            paired = [[r["runs"][f"{corpus}/{arch}{suffix}/{seed}"]["val_bpb"] for seed in r["seeds"]]
+                      for arch in ("megalodon", "llama")]
+            for pair in zip(*paired):  # the same seed (same data order) joined: the differences are paired
+                ax.plot([2.5 * p, 2.5 * p + 1], pair, color="0.7", linewidth=0.8, zorder=0)
+            for a, ((arch, color), values) in enumerate(zip((("megalodon", "C0"), ("llama", "C1")), paired)):
+                x = 2.5 * p + a
+                ax.scatter([x] * len(values), values, color=color, alpha=0.6, s=18)
+                ax.errorbar(x + 0.2, statistics.mean(values), yerr=_sd(values), fmt="o", color=color, capsize=4,
+                            label=arch if p == 0 else None)
+            ticks.append((2.5 * p + 0.5, "equal tokens" if phase == "tokens" else f"equal time ({r['budget']['seconds']:.0f} s)"))
+        ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks])
+        ax.set_title(corpus)
+        ax.set_ylabel("validation bits/byte (lower is better)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Megalodon vs Llama, seeds and mean ± sd ({tag} settings)", fontsize=10)
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    out = IMAGES / f"head_to_head_{tag}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def _sd(values: list[float]) -> float:
