@@ -108,7 +108,8 @@ def table(results: dict, args) -> str:
 
 def plot(tag: str) -> Path:
     """Validation bits/byte of every seed, both architectures, each phase that has results, one panel per corpus."""
-    phases = {phase: load_json(RUNS / f"head-to-head-{tag}-{phase}" / "results.json") for phase in ("tokens", "walltime")}
+    phases = {phase: load_json(RUNS / f"head-to-head-{tag}-{phase}" / "results.json")
+              for phase in ("tokens", "walltime")}
     phases = {phase: r for phase, r in phases.items() if r}
     corpora = sorted({key.split("/")[0] for r in phases.values() for key in r["runs"]}, key=list(CORPORA).index)
     plt = pyplot()
@@ -126,7 +127,8 @@ def plot(tag: str) -> Path:
                 ax.scatter([x] * len(values), values, color=color, alpha=0.6, s=18)
                 ax.errorbar(x + 0.2, statistics.mean(values), yerr=_sd(values), fmt="o", color=color, capsize=4,
                             label=arch if p == 0 else None)
-            ticks.append((2.5 * p + 0.5, "equal tokens" if phase == "tokens" else f"equal time ({r['budget']['seconds']:.0f} s)"))
+            budget = "equal tokens" if phase == "tokens" else f"equal time ({r['budget']['seconds']:.0f} s)"
+            ticks.append((2.5 * p + 0.5, budget))
         ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks])
         ax.set_title(corpus)
         ax.set_ylabel("validation bits/byte (lower is better)")
