@@ -2,7 +2,8 @@
 1024-token training window, and stateful against stateless training.
 
 The models are experiment 5's seed-0 Austen runs (Megalodon and the Llama on the same tokens) plus a Megalodon
-trained on the same tokens without carrying its state across windows (`--stateful false`). The Austen corpus
+trained on the same tokens without carrying its state across windows (`--stateful false`); for seeds 1 and 2 the
+stateful/stateless pair is compared on the trainer's final validation only. The Austen corpus
 splits by novel: four train, one validation, one test; both held-out novels are evaluated whole, each from its
 first token, in one stream per novel.
 
@@ -11,17 +12,18 @@ first token, in one stream per novel.
     llama-full            full attention up to --max-context tokens, then a sliding window of that size
     llama-window          a 1024-token sliding window (what it was trained on)
 
-    python benchmarks/long_context/extrapolation.py                # the small settings (after head_to_head)
+    python benchmarks/long_context/extrapolation.py --threads 1    # the small settings (after head_to_head)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import asdict, replace
 
 from common import IMAGES, RUNS, command, machine, markdown_table, save_results, setup
-from head_to_head import base_config, run_dir, trained
+from head_to_head import _mean_sd, _sd, base_config, run_dir, trained
 
 from megalodon.checkpoint import load_pretrained
 from megalodon.data import TokenStore
@@ -38,6 +40,8 @@ def main() -> None:
     parser.add_argument("--max-context", type=int, default=8192, help="the Llama's full-attention limit")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--tag", default="small")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="seeds of the stateful/stateless pair (validation bits/byte); seed 0 is evaluated whole")
     args = parser.parse_args()
     setup(args.threads)
     cfg = base_config(args.steps, args.preset, args.corpus, 0)
@@ -45,6 +49,10 @@ def main() -> None:
             "megalodon-stateless": trained(replace(cfg, stateful=False),
                                            run_dir(args.tag, args.corpus, "megalodon-stateless", 0)),
             "llama": trained(replace(cfg, arch="llama"), run_dir(args.tag, args.corpus, "llama", 0))}
+    pairs = {seed: {name: trained(replace(base_config(args.steps, args.preset, args.corpus, seed),
+                                          stateful=name == "megalodon"),
+                                  run_dir(args.tag, args.corpus, name, seed))["val_bpb"]
+                    for name in ("megalodon", "megalodon-stateless")} for seed in args.seeds}
     store_dir, _ = prepare_data(cfg)
     documents = [doc for split in ("val", "test") for doc in documents_from_store(TokenStore(store_dir, split))]
     evaluations = []
@@ -68,8 +76,8 @@ def main() -> None:
         {"name": d.name, "tokens": int(d.ids.numel())} for d in documents],
         "budget": {"preset": args.preset, "steps": args.steps, "seq_len": cfg.seq_len,
                    "batch_size": cfg.batch_size, "tokens": args.steps * cfg.batch_size * cfg.seq_len},
-        "training": runs, "evaluations": [r.to_dict() for r in evaluations]}
-    save_results(f"extrapolation-{args.tag}", results, table(evaluations))
+        "training": runs, "stateful_pairs": pairs, "evaluations": [r.to_dict() for r in evaluations]}
+    save_results(f"extrapolation-{args.tag}", results, table(evaluations) + "\n" + pairs_table(pairs))
     plot_loss_by_position(evaluations, IMAGES / f"extrapolation_{args.tag}.png",
                           f"Held-out Austen novels, {args.preset} models trained on 1024-token windows")
 
@@ -81,6 +89,20 @@ def table(evaluations) -> str:
             for r in evaluations]
     return "Mean loss (nats/token) by position bucket, both held-out novels together\n\n" + \
         markdown_table(header, rows)
+
+
+def pairs_table(pairs: dict) -> str:
+    """Stateful against stateless training: the trainer's final validation (the whole held-out novel, streamed)."""
+    a = [p["megalodon"] for p in pairs.values()]
+    b = [p["megalodon-stateless"] for p in pairs.values()]
+    sd = max(_sd(a), _sd(b))
+    diff = statistics.mean(a) - statistics.mean(b)
+    verdict = "tie" if abs(diff) < sd else ("stateful better" if diff < 0 else "stateless better")
+    rows = [[f"seed {seed}", p["megalodon"], p["megalodon-stateless"],
+             f"{p['megalodon'] - p['megalodon-stateless']:+.3f}"] for seed, p in pairs.items()]
+    rows.append(["mean ± sd", _mean_sd(a), _mean_sd(b), f"{diff:+.3f} ({verdict})"])
+    return "Validation bits/byte, stateful against stateless training\n\n" + markdown_table(
+        ["seed", "stateful", "stateless", "difference"], rows)
 
 
 def _k(n: int) -> str:
