@@ -123,3 +123,14 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_four(two_ranks, ranks, 
     shutil.copytree(stopped, on_four)
     ranks().run(train_tasks.train_on_ranks, {**values, "parallel": "ddp"}, str(on_four), True)
     compare(on_four, reference)
+
+
+def test_a_checkpoint_of_one_process_resumes_on_two_ranks(two_ranks, corpus, workdir):
+    """The other way: a one-process checkpoint (model.safetensors, index-keyed optimizer moments, one stream file
+    per micro-batch) continued on 2 FSDP ranks, each taking its shard of the whole files."""
+    values = options(corpus, workdir, max_steps=5)
+    reference = one_process(values, workdir / "one-5-accum")
+    stopped = workdir / "one-stopped"
+    train(TrainConfig(**values), stopped, progress=False, stop_at_step=2)
+    two_ranks().run(train_tasks.train_on_ranks, values, str(stopped), True)
+    compare(stopped, reference)

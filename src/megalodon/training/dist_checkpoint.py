@@ -110,6 +110,28 @@ def load_sharded(path: Path, model, optimizer) -> tuple[dict, MegalodonState | N
     return state, streams
 
 
+def load_single_process(path: Path, model, optimizer) -> tuple[dict, MegalodonState | None]:
+    """Restore a checkpoint of a run in one process (training/checkpoint.py) into a model and optimizer on several
+    ranks: every rank reads the whole files and keeps its shard. Returns the trainer state and every row's state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from megalodon.checkpoint import WEIGHTS_NAME, read_weights
+    from megalodon.training.checkpoint import _optimizer_state
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = _optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    names = {id(p): name for name, p in _plain(model).named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]  # saved state's indices
+    by_name = {"state": {order[i]: slots for i, slots in saved["state"].items()},
+               "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=read_weights(path / WEIGHTS_NAME), optim_state_dict=by_name,
+                   options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    parts = [MegalodonState.load(path / f"stream-{i}.safetensors", _plain(model).config) for i in state["stream_files"]]
+    streams = MegalodonState.stack(parts) if parts and len(parts) == state["num_streams"] else None
+    return state, streams
+
+
 def _plain(model):
     return getattr(model, "module", model)
 

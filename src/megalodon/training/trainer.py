@@ -25,7 +25,7 @@ from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, sav
 from megalodon.training.compute import autocast, evaluate, forward_loss, sample_text
 from megalodon.training.config import TrainConfig
 from megalodon.training.data import open_splits, prepare_data
-from megalodon.training.dist_checkpoint import is_sharded, load_sharded, save_sharded
+from megalodon.training.dist_checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
 from megalodon.training.optim import build_optimizer, lr_at
 from megalodon.training.report import strict_json, truncate_metrics, write_report
 from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
@@ -184,8 +184,7 @@ class Trainer:
         if is_sharded(latest):
             saved, streams = load_sharded(latest, self.model, self.optimizer)
         elif self.ranks is not None:
-            raise ValueError(f"{latest} was written by a run in one process: resume it in one process (without "
-                             "--nproc or torchrun), or start a new run on several ranks")
+            saved, streams = load_single_process(latest, self.model, self.optimizer)
         else:
             saved, parts = load_checkpoint(latest, self.model, self.optimizer)
             streams = MegalodonState.stack(parts) if parts and all(p is not None for p in parts) else None
