@@ -48,6 +48,18 @@ class Ranks:
     started_group: bool  # we started the default process group, so we end it
 
     @classmethod
+    def for_run(cls, parallel: str, chunk_parallel: int, chunk_size: int, device: torch.device,
+                timeout_min: float) -> "Ranks | None":
+        """The (dp, cp) mesh when this process is one of several ranks; None in a single process."""
+        if launched_distributed():
+            return cls.start(parallel, chunk_parallel, chunk_size, device, timeout_min)
+        if chunk_parallel > 1:
+            raise ValueError(f"--chunk_parallel {chunk_parallel} splits sequences across ranks, and this is one "
+                             f"process: launch with --nproc N or torchrun --nproc_per_node N (N a multiple of "
+                             f"{chunk_parallel})")
+        return None
+
+    @classmethod
     def start(cls, parallel: str, chunk_parallel: int, chunk_size: int, device: torch.device,
               timeout_min: float) -> "Ranks":
         started = not dist.is_initialized()
@@ -169,6 +181,26 @@ class Ranks:
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def gather_rows(self, mine):
+        """Each replica's rows of a state (MegalodonState), stacked in global row order; None if any is None."""
+        from megalodon.state import MegalodonState
+
+        everyone = self.gather(mine)[::self.cp]  # one rank per replica: its cp ranks hold the same state
+        return None if any(s is None for s in everyone) else MegalodonState.stack(everyone)
+
+    def whole_model(self, model: nn.Module, build) -> nn.Module | None:
+        """On rank 0, a plain copy of the sharded or replicated `model` made by `build()`; None elsewhere.
+        Collective: every rank gathers the full weights to rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.main:
+            return None
+        with torch.random.fork_rng(devices=[]):  # initializing the copy must not move rank 0's random stream
+            copy = build()
+        copy.load_state_dict(full)
+        return copy.to(next(model.parameters()).device).train(model.training)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -130,6 +130,16 @@ def verify_checkpoint(path: Path) -> None:
                              "corrupted)")
 
 
+def verify_latest(checkpoints: list[Path]) -> None:
+    """verify_checkpoint on the newest of `checkpoints`, with an error that names the one before it."""
+    try:
+        verify_checkpoint(checkpoints[-1])
+    except ValueError as err:
+        older = f"; the previous checkpoint is {checkpoints[-2]}" if len(checkpoints) > 1 else ""
+        raise ValueError(f"refusing to resume: {err}{older}. Delete the damaged checkpoint to resume from "
+                         "the one before it") from None
+
+
 def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, list[MegalodonState | None]]:
     """Restore model, optimizer and RNG in place; return the trainer state and the carried streams."""
     verify_checkpoint(path)

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from megalodon.checkpoint import CONFIG_NAME, read_config, write_config
 from megalodon.state import MegalodonState
-from megalodon.training.checkpoint import MANIFEST, PREFIX, list_checkpoints, verify_checkpoint, write_manifest
+from megalodon.training.checkpoint import PREFIX, list_checkpoints, verify_checkpoint, write_manifest
 from megalodon.training.run_dir import TEMP_MARK
 
 SHARDS = "dcp"

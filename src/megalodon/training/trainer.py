@@ -19,9 +19,9 @@ from megalodon.config import MegalodonConfig
 from megalodon.data import IGNORE_INDEX, Batch, PackedBatcher
 from megalodon.model import Megalodon
 from megalodon.progress import progress_bar
-from megalodon.parallel.runtime import Ranks, launched_distributed, rank_device
+from megalodon.parallel.runtime import Ranks, rank_device
 from megalodon.state import MegalodonState
-from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
+from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_latest
 from megalodon.training.compute import autocast, evaluate, forward_loss, sample_text
 from megalodon.training.config import TrainConfig
 from megalodon.training.data import open_splits, prepare_data
@@ -71,17 +71,6 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
-def start_ranks(cfg: TrainConfig, device: torch.device) -> Ranks | None:
-    """The (dp, cp) mesh when this process is one of several ranks; None in a single process."""
-    if not launched_distributed():
-        if cfg.chunk_parallel > 1:
-            raise ValueError(f"--chunk_parallel {cfg.chunk_parallel} splits sequences across ranks, and this is one "
-                             f"process: launch with --nproc N or torchrun --nproc_per_node N (N a multiple of "
-                             f"{cfg.chunk_parallel})")
-        return None
-    return Ranks.start(cfg.parallel, cfg.chunk_parallel, chunk_size_of(cfg), device, cfg.collective_timeout_min)
-
-
 class Trainer:
     """One training run: built from a config and a run directory, resumable from its checkpoints.
 
@@ -93,7 +82,8 @@ class Trainer:
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.device = rank_device(torch.device(device))
         self.tensorboard = self.lock = None
-        self.ranks = start_ranks(cfg, self.device)
+        self.ranks = Ranks.for_run(cfg.parallel, cfg.chunk_parallel, chunk_size_of(cfg), self.device,
+                                   cfg.collective_timeout_min)
         self.main = self.ranks is None or self.ranks.main
         if not self.main:
             logging.getLogger("megalodon").setLevel(logging.ERROR)  # rank 0 speaks for the run
@@ -171,6 +161,7 @@ class Trainer:
         self.close()
 
     def _resume(self) -> float:
+        cfg = self.cfg
         metrics = self.run_dir / "metrics.jsonl"
         checkpoints = list_checkpoints(self.run_dir)
         if not checkpoints:
@@ -180,7 +171,7 @@ class Trainer:
             return 0.0
         previous = saved_options(self.run_dir)
         latest = checkpoints[-1]
-        self._on_main(lambda: _verify_latest(checkpoints))
+        self._on_main(lambda: verify_latest(checkpoints))
         if is_sharded(latest):
             saved, streams = load_sharded(latest, self.model, self.optimizer)
         elif self.ranks is not None:
@@ -192,8 +183,15 @@ class Trainer:
         if saved.get("data", self.data_fingerprint) != self.data_fingerprint:
             raise ValueError(f"the training data changed since {latest} was written ({self.cfg.data}): resuming "
                              "would not continue the same run. Restore the files, or start a new run")
-        if streams is not None and self.stateful:
-            self._set_streams(streams.to(self.device))
+        if streams is not None and self.stateful:  # each micro-batch takes its rows of the global batch's state
+            if streams.batch_size != cfg.batch_size:
+                raise ValueError(f"{latest} carries the state of {streams.batch_size} rows; this run has batch_size "
+                                 f"{cfg.batch_size}")
+            dp, dp_rank = (1, 0) if self.ranks is None else (self.ranks.dp, self.ranks.dp_rank)
+            micro = cfg.batch_size // (dp * cfg.grad_accum)
+            first = dp_rank * micro * cfg.grad_accum
+            self.streams = [streams[first + m * micro: first + (m + 1) * micro].to(self.device)
+                            for m in range(cfg.grad_accum)]
         self.batcher.load_state_dict(saved["batcher"])
         self.step, self.max_steps, self.tokens = saved["step"], saved["max_steps"], saved["tokens"]
         self.train_time = saved.get("train_s", saved["elapsed"])
@@ -251,26 +249,12 @@ class Trainer:
             save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, self._global_streams(),
                          self.cfg.keep_checkpoints, self.ranks, self.tokenizer)
 
-    def _row_offset(self) -> int:
-        """Global batch row of this rank's first row."""
-        return 0 if self.ranks is None else self.ranks.dp_rank * (self.cfg.batch_size // self.ranks.dp)
-
-    def _set_streams(self, streams: MegalodonState) -> None:
-        """Hand each micro-batch its rows of the carried state of the whole global batch."""
-        if streams.batch_size != self.cfg.batch_size:
-            raise ValueError(f"the checkpoint carries the state of {streams.batch_size} rows; this run has "
-                             f"batch_size {self.cfg.batch_size}")
-        micro = self.cfg.batch_size // (self.cfg.grad_accum * (1 if self.ranks is None else self.ranks.dp))
-        first = self._row_offset()
-        self.streams = [streams[first + m * micro: first + (m + 1) * micro] for m in range(self.cfg.grad_accum)]
-
     def _global_streams(self) -> MegalodonState | None:
-        """The carried state of every row of the global batch, in row order (collective on several ranks)."""
+        """The carried state of every row of the global batch, in row order (collective)."""
         mine = None
         if self.stateful and all(s is not None for s in self.streams):
             mine = MegalodonState.stack([s.to("cpu") for s in self.streams])
-        everyone = self.ranks.gather(mine)[::self.ranks.cp]  # one rank per dp replica: cp ranks hold the same
-        return None if any(s is None for s in everyone) else MegalodonState.stack(everyone)
+        return self.ranks.gather_rows(mine)
 
     def train_step(self) -> float:
         """One optimizer step over batch_size rows in grad_accum micro-batches; returns the mean loss.
@@ -348,7 +332,7 @@ class Trainer:
         """Whether a stop signal arrived; on several ranks, at any rank, so that all stop at the same step."""
         if self.ranks is None:
             return stop.received is not None
-        self._stop_signal = int(max(self.ranks.gather(stop.received or 0)))  # torchrun signals every rank
+        self._stop_signal = max(self.ranks.gather(stop.received or 0))
         return self._stop_signal > 0
 
     def _calibrate(self, step: int, bar) -> None:
@@ -398,15 +382,7 @@ class Trainer:
         from the shards (collective). Sampling and the final model directory use it."""
         if self.ranks is None:
             return self.model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.main:
-            return None
-        with torch.random.fork_rng(devices=[]):  # initializing the copy must not move rank 0's random stream
-            model = build_model(self.cfg, self.tokenizer.vocab_size)
-        model.load_state_dict(full)
-        return model.to(self.device).train(self.model.training)
+        return self.ranks.whole_model(self.model, lambda: build_model(self.cfg, self.tokenizer.vocab_size))
 
     def _finish(self) -> RunResult:
         model = self._whole_model()
@@ -434,12 +410,3 @@ def open_tensorboard(run_dir: Path):
     except ImportError:
         raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _verify_latest(checkpoints: list[Path]) -> None:
-    try:
-        verify_checkpoint(checkpoints[-1])
-    except ValueError as err:
-        older = f"; the previous checkpoint is {checkpoints[-2]}" if len(checkpoints) > 1 else ""
-        raise ValueError(f"refusing to resume: {err}{older}. Delete the damaged checkpoint to resume from "
-                         "the one before it") from None
