@@ -18,6 +18,9 @@ from megalodon.training.trainer import train
 from training_helpers import losses, run_values
 
 LOSS_TOL = 1e-5
+# AdamW divides each update by the gradient's own scale, so the rounding of small gradients (a sum in another
+# order on other ranks) reaches the weights as a fraction of lr = 3e-3. Measured: at most 7e-6 (the 2 x 2 mesh).
+WEIGHT_TOL = 3e-5
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,7 @@ def compare(run_dir, reference) -> None:
     got = losses(run_dir)
     assert len(got) == len(ref_losses), (got, ref_losses)
     assert max(abs(a - b) for a, b in zip(got, ref_losses)) < LOSS_TOL, (got, ref_losses)
-    assert max_rel(weights(run_dir), ref_weights) < 1e-5
+    assert max_rel(weights(run_dir), ref_weights) < WEIGHT_TOL
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +106,9 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_four(two_ranks, ranks, 
     # the sharded checkpoint's model, read whole, and consolidated, is the one process's model at step 2
     train(TrainConfig(**values), workdir / "one-2", progress=False, stop_at_step=2)
     at_two = load_file(str(workdir / "one-2" / "checkpoints" / "step-0000002" / "model.safetensors"))
-    assert max_rel(load_pretrained(sharded).state_dict(), at_two) < 1e-5
+    assert max_rel(load_pretrained(sharded).state_dict(), at_two) < WEIGHT_TOL
     assert main(["convert", "consolidate", str(sharded), str(workdir / "consolidated")]) == 0
-    assert max_rel(load_file(str(workdir / "consolidated" / "model.safetensors")), at_two) < 1e-5
+    assert max_rel(load_file(str(workdir / "consolidated" / "model.safetensors")), at_two) < WEIGHT_TOL
 
     damaged = workdir / "damaged"
     shutil.copytree(stopped, damaged)
