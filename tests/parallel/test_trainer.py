@@ -137,3 +137,21 @@ def test_a_checkpoint_of_one_process_resumes_on_two_ranks(two_ranks, corpus, wor
     train(TrainConfig(**values), stopped, progress=False, stop_at_step=2)
     two_ranks().run(train_tasks.train_on_ranks, values, str(stopped), True)
     compare(stopped, reference)
+
+
+def test_shapes_that_do_not_split_are_refused_on_every_rank(two_ranks, corpus, workdir):
+    """Each rank must be able to take an equal share: every rank raises the same error (none waits for the other)."""
+    rows = two_ranks().run(train_tasks.error_on_ranks, options(corpus, workdir, batch_size=2, grad_accum=2),
+                           str(workdir / "bad-rows"))
+    assert rows[0] == rows[1] and "batch_size (2) must be a multiple of the data-parallel ranks x grad_accum " \
+                                  "(2 x 2 = 4)" in rows[0], rows
+    segments = two_ranks().run(train_tasks.error_on_ranks, options(corpus, workdir, chunk_parallel=2, seq_len=48),
+                               str(workdir / "bad-segments"))
+    assert segments[0] == segments[1] and "seq_len (48) must be a multiple of chunk_parallel x chunk_size " \
+                                          "(2 x 16 = 32)" in segments[0], segments
+
+
+def test_chunk_parallel_in_one_process_names_the_launch(corpus, workdir):
+    with pytest.raises(ValueError, match="--chunk_parallel 2 splits sequences across ranks, and this is one process: "
+                                         "launch with --nproc N"):
+        train(TrainConfig(**options(corpus, workdir, chunk_parallel=2)), workdir / "alone", progress=False)

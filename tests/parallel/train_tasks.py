@@ -10,3 +10,12 @@ from megalodon.training.trainer import train
 def train_on_ranks(values: dict, run_dir: str, resume: bool = False, stop_at_step: int | None = None) -> dict:
     result = train(TrainConfig(**values), run_dir, resume=resume, progress=False, stop_at_step=stop_at_step)
     return {"steps": result.steps, "val_loss": result.val_loss, "finished": result.finished}
+
+
+def error_on_ranks(values: dict, run_dir: str) -> str:
+    """The error each rank raises when the run is refused (caught here, so that the pool stays usable)."""
+    try:
+        train(TrainConfig(**values), run_dir, progress=False)
+    except ValueError as err:
+        return str(err)
+    return "no error"
