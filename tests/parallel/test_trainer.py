@@ -4,7 +4,11 @@ FSDP2 on 2 ranks, a 2 x 2 (dp x cp) mesh, and a checkpoint written on 2 ranks re
 The runs are the tiny fp32 byte-level runs of tests/training, stateful (the carried state crosses windows), with
 AdamW, gradient clipping and a final evaluation; the ranks are the session's gloo pools (conftest.py)."""
 
+import os
 import shutil
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from safetensors.torch import load_file
 import train_tasks
 from megalodon.checkpoint import load_pretrained
 from megalodon.cli import main
+from megalodon.training.checkpoint import list_checkpoints
 from megalodon.training.config import TrainConfig
 from megalodon.training.trainer import train
 from training_helpers import losses, run_values
@@ -155,3 +160,31 @@ def test_chunk_parallel_in_one_process_names_the_launch(corpus, workdir):
     with pytest.raises(ValueError, match="--chunk_parallel 2 splits sequences across ranks, and this is one process: "
                                          "launch with --nproc N"):
         train(TrainConfig(**options(corpus, workdir, chunk_parallel=2)), workdir / "alone", progress=False)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(two_ranks, corpus, workdir):
+    """SIGTERM reaches rank 1 alone, mid-run: both ranks stop after the same step and write its checkpoint, which
+    resumes exactly (as in one process, docs/reliability.md)."""
+    # in warmup throughout, the schedule does not depend on max_steps, which the resume below shortens
+    values = options(corpus, workdir, max_steps=400, warmup_steps=1000, checkpoint_every=2, grad_accum=1)
+    run = workdir / "signalled"
+    pool = two_ranks()
+
+    def signal_rank_1():
+        deadline = time.monotonic() + 60
+        while not list_checkpoints(run) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(pool._procs[1].pid, signal.SIGTERM)
+
+    sender = threading.Thread(target=signal_rank_1)
+    sender.start()
+    results = pool.run(train_tasks.train_on_ranks, values, str(run))
+    sender.join()
+    assert [r["stopped_by"] for r in results] == [signal.SIGTERM] * 2, results
+    assert results[0]["steps"] == results[1]["steps"] < 400, results
+    step = results[0]["steps"]
+    assert list_checkpoints(run)[-1].name == f"step-{step:07d}"
+
+    short = {**values, "max_steps": step + 1}
+    train(TrainConfig(**short), run, resume=True, progress=False)
+    compare(run, one_process(short, workdir / "uninterrupted"))

@@ -9,7 +9,8 @@ from megalodon.training.trainer import train
 
 def train_on_ranks(values: dict, run_dir: str, resume: bool = False, stop_at_step: int | None = None) -> dict:
     result = train(TrainConfig(**values), run_dir, resume=resume, progress=False, stop_at_step=stop_at_step)
-    return {"steps": result.steps, "val_loss": result.val_loss, "finished": result.finished}
+    return {"steps": result.steps, "val_loss": result.val_loss, "finished": result.finished,
+            "stopped_by": result.stopped_by}
 
 
 def error_on_ranks(values: dict, run_dir: str) -> str:

@@ -153,6 +153,13 @@ class Ranks:
         dist.all_reduce(totals, group=group)
         return totals.tolist()
 
+    def max(self, value: int) -> int:
+        """The largest of every rank's value."""
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        top = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        return int(top)
+
     def sum_cp(self, values: list[float]) -> list[float]:
         return values if self.cp == 1 else self.sum(values, self.mesh["cp"].get_group())
 

@@ -106,6 +106,8 @@ def run_compare(args: argparse.Namespace) -> int:
         return print_config(cfg)
     if cfg.max_steps == 0:
         raise ValueError("compare needs a fixed --max_steps, so that both models see the same tokens")
+    if cfg.nproc > 1:
+        raise ValueError("compare runs in one process; drop --nproc (train each model with megalodon train --nproc)")
     results = {}
     for arch in ("megalodon", "llama"):
         try:

@@ -332,7 +332,7 @@ class Trainer:
         """Whether a stop signal arrived; on several ranks, at any rank, so that all stop at the same step."""
         if self.ranks is None:
             return stop.received is not None
-        self._stop_signal = max(self.ranks.gather(stop.received or 0))
+        self._stop_signal = self.ranks.max(stop.received or 0)
         return self._stop_signal > 0
 
     def _calibrate(self, step: int, bar) -> None:
