@@ -59,7 +59,7 @@ def test_a_killed_rank_fails_fast_and_the_run_resumes(corpus, tmp_path):
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 2, stderr
-    assert "rank 1 of 2 was killed by SIGKILL" in stderr, stderr
+    assert f"rank 1 of 2 (pid {workers[1]}) was killed by SIGKILL" in stderr, stderr
     assert f"megalodon train --resume --run-dir {run} --nproc 2" in stderr, stderr
     assert took < FAIL_FAST_S
     assert not workers_of(launcher.pid) and all(not Path(f"/proc/{pid}").exists() or

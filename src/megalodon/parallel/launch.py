@@ -29,7 +29,7 @@ def launch_train(nproc: int, options: dict, run_dir: Path, resume: bool, overwri
             run(get_args_parser().parse_args(torchrun))
         except ChildFailedError as err:
             rank, failure = err.get_first_failure()
-            raise RuntimeError(f"rank {rank} of {nproc} {_how(failure.exitcode)} (pid {failure.pid}), so every "
+            raise RuntimeError(f"rank {rank} of {nproc} (pid {failure.pid}) {_how(failure.exitcode)}, so every "
                                f"rank was stopped. Continue from the last complete checkpoint with: megalodon "
                                f"train --resume --run-dir {run_dir} --nproc {nproc}") from None
     return 0
@@ -41,4 +41,4 @@ def _how(exitcode: int) -> str:
             return f"was killed by {signal.Signals(-exitcode).name}"
         except ValueError:
             return f"was killed by signal {-exitcode}"
-    return f"failed with exit code {exitcode} (its error is printed above)"
+    return f"failed with exit code {exitcode} (its error is above)"
