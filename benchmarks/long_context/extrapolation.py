@@ -11,6 +11,8 @@ first token, in one stream per novel.
     megalodon-stateless   the same, trained on isolated 1024-token windows
     llama-full            full attention up to --max-context tokens, then a sliding window of that size
     llama-window          a 1024-token sliding window (what it was trained on)
+    megalodon, reset      the streaming Megalodon with its state emptied every 1024 tokens: what the long state
+                          is worth (bits/byte over the same tokens)
 
     python benchmarks/long_context/extrapolation.py --threads 1    # the small settings (after head_to_head)
 """
@@ -27,7 +29,7 @@ from head_to_head import _mean_sd, _sd, base_config, run_dir, trained
 
 from megalodon.checkpoint import load_pretrained
 from megalodon.data import TokenStore
-from megalodon.inference.evaluate import EvalResult, documents_from_store, evaluate
+from megalodon.inference.evaluate import EvalDocument, EvalResult, documents_from_store, evaluate
 from megalodon.inference.plots import plot_loss_by_position
 from megalodon.training.data import prepare_data
 
@@ -59,14 +61,19 @@ def main() -> None:
     for label, name, settings in (("megalodon", "megalodon", {}), ("megalodon-stateless", "megalodon-stateless", {}),
                                   (f"llama-full (to {args.max_context // 1024}K)", "llama",
                                    {"max_context": args.max_context}),
-                                  ("llama-window (1K)", "llama", {"window": cfg.seq_len})):
+                                  ("llama-window (1K)", "llama", {"window": cfg.seq_len}),
+                                  ("megalodon, state reset every 1K", "megalodon", {"reset": cfg.seq_len})):
         # each finished evaluation is kept, so an interrupted run resumes at the next one
-        cached = RUNS / f"extrapolation-{args.tag}" / f"eval-{name}-{settings.get('window') or 'full'}.json"
+        variant = settings.get("window") or (f"reset{settings['reset']}" if "reset" in settings else "full")
+        cached = RUNS / f"extrapolation-{args.tag}" / f"eval-{name}-{variant}.json"
         if cached.is_file():
             result = EvalResult(**json.loads(cached.read_text()))
         else:
             model = load_pretrained(runs[name]["run_dir"] + "/model")
-            result = evaluate(model, documents, label=label, **settings)
+            if "reset" in settings:
+                result = evaluate(model, pieces(documents, settings["reset"]), label=label)
+            else:
+                result = evaluate(model, documents, label=label, **settings)
             result.settings["commit"] = machine()["commit"]
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(asdict(result)))
@@ -77,9 +84,31 @@ def main() -> None:
         "budget": {"preset": args.preset, "steps": args.steps, "seq_len": cfg.seq_len,
                    "batch_size": cfg.batch_size, "tokens": args.steps * cfg.batch_size * cfg.seq_len},
         "training": runs, "stateful_pairs": pairs, "evaluations": [r.to_dict() for r in evaluations]}
-    save_results(f"extrapolation-{args.tag}", results, table(evaluations) + "\n" + pairs_table(pairs))
+    reset = evaluations.pop()  # its positions restart every piece: a bits/byte, not a curve
+    save_results(f"extrapolation-{args.tag}", results, table(evaluations) + "\n" + reset_line(evaluations[0], reset)
+                 + "\n" + pairs_table(pairs))
     plot_loss_by_position(evaluations, IMAGES / f"extrapolation_{args.tag}.png",
                           f"Held-out Austen novels, {args.preset} models trained on 1024-token windows")
+
+
+def pieces(documents: list[EvalDocument], every: int) -> list[EvalDocument]:
+    """Each document cut into independent pieces that predict `every` tokens each (consecutive pieces share one
+    token, so every token predicted in the whole document is predicted once), the bytes shared out pro rata:
+    streamed one by one, the model's state starts empty every `every` tokens, with the same tokens and bytes."""
+    out = []
+    for doc in documents:
+        predicted = doc.ids.numel() - 1
+        for begin in range(0, predicted, every):
+            end = min(begin + every, predicted)
+            n_bytes = round(doc.n_bytes * end / predicted) - round(doc.n_bytes * begin / predicted)
+            out.append(EvalDocument(doc.ids[begin:end + 1], n_bytes, f"{doc.name}[{begin}:{end}]"))
+    return out
+
+
+def reset_line(streamed, reset) -> str:
+    return (f"The same Megalodon with its state reset every 1K tokens: {reset.bits_per_byte:.4f} bits/byte, against "
+            f"{streamed.bits_per_byte:.4f} streamed ({reset.nll / reset.n_tokens:.4f} against "
+            f"{streamed.nll / streamed.n_tokens:.4f} nats/token over the same {reset.n_tokens:,} tokens)\n")
 
 
 def table(evaluations) -> str:
