@@ -61,6 +61,27 @@ def test_gradients_match_dense_in_float64(dv, split):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("split", [[128], [10, 60, 58], [100, 3, 40]])
+def test_query_blocks_match_dense_in_float64(split):
+    """Chunks of 64: the materialized path splits each chunk's queries into blocks that see only the keys up to
+    their last query (with and without cached keys before them); outputs and gradients are the dense ones."""
+    chunk, total = 64, sum(split)
+    q, k, v = (t.requires_grad_() for t in qkv(2, total, dv=6, seed=7))
+    weight = torch.randn(2, total, 2, 6, dtype=torch.float64)
+    outs, k_cache, v_cache, start = [], None, None, 0
+    for piece in split:
+        sl = slice(start, start + piece)
+        out, k_cache, v_cache = chunked_attention(q[:, sl], k[:, sl], v[:, sl], chunk, k_cache, v_cache)
+        outs.append(out)
+        start += piece
+    got = torch.cat(outs, 1)
+    want = dense_chunk_attention(q, k, v, chunk)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    for g, w in zip(grads, torch.autograd.grad((want * weight).sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
 def test_materialized_path_keeps_nothing_of_chunk_by_chunk_size_for_backward():
     q, k, v = (t.requires_grad_() for t in qkv(2, 4 * C, dv=6))
     saved = []
