@@ -2,8 +2,11 @@
 
     python benchmarks/bench_model.py                      # small and base, L = 1K, 4K, 16K; decode at 1K and 64K
     python benchmarks/bench_model.py --presets small --lengths 1024 --decode-positions 1024
+    python benchmarks/bench_model.py --train --batch 8 --lengths 1024 --dtype fp32 bf16 --repeats 7
 
 Each measurement runs in a fresh subprocess so that its peak RSS is its own. Prints Markdown tables.
+--train measures instead what the trainer runs per optimizer step (forward with the carried state, backward,
+gradient clipping, AdamW) for both models in one process, alternating step by step, and prints the median.
 """
 
 from __future__ import annotations
@@ -48,6 +51,44 @@ def measure_train_step(arch: str, preset: str, length: int, repeats: int) -> dic
         step()
     seconds = (time.perf_counter() - start) / repeats
     return {"tokens_per_s": length / seconds, "peak_mb": peak_rss_mb(), "activation_mb": peak_rss_mb() - before}
+
+
+def train_steps(preset: str, batch: int, length: int, dtype: str, repeats: int) -> dict:
+    """Seconds per optimizer step of both models, as the trainer runs it, alternating so that load hits both."""
+    import math
+    import statistics
+
+    from megalodon.data import Batch
+    from megalodon.training.compute import forward_loss
+    from megalodon.training.config import TrainConfig
+    from megalodon.training.optim import build_optimizer
+
+    cfg = TrainConfig(max_steps=1)  # only the optimizer settings are read
+    ids = torch.randint(0, 8192, (batch, length + 1), generator=torch.Generator().manual_seed(0))
+    data = Batch(ids[:, :-1], ids[:, 1:], torch.zeros(batch, length, dtype=torch.bool),
+                 torch.zeros(batch, dtype=torch.bool))
+    runs = {}
+    for arch in ("megalodon", "llama"):
+        model = _build(arch, preset).train()
+        runs[arch] = {"model": model, "optimizer": build_optimizer(model, cfg), "state": None, "seconds": []}
+
+    def step(run: dict, stateful: bool) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss, state = forward_loss(run["model"], data, run["state"], stateful)
+        (loss / data.labels.numel()).backward()
+        torch.nn.utils.clip_grad_norm_(run["model"].parameters(), math.inf)
+        run["optimizer"].step()
+        run["optimizer"].zero_grad(set_to_none=True)
+        run["state"] = state.detach() if stateful else None
+        return time.perf_counter() - start
+
+    for r in range(repeats + 1):  # the first round warms up
+        for arch, run in runs.items():
+            seconds = step(run, arch == "megalodon")
+            if r:
+                run["seconds"].append(seconds)
+    return {arch: batch * length / statistics.median(run["seconds"]) for arch, run in runs.items()}
 
 
 @torch.no_grad()
@@ -105,7 +146,16 @@ def main() -> None:
     parser.add_argument("--decode-positions", nargs="+", type=int, default=[1024, 65536])
     parser.add_argument("--decode-steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--train", action="store_true", help="optimizer steps of both models, alternating")
+    parser.add_argument("--batch", type=int, default=8, help="rows per step (--train)")
+    parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="(--train)")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    if args.train:
+        return print_train_steps(args)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32\n")
     print("## Forward + backward, batch 1\n")
@@ -133,6 +183,20 @@ def main() -> None:
                   f"{result['prefill_tokens_per_s']:,.0f} | {result['state_bytes']:,} | "
                   f"{llama_kv_bytes(preset, position):,} |", flush=True)
         print(f"\n{preset}: decode speed at the first position / at the last = {rates[0] / rates[-1]:.2f}\n")
+
+
+def print_train_steps(args) -> None:
+    amx = "amx_bf16" in open("/proc/cpuinfo").read()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, AMX {'yes' if amx else 'no'}, "
+          f"batch {args.batch}, median of {args.repeats} optimizer steps per model, alternating\n")
+    print("| preset | batch x L | dtype | Megalodon tok/s | Llama tok/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for preset in args.presets:
+        for length in args.lengths:
+            for dtype in args.dtype:
+                rates = train_steps(preset, args.batch, length, dtype, args.repeats)
+                print(f"| {preset} | {args.batch} x {length} | {dtype} | {rates['megalodon']:,.0f} | "
+                      f"{rates['llama']:,.0f} | {rates['megalodon'] / rates['llama']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
