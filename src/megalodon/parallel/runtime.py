@@ -23,7 +23,6 @@ from megalodon.parallel.chunk import apply_chunk_parallel, local_segment
 from megalodon.parallel.data_parallel import apply_ddp, apply_fsdp, init_mesh
 
 
-
 def launched_distributed() -> bool:
     """Whether this process is one of several ranks (torchrun sets WORLD_SIZE; a test pool starts the group)."""
     if dist.is_available() and dist.is_initialized():
@@ -109,7 +108,7 @@ class Ranks:
             raise ValueError(f"seq_len ({seq_len}) must be a multiple of chunk_parallel x chunk_size "
                              f"({self.cp} x {self.chunk_size} = {self.cp * self.chunk_size}) under chunk parallelism")
 
-    def wrap(self, model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+    def wrap(self, model: nn.Module) -> nn.Module:
         """Chunk parallelism, then FSDP2 or DDP. Returns what to call: the model (sharded in place) or DDP's wrapper."""
         from megalodon.model import Megalodon
 
@@ -123,7 +122,7 @@ class Ranks:
         # FSDP2 notes on every call that a block returns a view, in case the caller changes it in place; nothing
         # here does (the tests compare every gradient with one process), so the note would only be noise.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        return apply_fsdp(model, self.mesh, param_dtype=param_dtype)
+        return apply_fsdp(model, self.mesh)  # fp32 parameters: bf16 comes from autocast, as in one process
 
     def rows(self, batch: Batch) -> Batch:
         """This replica's rows of a global batch, cut to this rank's segment under chunk parallelism."""
