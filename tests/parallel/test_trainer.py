@@ -20,7 +20,7 @@ from megalodon.cli import main
 from megalodon.training.checkpoint import list_checkpoints
 from megalodon.training.config import TrainConfig
 from megalodon.training.trainer import train
-from training_helpers import losses, run_values
+from training_helpers import losses, run_values, strict_records
 
 LOSS_TOL = 1e-5
 # AdamW divides each update by the gradient's own scale, so the rounding of small gradients (a sum in another
@@ -64,16 +64,24 @@ def max_rel(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max() / max(float(b[k].abs().max()), 1e-3)) for k in b)
 
 
+def validation(run_dir) -> list[float]:
+    return [r["val_loss"] for r in strict_records(run_dir / "metrics.jsonl") if "val_loss" in r]
+
+
 def one_process(values: dict, run_dir, **kwargs):
     train(TrainConfig(**values), run_dir, progress=False, **kwargs)
-    return losses(run_dir), weights(run_dir)
+    return losses(run_dir), weights(run_dir), validation(run_dir)
 
 
 def compare(run_dir, reference) -> None:
-    ref_losses, ref_weights = reference
+    """Training losses, the final evaluation (every rank reads the windows, each cp rank its segments) and the
+    final weights against one process."""
+    ref_losses, ref_weights, ref_validation = reference
     got = losses(run_dir)
     assert len(got) == len(ref_losses), (got, ref_losses)
     assert max(abs(a - b) for a, b in zip(got, ref_losses)) < LOSS_TOL, (got, ref_losses)
+    assert len(validation(run_dir)) == len(ref_validation) == 1
+    assert abs(validation(run_dir)[0] - ref_validation[0]) < LOSS_TOL, (validation(run_dir), ref_validation)
     assert max_rel(weights(run_dir), ref_weights) < WEIGHT_TOL
 
 
