@@ -32,8 +32,8 @@ WEIGHT_TOL = 3e-5
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    for i in range(5):
-        lines = [" ".join(words[(3 * i + j * k) % len(words)] for k in range(7)) for j in range(30)]
+    for i in range(40):  # 2 validation documents: each of 2 replicas evaluates one
+        lines = [" ".join(words[(3 * i + j * k) % len(words)] for k in range(7)) for j in range(4)]
         (root / f"part{i}.txt").write_text("\n".join(lines))
     return root
 
@@ -45,7 +45,7 @@ def workdir(tmp_path_factory):
 
 def options(corpus, workdir, **overrides) -> dict:
     # one data_dir for every run: the token store is built once
-    return run_values(corpus, workdir, **{"max_steps": 3, "checkpoint_every": 0, **overrides})
+    return run_values(corpus, workdir, **{"max_steps": 3, "checkpoint_every": 0, "eval_batch_size": 2, **overrides})
 
 
 def weights(run_dir) -> dict:

@@ -55,14 +55,18 @@ def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int
     """Loss over a split, streaming windows of each document with the carried state: the whole split, or its first
     cfg.eval_tokens labels (bits/byte then count the split's bytes in proportion to the tokens read).
 
-    On several ranks (megalodon.parallel.runtime.Ranks) every rank reads the same windows, each chunk-parallel
-    rank its own segment of them; the result is the same on every rank."""
+    On several ranks (megalodon.parallel.runtime.Ranks) each data-parallel replica reads its share of the rows
+    (all of them when eval_batch_size is not a multiple of the replicas), each chunk-parallel rank its segment of
+    them; the result is the same on every rank."""
     was_training = model.training
     model.eval()
+    shard_rows = ranks is not None and cfg.eval_batch_size % ranks.dp == 0
     nats, count, state = 0.0, 0, None
     for batch in eval_windows(store, cfg.seq_len, chunk, pad_id, cfg.eval_batch_size):
         count += int((batch.labels != IGNORE_INDEX).sum())  # of the whole window: every rank stops together
-        batch = (batch if ranks is None else ranks.segment(batch)).to(device)
+        if ranks is not None:
+            batch = ranks.rows(batch) if shard_rows else ranks.segment(batch)
+        batch = batch.to(device)
         with autocast(cfg, device):
             loss, state = forward_loss(model, batch, state, stateful=isinstance(model, Megalodon))
         nats += float(loss)
@@ -70,7 +74,7 @@ def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int
             break
     model.train(was_training)
     if ranks is not None:
-        nats = ranks.sum_cp([nats])[0]
+        nats = (ranks.sum([nats]) if shard_rows else ranks.sum_cp([nats]))[0]
     mean = nats / max(count, 1)
     n_bytes = store.n_bytes * min(1.0, count / max(store.n_tokens - store.n_docs, 1))  # every label, if all read
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_bpb": bits_per_byte(nats, n_bytes)}
