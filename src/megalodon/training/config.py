@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,10 +151,7 @@ def read_config_file(path: str | Path) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"config file {path} is not UTF-8 text ({err})") from None
     if path.suffix == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # the same parser, released separately
-            import tomli as tomllib
+        import tomllib
 
         values = _parse(path, "TOML", tomllib.loads, text, tomllib.TOMLDecodeError)
     elif path.suffix == ".json":
