@@ -111,7 +111,7 @@ def plot(tag: str) -> Path:
     phases = {phase: load_json(RUNS / f"head-to-head-{tag}-{phase}" / "results.json")
               for phase in ("tokens", "walltime")}
     phases = {phase: r for phase, r in phases.items() if r}
-    corpora = sorted({key.split("/")[0] for r in phases.values() for key in r["runs"]}, key=list(CORPORA).index)
+    corpora = list(dict.fromkeys(key.split("/")[0] for r in phases.values() for key in r["runs"]))
     plt = pyplot()
     fig, axes = plt.subplots(1, len(corpora), figsize=(4.5 * len(corpora), 3.6), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
