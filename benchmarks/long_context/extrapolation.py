@@ -15,6 +15,10 @@ first token, in one stream per novel.
                           is worth (bits/byte over the same tokens)
 
     python benchmarks/long_context/extrapolation.py --threads 1    # the small settings (after head_to_head)
+    # once the seed-0 models are trained: the evaluations in two processes, then the table from both
+    python benchmarks/long_context/extrapolation.py --only llama-full llama-window &
+    python benchmarks/long_context/extrapolation.py --only megalodon megalodon-stateless megalodon-reset; wait
+    python benchmarks/long_context/extrapolation.py
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from megalodon.inference.plots import plot_loss_by_position
 from megalodon.training.data import prepare_data
 
 
+EVALUATIONS = ("megalodon", "megalodon-stateless", "llama-full", "llama-window", "megalodon-reset")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=48)
@@ -44,6 +51,9 @@ def main() -> None:
     parser.add_argument("--tag", default="small")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                         help="seeds of the stateful/stateless pair (validation bits/byte); seed 0 is evaluated whole")
+    parser.add_argument("--only", nargs="+", choices=EVALUATIONS,
+                        help="run only these evaluations and write no table (to run them in parallel processes; "
+                             "a run without --only then assembles the table from the kept results)")
     args = parser.parse_args()
     setup(args.threads)
     cfg = base_config(args.steps, args.preset, args.corpus, 0)
@@ -51,18 +61,23 @@ def main() -> None:
             "megalodon-stateless": trained(replace(cfg, stateful=False),
                                            run_dir(args.tag, args.corpus, "megalodon-stateless", 0)),
             "llama": trained(replace(cfg, arch="llama"), run_dir(args.tag, args.corpus, "llama", 0))}
-    pairs = {seed: {name: trained(replace(base_config(args.steps, args.preset, args.corpus, seed),
-                                          stateful=name == "megalodon"),
-                                  run_dir(args.tag, args.corpus, name, seed))["val_bpb"]
-                    for name in ("megalodon", "megalodon-stateless")} for seed in args.seeds}
+    pairs = {}  # the other seeds' pairs: trained by the run that writes the table, not by --only runs side by side
+    for seed in [] if args.only else args.seeds:
+        seed_cfg = base_config(args.steps, args.preset, args.corpus, seed)
+        pairs[seed] = {name: trained(replace(seed_cfg, stateful=name == "megalodon"),
+                                     run_dir(args.tag, args.corpus, name, seed))["val_bpb"]
+                       for name in ("megalodon", "megalodon-stateless")}
     store_dir, _ = prepare_data(cfg)
     documents = [doc for split in ("val", "test") for doc in documents_from_store(TokenStore(store_dir, split))]
     evaluations = []
-    for label, name, settings in (("megalodon", "megalodon", {}), ("megalodon-stateless", "megalodon-stateless", {}),
-                                  (f"llama-full (to {args.max_context // 1024}K)", "llama",
-                                   {"max_context": args.max_context}),
-                                  ("llama-window (1K)", "llama", {"window": cfg.seq_len}),
-                                  ("megalodon, state reset every 1K", "megalodon", {"reset": cfg.seq_len})):
+    for key, label, name, settings in (
+            ("megalodon", "megalodon", "megalodon", {}),
+            ("megalodon-stateless", "megalodon-stateless", "megalodon-stateless", {}),
+            ("llama-full", f"llama-full (to {args.max_context // 1024}K)", "llama", {"max_context": args.max_context}),
+            ("llama-window", "llama-window (1K)", "llama", {"window": cfg.seq_len}),
+            ("megalodon-reset", "megalodon, state reset every 1K", "megalodon", {"reset": cfg.seq_len})):
+        if args.only and key not in args.only:
+            continue
         # each finished evaluation is kept, so an interrupted run resumes at the next one
         variant = settings.get("window") or (f"reset{settings['reset']}" if "reset" in settings else "full")
         cached = RUNS / f"extrapolation-{args.tag}" / f"eval-{name}-{variant}.json"
@@ -79,6 +94,8 @@ def main() -> None:
             cached.write_text(json.dumps(asdict(result)))
         print(label, result.perplexity, result.bits_per_byte, f"{result.seconds:.0f} s", flush=True)
         evaluations.append(result)
+    if args.only:
+        return
     results = {"command": command(), "machine": machine(), "seed": 0, "documents": [
         {"name": d.name, "tokens": int(d.ids.numel())} for d in documents],
         "budget": {"preset": args.preset, "steps": args.steps, "seq_len": cfg.seq_len,
