@@ -53,8 +53,9 @@ def measure_train_step(arch: str, preset: str, length: int, repeats: int) -> dic
     return {"tokens_per_s": length / seconds, "peak_mb": peak_rss_mb(), "activation_mb": peak_rss_mb() - before}
 
 
-def train_steps(preset: str, batch: int, length: int, dtype: str, repeats: int) -> dict:
-    """Seconds per optimizer step of both models, as the trainer runs it, alternating so that load hits both."""
+def train_steps(preset: str, batch: int, length: int, dtype: str, repeats: int, compile: bool = False) -> dict:
+    """Tokens/s of both models' optimizer steps, as the trainer runs them (compile: torch.compile the model, as
+    --compile true does), alternating step by step so that the machine's load falls on both alike."""
     import math
     import statistics
 
@@ -73,7 +74,8 @@ def train_steps(preset: str, batch: int, length: int, dtype: str, repeats: int) 
     runs = {}
     for arch in ("megalodon", "llama"):
         model = _build(arch, preset).train()
-        runs[arch] = {"model": model, "optimizer": build_optimizer(model, cfg), "state": None, "wall": [], "cpu": []}
+        runs[arch] = {"model": torch.compile(model) if compile else model, "optimizer": build_optimizer(model, cfg),
+                      "state": None, "wall": [], "cpu": []}
 
     def step(run: dict, stateful: bool) -> tuple[float, float]:
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -86,10 +88,10 @@ def train_steps(preset: str, batch: int, length: int, dtype: str, repeats: int) 
         run["state"] = state.detach() if stateful else None
         return time.perf_counter() - start, time.process_time() - start_cpu
 
-    for r in range(repeats + 1):  # the first round warms up
+    for r in range(repeats + (3 if compile else 1)):  # warm-up rounds (compiled: also the recompiles for the state)
         for arch, run in runs.items():
             wall, cpu = step(run, arch == "megalodon")
-            if r:
+            if r >= (3 if compile else 1):
                 run["wall"].append(wall)
                 run["cpu"].append(cpu)
     return {arch: {clock: batch * length / statistics.median(run[clock]) for clock in ("wall", "cpu")}
@@ -155,6 +157,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="rows per step (--train)")
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="(--train)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (--train)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,7 +196,8 @@ def main() -> None:
 def print_train_steps(args) -> None:
     amx = "amx_bf16" in open("/proc/cpuinfo").read()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, AMX {'yes' if amx else 'no'}, "
-          f"batch {args.batch}, median of {args.repeats} optimizer steps per model, alternating\n")
+          f"batch {args.batch}, median of {args.repeats} optimizer steps per model, alternating"
+          f"{', compiled' if args.compile else ''}\n")
     # Per CPU second too: on a machine shared with other jobs, the process's CPU time (at one thread) tracks the
     # work done far more steadily than the wall clock, which counts the time other jobs hold the cores.
     print("| preset | batch x L | dtype | Megalodon tok/s | Llama tok/s | ratio | Megalodon tok/CPU-s | "
@@ -202,7 +206,7 @@ def print_train_steps(args) -> None:
     for preset in args.presets:
         for length in args.lengths:
             for dtype in args.dtype:
-                rates = train_steps(preset, args.batch, length, dtype, args.repeats)
+                rates = train_steps(preset, args.batch, length, dtype, args.repeats, args.compile)
                 mega, llama = rates["megalodon"], rates["llama"]
                 print(f"| {preset} | {args.batch} x {length} | {dtype} | {mega['wall']:,.0f} | {llama['wall']:,.0f} | "
                       f"{mega['wall'] / llama['wall']:.2f} | {mega['cpu']:,.0f} | {llama['cpu']:,.0f} | "
