@@ -62,9 +62,9 @@ def test_gradients_match_dense_in_float64(dv, split):
 
 
 @pytest.mark.parametrize("split", [[128], [10, 60, 58], [100, 3, 40]])
-def test_query_blocks_match_dense_in_float64(split):
-    """Chunks of 64: the materialized path splits each chunk's queries into blocks that see only the keys up to
-    their last query (with and without cached keys before them); outputs and gradients are the dense ones."""
+def test_long_chunks_with_cached_keys_match_dense_in_float64(split):
+    """Chunks of 64 on the materialized path, calls starting mid-chunk (cached keys before the queries) and at
+    chunk starts: outputs and gradients are the dense ones."""
     chunk, total = 64, sum(split)
     q, k, v = (t.requires_grad_() for t in qkv(2, total, dv=6, seed=7))
     weight = torch.randn(2, total, 2, 6, dtype=torch.float64)

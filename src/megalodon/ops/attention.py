@@ -65,33 +65,19 @@ def _probabilities(q: Tensor, k: Tensor, offset: int) -> Tensor:
     return _masked_scores(q, k, offset).softmax(-1)
 
 
-QUERY_BLOCKS = 4  # query blocks per chunk on the materialized path (chunks of at least 32 queries)
-
-
-def _query_spans(queries: int, keys: int, offset: int) -> list[tuple[int, int, int]]:
-    """(start, stop, keys seen) for consecutive blocks of queries: query i sees keys 0..i + offset, so a block
-    needs only the keys up to its last query's. Causal masking leaves most of the skipped (block x later keys)
-    products zero: with 4 blocks, a chunk's products cost 10/16 of the full square."""
-    blocks = QUERY_BLOCKS if queries >= 8 * QUERY_BLOCKS else 1
-    edges = [queries * b // blocks for b in range(blocks + 1)]
-    return [(a, b, min(b + offset, keys)) for a, b in zip(edges, edges[1:])]
-
-
 class _MaterializedAttention(torch.autograd.Function):
     """softmax(q k^T + mask) v over token-major (N, S, H, d) tensors, saving q, k, v and the output only:
     backward recomputes the probabilities. The products run in the inputs' dtype, the softmax in fp32 (or
-    better). One head and one block of queries (`_query_spans`) at a time: a head's (N, S, d) slice of a
-    token-major tensor is a strided matrix that batched GEMMs read in place, where head-major views of all heads
-    would be copied for every product."""
+    better). All heads and all of a chunk's queries in each op: splitting them (per head, or per block of
+    queries to skip masked products) measured 18-34% faster on one idle thread but 4x slower at two threads on
+    a loaded machine, where every extra op waits for a preempted thread."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
-        out = v.new_empty(*q.shape[:3], v.shape[-1])
         with torch.autocast(q.device.type, enabled=False):
-            for h in range(q.shape[2]):
-                for a, b, seen in _query_spans(q.shape[1], k.shape[1], offset):
-                    probs = _probabilities(q[:, a:b, h], k[:, :seen, h], offset + a).to(v.dtype)
-                    out[:, a:b, h] = torch.bmm(probs, v[:, :seen, h])
+            probs = _probabilities(q.transpose(1, 2), k.transpose(1, 2), offset).to(v.dtype)  # N x H x Sq x Sk
+            # token-major, so that the caller's (B, L, H * dv) view and this saved output share memory
+            out = torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v, out)
         ctx.offset = offset
         return out
@@ -99,20 +85,18 @@ class _MaterializedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, out = ctx.saved_tensors
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        q, k, v, out, grad = (t.transpose(1, 2) for t in (q, k, v, out, grad))  # head-major views
         with torch.autocast(q.device.type, enabled=False):
             grad = grad.to(v.dtype)
-            for h in range(q.shape[2]):
-                for a, b, seen in _query_spans(q.shape[1], k.shape[1], ctx.offset):
-                    qh, kh, vh, gh = q[:, a:b, h], k[:, :seen, h], v[:, :seen, h], grad[:, a:b, h]
-                    probs = _probabilities(qh, kh, ctx.offset + a)  # the forward's, bit for bit
-                    grad_v[:, :seen, h] += torch.bmm(probs.to(v.dtype).transpose(1, 2), gh)
-                    # d scores = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
-                    row = (gh.to(probs.dtype) * out[:, a:b, h].to(probs.dtype)).sum(-1, keepdim=True)
-                    grad_s = probs.mul_(torch.bmm(gh, vh.transpose(1, 2)).to(probs.dtype).sub_(row)).to(q.dtype)
-                    grad_q[:, a:b, h] = torch.bmm(grad_s, kh)
-                    grad_k[:, :seen, h] += torch.bmm(grad_s.transpose(1, 2), qh)
-        return grad_q, grad_k, grad_v, None
+            probs = _probabilities(q, k, ctx.offset)  # the forward's, bit for bit
+            grad_v = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad)
+            # d scores = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
+            row = (grad.to(probs.dtype) * out.to(probs.dtype)).sum(-1, keepdim=True)
+            grad_p = torch.matmul(grad, v.transpose(-1, -2)).to(probs.dtype)
+            grad_s = probs.mul_(grad_p.sub_(row)).to(q.dtype)
+            grad_q = torch.matmul(grad_s, k)
+            grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
+        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, offset: int = 0, dropout_p: float = 0.0) -> Tensor:
