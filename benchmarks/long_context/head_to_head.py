@@ -11,7 +11,7 @@ A difference between means smaller than the larger standard deviation is reporte
 
     python benchmarks/long_context/head_to_head.py --phase tokens          # the small settings: 48 steps of 4x1024
     python benchmarks/long_context/head_to_head.py --phase walltime --seconds 60
-    python benchmarks/long_context/head_to_head.py --phase tokens --steps 200 --tag long
+    python benchmarks/long_context/head_to_head.py --phase tokens --steps 200 --tag long200   # a tag holds one budget
     python benchmarks/long_context/head_to_head.py --plot                  # the figure from both phases' results
 """
 
