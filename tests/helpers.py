@@ -37,3 +37,12 @@ def requires_triton(test):
     import pytest
 
     return pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")(test)
+
+
+def save_byte_model(directory):
+    """A tiny fp32 model with the byte tokenizer saved beside it: a model directory the CLI verbs accept."""
+    from megalodon.data import ByteTokenizer
+
+    tiny_model(torch.float32, vocab_size=259).save_pretrained(directory)
+    ByteTokenizer().save(directory)
+    return directory

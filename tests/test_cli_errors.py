@@ -10,19 +10,14 @@ import torch
 from safetensors import SafetensorError
 
 from megalodon.cli import main
-from megalodon.data import ByteTokenizer
+from helpers import save_byte_model
 
 RUNS_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root writes through read-only permissions
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    from helpers import tiny_model
-
-    directory = tmp_path / "model"
-    tiny_model(torch.float32, vocab_size=259).save_pretrained(directory)
-    ByteTokenizer().save(directory)
-    return directory
+    return save_byte_model(tmp_path / "model")
 
 
 def one_line_error(capsys, *needles):

@@ -13,19 +13,14 @@ from megalodon.cli import build_parser, main
 from megalodon.cli_options import field_docs, kebab_args, resolve_device
 from megalodon import Megalodon
 from megalodon.config import MegalodonConfig
-from megalodon.data import ByteTokenizer
+from helpers import save_byte_model
 from megalodon.progress import LogProgress, progress_bar
 from megalodon.training.config import TrainConfig
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    from helpers import tiny_model
-
-    directory = tmp_path / "model"
-    tiny_model(torch.float32, vocab_size=259).save_pretrained(directory)
-    ByteTokenizer().save(directory)
-    return directory
+    return save_byte_model(tmp_path / "model")
 
 
 def verbs():
