@@ -39,11 +39,11 @@ def test_streamed_pieces_match_dense(split):
     torch.testing.assert_close(torch.cat(outs, 1), reference, rtol=1e-10, atol=1e-10)
 
 
-def streamed(q, k, v, split, dropout_p=0.0):
+def streamed(q, k, v, split, dropout_p=0.0, chunk=C):
     outs, k_cache, v_cache, start = [], None, None, 0
     for piece in split:
         sl = slice(start, start + piece)
-        out, k_cache, v_cache = chunked_attention(q[:, sl], k[:, sl], v[:, sl], C, k_cache, v_cache, dropout_p)
+        out, k_cache, v_cache = chunked_attention(q[:, sl], k[:, sl], v[:, sl], chunk, k_cache, v_cache, dropout_p)
         outs.append(out)
         start += piece
     return torch.cat(outs, 1)
@@ -68,13 +68,7 @@ def test_long_chunks_with_cached_keys_match_dense_in_float64(split):
     chunk, total = 64, sum(split)
     q, k, v = (t.requires_grad_() for t in qkv(2, total, dv=6, seed=7))
     weight = torch.randn(2, total, 2, 6, dtype=torch.float64)
-    outs, k_cache, v_cache, start = [], None, None, 0
-    for piece in split:
-        sl = slice(start, start + piece)
-        out, k_cache, v_cache = chunked_attention(q[:, sl], k[:, sl], v[:, sl], chunk, k_cache, v_cache)
-        outs.append(out)
-        start += piece
-    got = torch.cat(outs, 1)
+    got = streamed(q, k, v, split, chunk=chunk)
     want = dense_chunk_attention(q, k, v, chunk)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
