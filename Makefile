@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean long-context
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
+
+# The long-context suite at its small settings (docs/long-context.md, "Running the suite").
+long-context: $(STAMP)
+	bash benchmarks/long_context/run_all.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -2,7 +2,8 @@
 
 Every experiment writes runs/long_context/<experiment>/results.json (the numbers, the command, the seeds, the
 budget and the machine) and table.md; plots go to docs/images/. Each script skips work whose result file already
-exists, so an interrupted suite resumes where it stopped (delete a result to redo it).
+exists (a trained model, a finished evaluation, an experiment run with the same options), so an interrupted
+suite resumes where it stopped (delete a result to redo it).
 """
 
 from __future__ import annotations
@@ -49,6 +50,21 @@ def machine() -> dict:
 
 def command() -> str:
     return " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def already_done(experiment: str) -> bool:
+    """True, after printing its table, when this experiment already finished with the same options (threads
+    aside): a resumed suite then skips its evaluations too, not only its training."""
+    saved = load_json(RUNS / experiment / "results.json")
+    if saved is None or _options(saved.get("command", "")) != _options(command()):
+        return False
+    print((RUNS / experiment / "table.md").read_text())
+    return True
+
+
+def _options(cmd: str) -> list[str]:
+    words = cmd.split()
+    return [w for i, w in enumerate(words) if w != "--threads" and (i == 0 or words[i - 1] != "--threads")]
 
 
 def save_results(experiment: str, results: dict, table: str) -> Path:

@@ -118,6 +118,8 @@ def plot(tag: str) -> Path:
         ticks = []
         for p, (phase, r) in enumerate(phases.items()):
             suffix = "" if phase == "tokens" else "-walltime"
+            if f"{corpus}/megalodon{suffix}/{r['seeds'][0]}" not in r["runs"]:
+                continue  # this phase ran on other corpora (the suite runs each corpus in its own lane)
             paired = [[r["runs"][f"{corpus}/{arch}{suffix}/{seed}"]["val_bpb"] for seed in r["seeds"]]
                       for arch in ("megalodon", "llama")]
             for pair in zip(*paired):  # the same seed (same data order) joined: the differences are paired

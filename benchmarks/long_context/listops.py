@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import RUNS, command, machine, markdown_table, save_results, setup, task_model
+from common import RUNS, already_done, command, machine, markdown_table, save_results, setup, task_model
 
 from megalodon.tasks import predict, recipe, score_classes
 
@@ -22,6 +22,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--tag", default="small")
     args = parser.parse_args()
+    if already_done(f"listops-{args.tag}"):
+        return
     setup(args.threads)
     out = RUNS / f"listops-{args.tag}"
     results = {"command": command(), "machine": machine(), "seeds": args.seeds, "models": {}}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import IMAGES, RUNS, command, machine, markdown_table, pyplot, save_results, setup, task_model
+from common import IMAGES, RUNS, already_done, command, machine, markdown_table, pyplot, save_results, setup, task_model
 
 from megalodon.tasks import answer_chance, evaluate_task, make_task, recipe
 
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--tag", default="small")
     args = parser.parse_args()
+    if already_done(f"memory-{args.tag}"):
+        return
     setup(args.threads)
     out = RUNS / f"memory-{args.tag}"
     results = {"command": command(), "machine": machine(), "seeds": args.seeds, "gaps": GAPS, "tasks": {}}

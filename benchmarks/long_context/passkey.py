@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-from common import DATA, IMAGES, RUNS, command, machine, markdown_table, pyplot, save_results, setup, task_model
+from common import (
+    DATA, IMAGES, RUNS, already_done, command, machine, markdown_table, pyplot, save_results, setup, task_model,
+)
 
 from megalodon.tasks import Passkey, evaluate_task, recipe
 
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--tag", default="small")
     args = parser.parse_args()
+    if already_done(f"passkey-{args.tag}"):
+        return
     setup(args.threads)
     out = RUNS / f"passkey-{args.tag}"
     results = {"command": command(), "machine": machine(), "seed": args.seed, "depths": DEPTHS, "models": {}}

@@ -35,14 +35,30 @@ def test_pairs_table_calls_a_consistent_difference_larger_than_the_spread():
     assert "(tie)" in extrapolation.pairs_table(pairs)
 
 
-def test_head_to_head_plot_from_saved_results(tmp_path, monkeypatch):
+@pytest.mark.parametrize("walltime_corpora", [("shakespeare", "bible"), ("bible",)])
+def test_head_to_head_plot_from_saved_results(tmp_path, monkeypatch, walltime_corpora):
+    """Also when one phase holds fewer corpora than the other (the suite's lanes each write one corpus first)."""
     monkeypatch.setattr(head_to_head, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(head_to_head, "IMAGES", tmp_path / "images")
-    for phase, suffix in (("tokens", ""), ("walltime", "-walltime")):
+    phases = (("tokens", "", ("shakespeare", "bible")), ("walltime", "-walltime", walltime_corpora))
+    for phase, suffix, corpora in phases:
         runs = {f"{corpus}/{arch}{suffix}/{seed}": {"val_bpb": 2.0 + 0.1 * seed + 0.01 * len(arch)}
-                for corpus in ("shakespeare", "bible") for arch in ("megalodon", "llama") for seed in (0, 1)}
+                for corpus in corpora for arch in ("megalodon", "llama") for seed in (0, 1)}
         out = tmp_path / "runs" / f"head-to-head-t-{phase}"
         out.mkdir(parents=True)
         (out / "results.json").write_text(json.dumps({"seeds": [0, 1], "budget": {"seconds": 60.0}, "runs": runs}))
     path = head_to_head.plot("t")
     assert path == tmp_path / "images" / "head_to_head_t.png" and path.stat().st_size > 0
+
+
+def test_a_finished_experiment_is_skipped_only_when_rerun_with_the_same_options(tmp_path, monkeypatch):
+    import common
+
+    monkeypatch.setattr(common, "RUNS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["benchmarks/long_context/memory.py", "--threads", "1", "--seeds", "0"])
+    assert not common.already_done("memory-t")
+    common.save_results("memory-t", {"command": common.command()}, "the table\n")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/long_context/memory.py", "--seeds", "0", "--threads", "2"])
+    assert common.already_done("memory-t")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/long_context/memory.py", "--seeds", "0", "1"])
+    assert not common.already_done("memory-t")
