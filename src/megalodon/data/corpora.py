@@ -122,7 +122,11 @@ _VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
 
 
 def load_bible(cache_dir: str | Path) -> list[str]:
-    """One document per book (66), lines "chapter:verse text", from Debian's `bible` program (cached)."""
+    """One document per book (66), lines "chapter:verse text", from Debian's `bible` program (cached).
+
+    Without the program installed, its two packages are fetched with `apt-get download` and unpacked into a
+    temporary directory, as for the Austen novels, so no root is needed.
+    """
     target = Path(cache_dir) / "bible"
     if not target.is_dir():
         _build_cache_atomically(target, _dump_bible)
@@ -130,11 +134,32 @@ def load_bible(cache_dir: str | Path) -> list[str]:
 
 
 def _dump_bible(out: Path) -> None:
-    cmd = ["bible", "-f", "Gen1:1-Rev22:21"]
-    hint = ("the King James Bible needs Debian's `bible` program: as root, "
-            "`apt-get update && apt-get install -y bible-kjv` (it pulls in the text, bible-kjv-text)")
+    hint = ("the King James Bible needs Debian's `bible` program (as root: `apt-get update && apt-get install -y "
+            "bible-kjv`), or apt-get and dpkg-deb with package lists to fetch it unpacked")
+    with tempfile.TemporaryDirectory() as work:
+        program = shutil.which("bible")
+        cmd = [program] if program else _unpacked_bible_program(Path(work), hint)
+        _write_bible_books(out, _run([*cmd, "-f", "Gen1:1-Rev22:21"], hint))
+
+
+def _unpacked_bible_program(work: Path, hint: str) -> list[str]:
+    """`bible` and its data from the Debian packages, unpacked under `work`: the command that runs it."""
+    packages = ("bible-kjv", "bible-kjv-text")
+    _run(["apt-get", "download", *packages], hint, cwd=work)
+    for package in packages:
+        debs = list(work.glob(f"{package}_*.deb"))
+        if len(debs) != 1:
+            raise RuntimeError(f"`apt-get download {package}` left {len(debs)} .deb files in {work}")
+        _run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], hint)
+    program, data = work / "x" / "usr" / "bin" / "bible", work / "x" / "usr" / "lib" / "bible.data"
+    if not (program.is_file() and data.is_file()):
+        raise RuntimeError(f"the unpacked bible-kjv packages lack {program.name} or {data.name}; {hint}")
+    return [str(program), "-p", str(data.parent)]
+
+
+def _write_bible_books(out: Path, dump: str) -> None:
     books: dict[str, list[str]] = {}
-    for line in _run(cmd, hint).splitlines():
+    for line in dump.splitlines():
         match = _VERSE.match(line)
         if match is None:
             if line.strip():
@@ -143,7 +168,7 @@ def _dump_bible(out: Path) -> None:
         book, chapter, verse, text = match.groups()
         books.setdefault(book, []).append(f"{chapter}:{verse} {text}")
     if len(books) != 66:
-        raise RuntimeError(f"expected 66 books from `{' '.join(cmd)}`, parsed {len(books)}")
+        raise RuntimeError(f"expected 66 books from `bible -f Gen1:1-Rev22:21`, parsed {len(books)}")
     # The number prefix keeps canonical order (Genesis first) when files are listed sorted.
     _write_texts(out, [(f"{i:02d}_{book}", "\n".join(verses) + "\n") for i, (book, verses) in enumerate(books.items())])
 
