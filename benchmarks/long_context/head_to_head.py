@@ -128,7 +128,7 @@ def plot(tag: str) -> Path:
                 x = 2.5 * p + a
                 ax.scatter([x] * len(values), values, color=color, alpha=0.6, s=18)
                 ax.errorbar(x + 0.2, statistics.mean(values), yerr=_sd(values), fmt="o", color=color, capsize=4,
-                            label=arch if p == 0 else None)
+                            label=arch if not ticks else None)
             budget = "equal tokens" if phase == "tokens" else f"equal time ({r['budget']['seconds']:.0f} s)"
             ticks.append((2.5 * p + 0.5, budget))
         ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks])
