@@ -3,7 +3,8 @@
 
 The models are experiment 5's seed-0 Austen runs (Megalodon and the Llama on the same tokens) plus a Megalodon
 trained on the same tokens without carrying its state across windows (`--stateful false`); for seeds 1 and 2 the
-stateful/stateless pair is compared on the trainer's final validation only. The Austen corpus
+stateful/stateless pair is compared on the trainer's final validation only (`--corpus` picks another built-in
+corpus, e.g. `bible`: its held-out books are evaluated the same way). The Austen corpus
 splits by novel: four train, one validation, one test; both held-out novels are evaluated whole, each from its
 first token, in one stream per novel.
 
@@ -105,7 +106,7 @@ def main() -> None:
     save_results(f"extrapolation-{args.tag}", results, table(evaluations) + "\n" + reset_line(evaluations[0], reset)
                  + "\n" + pairs_table(pairs))
     plot_loss_by_position(evaluations, IMAGES / f"extrapolation_{args.tag}.png",
-                          f"Held-out Austen novels, {args.preset} models trained on 1024-token windows")
+                          f"Held-out {args.corpus} documents, {args.preset} models trained on 1024-token windows")
 
 
 def pieces(documents: list[EvalDocument], every: int) -> list[EvalDocument]:
@@ -133,7 +134,7 @@ def table(evaluations) -> str:
     header = ["model", "bits/byte"] + [f"{_k(a)}-{_k(b)}" for a, b in zip(edges, edges[1:])]
     rows = [[r.label, r.bits_per_byte] + [b["mean_loss"] if b["tokens"] else "" for b in r.buckets()]
             for r in evaluations]
-    return "Mean loss (nats/token) by position bucket, both held-out novels together\n\n" + \
+    return "Mean loss (nats/token) by position bucket, the held-out documents together\n\n" + \
         markdown_table(header, rows)
 
 
