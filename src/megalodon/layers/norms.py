@@ -13,10 +13,14 @@ from torch import Tensor, nn
 from megalodon.ops.fused import rms_norm
 
 
+# Asked once, at import: torch.compile cannot trace torch.amp.is_autocast_available before torch 2.13.
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the linears after a norm run in: autocast's where it is on, else x's."""
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 

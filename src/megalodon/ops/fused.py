@@ -35,7 +35,9 @@ class _RMSNorm(torch.autograd.Function):
         if weight is not None:
             out = out * (weight.to(out.dtype) + 1.0)
         ctx.save_for_backward(x, rstd, weight)
-        return out.to(out_dtype)
+        # No .to() when the dtype already matches: torch.compile in torch 2.11 loses the gradient of a custom
+        # Function whose output is such a no-op alias (2.13 does not).
+        return out if out.dtype == out_dtype else out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
