@@ -1,19 +1,24 @@
 """GPU speed and memory: Megalodon against the matched Llama on one CUDA device, in one run (issue #8's table).
 
-    python benchmarks/bench_gpu.py                       # everything, about 6-8 minutes on an H100
+    python benchmarks/bench_gpu.py                       # everything, about 7-9 minutes on an H100
     python benchmarks/bench_gpu.py --sections train --presets mega200M --lengths 4096
     python benchmarks/bench_gpu.py --out results/        # also write results.json and a profile there
 
-Sections, in the order they run:
+Sections, in the order they run by default (most wanted first: a run cut short still has the main figures):
 - env:    the device, torch/triton/CUDA versions, which Triton kernels are on;
 - parity: the CUDA model (Triton kernels, fp32) against the CPU fp32 model: logits and gradients; bf16 autocast
           against fp32; split invariance on CUDA;
-- train:  forward + backward (no optimizer), batch 1, bf16 autocast over fp32 master weights, both models
-          alternating step by step, eager and compiled; tokens/s, the ratio, activation memory;
+- train-eager, later train-compiled (or train, for every --modes): forward + backward (no optimizer), batch 1, bf16
+          autocast over fp32 master weights, both models alternating step by step; tokens/s, the ratio,
+          activation memory;
+- decode: tokens/s at batch 1 after prefilling 2K and 1M tokens, both models (the Llama up to its KV memory),
+          each from one prefill: the step replayed from a CUDA graph, eager and compiled (--modes);
+- profile: the top CUDA kernels of one mega200M 4K step (torch.profiler), written under --out;
 - jax:    megalodon-jax at the mega200M shape with bf16 compute, when it is installed (a separate process: JAX
-          and PyTorch must not share the GPU's memory pools);
-- decode: tokens/s at batch 1 after prefilling 2K and 1M tokens, both models (the Llama up to its KV memory);
-- profile: the top CUDA kernels of one mega200M 4K step (torch.profiler), written under --out.
+          and PyTorch must not share the GPU's memory pools).
+
+--deadline SECONDS skips what would start after that many seconds (each skip is logged), so that a run under an
+outer time limit ends on its own with its results written.
 
 Activation memory is the peak allocated during the step minus what was allocated before it (weights and
 gradients included in the baseline), so it counts activations and temporaries only.
@@ -38,9 +43,24 @@ TRAIN_CASES = {  # preset -> lengths; 1.3B at 32K only fits with activation chec
     "mega200M": [4096, 16384, 32768],
     "mega1.3B": [4096, 32768],
 }
+# Compiling costs about a minute per shape and model, so by default only the shapes of the issue's ratio targets.
+COMPILED_CASES = {"mega200M": [4096, 32768], "mega1.3B": []}
+
+
+def default_lengths(preset: str, mode: str) -> list[int]:
+    cases = COMPILED_CASES if mode == "compiled" else TRAIN_CASES
+    return cases.get(preset, [4096])
 
 
 DEVICE = "cuda"  # --device cpu runs every section at --tiny sizes: a smoke test of this script without a GPU
+DEADLINE = float("inf")  # time.perf_counter() after which nothing new starts (--deadline)
+
+
+def out_of_time(what: str) -> bool:
+    if time.perf_counter() < DEADLINE:
+        return False
+    log(f"(skipped {what}: past --deadline)")
+    return True
 
 
 def log(*args) -> None:
@@ -81,8 +101,8 @@ def build(arch: str, preset: str, seed: int = 0):
 
     config = MegalodonConfig.from_preset(preset)
     torch.manual_seed(seed)
-    model = Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
-    return model.to(DEVICE)
+    with torch.device(DEVICE):  # initialized where it runs: a 1.3B model's CPU initialization takes seconds
+        return Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
 
 
 def compiled(model, arch: str):
@@ -238,35 +258,48 @@ def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: boo
     return row
 
 
+def train_row(row: dict) -> str:
+    """One line of the training table."""
+    mega, llama = row.get("megalodon", {}), row.get("llama", {})
+
+    def rate(r):
+        return f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else r.get("error", "-")
+
+    def act(r):
+        return f"{r['activation_gib']:.1f}" if "activation_gib" in r else "-"
+
+    ratio = (f"{mega['tokens_per_s'] / llama['tokens_per_s']:.2f}"
+             if "tokens_per_s" in mega and "tokens_per_s" in llama else "-")
+    return (f"| {row['preset']} | {row['length']:,} | {row['mode']} | {rate(mega)} | {rate(llama)} | {ratio} | "
+            f"{act(mega)} | {act(llama)} | {row['seconds']:.0f} |")
+
+
 def section_train(presets: list[str], lengths: list[int] | None, modes: list[str], repeats: int,
                   checkpoint_from: int = 16384) -> list[dict]:
-    log("## Training step: forward + backward, batch 1, bf16 autocast\n")
-    log("| preset | L | mode | Megalodon tok/s | Llama tok/s | ratio | Megalodon act. GiB | Llama act. GiB |")
-    log("|---|---|---|---|---|---|---|---|")
+    log(f"## Training step ({', '.join(modes)}): forward + backward, batch 1, bf16 autocast\n")
+    if "compiled" in modes:
+        # Each length compiles its own static graphs (as a training run of one length would), not one
+        # dynamic-shape graph after the second length.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    log("| preset | L | mode | Megalodon tok/s | Llama tok/s | ratio | Megalodon act. GiB | Llama act. GiB | s |")
+    log("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for preset in presets:
-        for length in lengths or TRAIN_CASES.get(preset, [4096]):
-            for mode in modes:
+        for mode in modes:
+            for length in lengths or default_lengths(preset, mode):
                 checkpoint = preset == "mega1.3B" and length >= checkpoint_from
                 label = mode + (" + act. ckpt" if checkpoint else "")
+                if out_of_time(f"training {preset} at {length} ({label})"):
+                    continue
+                case_start = time.perf_counter()
                 try:
                     row = measure_pair(preset, length, mode == "compiled", checkpoint, repeats)
                 except Exception as err:  # a failing mode must not end the run: report it and go on
                     row = {"megalodon": {"error": f"{type(err).__name__}: {str(err)[:200]}"}, "llama": {}}
-                row.update(preset=preset, length=length, mode=label)
+                row.update(preset=preset, length=length, mode=label, seconds=time.perf_counter() - case_start)
                 rows.append(row)
-                mega, llama = row.get("megalodon", {}), row.get("llama", {})
-
-                def rate(r):
-                    return f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else r.get("error", "-")
-
-                def act(r):
-                    return f"{r['activation_gib']:.1f}" if "activation_gib" in r else "-"
-
-                ratio = (f"{mega['tokens_per_s'] / llama['tokens_per_s']:.2f}"
-                         if "tokens_per_s" in mega and "tokens_per_s" in llama else "-")
-                log(f"| {preset} | {length:,} | {label} | {rate(mega)} | {rate(llama)} | {ratio} | "
-                    f"{act(mega)} | {act(llama)} |")
+                log(train_row(row))
     log()
     return rows
 
@@ -299,54 +332,72 @@ def jax_worker(length: int, repeats: int) -> dict:
 
 
 def section_jax(lengths: list[int], repeats: int) -> dict:
+    """Each length in a process of its own. MEGALODON_JAX_SITE, where set (gpu_session.sh sets it), is a folder of
+    packages (megalodon-jax and the equinox it supports) that only those processes see."""
     log("## megalodon-jax (mega200M shape, bf16 compute)\n")
-    try:
-        import importlib.util
-
-        if importlib.util.find_spec("megalodon_jax") is None:
-            log("megalodon-jax is not installed here; skipped (see docs/benchmarks.md for carrying its wheel).\n")
-            return {}
-    except Exception:
-        return {}
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    site = os.environ.get("MEGALODON_JAX_SITE")
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+    here = str(Path(__file__).parent)
+    probe = subprocess.run([sys.executable, "-c", "import megalodon_jax"], capture_output=True, text=True, env=env)
+    if probe.returncode:
+        log("megalodon-jax does not import here; skipped (docs/benchmarks.md says how to carry its wheel): "
+            f"{(probe.stderr.strip().splitlines() or ['?'])[-1][:200]}\n")
+        return {}
     results = {}
     log("| L | megalodon-jax tok/s |\n|---|---|")
     for length in lengths:
-        code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_gpu; "
+        code = (f"import json, sys; sys.path.insert(0, {here!r}); import bench_gpu; "
                 f"print(json.dumps(bench_gpu.jax_worker({length}, {repeats})))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if out_of_time(f"megalodon-jax at {length}"):
+            continue
+        limit = None if DEADLINE == float("inf") else max(60.0, DEADLINE - time.perf_counter())
+        try:
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=limit)
+        except subprocess.TimeoutExpired:
+            results[length] = {"error": "timed out at --deadline"}
+            log(f"| {length:,} | timed out |")
+            continue
         if out.returncode:
             results[length] = {"error": out.stderr.strip().splitlines()[-1][:300] if out.stderr else "failed"}
-            log(f"| {length // 1024}K | {results[length]['error']} |")
+            log(f"| {length:,} | {results[length]['error']} |")
             continue
         results[length] = json.loads(out.stdout.strip().splitlines()[-1])
-        log(f"| {length // 1024}K | {results[length]['tokens_per_s']:,.0f} ({results[length]['backend']}) |")
+        log(f"| {length:,} | {results[length]['tokens_per_s']:,.0f} ({results[length]['backend']}) |")
     log()
     return results
 
 
-def section_decode(preset: str, positions: list[int], steps: int) -> list[dict]:
-    log(f"## Decode: {preset}, batch 1, bf16, greedy, after prefilling each position\n")
-    from megalodon.inference.benchmark import measure_decode
+def section_decode(preset: str, positions: list[int], steps: int, modes: list[str]) -> list[dict]:
+    graph = "CUDA graph" if DEVICE == "cuda" else "no graph (CPU)"
+    log(f"## Decode: {preset}, batch 1, bf16, greedy, after prefilling each position ({graph})\n")
+    from megalodon.inference.benchmark import measure_decode_variants
 
-    log("| model | position | decode tok/s | prefill tok/s | state/cache MiB |\n|---|---|---|---|---|")
+    log("| model | position | step | decode tok/s | ms/token | prefill tok/s | state/cache MiB |\n"
+        "|---|---|---|---|---|---|---|")
     rows = []
     for arch in ("megalodon", "llama"):
         model = build(arch, preset).to(torch.bfloat16).eval()
         for position in positions:
-            try:
-                result = measure_decode(model, position=position, steps=steps)
+            if out_of_time(f"decode of {arch} at {position}"):
+                continue
+            try:  # every mode decodes from the one prefill
+                results = measure_decode_variants(model, position, steps, [m == "compiled" for m in modes])
             except torch.cuda.OutOfMemoryError:
-                result = {"error": "out of memory"}
+                results = [{"error": "out of memory"}] * len(modes)
             except ValueError as err:  # e.g. a position beyond what the baseline's cache may hold
-                result = {"error": str(err)[:120]}
-            result.update(model=arch, position=position)
-            rows.append(result)
-            if "error" in result:
-                log(f"| {arch} | {position:,} | {result['error']} | | |")
-            else:
-                log(f"| {arch} | {position:,} | {result['decode_tokens_per_s']:,.0f} | "
-                    f"{result['prefill_tokens_per_s']:,.0f} | {result['state_bytes'] / 2**20:,.1f} |")
+                results = [{"error": str(err)[:120]}] * len(modes)
+            for mode, result in zip(modes, results):
+                result = {k: v for k, v in result.items() if k != "tokens"}
+                result.update(model=arch, position=position, mode=mode)
+                rows.append(result)
+                if "error" in result:
+                    log(f"| {arch} | {position:,} | {mode} | {result['error']} | | | |")
+                else:
+                    log(f"| {arch} | {position:,} | {mode} | {result['decode_tokens_per_s']:,.0f} | "
+                        f"{result['ms_per_step']:.2f} | {result['prefill_tokens_per_s']:,.0f} | "
+                        f"{result['state_bytes'] / 2**20:,.1f} |")
             free_cache()
         del model
         free_cache()
@@ -381,12 +432,14 @@ def section_profile(preset: str, length: int, out: Path | None) -> None:
 # ---- main ------------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="env,parity,train,jax,decode,profile",
-                        help="comma list of: env, parity, train, jax, decode, profile")
+    parser.add_argument("--sections", default="env,parity,train-eager,decode,profile,train-compiled,jax",
+                        help="comma list of: env, parity, train (every --modes), train-eager, train-compiled, "
+                             "decode, jax, profile; they run in the order given")
     parser.add_argument("--presets", nargs="+", default=list(TRAIN_CASES))
     parser.add_argument("--lengths", nargs="+", type=int, default=None,
                         help="override the lengths of every preset (default: %s)" % TRAIN_CASES)
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="torch.compile or not, for the train and decode sections")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jax-lengths", nargs="+", type=int, default=[4096, 16384])
     parser.add_argument("--decode-preset", default="mega200M")
@@ -396,9 +449,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke test of this script at tiny sizes (tests/test_bench_gpu.py runs it)")
     parser.add_argument("--strict", action="store_true", help="a failing section fails the run (for the smoke test)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after the start beyond which no new section or case starts")
     args = parser.parse_args()
 
-    global DEVICE
+    global DEVICE, DEADLINE
     DEVICE = args.device
     parity_preset, profile_case = "mega200M", ("mega200M", 4096)
     if DEVICE == "cpu":  # the smoke test: every code path at the tiny preset's sizes
@@ -414,17 +469,27 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
     started = time.perf_counter()
+    if args.deadline is not None:
+        DEADLINE = started + args.deadline
     runners = {
         "env": lambda: section_env(),
         "parity": lambda: section_parity(parity_preset),
         "train": lambda: section_train(args.presets, args.lengths, args.modes, args.repeats),
+        "train-eager": lambda: section_train(args.presets, args.lengths, ["eager"], args.repeats),
+        "train-compiled": lambda: section_train(args.presets, args.lengths, ["compiled"], args.repeats),
         "jax": lambda: section_jax(args.jax_lengths, args.repeats),
-        "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps),
+        "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps,
+                                         args.modes),
         "profile": lambda: section_profile(*profile_case, args.out),
     }
+    unknown = [name for name in sections if name not in runners]
+    if unknown:
+        sys.exit(f"unknown section {unknown[0]!r}; choose from {', '.join(runners)}")
     for name in sections:
-        if name not in runners:
-            sys.exit(f"unknown section {name!r}; choose from {', '.join(runners)}")
+        if name in ("train-eager", "train-compiled") and name.removeprefix("train-") not in args.modes:
+            continue
+        if out_of_time(f"section {name}"):
+            continue
         section_start = time.perf_counter()
         try:
             results[name] = runners[name]()

@@ -1,5 +1,8 @@
 """Shared builders for the tests: tiny models small enough for float64."""
 
+import importlib.util
+
+import pytest
 import torch
 
 from megalodon import Megalodon, MegalodonConfig
@@ -24,19 +27,13 @@ def tiny_model(dtype=torch.float64, seed=0, **overrides) -> Megalodon:
 
 
 def requires_cuda(test):
-    """Skip a test cleanly on machines without a GPU (CI has none)."""
-    import pytest
-
-    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test)
+    """Skip a test cleanly on machines without a GPU (CI has none); marked cuda (gpu_session.sh runs those)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
-def requires_triton(test):
-    """Skip a kernel test when triton is not installed (it runs under the interpreter on CPU)."""
-    import importlib.util
-
-    import pytest
-
-    return pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")(test)
+# Skips a kernel test when triton is not installed (it runs under the interpreter on CPU). A mark, so that it
+# decorates a test and also goes in pytest.param(..., marks=requires_triton).
+requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 
 def save_byte_model(directory):

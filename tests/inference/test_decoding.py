@@ -4,7 +4,7 @@ against the blocked forward pass, in float64: every position, rows at different 
 import pytest
 import torch
 
-from helpers import requires_cuda, tiny_model
+from helpers import requires_cuda, requires_triton, tiny_model
 from megalodon import MegalodonState
 from megalodon.decode_state import DecodeState
 from megalodon.inference.decoding import StaticDecoder, TokenReader
@@ -127,16 +127,26 @@ def test_bad_inputs_are_refused():
         StaticDecoder(model.train(), fresh)
 
 
-def test_compiled_decode_step_equals_eager():
-    """torch.compile of the whole step on the CPU (Inductor, one graph), against eager, across a chunk boundary."""
+@pytest.mark.parametrize("norm_kernel", [False, pytest.param(True, marks=requires_triton)])
+def test_compiled_decode_step_equals_eager(norm_kernel):
+    """torch.compile of the whole step on the CPU (Inductor, one graph), against the eager PyTorch step, across a
+    chunk boundary; with norm_kernel, the compiled step holds the TimestepNorm's in-place Triton step (a mutating
+    custom op, here under the interpreter), as on a GPU."""
+    from megalodon.ops import timestep_norm as norm_ops
+
     model = tiny_model(torch.float32, seed=8, num_layers=1)
     _, state = model(random_ids(2, 5, seed=8), return_state=True)
     eager = StaticDecoder(model, DecodeState.from_state(state, model.config))
     compiled = StaticDecoder(model, DecodeState.from_state(state, model.config), compile=True)
     for t in range(CHUNK):
         ids = random_ids(1, 2, seed=100 + t)[0]
-        torch.testing.assert_close(compiled.step(ids), eager.step(ids), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(compiled.state.layers[0].keys, eager.state.layers[0].keys, rtol=1e-5, atol=1e-5)
+        with pytest.MonkeyPatch.context() as patch:  # the kernel for the compiled step only
+            if norm_kernel:
+                patch.setattr(norm_ops, "use_triton", lambda op, *tensors: op == "timestep_norm_step")
+            logits = compiled.step(ids)
+        torch.testing.assert_close(logits, eager.step(ids), rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(compiled.state.tensors(), eager.state.tensors(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_token_reader_on_cpu():

@@ -11,6 +11,7 @@ from megalodon.ops.cema import cema, cema_coefficients, step_resets
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.cuda  # on a GPU every kernel test here runs on it
 CHUNK = 16  # the kernels' chunk, small so that short sequences span several
 
 

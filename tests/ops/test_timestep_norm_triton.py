@@ -10,6 +10,7 @@ from megalodon.ops.timestep_norm import NormStats, timestep_norm, timestep_norm_
 
 pytest.importorskip("triton")  # the kernels run under the interpreter on CPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.cuda  # on a GPU every kernel test here runs on it
 G, D = 3, 12
 
 

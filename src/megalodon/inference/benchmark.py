@@ -22,7 +22,7 @@ import torch
 
 from megalodon.baseline import Llama
 from megalodon.decode_state import DecodeState
-from megalodon.inference.decoding import WARMUP_STEPS, StaticDecoder
+from megalodon.inference.decoding import WARMUP_STEPS, StaticDecoder, state_restorer
 from megalodon.inference.stream import chunk_aligned_blocks, default_block_tokens
 from megalodon.model import Megalodon
 
@@ -44,13 +44,26 @@ def measure_decode(model, position: int, steps: int, *, batch_size: int = 1, war
 
     model: a Megalodon or a Llama, already on its device and in its dtype. Returns decode_tokens_per_s (all rows'
     tokens), ms_per_step, prefill_tokens_per_s (NaN when synthetic), state_bytes (the state or KV cache that a step
-    reads), and the settings."""
+    reads), tokens (per row, the ids decoded in the timed steps), and the settings."""
+    return measure_decode_variants(model, position, steps, [compile], batch_size=batch_size, warmup=warmup,
+                                   cuda_graph=cuda_graph, seed=seed, llama_prefill_limit=llama_prefill_limit)[0]
+
+
+@torch.no_grad()
+def measure_decode_variants(model, position: int, steps: int, compile_variants: list[bool], *,
+                            batch_size: int = 1, warmup: int = 5, cuda_graph: bool | None = None, seed: int = 0,
+                            llama_prefill_limit: int = LLAMA_PREFILL_LIMIT) -> list[dict]:
+    """measure_decode once per entry of compile_variants (e.g. [False, True]: eager steps, then compiled ones),
+    all from one prefill: each variant decodes from the same prefilled state (restored after it), so a long
+    prefill is paid once. Returns one result per variant, in order."""
     if not isinstance(model, (Megalodon, Llama)):
         raise TypeError(f"measure_decode takes a Megalodon or a Llama, got {type(model).__name__}")
     for name, value, low in (("position", position, 1), ("steps", steps, 1), ("batch_size", batch_size, 1),
                              ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not compile_variants or not all(isinstance(c, bool) for c in compile_variants):
+        raise ValueError(f"compile_variants must be a non-empty list of bools, got {compile_variants!r}")
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -62,24 +75,32 @@ def measure_decode(model, position: int, steps: int, *, batch_size: int = 1, war
                                                   llama_prefill_limit)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
-    decoder = StaticDecoder(model, state, compile=compile, cuda_graph=cuda_graph)
-
-    token = logits.argmax(-1)
-    for _ in range(warmup):
-        token = decoder.step(token).argmax(-1)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        token = decoder.step(token).argmax(-1)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return {
-        "decode_tokens_per_s": steps * batch_size / seconds, "ms_per_step": 1000 * seconds / steps,
-        "prefill_tokens_per_s": position * batch_size / prefill_seconds if prefilled else math.nan,
-        "state_bytes": state.nbytes, "position": position, "batch_size": batch_size, "steps": steps,
-        "compile": compile, "cuda_graph": decoder.cuda_graph, "device": str(device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    }
+    restore = state_restorer(state)
+    results = []
+    for compile in compile_variants:
+        decoder = StaticDecoder(model, state, compile=compile, cuda_graph=cuda_graph)
+        token = logits.argmax(-1)
+        for _ in range(warmup):
+            token = decoder.step(token).argmax(-1)
+        _sync(device)
+        timed = torch.empty(steps, *token.shape, dtype=token.dtype, device=device)
+        start = time.perf_counter()
+        for i in range(steps):
+            token = decoder.step(token).argmax(-1)
+            timed[i] = token
+        _sync(device)
+        seconds = time.perf_counter() - start
+        restore()
+        results.append({
+            "decode_tokens_per_s": steps * batch_size / seconds, "ms_per_step": 1000 * seconds / steps,
+            "prefill_tokens_per_s": position * batch_size / prefill_seconds if prefilled else math.nan,
+            "state_bytes": state.nbytes, "position": position, "batch_size": batch_size, "steps": steps,
+            "compile": compile, "cuda_graph": decoder.cuda_graph, "device": str(device),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "tokens": timed.T.tolist(),  # per row, the greedy ids of the timed steps
+        })
+        del decoder  # its CUDA graph's memory pool goes before the next variant captures
+    return results
 
 
 def _random_ids(model, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:

@@ -96,7 +96,7 @@ class StaticDecoder:
                              f"larger max_length (prompt + new tokens, + {WARMUP_STEPS} for a CUDA graph's warm-up)")
 
     def _capture(self) -> None:
-        restore = _restorer(self.state)
+        restore = state_restorer(self.state)
         self._ids = torch.zeros(self.batch_size, dtype=torch.int64, device=self.state.position.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -111,10 +111,11 @@ class StaticDecoder:
         self._graph = graph
 
 
-def _restorer(state: DecodeState | StaticKVCache) -> Callable[[], None]:
-    """Undo what warm-up steps do to a state. Megalodon's is copied whole: it is small, and a warm-up step may wrap
-    a chunk and overwrite a live slot. The Llama's positions alone: warm-up writes slots at and after them, which
-    stay masked until real tokens overwrite them (a copy of a long cache would not fit)."""
+def state_restorer(state: DecodeState | StaticKVCache) -> Callable[[], None]:
+    """A function that undoes what decode steps do to a state from now on (a CUDA graph's warm-up steps, or a
+    benchmark's timed ones). Megalodon's is copied whole: it is small, and a step may wrap a chunk and overwrite
+    a live slot. The Llama's positions alone: steps write slots at and after them, which stay masked until real
+    tokens overwrite them (a copy of a long cache would not fit)."""
     if isinstance(state, StaticKVCache):
         position = state.position.clone()
         return lambda: state.position.copy_(position)
