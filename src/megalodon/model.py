@@ -17,7 +17,8 @@ from megalodon.config import MegalodonConfig
 from megalodon.decode_state import DecodeState
 from megalodon.layers.block import MegalodonBlock
 from megalodon.layers.timestep_norm import TimestepNorm
-from megalodon.ops.attention import rope_frequencies
+from megalodon.ops.attention import rope_frequencies, rotary_angles
+from megalodon.ops.static_kv import slot_step
 from megalodon.state import MegalodonState
 from megalodon.validation import check_token_ids, require
 
@@ -122,13 +123,18 @@ class Megalodon(nn.Module):
         if input_ids.shape != (state.batch_size,):
             raise ValueError(f"decode_step_ takes one token id per row, shape ({state.batch_size},), "
                              f"got {tuple(input_ids.shape)}")
-        fill = state.position % self.config.chunk_size  # B: each row's slot in its chunk
+        chunk = self.config.chunk_size
+        fill = state.position % chunk  # B: each row's slot in its chunk
+        # The same in every layer: where each row writes and what it sees, and its rotary angles.
+        step = slot_step(fill, chunk)
+        rotation = rotary_angles(fill[:, None], self.rope.freqs,
+                                 torch.promote_types(self.embed.weight.dtype, torch.float32))
         x = self.embed(input_ids).unsqueeze(1)  # B x 1 x D
         if self.config.scale_emb:
             x = x * math.sqrt(self.config.model_dim)
         constants = [None] * len(self.layers) if constants is None else constants
         for block, layer_state, layer_constants in zip(self.layers, state.layers, constants, strict=True):
-            y = block.mega.decode_step_(x, self.rope.freqs, fill, layer_state, layer_constants)
+            y = block.mega.decode_step_(x, rotation, step, layer_state, layer_constants)
             x = block.nffn(y, residual=x)  # the two-hop residual, as in MegalodonBlock.forward
         xn = self.output.final_norm.step_(x, state.final_norm)
         logits = self.output.output(xn.to(x.dtype))[:, 0]

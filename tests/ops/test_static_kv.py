@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from megalodon.ops.static_kv import attend_slots, write_slot_
+from megalodon.ops.static_kv import attend_slots, slot_step, write_slot_
 
 
 def test_write_then_attend_equals_softmax_over_the_visible_slots():
@@ -17,9 +17,10 @@ def test_write_then_attend_equals_softmax_over_the_visible_slots():
     v_new = torch.randn(batch, heads, dv, dtype=torch.float64, generator=gen)
     last, first = torch.tensor([0, 3, 8, 5]), torch.tensor([0, 1, 8, 0])
     before = keys.clone()
-    write_slot_(keys, last, k_new)
-    write_slot_(values, last, v_new)
-    out = attend_slots(q, keys, values, last, first)
+    step = slot_step(last, slots, first)
+    write_slot_(keys, step, k_new)
+    write_slot_(values, step, v_new)
+    out = attend_slots(q, keys, values, step)
     for b in range(batch):
         changed = (keys[b] != before[b]).any(-1).any(-1).nonzero().flatten().tolist()
         assert changed == [int(last[b])]  # only the row's own slot is written
@@ -27,7 +28,7 @@ def test_write_then_attend_equals_softmax_over_the_visible_slots():
         scores = torch.einsum("hd,shd->hs", q[b, 0], keys[b, lo:hi]) / math.sqrt(dk)
         expected = torch.einsum("hs,shd->hd", scores.softmax(-1), values[b, lo:hi])
         torch.testing.assert_close(out[b, 0], expected, rtol=0, atol=1e-12)
-    scaled = attend_slots(q, keys, values, last, scale=1.0)[1, 0]
+    scaled = attend_slots(q, keys, values, slot_step(last, slots), scale=1.0)[1, 0]
     scores = torch.einsum("hd,shd->hs", q[1, 0], keys[1, :4])
     torch.testing.assert_close(scaled, torch.einsum("hs,shd->hd", scores.softmax(-1), values[1, :4]),
                                rtol=0, atol=1e-12)

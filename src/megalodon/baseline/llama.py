@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon.baseline.cache import KVCache, StaticKVCache, attention_mask, document_begins
-from megalodon.ops.static_kv import attend_slots, write_slot_
+from megalodon.ops.static_kv import SlotStep, attend_slots, slot_step, write_slot_
 from megalodon.validation import check_token_ids
 
 
@@ -116,19 +116,19 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, length, dim)
         return F.dropout(self.o_proj(out), self.dropout, self.training), (k, v)
 
-    def decode_step_(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, position: Tensor,
-                     doc_begin: Tensor) -> Tensor:
+    def decode_step_(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
+                     step: SlotStep) -> Tensor:
         """forward() for one token per row, x (B, 1, D), writing its key and value at slot `position` of the
-        static buffers (B, max_length, H, head_dim) and attending to slots doc_begin..position."""
+        static buffers (B, max_length, H, head_dim) and attending to slots doc_begin..position (step)."""
         batch, _, dim = x.shape
 
         def heads(t: Tensor) -> Tensor:
             return t.view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)  # B x H x 1 x hd
 
         q = apply_rotary(heads(self.q_proj(x)), cos, sin).transpose(1, 2)  # B x 1 x H x hd
-        write_slot_(keys, position, apply_rotary(heads(self.k_proj(x)), cos, sin)[:, :, 0])
-        write_slot_(values, position, heads(self.v_proj(x))[:, :, 0])
-        out = attend_slots(q, keys, values, position, first=doc_begin)
+        write_slot_(keys, step, apply_rotary(heads(self.k_proj(x)), cos, sin)[:, :, 0])
+        write_slot_(values, step, heads(self.v_proj(x))[:, :, 0])
+        out = attend_slots(q, keys, values, step)
         return self.o_proj(out.reshape(batch, 1, dim))
 
 
@@ -161,9 +161,9 @@ class Block(nn.Module):
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
-    def decode_step_(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, position: Tensor,
-                     doc_begin: Tensor) -> Tensor:
-        x = x + self.self_attn.decode_step_(self.input_layernorm(x), cos, sin, keys, values, position, doc_begin)
+    def decode_step_(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
+                     step: SlotStep) -> Tensor:
+        x = x + self.self_attn.decode_step_(self.input_layernorm(x), cos, sin, keys, values, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -258,9 +258,10 @@ class Llama(nn.Module):
         table_dtype = torch.promote_types(self.embed_tokens.weight.dtype, torch.float32)
         cos, sin = rotary_tables((cache.position - cache.doc_begin)[:, None], self.config.head_dim,
                                  self.config.rope_base, table_dtype)
+        step = slot_step(cache.position, cache.max_length, first=cache.doc_begin)  # the same in every layer
         x = self.embed_tokens(input_ids).unsqueeze(1)  # B x 1 x D
         for block, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
-            x = block.decode_step_(x, cos, sin, keys, values, cache.position, cache.doc_begin)
+            x = block.decode_step_(x, cos, sin, keys, values, step)
         cache.position.add_(1)
         logits = self.lm_head(self.norm(x))[:, 0]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))

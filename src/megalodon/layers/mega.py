@@ -8,7 +8,7 @@ and the in-place decode step, so that the math lives in one place.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,10 @@ from megalodon.config import MegalodonConfig
 from megalodon.layers.cema import CEMA
 from megalodon.layers.norms import RMSNorm, compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
-from megalodon.ops.attention import apply_rotary, chunked_attention, decode_attention
-from megalodon.ops.cema import CemaCoefficients, cema_step
+from megalodon.ops.attention import chunked_attention, decode_attention, rotary_angles, rotate_pairs
+from megalodon.ops.cema import CemaCoefficients, cema_decay, cema_step
 from megalodon.ops.fused import gated_linear, rms_norm
-from megalodon.ops.static_kv import attend_slots, write_slot_
+from megalodon.ops.static_kv import SlotStep, attend_slots, write_slot_
 from megalodon.state import LayerState
 
 if TYPE_CHECKING:
@@ -30,6 +30,15 @@ if TYPE_CHECKING:
 # Below this many tokens per call (decode), Wz, Wr and Wh1 run as three GEMMs: concatenating their weights would
 # cost more than it saves.
 FUSED_PROJECTION_MIN_TOKENS = 16
+
+
+class DecodeConstants(NamedTuple):
+    """What a MEGA layer's decode step derives from its parameters alone: computed once per generation."""
+
+    coeffs: CemaCoefficients
+    omega: Tensor  # (D,)
+    decay: tuple[Tensor, Tensor]  # q as (Re, Im), each (D, N)
+    qk_affine: tuple[Tensor, Tensor]  # (2, z_dim) scale and shift that make q and k from normalized z
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -62,16 +71,22 @@ class MovingAverageGatedAttention(nn.Module):
         bias = torch.cat([m.bias.to(mx.dtype) for m in linears])
         return F.linear(mx, weight, bias).split([m.out_features for m in linears], dim=-1)
 
-    def _queries_keys(self, z: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
-        """q and k (B, L, H, dz), rotated to `positions` ((L,) or (B, L), inside the chunk), in z's dtype:
-        z normalized per head (no affine), then q = z (gamma[0] + 1) / sqrt(dz) + beta[0], k likewise with row 1.
-        Computed in fp32 or better (a float64 model stays float64), both at once."""
+    def _qk_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(gamma + 1) / sqrt(dz) and beta, each (2, z_dim) in dtype: row 0 makes q, row 1 makes k."""
+        return (self.gamma.to(dtype) + 1.0) / math.sqrt(self.config.head_z_dim), self.beta.to(dtype)
+
+    def _queries_keys(self, z: Tensor, rotation: tuple[Tensor, Tensor],
+                      affine: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """q and k (B, L, H, dz), rotated by `rotation` (rotary_angles of their in-chunk positions, in fp32 or
+        better), in z's dtype: z normalized per head (no affine), then q = z (gamma[0] + 1) / sqrt(dz) + beta[0],
+        k likewise with row 1. Computed in fp32 or better (a float64 model stays float64), both at once.
+        affine: _qk_affine(), when the caller has it already."""
         batch, length, _ = z.shape
         heads, dz = self.heads, self.config.head_z_dim
         zn = rms_norm(z.reshape(batch, length, heads, dz), None, self.config.norm_eps).flatten(-2)  # B x L x z_dim
-        scale = (self.gamma.to(zn.dtype) + 1.0) / math.sqrt(dz)
-        qk = zn.unsqueeze(2) * scale + self.beta.to(zn.dtype)  # B x L x 2 x z_dim
-        qk = apply_rotary(qk.view(batch, length, 2 * heads, dz), positions, freqs).to(z.dtype)
+        scale, shift = self._qk_affine(zn.dtype) if affine is None else affine
+        qk = zn.unsqueeze(2) * scale + shift  # B x L x 2 x z_dim
+        qk = rotate_pairs(qk.view(batch, length, 2 * heads, dz), *rotation).to(z.dtype)
         return qk[:, :, :heads], qk[:, :, heads:]
 
     def _values(self, xn: Tensor) -> Tensor:
@@ -105,15 +120,17 @@ class MovingAverageGatedAttention(nn.Module):
         z, gate, h1 = self._mixed_projections(mx)
         v = self._values(xn.to(dtype))
 
+        rope_dtype = torch.promote_types(z.dtype, torch.float32)
         if state is not None and length == 1:
             fill = position % chunk  # B: each row's own position in its chunk
-            q, k = self._queries_keys(z, fill[:, None], freqs)
+            q, k = self._queries_keys(z, rotary_angles(fill[:, None], freqs, rope_dtype))
             attn, k_cache, v_cache = decode_attention(q, k, v, state.k_cache, state.v_cache, fill, chunk)
         else:
             k_cache = None if state is None else state.k_cache
             v_cache = None if state is None else state.v_cache
             start = 0 if k_cache is None else k_cache.shape[1]  # the shared fill of the current chunk
-            q, k = self._queries_keys(z, (torch.arange(length, device=x.device) + start) % chunk, freqs)
+            positions = (torch.arange(length, device=x.device) + start) % chunk
+            q, k = self._queries_keys(z, rotary_angles(positions, freqs, rope_dtype))
             attn, k_cache, v_cache = chunked_attention(q, k, v, chunk, k_cache, v_cache,
                                                        cfg.attention_dropout if self.training else 0.0)
 
@@ -122,31 +139,36 @@ class MovingAverageGatedAttention(nn.Module):
         return out, new_state
 
     @torch.no_grad()
-    def decode_constants(self) -> tuple[CemaCoefficients, Tensor]:
-        """What decode_step_ derives from the parameters alone (the CEMA coefficients and omega, fp32 or better):
-        a decoder computes them once, not for every token. They hold the weights as they are now."""
+    def decode_constants(self) -> DecodeConstants:
+        """What decode_step_ derives from the parameters alone (fp32 or better): a decoder computes it once, not
+        for every token. It holds the weights as they are now."""
         with torch.autocast(self.cema.omega.device.type, enabled=False):
             coeffs = self.cema.coefficients()
-            return coeffs, self.cema.omega.squeeze(-1).to(coeffs.p.dtype)
+            dtype = coeffs.p.dtype
+            return DecodeConstants(coeffs, self.cema.omega.squeeze(-1).to(dtype), cema_decay(coeffs),
+                                   self._qk_affine(torch.promote_types(self.wz.weight.dtype, torch.float32)))
 
     @torch.no_grad()
-    def decode_step_(self, x: Tensor, freqs: Tensor, fill: Tensor, state: DecodeLayerState,
-                     constants: tuple[CemaCoefficients, Tensor] | None = None) -> Tensor:
+    def decode_step_(self, x: Tensor, rotation: tuple[Tensor, Tensor], step: SlotStep, state: DecodeLayerState,
+                     constants: DecodeConstants | None = None) -> Tensor:
         """forward() for one token per row, x (B, 1, D), on static buffers (decode_state.py) updated in place: the
-        norm statistics, the CEMA state, and the new key/value at slot fill[b] = position mod chunk_size, each row
-        at its own in-chunk position. No host syncs and no data-dependent shapes: a CUDA graph can replay it.
-        constants: decode_constants(), or None to compute them here. Inference only (no dropout, no autograd)."""
+        norm statistics, the CEMA state, and the new key/value at slot step.slot[b] = position mod chunk_size,
+        each row at its own in-chunk position. rotation: rotary_angles of those slots; rotation and step are the
+        same in every layer, so the model's step makes them once. No host syncs and no data-dependent shapes: a
+        CUDA graph can replay it. constants: decode_constants(), or None to compute them here. Inference only (no
+        dropout, no autograd)."""
         batch = x.shape[0]
         dtype = compute_dtype(x)
         xn = self.timenorm.step_(x, state.norm)  # B x 1 x D fp32
-        coeffs, omega = self.decode_constants() if constants is None else constants
+        constants = self.decode_constants() if constants is None else constants
         with torch.autocast(x.device.type, enabled=False):
-            c, _ = cema_step(xn[:, 0].to(coeffs.p.dtype), coeffs, omega, state.cema_h, out=state.cema_h)
+            c, _ = cema_step(xn[:, 0].to(constants.omega.dtype), constants.coeffs, constants.omega, state.cema_h,
+                             out=state.cema_h, decay=constants.decay)
         mx = self.rmsnorm(c.unsqueeze(1), dtype)
         z, gate, h1 = self._mixed_projections(mx)
-        q, k = self._queries_keys(z, fill[:, None], freqs)
+        q, k = self._queries_keys(z, rotation, constants.qk_affine)
         v = self._values(xn.to(dtype))
-        write_slot_(state.keys, fill, k[:, 0])
-        write_slot_(state.values, fill, v[:, 0])
-        attn = attend_slots(q, state.keys, state.values, fill, scale=1.0)  # the 1/sqrt(dz) is folded into q
+        write_slot_(state.keys, step, k[:, 0])
+        write_slot_(state.values, step, v[:, 0])
+        attn = attend_slots(q, state.keys, state.values, step, scale=1.0)  # the 1/sqrt(dz) is folded into q
         return self._output(attn.reshape(batch, 1, self.config.value_dim), gate, h1, x)

@@ -25,20 +25,30 @@ def rope_frequencies(head_dim: int, base: float) -> Tensor:
     return 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
 
 
+def rotary_angles(positions: Tensor, freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of positions * freqs[j], shaped (B or 1, L, 1, d/2) to rotate (B, L, H, d) tensors.
+    positions: (L,) shared by the batch, or (B, L) per row. A decode step computes them once for every layer."""
+    angles = positions.to(dtype).unsqueeze(-1) * freqs.to(dtype)  # [B x] L x d/2
+    if angles.dim() == 2:
+        angles = angles.unsqueeze(0)
+    return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent feature pairs (2j, 2j+1) of x (B, L, H, d) by the angles of rotary_angles, in their dtype;
+    returns x's dtype."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
 def apply_rotary(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
     """Rotate adjacent feature pairs (2j, 2j+1) of x (B, L, H, d) by positions * freqs[j], in fp32 or better.
 
     positions: (L,) shared by the batch, or (B, L) per row.
     """
-    compute = torch.promote_types(x.dtype, torch.float32)
-    angles = positions.to(compute).unsqueeze(-1) * freqs.to(compute)  # [B x] L x d/2
-    if angles.dim() == 2:
-        angles = angles.unsqueeze(0)
-    cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)  # B x L x 1 x d/2
-    pairs = x.to(compute).unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    return rotate_pairs(x, *rotary_angles(positions, freqs, torch.promote_types(x.dtype, torch.float32)))
 
 
 # ---- attention inside one chunk ----------------------------------------------------------------------------

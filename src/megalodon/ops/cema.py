@@ -284,21 +284,28 @@ def step_resets(block_reset: Tensor, block_size: int, length: int) -> Tensor:
     return (block_reset.unsqueeze(-1) & first).flatten(1)[:, :length]  # B x (blocks * block_size), cut to L
 
 
+def cema_decay(coeffs: CemaCoefficients) -> tuple[Tensor, Tensor]:
+    """q as real parts (Re q, Im q), each (D, N): what cema_step multiplies the state by."""
+    magnitude = torch.exp(coeffs.log_mag)
+    return magnitude * torch.cos(coeffs.phi), magnitude * torch.sin(coeffs.phi)
+
+
 def cema_step(
     u: Tensor, coeffs: CemaCoefficients, omega: Tensor, h: Tensor | None, out: Tensor | None = None,
+    decay: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One decode step: u (B, D), h (B, D, N, 2) real pairs or None (zero). Returns y (B, D) and the new state.
 
     Sync-free and shape-static, for CUDA graphs: with `out` (which may be `h` itself, e.g.
     torch.view_as_real(state.cema_h)) the new state is written there in place and `out` is returned. The
-    coefficients depend on the parameters only: a decode loop may compute them once per generation."""
+    coefficients, and `decay` (cema_decay(coeffs), computed here when None), depend on the parameters only: a
+    decode loop computes them once per generation."""
     pu = coeffs.p * u.unsqueeze(-1)  # B x D x N
     out = torch.empty(*pu.shape, 2, dtype=pu.dtype, device=pu.device) if out is None else out
     if h is None:
         new_re, new_im = pu, torch.zeros_like(pu)
     else:
-        magnitude = torch.exp(coeffs.log_mag)
-        q_re, q_im = magnitude * torch.cos(coeffs.phi), magnitude * torch.sin(coeffs.phi)
+        q_re, q_im = cema_decay(coeffs) if decay is None else decay
         h_re, h_im = h[..., 0], h[..., 1]
         new_re = torch.addcmul(pu, q_re, h_re).sub_(q_im * h_im)  # before `out` is written: it may be h
         new_im = torch.addcmul(q_im * h_re, q_re, h_im)

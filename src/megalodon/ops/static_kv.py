@@ -11,27 +11,40 @@ The reference is attention over the valid prefix alone (tests/ops/test_static_kv
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def write_slot_(buffer: Tensor, slot: Tensor, value: Tensor) -> None:
-    """buffer[b, slot[b]] = value[b] for every row: buffer (B, S, H, d), slot (B,) int64, value (B, H, d)."""
-    rows = torch.arange(buffer.shape[0], device=buffer.device)
-    buffer.index_put_((rows, slot), value.to(buffer.dtype))
+class SlotStep(NamedTuple):
+    """Where one decode step writes and what it sees, the same in every layer: made once per step (slot_step)."""
+
+    rows: Tensor  # (B,) 0..B-1
+    slot: Tensor  # (B,) int64: the slot each row writes
+    visible: Tensor  # (B, 1, 1, S) bool: the slots each row attends to, SDPA's mask layout
 
 
-def attend_slots(q: Tensor, keys: Tensor, values: Tensor, last: Tensor, first: Tensor | None = None,
-                 scale: float | None = None) -> Tensor:
-    """softmax(q k^T * scale) v over the slots first[b]..last[b] of each row (first defaults to 0).
-
-    q (B, 1, H, dk); keys (B, S, H, dk) and values (B, S, H, dv), already holding the new token at last[b].
-    scale None is 1/sqrt(dk). Runs in the buffers' dtype; returns (B, 1, H, dv) in q's dtype."""
-    slots = torch.arange(keys.shape[1], device=keys.device)
-    visible = slots <= last[:, None]  # B x S
+def slot_step(slot: Tensor, size: int, first: Tensor | None = None) -> SlotStep:
+    """Row b writes slot[b] of a (B, size, ...) buffer and attends to slots first[b]..slot[b] (first: 0)."""
+    slots = torch.arange(size, device=slot.device)
+    visible = slots <= slot[:, None]  # B x S
     if first is not None:
         visible = visible & (slots >= first[:, None])
+    return SlotStep(torch.arange(slot.shape[0], device=slot.device), slot, visible[:, None, None, :])
+
+
+def write_slot_(buffer: Tensor, step: SlotStep, value: Tensor) -> None:
+    """buffer[b, step.slot[b]] = value[b] for every row: buffer (B, S, H, d), value (B, H, d)."""
+    buffer.index_put_((step.rows, step.slot), value.to(buffer.dtype))
+
+
+def attend_slots(q: Tensor, keys: Tensor, values: Tensor, step: SlotStep, scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale) v over each row's visible slots (step.visible).
+
+    q (B, 1, H, dk); keys (B, S, H, dk) and values (B, S, H, dv), already holding the new token at step.slot.
+    scale None is 1/sqrt(dk). Runs in the buffers' dtype; returns (B, 1, H, dv) in q's dtype."""
     out = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(1, 2), keys.transpose(1, 2),
-                                         values.transpose(1, 2), attn_mask=visible[:, None, None, :], scale=scale)
+                                         values.transpose(1, 2), attn_mask=step.visible, scale=scale)
     return out.transpose(1, 2).to(q.dtype)

@@ -50,10 +50,14 @@ def _moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
     return mean, torch.linalg.vector_norm(grouped - mean.unsqueeze(-1), dim=-1).square() / grouped.shape[-1]
 
 
+def _group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    return _moments(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (groups, -1)))
+
+
 class _TokenMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-        mean, var = _moments(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (groups, -1)))
+        mean, var = _group_moments(x, groups)
         ctx.save_for_backward(x, mean)
         return mean, var
 
@@ -67,8 +71,14 @@ class _TokenMoments(torch.autograd.Function):
         return dx.flatten(-2).to(x.dtype), None
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def token_moments(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     """Per-token group mean and population variance: x (..., D) -> two (..., G), in fp32 or wider."""
+    if not _needs_grad(x):  # e.g. a decode step: the same numbers without the autograd Function's overhead
+        return _group_moments(x, num_groups)
     return _TokenMoments.apply(x, num_groups)
 
 
@@ -90,13 +100,20 @@ def _affine_backward(dy: Tensor, xhat: Tensor, rstd: Tensor, weight: Tensor) -> 
     return g, d_mean, d_var, d_weight, d_bias
 
 
+def _normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
+               eps: float) -> tuple[Tensor, Tensor]:
+    """normalize()'s output and the rstd it used."""
+    rstd = torch.rsqrt(var + eps)
+    xhat = _normalized(x.to(mean.dtype).unflatten(-1, (mean.shape[-1], -1)), mean, rstd)
+    return torch.addcmul(bias.to(mean.dtype), xhat.flatten(-2), (weight + 1.0).to(mean.dtype)), rstd
+
+
 class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-        rstd = torch.rsqrt(var + eps)
-        xhat = _normalized(x.to(mean.dtype).unflatten(-1, (mean.shape[-1], -1)), mean, rstd)
+        y, rstd = _normalize(x, mean, var, weight, bias, eps)
         ctx.save_for_backward(x, mean, rstd, weight)
-        return torch.addcmul(bias.to(mean.dtype), xhat.flatten(-2), (weight + 1.0).to(mean.dtype))
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -108,6 +125,8 @@ class _Normalize(torch.autograd.Function):
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """(x - mean[g]) * rsqrt(var[g] + eps) * (weight + 1) + bias, with per-group stats (..., G), in their dtype."""
+    if not _needs_grad(x, mean, var, weight, bias):
+        return _normalize(x, mean, var, weight, bias, eps)[0]
     return _Normalize.apply(x, mean, var, weight, bias, eps)
 
 
