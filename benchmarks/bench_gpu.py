@@ -1,6 +1,6 @@
 """GPU speed and memory: Megalodon against the matched Llama on one CUDA device, in one run (issue #8's table).
 
-    python benchmarks/bench_gpu.py                       # everything, about 7-9 minutes on an H100
+    python benchmarks/bench_gpu.py                       # everything (gpu_session.sh runs it in two parts)
     python benchmarks/bench_gpu.py --sections train --presets mega200M --lengths 4096
     python benchmarks/bench_gpu.py --out results/        # also write results.json and a profile there
 
