@@ -369,11 +369,28 @@ def section_jax(lengths: list[int], repeats: int) -> dict:
     return results
 
 
+def decode_rows(model, position: int, steps: int, modes: list[str]) -> list[dict]:
+    """One result per mode, all from one prefill; where compiling fails, the eager rows still come (measured
+    again) beside the error."""
+    from megalodon.inference.benchmark import measure_decode_variants
+
+    try:
+        return measure_decode_variants(model, position, steps, [m == "compiled" for m in modes])
+    except torch.cuda.OutOfMemoryError:
+        return [{"error": "out of memory"}] * len(modes)
+    except ValueError as err:  # e.g. a position beyond what the baseline's cache may hold
+        return [{"error": str(err)[:120]}] * len(modes)
+    except Exception as err:
+        if "compiled" not in modes or modes == ["compiled"]:
+            raise
+        failed = {"error": f"{type(err).__name__}: {str(err)[:160]}"}
+        eager = decode_rows(model, position, steps, ["eager"])[0]
+        return [eager if m == "eager" else failed for m in modes]
+
+
 def section_decode(preset: str, positions: list[int], steps: int, modes: list[str]) -> list[dict]:
     graph = "CUDA graph" if DEVICE == "cuda" else "no graph (CPU)"
     log(f"## Decode: {preset}, batch 1, bf16, greedy, after prefilling each position ({graph})\n")
-    from megalodon.inference.benchmark import measure_decode_variants
-
     log("| model | position | step | decode tok/s | ms/token | prefill tok/s | state/cache MiB |\n"
         "|---|---|---|---|---|---|---|")
     rows = []
@@ -382,12 +399,7 @@ def section_decode(preset: str, positions: list[int], steps: int, modes: list[st
         for position in positions:
             if out_of_time(f"decode of {arch} at {position}"):
                 continue
-            try:  # every mode decodes from the one prefill
-                results = measure_decode_variants(model, position, steps, [m == "compiled" for m in modes])
-            except torch.cuda.OutOfMemoryError:
-                results = [{"error": "out of memory"}] * len(modes)
-            except ValueError as err:  # e.g. a position beyond what the baseline's cache may hold
-                results = [{"error": str(err)[:120]}] * len(modes)
+            results = decode_rows(model, position, steps, modes)
             for mode, result in zip(modes, results):
                 result = {k: v for k, v in result.items() if k != "tokens"}
                 result.update(model=arch, position=position, mode=mode)
