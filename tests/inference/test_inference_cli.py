@@ -13,9 +13,11 @@ from megalodon.data import ByteTokenizer, build_token_store
 from megalodon.inference import SamplingConfig, generate, load_session
 
 
-def test_generate_streams_the_same_text_as_the_api(model_dir, capsys):
+@pytest.mark.parametrize("options", [[], ["--compile"]])
+def test_generate_streams_the_same_text_as_the_api(model_dir, capsys, options):
+    """The eager API's greedy text, whether the CLI's decode step runs eagerly or compiled."""
     assert main(["generate", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0",
-                 "--ignore-eos"]) == 0
+                 "--ignore-eos", *options]) == 0
     expected, = generate(load_pretrained(model_dir), ByteTokenizer(), ["Hello"],
                          SamplingConfig(temperature=0, max_new_tokens=6, stop_on_eos=False))
     captured = capsys.readouterr()

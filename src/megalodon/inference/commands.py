@@ -37,6 +37,9 @@ def add_generate_parser(sub) -> None:
                    help="read the prompt into --session-out without generating (e.g. a book to ask about later)")
     p.add_argument("--truncate-chunks", type=int, default=None, metavar="N",
                    help="recency-windowed norm statistics (spec section 13); off by default")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile: it compiles first (tens of seconds), then each "
+                        "token costs a few fused kernels instead of hundreds of ops; worth it for long outputs")
     _add_runtime_args(p)
     p.set_defaults(run=run_generate)
 
@@ -174,7 +177,8 @@ class _GenerateRun:
         start = time.perf_counter()
         results = generate(self.model, self.tokenizer, self.prompts, self.sampling, sessions=self.sessions,
                            on_token=self._on_token, truncate_chunks=self.args.truncate_chunks,
-                           prefill_progress=self._on_prefill, should_stop=lambda: self.ctrl_c.requested)
+                           prefill_progress=self._on_prefill, should_stop=lambda: self.ctrl_c.requested,
+                           compile=self.args.compile)
         elapsed = time.perf_counter() - start
         if self.streaming:
             sys.stdout.write("\n")
