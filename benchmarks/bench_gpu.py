@@ -35,10 +35,11 @@ import sys
 import time
 from pathlib import Path
 
+import gpu_checks  # beside this file
 import torch
 import torch.nn.functional as F
+from gpu_checks import GiB, log
 
-GiB = 1024**3
 TRAIN_CASES = {  # preset -> lengths; 1.3B at 32K only fits with activation checkpointing
     "mega200M": [4096, 16384, 32768],
     "mega1.3B": [4096, 32768],
@@ -61,10 +62,6 @@ def out_of_time(what: str) -> bool:
         return False
     log(f"(skipped {what}: past --deadline)")
     return True
-
-
-def log(*args) -> None:
-    print(*args, flush=True)
 
 
 def sync() -> None:
@@ -131,80 +128,6 @@ def loss_of(model, ids):
 
 
 # ---- sections --------------------------------------------------------------------------------------------------
-def section_env() -> dict:
-    from megalodon.ops.triton import disabled_ops, triton_installed
-
-    info = {"device": "cpu", "torch": torch.__version__, "cuda": torch.version.cuda, "triton": None,
-            "triton_disabled": sorted(disabled_ops())}
-    if DEVICE == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, memory_gib=round(props.total_memory / GiB, 1))
-    if triton_installed():
-        import triton
-
-        info["triton"] = triton.__version__
-    log("## Environment\n")
-    for key, value in info.items():
-        log(f"- {key}: {value}")
-    log()
-    return info
-
-
-def section_parity(preset: str) -> dict:
-    """The CUDA path (Triton kernels where they run) against the CPU reference path, fp32."""
-    log("## Parity: CUDA against CPU (fp32), bf16 against fp32, split invariance\n")
-    from megalodon import Megalodon, MegalodonConfig
-
-    results = {}
-    # mega200M's shape with 2 layers: every kernel at its real width, a CPU pass that takes seconds.
-    config = MegalodonConfig.from_preset(preset, num_layers=2)
-    torch.manual_seed(0)
-    cpu = Megalodon(config).float()
-    with torch.no_grad():  # move the zero-initialized affines off zero so that they matter
-        for name, param in cpu.named_parameters():
-            if name.endswith(("norm.weight", "norm.bias", "mega.gamma", "mega.beta")):
-                param.normal_(0.0, 0.1)
-    gpu = Megalodon(config).to(DEVICE)
-    gpu.load_state_dict(cpu.state_dict())
-    length = 2 * config.chunk_size + 777  # two whole chunks and a partial one
-    ids = torch.randint(0, config.vocab_size, (2, length))
-
-    def run(model, ids):
-        model.zero_grad(set_to_none=True)
-        logits = model(ids)
-        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
-        grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
-        return logits.detach().float().cpu(), grads
-
-    ref_logits, ref_grads = run(cpu, ids)
-    out_logits, out_grads = run(gpu, ids.to(DEVICE))
-    results["logits_max_rel"] = float((out_logits - ref_logits).abs().max() / ref_logits.abs().max())
-    worst = max(ref_grads, key=lambda n: float((out_grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp(
-        min=1e-30)))
-    results["grad_worst_param"] = worst
-    results["grad_worst_rel"] = float((out_grads[worst] - ref_grads[worst]).norm() / ref_grads[worst].norm())
-
-    with torch.no_grad(), autocast():
-        bf16 = gpu(ids.to(DEVICE)).float().cpu()
-    results["bf16_logits_max_rel"] = float((bf16 - ref_logits).abs().max() / ref_logits.abs().max())
-
-    with torch.no_grad():
-        cut = config.chunk_size + 313
-        first, state = gpu(ids[:, :cut].to(DEVICE), return_state=True)
-        second = gpu(ids[:, cut:].to(DEVICE), state=state)
-        split = torch.cat([first, second], dim=1).float().cpu()
-    results["split_max_rel"] = float((split - out_logits).abs().max() / out_logits.abs().max())
-
-    checks = {"logits_max_rel": 1e-4, "grad_worst_rel": 1e-3, "bf16_logits_max_rel": 5e-2, "split_max_rel": 1e-4}
-    log("| check | value | bound | |\n|---|---|---|---|")
-    for key, bound in checks.items():
-        ok = results[key] <= bound
-        results[key + "_ok"] = ok
-        log(f"| {key} | {results[key]:.2e} | {bound:.0e} | {'ok' if ok else 'FAIL'} |")
-    log(f"\nworst gradient: {worst}\n")
-    return results
-
-
 def time_steps(model, ids, repeats: int) -> tuple[float, float]:
     """Seconds per forward+backward and the activation memory (GiB) of one step."""
     sync()
@@ -304,42 +227,14 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
     return rows
 
 
-def jax_worker(length: int, repeats: int) -> dict:
-    """megalodon-jax's training step at the mega200M shape, bf16 compute (run in its own process)."""
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-    from megalodon_jax import MegalodonConfig, MegalodonForCausalLM
-
-    config = MegalodonConfig(vocab_size=32000, model_dim=1024, num_layers=12, num_heads=1, z_dim=256,
-                             value_dim=2048, ffn_hidden_dim=2560, chunk_size=2048, norm_num_groups=32,
-                             compute_dtype=jnp.bfloat16)
-    model = MegalodonForCausalLM(config, key=jax.random.PRNGKey(0))
-    ids = jax.random.randint(jax.random.PRNGKey(1), (1, length), 0, config.vocab_size)
-
-    def loss_fn(model, ids):
-        logits, _ = model(ids)
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
-
-    step = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn))
-    jax.block_until_ready(step(model, ids))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(step(model, ids))
-    return {"tokens_per_s": length * repeats / (time.perf_counter() - start), "jax": jax.__version__,
-            "backend": jax.default_backend()}
-
-
 def section_jax(lengths: list[int], repeats: int) -> dict:
-    """Each length in a process of its own. MEGALODON_JAX_SITE, where set (gpu_session.sh sets it), is a folder of
+    """megalodon-jax's training step (bench_jax.py), each length in a process of its own. MEGALODON_JAX_SITE, where set (gpu_session.sh sets it), is a folder of
     packages (megalodon-jax and the equinox it supports) that only those processes see."""
     log("## megalodon-jax (mega200M shape, bf16 compute)\n")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     site = os.environ.get("MEGALODON_JAX_SITE")
     if site:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
-    here = str(Path(__file__).parent)
     probe = subprocess.run([sys.executable, "-c", "import megalodon_jax"], capture_output=True, text=True, env=env)
     if probe.returncode:
         log("megalodon-jax does not import here; skipped (docs/benchmarks.md says how to carry its wheel): "
@@ -348,13 +243,13 @@ def section_jax(lengths: list[int], repeats: int) -> dict:
     results = {}
     log("| L | megalodon-jax tok/s |\n|---|---|")
     for length in lengths:
-        code = (f"import json, sys; sys.path.insert(0, {here!r}); import bench_gpu; "
-                f"print(json.dumps(bench_gpu.jax_worker({length}, {repeats})))")
         if out_of_time(f"megalodon-jax at {length}"):
             continue
+        command = [sys.executable, str(Path(__file__).with_name("bench_jax.py")), "--length", str(length),
+                   "--repeats", str(repeats)]
         limit = None if DEADLINE == float("inf") else max(60.0, DEADLINE - time.perf_counter())
         try:
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=limit)
+            out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=limit)
         except subprocess.TimeoutExpired:
             results[length] = {"error": "timed out at --deadline"}
             log(f"| {length:,} | timed out |")
@@ -484,8 +379,8 @@ def main() -> None:
     if args.deadline is not None:
         DEADLINE = started + args.deadline
     runners = {
-        "env": lambda: section_env(),
-        "parity": lambda: section_parity(parity_preset),
+        "env": lambda: gpu_checks.environment(DEVICE),
+        "parity": lambda: gpu_checks.parity(parity_preset, DEVICE),
         "train": lambda: section_train(args.presets, args.lengths, args.modes, args.repeats),
         "train-eager": lambda: section_train(args.presets, args.lengths, ["eager"], args.repeats),
         "train-compiled": lambda: section_train(args.presets, args.lengths, ["compiled"], args.repeats),
