@@ -305,3 +305,20 @@ def test_compiled_blocks_hold_the_triton_norm(monkeypatch):
 def test_compiled_blocks_on_cuda_match_eager():
     """On a GPU, every Triton kernel on: compiled training against eager training."""
     compiled_against_eager(tiny_model(torch.float32, num_layers=2).train().cuda(), device="cuda")
+
+
+@requires_cuda
+def test_a_cuda_training_step_does_not_sync():
+    """Forward (with document resets) and backward on a GPU never wait for the host: the checks run on the device
+    (validation.require) and every shape is known without reading a tensor."""
+    model = tiny_model(torch.float32).train().cuda()
+    ids = torch.randint(0, 64, (2, 40), device="cuda")
+    doc_start = torch.zeros(2, 40, dtype=torch.bool, device="cuda")
+    doc_start[:, 0] = doc_start[1, 16] = True
+    model(ids, doc_start=doc_start).square().mean().backward()  # warm-up: lazy initializations, Triton JIT
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        model(ids, doc_start=doc_start).square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
