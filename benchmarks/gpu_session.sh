@@ -2,9 +2,10 @@
 # The prepared run for a session that is lent a GPU (15 minutes of device time, machine start included), in two
 # parts so that the first one's results come back, and can be read, before the second one starts:
 #   bash benchmarks/gpu_session.sh 1   the tests that use the GPU (kernel parity against the float64 references,
-#                                      graph-captured and compiled decode, no host syncs in a decode step), then
-#                                      bench_gpu.py's parity, eager training table and decode sections;
-#   bash benchmarks/gpu_session.sh 2   bench_gpu.py's profile, compiled training and megalodon-jax sections.
+#                                      compiled training, graph-captured and compiled decode, no host syncs), then
+#                                      bench_gpu.py's eager training table and decode sections;
+#   bash benchmarks/gpu_session.sh 2   bench_gpu.py's parity of the whole model against the CPU, the profile,
+#                                      compiled training and megalodon-jax sections.
 # Each part stops starting new work 60 s before SESSION_SECONDS (default 330: two parts and a machine start fit in
 # 15 minutes), so that it ends on its own with its results written. Everything lands under $OUT (the device tool
 # brings it back). Run from the repository root:
@@ -34,9 +35,9 @@ case "$PART" in
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     echo "== tests on CUDA =="
     # -m cuda: the tests that run on the GPU when there is one (requires_cuda, and the Triton kernel tests)
-    timeout 120 python -m pytest -q -p no:xdist -p no:cacheprovider -rs -m cuda tests 2>&1 | tail -40 \
+    timeout 100 python -m pytest -q -p no:xdist -p no:cacheprovider -rs -m cuda tests 2>&1 | tail -40 \
         | tee "$OUT/gpu-tests.txt"
-    bench env,parity,train-eager,decode
+    bench env,train-eager,decode
     ;;
 2)
     if compgen -G ".device-wheels/*.whl" > /dev/null; then  # for the megalodon-jax process only (bench_gpu.py)
@@ -44,7 +45,7 @@ case "$PART" in
         python -m pip install --no-deps --no-index --quiet --target "$MEGALODON_JAX_SITE" .device-wheels/*.whl \
             > "$OUT/pip.log" 2>&1 || echo "installing .device-wheels failed (see pip.log)"
     fi
-    bench env,profile,train-compiled,jax
+    bench env,parity,profile,train-compiled,jax
     ;;
 *)
     echo "usage: OUT=DIR bash benchmarks/gpu_session.sh 1|2" >&2
