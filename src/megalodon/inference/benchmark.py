@@ -1,9 +1,10 @@
 """Decode speed at a given stream position, for Megalodon and the Llama baseline alike (benchmarks/bench_gpu.py and
 benchmarks/bench_inference.py call it).
 
-    from megalodon.inference.benchmark import measure_decode
+    from megalodon.inference.benchmark import measure_decode, measure_decode_variants
     result = measure_decode(model, position=2048, steps=256)        # model on its device, in its dtype, eval
     result["decode_tokens_per_s"]
+    eager, compiled = measure_decode_variants(model, 2048, 256, [False, True])   # one prefill, two decoders
 
 Both models decode the way generate() does: static buffers advanced by a StaticDecoder, a CUDA graph on CUDA,
 greedy tokens fed back on the device, so the timed loop never waits for the host. Megalodon is prefilled for real
