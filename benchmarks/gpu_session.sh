@@ -35,8 +35,9 @@ case "$PART" in
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     echo "== tests on CUDA =="
     # -m cuda: the tests that run on the GPU when there is one (requires_cuda, and the Triton kernel tests)
-    timeout 100 python -m pytest -q -p no:xdist -p no:cacheprovider -rs -m cuda tests 2>&1 | tail -40 \
-        | tee "$OUT/gpu-tests.txt"
+    # -vv (addopts has -q) into the file: if the timeout stops it, the tests that ran are listed there
+    timeout 100 python -m pytest -vv -p no:xdist -p no:cacheprovider -rs -m cuda tests 2>&1 \
+        | tee "$OUT/gpu-tests.txt" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" | tail -50
     bench env,train-eager,decode
     ;;
 2)
