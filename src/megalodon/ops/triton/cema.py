@@ -31,7 +31,7 @@ per token beyond the input. Transient: the chunk states, (B, L / 64, 2, D, N) fp
 with fake implementations and autograd registered, so a compiled graph holds it as one node.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
 
 from typing import Optional
 

@@ -34,7 +34,7 @@ Both directions are `torch.library.custom_op`s (`megalodon::timestep_norm_fwd` /
 implementations and autograd registered, so a compiled graph holds each as one node.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
 
 from typing import Optional
 
@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.timestep_norm import STATS_DTYPE, NormStats
+from megalodon.ops.timestep_norm import NormStats
+from megalodon.ops.timestep_norm_stats import block_size_of, per_row
 
 
 def _token_tiles(groups: int, dim: int) -> tuple[int, int]:
@@ -383,15 +384,11 @@ def timestep_norm_triton(
     """The Triton path of `megalodon.ops.timestep_norm.timestep_norm` (same arguments, no pad_mask)."""
     batch, length, _ = x.shape
     groups = initial.mean.shape[-1]
-    block = length if block_size is None else min(block_size, length)
 
-    def per_row(stats: NormStats) -> tuple[Tensor, Tensor, Tensor]:
-        return (stats.count.to(torch.int64).expand(batch).contiguous(),
-                stats.mean.to(STATS_DTYPE).expand(batch, groups).contiguous(),
-                stats.var.to(STATS_DTYPE).expand(batch, groups).contiguous())
-
+    initial_rows = [t.contiguous() for t in per_row(initial, batch, groups)]  # as the kernels read them
+    prior_rows = initial_rows if prior is None else [t.contiguous() for t in per_row(prior, batch, groups)]
     y, _, _, _, count, mean, var = timestep_norm_fwd(
-        x.contiguous(), *per_row(initial), *per_row(initial if prior is None else prior),
+        x.contiguous(), *initial_rows, *prior_rows,
         None if block_reset is None else block_reset.contiguous(), weight.contiguous(), bias.contiguous(),
-        float(eps), block)
+        float(eps), block_size_of(length, block_size))
     return y, NormStats(count, mean, var)

@@ -7,7 +7,7 @@ update can be in place: `megalodon::timestep_norm_step_` mutates count/mean/var,
 and no allocation but y, as a CUDA graph of a decode step wants. Inference only (no autograd).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
 
 import torch
 import triton
