@@ -4,6 +4,7 @@ CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU) or on a GPU when t
 import pytest
 import torch
 from helpers import requires_cuda
+from sm90 import check_compiles_for_h100
 
 from megalodon.ops import timestep_norm as ops
 from megalodon.ops.timestep_norm import NormStats, timestep_norm, timestep_norm_sequential
@@ -267,56 +268,31 @@ def test_in_place_step_runs_in_a_cuda_graph_without_host_syncs():
 
 
 COMPILE_FOR_H100 = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
 from megalodon.ops.triton import timestep_norm as norm
 from megalodon.ops.triton import timestep_norm_step as step
 
-def compile_for_h100(fn, types, constexprs):
-    types = iter(types)
-    signature = {name: "constexpr" if name in constexprs else next(types) for name in fn.arg_names}
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
 f32, f64, i64, i32 = "*fp32", "*fp64", "*i64", "i32"
 tile = dict(BLOCK_T=64, BLOCK_DG=32)
-cases = []
+CASES = []
 for x in ("*bf16", f32):
-    cases += [(norm._moments_kernel, [x, f32, f32] + [i32] * 4, tile),
-              (norm._normalize_kernel, [x] + [f32] * 5 + [i32] * 4, tile),
-              (norm._norm_bwd_kernel, [x] + [f32] * 8 + [i32] * 4, tile),
-              (norm._dx_kernel, [x] + [f32] * 6 + [x] + [i32] * 4, tile),
+    CASES += [(norm._moments_kernel, [x, f32, f32] + [i32] * 4, tile, 4),
+              (norm._normalize_kernel, [x] + [f32] * 5 + [i32] * 4, tile, 4),
+              (norm._norm_bwd_kernel, [x] + [f32] * 8 + [i32] * 4, tile, 4),
+              (norm._dx_kernel, [x] + [f32] * 6 + [x] + [i32] * 4, tile, 4),
               (step._step_kernel, [x, i64, f64, f64, f32, f32, f32, i32, i32, i32, "fp32"],
-               dict(BLOCK_G=32, BLOCK_DG=32))]
+               dict(BLOCK_G=32, BLOCK_DG=32), 4)]
 for has_reset in (True, False):
     reset = "*i8" if has_reset else i64
     scan = dict(HAS_RESET=has_reset, BLOCK_T=256, BLOCK_G=8)
-    cases += [(norm._scan_fwd_kernel, [f32] * 4 + [i64, f64, f64, i64, f64, f64, reset, i64, i64, f64, f64]
-               + [i32] * 5 + ["fp32"], scan),
-              (norm._scan_bwd_kernel, [f32] * 3 + [i64, reset, i64, f64, i64, f64] + [f32] * 6 + [i32] * 5, scan)]
-try:
-    compile_for_h100(*cases[0])
-except (RuntimeError, FileNotFoundError, ImportError) as error:  # no NVIDIA backend or ptxas in this triton
-    print(error)
-    sys.exit(77)
-for case in cases[1:]:
-    assert compile_for_h100(*case).asm["cubin"], case[0].__name__
+    CASES += [(norm._scan_fwd_kernel, [f32] * 4 + [i64, f64, f64, i64, f64, f64, reset, i64, i64, f64, f64]
+               + [i32] * 5 + ["fp32"], scan, 4),
+              (norm._scan_bwd_kernel, [f32] * 3 + [i64, reset, i64, f64, i64, f64] + [f32] * 6 + [i32] * 5, scan, 4)]
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile and run them")
 def test_kernels_compile_for_h100():
     """Every kernel variant compiles to an sm_90 cubin (triton ships ptxas; no GPU needed), so that what the
-    interpreter accepts but the compiler rejects (loop-carried types, scalar masks) is caught on CPU. In a
-    subprocess, because under the interpreter the kernels are not compilable objects."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
-                            timeout=300)
-    if result.returncode == 77:
-        pytest.skip(f"triton cannot compile for sm_90 here: {result.stdout.strip()}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    interpreter accepts but the compiler rejects (loop-carried types, scalar masks) is caught on CPU
+    (tests/sm90.py)."""
+    check_compiles_for_h100(COMPILE_FOR_H100)
