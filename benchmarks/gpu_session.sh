@@ -17,6 +17,7 @@ set -uo pipefail
 PART=${1:-1}
 OUT=${OUT:-gpu-results}
 SESSION_SECONDS=${SESSION_SECONDS:-330}
+PYTHON=${PYTHON:-python3}  # the device's python3 is the one that holds PyTorch
 mkdir -p "$OUT"
 export PYTHONPATH=src
 export PYTHONUNBUFFERED=1
@@ -25,7 +26,7 @@ bench() {  # bench_gpu.py on the given sections, told to finish inside what is l
     local left=$((SESSION_SECONDS - SECONDS))
     echo "== bench_gpu.py --sections $1 ($left s left) =="
     # shellcheck disable=SC2086  # BENCH_ARGS: extra options, e.g. "--device cpu" for a dry run without a GPU
-    timeout "$left" python benchmarks/bench_gpu.py --sections "$1" --out "$OUT" --deadline $((left - 60)) \
+    timeout "$left" "$PYTHON" benchmarks/bench_gpu.py --sections "$1" --out "$OUT" --deadline $((left - 60)) \
         ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_gpu_part$PART.md"
 }
@@ -36,14 +37,14 @@ case "$PART" in
     echo "== tests on CUDA =="
     # -m cuda: the tests that run on the GPU when there is one (requires_cuda, and the Triton kernel tests)
     # -vv (addopts has -q) into the file: if the timeout stops it, the tests that ran are listed there
-    timeout 100 python -m pytest -vv -p no:xdist -p no:cacheprovider -rs -m cuda tests 2>&1 \
+    timeout 100 "$PYTHON" -m pytest -vv -p no:xdist -p no:cacheprovider -rs -m cuda tests 2>&1 \
         | tee "$OUT/gpu-tests.txt" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" | tail -50
     bench env,train-eager,decode
     ;;
 2)
     if compgen -G ".device-wheels/*.whl" > /dev/null; then  # for the megalodon-jax process only (bench_gpu.py)
         export MEGALODON_JAX_SITE=/tmp/megalodon-jax-site
-        python -m pip install --no-deps --no-index --quiet --target "$MEGALODON_JAX_SITE" .device-wheels/*.whl \
+        "$PYTHON" -m pip install --no-deps --no-index --quiet --target "$MEGALODON_JAX_SITE" .device-wheels/*.whl \
             > "$OUT/pip.log" 2>&1 || echo "installing .device-wheels failed (see pip.log)"
     fi
     bench env,parity,profile,train-compiled,jax
