@@ -107,14 +107,11 @@ def build(arch: str, preset: str, seed: int = 0):
 
 
 def compiled(model, arch: str):
-    """The model's best compiled form: per-block compilation where the model offers it, else the whole model."""
+    """The model's best compiled form: each block compiled (and Megalodon's final norm)."""
     if arch == "megalodon":
-        try:
-            from megalodon.model import compile_blocks
-        except ImportError:
-            return torch.compile(model)
-        compile_blocks(model)
-        return model
+        from megalodon.model import compile_blocks
+
+        return compile_blocks(model)
     for block in model.layers:
         block.compile()
     return model
@@ -132,21 +129,17 @@ def loss_of(model, ids):
 
 
 # ---- sections --------------------------------------------------------------------------------------------------
-def time_steps(model, ids, repeats: int) -> tuple[float, float]:
-    """Seconds per forward+backward and the activation memory (GiB) of one step."""
+def time_step(model, ids) -> tuple[float, float]:
+    """Seconds of one forward+backward and its activation memory (GiB), from the same step: reading the peak
+    costs no GPU time, so no step is spent on memory alone."""
     sync()
     reset_peak()
     before = allocated()
+    start = time.perf_counter()
     with autocast():
         loss_of(model, ids).backward()
     sync()
-    activation = (peak_allocated() - before) / GiB
-    start = time.perf_counter()
-    for _ in range(repeats):
-        with autocast():
-            loss_of(model, ids).backward()
-    sync()
-    return (time.perf_counter() - start) / repeats, activation
+    return time.perf_counter() - start, (peak_allocated() - before) / GiB
 
 
 def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: bool, repeats: int) -> dict:
@@ -172,7 +165,7 @@ def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: boo
     for _ in range(repeats):
         for arch, (model, ids) in models.items():
             try:
-                seconds, activation = time_steps(model, ids, 1)
+                seconds, activation = time_step(model, ids)
                 timings[arch].append((seconds, activation))
             except torch.cuda.OutOfMemoryError:
                 row[arch] = {"error": "out of memory"}
@@ -231,8 +224,9 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
 
 
 def section_jax(lengths: list[int], repeats: int) -> dict:
-    """megalodon-jax's training step (bench_jax.py), each length in a process of its own. MEGALODON_JAX_SITE, where set (gpu_session.sh sets it), is a folder of
-    packages (megalodon-jax and the equinox it supports) that only those processes see."""
+    """megalodon-jax's training step (bench_jax.py), each length in a process of its own. MEGALODON_JAX_SITE,
+    where set (gpu_session.sh sets it), is a folder of packages (megalodon-jax and the equinox it supports) that
+    only those processes see."""
     log("## megalodon-jax (mega200M shape, bf16 compute)\n")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     site = os.environ.get("MEGALODON_JAX_SITE")

@@ -3,7 +3,7 @@ accepts but the compiler rejects (loop-carried types, scalar masks) is caught on
 
 Under the interpreter the kernels are not compilable objects, so the compiling runs in a subprocess without
 TRITON_INTERPRET: `check_compiles_for_h100(code)` runs `code`, which imports the kernel modules and defines
-CASES, a list of (kernel, argument types, constexpr values, warps), each compiled here.
+CASES, a list of (kernel, argument types, constexpr values[, warps]), each compiled here.
 """
 
 import inspect
@@ -17,7 +17,7 @@ import pytest
 NO_NVIDIA_BACKEND = 77  # the subprocess's exit status when this triton cannot compile for sm_90 at all
 
 
-def compile_for_h100(fn, types, constexprs, num_warps):
+def compile_for_h100(fn, types, constexprs, num_warps=4):
     """One kernel variant to an sm_90 binary. types: the non-constexpr arguments' types, in order."""
     import triton
     from triton.backends.compiler import GPUTarget

@@ -262,12 +262,18 @@ def test_training_calls_never_wait_for_the_device(monkeypatch):
     model(ids, state=mid_chunk.detach().to("meta")).sum().backward()
 
 
-def compiled_against_eager(model, device="cpu"):
-    """Logits and gradients of a training call, eager then with compile_blocks(fullgraph=True), documents reset
-    mid-sequence; they must agree."""
+def training_batch(device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (2, 40) and doc_start with a second document starting mid-sequence in row 1 (on the chunk grid)."""
     ids = torch.randint(0, 64, (2, 40), device=device)
     doc_start = torch.zeros(2, 40, dtype=torch.bool, device=device)
     doc_start[:, 0] = doc_start[1, 16] = True
+    return ids, doc_start
+
+
+def compiled_against_eager(model, device="cpu"):
+    """Logits and gradients of a training call, eager then with compile_blocks(fullgraph=True), documents reset
+    mid-sequence; they must agree."""
+    ids, doc_start = training_batch(device)
 
     def step():
         model.zero_grad()
@@ -312,9 +318,7 @@ def test_a_cuda_training_step_does_not_sync():
     """Forward (with document resets) and backward on a GPU never wait for the host: the checks run on the device
     (validation.require) and every shape is known without reading a tensor."""
     model = tiny_model(torch.float32).train().cuda()
-    ids = torch.randint(0, 64, (2, 40), device="cuda")
-    doc_start = torch.zeros(2, 40, dtype=torch.bool, device="cuda")
-    doc_start[:, 0] = doc_start[1, 16] = True
+    ids, doc_start = training_batch("cuda")
     model(ids, doc_start=doc_start).square().mean().backward()  # warm-up: lazy initializations, Triton JIT
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host sync raises

@@ -275,18 +275,18 @@ f32, f64, i64, i32 = "*fp32", "*fp64", "*i64", "i32"
 tile = dict(BLOCK_T=64, BLOCK_DG=32)
 CASES = []
 for x in ("*bf16", f32):
-    CASES += [(norm._moments_kernel, [x, f32, f32] + [i32] * 4, tile, 4),
-              (norm._normalize_kernel, [x] + [f32] * 5 + [i32] * 4, tile, 4),
-              (norm._norm_bwd_kernel, [x] + [f32] * 8 + [i32] * 4, tile, 4),
-              (norm._dx_kernel, [x] + [f32] * 6 + [x] + [i32] * 4, tile, 4),
+    CASES += [(norm._moments_kernel, [x, f32, f32] + [i32] * 4, tile),
+              (norm._normalize_kernel, [x] + [f32] * 5 + [i32] * 4, tile),
+              (norm._norm_bwd_kernel, [x] + [f32] * 8 + [i32] * 4, tile),
+              (norm._dx_kernel, [x] + [f32] * 6 + [x] + [i32] * 4, tile),
               (step._step_kernel, [x, i64, f64, f64, f32, f32, f32, i32, i32, i32, "fp32"],
-               dict(BLOCK_G=32, BLOCK_DG=32), 4)]
+               dict(BLOCK_G=32, BLOCK_DG=32))]
 for has_reset in (True, False):
     reset = "*i8" if has_reset else i64
     scan = dict(HAS_RESET=has_reset, BLOCK_T=256, BLOCK_G=8)
     CASES += [(norm._scan_fwd_kernel, [f32] * 4 + [i64, f64, f64, i64, f64, f64, reset, i64, i64, f64, f64]
-               + [i32] * 5 + ["fp32"], scan, 4),
-              (norm._scan_bwd_kernel, [f32] * 3 + [i64, reset, i64, f64, i64, f64] + [f32] * 6 + [i32] * 5, scan, 4)]
+               + [i32] * 5 + ["fp32"], scan),
+              (norm._scan_bwd_kernel, [f32] * 3 + [i64, reset, i64, f64, i64, f64] + [f32] * 6 + [i32] * 5, scan)]
 """
 
 

@@ -144,8 +144,7 @@ class MovingAverageGatedAttention(nn.Module):
         for every token. It holds the weights as they are now."""
         with torch.autocast(self.cema.omega.device.type, enabled=False):
             coeffs = self.cema.coefficients()
-            dtype = coeffs.p.dtype
-            return DecodeConstants(coeffs, self.cema.omega.squeeze(-1).to(dtype), cema_decay(coeffs),
+            return DecodeConstants(coeffs, self.cema.omega.squeeze(-1).to(coeffs.p.dtype), cema_decay(coeffs),
                                    self._qk_affine(torch.promote_types(self.wz.weight.dtype, torch.float32)))
 
     @torch.no_grad()

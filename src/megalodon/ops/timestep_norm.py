@@ -288,8 +288,8 @@ def _welford(mu: Tensor, s2: Tensor, state: NormStats) -> NormStats:
 
 def _step_kernel_runs(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor) -> bool:
     """The fused step kernel: CUDA, not float64, and no gradient wanted (it is inference-only)."""
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias, state.mean, state.var))
-    return not wants_grad and x.dtype != torch.float64 and use_triton("timestep_norm_step", x)
+    return (not _needs_grad(x, weight, bias, state.mean, state.var) and x.dtype != torch.float64
+            and use_triton("timestep_norm_step", x))
 
 
 def _step_kernel(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
