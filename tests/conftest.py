@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -18,6 +19,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_interrupts():
+    """Ctrl-C raises KeyboardInterrupt, as in a user's terminal, even where the suite runs as a background job,
+    which inherits SIGINT ignored (the CLI then leaves it ignored, and the Ctrl-C tests would see no signal)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture
