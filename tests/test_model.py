@@ -270,20 +270,28 @@ def training_batch(device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     return ids, doc_start
 
 
-def compiled_against_eager(model, device="cpu"):
-    """Logits and gradients of a training call, eager then with compile_blocks(fullgraph=True), documents reset
-    mid-sequence; they must agree."""
+def compiled_against_eager(model, device="cpu", compile=lambda model: compile_blocks(model, fullgraph=True),
+                           carry_state=False):
+    """Logits and gradients of a training call, eager then compiled (by default compile_blocks with fullgraph),
+    documents reset mid-sequence; they must agree. carry_state: the call continues row 0's stream from a state,
+    as the trainer's stateful windows do."""
     ids, doc_start = training_batch(device)
+    state = None
+    if carry_state:
+        with torch.no_grad():
+            _, state = model(torch.randint(0, 64, (2, 16), device=device), return_state=True)
+        doc_start[0, 0] = False
+    runner = model
 
     def step():
         model.zero_grad()
-        logits = model(ids, doc_start=doc_start)
+        logits = runner(ids, state=state, doc_start=doc_start)
         logits.square().mean().backward()
         return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
     eager_logits, eager_grads = step()
     torch._dynamo.reset()
-    compile_blocks(model, fullgraph=True)
+    runner = compile(model)
     logits, grads = step()
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
     for name, grad in grads.items():
@@ -295,6 +303,13 @@ def test_compile_blocks_matches_eager_with_gradients():
     """Each block and the final norm compile as one graph (fullgraph: no graph break, no host sync) with
     Inductor, and training through them gives eager's logits and gradients. One layer keeps it to a compile."""
     compiled_against_eager(tiny_model(torch.float32, num_layers=1).train())
+
+
+def test_the_whole_model_compiles_as_one_graph_with_a_carried_state():
+    """The trainer's --compile: torch.compile of the whole model, continuing a stream, in one graph (no check at
+    the boundary breaks it), with eager's logits and gradients."""
+    compiled_against_eager(tiny_model(torch.float32, num_layers=1).train(),
+                           compile=lambda model: torch.compile(model, fullgraph=True), carry_state=True)
 
 
 @requires_triton

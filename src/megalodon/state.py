@@ -260,12 +260,13 @@ class MegalodonState:
 
 def check_positions(position: Tensor, batch_size: int) -> None:
     """Positions are (B,) int64 counts of tokens seen, never negative. The sign is checked where it costs nothing,
-    on the CPU: a check of a GPU tensor would make every forward wait for the GPU. GPU states are checked where
-    they enter decoding (DecodeState.from_state) and when loaded from a file."""
+    on the CPU and outside a compiled graph (where it would break the graph): a check of a GPU tensor would make
+    every forward wait for the GPU. GPU states are checked where they enter decoding (DecodeState.from_state)
+    and when loaded from a file."""
     if not isinstance(position, Tensor) or position.dtype != torch.int64 or position.shape != (batch_size,):
         found = f"{position.dtype} {tuple(position.shape)}" if isinstance(position, Tensor) else type(position).__name__
         raise ValueError(f"state.position must be an int64 tensor of shape ({batch_size},), got {found}")
-    if position.device.type == "cpu" and bool((position < 0).any()):
+    if position.device.type == "cpu" and not torch.compiler.is_compiling() and bool((position < 0).any()):
         raise ValueError(f"state.position must count tokens seen (>= 0), got {position.tolist()}")
 
 
