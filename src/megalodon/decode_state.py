@@ -124,6 +124,15 @@ class DecodeState:
             raise ValueError(f"select needs a non-empty 1-D list of rows, got {rows!r}")
         return self.map(lambda t: t.index_select(0, index))
 
+    def reorder_(self, rows: Tensor) -> None:
+        """Row i takes old row rows[i]'s values, every row at once and in place (beam search): the buffers,
+        which a CUDA graph holds, stay where they are. rows: (B,) int64, repeats allowed."""
+        index = rows.to(device=self.device, dtype=torch.int64)
+        if index.shape != (self.batch_size,):
+            raise ValueError(f"reorder_ needs one source row per row, shape ({self.batch_size},), "
+                             f"got {tuple(index.shape)}; use select() to change the batch size")
+        self.copy_(self.map(lambda t: t.index_select(0, index)))
+
     def replace_norm_stats_(self, row: int, source: MegalodonState) -> None:
         """Overwrite row's norm statistics (every layer's and the final norm's) with those of source, a state of
         one row: the truncate_chunks rerun (inference/stream.py). CEMA states and keys stay."""

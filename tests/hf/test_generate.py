@@ -47,19 +47,25 @@ def test_greedy_equals_a_manual_streaming_loop(core, hf_model):
     assert torch.equal(out[:, 13:], _manual_greedy(core, prompt, 20))
 
 
-def test_generate_feeds_the_prompt_once_then_one_token_per_step(core, hf_model):
-    calls = []  # (tokens in, positions projected to logits) per core call
+def test_generate_feeds_the_prompt_once_then_one_token_per_step(core, hf_model, monkeypatch):
+    calls = []  # ("forward", tokens in, positions projected to logits) or ("static step", rows)
 
     def record(module, args, output):
         logits = output[0] if isinstance(output, tuple) else output
-        calls.append((args[0].shape[1], logits.shape[1]))
+        calls.append(("forward", args[0].shape[1], logits.shape[1]))
 
+    def static_step(input_ids, state, constants=None):
+        calls.append(("static step", input_ids.shape[0]))
+        return type(core).decode_step_(core, input_ids, state, constants)
+
+    monkeypatch.setattr(core, "decode_step_", static_step)
     hook = core.register_forward_hook(record)
     try:
         hf_model.generate(_prompt(9), max_new_tokens=5, do_sample=False)
     finally:
         hook.remove()
-    assert calls == [(9, 1)] + [(1, 1)] * 4  # the prefill projects only its last position
+    # The prefill projects only its last position; each new token then takes the static decode path.
+    assert calls == [("forward", 9, 1)] + [("static step", 1)] * 4
 
 
 def test_eos_stops_generation_within_max_new_tokens(core):

@@ -107,6 +107,25 @@ def test_static_decoder_select_and_norm_replacement():
     assert torch.equal(decoder.state.final_norm.count[1], fresh.final_norm.count[0])
 
 
+def test_reorder_takes_source_rows_in_place():
+    """Beam search's reorder, in place (a CUDA graph keeps its buffers): row i continues old row rows[i]."""
+    model = tiny_model(seed=8)
+    prompts = [random_ids(1, n, seed=n)[0] for n in (4, 7, 9)]
+    state = DecodeState.from_state(stacked_prefill(model, prompts), model.config)
+    pointers = [t.data_ptr() for t in state.tensors()]
+    rows = torch.tensor([2, 2, 0])
+    expected = state.select(rows)
+    state.reorder_(rows)
+    assert [t.data_ptr() for t in state.tensors()] == pointers
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(state.tensors(), expected.tensors()))
+    logits = model.decode_step_(torch.tensor([5, 6, 7]), state)
+    for b, row in enumerate(rows.tolist()):
+        sequence = torch.cat([prompts[row], torch.tensor([5 + b])])
+        torch.testing.assert_close(logits[b], model(sequence[None])[0, -1], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="one source row per row"):
+        state.reorder_(torch.tensor([0, 1]))
+
+
 def test_bad_inputs_are_refused():
     model = tiny_model(seed=7)
     _, state = model(random_ids(2, 5, seed=7), return_state=True)

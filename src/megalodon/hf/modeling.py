@@ -21,6 +21,7 @@ from megalodon.hf.configuration import MegalodonHFConfig
 from megalodon.hf.export_code import package_only
 from megalodon.hf.padding import forward_rows, real_token_spans
 from megalodon.model import Megalodon
+from megalodon.validation import require
 
 IGNORE_INDEX = -100  # the label that transformers' losses skip
 
@@ -136,9 +137,11 @@ class MegalodonForCausalLM(PreTrainedModel, GenerationMixin):
             if not isinstance(cache, MegalodonCache):
                 raise TypeError(f"cache must be a MegalodonCache (returned by an earlier call), got "
                                 f"{type(cache).__name__}")
-            if attention_mask is not None and not bool(attention_mask[:, -length:].all()):
-                raise ValueError("the new tokens of a call that continues a cache must not be padded: only the "
-                                 "first call of a stream (the prompt) may carry padding")
+            if attention_mask is not None:  # checked without a host sync on a GPU
+                require(attention_mask[:, -length:].bool().all(), "the new tokens of a call that continues a "
+                        "cache must not be padded: only the first call of a stream (the prompt) may carry padding")
+            if length == 1 and not torch.is_grad_enabled() and not self.model.training:
+                return cache.decode_step(self.model, input_ids.to(torch.int64)), cache  # generate's steps
             logits, state = self.model(input_ids, state=cache.state, return_state=True, logits_to_keep=logits_to_keep)
             cache.advance(state, length)
             return logits, cache
