@@ -26,9 +26,15 @@ def tiny_model(dtype=torch.float64, seed=0, **overrides) -> Megalodon:
     return model
 
 
+# Skips a test cleanly on machines without a GPU (CI has none); marked cuda (gpu_session.sh runs those). As marks,
+# for pytest.param(..., marks=CUDA_MARKS).
+CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
 def requires_cuda(test):
-    """Skip a test cleanly on machines without a GPU (CI has none); marked cuda (gpu_session.sh runs those)."""
-    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
 
 
 # Skips a kernel test when triton is not installed (it runs under the interpreter on CPU). A mark, so that it

@@ -7,6 +7,8 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from helpers import CUDA_MARKS  # noqa: E402
+
 from megalodon.hf import MegalodonCache  # noqa: E402
 from megalodon.hf.modeling import CACHE_ARG  # noqa: E402
 
@@ -107,10 +109,13 @@ def test_reorder_cache_selects_rows(core, hf_model):
     torch.testing.assert_close(step, core(nxt, state=state), rtol=1e-5, atol=1e-5)
 
 
-def test_one_token_steps_take_the_static_decode_path_with_forwards_logits(core, hf_model, monkeypatch):
-    """generate's steps (one token, no gradient, eval mode) run on the core's static decode buffers. Against
-    forward() (which the same call takes with gradients on): rows at different in-chunk positions, across chunk
-    boundaries, through a beam search's reorder, and after the state is read back mid-way."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
+def test_one_token_steps_take_the_static_decode_path_with_forwards_logits(core, hf_model, monkeypatch, device):
+    """generate's steps (one token, no gradient, eval mode) run on the core's static decode buffers (on CUDA,
+    replayed from a CUDA graph). Against forward() (which the same call takes with gradients on): rows at
+    different in-chunk positions, across chunk boundaries, through a beam search's reorder, and after the state
+    is read back mid-way."""
+    core.to(device)
     static_steps = []
 
     def counted(input_ids, state, constants=None):
@@ -118,19 +123,19 @@ def test_one_token_steps_take_the_static_decode_path_with_forwards_logits(core, 
         return type(core).decode_step_(core, input_ids, state, constants)
 
     monkeypatch.setattr(core, "decode_step_", counted)
-    ids = _ids(3, 12)
+    ids = _ids(3, 12).to(device)
     mask = torch.ones_like(ids)
     mask[0, :5] = mask[2, :9] = 0  # fills 7, 4 and 3 in chunks of 8
     static, through_forward = (_cache(hf_model(ids, attention_mask=mask)) for _ in range(2))
     for step in range(12):
-        token = _ids(3, 1, seed=step)
+        token = _ids(3, 1, seed=step).to(device)
         with torch.no_grad():
             fast = hf_model(token, cache=static).logits
         slow = hf_model(token, cache=through_forward).logits  # gradients on: forward()
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5, msg=f"step {step}")
         if step == 4:
             for cache in (static, through_forward):
-                cache.reorder_cache(torch.tensor([2, 2, 0]))
+                cache.reorder_cache(torch.tensor([2, 2, 0], device=device))
         if step == 8:
             assert static.state.position.tolist() == through_forward.state.position.tolist()
     assert static_steps == [3] * 12 and static.get_seq_length() == through_forward.get_seq_length() == 24
