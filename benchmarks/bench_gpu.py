@@ -106,17 +106,6 @@ def build(arch: str, preset: str, seed: int = 0):
         return Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
 
 
-def compiled(model, arch: str):
-    """The model's best compiled form: each block compiled (and Megalodon's final norm)."""
-    if arch == "megalodon":
-        from megalodon.model import compile_blocks
-
-        return compile_blocks(model)
-    for block in model.layers:
-        block.compile()
-    return model
-
-
 def checkpointed(model) -> None:
     from megalodon.training.trainer import apply_activation_checkpointing
 
@@ -152,7 +141,7 @@ def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: boo
             if checkpoint:
                 checkpointed(model)
             if compile_models:
-                model = compiled(model, arch)
+                model = model.compile_blocks()  # as the trainer's --compile does
             ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
             with autocast():  # warm-up, compilation included
                 loss_of(model, ids).backward()

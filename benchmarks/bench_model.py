@@ -54,7 +54,7 @@ def measure_train_step(arch: str, preset: str, length: int, repeats: int) -> dic
 
 
 def train_steps(preset: str, batch: int, length: int, dtype: str, repeats: int, compile: bool = False) -> dict:
-    """Tokens/s of both models' optimizer steps, as the trainer runs them (compile: torch.compile the model, as
+    """Tokens/s of both models' optimizer steps, as the trainer runs them (compile: torch.compile each block, as
     --compile true does), alternating step by step so that the machine's load falls on both alike."""
     import math
     import statistics
@@ -74,7 +74,7 @@ def train_steps(preset: str, batch: int, length: int, dtype: str, repeats: int, 
     runs = {}
     for arch in ("megalodon", "llama"):
         model = _build(arch, preset).train()
-        runs[arch] = {"model": torch.compile(model) if compile else model, "optimizer": build_optimizer(model, cfg),
+        runs[arch] = {"model": model.compile_blocks() if compile else model, "optimizer": build_optimizer(model, cfg),
                       "state": None, "wall": [], "cpu": []}
 
     def step(run: dict, stateful: bool) -> tuple[float, float]:
@@ -158,7 +158,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="rows per step (--train)")
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="(--train)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models (--train)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block of both models, as the trainer's --compile does (--train)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,7 +8,6 @@ import torch
 
 from helpers import requires_cuda, requires_triton, tiny_model
 from megalodon import MegalodonState
-from megalodon.model import compile_blocks
 from megalodon.ops.attention import dense_chunk_attention
 from megalodon.ops.cema import cema_sequential
 from megalodon.ops.timestep_norm import timestep_norm_sequential
@@ -270,9 +269,9 @@ def training_batch(device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     return ids, doc_start
 
 
-def compiled_against_eager(model, device="cpu", compile=lambda model: compile_blocks(model, fullgraph=True),
+def compiled_against_eager(model, device="cpu", compile=lambda model: model.compile_blocks(fullgraph=True),
                            carry_state=False):
-    """Logits and gradients of a training call, eager then compiled (by default compile_blocks with fullgraph),
+    """Logits and gradients of a training call, eager then compiled (by default each block, with fullgraph),
     documents reset mid-sequence; they must agree. carry_state: the call continues row 0's stream from a state,
     as the trainer's stateful windows do."""
     ids, doc_start = training_batch(device)
@@ -306,8 +305,8 @@ def test_compile_blocks_matches_eager_with_gradients():
 
 
 def test_the_whole_model_compiles_as_one_graph_with_a_carried_state():
-    """The trainer's --compile: torch.compile of the whole model, continuing a stream, in one graph (no check at
-    the boundary breaks it), with eager's logits and gradients."""
+    """torch.compile(model) as users write it, continuing a stream: one graph (no check at the boundary breaks
+    it), with eager's logits and gradients."""
     compiled_against_eager(tiny_model(torch.float32, num_layers=1).train(),
                            compile=lambda model: torch.compile(model, fullgraph=True), carry_state=True)
 

@@ -141,6 +141,20 @@ class Megalodon(nn.Module):
         state.position.add_(1)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
+    def compile_blocks(self, **options) -> "Megalodon":
+        """torch.compile each block and the final norm in place (`options` go to torch.compile, e.g.
+        fullgraph=True or mode="max-autotune"); returns the model. What the trainer's --compile does.
+
+        Per-block compilation keeps graphs small (blocks of one model share their compiled code), and leaves the
+        embedding, the checks at the boundary and the loop over layers eager. It composes with activation
+        checkpointing (apply it first) and FSDP applied per block. Training and streaming calls both work; a call
+        of a new length or state layout recompiles (mark lengths dynamic with torch._dynamo.mark_dynamic to
+        avoid that)."""
+        for block in self.layers:
+            block.compile(**options)
+        self.output.final_norm.compile(**options)
+        return self
+
     def _check_inputs(self, input_ids: Tensor, state: MegalodonState | None, logits_to_keep: int) -> tuple[int, int]:
         """Shapes and types eagerly; values without a host sync (validation.require)."""
         batch, length = check_token_ids(input_ids, self.config.vocab_size)
@@ -219,17 +233,3 @@ def init_linear(weight: Tensor, mode: str) -> None:
         nn.init.xavier_uniform_(weight)
     else:
         raise ValueError(f"unknown init_mode {mode!r}")
-
-
-def compile_blocks(model: Megalodon, **options) -> Megalodon:
-    """torch.compile each block and the final norm in place (`options` go to torch.compile, e.g.
-    fullgraph=True or mode="max-autotune"); returns the model.
-
-    Per-block compilation keeps graphs small (blocks of one model share their compiled code), and leaves the
-    embedding, the checks at the boundary and the loop over layers eager. It composes with activation
-    checkpointing and FSDP applied per block. Training and streaming calls both work; a call of a new length
-    or state layout recompiles (mark lengths dynamic with torch._dynamo.mark_dynamic to avoid that)."""
-    for block in model.layers:
-        block.compile(**options)
-    model.output.final_norm.compile(**options)
-    return model

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from megalodon import Megalodon
+from megalodon.baseline import Llama
 from megalodon.training.checkpoint import list_checkpoints
 from megalodon.training.trainer import train
 from training_helpers import losses
@@ -81,6 +83,26 @@ def test_activation_checkpointing_does_not_change_the_losses(make_config, tmp_pa
     recomputed = train(make_config(max_steps=3, activation_checkpointing=True), tmp_path / "ckpt", progress=False)
     assert abs(plain.val_loss - recomputed.val_loss) < 1e-6
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "plain"), losses(tmp_path / "ckpt"))) < 1e-6
+
+
+@pytest.mark.parametrize("arch", [Megalodon, Llama])
+def test_compile_gives_the_eager_losses(make_config, tmp_path, monkeypatch, arch):
+    """--compile true compiles each block, with activation checkpointing inside: the carried state, the document
+    resets, evaluation and sampling run through it to eager's losses. Through AOTAutograd without Inductor's
+    code generation, which takes minutes per graph on 2 cores (tests/test_model.py runs Inductor on a block)."""
+    compile_blocks, compiled_models = arch.compile_blocks, []
+
+    def without_codegen(model, **options):
+        compiled_models.append(model)
+        return compile_blocks(model, backend="aot_eager", **options)
+
+    monkeypatch.setattr(arch, "compile_blocks", without_codegen)
+    options = dict(arch=arch.__name__.lower(), max_steps=3, checkpoint_every=0, activation_checkpointing=True)
+    plain = train(make_config(**options), tmp_path / "plain", progress=False)
+    compiled = train(make_config(compile=True, **options), tmp_path / "compiled", progress=False)
+    assert len(compiled_models) == 1
+    assert abs(plain.val_loss - compiled.val_loss) < 1e-4
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "plain"), losses(tmp_path / "compiled"))) < 1e-4
 
 
 def test_a_time_budget_fixes_max_steps_at_the_end_of_warmup(make_config, tmp_path):

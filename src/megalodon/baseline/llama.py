@@ -194,6 +194,14 @@ class Llama(nn.Module):
             nn.init.normal_(block.self_attn.o_proj.weight, 0.0, residual_std)
             nn.init.normal_(block.mlp.down_proj.weight, 0.0, residual_std)
 
+    def compile_blocks(self, **options) -> "Llama":
+        """torch.compile each block and the final norm in place, as Megalodon.compile_blocks does (the same
+        options, the same reasons); returns the model."""
+        for block in self.layers:
+            block.compile(**options)
+        self.norm.compile(**options)
+        return self
+
     def forward(
         self, input_ids: Tensor, doc_start: Tensor | None = None, past: KVCache | None = None,
         return_past: bool = False, window: int | None = None,

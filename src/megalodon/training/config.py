@@ -50,7 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # gradient norm clipping (0: off)
     # execution
     dtype: str = "auto"  # "auto" (bf16 autocast where bf16 is fast, else fp32), "bf16" or "fp32"; weights stay fp32
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each block (model.compile_blocks)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
     threads: int = 0  # torch threads; 0 keeps torch's default
     seed: int = 0  # initialization, data order, document split and samples

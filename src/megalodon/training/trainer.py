@@ -121,6 +121,8 @@ class Trainer:
         self.model = build_model(cfg, tok.vocab_size).to(self.device)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
+        if cfg.compile:  # after checkpointing (each block's graph holds its recomputation), before wrapping
+            self.model.compile_blocks()
         self.runner = self.model  # what a training step calls: the model, or DDP's wrapper of it
         if self.ranks is not None:
             self.ranks.check_shapes(cfg.batch_size, cfg.grad_accum, cfg.seq_len)
@@ -136,8 +138,6 @@ class Trainer:
         if resume:
             elapsed = self._resume()
         self._on_main(lambda: self._write_config(tok))
-        if cfg.compile:
-            self.runner = torch.compile(self.runner)
         self.start_time = time.perf_counter() - elapsed
         if cfg.tensorboard:
             self._on_main(lambda: setattr(self, "tensorboard", open_tensorboard(self.run_dir)))
