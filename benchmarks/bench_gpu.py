@@ -15,7 +15,9 @@ Sections, in the order they run by default (most wanted first: a run cut short s
           each from one prefill: the step replayed from a CUDA graph, eager and compiled (--modes);
 - profile: the top CUDA kernels of one mega200M 4K step (torch.profiler), written under --out;
 - jax:    megalodon-jax at the mega200M shape with bf16 compute, when it is installed (a separate process: JAX
-          and PyTorch must not share the GPU's memory pools).
+          and PyTorch must not share the GPU's memory pools);
+- hf:     transformers' generate() against the core's static decode, Megalodon at the first decode position
+          (bench_hf.py).
 
 --deadline SECONDS skips what would start after that many seconds (each skip is logged), so that a run under an
 outer time limit ends on its own with its results written.
@@ -298,6 +300,15 @@ def section_decode(preset: str, positions: list[int], steps: int, modes: list[st
     return rows
 
 
+def section_hf(preset: str, position: int, tokens: int, repeats: int) -> dict:
+    import bench_hf  # beside this file
+
+    log(f"## transformers generate(): {preset}, batch 1, bf16, greedy, {tokens} tokens after {position:,}\n")
+    result = bench_hf.decode_rates(build("megalodon", preset).to(torch.bfloat16).eval(), position, tokens, repeats)
+    log(bench_hf.table(result))
+    return result
+
+
 def section_profile(preset: str, length: int, out: Path | None) -> None:
     log(f"## Profile: one {preset} step at {length} tokens (eager, bf16 autocast)\n")
     from torch.profiler import ProfilerActivity, profile
@@ -325,9 +336,9 @@ def section_profile(preset: str, length: int, out: Path | None) -> None:
 # ---- main ------------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="env,parity,train-eager,decode,profile,train-compiled,jax",
+    parser.add_argument("--sections", default="env,parity,train-eager,decode,profile,train-compiled,jax,hf",
                         help="comma list of: env, parity, train (every --modes), train-eager, train-compiled, "
-                             "decode, jax, profile; they run in the order given")
+                             "decode, jax, profile, hf; they run in the order given")
     parser.add_argument("--presets", nargs="+", default=sorted({preset for preset, _ in TRAIN_CASES}))
     parser.add_argument("--lengths", nargs="+", type=int, default=None,
                         help="these lengths for every preset (default: %s)" % TRAIN_CASES)
@@ -374,6 +385,7 @@ def main() -> None:
         "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps,
                                          args.modes),
         "profile": lambda: section_profile(*profile_case, args.out),
+        "hf": lambda: section_hf(args.decode_preset, args.decode_positions[0], args.decode_steps, args.repeats),
     }
     unknown = [name for name in sections if name not in runners]
     if unknown:

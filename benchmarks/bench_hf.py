@@ -32,6 +32,32 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+def decode_rates(core, position: int, tokens: int, repeats: int) -> dict:
+    """Median decode tok/s of generate() on `core` wrapped for transformers, and of the core's static decode,
+    alternating `repeats` times, after a prompt of `position` random tokens. core: in eval mode, on its device
+    and in its dtype."""
+    from megalodon.hf import wrap
+    from megalodon.inference.benchmark import measure_decode
+
+    hf_model = wrap(core)  # no eos id: every generation runs to its length
+    prompt = torch.randint(0, core.config.vocab_size, (1, position), device=core.embed.weight.device)
+    timed_generate(hf_model, prompt, SHORT)  # warm-up (and a CUDA graph's capture)
+    hf_rates, core_rates = [], []
+    for _ in range(repeats):
+        longer, shorter = timed_generate(hf_model, prompt, SHORT + tokens), timed_generate(hf_model, prompt, SHORT)
+        hf_rates.append(tokens / (longer - shorter))
+        core_rates.append(measure_decode(core, position, tokens)["decode_tokens_per_s"])
+    return {"generate_tokens_per_s": statistics.median(hf_rates), "core_tokens_per_s": statistics.median(core_rates),
+            "position": position, "tokens": tokens, "repeats": repeats}
+
+
+def table(result: dict) -> str:
+    hf_rate, core_rate = result["generate_tokens_per_s"], result["core_tokens_per_s"]
+    return ("| path | decode tok/s | of the core's |\n|---|---|---|\n"
+            f"| transformers generate() | {hf_rate:,.1f} | {hf_rate / core_rate:.2f} |\n"
+            f"| core static decode (measure_decode) | {core_rate:,.1f} | 1.00 |\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
@@ -46,29 +72,14 @@ def main() -> None:
         parser.error("--position, --tokens and --repeats must be at least 1")
 
     from megalodon import Megalodon, MegalodonConfig
-    from megalodon.hf import wrap
-    from megalodon.inference.benchmark import measure_decode
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     core = Megalodon(MegalodonConfig.from_preset(args.preset)).eval().to(args.device, getattr(torch, args.dtype))
-    hf_model = wrap(core)  # no eos id: every generation runs to its length
-    prompt = torch.randint(0, core.config.vocab_size, (1, args.position), device=args.device)
-
-    timed_generate(hf_model, prompt, SHORT)  # warm-up (and a CUDA graph's capture)
-    hf_rates, core_rates = [], []
-    for _ in range(args.repeats):
-        longer, shorter = timed_generate(hf_model, prompt, SHORT + args.tokens), timed_generate(hf_model, prompt, SHORT)
-        hf_rates.append(args.tokens / (longer - shorter))
-        core_rates.append(measure_decode(core, args.position, args.tokens)["decode_tokens_per_s"])
-
-    hf_rate, core_rate = statistics.median(hf_rates), statistics.median(core_rates)
+    result = decode_rates(core, args.position, args.tokens, args.repeats)
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {args.threads} thread(s); {args.preset}, "
           f"batch 1, greedy, {args.tokens} tokens after a {args.position}-token prompt, median of {args.repeats}\n")
-    print("| path | decode tok/s | of the core's |")
-    print("|---|---|---|")
-    print(f"| transformers generate() | {hf_rate:,.1f} | {hf_rate / core_rate:.2f} |")
-    print(f"| core static decode (measure_decode) | {core_rate:,.1f} | 1.00 |")
+    print(table(result))
 
 
 if __name__ == "__main__":

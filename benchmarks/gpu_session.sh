@@ -5,7 +5,7 @@
 #                                      compiled training, graph-captured and compiled decode, no host syncs), then
 #                                      bench_gpu.py's eager training table and decode sections;
 #   bash benchmarks/gpu_session.sh 2   bench_gpu.py's parity of the whole model against the CPU, the profile,
-#                                      compiled training and megalodon-jax sections.
+#                                      compiled training, megalodon-jax and transformers generate() sections.
 # Each part stops starting new work 60 s before SESSION_SECONDS (default 330: two parts and a machine start fit in
 # 15 minutes), so that it ends on its own with its results written. Everything lands under $OUT (the device tool
 # brings it back). Run from the repository root:
@@ -47,7 +47,7 @@ case "$PART" in
         "$PYTHON" -m pip install --no-deps --no-index --quiet --target "$MEGALODON_JAX_SITE" .device-wheels/*.whl \
             > "$OUT/pip.log" 2>&1 || echo "installing .device-wheels failed (see pip.log)"
     fi
-    bench env,parity,profile,train-compiled,jax
+    bench env,parity,profile,train-compiled,jax,hf
     ;;
 *)
     echo "usage: OUT=DIR bash benchmarks/gpu_session.sh 1|2" >&2
