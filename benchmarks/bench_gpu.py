@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import gpu_checks  # beside this file
+import bench_jax  # beside this file
+import gpu_checks
 import torch
 import torch.nn.functional as F
 from gpu_checks import GiB, log
@@ -214,44 +213,6 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
     return rows
 
 
-def section_jax(lengths: list[int], repeats: int) -> dict:
-    """megalodon-jax's training step (bench_jax.py), each length in a process of its own. MEGALODON_JAX_SITE,
-    where set (gpu_session.sh sets it), is a folder of packages (megalodon-jax and the equinox it supports) that
-    only those processes see."""
-    log("## megalodon-jax (mega200M shape, bf16 compute)\n")
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    site = os.environ.get("MEGALODON_JAX_SITE")
-    if site:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
-    probe = subprocess.run([sys.executable, "-c", "import megalodon_jax"], capture_output=True, text=True, env=env)
-    if probe.returncode:
-        log("megalodon-jax does not import here; skipped (docs/benchmarks.md says how to carry its wheel): "
-            f"{(probe.stderr.strip().splitlines() or ['?'])[-1][:200]}\n")
-        return {}
-    results = {}
-    log("| L | megalodon-jax tok/s |\n|---|---|")
-    for length in lengths:
-        if out_of_time(f"megalodon-jax at {length}"):
-            continue
-        command = [sys.executable, str(Path(__file__).with_name("bench_jax.py")), "--length", str(length),
-                   "--repeats", str(repeats)]
-        limit = None if DEADLINE == float("inf") else max(60.0, DEADLINE - time.perf_counter())
-        try:
-            out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=limit)
-        except subprocess.TimeoutExpired:
-            results[length] = {"error": "timed out at --deadline"}
-            log(f"| {length:,} | timed out |")
-            continue
-        if out.returncode:
-            results[length] = {"error": out.stderr.strip().splitlines()[-1][:300] if out.stderr else "failed"}
-            log(f"| {length:,} | {results[length]['error']} |")
-            continue
-        results[length] = json.loads(out.stdout.strip().splitlines()[-1])
-        log(f"| {length:,} | {results[length]['tokens_per_s']:,.0f} ({results[length]['backend']}) |")
-    log()
-    return results
-
-
 def decode_rows(model, position: int, steps: int, modes: list[str]) -> list[dict]:
     """One result per mode, all from one prefill; where compiling fails, the eager rows still come (measured
     again) beside the error."""
@@ -381,7 +342,7 @@ def main() -> None:
         "train": lambda: section_train(args.presets, args.lengths, args.modes, args.repeats),
         "train-eager": lambda: section_train(args.presets, args.lengths, ["eager"], args.repeats),
         "train-compiled": lambda: section_train(args.presets, args.lengths, ["compiled"], args.repeats),
-        "jax": lambda: section_jax(args.jax_lengths, args.repeats),
+        "jax": lambda: bench_jax.section(args.jax_lengths, args.repeats, out_of_time, DEADLINE),
         "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps,
                                          args.modes),
         "profile": lambda: section_profile(*profile_case, args.out),

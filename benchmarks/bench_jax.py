@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 
 
 def train_step_rate(length: int, repeats: int) -> dict:
@@ -39,6 +43,46 @@ def train_step_rate(length: int, repeats: int) -> dict:
         jax.block_until_ready(step(model, ids))
     return {"tokens_per_s": length * repeats / (time.perf_counter() - start), "jax": jax.__version__,
             "backend": jax.default_backend()}
+
+
+def section(lengths: list[int], repeats: int, out_of_time: Callable[[str], bool], deadline: float) -> dict:
+    """bench_gpu.py's jax section: this file's training step, each length in a process of its own (nothing of JAX
+    is imported here). out_of_time(what) says whether to skip a length (and logs the skip); deadline: the
+    time.perf_counter() at which a running process is stopped. MEGALODON_JAX_SITE, where set (gpu_session.sh
+    sets it), is a folder of packages (megalodon-jax and the equinox it supports) that only those processes see."""
+    from gpu_checks import log
+
+    log("## megalodon-jax (mega200M shape, bf16 compute)\n")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    site = os.environ.get("MEGALODON_JAX_SITE")
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+    probe = subprocess.run([sys.executable, "-c", "import megalodon_jax"], capture_output=True, text=True, env=env)
+    if probe.returncode:
+        log("megalodon-jax does not import here; skipped (docs/benchmarks.md says how to carry its wheel): "
+            f"{(probe.stderr.strip().splitlines() or ['?'])[-1][:200]}\n")
+        return {}
+    results = {}
+    log("| L | megalodon-jax tok/s |\n|---|---|")
+    for length in lengths:
+        if out_of_time(f"megalodon-jax at {length}"):
+            continue
+        command = [sys.executable, __file__, "--length", str(length), "--repeats", str(repeats)]
+        limit = None if deadline == float("inf") else max(60.0, deadline - time.perf_counter())
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=limit)
+        except subprocess.TimeoutExpired:
+            results[length] = {"error": "timed out at --deadline"}
+            log(f"| {length:,} | timed out |")
+            continue
+        if out.returncode:
+            results[length] = {"error": out.stderr.strip().splitlines()[-1][:300] if out.stderr else "failed"}
+            log(f"| {length:,} | {results[length]['error']} |")
+            continue
+        results[length] = json.loads(out.stdout.strip().splitlines()[-1])
+        log(f"| {length:,} | {results[length]['tokens_per_s']:,.0f} ({results[length]['backend']}) |")
+    log()
+    return results
 
 
 def main() -> None:
