@@ -76,7 +76,9 @@ class MegalodonCache:
 
     def decode_step(self, model, input_ids: Tensor) -> Tensor:
         """Feed one token per row, input_ids (B, 1), through the static decode path of `model` (the core, in eval
-        mode, its weights fixed until the step after the last); returns the logits (B, 1, V), a new tensor."""
+        mode); returns the logits (B, 1, V), a new tensor. The first step computes what the decode path derives
+        from the weights (the CEMA decay, the q/k affine): after changing the weights, read `.state` (which ends
+        the static steps) or start a new cache before stepping on."""
         if self._decoder is None or self._decoder.model is not model:
             self._decoder = StaticDecoder(model, DecodeState.from_state(self.state, model.config))
             self._state = None
