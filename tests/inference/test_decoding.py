@@ -146,11 +146,12 @@ def test_bad_inputs_are_refused():
         StaticDecoder(model.train(), fresh)
 
 
-@pytest.mark.parametrize("norm_kernel", [False, pytest.param(True, marks=requires_triton)])
-def test_compiled_decode_step_equals_eager(norm_kernel):
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=requires_triton)])
+def test_compiled_decode_step_equals_eager(kernels):
     """torch.compile of the whole step on the CPU (Inductor, one graph), against the eager PyTorch step, across a
-    chunk boundary; with norm_kernel, the compiled step holds the TimestepNorm's in-place Triton step (a mutating
-    custom op, here under the interpreter), as on a GPU."""
+    chunk boundary; with kernels, the compiled step holds the TimestepNorm's and the CEMA's in-place Triton steps
+    (mutating custom ops, here under the interpreter), as on a GPU."""
+    from megalodon.ops import cema as cema_ops
     from megalodon.ops import timestep_norm as norm_ops
 
     model = tiny_model(torch.float32, seed=8, num_layers=1)
@@ -159,9 +160,10 @@ def test_compiled_decode_step_equals_eager(norm_kernel):
     compiled = StaticDecoder(model, DecodeState.from_state(state, model.config), compile=True)
     for t in range(CHUNK):
         ids = random_ids(1, 2, seed=100 + t)[0]
-        with pytest.MonkeyPatch.context() as patch:  # the kernel for the compiled step only
-            if norm_kernel:
+        with pytest.MonkeyPatch.context() as patch:  # the kernels for the compiled step only
+            if kernels:
                 patch.setattr(norm_ops, "use_triton", lambda op, *tensors: op == "timestep_norm_step")
+                patch.setattr(cema_ops, "use_triton", lambda op, *tensors: op == "cema_step")
             logits = compiled.step(ids)
         torch.testing.assert_close(logits, eager.step(ids), rtol=1e-5, atol=1e-5)
     for mine, theirs in zip(compiled.state.tensors(), eager.state.tensors(), strict=True):

@@ -8,7 +8,7 @@ from helpers import requires_cuda
 from sm90 import check_compiles_for_h100
 
 from megalodon.layers.cema import CEMA
-from megalodon.ops.cema import cema, cema_coefficients, step_resets
+from megalodon.ops.cema import cema, cema_coefficients, cema_decay, cema_sequential, cema_step, step_resets
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,9 +162,60 @@ def test_bad_chunk_is_refused():
         triton_scan(torch.randn(1, 5, 4), *cema_coefficients(*params[:4]), params[4].squeeze(-1), None, None, 24)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_the_decode_step_kernel_equals_the_recurrence(in_place):
+    """One token per row through the step kernel (70 channels: a partial block; N = 5: a partial tile), against
+    one step of the float64 recurrence and the PyTorch step; in place (out is h, as decoding runs it) or not."""
+    from megalodon.ops.triton.cema_step import cema_step_kernel
+
+    alpha, delta, theta, gamma, omega = parameters(70, 5, seed=3)
+    coeffs = cema_coefficients(alpha, delta, theta, gamma)
+    omega = omega.squeeze(-1).contiguous()
+    u = torch.randn(3, 70)
+    h = torch.randn(3, 70, 5, 2)
+    expected_y, expected_h = cema_sequential(u.double()[..., None], cema_coefficients(
+        *(t.double() for t in (alpha, delta, theta, gamma))), omega.double(), torch.view_as_complex(h.double()))
+    torch_y, torch_h = cema_step(u, coeffs, omega, h.clone())
+    state = h.clone().to(DEVICE)
+    out = state if in_place else torch.empty_like(state)
+    on_device = [t.to(DEVICE).contiguous() for t in (coeffs.p, *cema_decay(coeffs), coeffs.g_re, coeffs.g_im, omega)]
+    y = cema_step_kernel(u.to(DEVICE), state, out, *on_device).cpu()
+    torch.testing.assert_close(y.double(), expected_y[..., 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.view_as_complex(out.cpu()).to(torch.complex128), expected_h, rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(y, torch_y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.cpu(), torch_h, rtol=1e-6, atol=1e-6)
+    if not in_place:
+        assert torch.equal(state.cpu(), h)  # the old state is read, never written
+
+
+@requires_cuda
+def test_cuda_decode_step_runs_the_kernel_in_place(monkeypatch):
+    """On CUDA, cema_step (as the decode step calls it: out is h) takes the kernel; MEGALODON_DISABLE_TRITON
+    gives the PyTorch path, and the two agree."""
+    from megalodon.ops.triton import cema_step as step_module
+
+    alpha, delta, theta, gamma, omega = (t.cuda() for t in parameters(70, 5, seed=4))
+    coeffs = cema_coefficients(alpha, delta, theta, gamma)
+    omega = omega.squeeze(-1).contiguous()
+    u, h = torch.randn(3, 70, device="cuda"), torch.randn(3, 70, 5, 2, device="cuda")
+    calls = []
+    kernel = step_module.cema_step_kernel
+    monkeypatch.setattr(step_module, "cema_step_kernel", lambda *args: calls.append(1) or kernel(*args))
+    fast_h = h.clone()
+    fast_y, _ = cema_step(u, coeffs, omega, fast_h, out=fast_h)
+    monkeypatch.setenv("MEGALODON_DISABLE_TRITON", "cema_step")
+    slow_h = h.clone()
+    slow_y, _ = cema_step(u, coeffs, omega, slow_h, out=slow_h)
+    assert calls == [1]
+    torch.testing.assert_close(fast_y, slow_y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast_h, slow_h, rtol=1e-6, atol=1e-6)
+
+
 COMPILE_FOR_H100 = """
 from megalodon.ops.triton import cema as glue
 from megalodon.ops.triton import cema_kernels as kernels
+from megalodon.ops.triton import cema_step as step
 
 warps = {"scan_kernel": glue.WARPS_SCAN, "parameter_grads_kernel": glue.WARPS_GRADS}
 fp32, ints = "*fp32", ["i32"] * 4  # L, D, N, num_chunks
@@ -181,6 +232,7 @@ for reverse in (False, True):
     CASES.append((kernels.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints,
                   dict(shapes, HAS_RESET=reverse)))
 CASES = [(fn, types, constexprs, warps.get(fn.__name__, glue.WARPS_STEPS)) for fn, types, constexprs in CASES]
+CASES.append((step._cema_step_kernel, [fp32] * 10 + ["i32", "i32"], dict(BLOCK_D=step.BLOCK_D, BLOCK_N=16)))
 """
 
 

@@ -299,7 +299,15 @@ def cema_step(
     Sync-free and shape-static, for CUDA graphs: with `out` (which may be `h` itself, e.g.
     torch.view_as_real(state.cema_h)) the new state is written there in place and `out` is returned. The
     coefficients, and `decay` (cema_decay(coeffs), computed here when None), depend on the parameters only: a
-    decode loop computes them once per generation."""
+    decode loop computes them once per generation. On CUDA in fp32 it is one Triton kernel (ops/triton/cema_step.py)."""
+    if h is not None and use_triton("cema_step", u, h) and u.dtype == h.dtype == coeffs.p.dtype == torch.float32:
+        from megalodon.ops.triton.cema_step import cema_step_kernel
+
+        q_re, q_im = cema_decay(coeffs) if decay is None else decay
+        out = torch.empty_like(h) if out is None else out
+        tensors = (u, h, out, coeffs.p, q_re, q_im, coeffs.g_re, coeffs.g_im, omega)
+        if all(t.is_contiguous() for t in tensors):
+            return cema_step_kernel(*tensors), out
     pu = coeffs.p * u.unsqueeze(-1)  # B x D x N
     out = torch.empty(*pu.shape, 2, dtype=pu.dtype, device=pu.device) if out is None else out
     if h is None:
