@@ -127,11 +127,10 @@ class DecodeState:
     def reorder_(self, rows: Tensor) -> None:
         """Row i takes old row rows[i]'s values, every row at once and in place (beam search): the buffers,
         which a CUDA graph holds, stay where they are. rows: (B,) int64, repeats allowed."""
-        index = rows.to(device=self.device, dtype=torch.int64)
-        if index.shape != (self.batch_size,):
+        if rows.shape != (self.batch_size,):
             raise ValueError(f"reorder_ needs one source row per row, shape ({self.batch_size},), "
-                             f"got {tuple(index.shape)}; use select() to change the batch size")
-        self.copy_(self.map(lambda t: t.index_select(0, index)))
+                             f"got {tuple(rows.shape)}; use select() to change the batch size")
+        self.copy_(self.select(rows))
 
     def replace_norm_stats_(self, row: int, source: MegalodonState) -> None:
         """Overwrite row's norm statistics (every layer's and the final norm's) with those of source, a state of

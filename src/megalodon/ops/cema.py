@@ -300,20 +300,20 @@ def cema_step(
     torch.view_as_real(state.cema_h)) the new state is written there in place and `out` is returned. The
     coefficients, and `decay` (cema_decay(coeffs), computed here when None), depend on the parameters only: a
     decode loop computes them once per generation. On CUDA in fp32 it is one Triton kernel (ops/triton/cema_step.py)."""
-    if h is not None and use_triton("cema_step", u, h) and u.dtype == h.dtype == coeffs.p.dtype == torch.float32:
-        from megalodon.ops.triton.cema_step import cema_step_kernel
-
+    if h is not None:
         q_re, q_im = cema_decay(coeffs) if decay is None else decay
-        out = torch.empty_like(h) if out is None else out
-        tensors = (u, h, out, coeffs.p, q_re, q_im, coeffs.g_re, coeffs.g_im, omega)
-        if all(t.is_contiguous() for t in tensors):
-            return cema_step_kernel(*tensors), out
+        kernel_inputs = (u, h, coeffs.p, q_re, q_im, coeffs.g_re, coeffs.g_im, omega)
+        if (use_triton("cema_step", u, h) and u.dtype == h.dtype == coeffs.p.dtype == torch.float32
+                and all(t.is_contiguous() for t in kernel_inputs) and (out is None or out.is_contiguous())):
+            from megalodon.ops.triton.cema_step import cema_step_kernel
+
+            out = torch.empty_like(h) if out is None else out
+            return cema_step_kernel(u, h, out, *kernel_inputs[2:]), out
     pu = coeffs.p * u.unsqueeze(-1)  # B x D x N
     out = torch.empty(*pu.shape, 2, dtype=pu.dtype, device=pu.device) if out is None else out
     if h is None:
         new_re, new_im = pu, torch.zeros_like(pu)
     else:
-        q_re, q_im = cema_decay(coeffs) if decay is None else decay
         h_re, h_im = h[..., 0], h[..., 1]
         new_re = torch.addcmul(pu, q_re, h_re).sub_(q_im * h_im)  # before `out` is written: it may be h
         new_im = torch.addcmul(q_im * h_re, q_re, h_im)
