@@ -116,7 +116,7 @@ def cema(
     """
     _check_inputs(u, coeffs, h0, block_size, block_reset)
     fp32 = coeffs.p.dtype == torch.float32
-    if u.is_cuda and fp32 and use_triton("cema", u):
+    if fp32 and use_triton("cema", u):
         from megalodon.ops.triton.cema import cema_scan
 
         resets = None if block_reset is None else step_resets(block_reset, block_size, u.shape[1])

@@ -1,0 +1,105 @@
+"""The whole model on its CUDA path, without a GPU: every Triton kernel forced on for CPU tensors (under the
+interpreter, tests/conftest.py), against the same model on the PyTorch path. The kernels have their own tests
+against the float64 references; these check the glue a GPU run would otherwise be the first to exercise: layouts,
+dtypes, document resets, carried states and gradients through every layer."""
+
+import pytest
+import torch
+
+from helpers import requires_triton, tiny_model
+from megalodon.ops import cema as cema_ops
+from megalodon.ops import timestep_norm as norm_ops
+
+pytestmark = requires_triton
+
+
+def kernels_on(monkeypatch) -> list[str]:
+    """Forces the Triton paths; returns the list that records each kernel entry point as it runs."""
+    from megalodon.ops.triton import cema as cema_kernels
+    from megalodon.ops.triton import timestep_norm as norm_kernels
+
+    for module in (cema_ops, norm_ops):
+        monkeypatch.setattr(module, "use_triton", lambda op, *tensors: True)
+    calls = []
+    for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton")):
+        def recorded(*args, _name=name, _run=getattr(module, name), **kwargs):
+            calls.append(_name)
+            return _run(*args, **kwargs)
+        monkeypatch.setattr(module, name, recorded)
+    return calls
+
+
+def documents(batch: int, length: int) -> torch.Tensor:
+    """doc_start with a second document in row 1 from position 16 (on the tiny model's 16-token chunk grid)."""
+    doc_start = torch.zeros(batch, length, dtype=torch.bool)
+    doc_start[:, 0] = True
+    doc_start[1, 16] = True
+    return doc_start
+
+
+def training_call(model, ids, doc_start, state, dtype=None):
+    """Logits, the final state and every gradient (parameters and the incoming state) of one call."""
+    model.zero_grad()
+    state = state.detach()
+    leaves = [state.layers[0].cema_h, state.layers[0].norm.mean]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        logits, new_state = model(ids, state=state, doc_start=doc_start, return_state=True)
+    last = new_state.layers[-1]
+    loss = logits.float().square().mean() + torch.view_as_real(last.cema_h).square().sum() + last.norm.var.sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads.update({f"state.{i}": leaf.grad.clone() for i, leaf in enumerate(leaves)})
+    return logits.detach().float(), new_state.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("prefill", [16, 24], ids=["documents", "mid-chunk"])
+def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype, prefill):
+    """Continuing a stream (a carried state): from a chunk boundary with a document restarting mid-call, or from
+    mid-chunk (where no document may start). The logits, the new state and the gradients of every parameter and
+    of the incoming state agree."""
+    model = tiny_model(torch.float32, chunk_size=16).train()
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        _, state = model(torch.randint(0, 64, (2, prefill)), return_state=True)
+    doc_start = None
+    if prefill % 16 == 0:
+        doc_start = torch.zeros(2, 40, dtype=torch.bool)
+        doc_start[1, 16] = True
+    reference = training_call(model, ids, doc_start, state, dtype)
+    calls = kernels_on(monkeypatch)
+    result = training_call(model, ids, doc_start, state, dtype)
+    assert {"cema_scan", "timestep_norm_triton"} <= set(calls)
+
+    tolerance = 1e-4 if dtype is None else 1e-2  # both paths round the same bf16 GEMM inputs
+    torch.testing.assert_close(result[0], reference[0], rtol=tolerance, atol=tolerance)
+    for actual, wanted in zip(result[1].layers, reference[1].layers):
+        torch.testing.assert_close(actual.cema_h, wanted.cema_h, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(actual.norm.mean, wanted.norm.mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(actual.norm.var, wanted.norm.var, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(actual.k_cache.float(), wanted.k_cache.float(), rtol=tolerance, atol=tolerance)
+    assert result[2].keys() == reference[2].keys()
+    for name, grad in reference[2].items():
+        scale = grad.abs().max().item() + 1e-6
+        error = (result[2][name] - grad).abs().max().item()
+        assert error <= 1e-4 * scale, f"{name}: error {error:.3g}, gradient scale {scale:.3g}"
+
+
+def test_split_calls_on_the_kernels_equal_one_call(monkeypatch):
+    """The streaming contract on the CUDA path: pieces with the state carried give one call's logits."""
+    calls = kernels_on(monkeypatch)
+    model = tiny_model(torch.float32, chunk_size=16)
+    ids = torch.randint(0, 64, (2, 45))
+    doc_start = documents(2, 45)
+    with torch.no_grad():
+        whole = model(ids, doc_start=doc_start)
+        pieces, state, start = [], None, 0
+        for size in (5, 11, 1, 16, 12):
+            logits, state = model(ids[:, start:start + size], state=state, doc_start=doc_start[:, start:start + size],
+                                  return_state=True)
+            pieces.append(logits)
+            start += size
+    assert {"cema_scan", "timestep_norm_triton"} <= set(calls)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-4, atol=1e-4)
