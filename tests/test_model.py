@@ -312,12 +312,14 @@ def test_the_whole_model_compiles_as_one_graph_with_a_carried_state():
 
 
 @requires_triton
-def test_compiled_blocks_hold_the_triton_norm(monkeypatch):
-    """As on a GPU, the TimestepNorm's Triton custom ops (forward and backward, here under the interpreter) sit
-    inside the compiled block graphs, and training through them gives eager's gradients."""
+def test_compiled_blocks_hold_the_triton_kernels(monkeypatch):
+    """As on a GPU, the Triton custom ops (the CEMA scan and the TimestepNorm, forward and backward, here under
+    the interpreter) sit inside the compiled block graphs, and training through them gives eager's gradients."""
+    from megalodon.ops import cema as cema_ops
     from megalodon.ops import timestep_norm as norm_ops
 
-    monkeypatch.setattr(norm_ops, "use_triton", lambda op, *tensors: op == "timestep_norm")
+    for module in (cema_ops, norm_ops):
+        monkeypatch.setattr(module, "use_triton", lambda op, *tensors: op in ("cema", "timestep_norm"))
     compiled_against_eager(tiny_model(torch.float32, num_layers=1).train())
 
 
