@@ -2,14 +2,16 @@
 
 import math
 
+import pytest
 import torch
 
 from megalodon.ops.static_kv import attend_slots, slot_step, write_slot_
 
 
-def test_write_then_attend_equals_softmax_over_the_visible_slots():
+@pytest.mark.parametrize("dv", [6, 5], ids=["sdpa", "materialized"])  # the Llama's dims, Megalodon's
+def test_write_then_attend_equals_softmax_over_the_visible_slots(dv):
     gen = torch.Generator().manual_seed(0)
-    batch, slots, heads, dk, dv = 4, 9, 2, 6, 5
+    batch, slots, heads, dk = 4, 9, 2, 6
     keys = torch.randn(batch, slots, heads, dk, dtype=torch.float64, generator=gen)  # stale entries everywhere
     values = torch.randn(batch, slots, heads, dv, dtype=torch.float64, generator=gen)
     q = torch.randn(batch, 1, heads, dk, dtype=torch.float64, generator=gen)

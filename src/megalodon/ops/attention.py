@@ -127,6 +127,25 @@ def attend(q: Tensor, k: Tensor, v: Tensor, offset: int = 0, dropout_p: float = 
     return _MaterializedAttention.apply(q, k, v, offset)
 
 
+def attend_visible(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float | None = None) -> Tensor:
+    """Decode's attention: a few queries per row over the keys where `visible`, head-major: q (B, H, Sq, dk),
+    k (B, H, S, dk), v (B, H, S, dv), visible (B, 1, Sq or 1, S) bool. scale None is 1/sqrt(dk). The products run
+    in the inputs' dtype. Returns (B, H, Sq, dv).
+
+    Where dk and dv differ (Megalodon), SDPA has no flash kernel, and its memory-efficient kernel gives one thread
+    block to each head's block of queries: for one new token, one SM would read the whole value buffer (8 MiB per
+    layer at mega200M). The materialized form runs instead, as in training: two batched GEMVs that spread over the
+    GPU, and a masked softmax in fp32 (or better) over the scores."""
+    if attention_path(q, v) == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if scale != 1.0:
+        scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
+    probs = torch.where(visible, scores, float("-inf")).softmax(-1)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 # ---- chunks and the streaming cache ------------------------------------------------------------------------
 def chunked_attention(
     q: Tensor, k: Tensor, v: Tensor, chunk_size: int,
@@ -186,9 +205,9 @@ def decode_attention(
     rows = torch.arange(batch, device=q.device)
     k_buf = F.pad(k_cache.to(k.dtype), (0, 0, 0, 0, 0, 1)).index_put((rows, fill), k[:, 0])
     v_buf = F.pad(v_cache.to(v.dtype), (0, 0, 0, 0, 0, 1)).index_put((rows, fill), v[:, 0])
-    mask = (torch.arange(k_buf.shape[1], device=q.device) <= fill[:, None])[:, None, None, :]  # B x 1 x 1 x S
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_buf.transpose(1, 2), v_buf.transpose(1, 2),
-                                         attn_mask=mask, scale=1.0).transpose(1, 2)
+    visible = (torch.arange(k_buf.shape[1], device=q.device) <= fill[:, None])[:, None, None, :]  # B x 1 x 1 x S
+    out = attend_visible(q.transpose(1, 2), k_buf.transpose(1, 2), v_buf.transpose(1, 2), visible, 1.0)
+    out = out.transpose(1, 2)
     new_fill = (fill + 1) % chunk_size
     keep = int(new_fill.max())
     return out, k_buf[:, :keep], v_buf[:, :keep]

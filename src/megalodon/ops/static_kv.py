@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from megalodon.ops.attention import attend_visible
 
 
 class SlotStep(NamedTuple):
@@ -44,7 +45,7 @@ def attend_slots(q: Tensor, keys: Tensor, values: Tensor, step: SlotStep, scale:
     """softmax(q k^T * scale) v over each row's visible slots (step.visible).
 
     q (B, 1, H, dk); keys (B, S, H, dk) and values (B, S, H, dv), already holding the new token at step.slot.
-    scale None is 1/sqrt(dk). Runs in the buffers' dtype; returns (B, 1, H, dv) in q's dtype."""
-    out = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(1, 2), keys.transpose(1, 2),
-                                         values.transpose(1, 2), attn_mask=step.visible, scale=scale)
+    scale None is 1/sqrt(dk). Returns (B, 1, H, dv) in q's dtype."""
+    out = attend_visible(q.to(keys.dtype).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                         step.visible, scale)
     return out.transpose(1, 2).to(q.dtype)
