@@ -37,6 +37,7 @@ from pathlib import Path
 
 import bench_jax  # beside this file
 import gpu_checks
+import model_flops
 import torch
 import torch.nn.functional as F
 from gpu_checks import GiB, log
@@ -162,7 +163,9 @@ def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: boo
     for arch, samples in timings.items():
         if samples and arch not in row:
             best = min(s for s, _ in samples)
-            row[arch] = {"tokens_per_s": length / best, "activation_gib": max(a for _, a in samples)}
+            flops = model_flops.training_flops_per_token(model_flops.build_on_meta(arch, preset), length)
+            row[arch] = {"tokens_per_s": length / best, "activation_gib": max(a for _, a in samples),
+                         "model_tflops": flops * length / best / 1e12}
     del models
     free_cache()
     return row
@@ -178,10 +181,13 @@ def train_row(row: dict) -> str:
     def act(r):
         return f"{r['activation_gib']:.1f}" if "activation_gib" in r else "-"
 
+    def tflops(r):
+        return f"{r['model_tflops']:.1f}" if "model_tflops" in r else "-"
+
     ratio = (f"{mega['tokens_per_s'] / llama['tokens_per_s']:.2f}"
              if "tokens_per_s" in mega and "tokens_per_s" in llama else "-")
     return (f"| {row['preset']} | {row['length']:,} | {row['mode']} | {rate(mega)} | {rate(llama)} | {ratio} | "
-            f"{act(mega)} | {act(llama)} | {row['seconds']:.0f} |")
+            f"{act(mega)} | {act(llama)} | {tflops(mega)} | {tflops(llama)} | {row['seconds']:.0f} |")
 
 
 def section_train(presets: list[str], lengths: list[int] | None, modes: list[str], repeats: int,
@@ -192,8 +198,10 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
         # dynamic-shape graph after the second length.
         torch._dynamo.config.automatic_dynamic_shapes = False
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    log("| preset | L | mode | Megalodon tok/s | Llama tok/s | ratio | Megalodon act. GiB | Llama act. GiB | s |")
-    log("|---|---|---|---|---|---|---|---|---|")
+    log("Model TFLOP/s: matmul FLOPs with causal attention, 3x the forward's (benchmarks/model_flops.py).\n")
+    log("| preset | L | mode | Megalodon tok/s | Llama tok/s | ratio | Megalodon act. GiB | Llama act. GiB | "
+        "Megalodon TFLOP/s | Llama TFLOP/s | s |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for mode in modes:
         for preset, length in train_cases(presets, lengths, mode):
