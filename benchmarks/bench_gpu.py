@@ -99,13 +99,9 @@ def free_cache() -> None:
 
 # ---- models ----------------------------------------------------------------------------------------------------
 def build(arch: str, preset: str, seed: int = 0):
-    from megalodon import Megalodon, MegalodonConfig
-    from megalodon.baseline import Llama, matched_llama_config
-
-    config = MegalodonConfig.from_preset(preset)
     torch.manual_seed(seed)
-    with torch.device(DEVICE):  # initialized where it runs: a 1.3B model's CPU initialization takes seconds
-        return Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
+    # initialized where it runs: a 1.3B model's CPU initialization takes seconds
+    return model_flops.build(arch, preset, DEVICE)
 
 
 def checkpointed(model) -> None:
@@ -163,7 +159,7 @@ def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: boo
     for arch, samples in timings.items():
         if samples and arch not in row:
             best = min(s for s, _ in samples)
-            flops = model_flops.training_flops_per_token(model_flops.build_on_meta(arch, preset), length)
+            flops = model_flops.training_flops_per_token(models[arch][0], length)
             row[arch] = {"tokens_per_s": length / best, "activation_gib": max(a for _, a in samples),
                          "model_tflops": flops * length / best / 1e12}
     del models

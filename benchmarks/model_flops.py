@@ -43,13 +43,14 @@ def attention_macs_per_token(config, length: int) -> float:
     return mean_visible_keys(length, length) * 2 * config.model_dim
 
 
-def build_on_meta(arch: str, preset: str) -> nn.Module:
-    """The model without memory (shapes only): arch "megalodon" or "llama" (matched to the preset)."""
+def build(arch: str, preset: str, device: str | torch.device = "meta") -> nn.Module:
+    """Megalodon at `preset` (arch "megalodon") or its matched Llama (arch "llama"), initialized on `device`;
+    on "meta" it has shapes and no memory, which is all a count needs."""
     from megalodon import Megalodon, MegalodonConfig
     from megalodon.baseline import Llama, matched_llama_config
 
     config = MegalodonConfig.from_preset(preset)
-    with torch.device("meta"):
+    with torch.device(device):
         return Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
 
 
@@ -67,7 +68,7 @@ def main() -> None:
     print("| preset | L | Megalodon GFLOP/token | Llama GFLOP/token | Llama / Megalodon |")
     print("|---|---|---|---|---|")
     for preset in args.presets:
-        models = {arch: build_on_meta(arch, preset) for arch in ("megalodon", "llama")}
+        models = {arch: build(arch, preset) for arch in ("megalodon", "llama")}
         for length in args.lengths:
             mega, llama = (training_flops_per_token(models[a], length) / 1e9 for a in ("megalodon", "llama"))
             print(f"| {preset} | {length:,} | {mega:.2f} | {llama:.2f} | {llama / mega:.2f} |")
