@@ -42,6 +42,25 @@ def requires_cuda(test):
 requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 
+def force_triton(monkeypatch) -> list[str]:
+    """Every op on its Triton path, for CPU tensors too (the interpreter runs the kernels); returns a list that
+    records each kernel entry point of training as it runs."""
+    from megalodon.ops import cema as cema_ops
+    from megalodon.ops import timestep_norm as norm_ops
+    from megalodon.ops.triton import cema as cema_kernels
+    from megalodon.ops.triton import timestep_norm as norm_kernels
+
+    for module in (cema_ops, norm_ops):
+        monkeypatch.setattr(module, "use_triton", lambda op, *tensors: True)
+    calls = []
+    for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton")):
+        def recorded(*args, _name=name, _run=getattr(module, name), **kwargs):
+            calls.append(_name)
+            return _run(*args, **kwargs)
+        monkeypatch.setattr(module, name, recorded)
+    return calls
+
+
 def save_byte_model(directory):
     """A tiny fp32 model with the byte tokenizer saved beside it: a model directory the CLI verbs accept."""
     from megalodon.data import ByteTokenizer

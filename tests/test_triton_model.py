@@ -6,27 +6,9 @@ dtypes, document resets, carried states and gradients through every layer."""
 import pytest
 import torch
 
-from helpers import requires_triton, tiny_model
-from megalodon.ops import cema as cema_ops
-from megalodon.ops import timestep_norm as norm_ops
+from helpers import force_triton, requires_triton, tiny_model
 
 pytestmark = requires_triton
-
-
-def kernels_on(monkeypatch) -> list[str]:
-    """Forces the Triton paths; returns the list that records each kernel entry point as it runs."""
-    from megalodon.ops.triton import cema as cema_kernels
-    from megalodon.ops.triton import timestep_norm as norm_kernels
-
-    for module in (cema_ops, norm_ops):
-        monkeypatch.setattr(module, "use_triton", lambda op, *tensors: True)
-    calls = []
-    for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton")):
-        def recorded(*args, _name=name, _run=getattr(module, name), **kwargs):
-            calls.append(_name)
-            return _run(*args, **kwargs)
-        monkeypatch.setattr(module, name, recorded)
-    return calls
 
 
 def documents(batch: int, length: int) -> torch.Tensor:
@@ -69,7 +51,7 @@ def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype
         doc_start = torch.zeros(2, 40, dtype=torch.bool)
         doc_start[1, 16] = True
     reference = training_call(model, ids, doc_start, state, dtype)
-    calls = kernels_on(monkeypatch)
+    calls = force_triton(monkeypatch)
     result = training_call(model, ids, doc_start, state, dtype)
     assert {"cema_scan", "timestep_norm_triton"} <= set(calls)
 
@@ -89,7 +71,7 @@ def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype
 
 def test_split_calls_on_the_kernels_equal_one_call(monkeypatch):
     """The streaming contract on the CUDA path: pieces with the state carried give one call's logits."""
-    calls = kernels_on(monkeypatch)
+    calls = force_triton(monkeypatch)
     model = tiny_model(torch.float32, chunk_size=16)
     ids = torch.randint(0, 64, (2, 45))
     doc_start = documents(2, 45)

@@ -26,6 +26,7 @@ from torch import Tensor
 from megalodon.config import MegalodonConfig
 from megalodon.ops.timestep_norm import STATS_DTYPE, NormStats
 from megalodon.state import LayerState, MegalodonState
+from megalodon.validation import host_reads_free
 
 
 @dataclass
@@ -149,7 +150,7 @@ def check_decode_ids(input_ids: Tensor, batch_size: int, vocab_size: int) -> Non
         found = (f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor)
                  else type(input_ids).__name__)
         raise ValueError(f"a decode step takes one int64 token id per row, shape ({batch_size},), got {found}")
-    if input_ids.device.type == "cpu" and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+    if host_reads_free(input_ids) and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got {input_ids.tolist()}")
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from megalodon.config import MegalodonConfig
 from megalodon.ops.timestep_norm import NormStats
+from megalodon.validation import host_reads_free
 
 STATE_FORMAT = "megalodon-state/1"
 
@@ -266,7 +267,7 @@ def check_positions(position: Tensor, batch_size: int) -> None:
     if not isinstance(position, Tensor) or position.dtype != torch.int64 or position.shape != (batch_size,):
         found = f"{position.dtype} {tuple(position.shape)}" if isinstance(position, Tensor) else type(position).__name__
         raise ValueError(f"state.position must be an int64 tensor of shape ({batch_size},), got {found}")
-    if position.device.type == "cpu" and not torch.compiler.is_compiling() and bool((position < 0).any()):
+    if host_reads_free(position) and bool((position < 0).any()):
         raise ValueError(f"state.position must count tokens seen (>= 0), got {position.tolist()}")
 
 

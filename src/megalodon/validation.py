@@ -14,12 +14,19 @@ import torch
 from torch import Tensor
 
 
+def host_reads_free(tensor: Tensor) -> bool:
+    """Whether the host can read tensor's values at no cost: on the CPU, outside a compiled graph. Anywhere else a
+    read makes the host wait for the device, or breaks the graph. The one rule for every check of values; tests
+    turn it off to run the CPU through the GPU's sync-free path (tests/test_host_syncs.py)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def require(condition: Tensor, message: str, host_message: Callable[[], str] | None = None) -> None:
     """Raise ValueError(message) unless the bool tensor `condition` is True, without a host sync off the CPU.
 
     host_message: a more precise message (which element failed, say), computed only where the check runs on the
     host."""
-    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_reads_free(condition):
         if not bool(condition):
             raise ValueError(message if host_message is None else host_message())
     else:

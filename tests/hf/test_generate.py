@@ -1,5 +1,7 @@
 """generate(): greedy, sampling, streaming, beam search and padded batches, checked against the core model."""
 
+import contextlib
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -7,6 +9,7 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 from transformers import TextStreamer  # noqa: E402
 
+from host_syncs import gpu_code_path, no_host_syncs  # noqa: E402
 from megalodon.data import ByteTokenizer  # noqa: E402
 from megalodon.hf import to_hf_tokenizer, wrap  # noqa: E402
 from megalodon.hf.modeling import CACHE_ARG  # noqa: E402
@@ -37,6 +40,20 @@ def _left_padded(prompts):
         ids[row, width - p.shape[1]:] = p[0]
         mask[row, width - p.shape[1]:] = 1
     return ids, mask
+
+
+def test_decode_steps_do_not_sync(hf_model, monkeypatch):
+    """generate()'s one-token calls (a cache, the mask grown by a column) run the GPU's code without a host sync;
+    the first step, which builds the static decoder, may read the state once."""
+    gpu_code_path(monkeypatch)
+    with torch.no_grad():  # as generate() runs
+        cache = hf_model(_prompt(13), use_cache=True)[CACHE_ARG]
+        ids = torch.tensor([[5]])
+        for step in range(12):
+            mask = torch.ones(1, 14 + step, dtype=torch.long)
+            with no_host_syncs() if step else contextlib.nullcontext():
+                logits = hf_model(ids, attention_mask=mask, use_cache=True, **{CACHE_ARG: cache}).logits
+            ids = logits[:, -1].argmax(-1, keepdim=True)
 
 
 def test_greedy_equals_a_manual_streaming_loop(core, hf_model):
