@@ -37,8 +37,9 @@ def test_host_reads_free_is_the_rule_of_every_value_check(device_path):
 
 
 @requires_triton
-@pytest.mark.parametrize("carried", [False, True], ids=["documents", "carried-state"])
-def test_a_training_call_does_not_sync(device_path, carried):
+@pytest.mark.parametrize("carried, dtype", [(False, None), (True, None), (False, torch.bfloat16)],
+                         ids=["documents", "carried-state", "documents-bf16-autocast"])
+def test_a_training_call_does_not_sync(device_path, carried, dtype):
     """Forward with document resets (or a carried state mid-chunk), then backward, as the trainer runs them."""
     model = tiny_model(torch.float32, chunk_size=16).train()
     ids = torch.randint(0, 64, (2, 40))
@@ -48,9 +49,9 @@ def test_a_training_call_does_not_sync(device_path, carried):
         with torch.no_grad():
             _, state = model(torch.randint(0, 64, (2, 24)), return_state=True)
         doc_start = None
-    with no_host_syncs():
+    with no_host_syncs(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         logits, new_state = model(ids, state=state, doc_start=doc_start, return_state=True)
-        logits.square().mean().backward()
+        logits.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
@@ -69,9 +70,23 @@ def test_megalodon_decode_steps_do_not_sync(device_path):
             ids = decoder.step(ids).argmax(-1)
 
 
-def test_llama_decode_steps_do_not_sync(device_path):
+def tiny_llama() -> Llama:
     torch.manual_seed(0)
-    model = Llama(LlamaConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, ffn_hidden_dim=48)).eval()
+    return Llama(LlamaConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, ffn_hidden_dim=48))
+
+
+def test_a_llama_training_call_does_not_sync(device_path):
+    """The baseline as bench_gpu.py times it, with packed documents too: a fair comparison needs both sync-free."""
+    model = tiny_llama().train()
+    ids, doc_start = torch.randint(0, 64, (2, 40)), torch.zeros(2, 40, dtype=torch.bool)
+    doc_start[:, 0] = doc_start[1, 13] = True
+    with no_host_syncs():
+        model(ids).square().mean().backward()
+        model(ids, doc_start=doc_start).square().mean().backward()
+
+
+def test_llama_decode_steps_do_not_sync(device_path):
+    model = tiny_llama().eval()
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         _, past = model(ids[:, :4], return_past=True)
