@@ -10,10 +10,7 @@ not finite are neither saved nor loaded.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from megalodon.files import file_sha256, replace_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -95,28 +94,6 @@ def read_config(path: str | Path):
         raise ValueError(f"{path}: {err}") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _replace_atomically(directory: Path, name: str, write) -> None:
-    """write(tmp_path), synced, then renamed over directory/name: a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, directory / name)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def non_finite_tensors(tensors: dict[str, Tensor]) -> list[str]:
     return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
@@ -137,12 +114,12 @@ def save_pretrained(model, directory: str | Path) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in _persistent_tensors(model).items()}
     _refuse_non_finite(tensors, f"refusing to save {directory}")
     directory.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(directory, WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _replace_atomically(directory, CONFIG_NAME, lambda p: write_config(model.config, p))
-    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+    replace_file(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    replace_file(directory / CONFIG_NAME, lambda p: write_config(model.config, p))
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
              for name in (CONFIG_NAME, WEIGHTS_NAME)}
     record = json.dumps({"format": CHECKSUMS_FORMAT, "files": files}, indent=2) + "\n"
-    _replace_atomically(directory, CHECKSUMS_NAME, lambda p: Path(p).write_text(record))
+    replace_file(directory / CHECKSUMS_NAME, lambda p: Path(p).write_text(record))
 
 
 def verify_directory(directory: str | Path) -> bool:
@@ -162,7 +139,7 @@ def verify_directory(directory: str | Path) -> bool:
         file = directory / name
         if not file.is_file():
             continue  # loading names the missing file
-        if file.stat().st_size != size or _sha256(file) != sha256:
+        if file.stat().st_size != size or file_sha256(file) != sha256:
             raise ValueError(f"{file} does not match the checksum recorded when the model was saved (damaged, "
                              "partly copied, edited, or its save was interrupted); restore it from a good copy")
     return True

@@ -1,8 +1,9 @@
 """Where the commands write: never over what they should not replace, found unwritable before the work starts,
-and replaced whole or not at all."""
+replaced whole or not at all, and checksummed so that damage is found when they are read back."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -81,15 +82,27 @@ def replace_directory(target: str | Path, build: Callable[[Path], None]) -> Path
 
 
 def replace_file(target: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write a file under a temporary name beside `target`, then rename it over target."""
+    """Write a file under a temporary name beside `target`, sync it, then rename it over target: a crash leaves
+    the old file or the new one."""
     target = Path(target)
     check_writable_dir(target.parent, str(target))
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

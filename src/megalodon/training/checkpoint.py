@@ -9,7 +9,6 @@ Weights that are not finite are never saved, so a diverged run cannot replace a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,19 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megalodon.checkpoint import load_state_strict, save_pretrained
+from megalodon.files import file_sha256
 from megalodon.state import MegalodonState
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 NAME = re.compile(r"step-(\d+)")  # exactly: a user's `step-backup` copy is not a checkpoint
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -96,7 +88,7 @@ def write_manifest(directory: Path) -> None:
     """manifest.json: the size and SHA-256 of every file under `directory` (by relative path), then sync them all,
     so that the rename that follows publishes complete files."""
     files = sorted(p for p in directory.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for path in [*files, directory / MANIFEST]:
         with open(path, "rb") as handle:
@@ -125,7 +117,7 @@ def verify_checkpoint(path: Path) -> None:
         file = path / name
         if not file.is_file():
             raise ValueError(f"checkpoint {path} is missing {name}")
-        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"] or file_sha256(file) != entry["sha256"]:
             raise ValueError(f"checkpoint {path}: {name} does not match its recorded size/hash (truncated or "
                              "corrupted)")
 
