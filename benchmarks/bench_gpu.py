@@ -105,7 +105,7 @@ def build(arch: str, preset: str, seed: int = 0):
 
 
 def checkpointed(model) -> None:
-    from megalodon.training.trainer import apply_activation_checkpointing
+    from megalodon.training.models import apply_activation_checkpointing
 
     apply_activation_checkpointing(model)
 

@@ -1,6 +1,5 @@
 """The conventions every verb of the `megalodon` command shares (issue 13, "One CLI convention")."""
 
-import argparse
 import dataclasses
 import json
 import logging

@@ -8,7 +8,7 @@ from helpers import requires_cuda
 from sm90 import check_compiles_for_h100
 
 from megalodon.layers.cema import CEMA
-from megalodon.ops.cema import cema, cema_coefficients, cema_decay, cema_sequential, cema_step, step_resets
+from megalodon.ops.cema import cema_coefficients, cema_decay, cema_sequential, cema_step, step_resets
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import train_tasks

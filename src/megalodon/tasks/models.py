@@ -20,7 +20,7 @@ from megalodon.model import Megalodon
 from megalodon.tasks.base import CLASSIFICATION, Task
 from megalodon.tasks.registry import make_task
 from megalodon.training.config import TrainConfig
-from megalodon.training.trainer import build_model
+from megalodon.training.models import build_model
 
 TASK_FILE, WEIGHTS_FILE = "task.json", "model.safetensors"
 TASK_MODEL_FORMAT = "megalodon-task-model/1"

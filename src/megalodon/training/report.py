@@ -1,4 +1,5 @@
-"""What a run leaves to read: metrics.jsonl (strict JSON lines), the loss curves as a PNG, a short summary."""
+"""What a run leaves to read: metrics.jsonl (strict JSON lines), the loss curves as a PNG, a short summary, and
+TensorBoard logs when asked for."""
 
 from __future__ import annotations
 
@@ -99,3 +100,11 @@ def write_report(run_dir: Path, cfg, model, sample: str, padding_fraction: float
     atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
     atomic_write_text(run_dir / "summary.json", strict_json(final, indent=2))
     return final
+
+
+def open_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-from megalodon.baseline import Llama, matched_llama_config
 from megalodon.checkpoint import save_pretrained
-from megalodon.config import MegalodonConfig
 from megalodon.data import IGNORE_INDEX, Batch, PackedBatcher
 from megalodon.model import Megalodon
 from megalodon.progress import progress_bar
@@ -25,9 +23,10 @@ from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, sav
 from megalodon.training.compute import autocast, evaluate, forward_loss, sample_text
 from megalodon.training.config import TrainConfig
 from megalodon.training.data import open_splits, prepare_data
+from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
 from megalodon.training.dist_checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
 from megalodon.training.optim import build_optimizer, lr_at
-from megalodon.training.report import strict_json, truncate_metrics, write_report
+from megalodon.training.report import open_tensorboard, strict_json, truncate_metrics, write_report
 from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
 from megalodon.training.signals import StopSignals
 
@@ -45,30 +44,6 @@ class RunResult:
     sample: str
     finished: bool = True
     stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run early
-
-
-def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
-    mega = MegalodonConfig.from_preset(cfg.preset, **{**cfg.model, "vocab_size": vocab_size})
-    if cfg.model.get("vocab_size", vocab_size) != vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model['vocab_size']} does not match the tokenizer's "
-                         f"vocab_size={vocab_size}; drop the override")
-    if cfg.arch == "llama":
-        return Llama(matched_llama_config(mega))
-    return Megalodon(mega)
-
-
-def chunk_size_of(cfg: TrainConfig) -> int:
-    """Both architectures pack documents on the Megalodon preset's chunk grid, so they see identical tokens."""
-    return MegalodonConfig.from_preset(cfg.preset, **cfg.model).chunk_size
-
-
-def apply_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in backward instead of storing them."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.layers:
-        forward = block.forward
-        block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
 class Trainer:
@@ -402,11 +377,3 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
     """Build a Trainer, run it (see Trainer.run) and release its run directory."""
     with Trainer(cfg, run_dir, resume, overwrite, device, progress) as trainer:
         return trainer.run(stop_at_step)
-
-
-def open_tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(run_dir / "tensorboard"))

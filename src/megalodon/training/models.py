@@ -1,0 +1,35 @@
+"""The model a training config describes: its architecture and size, the chunk grid its data is packed on, and
+activation checkpointing."""
+
+from __future__ import annotations
+
+import torch
+
+from megalodon.baseline import Llama, matched_llama_config
+from megalodon.config import MegalodonConfig
+from megalodon.model import Megalodon
+from megalodon.training.config import TrainConfig
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    mega = MegalodonConfig.from_preset(cfg.preset, **{**cfg.model, "vocab_size": vocab_size})
+    if cfg.model.get("vocab_size", vocab_size) != vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model['vocab_size']} does not match the tokenizer's "
+                         f"vocab_size={vocab_size}; drop the override")
+    if cfg.arch == "llama":
+        return Llama(matched_llama_config(mega))
+    return Megalodon(mega)
+
+
+def chunk_size_of(cfg: TrainConfig) -> int:
+    """Both architectures pack documents on the Megalodon preset's chunk grid, so they see identical tokens."""
+    return MegalodonConfig.from_preset(cfg.preset, **cfg.model).chunk_size
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward instead of storing them."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        forward = block.forward
+        block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
