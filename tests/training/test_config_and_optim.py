@@ -112,3 +112,18 @@ def test_an_extension_continues_the_decay_from_where_it_stands():
     assert math.isclose(lr_at(20, cfg, 40, restart=(20, at_20)), at_20)  # no jump at the extension
     assert math.isclose(lr_at(40, cfg, 40, restart=(20, at_20)), 1e-5)  # and the same floor at the new end
     assert math.isclose(lr_at(35, cfg, 40, restart=(30, 1e-5)), 1e-5)  # a finished run stays at its floor
+
+
+@pytest.mark.parametrize("capability, hip, fast", [((7, 0), None, False), ((7, 5), None, False),
+                                                   ((8, 0), None, True), ((9, 0), None, True),
+                                                   ((9, 0), "6.2", True)],
+                         ids=["V100", "T4", "A100", "H100", "ROCm"])
+def test_auto_dtype_picks_bf16_only_on_gpus_with_bf16_tensor_cores(monkeypatch, capability, hip, fast):
+    """A V100 or T4 runs bf16 emulated, several times slower than fp32, though is_bf16_supported() says yes."""
+    import torch
+
+    from megalodon.training.compute import fast_bf16
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    assert fast_bf16(torch.device("cuda")) is fast

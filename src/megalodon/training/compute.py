@@ -17,10 +17,11 @@ from megalodon.training.config import TrainConfig
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls beat fp32 here: on CUDA with bf16 support, or on CPUs with AMX or AVX512-BF16.
-    Without those, CPU bf16 matmuls run several times slower than fp32."""
+    """Whether bf16 matmuls beat fp32 here: on GPUs with bf16 tensor cores (NVIDIA from Ampere, compute
+    capability 8.0, and ROCm), or on CPUs with AMX or AVX512-BF16. Elsewhere bf16 runs emulated, several times
+    slower than fp32 (torch.cuda.is_bf16_supported() says yes to a V100 or a T4 all the same: emulation counts)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
     return _cpu_has_bf16_units()
 
 
