@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_device(spec: str) -> None:
-    """Refuse a --device this torch cannot use, before any work (torch would fail later, deep inside)."""
+    """Refuse a --device this torch cannot use, before any work (torch would fail later, deep inside); make a
+    cuda:N the current device."""
     import torch
 
     try:
@@ -174,6 +175,10 @@ def check_device(spec: str) -> None:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {spec}: there are only {torch.cuda.device_count()} CUDA device(s) "
                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        if device.index is not None:
+            # Everything that launches on the current device (Triton kernels, CUDA graphs, streams) then runs on
+            # the one asked for, not on cuda:0.
+            torch.cuda.set_device(device)
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {spec}: MPS is not available here; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):

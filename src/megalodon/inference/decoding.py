@@ -76,11 +76,13 @@ class StaticDecoder:
         self._furthest += 1
         if not self.cuda_graph:
             return self._step(input_ids, self.state, *self._constants)
-        if self._graph is None:
-            self._check_room(WARMUP_STEPS)  # warm-up writes these slots (then the positions are restored)
-            self._capture()
-        self._ids.copy_(input_ids, non_blocking=True)
-        self._graph.replay()
+        # The graph, its streams and its replay belong to the state's GPU, which need not be the current device.
+        with torch.cuda.device(self.state.position.device):
+            if self._graph is None:
+                self._check_room(WARMUP_STEPS)  # warm-up writes these slots (then the positions are restored)
+                self._capture()
+            self._ids.copy_(input_ids, non_blocking=True)
+            self._graph.replay()
         return self._logits
 
     def select(self, rows: list[int]) -> None:

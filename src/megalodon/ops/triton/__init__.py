@@ -11,6 +11,7 @@ module is first imported.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -51,3 +52,19 @@ def use_triton(op: str, *tensors: Tensor) -> bool:
         return False
     off = disabled_ops()
     return "all" not in off and op not in off
+
+
+def on_input_device(launcher):
+    """Run a kernel launcher with the GPU of its first argument (a tensor) as the current device. Triton launches
+    on the current device whatever device the tensors are on, so a model on cuda:1 in a process whose current
+    device is cuda:0 would otherwise hand cuda:1 pointers to kernels running on cuda:0."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        device = args[0].device
+        if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return launch

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megalodon.ops.triton import on_input_device
+
 CHUNK = 64  # steps per chunk
 BLOCK_D = 32  # channels per program
 UNROLL = 8  # steps issued together (see cema_kernels)
@@ -123,6 +125,7 @@ def _transposed(*tables: Tensor) -> list[Tensor]:
 
 
 @torch.library.custom_op("megalodon::cema_scan", mutates_args=())
+@on_input_device
 def cema_scan(u: Tensor, p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor, omega: Tensor,
               h0: Optional[Tensor] = None, resets: Optional[Tensor] = None,
               chunk: int = CHUNK) -> tuple[Tensor, Tensor]:
@@ -148,6 +151,7 @@ def _(u, p, log_mag, phi, g_re, g_im, omega, h0=None, resets=None, chunk=CHUNK):
 
 
 @torch.library.custom_op("megalodon::cema_scan_backward", mutates_args=())
+@on_input_device
 def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, p: Tensor, log_mag: Tensor, phi: Tensor,
                        g_re: Tensor, g_im: Tensor, omega: Tensor, h0: Optional[Tensor], resets: Optional[Tensor],
                        chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

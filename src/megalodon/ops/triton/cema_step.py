@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megalodon.ops.triton import on_input_device
+
 BLOCK_D = 64
 
 
@@ -44,6 +46,7 @@ def _cema_step_kernel(u_ptr, h_ptr, out_ptr, y_ptr, p_ptr, q_re_ptr, q_im_ptr, g
 
 
 @torch.library.custom_op("megalodon::cema_step_", mutates_args=("out",))
+@on_input_device
 def cema_step_kernel(u: Tensor, h: Tensor, out: Tensor, p: Tensor, q_re: Tensor, q_im: Tensor, g_re: Tensor,
                      g_im: Tensor, omega: Tensor) -> Tensor:
     """u (B, D) fp32; h and out (B, D, N, 2) fp32 contiguous (out may be h), out overwritten with the new state;

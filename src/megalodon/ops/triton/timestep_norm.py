@@ -45,6 +45,7 @@ from torch import Tensor
 
 from megalodon.ops.timestep_norm import NormStats
 from megalodon.ops.timestep_norm_stats import block_size_of, per_row
+from megalodon.ops.triton import on_input_device
 
 
 def _token_tiles(groups: int, dim: int) -> tuple[int, int]:
@@ -268,6 +269,7 @@ def _dx_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, p_ptr, c_ptr, w_ptr, dx_ptr, T
 # ---- the custom ops -------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("megalodon::timestep_norm_fwd", mutates_args=())
+@on_input_device
 def timestep_norm_fwd(
     x: Tensor, count: Tensor, mean: Tensor, var: Tensor, prior_count: Tensor, prior_mean: Tensor,
     prior_var: Tensor, block_reset: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float, block_size: int,
@@ -310,6 +312,7 @@ def _(x, count, mean, var, prior_count, prior_mean, prior_var, block_reset, weig
 
 
 @torch.library.custom_op("megalodon::timestep_norm_bwd", mutates_args=())
+@on_input_device
 def timestep_norm_bwd(
     dy: Tensor, d_final_mean: Tensor, d_final_var: Tensor, x: Tensor, mean_t: Tensor, rstd_t: Tensor,
     block_count: Tensor, count: Tensor, mean: Tensor, prior_count: Tensor, prior_mean: Tensor,

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megalodon.ops.triton import on_input_device
+
 
 @triton.jit
 def _step_kernel(x_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, D, G, DG, eps,
@@ -49,6 +51,7 @@ def _step_kernel(x_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, D, G,
 
 
 @torch.library.custom_op("megalodon::timestep_norm_step_", mutates_args=("count", "mean", "var"))
+@on_input_device
 def timestep_norm_step_kernel(x: Tensor, count: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
                               eps: float) -> Tensor:
     """x (B, D) contiguous; count (B,) int64, mean/var (B, G) float64 contiguous, updated in place; returns y
