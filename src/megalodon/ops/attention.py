@@ -26,21 +26,23 @@ def rope_frequencies(head_dim: int, base: float) -> Tensor:
 
 
 def rotary_angles(positions: Tensor, freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of positions * freqs[j], shaped (B or 1, L, 1, d/2) to rotate (B, L, H, d) tensors.
-    positions: (L,) shared by the batch, or (B, L) per row. A decode step computes them once for every layer."""
+    """The tables rotate_pairs takes for positions * freqs[j], shaped (B or 1, L, 1, d) to rotate (B, L, H, d)
+    tensors: cos repeated over each pair (2j, 2j+1), and sin signed (-sin, +sin) over it. positions: (L,) shared
+    by the batch, or (B, L) per row. A decode step computes them once for every layer."""
     angles = positions.to(dtype).unsqueeze(-1) * freqs.to(dtype)  # [B x] L x d/2
     if angles.dim() == 2:
         angles = angles.unsqueeze(0)
-    return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+    sin = angles.sin()
+    return angles.cos().repeat_interleave(2, -1).unsqueeze(2), torch.stack([-sin, sin], -1).flatten(-2).unsqueeze(2)
 
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent feature pairs (2j, 2j+1) of x (B, L, H, d) by the angles of rotary_angles, in their dtype;
-    returns x's dtype."""
-    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    returns x's dtype. As x cos + swap(x) sin with swap(x) = (x1, x0, x3, x2, ...): three kernels where the pairs
+    taken apart and stacked again cost seven (a decode step runs this in every layer)."""
+    xf = x.to(cos.dtype)
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
 
 
 def apply_rotary(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
@@ -142,10 +144,12 @@ def attend_visible(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: floa
     GPU, and a masked softmax in fp32 (or better) over the scores."""
     if attention_path(q, v) == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
-    scores = _scores(q, k)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    upcast = torch.promote_types(scores.dtype, torch.float32)
     if scale != 1.0:
-        scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
-    probs = torch.where(visible, scores, float("-inf")).softmax(-1)
+        scores = scores.to(upcast) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    # Masked in the compute dtype (a select: exact) and upcast inside the softmax, a kernel fewer than a copy first.
+    probs = torch.where(visible, scores, float("-inf")).softmax(-1, dtype=upcast)
     return torch.matmul(probs.to(v.dtype), v)
 
 
