@@ -1,6 +1,7 @@
 """benchmarks/bench_gpu.py runs on rented GPU time, so its every section is smoke-tested here on the CPU at tiny
 sizes: an API change that would break it fails in CI, not on the device."""
 
+import os
 import re
 import subprocess
 import sys
@@ -35,3 +36,18 @@ def test_gpu_session_names_sections_that_exist():
              "--deadline", "0"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
         assert out.stdout.count("past --deadline") == len(sections.split(","))
+
+
+def test_op_counts_counts_the_gpu_path_of_both_models():
+    """benchmarks/op_counts.py (a diagnostic for launch-bound GPU steps) on the tiny preset: every row, both
+    models, with the Triton kernels on under the interpreter."""
+    pytest.importorskip("triton")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "op_counts.py"), "--preset", "tiny", "--dtypes", "fp32",
+         "--shrink", "1", "--chunk", "16", "--length", "32"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Triton kernels on" in out.stdout
+    rows = {line.split("|")[1].strip(): [int(v) for v in line.split("|")[3:5]]
+            for line in out.stdout.splitlines() if line.startswith(("| training", "| decode"))}
+    assert rows.keys() == {"training", "decode"} and all(v > 0 for counts in rows.values() for v in counts)

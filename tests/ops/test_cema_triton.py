@@ -231,6 +231,9 @@ for reverse in (False, True):
                                                                  HAS_H0=reverse)))
     CASES.append((kernels.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints,
                   dict(shapes, HAS_RESET=reverse)))
+blocks = dict(BLOCK_D=glue.BLOCK_D, BLOCK_N=16)
+CASES.append((kernels.tables_kernel, [fp32] * 8 + ["i32", "i32"], blocks))
+CASES.append((kernels.gradients_kernel, [fp32] * 10 + ["i32"] * 3, blocks))
 CASES = [(fn, types, constexprs, warps.get(fn.__name__, glue.WARPS_STEPS)) for fn, types, constexprs in CASES]
 CASES.append((step._cema_step_kernel, [fp32] * 10 + ["i32", "i32"], dict(BLOCK_D=step.BLOCK_D, BLOCK_N=16)))
 """

@@ -286,7 +286,8 @@ for has_reset in (True, False):
     scan = dict(HAS_RESET=has_reset, BLOCK_T=256, BLOCK_G=8)
     CASES += [(norm._scan_fwd_kernel, [f32] * 4 + [i64, f64, f64, i64, f64, f64, reset, i64, i64, f64, f64]
                + [i32] * 5 + ["fp32"], scan),
-              (norm._scan_bwd_kernel, [f32] * 3 + [i64, reset, i64, f64, i64, f64] + [f32] * 6 + [i32] * 5, scan)]
+              (norm._scan_bwd_kernel, [f32] * 3 + [i64, reset, i64, f64, i64, f64, f64, f64] + [f32] * 2
+               + [f64] * 4 + [i32] * 5, dict(scan, HAS_FINAL=has_reset))]
 """
 
 

@@ -43,11 +43,15 @@ class TimestepNorm(nn.Module):
     ) -> tuple[Tensor, NormStats]:
         """x: (B, L, D) -> normalized x (fp32) and the statistics after the last token."""
         with torch.autocast(x.device.type, enabled=False):
-            initial = self.initial_state(x.shape[0]) if state is None else state
             if x.shape[1] == 1 and block_reset is None and pad_mask is None:
+                initial = self.initial_state(x.shape[0]) if state is None else state
                 return timestep_norm_step(x, initial, self.weight, self.bias, self.eps)
-            return timestep_norm(x, initial, self.weight, self.bias, self.eps, block_size, block_reset,
-                                 self.prior(), pad_mask)
+            prior = self.prior()
+            if state is None:  # a fresh stream starts at the prior, which the op expands over the rows: no copies
+                return timestep_norm(x, prior, self.weight, self.bias, self.eps, block_size, block_reset, None,
+                                     pad_mask)
+            return timestep_norm(x, state, self.weight, self.bias, self.eps, block_size, block_reset, prior,
+                                 pad_mask)
 
     def step_(self, x: Tensor, state: NormStats) -> Tensor:
         """Decode one token per row, x (B, 1, D), updating `state` in place (static buffers, CUDA graphs); returns

@@ -197,8 +197,8 @@ def timestep_norm(
     _check(x, initial, block_size, block_reset)
     if x.shape[1] == 0:
         stats_dtype = torch.promote_types(x.dtype, torch.float32)
-        return x.to(stats_dtype), NormStats(initial.count.expand(x.shape[0]).clone(),
-                                            initial.mean.to(STATS_DTYPE), initial.var.to(STATS_DTYPE))
+        rows = per_row(initial, x.shape[0], initial.mean.shape[-1])
+        return x.to(stats_dtype), NormStats(*(t.clone() for t in rows))
     if pad_mask is None and x.dtype != torch.float64 and use_triton("timestep_norm", x):
         from megalodon.ops.triton.timestep_norm import timestep_norm_triton
 
@@ -268,7 +268,8 @@ def timestep_norm_blocked(
     """The PyTorch path of `timestep_norm` (same arguments)."""
     batch, groups = x.shape[0], initial.mean.shape[-1]
     initial_rows = per_row(initial, batch, groups)
-    prior_rows = initial_rows if prior is None else per_row(prior, batch, groups)
+    # views of their own even when prior is initial: torch.compile refuses one tensor passed twice to a Function
+    prior_rows = per_row(initial if prior is None else prior, batch, groups)
     y, count, mean, var = _BlockedTimestepNorm.apply(x, *initial_rows, *prior_rows, weight, bias, eps, block_size,
                                                      block_reset, None if pad_mask is None else ~pad_mask)
     return y, NormStats(count, mean, var)

@@ -5,15 +5,19 @@ Time is cut into chunks of CHUNK = 64 steps (a multiple of 16, independent of th
 In the per-step kernels a program is one warp over 32 channels and a thread owns one channel with all its N
 components: the sum over N stays in the thread, and the step loops use no shared memory and no barrier (checked
 in the sm_90 TTGIR and PTX). The coefficient tables and chunk states are stored (N, D) for coalesced loads.
-Forward, three launches (ops/triton/cema_kernels.py):
+Forward, four launches (ops/triton/cema_kernels.py):
+0. per channel block: every table the runs read, from the (D, N) coefficients (`tables_kernel`): one launch
+   where preparing them op by op took about 25 small kernels, which a compiled graph cannot fuse (they run
+   inside this custom op);
 1. per (chunk, channel block, row): the chunk's final state entered at zero, by running the recurrence;
 2. per (channel block, row): the scan over chunks, s_in(c+1) = q**len(c) s_in(c) + s_loc(c), from h0, cut where a
    document restarts inside chunk c; it also gives the final state;
 3. per (chunk, channel block, row): the chunk rerun from its incoming state, writing y.
-Backward, six launches: the adjoint is the same recurrence run in reverse time with conj(q) (phases 1-3 on dy give
-dL/du, the adjoint state entering each chunk, and dL/dh0), phases 1-2 rerun on u for the forward states entering
-each chunk, and one kernel that reruns every chunk forward with tangents dh/dq and dh/dp to sum the parameter
-gradients (see `parameter_grads_kernel`); the per-chunk partial sums are reduced by torch in fp32.
+Backward, eight launches: the tables again; the adjoint, the same recurrence run in reverse time with conj(q)
+(phases 1-3 on dy give dL/du, the adjoint state entering each chunk, and dL/dh0); phases 1-2 rerun on u for the
+forward states entering each chunk; one kernel that reruns every chunk forward with tangents dh/dq and dh/dp to sum
+the parameter gradients per chunk (`parameter_grads_kernel`); and one that adds the chunks' sums up and writes the
+gradients in the coefficients' (D, N) layout (`gradients_kernel`).
 
 Why this shape and not a fused kernel for k[d, j] = Re(sum_n p g q**j) plus an FFT (the official code's): the work
 is O(B L D N) multiply-adds in registers (at mega200M, L = 4096, about 0.5 GFLOP per pass, under a millisecond of
@@ -58,39 +62,31 @@ def _kernels():
     return cema_kernels
 
 
-def _decay(log_mag: Tensor, phi: Tensor) -> tuple[Tensor, Tensor]:
-    magnitude = torch.exp(log_mag)
-    return magnitude * torch.cos(phi), magnitude * torch.sin(phi)
-
-
 def _run(x: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor], h0: Tensor | None,
-         resets: Tensor | None, chunk: int, reverse: bool,
+         resets: Tensor | None, keep: Tensor | None, chunk: int, reverse: bool,
          outputs: tuple[tuple[Tensor, Tensor], Tensor, torch.dtype] | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """One run of the generic recurrence (see cema_kernels) over x (B, L, D), from state h0 (B, D, N, 2).
-    The (complex) coefficients c_in, a (as log|a| and arg a) and c_out come as real parts, each (N, D):
-    transposed, so that a program's loads are contiguous along its channels.
+    The (complex) coefficients c_in, a (as log|a| and arg a) and c_out come as real parts, each (N, D): rows of
+    the table buffer, laid out so that a program's loads are contiguous along its channels. resets (B, L) uint8
+    and keep (B, chunks) fp32 (_chunk_keep), or both None.
     outputs: (c_out parts, kappa (D,), dtype of y), or None to stop after the scan.
     Returns the state entering every chunk (B, chunks, 2, N, D), the final state (B, D, N, 2) and y or None."""
     kernels = _kernels()
     batch, length, dim = x.shape
     ndim = decay[0].shape[0]
     num_chunks = -(-length // chunk)
-    block_n = max(1, 1 << (ndim - 1).bit_length())
-    meta = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=block_n, UNROLL=UNROLL, REVERSE=reverse,
+    meta = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, REVERSE=reverse,
                 HAS_RESET=resets is not None)
     reset_flags = x if resets is None else resets  # any pointer will do when unused
-    keep = x
-    if resets is not None:
-        padded = F.pad(resets, (0, num_chunks * chunk - length)).view(batch, num_chunks, chunk)
-        keep = 1.0 - padded.amax(-1).to(torch.float32)
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
     local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)
     kernels.local_states_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, local, length, dim, ndim,
                                       num_chunks, num_warps=WARPS_STEPS, **meta)
     incoming = torch.empty_like(local)
     final = x.new_empty(batch, dim, ndim, 2, dtype=torch.float32)
-    kernels.scan_kernel[grid[1:]](local, keep, *decay, x if h0 is None else h0, incoming, final, length, dim, ndim,
-                                  num_chunks, HAS_H0=h0 is not None, num_warps=WARPS_SCAN, **meta)
+    kernels.scan_kernel[grid[1:]](local, x if keep is None else keep, *decay, x if h0 is None else h0, incoming,
+                                  final, length, dim, ndim, num_chunks, HAS_H0=h0 is not None,
+                                  num_warps=WARPS_SCAN, **meta)
     if outputs is None:
         return incoming, final, None
     cout, kappa, dtype = outputs
@@ -98,6 +94,21 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor], h0
     kernels.outputs_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, *cout, kappa, incoming, y, length, dim,
                                  ndim, num_chunks, num_warps=WARPS_STEPS, **meta)
     return incoming, final, y
+
+
+def _block_n(ndim: int) -> int:
+    return max(1, 1 << (ndim - 1).bit_length())
+
+
+def _chunk_keep(resets: Tensor | None, chunk: int) -> tuple[Tensor | None, Tensor | None]:
+    """resets (B, L) bool as the kernels read them: uint8 flags, and keep (B, chunks) fp32, 0 for a chunk that
+    a document restarts in (the scan cuts what enters it off from what leaves it)."""
+    if resets is None:
+        return None, None
+    batch, length = resets.shape
+    num_chunks = -(-length // chunk)
+    padded = F.pad(resets, (0, num_chunks * chunk - length)).view(batch, num_chunks, chunk)
+    return resets.to(torch.uint8), 1.0 - padded.amax(-1).to(torch.float32)
 
 
 def _check(u: Tensor, p: Tensor, chunk: int) -> None:
@@ -109,19 +120,19 @@ def _check(u: Tensor, p: Tensor, chunk: int) -> None:
         raise ValueError(f"cema_scan: the coefficients must be fp32 (the kernels compute in fp32), got {p.dtype}")
 
 
-def _forward_parts(p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor, omega: Tensor):
-    """The forward as the generic recurrence with outputs from the state before each step:
-    y_t = Re(sum_n g h_t) + omega u_t = Re(sum_n g q h_{t-1}) + (omega + sum_n p Re g) u_t.
-    The tables are (N, D) here."""
-    q_re, q_im = _decay(log_mag, phi)
-    cout = (g_re * q_re - g_im * q_im, g_re * q_im + g_im * q_re)
-    kappa = omega + (p * g_re).sum(0)
-    return (q_re, q_im), cout, kappa
-
-
-def _transposed(*tables: Tensor) -> list[Tensor]:
-    """(D, N) tables as contiguous (N, D), the layout the kernels read."""
-    return [t.t().contiguous() for t in tables]
+def _tables(p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor,
+            omega: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Every (N, D) table the runs read, from the (D, N) coefficients, and kappa (D,), in one launch
+    (cema_kernels.tables_kernel). The forward is the generic recurrence with outputs from the state before
+    each step: y_t = Re(sum_n g h_t) + omega u_t = Re(sum_n g q h_{t-1}) + (omega + sum_n p Re g) u_t."""
+    kernels = _kernels()
+    dim, ndim = p.shape
+    tables = p.new_empty(kernels.TABLE_ROWS, ndim, dim)
+    kappa = p.new_empty(dim)
+    coefficients = [t.contiguous() for t in (p, log_mag, phi, g_re, g_im, omega)]
+    kernels.tables_kernel[(-(-dim // BLOCK_D),)](*coefficients, tables, kappa, dim, ndim, BLOCK_D=BLOCK_D,
+                                                 BLOCK_N=_block_n(ndim), num_warps=WARPS_STEPS)
+    return list(tables.unbind(0)), kappa
 
 
 @torch.library.custom_op("megalodon::cema_scan", mutates_args=())
@@ -134,12 +145,12 @@ def cema_scan(u: Tensor, p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, 
     restarts at zero before that step; chunk a multiple of 16. Returns y (B, L, D) fp32 and the final state
     (B, D, N, 2) fp32."""
     _check(u, p, chunk)
-    p, log_mag, phi, g_re, g_im = _transposed(p, log_mag, phi, g_re, g_im)
-    _, cout, kappa = _forward_parts(p, log_mag, phi, g_re, g_im, omega)
+    k = _kernels()
+    tables, kappa = _tables(p, log_mag, phi, g_re, g_im, omega)
     h0 = None if h0 is None else h0.contiguous()
-    resets = None if resets is None else resets.to(torch.uint8)
-    _, final, y = _run(u, (p, torch.zeros_like(p)), (log_mag, phi), h0, resets, chunk, False,
-                       (cout, kappa, torch.float32))
+    resets, keep = _chunk_keep(resets, chunk)
+    _, final, y = _run(u, (tables[k.P], tables[k.ZERO]), (tables[k.LOG_MAG], tables[k.ANGLE]), h0, resets, keep,
+                       chunk, False, ((tables[k.QG_RE], tables[k.QG_IM]), kappa, torch.float32))
     return y, final
 
 
@@ -157,35 +168,37 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, p: Tensor, l
                        chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `cema_scan` for (u, p, log_mag, phi, g_re, g_im, omega, h0) from dy (B, L, D) and the final
     state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None."""
-    p, log_mag, phi, g_re, g_im = _transposed(p, log_mag, phi, g_re, g_im)
-    (q_re, q_im), _, kappa = _forward_parts(p, log_mag, phi, g_re, g_im, omega)
+    k = _kernels()
+    tables, kappa = _tables(p, log_mag, phi, g_re, g_im, omega)
     dy = dy.contiguous()
     dh = None if dh is None else dh.contiguous()
     h0 = None if h0 is None else h0.contiguous()
-    resets = None if resets is None else resets.to(torch.uint8)
+    resets, keep = _chunk_keep(resets, chunk)
     # Adjoint: s = dL/dh_t from the future; s <- conj(q) (conj(g) dy_t + s), and dL/du_t = Re(sum_n p s) + kappa dy_t
-    # with s taken before the step, so the same kernels run it in reverse time. It leaves with dL/dh0.
-    cin = (g_re * q_re - g_im * q_im, -(g_re * q_im + g_im * q_re))  # conj(q g)
-    future, d_h0, du = _run(dy, cin, (log_mag, -phi), dh, resets, chunk, True,
-                            ((p, torch.zeros_like(p)), kappa, u.dtype))
-    incoming, _, _ = _run(u, (p, torch.zeros_like(p)), (log_mag, phi), h0, resets, chunk, False, None)
+    # with s taken before the step, so the same kernels run it in reverse time with c_in = conj(q g). It leaves
+    # with dL/dh0.
+    future, d_h0, du = _run(dy, (tables[k.QG_RE], tables[k.NEG_QG_IM]), (tables[k.LOG_MAG], tables[k.NEG_ANGLE]),
+                            dh, resets, keep, chunk, True, ((tables[k.P], tables[k.ZERO]), kappa, u.dtype))
+    incoming, _, _ = _run(u, (tables[k.P], tables[k.ZERO]), (tables[k.LOG_MAG], tables[k.ANGLE]), h0, resets, keep,
+                          chunk, False, None)
 
     batch, length, dim = u.shape
-    ndim = p.shape[0]
+    ndim = p.shape[1]
     num_chunks = incoming.shape[1]
     partial = u.new_empty(batch, num_chunks, 5, ndim, dim, dtype=torch.float32)
     partial_omega = u.new_empty(batch, num_chunks, dim, dtype=torch.float32)
-    block_n = max(1, 1 << (ndim - 1).bit_length())
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
-    _kernels().parameter_grads_kernel[grid](
-        u, *u.stride(), dy, u if resets is None else resets, p, log_mag, phi, g_re, g_im, incoming,
-        future, partial, partial_omega, length, dim, ndim, num_chunks, CHUNK=chunk, BLOCK_D=BLOCK_D,
-        BLOCK_N=block_n, UNROLL=UNROLL, HAS_RESET=resets is not None, num_warps=WARPS_GRADS)
-    dg_re, dg_im, dq_re, dq_im, dp = partial.sum((0, 1)).unbind(0)
-    # q = exp(log_mag + i phi): dL/dlog_mag = Re(conj(dq) q), dL/dphi = Re(conj(dq) i q).
-    d_log_mag = dq_re * q_re + dq_im * q_im
-    d_phi = dq_im * q_re - dq_re * q_im
-    return (du, *_transposed(dp, d_log_mag, d_phi, dg_re, dg_im), partial_omega.sum((0, 1)), d_h0)
+    k.parameter_grads_kernel[grid](
+        u, *u.stride(), dy, u if resets is None else resets, tables[k.P], tables[k.LOG_MAG], tables[k.ANGLE],
+        tables[k.G_RE], tables[k.G_IM], incoming, future, partial, partial_omega, length, dim, ndim, num_chunks,
+        CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
+        num_warps=WARPS_GRADS)
+    grads = [p.new_empty(dim, ndim) for _ in range(5)]  # dp, dlog|q|, darg q, dRe g, dIm g
+    d_omega = omega.new_empty(dim)
+    k.gradients_kernel[(-(-dim // BLOCK_D),)](partial, partial_omega, tables[k.LOG_MAG], tables[k.ANGLE], *grads,
+                                              d_omega, batch * num_chunks, dim, ndim, BLOCK_D=BLOCK_D,
+                                              BLOCK_N=_block_n(ndim), num_warps=WARPS_STEPS)
+    return (du, *grads, d_omega, d_h0)
 
 
 @cema_scan_backward.register_fake

@@ -261,3 +261,79 @@ def parameter_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset
     tl.store(out + 3 * D * N, dq_im, mask=mask)
     tl.store(out + 4 * D * N, dp, mask=mask)
     tl.store(partial_omega_ptr + (b.to(tl.int64) * num_chunks + c) * D + offs_d, d_omega, mask=mask_d)
+
+
+# ---- the tables every run reads, and the parameter gradients at the end ------------------------------------------
+# Rows of the (TABLE_ROWS, N, D) table buffer made by tables_kernel, by name (the kernel writes them in this order).
+P, ZERO, LOG_MAG, ANGLE, NEG_ANGLE, QG_RE, QG_IM, NEG_QG_IM, G_RE, G_IM = range(10)
+TABLE_ROWS = 10
+
+
+@triton.jit
+def tables_kernel(p_ptr, log_ptr, angle_ptr, g_re_ptr, g_im_ptr, omega_ptr, tables_ptr, kappa_ptr, D, N,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (D / BLOCK_D,): from the (D, N) coefficients p, log|q|, arg q, g and omega (D,), every (N, D) table
+    the runs read, in one launch (rows named above): the forward reads c_in = (p, 0), a = q and c_out = q g; the
+    adjoint c_in = conj(q g), a = conj(q) and c_out = (p, 0); the gradient kernel p, q and g. And
+    kappa (D,) = omega + sum_n p Re(g)."""
+    pid_d = tl.program_id(0)
+    offs_d, mask_d, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
+    src = offs_d[:, None] * N + tl.arange(0, BLOCK_N)[None, :]  # the same elements in the (D, N) inputs
+    p = tl.load(p_ptr + src, mask=mask, other=0.0)
+    log_mag = tl.load(log_ptr + src, mask=mask, other=0.0)
+    angle = tl.load(angle_ptr + src, mask=mask, other=0.0)
+    g_re = tl.load(g_re_ptr + src, mask=mask, other=0.0)
+    g_im = tl.load(g_im_ptr + src, mask=mask, other=0.0)
+    magnitude = tl.exp(log_mag)
+    q_re, q_im = magnitude * tl.cos(angle), magnitude * tl.sin(angle)
+    qg_re, qg_im = q_re * g_re - q_im * g_im, q_re * g_im + q_im * g_re
+    size = N * D  # rows in the order P, ZERO, LOG_MAG, ANGLE, NEG_ANGLE, QG_RE, QG_IM, NEG_QG_IM, G_RE, G_IM
+    tl.store(tables_ptr + offs, p, mask=mask)
+    tl.store(tables_ptr + size + offs, tl.zeros_like(p), mask=mask)
+    tl.store(tables_ptr + 2 * size + offs, log_mag, mask=mask)
+    tl.store(tables_ptr + 3 * size + offs, angle, mask=mask)
+    tl.store(tables_ptr + 4 * size + offs, -angle, mask=mask)
+    tl.store(tables_ptr + 5 * size + offs, qg_re, mask=mask)
+    tl.store(tables_ptr + 6 * size + offs, qg_im, mask=mask)
+    tl.store(tables_ptr + 7 * size + offs, -qg_im, mask=mask)
+    tl.store(tables_ptr + 8 * size + offs, g_re, mask=mask)
+    tl.store(tables_ptr + 9 * size + offs, g_im, mask=mask)
+    kappa = tl.load(omega_ptr + offs_d, mask=mask_d, other=0.0) + tl.sum(p * g_re, axis=1)
+    tl.store(kappa_ptr + offs_d, kappa, mask=mask_d)
+
+
+@triton.jit
+def gradients_kernel(partial_ptr, partial_omega_ptr, log_ptr, angle_ptr, dp_ptr, d_log_ptr, d_angle_ptr, dg_re_ptr,
+                     dg_im_ptr, d_omega_ptr, rows, D, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (D / BLOCK_D,): the parameter gradients from parameter_grads_kernel's per-chunk sums, in one launch.
+    Sums `partial` (rows = B * chunks, 5, N, D) and `partial_omega` (rows, D) over the rows, turns dL/dq into
+    dL/dlog|q| = Re(conj(dq) q) and dL/darg q = Re(conj(dq) i q), and writes dp, dlog|q|, darg q, dRe g and
+    dIm g, each (D, N) as the coefficients are, and d_omega (D,)."""
+    pid_d = tl.program_id(0)
+    offs_d, mask_d, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
+    dg_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dg_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dq_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dq_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dp = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    d_omega = tl.zeros((BLOCK_D,), tl.float32)
+    size = N * D
+    row = partial_ptr + offs  # pointers advance row by row: 64-bit, however many rows
+    row_omega = partial_omega_ptr + offs_d
+    for _ in range(0, rows):
+        dg_re += tl.load(row, mask=mask, other=0.0)
+        dg_im += tl.load(row + size, mask=mask, other=0.0)
+        dq_re += tl.load(row + 2 * size, mask=mask, other=0.0)
+        dq_im += tl.load(row + 3 * size, mask=mask, other=0.0)
+        dp += tl.load(row + 4 * size, mask=mask, other=0.0)
+        d_omega += tl.load(row_omega, mask=mask_d, other=0.0)
+        row += 5 * size
+        row_omega += D
+    q_re, q_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
+    dst = offs_d[:, None] * N + tl.arange(0, BLOCK_N)[None, :]  # the same elements in the (D, N) outputs
+    tl.store(dp_ptr + dst, dp, mask=mask)
+    tl.store(d_log_ptr + dst, dq_re * q_re + dq_im * q_im, mask=mask)
+    tl.store(d_angle_ptr + dst, dq_im * q_re - dq_re * q_im, mask=mask)
+    tl.store(dg_re_ptr + dst, dg_re, mask=mask)
+    tl.store(dg_im_ptr + dst, dg_im, mask=mask)
+    tl.store(d_omega_ptr + offs_d, d_omega, mask=mask_d)

@@ -189,13 +189,17 @@ def _norm_bwd_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, dm_ptr, dv_ptr, d
 
 @triton.jit
 def _scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, reset_ptr, count_ptr, mean0_ptr, pcount_ptr, pmean_ptr,
-                     p_ptr, c_ptr, dmean0_ptr, dvar0_ptr, dpmean_ptr, dpvar_ptr,
+                     dfmean_ptr, dfvar_ptr, p_ptr, c_ptr, dmean0_ptr, dvar0_ptr, dpmean_ptr, dpvar_ptr,
                      L, G, block, num_blocks, tiles,
-                     HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+                     HAS_RESET: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_G: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = gs < G
     rows = tl.arange(0, BLOCK_T)
+    if HAS_FINAL:  # the state after the last token is that token's statistics: its gradient joins the last token's
+        d_final_mean = tl.load(dfmean_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
+        d_final_var = tl.load(dfvar_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
     # suffix sums of the segment after the current tile: A, C, and E relative to the shift c_e
     acc_a = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -217,6 +221,10 @@ def _scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, reset_ptr, count_ptr,
             mask = valid[:, None] & gmask[None, :]
             dm = tl.load(dm_ptr + offs, mask=mask, other=0.0)
             dv = tl.load(dv_ptr + offs, mask=mask, other=0.0)
+            if HAS_FINAL:
+                last = ((t == L - 1) & valid)[:, None]  # a padded row of another block may also sit at t
+                dm += tl.where(last, d_final_mean[None, :], 0.0)
+                dv += tl.where(last, d_final_var[None, :], 0.0)
             m = tl.load(mean_ptr + offs, mask=mask, other=0.0)
             # shift: the tile's first token's mean (last in this order); valid tokens are a prefix in time
             c_t = tl.sum(tl.where((rows == BLOCK_T - 1)[:, None], m, 0.0), axis=0)
@@ -244,10 +252,12 @@ def _scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, reset_ptr, count_ptr,
             acc_e = tl.where(reset, 0.0, acc_e)
     n_in = tl.load(count_ptr + b).to(tl.float32)
     m_in = tl.load(mean0_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
-    tl.store(dmean0_ptr + b * G + gs, n_in * (acc_a + 2.0 * (m_in - c_e) * acc_c - 2.0 * acc_e), mask=gmask)
-    tl.store(dvar0_ptr + b * G + gs, n_in * acc_c, mask=gmask)
-    tl.store(dpmean_ptr + b * G + gs, d_prior_mean, mask=gmask)
-    tl.store(dpvar_ptr + b * G + gs, d_prior_var, mask=gmask)
+    # in the state's dtype (float64): no conversion afterwards
+    d_mean0 = n_in * (acc_a + 2.0 * (m_in - c_e) * acc_c - 2.0 * acc_e)
+    tl.store(dmean0_ptr + b * G + gs, d_mean0.to(dmean0_ptr.dtype.element_ty), mask=gmask)
+    tl.store(dvar0_ptr + b * G + gs, (n_in * acc_c).to(dvar0_ptr.dtype.element_ty), mask=gmask)
+    tl.store(dpmean_ptr + b * G + gs, d_prior_mean.to(dpmean_ptr.dtype.element_ty), mask=gmask)
+    tl.store(dpvar_ptr + b * G + gs, d_prior_var.to(dpvar_ptr.dtype.element_ty), mask=gmask)
 
 
 @triton.jit
@@ -314,11 +324,13 @@ def _(x, count, mean, var, prior_count, prior_mean, prior_var, block_reset, weig
 @torch.library.custom_op("megalodon::timestep_norm_bwd", mutates_args=())
 @on_input_device
 def timestep_norm_bwd(
-    dy: Tensor, d_final_mean: Tensor, d_final_var: Tensor, x: Tensor, mean_t: Tensor, rstd_t: Tensor,
+    dy: Tensor, d_final_mean: Optional[Tensor], d_final_var: Optional[Tensor], x: Tensor, mean_t: Tensor,
+    rstd_t: Tensor,
     block_count: Tensor, count: Tensor, mean: Tensor, prior_count: Tensor, prior_mean: Tensor,
     block_reset: Optional[Tensor], weight: Tensor, block_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of x, the incoming mean and var, the prior mean and var, weight and bias."""
+    """Gradients of x, the incoming mean and var, the prior mean and var, weight and bias. d_final_mean and
+    d_final_var: the final state's gradients, both or neither (None where the loss does not use the state)."""
     batch, length, dim = x.shape
     groups = mean.shape[-1]
     num_blocks = block_count.shape[1]
@@ -329,24 +341,20 @@ def timestep_norm_bwd(
     partial = [x.new_empty(token_grid[0], dim, dtype=torch.float32) for _ in range(2)]
     _norm_bwd_kernel[token_grid](x, dy, mean_t, rstd_t, weight, dm, dv, partial[0], partial[1],
                                  tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg)
-    # the state after the last token is that token's statistics
-    dm[:, -1] += d_final_mean.to(torch.float32)
-    dv[:, -1] += d_final_var.to(torch.float32)
-
-    d_state = [x.new_empty(batch, groups, dtype=torch.float32) for _ in range(4)]
+    d_state = [torch.empty_like(mean) for _ in range(4)]  # incoming mean and var, prior mean and var
     scan_t, scan_g = _scan_tiles(groups, block_size)
     reset = count if block_reset is None else block_reset.to(torch.int8)
+    has_final = d_final_mean is not None
     _scan_bwd_kernel[(batch, triton.cdiv(groups, scan_g))](
         dm, dv, mean_t, block_count, reset, count, mean, prior_count, prior_mean,
-        p, c, d_state[0], d_state[1], d_state[2], d_state[3],
-        length, groups, block_size, num_blocks, triton.cdiv(block_size, scan_t),
-        HAS_RESET=block_reset is not None, BLOCK_T=scan_t, BLOCK_G=scan_g)
+        d_final_mean if has_final else mean, d_final_var if has_final else mean,  # any pointer when unused
+        p, c, *d_state, length, groups, block_size, num_blocks, triton.cdiv(block_size, scan_t),
+        HAS_RESET=block_reset is not None, HAS_FINAL=has_final, BLOCK_T=scan_t, BLOCK_G=scan_g)
     dx = torch.empty_like(x)
     _dx_kernel[token_grid](x, dy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups, dim // groups,
                            BLOCK_T=block_t, BLOCK_DG=block_dg)
     d_weight, d_bias = (t.sum(0).to(weight.dtype) for t in partial)
-    d_mean, d_var, d_prior_mean, d_prior_var = (t.to(mean.dtype) for t in d_state)
-    return dx, d_mean, d_var, d_prior_mean, d_prior_var, d_weight, d_bias
+    return dx, *d_state, d_weight, d_bias
 
 
 @timestep_norm_bwd.register_fake
@@ -369,8 +377,11 @@ def _backward(ctx, dy, _mean_t, _rstd_t, _block_count, _final_count, d_final_mea
     x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean, block_reset, weight = ctx.saved_tensors
     batch, length, _ = x.shape
     dy = x.new_zeros(x.shape, dtype=torch.float32) if dy is None else dy.contiguous()
-    d_final_mean = torch.zeros_like(mean) if d_final_mean is None else d_final_mean.contiguous()
-    d_final_var = torch.zeros_like(mean) if d_final_var is None else d_final_var.contiguous()
+    if (d_final_mean is None) != (d_final_var is None):  # the kernel takes both or neither
+        d_final_mean = torch.zeros_like(mean) if d_final_mean is None else d_final_mean
+        d_final_var = torch.zeros_like(mean) if d_final_var is None else d_final_var
+    if d_final_mean is not None:
+        d_final_mean, d_final_var = d_final_mean.contiguous(), d_final_var.contiguous()
     dx, d_mean, d_var, d_prior_mean, d_prior_var, d_weight, d_bias = timestep_norm_bwd(
         dy, d_final_mean, d_final_var, x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean,
         block_reset, weight, ctx.block_size)

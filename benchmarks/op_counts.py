@@ -1,0 +1,191 @@
+"""Tensor ops per layer of a training step and of a decode step, Megalodon against the matched Llama, counted on
+a CPU as a GPU would launch them.
+
+    TRITON_INTERPRET=1 python benchmarks/op_counts.py                   # mega200M's layers, fp32 and bf16
+    TRITON_INTERPRET=1 python benchmarks/op_counts.py --preset small --dtypes fp32
+
+On a GPU every op is a kernel launch in eager mode and a node of the CUDA graph that a decode step replays; where
+the ops are small, their number rather than their FLOPs sets the speed (issue 11: a decode step of mega200M was
+about 1,500 launches). The CPU runs the code the GPU runs: every Triton kernel forced on (under Triton's
+interpreter, which TRITON_INTERPRET=1 must turn on before the kernels are imported) and every value check in its
+device form. Views launch nothing and are not counted. Per layer: a one-layer and a two-layer model, differenced,
+so that the embedding, the head and the per-step setup fall out (they are printed apart, as "outside").
+
+How many ops run depends on a layer's structure (which projections, norms and attention path it has), not on
+its widths or on how many chunks a sequence spans, so the count keeps the preset's every option and divides its
+widths by --shrink, and shortens Megalodon's chunk to --chunk: the interpreter is slow. Training is forward +
+backward of one sequence of --length tokens. bf16 means autocast for training and a bf16 model for decode, as
+bench_gpu.py runs them. Under torch.compile, Inductor fuses most elementwise ops: these counts are the eager path's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ops that only make views or metadata: no kernel
+NO_KERNEL = {"view", "_unsafe_view", "unsqueeze", "squeeze", "select", "slice", "t", "transpose", "permute",
+             "expand", "as_strided", "alias", "detach", "unflatten", "reshape", "split", "split_with_sizes",
+             "unbind", "chunk", "view_as_real", "view_as_complex", "scalar_tensor", "promote_types", "_reshape_alias",
+             "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+# ops that copy only when they must (a custom op's body can meet them before they resolve): count what they run
+MAYBE_NOTHING = {"to", "contiguous", "reshape", "flatten", "type_as"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that launch a kernel, by name: aten ops, the aten ops inside this package's custom ops
+    (which a dispatch mode would otherwise see as one op), and Triton launches ("triton:<kernel>")."""
+
+    active: "OpCounter | None" = None  # the counter the Triton launch hooks report to
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __enter__(self):
+        OpCounter.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        OpCounter.active = None
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "megalodon":  # a custom op: count what its implementation runs, not the op itself
+            from torch._library.custom_ops import OPDEFS
+
+            with self:
+                return OPDEFS[func.name().split(".")[0]]._init_fn(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in MAYBE_NOTHING:
+            with self:
+                return func.decompose(*args, **(kwargs or {}))
+        if name not in NO_KERNEL:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_triton_launches() -> None:
+    """Count every launch of this package's Triton kernels into the active OpCounter, as one op each (the
+    interpreter's own tensor traffic during a launch is not counted: a GPU has none)."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import megalodon.ops.triton as package
+
+    def counted(*args, _name, _run, **kwargs):
+        counter, OpCounter.active = OpCounter.active, None
+        try:
+            if counter is not None:
+                counter.ops[f"triton:{_name}"] += 1
+            with torch.utils._python_dispatch._disable_current_modes():
+                return _run(*args, **kwargs)
+        finally:
+            OpCounter.active = counter
+
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, kernel in vars(module).items():
+            if isinstance(kernel, triton.runtime.jit.KernelInterface) and hasattr(kernel, "run"):
+                kernel.run = functools.partial(counted, _name=name, _run=kernel.run)
+
+
+def run_the_gpu_code() -> bool:
+    """Force the Triton kernels on for CPU tensors and the value checks into their device form; False (and the
+    PyTorch path counted) where triton or its interpreter is missing."""
+    import importlib.util
+    import os
+
+    import megalodon.inference.decoding  # noqa: F401  (every module that checks values, imported before the patch)
+    from megalodon import validation
+    from megalodon.ops import cema, timestep_norm
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megalodon") and getattr(module, "host_reads_free", None) is validation.host_reads_free:
+            module.host_reads_free = lambda tensor: False
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    for module in (cema, timestep_norm):
+        module.use_triton = lambda op, *tensors: True
+    count_triton_launches()
+    return True
+
+
+def build(arch: str, preset: str, layers: int, chunk: int, shrink: int) -> torch.nn.Module:
+    """The preset's layer, `layers` of them, its widths divided by `shrink`."""
+    from megalodon import Megalodon, MegalodonConfig
+    from megalodon.baseline import Llama, matched_llama_config
+
+    full = MegalodonConfig.from_preset(preset)
+    widths = {name: getattr(full, name) // shrink for name in ("model_dim", "z_dim", "value_dim", "ffn_hidden_dim")}
+    config = MegalodonConfig.from_preset(preset, num_layers=layers, vocab_size=256, chunk_size=chunk, **widths)
+    torch.manual_seed(0)
+    return Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
+
+
+def training_ops(model, length: int, dtype: str) -> int:
+    ids = torch.randint(0, 256, (1, length))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        model(ids).float().square().mean().backward()  # warm-up: lazy initializations
+        model.zero_grad(set_to_none=True)
+        with OpCounter() as counter:
+            model(ids).float().square().mean().backward()
+    return sum(counter.ops.values())
+
+
+def decode_ops(model, dtype: str) -> int:
+    from megalodon import Megalodon
+    from megalodon.decode_state import DecodeState
+    from megalodon.inference.decoding import StaticDecoder
+
+    model = model.eval().to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    with torch.no_grad():
+        if isinstance(model, Megalodon):
+            _, state = model(torch.randint(0, 256, (1, 5)), return_state=True)
+            state = DecodeState.from_state(state, model.config)
+        else:
+            _, past = model(torch.randint(0, 256, (1, 5)), return_past=True)
+            state = model.static_cache(1, 64, past)
+        decoder = StaticDecoder(model, state)
+        ids = torch.tensor([3])
+        decoder.step(ids)
+        with OpCounter() as counter:
+            decoder.step(ids)
+    return sum(counter.ops.values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="mega200M")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--length", type=int, default=64, help="training tokens (default 64)")
+    parser.add_argument("--chunk", type=int, default=32, help="Megalodon's chunk for the count (default 32)")
+    parser.add_argument("--shrink", type=int, default=16, help="divide the preset's widths by this (default 16)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    kernels = run_the_gpu_code()
+    print(f"{args.preset} layers (widths / {args.shrink}), {'Triton kernels on (interpreter)' if kernels else 'PyTorch path'}; "
+          f"ops that launch a kernel (views not counted)\n")
+    print("| step | dtype | Megalodon per layer | Llama per layer | ratio | Megalodon outside | Llama outside |")
+    print("|---|---|---|---|---|---|---|")
+    for step, count in (("training", lambda m, d: training_ops(m, args.length, d)), ("decode", decode_ops)):
+        for dtype in args.dtypes:
+            per_layer, outside = {}, {}
+            for arch in ("megalodon", "llama"):
+                one, two = (count(build(arch, args.preset, n, args.chunk, args.shrink), dtype) for n in (1, 2))
+                per_layer[arch], outside[arch] = two - one, 2 * one - two
+            print(f"| {step} | {dtype} | {per_layer['megalodon']} | {per_layer['llama']} | "
+                  f"{per_layer['megalodon'] / per_layer['llama']:.2f} | {outside['megalodon']} | {outside['llama']} |")
+
+
+if __name__ == "__main__":
+    main()
