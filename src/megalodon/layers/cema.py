@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from megalodon.ops.cema import CemaCoefficients, cema, cema_coefficients, cema_step
+from megalodon.ops.cema import CemaCoefficients, cema_coefficients, cema_from_parameters, cema_step
 
 
 class CEMA(nn.Module):
@@ -39,9 +39,12 @@ class CEMA(nn.Module):
     def coefficients(self) -> CemaCoefficients:
         """p, q and g from the parameters, recomputed on every call: a (D, N) elementwise computation, so there
         is no cache to go stale (edits through `.data` do not bump a parameter's version)."""
-        params = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-                  for t in (self.alpha, self.delta, self.theta, self.gamma)]
-        return cema_coefficients(*params)
+        return cema_coefficients(*self._parameters_in_fp32_or_better())
+
+    def _parameters_in_fp32_or_better(self) -> list[Tensor]:
+        """alpha, delta, theta, gamma, upcast from half precision (the coefficients are computed in fp32)."""
+        return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+                for t in (self.alpha, self.delta, self.theta, self.gamma)]
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, block_size: int | None = None,
@@ -51,13 +54,14 @@ class CEMA(nn.Module):
 
         The state is complex at this boundary (as MegalodonState keeps it) and real pairs inside."""
         with torch.autocast(x.device.type, enabled=False):
-            coeffs = self.coefficients()
-            omega = self.omega.squeeze(-1).to(coeffs.p.dtype)
-            h_in = None if h0 is None else torch.view_as_real(h0.to(_complex(coeffs.p.dtype)))
+            alpha, delta, theta, gamma = self._parameters_in_fp32_or_better()
+            omega = self.omega.squeeze(-1).to(alpha.dtype)
+            h_in = None if h0 is None else torch.view_as_real(h0.to(_complex(alpha.dtype)))
             if x.shape[1] == 1 and h0 is not None and block_reset is None:
-                y, h = cema_step(x[:, 0].to(coeffs.p.dtype), coeffs, omega, h_in)
+                y, h = cema_step(x[:, 0].to(alpha.dtype), cema_coefficients(alpha, delta, theta, gamma), omega, h_in)
                 return y.unsqueeze(1), torch.view_as_complex(h)
-            y, h = cema(x, coeffs, omega, h_in, block_size, block_reset, need_state)
+            y, h = cema_from_parameters(x, alpha, delta, theta, gamma, omega, h_in, block_size, block_reset,
+                                        need_state)
             return y, None if h is None else torch.view_as_complex(h)
 
 

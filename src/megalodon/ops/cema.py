@@ -20,8 +20,11 @@ The paths:
   at mega200M with chunk 2048), complex intermediates that Inductor cannot compile, and padding to twice the next
   power of two. These three small real matmuls are exact, compile to one graph, and measured about 3x faster
   than the FFT path on the `small` training shape on CPU (forward + backward).
-- The Triton path (ops/triton/cema.py) runs the same chunking on CUDA with the state held in registers.
-- `cema` is the one function that decides which path runs.
+- The Triton path (ops/triton/cema.py) runs the same chunking on CUDA with the state held in registers, and
+  derives the coefficients from the parameters inside its kernels (forward and backward), so it takes the
+  parameters, not the coefficients.
+- `cema_from_parameters` is the one function that decides which path runs; `cema` is the PyTorch path from given
+  coefficients.
 - `cema_step`: the single-token decode update. `cema_state_bias`: what an incoming state adds to a segment's
   outputs, for chunk parallelism (spec section 14).
 
@@ -103,36 +106,47 @@ def q_powers(log_mag: Tensor, phi: Tensor, start: int, stop: int, step: int = 1)
     return magnitude * torch.cos(angle), magnitude * torch.sin(angle)
 
 
+def cema_from_parameters(
+    u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None = None,
+    block_size: int | None = None, block_reset: Tensor | None = None, need_state: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """cema(u, cema_coefficients(alpha, delta, theta, gamma), omega, ...): the one place that chooses the Triton
+    or the PyTorch path. On CUDA (fp32 parameters) one Triton op derives the coefficients in its kernels, forward
+    and backward, where the PyTorch derivation is some 60 small kernels per call; everywhere else, that formula.
+    Parameters as the CEMA layer holds them: alpha, delta (D, N, 1), theta (D, 1, 1), gamma (D, N, 2); omega (D,)."""
+    if alpha.dtype == torch.float32 and use_triton("cema", u):
+        from megalodon.ops.triton.cema import cema_scan
+
+        dim, ndim = alpha.shape[:2]
+        _check_inputs(u, dim, ndim, h0, block_size, block_reset)
+        resets = None if block_reset is None else step_resets(block_reset, block_size, u.shape[1])
+        y, h = cema_scan(u, alpha.view(dim, ndim), delta.view(dim, ndim), theta.view(dim), gamma, omega, h0, resets)
+        return y, h if need_state else None
+    return cema(u, cema_coefficients(alpha, delta, theta, gamma), omega, h0, block_size, block_reset, need_state)
+
+
 def cema(
     u: Tensor, coeffs: CemaCoefficients, omega: Tensor, h0: Tensor | None = None, block_size: int | None = None,
     block_reset: Tensor | None = None, need_state: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """The CEMA over a sequence: the one place that chooses the Triton or the PyTorch path.
+    """The CEMA over a sequence from its coefficients, on the PyTorch path (cema_chunked).
 
     u: (B, L, D), any float dtype (upcast to the coefficients' dtype). omega: (D,). h0: (B, D, N, 2) real pairs
     or None (zero). block_reset: (B, ceil(L / block_size)) bool; True restarts the state at zero at the first step
     of that block of `block_size` steps (the chunk grid of packed documents).
     Returns y (B, L, D) in the coefficients' dtype and the final state (B, D, N, 2), or None if not need_state.
     """
-    _check_inputs(u, coeffs, h0, block_size, block_reset)
-    fp32 = coeffs.p.dtype == torch.float32
-    if fp32 and use_triton("cema", u):
-        from megalodon.ops.triton.cema import cema_scan
-
-        resets = None if block_reset is None else step_resets(block_reset, block_size, u.shape[1])
-        y, h = cema_scan(u, *coeffs, omega, h0, resets)
-        return y, h if need_state else None
+    _check_inputs(u, *coeffs.p.shape, h0, block_size, block_reset)
     return cema_chunked(u.to(coeffs.p.dtype), coeffs, omega, h0, block_size, block_reset, need_state)
 
 
-def _check_inputs(u: Tensor, coeffs: CemaCoefficients, h0: Tensor | None, block_size: int | None,
+def _check_inputs(u: Tensor, channels: int, ndim: int, h0: Tensor | None, block_size: int | None,
                   block_reset: Tensor | None) -> None:
     batch, length, dim = u.shape
-    ndim = coeffs.p.shape[1]
     if length == 0:
         raise ValueError("CEMA input has no time steps (L = 0): pass at least one token")
-    if coeffs.p.shape[0] != dim:
-        raise ValueError(f"CEMA input has {dim} channels but the coefficients are for {coeffs.p.shape[0]}")
+    if channels != dim:
+        raise ValueError(f"CEMA input has {dim} channels but the coefficients are for {channels}")
     if h0 is not None and (h0.shape != (batch, dim, ndim, 2) or h0.is_complex()):
         raise ValueError(f"CEMA incoming state must be real pairs of shape {(batch, dim, ndim, 2)} "
                          f"(torch.view_as_real of the complex state), got {tuple(h0.shape)} {h0.dtype}")

@@ -6,9 +6,9 @@ In the per-step kernels a program is one warp over 32 channels and a thread owns
 components: the sum over N stays in the thread, and the step loops use no shared memory and no barrier (checked
 in the sm_90 TTGIR and PTX). The coefficient tables and chunk states are stored (N, D) for coalesced loads.
 Forward, four launches (ops/triton/cema_kernels.py):
-0. per channel block: every table the runs read, from the (D, N) coefficients (`tables_kernel`): one launch
-   where preparing them op by op took about 25 small kernels, which a compiled graph cannot fuse (they run
-   inside this custom op);
+0. per channel block: the coefficients derived from the CEMA's parameters (ops/cema.py's cema_coefficients) and
+   every table the runs read (`tables_kernel`): one launch where deriving and laying them out op by op took about
+   50 small kernels in eager mode, some 25 of them inside this custom op where a compiled graph cannot fuse them;
 1. per (chunk, channel block, row): the chunk's final state entered at zero, by running the recurrence;
 2. per (channel block, row): the scan over chunks, s_in(c+1) = q**len(c) s_in(c) + s_loc(c), from h0, cut where a
    document restarts inside chunk c; it also gives the final state;
@@ -16,8 +16,8 @@ Forward, four launches (ops/triton/cema_kernels.py):
 Backward, eight launches: the tables again; the adjoint, the same recurrence run in reverse time with conj(q)
 (phases 1-3 on dy give dL/du, the adjoint state entering each chunk, and dL/dh0); phases 1-2 rerun on u for the
 forward states entering each chunk; one kernel that reruns every chunk forward with tangents dh/dq and dh/dp to sum
-the parameter gradients per chunk (`parameter_grads_kernel`); and one that adds the chunks' sums up and writes the
-gradients in the coefficients' (D, N) layout (`gradients_kernel`).
+the parameter gradients per chunk (`parameter_grads_kernel`); and one that adds the chunks' sums up and takes the
+chain rule through the coefficients to the parameters (`gradients_kernel`).
 
 Why this shape and not a fused kernel for k[d, j] = Re(sum_n p g q**j) plus an FFT (the official code's): the work
 is O(B L D N) multiply-adds in registers (at mega200M, L = 4096, about 0.5 GFLOP per pass, under a millisecond of
@@ -111,42 +111,47 @@ def _chunk_keep(resets: Tensor | None, chunk: int) -> tuple[Tensor | None, Tenso
     return resets.to(torch.uint8), 1.0 - padded.amax(-1).to(torch.float32)
 
 
-def _check(u: Tensor, p: Tensor, chunk: int) -> None:
+def _check(u: Tensor, alpha: Tensor, chunk: int) -> None:
     if chunk % 16 or chunk <= 0:
         raise ValueError(f"cema_scan: chunk must be a positive multiple of 16, got {chunk}")
-    if u.dim() != 3 or u.shape[2] != p.shape[0]:
-        raise ValueError(f"cema_scan: u must be (B, L, D) with D = {p.shape[0]}, got {tuple(u.shape)}")
-    if p.dtype != torch.float32:
-        raise ValueError(f"cema_scan: the coefficients must be fp32 (the kernels compute in fp32), got {p.dtype}")
+    if u.dim() != 3 or u.shape[2] != alpha.shape[0]:
+        raise ValueError(f"cema_scan: u must be (B, L, D) with D = {alpha.shape[0]}, got {tuple(u.shape)}")
+    if alpha.dtype != torch.float32:
+        raise ValueError(f"cema_scan: the parameters must be fp32 (the kernels compute in fp32), got {alpha.dtype}")
 
 
-def _tables(p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor,
+def _tables(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor,
             omega: Tensor) -> tuple[list[Tensor], Tensor]:
-    """Every (N, D) table the runs read, from the (D, N) coefficients, and kappa (D,), in one launch
+    """Every (N, D) table the runs read, derived from the parameters, and kappa (D,), in one launch
     (cema_kernels.tables_kernel). The forward is the generic recurrence with outputs from the state before
     each step: y_t = Re(sum_n g h_t) + omega u_t = Re(sum_n g q h_{t-1}) + (omega + sum_n p Re g) u_t."""
     kernels = _kernels()
-    dim, ndim = p.shape
-    tables = p.new_empty(kernels.TABLE_ROWS, ndim, dim)
-    kappa = p.new_empty(dim)
-    coefficients = [t.contiguous() for t in (p, log_mag, phi, g_re, g_im, omega)]
-    kernels.tables_kernel[(-(-dim // BLOCK_D),)](*coefficients, tables, kappa, dim, ndim, BLOCK_D=BLOCK_D,
-                                                 BLOCK_N=_block_n(ndim), num_warps=WARPS_STEPS)
+    dim, ndim = alpha.shape
+    tables = alpha.new_empty(kernels.TABLE_ROWS, ndim, dim)
+    kappa = alpha.new_empty(dim)
+    kernels.tables_kernel[(-(-dim // BLOCK_D),)](*_contiguous(alpha, delta, theta, gamma, omega), tables, kappa, dim,
+                                                 ndim, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim),
+                                                 num_warps=WARPS_STEPS)
     return list(tables.unbind(0)), kappa
+
+
+def _contiguous(*tensors: Tensor) -> list[Tensor]:
+    return [t.contiguous() for t in tensors]
 
 
 @torch.library.custom_op("megalodon::cema_scan", mutates_args=())
 @on_input_device
-def cema_scan(u: Tensor, p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, g_im: Tensor, omega: Tensor,
+def cema_scan(u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor,
               h0: Optional[Tensor] = None, resets: Optional[Tensor] = None,
               chunk: int = CHUNK) -> tuple[Tensor, Tensor]:
-    """The CEMA of ops/cema.py on the chunked Triton scan. u (B, L, D) fp32/bf16/fp16; p, log_mag, phi, g_re, g_im
-    (D, N) fp32; omega (D,) fp32; h0 (B, D, N, 2) fp32 or None; resets (B, L) bool or None, True where the state
-    restarts at zero before that step; chunk a multiple of 16. Returns y (B, L, D) fp32 and the final state
-    (B, D, N, 2) fp32."""
-    _check(u, p, chunk)
+    """The CEMA of ops/cema.py on the chunked Triton scan, from its parameters: the kernels derive the
+    coefficients (cema_coefficients) themselves, forward and backward. u (B, L, D) fp32/bf16/fp16; alpha, delta
+    (D, N), theta (D,), gamma (D, N, 2) and omega (D,), fp32; h0 (B, D, N, 2) fp32 or None; resets (B, L) bool or
+    None, True where the state restarts at zero before that step; chunk a multiple of 16. Returns y (B, L, D) fp32
+    and the final state (B, D, N, 2) fp32."""
+    _check(u, alpha, chunk)
     k = _kernels()
-    tables, kappa = _tables(p, log_mag, phi, g_re, g_im, omega)
+    tables, kappa = _tables(alpha, delta, theta, gamma, omega)
     h0 = None if h0 is None else h0.contiguous()
     resets, keep = _chunk_keep(resets, chunk)
     _, final, y = _run(u, (tables[k.P], tables[k.ZERO]), (tables[k.LOG_MAG], tables[k.ANGLE]), h0, resets, keep,
@@ -155,21 +160,21 @@ def cema_scan(u: Tensor, p: Tensor, log_mag: Tensor, phi: Tensor, g_re: Tensor, 
 
 
 @cema_scan.register_fake
-def _(u, p, log_mag, phi, g_re, g_im, omega, h0=None, resets=None, chunk=CHUNK):
+def _(u, alpha, delta, theta, gamma, omega, h0=None, resets=None, chunk=CHUNK):
     batch, length, dim = u.shape
     return (u.new_empty(batch, length, dim, dtype=torch.float32),
-            u.new_empty(batch, dim, p.shape[1], 2, dtype=torch.float32))
+            u.new_empty(batch, dim, alpha.shape[1], 2, dtype=torch.float32))
 
 
 @torch.library.custom_op("megalodon::cema_scan_backward", mutates_args=())
 @on_input_device
-def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, p: Tensor, log_mag: Tensor, phi: Tensor,
-                       g_re: Tensor, g_im: Tensor, omega: Tensor, h0: Optional[Tensor], resets: Optional[Tensor],
-                       chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of `cema_scan` for (u, p, log_mag, phi, g_re, g_im, omega, h0) from dy (B, L, D) and the final
+def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor,
+                       gamma: Tensor, omega: Tensor, h0: Optional[Tensor], resets: Optional[Tensor],
+                       chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of `cema_scan` for (u, alpha, delta, theta, gamma, omega, h0) from dy (B, L, D) and the final
     state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None."""
     k = _kernels()
-    tables, kappa = _tables(p, log_mag, phi, g_re, g_im, omega)
+    tables, kappa = _tables(alpha, delta, theta, gamma, omega)
     dy = dy.contiguous()
     dh = None if dh is None else dh.contiguous()
     h0 = None if h0 is None else h0.contiguous()
@@ -183,7 +188,7 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, p: Tensor, l
                           chunk, False, None)
 
     batch, length, dim = u.shape
-    ndim = p.shape[1]
+    ndim = alpha.shape[1]
     num_chunks = incoming.shape[1]
     partial = u.new_empty(batch, num_chunks, 5, ndim, dim, dtype=torch.float32)
     partial_omega = u.new_empty(batch, num_chunks, dim, dtype=torch.float32)
@@ -193,35 +198,35 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, p: Tensor, l
         tables[k.G_RE], tables[k.G_IM], incoming, future, partial, partial_omega, length, dim, ndim, num_chunks,
         CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
         num_warps=WARPS_GRADS)
-    grads = [p.new_empty(dim, ndim) for _ in range(5)]  # dp, dlog|q|, darg q, dRe g, dIm g
-    d_omega = omega.new_empty(dim)
-    k.gradients_kernel[(-(-dim // BLOCK_D),)](partial, partial_omega, tables[k.LOG_MAG], tables[k.ANGLE], *grads,
-                                              d_omega, batch * num_chunks, dim, ndim, BLOCK_D=BLOCK_D,
+    grads = [alpha.new_empty(dim, ndim), alpha.new_empty(dim, ndim), alpha.new_empty(dim),
+             alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
+    k.gradients_kernel[(-(-dim // BLOCK_D),)](partial, partial_omega, *_contiguous(alpha, delta, theta, gamma),
+                                              *grads, batch * num_chunks, dim, ndim, BLOCK_D=BLOCK_D,
                                               BLOCK_N=_block_n(ndim), num_warps=WARPS_STEPS)
-    return (du, *grads, d_omega, d_h0)
+    return (du, *grads, d_h0)
 
 
 @cema_scan_backward.register_fake
-def _(dy, dh, u, p, log_mag, phi, g_re, g_im, omega, h0, resets, chunk):
+def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk):
     batch, _, dim = u.shape
-    table = p.new_empty(p.shape)
-    return (torch.empty_like(u), table, table.clone(), table.clone(), table.clone(), table.clone(),
-            omega.new_empty(omega.shape), u.new_empty(batch, dim, p.shape[1], 2, dtype=torch.float32))
+    return (torch.empty_like(u), torch.empty_like(alpha), torch.empty_like(delta), torch.empty_like(theta),
+            torch.empty_like(gamma), torch.empty_like(omega),
+            u.new_empty(batch, dim, alpha.shape[1], 2, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, p, log_mag, phi, g_re, g_im, omega, h0, resets, chunk = inputs
-    ctx.save_for_backward(u, p, log_mag, phi, g_re, g_im, omega, h0, resets)
+    u, alpha, delta, theta, gamma, omega, h0, resets, chunk = inputs
+    ctx.save_for_backward(u, alpha, delta, theta, gamma, omega, h0, resets)
     ctx.chunk = chunk
     ctx.has_h0 = h0 is not None
 
 
 def _backward(ctx, dy: Tensor | None, dh: Tensor | None):
-    u, p, log_mag, phi, g_re, g_im, omega, h0, resets = ctx.saved_tensors
+    u, alpha, delta, theta, gamma, omega, h0, resets = ctx.saved_tensors
     if dy is None:
         dy = u.new_zeros(u.shape, dtype=torch.float32)
-    grads = cema_scan_backward(dy, dh, u, p, log_mag, phi, g_re, g_im, omega, h0, resets, ctx.chunk)
-    return *grads[:7], grads[7] if ctx.has_h0 else None, None, None
+    grads = cema_scan_backward(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, ctx.chunk)
+    return *grads[:6], grads[6] if ctx.has_h0 else None, None, None
 
 
 cema_scan.register_autograd(_backward, setup_context=_setup_context)
