@@ -217,6 +217,7 @@ def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk):
 def _setup_context(ctx, inputs, output) -> None:
     u, alpha, delta, theta, gamma, omega, h0, resets, chunk = inputs
     ctx.save_for_backward(u, alpha, delta, theta, gamma, omega, h0, resets)
+    ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: the kernels skip it
     ctx.chunk = chunk
     ctx.has_h0 = h0 is not None
 

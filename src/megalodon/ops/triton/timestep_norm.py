@@ -369,6 +369,7 @@ def _setup_context(ctx, inputs, output) -> None:
     x, count, mean, _, prior_count, prior_mean, _, block_reset, weight, _, _, block_size = inputs
     _, mean_t, rstd_t, block_count, _, _, _ = output
     ctx.mark_non_differentiable(*output[1:5])
+    ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors made only to be read
     ctx.block_size = block_size
     ctx.save_for_backward(x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean, block_reset, weight)
 
