@@ -106,10 +106,12 @@ class Megalodon(nn.Module):
         start = torch.zeros(batch, dtype=torch.int64, device=x.device) if position is None else position
         return logits, MegalodonState(new_layers, final_stats, start + length)
 
+    @torch.no_grad()
     def decode_constants(self) -> list:
         """Per layer, what decode_step_ derives from the parameters alone (MovingAverageGatedAttention
-        .decode_constants): compute them once per generation and pass them to every step."""
-        return [block.mega.decode_constants() for block in self.layers]
+        .decode_constants, and the affine of the FFN's norm): compute them once per generation and pass them to
+        every step."""
+        return [(block.mega.decode_constants(), block.nffn.norm.affine()) for block in self.layers]
 
     @torch.no_grad()
     def decode_step_(self, input_ids: Tensor, state: DecodeState, constants: list | None = None) -> Tensor:
@@ -132,10 +134,10 @@ class Megalodon(nn.Module):
         x = self.embed(input_ids).unsqueeze(1)  # B x 1 x D
         if self.config.scale_emb:
             x = x * math.sqrt(self.config.model_dim)
-        constants = [None] * len(self.layers) if constants is None else constants
-        for block, layer_state, layer_constants in zip(self.layers, state.layers, constants, strict=True):
-            y = block.mega.decode_step_(x, rotation, step, layer_state, layer_constants)
-            x = block.nffn(y, residual=x)  # the two-hop residual, as in MegalodonBlock.forward
+        constants = [(None, None)] * len(self.layers) if constants is None else constants
+        for block, layer_state, (mega, ffn_norm) in zip(self.layers, state.layers, constants, strict=True):
+            y = block.mega.decode_step_(x, rotation, step, layer_state, mega)
+            x = block.nffn(y, residual=x, norm_affine=ffn_norm)  # the two-hop residual, as in MegalodonBlock
         xn = self.output.final_norm.step_(x, state.final_norm)
         logits = self.output.output(xn.to(x.dtype))[:, 0]
         state.position.add_(1)

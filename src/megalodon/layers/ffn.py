@@ -30,10 +30,12 @@ class NormalizedFFN(nn.Module):
     def alpha_init(layer_index: int) -> float:
         return 0.1 * 0.5 ** layer_index
 
-    def forward(self, y: Tensor, residual: Tensor) -> Tensor:
-        """y: the MEGA output; residual: the block input, which the second hop adds back."""
+    def forward(self, y: Tensor, residual: Tensor,
+                norm_affine: tuple[Tensor | None, Tensor | None] | None = None) -> Tensor:
+        """y: the MEGA output; residual: the block input, which the second hop adds back. norm_affine: the norm's
+        affine() in fp32, when a decode step computed it once for every token."""
         cfg = self.config
-        u = self.norm(y, compute_dtype(y))
+        u = self.norm(y, compute_dtype(y), norm_affine)
         # fc2(dropout(silu(fc1 u) [* fc3 u])), with the SiLU and the product recomputed in backward
         up = None if self.fc3 is None else self.fc3(u)
         out = gated_linear(up, self.fc1(u), self.fc2.weight, cfg.hidden_dropout, self.training)

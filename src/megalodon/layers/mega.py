@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from megalodon.config import MegalodonConfig
 from megalodon.layers.cema import CEMA
-from megalodon.layers.norms import RMSNorm, compute_dtype
+from megalodon.layers.norms import RMSNorm, applied, compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import chunked_attention, decode_attention, rotary_angles, rotate_pairs
 from megalodon.ops.cema import CemaCoefficients, cema_decay, cema_step
@@ -39,6 +39,7 @@ class DecodeConstants(NamedTuple):
     omega: Tensor  # (D,)
     decay: tuple[Tensor, Tensor]  # q as (Re, Im), each (D, N)
     qk_affine: tuple[Tensor, Tensor]  # (2, z_dim) scale and shift that make q and k from normalized z
+    rms_scale: Tensor | None  # (D,) what the RMSNorm of the CEMA output multiplies by (weight + 1)
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -145,7 +146,8 @@ class MovingAverageGatedAttention(nn.Module):
         with torch.autocast(self.cema.omega.device.type, enabled=False):
             coeffs = self.cema.coefficients()
             return DecodeConstants(coeffs, self.cema.omega.squeeze(-1).to(coeffs.p.dtype), cema_decay(coeffs),
-                                   self._qk_affine(torch.promote_types(self.wz.weight.dtype, torch.float32)))
+                                   self._qk_affine(torch.promote_types(self.wz.weight.dtype, torch.float32)),
+                                   applied(self.rmsnorm.weight))
 
     @torch.no_grad()
     def decode_step_(self, x: Tensor, rotation: tuple[Tensor, Tensor], step: SlotStep, state: DecodeLayerState,
@@ -163,7 +165,7 @@ class MovingAverageGatedAttention(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             c, _ = cema_step(xn[:, 0].to(constants.omega.dtype), constants.coeffs, constants.omega, state.cema_h,
                              out=state.cema_h, decay=constants.decay)
-        mx = self.rmsnorm(c.unsqueeze(1), dtype)
+        mx = self.rmsnorm.step(c.unsqueeze(1), dtype, constants.rms_scale)
         z, gate, h1 = self._mixed_projections(mx)
         q, k = self._queries_keys(z, rotation, constants.qk_affine)
         v = self._values(xn.to(dtype))

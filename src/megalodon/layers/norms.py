@@ -25,6 +25,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def applied(weight: Tensor | None) -> Tensor | None:
+    """weight + 1 in fp32 or better: what a norm in this parameterization multiplies by. A decode step computes it
+    once per generation (the parameters do not change while it decodes) rather than once per token."""
+    return None if weight is None else weight.to(torch.promote_types(weight.dtype, torch.float32)) + 1.0
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, affine: bool = True):
         super().__init__()
@@ -35,6 +41,11 @@ class RMSNorm(nn.Module):
         """out_dtype: default x's."""
         return rms_norm(x, self.weight, self.eps, x.dtype if out_dtype is None else out_dtype)
 
+    def step(self, x: Tensor, out_dtype: torch.dtype, scale: Tensor | None) -> Tensor:
+        """forward() for inference with scale = applied(self.weight), computed beforehand."""
+        out = rms_norm(x, None, self.eps, torch.promote_types(x.dtype, torch.float32))
+        return (out if scale is None else out * scale).to(out_dtype)
+
 
 class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float, affine: bool = True):
@@ -44,10 +55,18 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
 
-    def forward(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-        """out_dtype: default x's."""
+    def forward(self, x: Tensor, out_dtype: torch.dtype | None = None,
+                affine: tuple[Tensor | None, Tensor | None] | None = None) -> Tensor:
+        """out_dtype: default x's. affine: self.affine(), when the caller computed it beforehand (decode)."""
         compute = torch.promote_types(x.dtype, torch.float32)
-        weight = None if self.weight is None else (self.weight + 1.0).to(compute)
-        bias = None if self.bias is None else self.bias.to(compute)
+        weight, bias = self.affine(compute) if affine is None else affine
         out = F.layer_norm(x.to(compute), x.shape[-1:], weight, bias, self.eps)
         return out.to(x.dtype if out_dtype is None else out_dtype)
+
+    def affine(self, dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """The weight and bias layer_norm applies, in dtype (default: the parameters'), fp32 or better."""
+        if dtype is None:
+            dtype = torch.float32 if self.weight is None else self.weight.dtype
+        dtype = torch.promote_types(dtype, torch.float32)
+        return (None if self.weight is None else applied(self.weight).to(dtype),
+                None if self.bias is None else self.bias.to(dtype))
