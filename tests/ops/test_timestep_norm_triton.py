@@ -268,25 +268,25 @@ def test_in_place_step_runs_in_a_cuda_graph_without_host_syncs():
 
 
 COMPILE_FOR_H100 = """
-from megalodon.ops.triton import timestep_norm as norm
+from megalodon.ops.triton import timestep_norm_kernels as kernels
 from megalodon.ops.triton import timestep_norm_step as step
 
 f32, f64, i64, i32 = "*fp32", "*fp64", "*i64", "i32"
 tile = dict(BLOCK_T=64, BLOCK_DG=32)
 CASES = []
 for x in ("*bf16", f32):
-    CASES += [(norm._moments_kernel, [x, f32, f32] + [i32] * 4, tile),
-              (norm._normalize_kernel, [x] + [f32] * 5 + [i32] * 4, tile),
-              (norm._norm_bwd_kernel, [x] + [f32] * 8 + [i32] * 4, tile),
-              (norm._dx_kernel, [x] + [f32] * 6 + [x] + [i32] * 4, tile),
+    CASES += [(kernels.moments_kernel, [x, f32, f32] + [i32] * 4, tile),
+              (kernels.normalize_kernel, [x] + [f32] * 5 + [i32] * 4, tile),
+              (kernels.norm_bwd_kernel, [x] + [f32] * 8 + [i32] * 4, tile),
+              (kernels.dx_kernel, [x] + [f32] * 6 + [x] + [i32] * 4, tile),
               (step._step_kernel, [x, i64, f64, f64, f32, f32, f32, i32, i32, i32, "fp32"],
                dict(BLOCK_G=32, BLOCK_DG=32))]
 for has_reset in (True, False):
     reset = "*i8" if has_reset else i64
     scan = dict(HAS_RESET=has_reset, BLOCK_T=256, BLOCK_G=8)
-    CASES += [(norm._scan_fwd_kernel, [f32] * 4 + [i64, f64, f64, i64, f64, f64, reset, i64, i64, f64, f64]
+    CASES += [(kernels.scan_fwd_kernel, [f32] * 4 + [i64, f64, f64, i64, f64, f64, reset, i64, i64, f64, f64]
                + [i32] * 5 + ["fp32"], scan),
-              (norm._scan_bwd_kernel, [f32] * 3 + [i64, reset, i64, f64, i64, f64, f64, f64] + [f32] * 2
+              (kernels.scan_bwd_kernel, [f32] * 3 + [i64, reset, i64, f64, i64, f64, f64, f64] + [f32] * 2
                + [f64] * 4 + [i32] * 5, dict(scan, HAS_FINAL=has_reset))]
 """
 

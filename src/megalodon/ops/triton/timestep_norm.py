@@ -3,16 +3,16 @@
 Shapes: x (B, L, D) fp32/bf16/fp16 with D = G * DG; the per-token statistics are (B, L, G) fp32; the running
 state (count (B,) int64, mean/var (B, G) float64) enters and leaves in float64. No pad_mask (the PyTorch path has it).
 
-Forward, three launches:
-1. `_moments_kernel`, grid (B*L / BLOCK_T, G): per-token group mean mu and population variance s2 of a
+Forward, three launches (the kernels are in ops/triton/timestep_norm_kernels.py):
+1. `moments_kernel`, grid (B*L / BLOCK_T, G): per-token group mean mu and population variance s2 of a
    (BLOCK_T tokens x DG features) tile, two-pass in registers.
-2. `_scan_fwd_kernel`, grid (B, G / BLOCK_G): a scan over time of the small (B, L, 2G) tensor. Each program walks
+2. `scan_fwd_kernel`, grid (B, G / BLOCK_G): a scan over time of the small (B, L, 2G) tensor. Each program walks
    its row's blocks (the chunk grid) in order and each block in tiles of BLOCK_T tokens. At a block's start the
    carry restarts at the prior where block_reset says so. Per tile: prefix sums of mu - c and s2 + (mu - c)^2
    shifted by the tile's first token mean c (Welford within the tile in closed form), then a Chan merge of the carry
    into every token, giving its cumulative mean and rstd = (var + eps)^-1/2. The carry (count, mean, var) absorbs
    each tile's totals with a float64 Chan merge, so rounding does not grow with position. Counts are exact int64.
-3. `_normalize_kernel`, same grid as 1: y = (x - mean_t) * rstd_t * (weight + 1) + bias, in fp32.
+3. `normalize_kernel`, same grid as 1: y = (x - mean_t) * rstd_t * (weight + 1) + bias, in fp32.
 Saved for backward: x (the input), mean_t and rstd_t (B, L, G) fp32, and the count entering each block (B, nb).
 
 Backward. Within a segment (since the last reset) that starts from (n0, m0, v0), token t's statistics are
@@ -24,11 +24,11 @@ so, with A_i = sum_{t>=i} dm_t / n_t, C_i = sum_{t>=i} dv_t / n_t and E_i(c) = s
 and through mu_i = mean_j x_ij, s2_i = mean_j (x_ij - mu_i)^2 the token mean cancels:
     dx_ij = g_ij rstd_i + (P_i + 2 C_i (x_ij - m_i)) / DG,   g = dy * (weight + 1),   P_i = A_i - 2 E_i(m_i).
 Three launches:
-4. `_norm_bwd_kernel`, grid as 1: dm_t = -rstd sum_j g, dv_t = -rstd^2 / 2 * sum_j g xhat, and per-tile partial
+4. `norm_bwd_kernel`, grid as 1: dm_t = -rstd sum_j g, dv_t = -rstd^2 / 2 * sum_j g xhat, and per-tile partial
    sums of dy * xhat and dy for the weight and bias gradients. The final state's gradients join the last token's.
-5. `_scan_bwd_kernel`, grid as 2: the reverse scan for P and C, with the carry (A, C, E) handed to the prior's
+5. `scan_bwd_kernel`, grid as 2: the reverse scan for P and C, with the carry (A, C, E) handed to the prior's
    gradient and cleared at each reset, and what remains at the start to the incoming state's gradient.
-6. `_dx_kernel`, grid as 1: dx.
+6. `dx_kernel`, grid as 1: dx.
 
 Both directions are `torch.library.custom_op`s (`megalodon::timestep_norm_fwd` / `_bwd`) with fake
 implementations and autograd registered, so a compiled graph holds each as one node.
@@ -40,12 +40,12 @@ from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
 from megalodon.ops.timestep_norm import NormStats
 from megalodon.ops.timestep_norm_stats import block_size_of, per_row
 from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton import timestep_norm_kernels as kernels
 
 
 def _token_tiles(groups: int, dim: int) -> tuple[int, int]:
@@ -60,220 +60,6 @@ def _scan_tiles(groups: int, block: int) -> tuple[int, int]:
     tiles of few groups keep that chain short (16 steps at L = 4096) and give G / 8 programs per row."""
     block_g = min(triton.next_power_of_2(groups), 8)
     return min(triton.next_power_of_2(block), 256), block_g
-
-
-# ---- kernels --------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _tile(pid, g, T, D, DG, BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr):
-    """Token indices, x offsets and masks of one (BLOCK_T tokens x one group's features) tile."""
-    toks = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_DG)
-    tmask = toks < T
-    cmask = cols < DG
-    offs = toks[:, None] * D + g * DG + cols[None, :]
-    return toks, cols, offs, tmask, cmask, tmask[:, None] & cmask[None, :]
-
-
-@triton.jit
-def _moments_kernel(x_ptr, mu_ptr, s2_ptr, T, D, G, DG, BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr):
-    g = tl.program_id(1)
-    toks, cols, offs, tmask, cmask, mask = _tile(tl.program_id(0), g, T, D, DG, BLOCK_T, BLOCK_DG)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mu = tl.sum(x, axis=1) / DG
-    xc = tl.where(mask, x - mu[:, None], 0.0)
-    tl.store(mu_ptr + toks * G + g, mu, mask=tmask)
-    tl.store(s2_ptr + toks * G + g, tl.sum(xc * xc, axis=1) / DG, mask=tmask)
-
-
-@triton.jit
-def _normalize_kernel(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, y_ptr, T, D, G, DG,
-                      BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr):
-    g = tl.program_id(1)
-    toks, cols, offs, tmask, cmask, mask = _tile(tl.program_id(0), g, T, D, DG, BLOCK_T, BLOCK_DG)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + toks * G + g, mask=tmask, other=0.0)
-    rstd = tl.load(rstd_ptr + toks * G + g, mask=tmask, other=0.0)
-    scale = tl.load(w_ptr + g * DG + cols, mask=cmask, other=0.0).to(tl.float32) + 1.0
-    shift = tl.load(b_ptr + g * DG + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = (x - mean[:, None]) * rstd[:, None] * scale[None, :] + shift[None, :]
-    tl.store(y_ptr + offs, y, mask=mask)
-
-
-@triton.jit
-def _scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr,
-                     count_ptr, mean0_ptr, var0_ptr, pcount_ptr, pmean_ptr, pvar_ptr, reset_ptr,
-                     bcount_ptr, fcount_ptr, fmean_ptr, fvar_ptr,
-                     L, G, block, num_blocks, tiles, eps,
-                     HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    pid_g = tl.program_id(1)
-    gs = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    gmask = gs < G
-    rows = tl.arange(0, BLOCK_T)
-    n0 = tl.load(count_ptr + b)  # the carry: int64 count, float64 mean and var
-    m0 = tl.load(mean0_ptr + b * G + gs, mask=gmask, other=0.0)
-    v0 = tl.load(var0_ptr + b * G + gs, mask=gmask, other=0.0)
-    pn = tl.load(pcount_ptr + b)
-    pm = tl.load(pmean_ptr + b * G + gs, mask=gmask, other=0.0)
-    pv = tl.load(pvar_ptr + b * G + gs, mask=gmask, other=0.0)
-    for c in range(0, num_blocks):
-        if HAS_RESET:
-            reset = tl.load(reset_ptr + b * num_blocks + c) != 0
-            n0 = tl.where(reset, pn, n0)
-            m0 = tl.where(reset, pm, m0)
-            v0 = tl.where(reset, pv, v0)
-        tl.store(bcount_ptr + b * num_blocks + c, n0, mask=pid_g == 0)
-        for tile in range(0, tiles):
-            j = tile * BLOCK_T + rows  # position inside the block
-            t = c * block + j
-            valid = (j < block) & (t < L)
-            offs = (b * L + t)[:, None] * G + gs[None, :]
-            mask = valid[:, None] & gmask[None, :]
-            mu = tl.load(mu_ptr + offs, mask=mask, other=0.0)
-            s2 = tl.load(s2_ptr + offs, mask=mask, other=0.0)
-            shift = tl.sum(tl.where((rows == 0)[:, None], mu, 0.0), axis=0)  # the tile's first token mean
-            # in-tile prefix statistics about the first token's mean (no catastrophic cancellation)
-            d = tl.where(mask, mu - shift[None, :], 0.0)
-            k = tl.maximum(tl.cumsum(valid.to(tl.float32), axis=0), 1.0)[:, None]
-            local_mean = tl.cumsum(d, axis=0) / k  # relative to shift
-            local_var = tl.maximum(tl.cumsum(tl.where(mask, s2 + d * d, 0.0), axis=0) / k
-                                   - local_mean * local_mean, 0.0)
-            # Chan merge of the carry into every token
-            n0f = n0.to(tl.float32)
-            share_a = n0f / (n0f + k)
-            share_b = k / (n0f + k)
-            delta = (shift - m0.to(tl.float32))[None, :] + local_mean
-            mean = m0.to(tl.float32)[None, :] + delta * share_b
-            var = share_a * v0.to(tl.float32)[None, :] + share_b * local_var + delta * delta * share_a * share_b
-            tl.store(mean_ptr + offs, mean, mask=mask)
-            tl.store(rstd_ptr + offs, tl.rsqrt(tl.maximum(var, 0.0) + eps), mask=mask)
-            # the carry absorbs the tile's totals in float64
-            kt = tl.sum(valid.to(tl.int32), axis=0)
-            last = (rows == kt - 1)[:, None]
-            tile_mean = tl.sum(tl.where(last, local_mean, 0.0), axis=0).to(tl.float64)
-            tile_var = tl.sum(tl.where(last, local_var, 0.0), axis=0).to(tl.float64)
-            ktd = kt.to(tl.float64)
-            n0d = n0.to(tl.float64)
-            nd = tl.maximum(n0d + ktd, 1.0)
-            dd = (shift.to(tl.float64) - m0) + tile_mean
-            new_mean = m0 + dd * (ktd / nd)
-            new_var = (n0d * v0 + ktd * tile_var) / nd + dd * dd * (n0d / nd) * (ktd / nd)
-            m0 = tl.where(kt > 0, new_mean, m0)
-            v0 = tl.where(kt > 0, new_var, v0)
-            n0 = n0 + kt
-    tl.store(fcount_ptr + b, n0, mask=pid_g == 0)
-    tl.store(fmean_ptr + b * G + gs, m0, mask=gmask)
-    tl.store(fvar_ptr + b * G + gs, v0, mask=gmask)
-
-
-@triton.jit
-def _norm_bwd_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, dm_ptr, dv_ptr, dw_ptr, db_ptr, T, D, G, DG,
-                     BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr):
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    toks, cols, offs, tmask, cmask, mask = _tile(pid, g, T, D, DG, BLOCK_T, BLOCK_DG)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + toks * G + g, mask=tmask, other=0.0)
-    rstd = tl.load(rstd_ptr + toks * G + g, mask=tmask, other=0.0)
-    scale = tl.load(w_ptr + g * DG + cols, mask=cmask, other=0.0).to(tl.float32) + 1.0
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    grad = dy * scale[None, :]
-    tl.store(dm_ptr + toks * G + g, -rstd * tl.sum(grad, axis=1), mask=tmask)
-    tl.store(dv_ptr + toks * G + g, -0.5 * rstd * rstd * tl.sum(grad * xhat, axis=1), mask=tmask)
-    part = pid.to(tl.int64) * D + g * DG + cols
-    tl.store(dw_ptr + part, tl.sum(dy * xhat, axis=0), mask=cmask)
-    tl.store(db_ptr + part, tl.sum(dy, axis=0), mask=cmask)
-
-
-@triton.jit
-def _scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, reset_ptr, count_ptr, mean0_ptr, pcount_ptr, pmean_ptr,
-                     dfmean_ptr, dfvar_ptr, p_ptr, c_ptr, dmean0_ptr, dvar0_ptr, dpmean_ptr, dpvar_ptr,
-                     L, G, block, num_blocks, tiles,
-                     HAS_RESET: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_G: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    gmask = gs < G
-    rows = tl.arange(0, BLOCK_T)
-    if HAS_FINAL:  # the state after the last token is that token's statistics: its gradient joins the last token's
-        d_final_mean = tl.load(dfmean_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
-        d_final_var = tl.load(dfvar_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
-    # suffix sums of the segment after the current tile: A, C, and E relative to the shift c_e
-    acc_a = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc_c = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc_e = tl.zeros([BLOCK_G], dtype=tl.float32)
-    c_e = tl.zeros([BLOCK_G], dtype=tl.float32)
-    d_prior_mean = tl.zeros([BLOCK_G], dtype=tl.float32)
-    d_prior_var = tl.zeros([BLOCK_G], dtype=tl.float32)
-    pn = tl.load(pcount_ptr + b).to(tl.float32)
-    pm = tl.load(pmean_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
-    for ci in range(0, num_blocks):
-        c = num_blocks - 1 - ci
-        n_block = tl.load(bcount_ptr + b * num_blocks + c).to(tl.float32)
-        for ti in range(0, tiles):
-            tile = tiles - 1 - ti
-            j = tile * BLOCK_T + (BLOCK_T - 1 - rows)  # descending, so that a forward cumsum gives suffix sums
-            t = c * block + j
-            valid = (j < block) & (t < L)
-            offs = (b * L + t)[:, None] * G + gs[None, :]
-            mask = valid[:, None] & gmask[None, :]
-            dm = tl.load(dm_ptr + offs, mask=mask, other=0.0)
-            dv = tl.load(dv_ptr + offs, mask=mask, other=0.0)
-            if HAS_FINAL:
-                last = ((t == L - 1) & valid)[:, None]  # a padded row of another block may also sit at t
-                dm += tl.where(last, d_final_mean[None, :], 0.0)
-                dv += tl.where(last, d_final_var[None, :], 0.0)
-            m = tl.load(mean_ptr + offs, mask=mask, other=0.0)
-            # shift: the tile's first token's mean (last in this order); valid tokens are a prefix in time
-            c_t = tl.sum(tl.where((rows == BLOCK_T - 1)[:, None], m, 0.0), axis=0)
-            c_t = tl.where(tl.sum(valid.to(tl.int32), axis=0) > 0, c_t, c_e)
-            acc_e = acc_e + (c_e - c_t) * acc_c  # rebase E to this tile's shift
-            c_e = c_t
-            inv_n = 1.0 / (n_block + (j + 1).to(tl.float32))[:, None]
-            a = dm * inv_n
-            cc = dv * inv_n
-            e = dv * (m - c_t[None, :]) * inv_n
-            sum_a = tl.cumsum(a, axis=0) + acc_a[None, :]
-            sum_c = tl.cumsum(cc, axis=0) + acc_c[None, :]
-            sum_e = tl.cumsum(e, axis=0) + acc_e[None, :]
-            tl.store(p_ptr + offs, sum_a - 2.0 * (sum_e + (c_t[None, :] - m) * sum_c), mask=mask)
-            tl.store(c_ptr + offs, sum_c, mask=mask)
-            acc_a += tl.sum(a, axis=0)
-            acc_c += tl.sum(cc, axis=0)
-            acc_e += tl.sum(e, axis=0)
-        if HAS_RESET:
-            reset = tl.load(reset_ptr + b * num_blocks + c) != 0
-            d_prior_mean += tl.where(reset, pn * (acc_a + 2.0 * (pm - c_e) * acc_c - 2.0 * acc_e), 0.0)
-            d_prior_var += tl.where(reset, pn * acc_c, 0.0)
-            acc_a = tl.where(reset, 0.0, acc_a)
-            acc_c = tl.where(reset, 0.0, acc_c)
-            acc_e = tl.where(reset, 0.0, acc_e)
-    n_in = tl.load(count_ptr + b).to(tl.float32)
-    m_in = tl.load(mean0_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
-    # in the state's dtype (float64): no conversion afterwards
-    d_mean0 = n_in * (acc_a + 2.0 * (m_in - c_e) * acc_c - 2.0 * acc_e)
-    tl.store(dmean0_ptr + b * G + gs, d_mean0.to(dmean0_ptr.dtype.element_ty), mask=gmask)
-    tl.store(dvar0_ptr + b * G + gs, (n_in * acc_c).to(dvar0_ptr.dtype.element_ty), mask=gmask)
-    tl.store(dpmean_ptr + b * G + gs, d_prior_mean.to(dpmean_ptr.dtype.element_ty), mask=gmask)
-    tl.store(dpvar_ptr + b * G + gs, d_prior_var.to(dpvar_ptr.dtype.element_ty), mask=gmask)
-
-
-@triton.jit
-def _dx_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, p_ptr, c_ptr, w_ptr, dx_ptr, T, D, G, DG,
-               BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr):
-    g = tl.program_id(1)
-    toks, cols, offs, tmask, cmask, mask = _tile(tl.program_id(0), g, T, D, DG, BLOCK_T, BLOCK_DG)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + toks * G + g, mask=tmask, other=0.0)
-    rstd = tl.load(rstd_ptr + toks * G + g, mask=tmask, other=0.0)
-    p = tl.load(p_ptr + toks * G + g, mask=tmask, other=0.0)
-    c = tl.load(c_ptr + toks * G + g, mask=tmask, other=0.0)
-    scale = tl.load(w_ptr + g * DG + cols, mask=cmask, other=0.0).to(tl.float32) + 1.0
-    dx = dy * scale[None, :] * rstd[:, None] + (p[:, None] + 2.0 * c[:, None] * (x - mean[:, None])) / DG
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- the custom ops -------------------------------------------------------------------------------------------
@@ -298,16 +84,17 @@ def timestep_norm_fwd(
     tokens = batch * length
     block_t, block_dg = _token_tiles(groups, dim)
     token_grid = (triton.cdiv(tokens, block_t), groups)
-    _moments_kernel[token_grid](x, mu, s2, tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg)
+    kernels.moments_kernel[token_grid](x, mu, s2, tokens, dim, groups, dim // groups, BLOCK_T=block_t,
+                                       BLOCK_DG=block_dg)
     scan_t, scan_g = _scan_tiles(groups, block_size)
     reset = count if block_reset is None else block_reset.to(torch.int8)  # any pointer when there is none
-    _scan_fwd_kernel[(batch, triton.cdiv(groups, scan_g))](
+    kernels.scan_fwd_kernel[(batch, triton.cdiv(groups, scan_g))](
         mu, s2, mean_t, rstd_t, count, mean, var, prior_count, prior_mean, prior_var, reset,
         block_count, final_count, final_mean, final_var,
         length, groups, block_size, num_blocks, triton.cdiv(block_size, scan_t), eps,
         HAS_RESET=block_reset is not None, BLOCK_T=scan_t, BLOCK_G=scan_g)
-    _normalize_kernel[token_grid](x, mean_t, rstd_t, weight, bias, y, tokens, dim, groups, dim // groups,
-                                  BLOCK_T=block_t, BLOCK_DG=block_dg)
+    kernels.normalize_kernel[token_grid](x, mean_t, rstd_t, weight, bias, y, tokens, dim, groups, dim // groups,
+                                         BLOCK_T=block_t, BLOCK_DG=block_dg)
     return y, mean_t, rstd_t, block_count, final_count, final_mean, final_var
 
 
@@ -339,20 +126,20 @@ def timestep_norm_bwd(
     token_grid = (triton.cdiv(tokens, block_t), groups)
     dm, dv, p, c = (x.new_empty(batch, length, groups, dtype=torch.float32) for _ in range(4))
     partial = [x.new_empty(token_grid[0], dim, dtype=torch.float32) for _ in range(2)]
-    _norm_bwd_kernel[token_grid](x, dy, mean_t, rstd_t, weight, dm, dv, partial[0], partial[1],
-                                 tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg)
+    kernels.norm_bwd_kernel[token_grid](x, dy, mean_t, rstd_t, weight, dm, dv, partial[0], partial[1],
+                                        tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg)
     d_state = [torch.empty_like(mean) for _ in range(4)]  # incoming mean and var, prior mean and var
     scan_t, scan_g = _scan_tiles(groups, block_size)
     reset = count if block_reset is None else block_reset.to(torch.int8)
     has_final = d_final_mean is not None
-    _scan_bwd_kernel[(batch, triton.cdiv(groups, scan_g))](
+    kernels.scan_bwd_kernel[(batch, triton.cdiv(groups, scan_g))](
         dm, dv, mean_t, block_count, reset, count, mean, prior_count, prior_mean,
         d_final_mean if has_final else mean, d_final_var if has_final else mean,  # any pointer when unused
         p, c, *d_state, length, groups, block_size, num_blocks, triton.cdiv(block_size, scan_t),
         HAS_RESET=block_reset is not None, HAS_FINAL=has_final, BLOCK_T=scan_t, BLOCK_G=scan_g)
     dx = torch.empty_like(x)
-    _dx_kernel[token_grid](x, dy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups, dim // groups,
-                           BLOCK_T=block_t, BLOCK_DG=block_dg)
+    kernels.dx_kernel[token_grid](x, dy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups, dim // groups,
+                                  BLOCK_T=block_t, BLOCK_DG=block_dg)
     d_weight, d_bias = (t.sum(0).to(weight.dtype) for t in partial)
     return dx, *d_state, d_weight, d_bias
 
