@@ -239,7 +239,8 @@ from megalodon.ops.triton import cema as glue
 from megalodon.ops.triton import cema_kernels as kernels
 from megalodon.ops.triton import cema_step as step
 
-warps = {"scan_kernel": glue.WARPS_SCAN, "parameter_grads_kernel": glue.WARPS_GRADS}
+warps = {"scan_kernel": glue.WARPS_SCAN, "parameter_grads_kernel": glue.WARPS_GRADS,
+         "tables_kernel": glue.WARPS_TABLES, "gradients_kernel": glue.WARPS_TABLES}
 fp32, ints = "*fp32", ["i32"] * 4  # L, D, N, num_chunks
 x = ["*bf16", "i32", "i32", "i32", "*u8"]  # a bf16 input with its strides, the reset flags
 shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL)

@@ -51,8 +51,10 @@ UNROLL = 8  # steps issued together (see cema_kernels)
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
 # loop). The scan and the gradient kernel hold more tiles and would spill with one warp. Checked on sm_90 with
-# cuobjdump: 168-178 registers a thread at 1 warp, 152 (scan) and 96 (gradients) at 2 and 4, no spills.
-WARPS_STEPS, WARPS_SCAN, WARPS_GRADS = 1, 2, 4
+# cuobjdump: 168-178 registers a thread at 1 warp, 152 (scan) and 96 (gradients) at 2 and 4, no spills. The two
+# small kernels that derive the tables and the parameter gradients take 4 warps: at 1 the second spilled (255
+# registers and a 456-byte stack); at 4, 80 and 123 registers.
+WARPS_STEPS, WARPS_SCAN, WARPS_GRADS, WARPS_TABLES = 1, 2, 4, 4
 
 
 def _kernels():
@@ -131,7 +133,7 @@ def _tables(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor,
     kappa = alpha.new_empty(dim)
     kernels.tables_kernel[(-(-dim // BLOCK_D),)](*_contiguous(alpha, delta, theta, gamma, omega), tables, kappa, dim,
                                                  ndim, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim),
-                                                 num_warps=WARPS_STEPS)
+                                                 num_warps=WARPS_TABLES)
     return list(tables.unbind(0)), kappa
 
 
@@ -202,7 +204,7 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tenso
              alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
     k.gradients_kernel[(-(-dim // BLOCK_D),)](partial, partial_omega, *_contiguous(alpha, delta, theta, gamma),
                                               *grads, batch * num_chunks, dim, ndim, BLOCK_D=BLOCK_D,
-                                              BLOCK_N=_block_n(ndim), num_warps=WARPS_STEPS)
+                                              BLOCK_N=_block_n(ndim), num_warps=WARPS_TABLES)
     return (du, *grads, d_h0)
 
 
