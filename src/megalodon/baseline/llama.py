@@ -73,18 +73,22 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin, B x 1 x L x head_dim, for rotary positions (B, L). Angles in float64: exact at long range."""
+    """The tables apply_rotary takes for rotary positions (B, L), each B x 1 x L x head_dim: cos over both halves,
+    and sin signed (-sin on the first half, +sin on the second). Angles in float64: exact at long range."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
     angles = positions.to(torch.float64)[..., None] * inv_freq  # B x L x head_dim/2
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    return (torch.cat([angles.cos()] * 2, dim=-1).unsqueeze(1).to(dtype),
+            torch.cat([-sin, sin], dim=-1).unsqueeze(1).to(dtype))
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the pairs (x[j], x[j + head_dim/2]) of x (B, H, L, head_dim), in the dtype of the tables."""
+    """Rotate the pairs (x[j], x[j + head_dim/2]) of x (B, H, L, head_dim), in the dtype of the tables: x cos plus
+    the halves swapped times the signed sin, the same few kernels per call as Megalodon's rotary
+    (ops/attention.py), so that the two models' steps stay comparable."""
     xf = x.to(cos.dtype)
     first, second = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
+    return torch.addcmul(xf * cos, torch.cat([second, first], dim=-1), sin).to(x.dtype)
 
 
 class Attention(nn.Module):
