@@ -165,7 +165,7 @@ class MovingAverageGatedAttention(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             c, _ = cema_step(xn[:, 0].to(constants.omega.dtype), constants.coeffs, constants.omega, state.cema_h,
                              out=state.cema_h, decay=constants.decay)
-        mx = self.rmsnorm.step(c.unsqueeze(1), dtype, constants.rms_scale)
+        mx = self.rmsnorm(c.unsqueeze(1), dtype, constants.rms_scale)
         z, gate, h1 = self._mixed_projections(mx)
         q, k = self._queries_keys(z, rotation, constants.qk_affine)
         v = self._values(xn.to(dtype))

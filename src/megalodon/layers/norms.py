@@ -37,14 +37,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim)) if affine else None
 
-    def forward(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-        """out_dtype: default x's."""
-        return rms_norm(x, self.weight, self.eps, x.dtype if out_dtype is None else out_dtype)
-
-    def step(self, x: Tensor, out_dtype: torch.dtype, scale: Tensor | None) -> Tensor:
-        """forward() for inference with scale = applied(self.weight), computed beforehand."""
-        out = rms_norm(x, None, self.eps, torch.promote_types(x.dtype, torch.float32))
-        return (out if scale is None else out * scale).to(out_dtype)
+    def forward(self, x: Tensor, out_dtype: torch.dtype | None = None, scale: Tensor | None = None) -> Tensor:
+        """out_dtype: default x's. scale: applied(self.weight), when the caller computed it beforehand (decode;
+        no gradient reaches the weight through it)."""
+        out_dtype = x.dtype if out_dtype is None else out_dtype
+        if scale is None:
+            return rms_norm(x, self.weight, self.eps, out_dtype)
+        return (rms_norm(x, None, self.eps, torch.promote_types(x.dtype, torch.float32)) * scale).to(out_dtype)
 
 
 class LayerNorm(nn.Module):

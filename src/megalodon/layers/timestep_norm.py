@@ -46,11 +46,11 @@ class TimestepNorm(nn.Module):
             if x.shape[1] == 1 and block_reset is None and pad_mask is None:
                 initial = self.initial_state(x.shape[0]) if state is None else state
                 return timestep_norm_step(x, initial, self.weight, self.bias, self.eps)
+            # A fresh stream starts at the prior itself, which the op expands over the rows (no copies); resets
+            # restart at `initial` when no prior is given, and that is the prior here too.
             prior = self.prior()
-            if state is None:  # a fresh stream starts at the prior, which the op expands over the rows: no copies
-                return timestep_norm(x, prior, self.weight, self.bias, self.eps, block_size, block_reset, None,
-                                     pad_mask)
-            return timestep_norm(x, state, self.weight, self.bias, self.eps, block_size, block_reset, prior,
+            initial, restart = (prior, None) if state is None else (state, prior)
+            return timestep_norm(x, initial, self.weight, self.bias, self.eps, block_size, block_reset, restart,
                                  pad_mask)
 
     def step_(self, x: Tensor, state: NormStats) -> Tensor:

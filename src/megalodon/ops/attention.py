@@ -64,15 +64,11 @@ def _future(queries: int, keys: int, offset: int, device: torch.device) -> Tenso
     return torch.ones(queries, keys, dtype=torch.bool, device=device).triu(offset + 1)
 
 
-def _scores(q: Tensor, k: Tensor) -> Tensor:
-    """q k^T in the compute dtype, returned in fp32 (or better) for the softmax: (..., Sq, Sk), a new tensor."""
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    return scores.to(torch.promote_types(scores.dtype, torch.float32))
-
-
 def _masked_scores(q: Tensor, k: Tensor, offset: int) -> Tensor:
-    """_scores with the keys after each query masked out."""
-    return _scores(q, k).masked_fill_(_future(q.shape[-2], k.shape[-2], offset, q.device), float("-inf"))
+    """q k^T in the compute dtype, then masked in fp32 (or better): (..., Sq, Sk), a new tensor."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    return scores.masked_fill_(_future(q.shape[-2], k.shape[-2], offset, q.device), float("-inf"))
 
 
 def _probabilities(q: Tensor, k: Tensor, offset: int) -> Tensor:

@@ -23,8 +23,8 @@ from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, sav
 from megalodon.training.compute import autocast, evaluate, forward_loss, sample_text
 from megalodon.training.config import TrainConfig
 from megalodon.training.data import open_splits, prepare_data
-from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
 from megalodon.training.dist_checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
+from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
 from megalodon.training.optim import build_optimizer, lr_at
 from megalodon.training.report import open_tensorboard, strict_json, truncate_metrics, write_report
 from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
