@@ -89,10 +89,11 @@ class Megalodon(nn.Module):
             x = x * math.sqrt(self.config.model_dim)
         x = F.dropout(x, self.config.dropout, self.training)
 
+        rotation = self.rotation(state, length, x.dtype)
         new_layers = []
         for i, block in enumerate(self.layers):
             layer_state = None if state is None else state.layers[i]
-            x, layer_state = block(x, self.rope.freqs, layer_state, position, block_reset, return_state)
+            x, layer_state = block(x, rotation, layer_state, position, block_reset, return_state)
             new_layers.append(layer_state)
 
         xn, final_stats = self.output.final_norm(x, None if state is None else state.final_norm,
@@ -105,6 +106,18 @@ class Megalodon(nn.Module):
             return logits
         start = torch.zeros(batch, dtype=torch.int64, device=x.device) if position is None else position
         return logits, MegalodonState(new_layers, final_stats, start + length)
+
+    def rotation(self, state: MegalodonState | None, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The rotary tables of a call's tokens (rotary_angles of their in-chunk positions, in fp32 or better
+        than dtype), which every layer applies alike: a single token takes each row's own position, a longer call
+        starts where the key caches' shared fill ends (_check_inputs made sure there is one)."""
+        chunk, dtype = self.config.chunk_size, torch.promote_types(dtype, torch.float32)
+        if state is not None and length == 1:
+            positions = (state.position % chunk)[:, None]  # B x 1
+        else:
+            start = state.layers[0].k_cache.shape[1] if state is not None and state.layers else 0
+            positions = (torch.arange(length, device=self.rope.freqs.device) + start) % chunk
+        return rotary_angles(positions, self.rope.freqs, dtype)
 
     @torch.no_grad()
     def decode_constants(self) -> list:

@@ -17,9 +17,9 @@ class MegalodonBlock(nn.Module):
         self.nffn = NormalizedFFN(config, layer_index)
 
     def forward(
-        self, x: Tensor, freqs: Tensor, state: LayerState | None, position: Tensor | None,
+        self, x: Tensor, rotation: tuple[Tensor, Tensor], state: LayerState | None, position: Tensor | None,
         block_reset: Tensor | None = None, need_state: bool = False,
     ) -> tuple[Tensor, LayerState | None]:
-        y, new_state = self.mega(x, freqs, state, position, block_reset, need_state)
+        y, new_state = self.mega(x, rotation, state, position, block_reset, need_state)
         # Second hop: the FFN's residual is the block input x, not the MEGA output y.
         return self.nffn(y, residual=x), new_state

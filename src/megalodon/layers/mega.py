@@ -18,7 +18,7 @@ from megalodon.config import MegalodonConfig
 from megalodon.layers.cema import CEMA
 from megalodon.layers.norms import RMSNorm, applied, compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
-from megalodon.ops.attention import chunked_attention, decode_attention, rotary_angles, rotate_pairs
+from megalodon.ops.attention import chunked_attention, decode_attention, rotate_pairs
 from megalodon.ops.cema import CemaCoefficients, cema_decay, cema_step
 from megalodon.ops.fused import gated_linear, rms_norm
 from megalodon.ops.static_kv import SlotStep, attend_slots, write_slot_
@@ -103,10 +103,12 @@ class MovingAverageGatedAttention(nn.Module):
 
     # ---- a call of any length ----------------------------------------------------------------------------------
     def forward(
-        self, x: Tensor, freqs: Tensor, state: LayerState | None, position: Tensor | None,
+        self, x: Tensor, rotation: tuple[Tensor, Tensor], state: LayerState | None, position: Tensor | None,
         block_reset: Tensor | None = None, need_state: bool = False,
     ) -> tuple[Tensor, LayerState | None]:
-        """x: (B, L, D). position: (B,) tokens seen before this call, or None for a fresh stream.
+        """x: (B, L, D). position: (B,) tokens seen before this call, or None for a fresh stream. rotation:
+        rotary_angles of the tokens' in-chunk positions, in fp32 or better (Megalodon.rotation; the same for every
+        layer, so made once per call and saved once for backward).
 
         A call of several tokens needs every row at the same in-chunk position, which the model checks: the
         key cache's length is then that position. A single token may find its rows at different positions."""
@@ -121,17 +123,13 @@ class MovingAverageGatedAttention(nn.Module):
         z, gate, h1 = self._mixed_projections(mx)
         v = self._values(xn.to(dtype))
 
-        rope_dtype = torch.promote_types(z.dtype, torch.float32)
+        q, k = self._queries_keys(z, rotation)
         if state is not None and length == 1:
             fill = position % chunk  # B: each row's own position in its chunk
-            q, k = self._queries_keys(z, rotary_angles(fill[:, None], freqs, rope_dtype))
             attn, k_cache, v_cache = decode_attention(q, k, v, state.k_cache, state.v_cache, fill, chunk)
         else:
             k_cache = None if state is None else state.k_cache
             v_cache = None if state is None else state.v_cache
-            start = 0 if k_cache is None else k_cache.shape[1]  # the shared fill of the current chunk
-            positions = (torch.arange(length, device=x.device) + start) % chunk
-            q, k = self._queries_keys(z, rotary_angles(positions, freqs, rope_dtype))
             attn, k_cache, v_cache = chunked_attention(q, k, v, chunk, k_cache, v_cache,
                                                        cfg.attention_dropout if self.training else 0.0)
 
