@@ -42,9 +42,19 @@ def requires_cuda(test):
 requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 
+def force_fused_rms_norm(monkeypatch) -> None:
+    """The RMSNorms on torch's path (F.rms_norm) for CPU tensors too, as on a GPU with torch's fused kernel."""
+    from megalodon.baseline import llama
+    from megalodon.ops import fused
+
+    for module in (fused, llama):
+        monkeypatch.setattr(module, "FUSED_RMS_NORM_DEVICES", fused.FUSED_RMS_NORM_DEVICES | {"cpu"})
+
+
 def force_triton(monkeypatch) -> list[str]:
-    """Every op on its Triton path, for CPU tensors too (the interpreter runs the kernels); returns a list that
-    records each kernel entry point of training as it runs."""
+    """Every op on its GPU path, for CPU tensors too: the Triton kernels (the interpreter runs them) and the
+    RMSNorm on torch's fused kernel. Returns a list that records each kernel entry point of training as it runs."""
+    force_fused_rms_norm(monkeypatch)
     from megalodon.ops import cema as cema_ops
     from megalodon.ops import timestep_norm as norm_ops
     from megalodon.ops.triton import cema as cema_kernels

@@ -89,3 +89,26 @@ def test_split_calls_on_the_kernels_equal_one_call(monkeypatch):
             start += size
     assert {"cema_scan", "timestep_norm_triton"} <= set(calls)
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_steps_on_the_kernels_equal_the_pytorch_forward(monkeypatch):
+    """The decode path a GPU runs (the Triton step kernels, torch's fused RMSNorm, the decode constants) against
+    the PyTorch path's one-call forward, rows at different fills, across a chunk boundary."""
+    from megalodon import MegalodonState
+    from megalodon.decode_state import DecodeState
+    from megalodon.inference.decoding import StaticDecoder
+
+    model = tiny_model(torch.float32, chunk_size=16)
+    sequences = torch.randint(0, 64, (2, 40))
+    lengths = [5, 16]
+    with torch.no_grad():
+        full = [model(s[None])[0] for s in sequences]
+        state = MegalodonState.stack([model(s[None, :n], return_state=True)[1] for s, n in zip(sequences, lengths)])
+    calls = force_triton(monkeypatch)
+    decoder = StaticDecoder(model, DecodeState.from_state(state, model.config))
+    for t in range(20):
+        ids = torch.stack([s[n + t] for s, n in zip(sequences, lengths)])
+        logits = decoder.step(ids)
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(logits[row], full[row][n + t], rtol=1e-4, atol=1e-4)
+    assert calls == []  # decode runs the step kernels, not the training entry points

@@ -1,8 +1,12 @@
-"""The memory-lean RMSNorm and SiLU-gated linear against their plain autograd references, in float64."""
+"""The memory-lean RMSNorm and SiLU-gated linear against their plain autograd references, in float64; and the
+RMSNorm on torch's fused kernel (F.rms_norm), which CUDA runs."""
 
 import pytest
 import torch
+from helpers import force_fused_rms_norm, requires_cuda
 
+from megalodon.baseline import llama
+from megalodon.ops import fused
 from megalodon.ops.fused import gated_linear, gated_linear_reference, rms_norm, rms_norm_reference
 
 
@@ -40,6 +44,71 @@ def test_rms_norm_keeps_only_its_input_and_one_scalar_per_row():
         out = rms_norm(x, weight, 1e-5, torch.bfloat16)
     assert out.dtype == torch.bfloat16
     assert sum(t.numel() for t in saved if t is not weight) == x.numel() + 4 * 6
+
+
+@pytest.mark.parametrize("weight_as", ["weight", "scale", None])
+def test_rms_norm_on_torch_kernel_matches_reference_with_gradients(monkeypatch, weight_as):
+    force_fused_rms_norm(monkeypatch)
+    x, weight = leaves((2, 5, 3, 8), (8,), seed=5)
+    inputs = [x] if weight_as is None else [x, weight]
+
+    def fast(x, w=None):
+        if weight_as == "scale":
+            return rms_norm(x, None, 1e-5, scale=w + 1.0)
+        return rms_norm(x, w, 1e-5)
+
+    def slow(x, w=None):
+        return rms_norm_reference(x, w, 1e-5, torch.float64)
+
+    for got, want in zip(grads_of(fast, inputs), grads_of(slow, inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_on_torch_kernel_keeps_fp32_statistics_and_casts_last(monkeypatch, out_dtype):
+    x, weight = leaves((3, 4, 16), (16,), seed=6)
+    x = (x * 100).to(torch.bfloat16).detach()  # a bf16 input is normalized in fp32, as on the other path
+    want = rms_norm(x, weight.float(), 1e-5, out_dtype)
+    force_fused_rms_norm(monkeypatch)
+    got = rms_norm(x, weight.float(), 1e-5, out_dtype)
+    assert got.dtype == out_dtype
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_llama_norm_on_torch_kernel_matches_its_own(monkeypatch, dtype):
+    torch.manual_seed(7)
+    norm = llama.RMSNorm(8, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = torch.randn(2, 5, 8, dtype=dtype, requires_grad=True)
+    want = grads_of(norm, [x])
+    force_fused_rms_norm(monkeypatch)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+    for got, expected in zip(grads_of(norm, [x]), want):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, **tolerance)
+
+
+@requires_cuda
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_on_cuda_runs_torch_fused_kernel(out_dtype):
+    """On a GPU: the fused kernel against the float64 reference, gradients included, and it keeps only x and one
+    scalar per row."""
+    assert "cuda" in fused.FUSED_RMS_NORM_DEVICES, "this torch has no fused RMSNorm kernel for CUDA"
+    x, weight = (t.detach().cuda().float().requires_grad_() for t in leaves((4, 64, 256), (256,), seed=8))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = rms_norm(x, weight, 1e-5, out_dtype)
+    assert out.dtype == out_dtype
+    assert sum(t.numel() for t in saved if t.dim() > 1) == x.numel() + 4 * 64
+    got = [out, *torch.autograd.grad(out.float().square().sum(), [x, weight])]
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
+    ref = rms_norm_reference(x64, w64, 1e-5, torch.float64)
+    want = [ref, *torch.autograd.grad(ref.square().sum(), [x64, w64])]
+    tolerance = 1e-5 if out_dtype == torch.float32 else 1e-2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("with_x", [True, False])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon.baseline.cache import KVCache, StaticKVCache, attention_mask, document_begins
+from megalodon.ops.fused import FUSED_RMS_NORM_DEVICES, torch_rms_norm
 from megalodon.ops.static_kv import SlotStep, attend_slots, slot_step, write_slot_
 from megalodon.validation import check_token_ids
 
@@ -68,6 +69,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type in FUSED_RMS_NORM_DEVICES:  # torch's fused kernel, as Megalodon's norms use there
+            return torch_rms_norm(x, self.weight, self.eps, x.dtype)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 or better
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
 

@@ -40,10 +40,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, out_dtype: torch.dtype | None = None, scale: Tensor | None = None) -> Tensor:
         """out_dtype: default x's. scale: applied(self.weight), when the caller computed it beforehand (decode;
         no gradient reaches the weight through it)."""
-        out_dtype = x.dtype if out_dtype is None else out_dtype
-        if scale is None:
-            return rms_norm(x, self.weight, self.eps, out_dtype)
-        return (rms_norm(x, None, self.eps, torch.promote_types(x.dtype, torch.float32)) * scale).to(out_dtype)
+        return rms_norm(x, self.weight, self.eps, x.dtype if out_dtype is None else out_dtype, scale)
 
 
 class LayerNorm(nn.Module):
