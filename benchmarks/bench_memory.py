@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py                          # mega200M shapes, bf16 autocast, L = 2K and 4K
     python benchmarks/bench_memory.py --preset small --dtype fp32 --lengths 512 1024 --by-line
+    TRITON_INTERPRET=1 python benchmarks/bench_memory.py --kernels --shrink 16   # the GPU's graph, on the CPU
 
 Both models run one forward (batch 1, two layers) under `torch.autograd.graph.saved_tensors_hooks`. Every
 tensor saved inside a block is counted once per storage (views share their base's bytes). The figure per token is
@@ -9,6 +10,11 @@ the slope between two lengths, so weights and their autocast copies, which do no
 What the hooks see is what the backward pass keeps, on any device: the GPU figure follows from the same graph
 (allocator rounding and kernel workspaces aside). `--by-line` attributes the bytes to the line of this package
 that saved them.
+
+On a GPU the CEMA and the TimestepNorm run as Triton custom ops, which save other tensors than the PyTorch path.
+`--kernels` counts that graph on the CPU: the kernels run under Triton's interpreter (TRITON_INTERPRET=1), which
+is slow, so `--shrink` divides every width of the preset; the bytes of every saved tensor scale with the widths,
+and the figures printed are multiplied back.
 """
 
 from __future__ import annotations
@@ -20,17 +26,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from op_counts import build, run_the_gpu_code
+
+from megalodon import MegalodonConfig
 
 PACKAGE = str(Path(__file__).resolve().parent.parent / "src" / "megalodon")
-
-
-def build(arch: str, preset: str, layers: int):
-    from megalodon import Megalodon, MegalodonConfig
-    from megalodon.baseline import Llama, matched_llama_config
-
-    config = MegalodonConfig.from_preset(preset, num_layers=layers)
-    torch.manual_seed(0)
-    return Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
 
 
 def saved_bytes(model, length: int, dtype: str, by_line: bool) -> tuple[int, dict[str, int]]:
@@ -68,22 +68,31 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--by-line", action="store_true")
+    parser.add_argument("--kernels", action="store_true",
+                        help="run the GPU's code: the Triton kernels under the interpreter (needs TRITON_INTERPRET=1)")
+    parser.add_argument("--shrink", type=int, default=1, help="divide the preset's widths by this (default 1)")
     args = parser.parse_args()
+    if args.kernels and not run_the_gpu_code():
+        parser.error("--kernels needs triton installed and TRITON_INTERPRET=1 set before Python starts")
 
     short, long = args.lengths
-    print(f"preset {args.preset}, {args.dtype}, batch 1, lengths {short} and {long}, {args.layers} layers\n")
+    path = "Triton kernels (interpreter)" if args.kernels else "PyTorch path"
+    widths = f", widths / {args.shrink} (figures x {args.shrink})" if args.shrink > 1 else ""
+    print(f"preset {args.preset}, {args.dtype}, batch 1, lengths {short} and {long}, {args.layers} layers, "
+          f"{path}{widths}\n")
     print("| model | bytes per token per layer | ratio to the Llama |")
     print("|---|---|---|")
     per_token = {}
     for arch in ("llama", "megalodon"):
-        model = build(arch, args.preset, args.layers)
+        chunk = MegalodonConfig.from_preset(args.preset).chunk_size
+        model = build(arch, args.preset, args.layers, chunk, args.shrink)
         (small, _), (large, lines) = (saved_bytes(model, n, args.dtype, args.by_line) for n in (short, long))
-        per_token[arch] = (large - small) / (long - short) / args.layers
+        per_token[arch] = (large - small) / (long - short) / args.layers * args.shrink
         ratio = per_token[arch] / per_token["llama"]
         print(f"| {arch} | {per_token[arch]:,.0f} | {ratio:.2f} |", flush=True)
         if args.by_line:
             for where, nbytes in sorted(lines.items(), key=lambda kv: -kv[1]):
-                print(f"    {nbytes / long / args.layers:10,.0f}  {where}")
+                print(f"    {nbytes / long / args.layers * args.shrink:10,.0f}  {where}")
 
 
 if __name__ == "__main__":

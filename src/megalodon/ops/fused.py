@@ -6,9 +6,9 @@ output, the gate `x * silu(g)` its input, the SiLU output and the product. These
 MEGA layer and an FFN by about a quarter. Each has a plain autograd reference beside it (`*_reference`, the
 obviously right form), the tests compare the two in float64, and one function per op decides which path runs.
 
-Where torch has a fused RMSNorm kernel for the device (CUDA since torch 2.9), the RMSNorm runs on it: one launch
-forward and one backward where the composed form takes about eight and ten, and it keeps the same input and one
-scalar per row. The Llama baseline's norm uses it too, so that the comparison stays fair.
+Where torch has a fused RMSNorm kernel for the device (CUDA in recent torch: 2.11 has it), the RMSNorm runs on
+it: one launch forward and one backward where the composed form takes about eight and ten, and it keeps the same
+input and one scalar per row. The Llama baseline's norm uses it too, so that the comparison stays fair.
 """
 
 from __future__ import annotations
