@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from helpers import requires_cuda, requires_triton, tiny_model
+from helpers import force_triton, requires_cuda, requires_triton, tiny_model
 from megalodon import MegalodonState
 from megalodon.ops.attention import dense_chunk_attention
 from megalodon.ops.cema import cema_sequential
@@ -314,12 +314,9 @@ def test_the_whole_model_compiles_as_one_graph_with_a_carried_state():
 @requires_triton
 def test_compiled_blocks_hold_the_triton_kernels(monkeypatch):
     """As on a GPU, the Triton custom ops (the CEMA scan and the TimestepNorm, forward and backward, here under
-    the interpreter) sit inside the compiled block graphs, and training through them gives eager's gradients."""
-    from megalodon.ops import cema as cema_ops
-    from megalodon.ops import timestep_norm as norm_ops
-
-    for module in (cema_ops, norm_ops):
-        monkeypatch.setattr(module, "use_triton", lambda op, *tensors: op in ("cema", "timestep_norm"))
+    the interpreter) sit inside the compiled block graphs beside F.rms_norm, and training through them gives
+    eager's gradients."""
+    force_triton(monkeypatch)
     compiled_against_eager(tiny_model(torch.float32, num_layers=1).train())
 
 

@@ -64,13 +64,15 @@ def test_rms_norm_on_torch_kernel_matches_reference_with_gradients(monkeypatch, 
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_on_torch_kernel_keeps_fp32_statistics_and_casts_last(monkeypatch, out_dtype):
+def test_rms_norm_on_torch_kernel_keeps_fp32_statistics_and_casts_last(monkeypatch, out_dtype, affine):
     x, weight = leaves((3, 4, 16), (16,), seed=6)
     x = (x * 100).to(torch.bfloat16).detach()  # a bf16 input is normalized in fp32, as on the other path
-    want = rms_norm(x, weight.float(), 1e-5, out_dtype)
+    weight = weight.float() if affine else None
+    want = rms_norm(x, weight, 1e-5, out_dtype)
     force_fused_rms_norm(monkeypatch)
-    got = rms_norm(x, weight.float(), 1e-5, out_dtype)
+    got = rms_norm(x, weight, 1e-5, out_dtype)
     assert got.dtype == out_dtype
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
@@ -88,6 +90,13 @@ def test_llama_norm_on_torch_kernel_matches_its_own(monkeypatch, dtype):
     for got, expected in zip(grads_of(norm, [x]), want):
         assert got.dtype == expected.dtype
         torch.testing.assert_close(got, expected, **tolerance)
+
+
+@requires_cuda
+def test_rms_norm_on_cuda_of_a_bf16_input_keeps_fp32_statistics():
+    x = (torch.randn(4, 64, 256, device="cuda") * 100).bfloat16()
+    want = rms_norm_reference(x.double(), None, 1e-5, torch.float64).bfloat16()
+    torch.testing.assert_close(rms_norm(x, None, 1e-5, torch.bfloat16), want, rtol=2 ** -8, atol=0)  # 1 bf16 step
 
 
 @requires_cuda

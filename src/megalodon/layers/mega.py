@@ -84,9 +84,11 @@ class MovingAverageGatedAttention(nn.Module):
         affine: _qk_affine(), when the caller has it already."""
         batch, length, _ = z.shape
         heads, dz = self.heads, self.config.head_z_dim
-        zn = rms_norm(z.reshape(batch, length, heads, dz), None, self.config.norm_eps).flatten(-2)  # B x L x z_dim
-        scale, shift = self._qk_affine(zn.dtype) if affine is None else affine
-        qk = zn.unsqueeze(2) * scale + shift  # B x L x 2 x z_dim
+        # Statistics in fp32, zn in z's dtype (bf16 under autocast, as in the reference's bf16 runs): backward then
+        # keeps bf16 z and zn rather than fp32 copies.
+        zn = rms_norm(z.reshape(batch, length, heads, dz), None, self.config.norm_eps, z.dtype).flatten(-2)
+        scale, shift = self._qk_affine(torch.promote_types(z.dtype, torch.float32)) if affine is None else affine
+        qk = zn.unsqueeze(2) * scale + shift  # B x L x 2 x z_dim, in fp32 or better
         qk = rotate_pairs(qk.view(batch, length, 2 * heads, dz), *rotation).to(z.dtype)
         return qk[:, :, :heads], qk[:, :, heads:]
 
