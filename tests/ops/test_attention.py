@@ -39,14 +39,43 @@ def test_streamed_pieces_match_dense(split):
     torch.testing.assert_close(torch.cat(outs, 1), reference, rtol=1e-10, atol=1e-10)
 
 
-def streamed(q, k, v, split, dropout_p=0.0, chunk=C):
+def streamed(q, k, v, split, dropout_p=0.0, chunk=C, silu_values=False):
     outs, k_cache, v_cache, start = [], None, None, 0
     for piece in split:
         sl = slice(start, start + piece)
-        out, k_cache, v_cache = chunked_attention(q[:, sl], k[:, sl], v[:, sl], chunk, k_cache, v_cache, dropout_p)
+        out, k_cache, v_cache = chunked_attention(q[:, sl], k[:, sl], v[:, sl], chunk, k_cache, v_cache, dropout_p,
+                                                  silu_values)
         outs.append(out)
         start += piece
     return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("dv", [4, 6])  # SDPA, the materialized form
+@pytest.mark.parametrize("split", [[3 * C - 2], [5], [3, 5, 9], [7, 1, 2 * C + 3]])
+def test_silu_values_equal_attention_over_silu_v_with_gradients(dv, split):
+    """silu_values: v holds pre-activations (applied inside the op on the materialized path, before it
+    elsewhere); outputs, carried value caches and gradients equal attention over silu(v), in float64."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, sum(split), dv=dv, seed=9))
+    weight = torch.randn(2, sum(split), 2, dv, dtype=torch.float64)
+    got = streamed(q, k, v, split, silu_values=True)
+    want = dense_chunk_attention(q, k, torch.nn.functional.silu(v), C)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    for g, w in zip(grads, torch.autograd.grad((want * weight).sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    _, _, v_cache = chunked_attention(q, k, v, C, silu_values=True)
+    torch.testing.assert_close(v_cache, torch.nn.functional.silu(v[:, sum(split) - v_cache.shape[1]:]))
+
+
+def test_silu_values_keep_the_pre_activations_alone():
+    """The materialized op applies the SiLU itself: backward keeps v's pre-activations, not silu(v) as well."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 4 * C, dv=6, seed=10))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        chunked_attention(q, k, v, C, silu_values=True)
+    value_sized = [t for t in saved if t.shape[-1] == 6 and t.numel()]
+    assert len(value_sized) == 2  # v and the output
+    assert any(t.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for t in value_sized)
 
 
 @pytest.mark.parametrize("dv", [4, 6])  # dv = dz: SDPA; dv != dz: the materialized form

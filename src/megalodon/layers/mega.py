@@ -92,10 +92,10 @@ class MovingAverageGatedAttention(nn.Module):
         qk = rotate_pairs(qk.view(batch, length, 2 * heads, dz), *rotation).to(z.dtype)
         return qk[:, :, :heads], qk[:, :, heads:]
 
-    def _values(self, xn: Tensor) -> Tensor:
-        """v = silu(Wv xn), (B, L, H, dv): from the TimestepNorm output, not from mx."""
+    def _value_inputs(self, xn: Tensor) -> Tensor:
+        """Wv xn, (B, L, H, dv), from the TimestepNorm output (not from mx): the values are silu of it."""
         batch, length, _ = xn.shape
-        return F.silu(self.wv(xn)).view(batch, length, self.heads, self.config.head_value_dim)
+        return self.wv(xn).view(batch, length, self.heads, self.config.head_value_dim)
 
     def _output(self, attn: Tensor, gate: Tensor, h1: Tensor, x: Tensor) -> Tensor:
         """dropout(Wh1 mx + Wh2 dropout(attn * silu(gate))) + x: the first hop of the residual."""
@@ -123,17 +123,19 @@ class MovingAverageGatedAttention(nn.Module):
         c, cema_h = self.cema(xn, None if state is None else state.cema_h, chunk, block_reset, need_state)
         mx = F.dropout(self.rmsnorm(c, dtype), cfg.hidden_dropout if self.training else 0.0, self.training)
         z, gate, h1 = self._mixed_projections(mx)
-        v = self._values(xn.to(dtype))
+        v_in = self._value_inputs(xn.to(dtype))
 
         q, k = self._queries_keys(z, rotation)
         if state is not None and length == 1:
             fill = position % chunk  # B: each row's own position in its chunk
-            attn, k_cache, v_cache = decode_attention(q, k, v, state.k_cache, state.v_cache, fill, chunk)
+            attn, k_cache, v_cache = decode_attention(q, k, F.silu(v_in), state.k_cache, state.v_cache, fill, chunk)
         else:
             k_cache = None if state is None else state.k_cache
             v_cache = None if state is None else state.v_cache
-            attn, k_cache, v_cache = chunked_attention(q, k, v, chunk, k_cache, v_cache,
-                                                       cfg.attention_dropout if self.training else 0.0)
+            # v = silu(v_in), applied by the attention op, which then keeps v_in alone for backward
+            attn, k_cache, v_cache = chunked_attention(q, k, v_in, chunk, k_cache, v_cache,
+                                                       cfg.attention_dropout if self.training else 0.0,
+                                                       silu_values=True)
 
         out = self._output(attn.reshape(batch, length, cfg.value_dim), gate, h1, x)
         new_state = LayerState(cema_h, norm_state, k_cache, v_cache) if need_state else None
@@ -168,7 +170,7 @@ class MovingAverageGatedAttention(nn.Module):
         mx = self.rmsnorm(c.unsqueeze(1), dtype, constants.rms_scale)
         z, gate, h1 = self._mixed_projections(mx)
         q, k = self._queries_keys(z, rotation, constants.qk_affine)
-        v = self._values(xn.to(dtype))
+        v = F.silu(self._value_inputs(xn.to(dtype)))
         write_slot_(state.keys, step, k[:, 0])
         write_slot_(state.values, step, v[:, 0])
         attn = attend_slots(q, state.keys, state.values, step, scale=1.0)  # the 1/sqrt(dz) is folded into q

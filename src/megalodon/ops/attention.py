@@ -82,39 +82,54 @@ class _MaterializedAttention(torch.autograd.Function):
     backward recomputes the probabilities. The products run in the inputs' dtype, the softmax in fp32 (or
     better). All heads and all of a chunk's queries in each op: splitting them (per head, or per block of
     queries to skip masked products) measured 18-34% faster on one idle thread but 4x slower at two threads on
-    a loaded machine, where every extra op waits for a preempted thread."""
+    a loaded machine, where every extra op waits for a preempted thread.
+
+    silu_values: v holds pre-activations and the values are silu(v), applied here and again in backward, so that
+    backward keeps v alone rather than v for the SiLU's gradient and silu(v) for the product's."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, offset: int, silu_values: bool) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):
+            values = F.silu(v) if silu_values else v
             probs = _probabilities(q.transpose(1, 2), k.transpose(1, 2), offset).to(v.dtype)  # N x H x Sq x Sk
             # token-major, so that the caller's (B, L, H * dv) view and this saved output share memory
-            out = torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2).contiguous()
+            out = torch.matmul(probs, values.transpose(1, 2)).transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v, out)
-        ctx.offset = offset
+        ctx.offset, ctx.silu_values = offset, silu_values
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, out = ctx.saved_tensors
+        pre_activations = v
         q, k, v, out, grad = (t.transpose(1, 2) for t in (q, k, v, out, grad))  # head-major views
         with torch.autocast(q.device.type, enabled=False):
+            values = F.silu(v) if ctx.silu_values else v
             grad = grad.to(v.dtype)
             probs = _probabilities(q, k, ctx.offset)  # the forward's, bit for bit
             grad_v = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad)
             # d scores = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
             row = (grad.to(probs.dtype) * out.to(probs.dtype)).sum(-1, keepdim=True)
-            grad_p = torch.matmul(grad, v.transpose(-1, -2)).to(probs.dtype)
+            grad_p = torch.matmul(grad, values.transpose(-1, -2)).to(probs.dtype)
             grad_s = probs.mul_(grad_p.sub_(row)).to(q.dtype)
             grad_q = torch.matmul(grad_s, k)
             grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
-        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None
+            grad_v = grad_v.transpose(1, 2)
+            if ctx.silu_values:
+                grad_v = torch.ops.aten.silu_backward(grad_v, pre_activations)
+        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v, None, None
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, offset: int = 0, dropout_p: float = 0.0) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, offset: int = 0, dropout_p: float = 0.0,
+           silu_values: bool = False) -> Tensor:
     """Causal attention of q (N, Sq, H, dz) over k (N, Sk, H, dz) and v (N, Sk, H, dv), token-major, with no
     scale (spec section 9: the 1/sqrt(dz) is folded into q). Query i sits at key position i + offset and sees
-    keys 0..i + offset. Dropout, if any, acts on the probabilities. Returns (N, Sq, H, dv)."""
+    keys 0..i + offset. Dropout, if any, acts on the probabilities. silu_values: the values are silu(v). Returns
+    (N, Sq, H, dv)."""
+    if attention_path(q, v) == "materialized" and not dropout_p:
+        return _MaterializedAttention.apply(q, k, v, offset, silu_values)
+    if silu_values:
+        v = F.silu(v)
     if attention_path(q, v) == "sdpa":
         if offset == 0 and q.shape[1] == k.shape[1]:
             mask, causal = None, True
@@ -123,10 +138,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, offset: int = 0, dropout_p: float = 
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, is_causal=causal, dropout_p=dropout_p, scale=1.0)
         return out.transpose(1, 2)
-    if dropout_p:
-        probs = F.dropout(_probabilities(q.transpose(1, 2), k.transpose(1, 2), offset), dropout_p)
-        return torch.matmul(probs.to(v.dtype), v.transpose(1, 2)).transpose(1, 2)
-    return _MaterializedAttention.apply(q, k, v, offset)
+    probs = F.dropout(_probabilities(q.transpose(1, 2), k.transpose(1, 2), offset), dropout_p)
+    return torch.matmul(probs.to(v.dtype), v.transpose(1, 2)).transpose(1, 2)
 
 
 def attend_visible(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float | None = None) -> Tensor:
@@ -153,16 +166,21 @@ def attend_visible(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: floa
 def chunked_attention(
     q: Tensor, k: Tensor, v: Tensor, chunk_size: int,
     k_cache: Tensor | None = None, v_cache: Tensor | None = None, dropout_p: float = 0.0,
+    silu_values: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Causal attention inside chunks, for a call that may start mid-chunk.
 
     q, k: (B, L, H, dz) already rotated; v: (B, L, H, dv). k_cache, v_cache: (B, c, H, d), c < chunk_size,
     the current partial chunk (same fill for every row). Returns the output (B, L, H, dv) and the new caches,
     which hold the trailing partial chunk (length (c + L) mod chunk_size).
+    silu_values: v holds pre-activations, the values (and the value cache, in and out) are silu(v); where it
+    can, the attention op applies it itself and keeps less for backward.
     """
     batch, length, heads, _ = q.shape
     fill = 0 if k_cache is None else k_cache.shape[1]
     if fill:
+        if silu_values:  # the cache holds values: activate before joining them
+            v, silu_values = F.silu(v), False
         k = torch.cat([k_cache.to(k.dtype), k], dim=1)
         v = torch.cat([v_cache.to(v.dtype), v], dim=1)
     total = fill + length
@@ -186,13 +204,15 @@ def chunked_attention(
             t = F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
             return t.reshape(batch * num_chunks, size, heads, -1)
 
-        out = attend(to_chunks(q[:, head:]), to_chunks(k[:, start:]), to_chunks(v[:, start:]), 0, dropout_p)
+        out = attend(to_chunks(q[:, head:]), to_chunks(k[:, start:]), to_chunks(v[:, start:]), 0, dropout_p,
+                     silu_values)  # silu(0) = 0: zero padding stays zero values
         out = out.reshape(batch, num_chunks * size, heads, -1)
         pieces.append(out[:, :body] if pad else out)
 
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     keep = total % chunk_size
-    return out, k[:, total - keep:], v[:, total - keep:]
+    v_tail = v[:, total - keep:]
+    return out, k[:, total - keep:], F.silu(v_tail) if silu_values else v_tail
 
 
 def decode_attention(
