@@ -4,7 +4,7 @@ against the blocked forward pass, in float64: every position, rows at different 
 import pytest
 import torch
 
-from helpers import requires_cuda, requires_triton, tiny_model
+from helpers import force_fused_rms_norm, requires_cuda, requires_triton, tiny_model
 from megalodon import MegalodonState
 from megalodon.decode_state import DecodeState
 from megalodon.inference.decoding import StaticDecoder, TokenReader
@@ -150,7 +150,7 @@ def test_bad_inputs_are_refused():
 def test_compiled_decode_step_equals_eager(kernels):
     """torch.compile of the whole step on the CPU (Inductor, one graph), against the eager PyTorch step, across a
     chunk boundary; with kernels, the compiled step holds the TimestepNorm's and the CEMA's in-place Triton steps
-    (mutating custom ops, here under the interpreter), as on a GPU."""
+    (mutating custom ops, here under the interpreter) and F.rms_norm, as on a GPU."""
     from megalodon.ops import cema as cema_ops
     from megalodon.ops import timestep_norm as norm_ops
 
@@ -164,6 +164,7 @@ def test_compiled_decode_step_equals_eager(kernels):
             if kernels:
                 patch.setattr(norm_ops, "use_triton", lambda op, *tensors: op == "timestep_norm_step")
                 patch.setattr(cema_ops, "use_triton", lambda op, *tensors: op == "cema_step")
+                force_fused_rms_norm(patch)
             logits = compiled.step(ids)
         torch.testing.assert_close(logits, eager.step(ids), rtol=1e-5, atol=1e-5)
     for mine, theirs in zip(compiled.state.tensors(), eager.state.tensors(), strict=True):
