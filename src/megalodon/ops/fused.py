@@ -33,11 +33,10 @@ FUSED_RMS_NORM_DEVICES = frozenset(d for d in ("cuda", "xpu", "mps") if _has_fus
 def torch_rms_norm(x: Tensor, scale: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
     """x * rsqrt(mean(x**2) + eps) * scale over the last dim through F.rms_norm, in fp32 or better, cast to
     out_dtype: torch's fused kernel on FUSED_RMS_NORM_DEVICES (the composed form elsewhere)."""
-    if scale is None and out_dtype == x.dtype:
-        # The kernel keeps a bf16 or fp16 input's statistics in fp32 itself: no fp32 copy of x to keep.
-        with torch.autocast(x.device.type, enabled=False):
-            return F.rms_norm(x, x.shape[-1:], None, eps)
-    compute = torch.promote_types(x.dtype, torch.float32)
+    # The kernel keeps a bf16 input's statistics in fp32 itself: without a scale to apply in fp32 and with a bf16
+    # output asked for, x goes in as it is, and backward keeps no fp32 copy of it.
+    as_is = scale is None and out_dtype == x.dtype
+    compute = x.dtype if as_is else torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         out = F.rms_norm(x.to(compute), x.shape[-1:], None if scale is None else scale.to(compute), eps)
     return out.to(out_dtype)
