@@ -101,22 +101,19 @@ class _MaterializedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, out = ctx.saved_tensors
-        pre_activations = v
-        q, k, v, out, grad = (t.transpose(1, 2) for t in (q, k, v, out, grad))  # head-major views
         with torch.autocast(q.device.type, enabled=False):
             values = F.silu(v) if ctx.silu_values else v
-            grad = grad.to(v.dtype)
+            q, k, values, out, grad = (t.transpose(1, 2) for t in (q, k, values, out, grad))  # head-major views
+            grad = grad.to(values.dtype)
             probs = _probabilities(q, k, ctx.offset)  # the forward's, bit for bit
-            grad_v = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad)
+            grad_values = torch.matmul(probs.to(values.dtype).transpose(-1, -2), grad).transpose(1, 2)
             # d scores = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
             row = (grad.to(probs.dtype) * out.to(probs.dtype)).sum(-1, keepdim=True)
             grad_p = torch.matmul(grad, values.transpose(-1, -2)).to(probs.dtype)
             grad_s = probs.mul_(grad_p.sub_(row)).to(q.dtype)
             grad_q = torch.matmul(grad_s, k)
             grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
-            grad_v = grad_v.transpose(1, 2)
-            if ctx.silu_values:
-                grad_v = torch.ops.aten.silu_backward(grad_v, pre_activations)
+            grad_v = torch.ops.aten.silu_backward(grad_values, v) if ctx.silu_values else grad_values
         return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v, None, None
 
 
