@@ -64,22 +64,19 @@ def _future(queries: int, keys: int, offset: int, device: torch.device) -> Tenso
     return torch.ones(queries, keys, dtype=torch.bool, device=device).triu(offset + 1)
 
 
-def _masked_scores(q: Tensor, k: Tensor, offset: int) -> Tensor:
-    """q k^T in the compute dtype, then masked in fp32 (or better): (..., Sq, Sk), a new tensor."""
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    return scores.masked_fill_(_future(q.shape[-2], k.shape[-2], offset, q.device), float("-inf"))
-
-
 def _probabilities(q: Tensor, k: Tensor, offset: int) -> Tensor:
-    """softmax(q k^T + mask) in fp32 (or better): one fused softmax, cheaper on CPU than a saved log-sum-exp's
-    five passes, and deterministic, so that backward recomputes exactly the forward's probabilities."""
-    return _masked_scores(q, k, offset).softmax(-1)
+    """softmax(q k^T + mask) in fp32 (or better), (..., Sq, Sk): q k^T and the mask (a select: exact) in the
+    compute dtype, the upcast inside the softmax, so that no fp32 copy of the scores is written first. One fused
+    softmax, cheaper on CPU than a saved log-sum-exp's five passes, and deterministic, so that backward recomputes
+    exactly the forward's probabilities."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = scores.masked_fill_(_future(q.shape[-2], k.shape[-2], offset, q.device), float("-inf"))
+    return scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
 
 
 class _MaterializedAttention(torch.autograd.Function):
-    """softmax(q k^T + mask) v over token-major (N, S, H, d) tensors, saving q, k, v and the output only:
-    backward recomputes the probabilities. The products run in the inputs' dtype, the softmax in fp32 (or
+    """softmax(q k^T + mask) v over token-major (N, S, H, d) tensors, saving q, k and v only: backward
+    recomputes the probabilities. The products run in the inputs' dtype, the softmax in fp32 (or
     better). All heads and all of a chunk's queries in each op: splitting them (per head, or per block of
     queries to skip masked products) measured 18-34% faster on one idle thread but 4x slower at two threads on
     a loaded machine, where every extra op waits for a preempted thread.
@@ -92,24 +89,25 @@ class _MaterializedAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             values = F.silu(v) if silu_values else v
             probs = _probabilities(q.transpose(1, 2), k.transpose(1, 2), offset).to(v.dtype)  # N x H x Sq x Sk
-            # token-major, so that the caller's (B, L, H * dv) view and this saved output share memory
+            # token-major, so that the caller's (B, L, H * dv) is a view
             out = torch.matmul(probs, values.transpose(1, 2)).transpose(1, 2).contiguous()
-        ctx.save_for_backward(q, k, v, out)
+        ctx.save_for_backward(q, k, v)
         ctx.offset, ctx.silu_values = offset, silu_values
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
             values = F.silu(v) if ctx.silu_values else v
-            q, k, values, out, grad = (t.transpose(1, 2) for t in (q, k, values, out, grad))  # head-major views
+            q, k, values, grad = (t.transpose(1, 2) for t in (q, k, values, grad))  # head-major views
             grad = grad.to(values.dtype)
             probs = _probabilities(q, k, ctx.offset)  # the forward's, bit for bit
             grad_values = torch.matmul(probs.to(values.dtype).transpose(-1, -2), grad).transpose(1, 2)
-            # d scores = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
-            row = (grad.to(probs.dtype) * out.to(probs.dtype)).sum(-1, keepdim=True)
             grad_p = torch.matmul(grad, values.transpose(-1, -2)).to(probs.dtype)
+            # d scores = P * (dP - rowsum(dP * P)): from the (Sq, Sk) tensors at hand, which keeps each row's
+            # gradient summing to zero (rowsum(dO * O), equal in exact arithmetic, would need O and two upcasts)
+            row = (grad_p * probs).sum(-1, keepdim=True)
             grad_s = probs.mul_(grad_p.sub_(row)).to(q.dtype)
             grad_q = torch.matmul(grad_s, k)
             grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
