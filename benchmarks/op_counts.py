@@ -100,14 +100,15 @@ def count_triton_launches() -> None:
 
 
 class _OneKernelRMSNorm(torch.autograd.Function):
-    """F.rms_norm as CUDA runs it: one op forward (aten._fused_rms_norm) and one backward, keeping x, one rstd per
-    row and the weight (what bench_memory.py sees). The CPU has no such kernel and composes it of several ops,
+    """F.rms_norm as CUDA runs it: one op forward (aten._fused_rms_norm) and one backward (each with a copy first
+    where x is not contiguous), keeping x, one rstd per row and the weight (what bench_memory.py sees). The CPU has no such kernel and composes it of several ops,
     which run here uncounted."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         if OpCounter.active is not None:
             OpCounter.active.ops["_fused_rms_norm"] += 1
+            OpCounter.active.ops["contiguous (in _fused_rms_norm)"] += not x.is_contiguous()  # CUDA's copies first
         with torch.utils._python_dispatch._disable_current_modes():
             rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + (torch.finfo(x.dtype).eps if eps is None else eps))
             out = _composed_rms_norm(x, x.shape[-1:], weight, eps)
@@ -117,9 +118,10 @@ class _OneKernelRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        x, _, weight = ctx.saved_tensors
         if OpCounter.active is not None:
             OpCounter.active.ops["_fused_rms_norm_backward"] += 1
-        x, _, weight = ctx.saved_tensors
+            OpCounter.active.ops["contiguous (in _fused_rms_norm_backward)"] += not x.is_contiguous()
         with torch.utils._python_dispatch._disable_current_modes(), torch.enable_grad():
             inputs = [t.detach().requires_grad_() for t in (x, weight) if t is not None]
             out = _composed_rms_norm(inputs[0], x.shape[-1:], inputs[1] if weight is not None else None, ctx.eps)
