@@ -13,7 +13,8 @@ Sections, in the order they run by default (most wanted first: a run cut short s
           activation memory;
 - decode: tokens/s at batch 1 after prefilling 2K and 1M tokens, both models (the Llama up to its KV memory),
           each from one prefill: the step replayed from a CUDA graph, eager and compiled (--modes);
-- profile: the top CUDA kernels of one mega200M 4K step (torch.profiler), written under --out;
+- profile: the top CUDA kernels of one mega200M 4K step (torch.profiler), written under --out, and the kernel
+          launches of one step of each model (what benchmarks/op_counts.py predicts on the CPU);
 - jax:    megalodon-jax at the mega200M shape with bf16 compute, when it is installed (a separate process: JAX
           and PyTorch must not share the GPU's memory pools);
 - hf:     transformers' generate() against the core's static decode, Megalodon at the first decode position
@@ -274,11 +275,11 @@ def section_hf(preset: str, position: int, tokens: int, repeats: int) -> dict:
     return result
 
 
-def section_profile(preset: str, length: int, out: Path | None) -> None:
-    log(f"## Profile: one {preset} step at {length} tokens (eager, bf16 autocast)\n")
+def profiled_step(arch: str, preset: str, length: int):
+    """torch.profiler over one eager bf16 step (forward + backward) of a fresh model, after two warm-up steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = build("megalodon", preset)
+    model = build(arch, preset)
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
     for _ in range(2):
         with autocast():
@@ -289,11 +290,21 @@ def section_profile(preset: str, length: int, out: Path | None) -> None:
         with autocast():
             loss_of(model, ids).backward()
         sync()
+    return prof
+
+
+def section_profile(preset: str, length: int, out: Path | None) -> None:
+    log(f"## Profile: one {preset} step at {length} tokens (eager, bf16 autocast)\n")
+    launches = {}
+    for arch in ("llama", "megalodon"):  # Megalodon's profile is the one kept and printed
+        prof = profiled_step(arch, preset, length)
+        launches[arch] = sum(e.count for e in prof.key_averages()
+                             if e.device_type == torch.autograd.DeviceType.CUDA)
+    # benchmarks/op_counts.py predicts these on the CPU (per layer); here the whole step, embedding and loss too
+    log(f"CUDA kernel launches in one step: Megalodon {launches['megalodon']:,}, "
+        f"the Llama {launches['llama']:,}\n")
     sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=30)
-    launches = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-    log(f"CUDA kernel launches in one step: {launches:,}\n")
-    log("```\n" + table + "\n```\n")
+    log("```\n" + prof.key_averages().table(sort_by=sort, row_limit=30) + "\n```\n")
     if out is not None:
         prof.export_chrome_trace(str(out / f"trace_{preset}_{length}.json"))
 
