@@ -53,17 +53,21 @@ def force_fused_rms_norm(monkeypatch) -> None:
 
 def force_triton(monkeypatch) -> list[str]:
     """Every op on its GPU path, for CPU tensors too: the Triton kernels (the interpreter runs them) and the
-    RMSNorm on torch's fused kernel. Returns a list that records each kernel entry point of training as it runs."""
+    RMSNorm on torch's fused kernel. Returns a list that records each kernel entry point of training (and
+    queries_keys_triton, which decode runs too) as it runs."""
     force_fused_rms_norm(monkeypatch)
+    from megalodon.ops import attention as attention_ops
     from megalodon.ops import cema as cema_ops
     from megalodon.ops import timestep_norm as norm_ops
     from megalodon.ops.triton import cema as cema_kernels
+    from megalodon.ops.triton import queries_keys as qk_kernels
     from megalodon.ops.triton import timestep_norm as norm_kernels
 
-    for module in (cema_ops, norm_ops):
+    for module in (attention_ops, cema_ops, norm_ops):
         monkeypatch.setattr(module, "use_triton", lambda op, *tensors: True)
     calls = []
-    for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton")):
+    for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton"),
+                         (qk_kernels, "queries_keys_triton")):
         def recorded(*args, _name=name, _run=getattr(module, name), **kwargs):
             calls.append(_name)
             return _run(*args, **kwargs)

@@ -53,7 +53,7 @@ def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype
     reference = training_call(model, ids, doc_start, state, dtype)
     calls = force_triton(monkeypatch)
     result = training_call(model, ids, doc_start, state, dtype)
-    assert {"cema_scan", "timestep_norm_triton"} <= set(calls)
+    assert {"cema_scan", "timestep_norm_triton", "queries_keys_triton"} <= set(calls)
 
     # In bf16 the fp32 parts (CEMA, norm) agree to rounding, and a rounding that flips one bf16 value upstream can
     # move a logit or a gradient by a bf16 step (2**-7 relative) of its tensor's scale; a parameter's gradient sums
@@ -62,10 +62,15 @@ def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype
     tolerance = 1e-4 if dtype is None else 2e-2
     scale = 1.0 if dtype is None else reference[0].abs().max().item()
     torch.testing.assert_close(result[0], reference[0], rtol=tolerance, atol=tolerance * scale)
-    for actual, wanted in zip(result[1].layers, reference[1].layers):
-        torch.testing.assert_close(actual.cema_h, wanted.cema_h, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(actual.norm.mean, wanted.norm.mean, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(actual.norm.var, wanted.norm.var, rtol=1e-5, atol=1e-5)
+    for i, (actual, wanted) in enumerate(zip(result[1].layers, reference[1].layers)):
+        # Layer 0's CEMA and norm see the embedding through fp32 parts alone: their state agrees to fp32 rounding.
+        # A deeper layer's input carries the bf16 q and k of the layers before it, which the kernel rounds on its
+        # own (and Triton's interpreter by truncation, where a GPU rounds to nearest): bf16's resolution there.
+        fp32_only = dtype is None or i == 0
+        for got, want, close in ((actual.cema_h, wanted.cema_h, 1e-4), (actual.norm.mean, wanted.norm.mean, 1e-5),
+                                 (actual.norm.var, wanted.norm.var, 1e-5)):
+            bound = close if fp32_only else tolerance * want.abs().max().item()
+            torch.testing.assert_close(got, want, rtol=close if fp32_only else tolerance, atol=bound)
         torch.testing.assert_close(actual.k_cache.float(), wanted.k_cache.float(), rtol=tolerance, atol=tolerance)
     assert result[2].keys() == reference[2].keys()
     for name, grad in reference[2].items():
@@ -88,7 +93,7 @@ def test_split_calls_on_the_kernels_equal_one_call(monkeypatch):
                                   return_state=True)
             pieces.append(logits)
             start += size
-    assert {"cema_scan", "timestep_norm_triton"} <= set(calls)
+    assert {"cema_scan", "timestep_norm_triton", "queries_keys_triton"} <= set(calls)
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-4, atol=1e-4)
 
 
@@ -112,4 +117,4 @@ def test_decode_steps_on_the_kernels_equal_the_pytorch_forward(monkeypatch):
         logits = decoder.step(ids)
         for row, n in enumerate(lengths):
             torch.testing.assert_close(logits[row], full[row][n + t], rtol=1e-4, atol=1e-4)
-    assert calls == []  # decode runs the step kernels, not the training entry points
+    assert set(calls) == {"queries_keys_triton"}  # and the step kernels, not the training entry points

@@ -18,9 +18,9 @@ from megalodon.config import MegalodonConfig
 from megalodon.layers.cema import CEMA
 from megalodon.layers.norms import RMSNorm, applied, compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
-from megalodon.ops.attention import chunked_attention, decode_attention, rotate_pairs
+from megalodon.ops.attention import chunked_attention, decode_attention, queries_keys
 from megalodon.ops.cema import CemaCoefficients, cema_decay, cema_step
-from megalodon.ops.fused import gated_linear, rms_norm
+from megalodon.ops.fused import gated_linear
 from megalodon.ops.static_kv import SlotStep, attend_slots, write_slot_
 from megalodon.state import LayerState
 
@@ -79,18 +79,11 @@ class MovingAverageGatedAttention(nn.Module):
     def _queries_keys(self, z: Tensor, rotation: tuple[Tensor, Tensor],
                       affine: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """q and k (B, L, H, dz), rotated by `rotation` (rotary_angles of their in-chunk positions, in fp32 or
-        better), in z's dtype: z normalized per head (no affine), then q = z (gamma[0] + 1) / sqrt(dz) + beta[0],
-        k likewise with row 1. Computed in fp32 or better (a float64 model stays float64), both at once.
+        better), in z's dtype: ops/attention.py::queries_keys with this layer's (gamma + 1) / sqrt(dz) and beta.
         affine: _qk_affine(), when the caller has it already."""
-        batch, length, _ = z.shape
-        heads, dz = self.heads, self.config.head_z_dim
-        # Statistics in fp32, zn in z's dtype (bf16 under autocast, as in the reference's bf16 runs): backward then
-        # keeps bf16 z and zn rather than fp32 copies.
-        zn = rms_norm(z.reshape(batch, length, heads, dz), None, self.config.norm_eps, z.dtype).flatten(-2)
-        scale, shift = self._qk_affine(torch.promote_types(z.dtype, torch.float32)) if affine is None else affine
-        qk = zn.unsqueeze(2) * scale + shift  # B x L x 2 x z_dim, in fp32 or better
-        qk = rotate_pairs(qk.view(batch, length, 2 * heads, dz), *rotation).to(z.dtype)
-        return qk[:, :, :heads], qk[:, :, heads:]
+        if affine is None:
+            affine = self._qk_affine(torch.promote_types(z.dtype, torch.float32))
+        return queries_keys(z, self.heads, self.config.norm_eps, *affine, rotation)
 
     def _value_inputs(self, xn: Tensor) -> Tensor:
         """Wv xn, (B, L, H, dv), from the TimestepNorm output (not from mx): the values are silu of it."""

@@ -1,5 +1,8 @@
 """Rotary embedding and chunk-wise causal attention (spec sections 8 and 9), as pure functions.
 
+`queries_keys` makes a MEGA layer's q and k from z (per-head norm, affine, rotary); on CUDA one Triton kernel each
+way does it (ops/triton/queries_keys.py).
+
 Tokens attend causally within their own chunk of C tokens; chunks are aligned to the start of the stream.
 A call may start mid-chunk: the keys and values of the current partial chunk come in as a cache, and the
 trailing partial chunk goes out as the new cache. `dense_chunk_attention` is the slow reference: one dense
@@ -18,6 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from megalodon.ops.fused import rms_norm
+from megalodon.ops.triton import use_triton
 
 
 def rope_frequencies(head_dim: int, base: float) -> Tensor:
@@ -43,6 +49,26 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     xf = x.to(cos.dtype)
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
+
+
+def queries_keys(z: Tensor, heads: int, eps: float, scale: Tensor, shift: Tensor,
+                 rotation: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """q and k (B, L, H, dz) in z's dtype from z (B, L, H * dz): z normalized per head (RMSNorm without affine,
+    statistics in fp32, the result in z's dtype, as the reference's bf16 runs), then q = zn scale[0] + shift[0]
+    and k = zn scale[1] + shift[1] ((2, H * dz) each, fp32 or better), rotated by `rotation` (rotary_angles of
+    the tokens' in-chunk positions), in fp32 or better. One fused Triton kernel each way on CUDA."""
+    batch, length, width = z.shape
+    dz = width // heads
+    cos, sin = rotation
+    if (use_triton("queries_keys", z) and z.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and cos.dtype == sin.dtype == scale.dtype == shift.dtype == torch.float32):
+        from megalodon.ops.triton.queries_keys import queries_keys_triton
+
+        return queries_keys_triton(z, heads, eps, scale, shift, cos, sin)
+    zn = rms_norm(z.reshape(batch, length, heads, dz), None, eps, z.dtype).flatten(-2)
+    qk = zn.unsqueeze(2) * scale + shift  # B x L x 2 x H * dz
+    qk = rotate_pairs(qk.view(batch, length, 2 * heads, dz), cos, sin).to(z.dtype)
+    return qk[:, :, :heads], qk[:, :, heads:]
 
 
 def apply_rotary(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
