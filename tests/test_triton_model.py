@@ -57,9 +57,10 @@ def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype
 
     # In bf16 the fp32 parts (CEMA, norm) agree to rounding, and a rounding that flips one bf16 value upstream can
     # move a logit or a gradient by a bf16 step (2**-7 relative) of its tensor's scale; a parameter's gradient sums
-    # such products over tokens with two bf16 roundings on the way (z's norm, then q and k). bf16 is checked at
-    # that resolution (2e-2: under 3 steps), fp32 (which tests the kernels) at 1e-4.
-    tolerance = 1e-4 if dtype is None else 2e-2
+    # such products over tokens with two bf16 roundings on the way (z's norm, then q and k), which the kernel
+    # makes itself: under Triton's interpreter by truncation (a GPU rounds to nearest), whose bias adds up over
+    # tokens. bf16 is checked at that resolution (3e-2: under 4 steps), fp32 (which tests the kernels) at 1e-4.
+    tolerance = 1e-4 if dtype is None else 3e-2
     scale = 1.0 if dtype is None else reference[0].abs().max().item()
     torch.testing.assert_close(result[0], reference[0], rtol=tolerance, atol=tolerance * scale)
     for i, (actual, wanted) in enumerate(zip(result[1].layers, reference[1].layers)):
