@@ -49,6 +49,16 @@ def normalize_kernel(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, y_ptr, T, D, G, DG
 
 
 @triton.jit
+def _scan_rows(j, c, b, block, L, G, gs, gmask):
+    """The tokens at positions j of block c in row b, for the scans: their time index, whether they exist, and
+    the offsets and mask of their (token, group) statistics."""
+    t = c * block + j
+    valid = (j < block) & (t < L)
+    offs = (b * L + t)[:, None] * G + gs[None, :]
+    return t, valid, offs, valid[:, None] & gmask[None, :]
+
+
+@triton.jit
 def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr,
                      count_ptr, mean0_ptr, var0_ptr, pcount_ptr, pmean_ptr, pvar_ptr, reset_ptr,
                      bcount_ptr, fcount_ptr, fmean_ptr, fvar_ptr,
@@ -74,10 +84,7 @@ def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr,
         tl.store(bcount_ptr + b * num_blocks + c, n0, mask=pid_g == 0)
         for tile in range(0, tiles):
             j = tile * BLOCK_T + rows  # position inside the block
-            t = c * block + j
-            valid = (j < block) & (t < L)
-            offs = (b * L + t)[:, None] * G + gs[None, :]
-            mask = valid[:, None] & gmask[None, :]
+            t, valid, offs, mask = _scan_rows(j, c, b, block, L, G, gs, gmask)
             mu = tl.load(mu_ptr + offs, mask=mask, other=0.0)
             s2 = tl.load(s2_ptr + offs, mask=mask, other=0.0)
             shift = tl.sum(tl.where((rows == 0)[:, None], mu, 0.0), axis=0)  # the tile's first token mean
@@ -163,10 +170,7 @@ def scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, reset_ptr, count_ptr, 
         for ti in range(0, tiles):
             tile = tiles - 1 - ti
             j = tile * BLOCK_T + (BLOCK_T - 1 - rows)  # descending, so that a forward cumsum gives suffix sums
-            t = c * block + j
-            valid = (j < block) & (t < L)
-            offs = (b * L + t)[:, None] * G + gs[None, :]
-            mask = valid[:, None] & gmask[None, :]
+            t, valid, offs, mask = _scan_rows(j, c, b, block, L, G, gs, gmask)
             dm = tl.load(dm_ptr + offs, mask=mask, other=0.0)
             dv = tl.load(dv_ptr + offs, mask=mask, other=0.0)
             if HAS_FINAL:
