@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from megalodon.config import MegalodonConfig
 from megalodon.layers.cema import CEMA
-from megalodon.layers.norms import RMSNorm, applied, compute_dtype
+from megalodon.layers.norms import RMSNorm, compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import chunked_attention, decode_attention, queries_keys
 from megalodon.ops.cema import CemaCoefficients, cema_decay, cema_step
-from megalodon.ops.fused import gated_linear
+from megalodon.ops.fused import applied, gated_linear
 from megalodon.ops.static_kv import SlotStep, attend_slots, write_slot_
 from megalodon.state import LayerState
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalodon.ops.fused import rms_norm
+from megalodon.ops.fused import applied, rms_norm
 
 
 # Asked once, at import: torch.compile cannot trace torch.amp.is_autocast_available before torch 2.13.
@@ -23,12 +23,6 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
-
-
-def applied(weight: Tensor | None) -> Tensor | None:
-    """weight + 1 in fp32 or better: what a norm in this parameterization multiplies by. A decode step computes it
-    once per generation (the parameters do not change while it decodes) rather than once per token."""
-    return None if weight is None else weight.to(torch.promote_types(weight.dtype, torch.float32)) + 1.0
 
 
 class RMSNorm(nn.Module):

@@ -233,7 +233,7 @@ def chunked_attention(
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     keep = total % chunk_size
     v_tail = v[:, total - keep:]
-    return out, k[:, total - keep:], F.silu(v_tail) if silu_values else v_tail
+    return out, k[:, total - keep:], F.silu(v_tail) if silu_values and keep else v_tail  # empty: nothing to do
 
 
 def decode_attention(

@@ -42,6 +42,12 @@ def torch_rms_norm(x: Tensor, scale: Tensor | None, eps: float, out_dtype: torch
     return out.to(out_dtype)
 
 
+def applied(weight: Tensor | None) -> Tensor | None:
+    """weight + 1 in fp32 or better: what a norm in this parameterization multiplies by. A decode step computes it
+    once per generation (the parameters do not change while it decodes) rather than once per token."""
+    return None if weight is None else weight.to(torch.promote_types(weight.dtype, torch.float32)) + 1.0
+
+
 def rms_norm_reference(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
     """x * rsqrt(mean(x**2) + eps) * (weight + 1) over the last dim, in fp32 or better, cast to out_dtype."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -87,9 +93,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtyp
     compute = torch.promote_types(x.dtype, torch.float32)
     out_dtype = compute if out_dtype is None else out_dtype
     if x.device.type in FUSED_RMS_NORM_DEVICES:
-        if scale is None and weight is not None:
-            scale = weight.to(torch.promote_types(weight.dtype, torch.float32)) + 1.0
-        return torch_rms_norm(x, scale, eps, out_dtype)
+        return torch_rms_norm(x, applied(weight) if scale is None else scale, eps, out_dtype)
     if scale is not None:
         return (rms_norm_reference(x, None, eps, compute) * scale).to(out_dtype)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
