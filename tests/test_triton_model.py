@@ -52,27 +52,30 @@ def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype
         doc_start[1, 16] = True
     reference = training_call(model, ids, doc_start, state, dtype)
     calls = force_triton(monkeypatch)
+    kernels = {"cema_scan", "timestep_norm_triton", "queries_keys_triton"}
+    if dtype is not None:
+        # The queries-and-keys kernel rounds q and k to bf16 itself, and Triton's interpreter rounds by truncation
+        # (a GPU rounds to nearest): a bias that adds up over tokens and layers here. Its bf16 path has its own
+        # tests (tests/ops/test_queries_keys_triton.py); this one keeps bf16's resolution for the rest.
+        from megalodon.ops import attention as attention_ops
+
+        monkeypatch.setattr(attention_ops, "use_triton", lambda op, *tensors: False)
+        kernels.remove("queries_keys_triton")
     result = training_call(model, ids, doc_start, state, dtype)
-    assert {"cema_scan", "timestep_norm_triton", "queries_keys_triton"} <= set(calls)
+    assert kernels <= set(calls)
 
     # In bf16 the fp32 parts (CEMA, norm) agree to rounding, and a rounding that flips one bf16 value upstream can
     # move a logit or a gradient by a bf16 step (2**-7 relative) of its tensor's scale; a parameter's gradient sums
-    # such products over tokens with two bf16 roundings on the way (z's norm, then q and k), which the kernel
-    # makes itself: under Triton's interpreter by truncation (a GPU rounds to nearest), whose bias adds up over
-    # tokens. bf16 is checked at that resolution (3e-2: under 4 steps), fp32 (which tests the kernels) at 1e-4.
-    tolerance = 1e-4 if dtype is None else 3e-2
+    # such products over tokens with two bf16 roundings on the way (z's norm, then q and k). bf16 is checked at
+    # that resolution (2e-2: under 3 steps), fp32 (which tests the kernels) at 1e-4.
+    tolerance = 1e-4 if dtype is None else 2e-2
     scale = 1.0 if dtype is None else reference[0].abs().max().item()
     torch.testing.assert_close(result[0], reference[0], rtol=tolerance, atol=tolerance * scale)
-    for i, (actual, wanted) in enumerate(zip(result[1].layers, reference[1].layers)):
-        # Layer 0's CEMA and norm see the embedding through fp32 parts alone: their state agrees to fp32 rounding.
-        # A deeper layer's input carries the bf16 q and k of the layers before it, which the kernel rounds on its
-        # own (and Triton's interpreter by truncation, where a GPU rounds to nearest): bf16's resolution there.
-        fp32_only = dtype is None or i == 0
-        for got, want, close in ((actual.cema_h, wanted.cema_h, 1e-4), (actual.norm.mean, wanted.norm.mean, 1e-5),
-                                 (actual.norm.var, wanted.norm.var, 1e-5)):
-            bound = close if fp32_only else tolerance * want.abs().max().item()
-            torch.testing.assert_close(got, want, rtol=close if fp32_only else tolerance, atol=bound)
-        torch.testing.assert_close(actual.k_cache.float(), wanted.k_cache.float(), rtol=tolerance, atol=tolerance)
+    for actual, wanted in zip(result[1].layers, reference[1].layers):
+        torch.testing.assert_close(actual.cema_h, wanted.cema_h, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(actual.norm.mean, wanted.norm.mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(actual.norm.var, wanted.norm.var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual.k_cache.float(), wanted.k_cache.float(), rtol=tolerance, atol=tolerance)
     assert result[2].keys() == reference[2].keys()
     for name, grad in reference[2].items():
         scale = grad.abs().max().item() + 1e-6

@@ -75,6 +75,25 @@ def test_gradients_match_the_float64_path(monkeypatch, per_row):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_bf16_gradients_match_the_pytorch_path(monkeypatch):
+    """A bf16 z on both paths: the gradients of z (bf16), the scale and the shift (fp32) agree at bf16's
+    resolution (each path rounds zn and dz itself; Triton's interpreter by truncation, a GPU to nearest)."""
+    (z, scale, shift), rotation = inputs(2, 70, seed=6, dtype=torch.bfloat16)
+    weights = [torch.randn(2, 70, HEADS, DZ, generator=torch.Generator().manual_seed(s)).to(DEVICE) for s in (7, 8)]
+
+    def grads():
+        leaves = [t.detach().requires_grad_() for t in (z, scale, shift)]
+        q, k = queries_keys(leaves[0], HEADS, 1e-5, leaves[1], leaves[2], rotation)
+        loss = (q.float() * weights[0]).sum() + (k.float() * weights[1]).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    got, want = both_paths(monkeypatch, grads)
+    for name, a, b in zip(("z", "scale", "shift"), got, want):
+        assert a.dtype == b.dtype, name
+        scale_of = b.abs().max().item()
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -6, atol=2 ** -6 * scale_of, msg=name)
+
+
 def test_custom_op_passes_opcheck():
     """Schema, fake (meta) implementations and autograd registration, as torch.compile relies on them."""
     from megalodon.ops.triton.queries_keys import queries_keys_fwd
