@@ -64,12 +64,13 @@ class MovingAverageGatedAttention(nn.Module):
     def _mixed_projections(self, mx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Wz mx, Wr mx (the gate before its SiLU) and Wh1 mx, biases included, in mx's dtype. They share their
         input, so a call of many tokens runs them as one GEMM over the concatenated weights (the parameters stay
-        separate, under the reference's names)."""
+        separate, under the reference's names). Joined first and cast once: under autocast that is two kernels
+        each way for the weights where casting each costs four (and again for the biases)."""
         linears = (self.wz, self.wr, self.wh1)
         if mx.shape[0] * mx.shape[1] < FUSED_PROJECTION_MIN_TOKENS:
             return tuple(F.linear(mx, m.weight.to(mx.dtype), m.bias.to(mx.dtype)) for m in linears)
-        weight = torch.cat([m.weight.to(mx.dtype) for m in linears])
-        bias = torch.cat([m.bias.to(mx.dtype) for m in linears])
+        weight = torch.cat([m.weight for m in linears]).to(mx.dtype)
+        bias = torch.cat([m.bias for m in linears]).to(mx.dtype)
         return F.linear(mx, weight, bias).split([m.out_features for m in linears], dim=-1)
 
     def _qk_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
