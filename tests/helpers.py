@@ -51,14 +51,17 @@ def force_fused_rms_norm(monkeypatch) -> None:
         monkeypatch.setattr(module, "FUSED_RMS_NORM_DEVICES", fused.FUSED_RMS_NORM_DEVICES | {"cpu"})
 
 
-def force_triton(monkeypatch) -> list[str]:
+def force_triton(monkeypatch, compiled: bool = False) -> list[str]:
     """Every op on its GPU path, for CPU tensors too: the Triton kernels (the interpreter runs them) and the
     RMSNorm on torch's fused kernel. Returns a list that records each kernel entry point of training (and
-    queries_keys_triton, which decode runs too) as it runs."""
+    queries_keys_triton, which decode runs too) as it runs. compiled: the model will run under torch.compile,
+    where the softmax kernels (called inside an autograd.Function, which dynamo allows no side effects) cannot be
+    recorded."""
     force_fused_rms_norm(monkeypatch)
     from megalodon.ops import attention as attention_ops
     from megalodon.ops import cema as cema_ops
     from megalodon.ops import timestep_norm as norm_ops
+    from megalodon.ops.triton import causal_softmax as softmax_kernels
     from megalodon.ops.triton import cema as cema_kernels
     from megalodon.ops.triton import queries_keys as qk_kernels
     from megalodon.ops.triton import timestep_norm as norm_kernels
@@ -67,7 +70,9 @@ def force_triton(monkeypatch) -> list[str]:
         monkeypatch.setattr(module, "use_triton", lambda op, *tensors: True)
     calls = []
     for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton"),
-                         (qk_kernels, "queries_keys_triton")):
+                         (qk_kernels, "queries_keys_triton"),
+                         *(() if compiled else ((softmax_kernels, "causal_softmax_fwd"),
+                                                (softmax_kernels, "causal_softmax_bwd")))):
         def recorded(*args, _name=name, _run=getattr(module, name), **kwargs):
             calls.append(_name)
             return _run(*args, **kwargs)

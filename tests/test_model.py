@@ -313,10 +313,10 @@ def test_the_whole_model_compiles_as_one_graph_with_a_carried_state():
 
 @requires_triton
 def test_compiled_blocks_hold_the_triton_kernels(monkeypatch):
-    """As on a GPU, the Triton custom ops (the CEMA scan and the TimestepNorm, forward and backward, here under
-    the interpreter) sit inside the compiled block graphs beside F.rms_norm, and training through them gives
+    """As on a GPU, the Triton custom ops (the CEMA scan, the TimestepNorm, the queries and keys and the attention's
+    softmax, forward and backward, here under the interpreter) sit inside the compiled block graphs beside F.rms_norm, and training through them gives
     eager's gradients."""
-    force_triton(monkeypatch)
+    force_triton(monkeypatch, compiled=True)
     compiled_against_eager(tiny_model(torch.float32, num_layers=1).train())
 
 

@@ -13,7 +13,8 @@ Inside a chunk, `attend` picks one of two exact paths (`attention_path` decides)
 - otherwise the materialized form: q k^T in the compute dtype, a masked softmax in fp32, then the product with
   v. SDPA never picks flash when the dims differ (Megalodon's dv is 8x dz), and its fallbacks are slower than
   these three steps. Its backward recomputes the probabilities (as flash attention does), so that nothing of
-  size (chunk x chunk) is kept for the backward pass.
+  size (chunk x chunk) is kept for the backward pass. On CUDA its masked softmax is one Triton kernel each way
+  (ops/triton/causal_softmax.py), which never reads the masked scores.
 """
 
 from __future__ import annotations
@@ -90,14 +91,22 @@ def _future(queries: int, keys: int, offset: int, device: torch.device) -> Tenso
     return torch.ones(queries, keys, dtype=torch.bool, device=device).triu(offset + 1)
 
 
-def _probabilities(q: Tensor, k: Tensor, offset: int) -> Tensor:
-    """softmax(q k^T + mask) in fp32 (or better), (..., Sq, Sk): q k^T and the mask (a select: exact) in the
-    compute dtype, the upcast inside the softmax, so that no fp32 copy of the scores is written first. One fused
-    softmax, cheaper on CPU than a saved log-sum-exp's five passes, and deterministic, so that backward recomputes
-    exactly the forward's probabilities."""
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    scores = scores.masked_fill_(_future(q.shape[-2], k.shape[-2], offset, q.device), float("-inf"))
+def _masked_softmax(scores: Tensor, offset: int) -> Tensor:
+    """softmax(scores + causal mask) in fp32 (or better), (..., Sq, Sk), overwriting the scores: the mask (a
+    select: exact) in their dtype, the upcast inside the softmax, so that no fp32 copy of the scores is written
+    first. One fused softmax, cheaper on CPU than a saved log-sum-exp's five passes, and deterministic, so that
+    backward recomputes exactly the forward's probabilities."""
+    scores = scores.masked_fill_(_future(scores.shape[-2], scores.shape[-1], offset, scores.device), float("-inf"))
     return scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+
+
+def _fused_softmax(scores: Tensor) -> bool:
+    """Whether the masked softmax (and its backward) runs as one Triton kernel (ops/triton/causal_softmax.py)."""
+    if not use_triton("causal_softmax", scores):
+        return False
+    from megalodon.ops.triton.causal_softmax import supported
+
+    return supported(scores)
 
 
 class _MaterializedAttention(torch.autograd.Function):
@@ -114,7 +123,13 @@ class _MaterializedAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, offset: int, silu_values: bool) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):
             values = F.silu(v) if silu_values else v
-            probs = _probabilities(q.transpose(1, 2), k.transpose(1, 2), offset).to(v.dtype)  # N x H x Sq x Sk
+            scores = torch.matmul(q.transpose(1, 2), k.transpose(1, 2).transpose(-1, -2))  # N x H x Sq x Sk
+            if _fused_softmax(scores):
+                from megalodon.ops.triton.causal_softmax import causal_softmax_fwd
+
+                probs = causal_softmax_fwd(scores, offset, v.dtype)
+            else:
+                probs = _masked_softmax(scores, offset).to(v.dtype)
             # token-major, so that the caller's (B, L, H * dv) is a view
             out = torch.matmul(probs, values.transpose(1, 2)).transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v)
@@ -128,13 +143,21 @@ class _MaterializedAttention(torch.autograd.Function):
             values = F.silu(v) if ctx.silu_values else v
             q, k, values, grad = (t.transpose(1, 2) for t in (q, k, values, grad))  # head-major views
             grad = grad.to(values.dtype)
-            probs = _probabilities(q, k, ctx.offset)  # the forward's, bit for bit
-            grad_values = torch.matmul(probs.to(values.dtype).transpose(-1, -2), grad).transpose(1, 2)
-            grad_p = torch.matmul(grad, values.transpose(-1, -2)).to(probs.dtype)
-            # d scores = P * (dP - rowsum(dP * P)): from the (Sq, Sk) tensors at hand, which keeps each row's
-            # gradient summing to zero (rowsum(dO * O), equal in exact arithmetic, would need O and two upcasts)
-            row = (grad_p * probs).sum(-1, keepdim=True)
-            grad_s = probs.mul_(grad_p.sub_(row)).to(q.dtype)
+            scores = torch.matmul(q, k.transpose(-1, -2))
+            # d scores = P * (dP - rowsum(dP * P)), P recomputed (the forward's, bit for bit): from the (Sq, Sk)
+            # tensors at hand, which keeps each row's gradient summing to zero (rowsum(dO * O), equal in exact
+            # arithmetic, would need O and two upcasts)
+            if _fused_softmax(scores):
+                from megalodon.ops.triton.causal_softmax import causal_softmax_bwd
+
+                probs, grad_s = causal_softmax_bwd(scores, torch.matmul(grad, values.transpose(-1, -2)), ctx.offset)
+                grad_values = torch.matmul(probs.transpose(-1, -2), grad).transpose(1, 2)
+            else:
+                probs = _masked_softmax(scores, ctx.offset)
+                grad_values = torch.matmul(probs.to(values.dtype).transpose(-1, -2), grad).transpose(1, 2)
+                grad_p = torch.matmul(grad, values.transpose(-1, -2)).to(probs.dtype)
+                row = (grad_p * probs).sum(-1, keepdim=True)
+                grad_s = probs.mul_(grad_p.sub_(row)).to(q.dtype)
             grad_q = torch.matmul(grad_s, k)
             grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
             grad_v = torch.ops.aten.silu_backward(grad_values, v) if ctx.silu_values else grad_values
@@ -159,7 +182,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, offset: int = 0, dropout_p: float = 
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, is_causal=causal, dropout_p=dropout_p, scale=1.0)
         return out.transpose(1, 2)
-    probs = F.dropout(_probabilities(q.transpose(1, 2), k.transpose(1, 2), offset), dropout_p)
+    probs = F.dropout(_masked_softmax(torch.matmul(q.transpose(1, 2), k.transpose(1, 2).transpose(-1, -2)), offset),
+                      dropout_p)
     return torch.matmul(probs.to(v.dtype), v.transpose(1, 2)).transpose(1, 2)
 
 
