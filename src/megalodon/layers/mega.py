@@ -27,8 +27,8 @@ from megalodon.state import LayerState
 if TYPE_CHECKING:
     from megalodon.decode_state import DecodeLayerState
 
-# Below this many tokens per call (decode), Wz, Wr and Wh1 run as three GEMMs: concatenating their weights would
-# cost more than it saves.
+# Below this many tokens per call, Wz, Wr and Wh1 run as three GEMMs: concatenating their weights would cost more
+# than it saves. (A decoder concatenates them once per generation, in DecodeConstants.)
 FUSED_PROJECTION_MIN_TOKENS = 16
 
 
@@ -40,6 +40,9 @@ class DecodeConstants(NamedTuple):
     decay: tuple[Tensor, Tensor]  # q as (Re, Im), each (D, N)
     qk_affine: tuple[Tensor, Tensor]  # (2, z_dim) scale and shift that make q and k from normalized z
     rms_scale: Tensor | None  # (D,) what the RMSNorm of the CEMA output multiplies by (weight + 1)
+    # Wz, Wr and Wh1 concatenated (weight, bias), in the weights' dtype: one GEMM per token, not three (it costs
+    # a copy of those weights while the decoder lives)
+    projection: tuple[Tensor, Tensor]
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -61,17 +64,23 @@ class MovingAverageGatedAttention(nn.Module):
         self.heads = heads
 
     # ---- the projections, shared by forward and decode_step_ ---------------------------------------------------
-    def _mixed_projections(self, mx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _joined_projection(self) -> tuple[Tensor, Tensor]:
+        """The weights and biases of Wz, Wr and Wh1 concatenated, in their dtype."""
+        linears = (self.wz, self.wr, self.wh1)
+        return torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears])
+
+    def _mixed_projections(self, mx: Tensor, joined: tuple[Tensor, Tensor] | None = None
+                           ) -> tuple[Tensor, Tensor, Tensor]:
         """Wz mx, Wr mx (the gate before its SiLU) and Wh1 mx, biases included, in mx's dtype. They share their
         input, so a call of many tokens runs them as one GEMM over the concatenated weights (the parameters stay
         separate, under the reference's names). Joined first and cast once: under autocast that is two kernels
-        each way for the weights where casting each costs four (and again for the biases)."""
+        each way for the weights where casting each costs four (and again for the biases). joined:
+        _joined_projection(), made beforehand (decode)."""
         linears = (self.wz, self.wr, self.wh1)
-        if mx.shape[0] * mx.shape[1] < FUSED_PROJECTION_MIN_TOKENS:
+        if joined is None and mx.shape[0] * mx.shape[1] < FUSED_PROJECTION_MIN_TOKENS:
             return tuple(F.linear(mx, m.weight.to(mx.dtype), m.bias.to(mx.dtype)) for m in linears)
-        weight = torch.cat([m.weight for m in linears]).to(mx.dtype)
-        bias = torch.cat([m.bias for m in linears]).to(mx.dtype)
-        return F.linear(mx, weight, bias).split([m.out_features for m in linears], dim=-1)
+        weight, bias = self._joined_projection() if joined is None else joined
+        return F.linear(mx, weight.to(mx.dtype), bias.to(mx.dtype)).split([m.out_features for m in linears], -1)
 
     def _qk_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(gamma + 1) / sqrt(dz) and beta, each (2, z_dim) in dtype: row 0 makes q, row 1 makes k."""
@@ -143,7 +152,7 @@ class MovingAverageGatedAttention(nn.Module):
             coeffs = self.cema.coefficients()
             return DecodeConstants(coeffs, self.cema.omega.squeeze(-1).to(coeffs.p.dtype), cema_decay(coeffs),
                                    self._qk_affine(torch.promote_types(self.wz.weight.dtype, torch.float32)),
-                                   applied(self.rmsnorm.weight))
+                                   applied(self.rmsnorm.weight), self._joined_projection())
 
     @torch.no_grad()
     def decode_step_(self, x: Tensor, rotation: tuple[Tensor, Tensor], step: SlotStep, state: DecodeLayerState,
@@ -162,7 +171,7 @@ class MovingAverageGatedAttention(nn.Module):
             c, _ = cema_step(xn[:, 0].to(constants.omega.dtype), constants.coeffs, constants.omega, state.cema_h,
                              out=state.cema_h, decay=constants.decay)
         mx = self.rmsnorm(c.unsqueeze(1), dtype, constants.rms_scale)
-        z, gate, h1 = self._mixed_projections(mx)
+        z, gate, h1 = self._mixed_projections(mx, constants.projection)
         q, k = self._queries_keys(z, rotation, constants.qk_affine)
         v = F.silu(self._value_inputs(xn.to(dtype)))
         write_slot_(state.keys, step, k[:, 0])
