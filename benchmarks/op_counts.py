@@ -145,7 +145,7 @@ def run_the_gpu_code() -> bool:
 
     import megalodon.inference.decoding  # noqa: F401  (every module that checks values, imported before the patch)
     from megalodon import validation
-    from megalodon.ops import attention, cema, timestep_norm
+    from megalodon.ops import attention, cema, static_kv, timestep_norm
 
     rule = validation.host_reads_free  # read once: validation itself is one of the modules patched
     for name, module in list(sys.modules.items()):
@@ -159,7 +159,7 @@ def run_the_gpu_code() -> bool:
     torch.nn.functional.rms_norm = one_kernel_rms_norm
     if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    for module in (attention, cema, timestep_norm):
+    for module in (attention, cema, static_kv, timestep_norm):
         module.use_triton = lambda op, *tensors: True
     count_triton_launches()
     return True

@@ -53,24 +53,26 @@ def force_fused_rms_norm(monkeypatch) -> None:
 
 def force_triton(monkeypatch, compiled: bool = False) -> list[str]:
     """Every op on its GPU path, for CPU tensors too: the Triton kernels (the interpreter runs them) and the
-    RMSNorm on torch's fused kernel. Returns a list that records each kernel entry point of training (and
-    queries_keys_triton, which decode runs too) as it runs. compiled: the model will run under torch.compile,
+    RMSNorm on torch's fused kernel. Returns a list that records each kernel entry point of training and decode
+    as it runs. compiled: the model will run under torch.compile,
     where the softmax kernels (called inside an autograd.Function, which dynamo allows no side effects) cannot be
     recorded."""
     force_fused_rms_norm(monkeypatch)
     from megalodon.ops import attention as attention_ops
     from megalodon.ops import cema as cema_ops
+    from megalodon.ops import static_kv as static_kv_ops
     from megalodon.ops import timestep_norm as norm_ops
     from megalodon.ops.triton import causal_softmax as softmax_kernels
     from megalodon.ops.triton import cema as cema_kernels
     from megalodon.ops.triton import queries_keys as qk_kernels
+    from megalodon.ops.triton import static_kv as static_kv_kernels
     from megalodon.ops.triton import timestep_norm as norm_kernels
 
-    for module in (attention_ops, cema_ops, norm_ops):
+    for module in (attention_ops, cema_ops, norm_ops, static_kv_ops):
         monkeypatch.setattr(module, "use_triton", lambda op, *tensors: True)
     calls = []
     for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton"),
-                         (qk_kernels, "queries_keys_triton"),
+                         (qk_kernels, "queries_keys_triton"), (static_kv_kernels, "write_and_attend_triton"),
                          *(() if compiled else ((softmax_kernels, "causal_softmax_fwd"),
                                                 (softmax_kernels, "causal_softmax_bwd")))):
         def recorded(*args, _name=name, _run=getattr(module, name), **kwargs):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from megalodon.baseline.cache import KVCache, StaticKVCache, attention_mask, document_begins
 from megalodon.ops.fused import FUSED_RMS_NORM_DEVICES, torch_rms_norm
-from megalodon.ops.static_kv import SlotStep, attend_slots, slot_step, write_slot_
+from megalodon.ops.static_kv import SlotStep, slot_step, write_and_attend
 from megalodon.validation import check_token_ids
 
 
@@ -133,9 +133,8 @@ class Attention(nn.Module):
             return t.view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)  # B x H x 1 x hd
 
         q = apply_rotary(heads(self.q_proj(x)), cos, sin).transpose(1, 2)  # B x 1 x H x hd
-        write_slot_(keys, step, apply_rotary(heads(self.k_proj(x)), cos, sin)[:, :, 0])
-        write_slot_(values, step, heads(self.v_proj(x))[:, :, 0])
-        out = attend_slots(q, keys, values, step)
+        k = apply_rotary(heads(self.k_proj(x)), cos, sin).transpose(1, 2)
+        out = write_and_attend(q, k, heads(self.v_proj(x)).transpose(1, 2), keys, values, step)
         return self.o_proj(out.reshape(batch, 1, dim))
 
 

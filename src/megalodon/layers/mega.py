@@ -21,7 +21,7 @@ from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import chunked_attention, decode_attention, queries_keys
 from megalodon.ops.cema import CemaCoefficients, cema_decay, cema_step
 from megalodon.ops.fused import applied, gated_linear
-from megalodon.ops.static_kv import SlotStep, attend_slots, write_slot_
+from megalodon.ops.static_kv import SlotStep, write_and_attend
 from megalodon.state import LayerState
 
 if TYPE_CHECKING:
@@ -173,8 +173,7 @@ class MovingAverageGatedAttention(nn.Module):
         mx = self.rmsnorm(c.unsqueeze(1), dtype, constants.rms_scale)
         z, gate, h1 = self._mixed_projections(mx, constants.projection)
         q, k = self._queries_keys(z, rotation, constants.qk_affine)
-        v = F.silu(self._value_inputs(xn.to(dtype)))
-        write_slot_(state.keys, step, k[:, 0])
-        write_slot_(state.values, step, v[:, 0])
-        attn = attend_slots(q, state.keys, state.values, step, scale=1.0)  # the 1/sqrt(dz) is folded into q
+        # the values are silu(Wv xn); the 1/sqrt(dz) is folded into q
+        attn = write_and_attend(q, k, self._value_inputs(xn.to(dtype)), state.keys, state.values, step, scale=1.0,
+                                silu_values=True)
         return self._output(attn.reshape(batch, 1, self.config.value_dim), gate, h1, x)

@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from megalodon.ops.attention import attend_visible
+from megalodon.ops.attention import attend_visible, attention_path
+from megalodon.ops.triton import use_triton
 
 
 class SlotStep(NamedTuple):
@@ -39,6 +41,23 @@ def slot_step(slot: Tensor, size: int, first: Tensor | None = None) -> SlotStep:
 def write_slot_(buffer: Tensor, step: SlotStep, value: Tensor) -> None:
     """buffer[b, step.slot[b]] = value[b] for every row: buffer (B, S, H, d), value (B, H, d)."""
     buffer.index_put_((step.rows, step.slot), value.to(buffer.dtype))
+
+
+def write_and_attend(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, step: SlotStep,
+                     scale: float | None = None, silu_values: bool = False) -> Tensor:
+    """write_slot_ of the new token's key k (B, 1, H, dk) and value v (B, 1, H, dv) (silu(v) if silu_values),
+    then attend_slots: the whole of a decode step's attention. On CUDA, where the head dims differ (Megalodon),
+    two Triton kernels do all of it (ops/triton/static_kv.py)."""
+    if (attention_path(q, values) == "materialized" and use_triton("static_kv", q, keys, values)
+            and keys.is_contiguous() and values.is_contiguous()):
+        from megalodon.ops.triton.static_kv import supported, write_and_attend_triton
+
+        if supported(q, keys, values):
+            return write_and_attend_triton(q, k, v, keys, values, step.slot, step.visible,
+                                           q.shape[-1] ** -0.5 if scale is None else scale, silu_values)
+    write_slot_(keys, step, k[:, 0])
+    write_slot_(values, step, (F.silu(v) if silu_values else v)[:, 0])
+    return attend_slots(q, keys, values, step, scale)
 
 
 def attend_slots(q: Tensor, keys: Tensor, values: Tensor, step: SlotStep, scale: float | None = None) -> Tensor:

@@ -1,0 +1,146 @@
+"""A decode step's attention over a static key/value buffer (ops/static_kv.py::write_and_attend) in two Triton
+kernels, on CUDA, where the query/key and value head dims differ (Megalodon's; SDPA serves equal dims).
+
+`slot_scores_kernel` (one program per row, head and block of slots) writes the new token's key and value
+(silu(v) where asked) at its row's slot and computes its scores q . k over the block, masked where the row does
+not see a slot, rounded to the buffer's dtype as the PyTorch path's product rounds them. `slot_values_kernel`
+(one program per row, head and block of value features) takes the softmax of the row's scores in fp32, rounds
+the probabilities to the values' dtype (as the PyTorch path does before its product with v) and sums them into
+its block of the output, reading no value of a slot the row does not see. Together they replace the two slot
+writes, the SiLU, both products, the mask, the softmax and its casts: eight launches per layer where the PyTorch
+path takes them one by one.
+
+The slot written by the first kernel is read only by the second, which runs after it: no program reads what
+another program of the same launch writes.
+"""
+
+# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from megalodon.ops.triton import on_input_device
+
+BLOCK_SLOTS = 32  # slots per program of the score kernel, and per step of the value kernel's loop
+BLOCK_FEATURES = 64  # value features per program of the value kernel (and per store of the new value)
+MAX_SLOTS = 16384  # the value kernel holds a row's scores whole
+
+
+@triton.jit
+def slot_scores_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, slot_ptr, visible_ptr, scores_ptr,
+                       q_stride, k_stride, heads, slots, dk, dv, scale,
+                       SILU_VALUES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
+    bh = tl.program_id(0)
+    block = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    j = block * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_K)
+    slot = tl.load(slot_ptr + b)
+    q = tl.load(q_ptr + b * q_stride + h * dk + d, mask=d < dk, other=0.0).to(tl.float32)
+    new_key = tl.load(k_ptr + b * k_stride + h * dk + d, mask=d < dk, other=0.0).to(keys_ptr.dtype.element_ty)
+    rows = ((b * slots + j) * heads + h).to(tl.int64)
+    stale = (j < slots) & (j != slot)
+    keys = tl.load(keys_ptr + rows[:, None] * dk + d[None, :], mask=stale[:, None] & (d < dk)[None, :], other=0.0)
+    keys = tl.where((j == slot)[:, None], new_key.to(tl.float32)[None, :], keys.to(tl.float32))
+    scores = tl.sum(keys * q[None, :], axis=1).to(keys_ptr.dtype.element_ty).to(tl.float32) * scale
+    seen = tl.load(visible_ptr + b * slots + j, mask=j < slots, other=0) != 0
+    tl.store(scores_ptr + bh * slots + j, tl.where(seen, scores, float("-inf")), mask=j < slots)
+    if (slot >= block * BLOCK_S) & (slot < block * BLOCK_S + BLOCK_S):  # this block holds the row's slot
+        at = ((b * slots + slot) * heads + h).to(tl.int64)
+        tl.store(keys_ptr + at * dk + d, new_key, mask=d < dk)
+        for start in range(0, dv, BLOCK_V):
+            e = start + tl.arange(0, BLOCK_V)
+            value = tl.load(v_ptr + bh * dv + e, mask=e < dv, other=0.0).to(tl.float32)
+            if SILU_VALUES:
+                # silu as the PyTorch path computes it from v's dtype: in fp32, rounded once
+                value = value * tl.sigmoid(value)
+            tl.store(values_ptr + at * dv + e, value.to(values_ptr.dtype.element_ty), mask=e < dv)
+
+
+@triton.jit
+def slot_values_kernel(scores_ptr, values_ptr, out_ptr, heads, slots, dv,
+                       BLOCK_ALL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // heads
+    h = bh % heads
+    every = tl.arange(0, BLOCK_ALL)
+    scores = tl.load(scores_ptr + bh * slots + every, mask=every < slots, other=float("-inf"))
+    top = tl.max(scores, axis=0)  # the row's own slot is always seen: finite
+    total = tl.sum(tl.exp(scores - top), axis=0)
+    e = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, slots, BLOCK_S):
+        j = start + tl.arange(0, BLOCK_S)
+        s = tl.load(scores_ptr + bh * slots + j, mask=j < slots, other=float("-inf"))
+        p = (tl.exp(s - top) / total).to(values_ptr.dtype.element_ty).to(tl.float32)
+        rows = ((b * slots + j) * heads + h).to(tl.int64)
+        # unseen slots (p = 0) are not read: at the start of a chunk most of the buffer is not
+        values = tl.load(values_ptr + rows[:, None] * dv + e[None, :],
+                         mask=(p > 0)[:, None] & (e < dv)[None, :], other=0.0)
+        acc += tl.sum(p[:, None] * values.to(tl.float32), axis=0)
+    tl.store(out_ptr + bh * dv + e, acc.to(values_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=e < dv)
+
+
+def supported(q: Tensor, keys: Tensor, values: Tensor) -> bool:
+    """Whether the kernels take these tensors (the dtypes a GPU computes in, rows of scores a program holds)."""
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    return q.dtype in floats and keys.dtype in floats and values.dtype in floats and keys.shape[1] <= MAX_SLOTS
+
+
+def _heads_contiguous(t: Tensor) -> Tensor:
+    """t (B, H, d) with each row's heads and features packed (any batch stride)."""
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
+
+
+# ---- the custom ops -------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("megalodon::slot_scores", mutates_args=("keys", "values"))
+@on_input_device
+def slot_scores(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, slot: Tensor, visible: Tensor,
+                scale: float, silu_values: bool) -> Tensor:
+    """Writes k (B, H, dk) and v (B, H, dv; silu(v) if silu_values) at slot[b] of keys (B, S, H, dk) and values
+    (B, S, H, dv), contiguous, and returns the scores (B * H, S) fp32 of q (B, H, dk) over every slot, scaled,
+    -inf where visible (B, S) is False. q and k may be strided over the batch (slices of one projection)."""
+    batch, slots, heads, dk = keys.shape
+    dv = values.shape[-1]
+    q, k = (_heads_contiguous(t) for t in (q, k))
+    scores = q.new_empty(batch * heads, slots, dtype=torch.float32)
+    slot_scores_kernel[(batch * heads, triton.cdiv(slots, BLOCK_SLOTS))](
+        q, k, v.contiguous(), keys, values, slot, visible.contiguous(), scores, q.stride(0), k.stride(0),
+        heads, slots, dk, dv, scale, SILU_VALUES=silu_values, BLOCK_S=BLOCK_SLOTS,
+        BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=BLOCK_FEATURES)
+    return scores
+
+
+@slot_scores.register_fake
+def _(q, k, v, keys, values, slot, visible, scale, silu_values):
+    return q.new_empty(keys.shape[0] * keys.shape[2], keys.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("megalodon::slot_values", mutates_args=())
+@on_input_device
+def slot_values(scores: Tensor, values: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """softmax(scores) v for each row and head: (B, H, dv) in out_dtype."""
+    batch, slots, heads, dv = values.shape
+    out = values.new_empty(batch, heads, dv, dtype=out_dtype)
+    slot_values_kernel[(batch * heads, triton.cdiv(dv, BLOCK_FEATURES))](
+        scores, values, out, heads, slots, dv, BLOCK_ALL=triton.next_power_of_2(slots), BLOCK_S=BLOCK_SLOTS,
+        BLOCK_V=BLOCK_FEATURES)
+    return out
+
+
+@slot_values.register_fake
+def _(scores, values, out_dtype):
+    return values.new_empty(values.shape[0], values.shape[2], values.shape[3], dtype=out_dtype)
+
+
+def write_and_attend_triton(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, slot: Tensor,
+                            visible: Tensor, scale: float, silu_values: bool) -> Tensor:
+    """The Triton path of `megalodon.ops.static_kv.write_and_attend`: q, k (B, 1, H, dk), v (B, 1, H, dv), the
+    contiguous buffers, slot (B,) and visible (B, 1, 1, S). Returns (B, 1, H, dv) in q's dtype."""
+    scores = slot_scores(q[:, 0], k[:, 0], v[:, 0], keys, values, slot, visible.flatten(1), scale, silu_values)
+    return slot_values(scores, values, q.dtype).unsqueeze(1)
