@@ -77,11 +77,11 @@ def test_backward_writes_each_output_in_its_dtype():
 
 
 def test_rows_longer_than_a_program_holds_stay_on_the_pytorch_path():
-    from megalodon.ops.triton.causal_softmax import MAX_KEYS, supported
+    from megalodon.ops.triton.causal_softmax import MAX_KEYS, supports_scores
 
-    assert supported(torch.empty(1, 1, 4, MAX_KEYS, device="meta"))
-    assert not supported(torch.empty(1, 1, 4, MAX_KEYS + 1, device="meta"))
-    assert not supported(torch.empty(1, 1, 4, 8, device="meta", dtype=torch.float64))
+    assert supports_scores(torch.empty(1, 1, 4, MAX_KEYS, device="meta"))
+    assert not supports_scores(torch.empty(1, 1, 4, MAX_KEYS + 1, device="meta"))
+    assert not supports_scores(torch.empty(1, 1, 4, 8, device="meta", dtype=torch.float64))
 
 
 def qkv(length, dtype, seed, heads=2, dz=4, dv=6):

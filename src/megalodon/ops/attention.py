@@ -104,9 +104,9 @@ def _fused_softmax(scores: Tensor) -> bool:
     """Whether the masked softmax (and its backward) runs as one Triton kernel (ops/triton/causal_softmax.py)."""
     if not use_triton("causal_softmax", scores):
         return False
-    from megalodon.ops.triton.causal_softmax import supported
+    from megalodon.ops.triton.causal_softmax import supports_scores
 
-    return supported(scores)
+    return supports_scores(scores)
 
 
 class _MaterializedAttention(torch.autograd.Function):

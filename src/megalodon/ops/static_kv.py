@@ -50,9 +50,9 @@ def write_and_attend(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tens
     two Triton kernels do all of it (ops/triton/static_kv.py)."""
     if (attention_path(q, values) == "materialized" and use_triton("static_kv", q, keys, values)
             and keys.is_contiguous() and values.is_contiguous()):
-        from megalodon.ops.triton.static_kv import supported, write_and_attend_triton
+        from megalodon.ops.triton.static_kv import supports_buffers, write_and_attend_triton
 
-        if supported(q, keys, values):
+        if supports_buffers(q, keys, values):
             return write_and_attend_triton(q, k, v, keys, values, step.slot, step.visible,
                                            q.shape[-1] ** -0.5 if scale is None else scale, silu_values)
     write_slot_(keys, step, k[:, 0])

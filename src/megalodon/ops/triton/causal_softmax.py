@@ -56,7 +56,7 @@ def causal_softmax_bwd_kernel(scores_ptr, grad_probs_ptr, probs_ptr, grad_scores
     tl.store(grad_scores_ptr + at, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=cols < keys)
 
 
-def supported(scores: Tensor) -> bool:
+def supports_scores(scores: Tensor) -> bool:
     """Whether the kernels take these scores (the dtypes a GPU computes in, rows that fit a program)."""
     return scores.dtype in (torch.float32, torch.bfloat16, torch.float16) and 0 < scores.shape[-1] <= MAX_KEYS
 

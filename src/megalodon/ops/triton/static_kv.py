@@ -85,7 +85,7 @@ def slot_values_kernel(scores_ptr, values_ptr, out_ptr, heads, slots, dv,
     tl.store(out_ptr + bh * dv + e, acc.to(values_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=e < dv)
 
 
-def supported(q: Tensor, keys: Tensor, values: Tensor) -> bool:
+def supports_buffers(q: Tensor, keys: Tensor, values: Tensor) -> bool:
     """Whether the kernels take these tensors (the dtypes a GPU computes in, rows of scores a program holds)."""
     floats = (torch.float32, torch.bfloat16, torch.float16)
     return q.dtype in floats and keys.dtype in floats and values.dtype in floats and keys.shape[1] <= MAX_SLOTS
