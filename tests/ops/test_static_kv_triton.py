@@ -13,7 +13,8 @@ from megalodon.ops.static_kv import slot_step, write_and_attend
 pytest.importorskip("triton")  # the kernels run under the interpreter on CPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.cuda  # on a GPU every kernel test here runs on it
-BATCH, SLOTS, HEADS, DK, DV = 4, 70, 2, 8, 80  # several blocks of slots and of value features; dk != dv
+# several blocks of slots in each kernel (and a partial one), several blocks of value features; dk != dv
+BATCH, SLOTS, HEADS, DK, DV = 4, 150, 2, 8, 80
 
 
 def step_inputs(dtype, seed):
@@ -28,7 +29,7 @@ def step_inputs(dtype, seed):
     qk = randn(BATCH, 1, 2 * HEADS, DK)  # q and k as the model has them: slices of one tensor, strided rows
     qk[:, :, :HEADS] *= 0.7
     q, k, v = qk[:, :, :HEADS], qk[:, :, HEADS:], randn(BATCH, 1, HEADS, DV)
-    step = slot_step(torch.tensor([0, 33, SLOTS - 1, 5], device=DEVICE), SLOTS)
+    step = slot_step(torch.tensor([0, 133, SLOTS - 1, 5], device=DEVICE), SLOTS)
     return q, k, v, keys, values, step
 
 
@@ -139,8 +140,9 @@ i32, f32 = "i32", "fp32"
 CASES = []
 for t in ("*bf16", "*fp32"):
     CASES += [(kernels.slot_scores_kernel, [t, t, t, t, t, "*i64", "*i1", "*fp32"] + [i32] * 6 + [f32],
-               dict(SILU_VALUES=True, BLOCK_S=32, BLOCK_K=256, BLOCK_V=64)),
-              (kernels.slot_values_kernel, ["*fp32", t, t] + [i32] * 3, dict(BLOCK_ALL=2048, BLOCK_S=32, BLOCK_V=64))]
+               dict(SILU_VALUES=True, BLOCK_S=16, BLOCK_K=256, BLOCK_V=64)),
+              (kernels.slot_values_kernel, ["*fp32", t, t] + [i32] * 3, dict(BLOCK_ALL=2048, BLOCK_S=128, BLOCK_V=16)),
+              (kernels.slot_values_kernel, ["*fp32", t, t] + [i32] * 3, dict(BLOCK_ALL=4096, BLOCK_S=128, BLOCK_V=128))]
 """
 
 

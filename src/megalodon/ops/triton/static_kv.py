@@ -23,8 +23,11 @@ from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
 
-BLOCK_SLOTS = 32  # slots per program of the score kernel, and per step of the value kernel's loop
-BLOCK_FEATURES = 64  # value features per program of the value kernel (and per store of the new value)
+# A step reads each layer's whole key buffer and the seen part of its value buffer (8 MiB at mega200M in bf16):
+# both kernels split that over about a program per SM, so that no few programs stream it alone.
+SCORE_SLOTS = 16  # slots per program of the score kernel (2,048 slots: 128 programs a row and head)
+VALUE_SLOTS = 128  # slots per step of the value kernel's loop
+PROGRAMS = 128  # what the value kernel aims at, over rows, heads and blocks of value features
 MAX_SLOTS = 16384  # the value kernel holds a row's scores whole
 
 
@@ -109,11 +112,16 @@ def slot_scores(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, s
     dv = values.shape[-1]
     q, k = (_heads_contiguous(t) for t in (q, k))
     scores = q.new_empty(batch * heads, slots, dtype=torch.float32)
-    slot_scores_kernel[(batch * heads, triton.cdiv(slots, BLOCK_SLOTS))](
+    slot_scores_kernel[(batch * heads, triton.cdiv(slots, SCORE_SLOTS))](
         q, k, v.contiguous(), keys, values, slot, visible.contiguous(), scores, q.stride(0), k.stride(0),
-        heads, slots, dk, dv, scale, SILU_VALUES=silu_values, BLOCK_S=BLOCK_SLOTS,
-        BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=BLOCK_FEATURES)
+        heads, slots, dk, dv, scale, SILU_VALUES=silu_values, BLOCK_S=SCORE_SLOTS,
+        BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=64)
     return scores
+
+
+def _value_block(rows: int, dv: int) -> int:
+    """Value features per program of the value kernel: about PROGRAMS programs in all, 16 to 128 features each."""
+    return min(128, max(16, triton.next_power_of_2(triton.cdiv(rows * dv, PROGRAMS))))
 
 
 @slot_scores.register_fake
@@ -127,9 +135,10 @@ def slot_values(scores: Tensor, values: Tensor, out_dtype: torch.dtype) -> Tenso
     """softmax(scores) v for each row and head: (B, H, dv) in out_dtype."""
     batch, slots, heads, dv = values.shape
     out = values.new_empty(batch, heads, dv, dtype=out_dtype)
-    slot_values_kernel[(batch * heads, triton.cdiv(dv, BLOCK_FEATURES))](
-        scores, values, out, heads, slots, dv, BLOCK_ALL=triton.next_power_of_2(slots), BLOCK_S=BLOCK_SLOTS,
-        BLOCK_V=BLOCK_FEATURES)
+    block = _value_block(batch * heads, dv)
+    slot_values_kernel[(batch * heads, triton.cdiv(dv, block))](
+        scores, values, out, heads, slots, dv, BLOCK_ALL=triton.next_power_of_2(slots), BLOCK_S=VALUE_SLOTS,
+        BLOCK_V=block)
     return out
 
 
