@@ -145,21 +145,20 @@ def run_the_gpu_code() -> bool:
 
     import megalodon.inference.decoding  # noqa: F401  (every module that checks values, imported before the patch)
     from megalodon import validation
-    from megalodon.ops import attention, cema, static_kv, timestep_norm
+    from megalodon.ops import attention, cema, fused, static_kv, timestep_norm
 
     rule = validation.host_reads_free  # read once: validation itself is one of the modules patched
     for name, module in list(sys.modules.items()):
         if name.startswith("megalodon") and getattr(module, "host_reads_free", None) is rule:
             module.host_reads_free = lambda tensor: False
     from megalodon.baseline import llama
-    from megalodon.ops import fused
 
     for module in (fused, llama):  # the RMSNorms on torch's fused kernel, counted as CUDA runs it
         module.FUSED_RMS_NORM_DEVICES = fused.FUSED_RMS_NORM_DEVICES | {"cpu"}
     torch.nn.functional.rms_norm = one_kernel_rms_norm
     if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    for module in (attention, cema, static_kv, timestep_norm):
+    for module in (attention, cema, fused, static_kv, timestep_norm):
         module.use_triton = lambda op, *tensors: True
     count_triton_launches()
     return True

@@ -60,19 +60,22 @@ def force_triton(monkeypatch, compiled: bool = False) -> list[str]:
     force_fused_rms_norm(monkeypatch)
     from megalodon.ops import attention as attention_ops
     from megalodon.ops import cema as cema_ops
+    from megalodon.ops import fused as fused_ops
     from megalodon.ops import static_kv as static_kv_ops
     from megalodon.ops import timestep_norm as norm_ops
     from megalodon.ops.triton import causal_softmax as softmax_kernels
     from megalodon.ops.triton import cema as cema_kernels
+    from megalodon.ops.triton import fused as fused_kernels
     from megalodon.ops.triton import queries_keys as qk_kernels
     from megalodon.ops.triton import static_kv as static_kv_kernels
     from megalodon.ops.triton import timestep_norm as norm_kernels
 
-    for module in (attention_ops, cema_ops, norm_ops, static_kv_ops):
+    for module in (attention_ops, cema_ops, norm_ops, static_kv_ops, fused_ops):
         monkeypatch.setattr(module, "use_triton", lambda op, *tensors: True)
     calls = []
     for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton"),
                          (qk_kernels, "queries_keys_triton"), (static_kv_kernels, "write_and_attend_triton"),
+                         (fused_kernels, "norm_rows"),
                          *(() if compiled else ((softmax_kernels, "causal_softmax_fwd"),
                                                 (softmax_kernels, "causal_softmax_bwd")))):
         def recorded(*args, _name=name, _run=getattr(module, name), **kwargs):

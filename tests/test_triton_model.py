@@ -98,7 +98,7 @@ def test_split_calls_on_the_kernels_equal_one_call(monkeypatch):
                                   return_state=True)
             pieces.append(logits)
             start += size
-    assert {"cema_scan", "timestep_norm_triton", "queries_keys_triton", "causal_softmax_fwd"} <= set(calls)
+    assert {"cema_scan", "timestep_norm_triton", "queries_keys_triton", "causal_softmax_fwd", "norm_rows"} <= set(calls)
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-4, atol=1e-4)
 
 
@@ -123,4 +123,4 @@ def test_decode_steps_on_the_kernels_equal_the_pytorch_forward(monkeypatch):
         for row, n in enumerate(lengths):
             torch.testing.assert_close(logits[row], full[row][n + t], rtol=1e-4, atol=1e-4)
     # and the step kernels of the norm and the CEMA, not the training entry points
-    assert set(calls) == {"queries_keys_triton", "write_and_attend_triton"}
+    assert set(calls) == {"queries_keys_triton", "write_and_attend_triton", "norm_rows"}

@@ -151,9 +151,10 @@ def test_compiled_decode_step_equals_eager(kernels):
     """torch.compile of the whole step on the CPU (Inductor, one graph), against the eager PyTorch step, across a
     chunk boundary; with kernels, the compiled step holds the TimestepNorm's and the CEMA's in-place Triton steps
     and the attention's kernels that write the key/value buffers (mutating custom ops, here under the
-    interpreter), the fused queries and keys, and F.rms_norm, as on a GPU."""
+    interpreter), the fused queries and keys and the inference row-norms, as on a GPU."""
     from megalodon.ops import attention as attention_ops
     from megalodon.ops import cema as cema_ops
+    from megalodon.ops import fused as fused_ops
     from megalodon.ops import static_kv as static_kv_ops
     from megalodon.ops import timestep_norm as norm_ops
 
@@ -169,6 +170,7 @@ def test_compiled_decode_step_equals_eager(kernels):
                 patch.setattr(cema_ops, "use_triton", lambda op, *tensors: op == "cema_step")
                 patch.setattr(attention_ops, "use_triton", lambda op, *tensors: op == "queries_keys")
                 patch.setattr(static_kv_ops, "use_triton", lambda op, *tensors: op == "static_kv")
+                patch.setattr(fused_ops, "use_triton", lambda op, *tensors: op == "norm_rows")
                 force_fused_rms_norm(patch)
             logits = compiled.step(ids)
         torch.testing.assert_close(logits, eager.step(ids), rtol=1e-5, atol=1e-5)

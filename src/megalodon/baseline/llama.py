@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon.baseline.cache import KVCache, StaticKVCache, attention_mask, document_begins
-from megalodon.ops.fused import FUSED_RMS_NORM_DEVICES, torch_rms_norm
+from megalodon.ops.fused import FUSED_RMS_NORM_DEVICES, row_norm, row_norm_applies, torch_rms_norm
 from megalodon.ops.static_kv import SlotStep, slot_step, write_and_attend
 from megalodon.validation import check_token_ids
 
@@ -69,6 +69,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if row_norm_applies(x, self.weight):  # inference on CUDA: one kernel, as Megalodon's norms there
+            return row_norm(x, self.weight, None, self.eps, False, x.dtype)
         if x.device.type in FUSED_RMS_NORM_DEVICES:  # torch's fused kernel, as Megalodon's norms use there
             return torch_rms_norm(x, self.weight, self.eps, x.dtype)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 or better

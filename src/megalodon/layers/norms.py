@@ -7,10 +7,9 @@ dtype of the linears that read it (bf16 under autocast), so that no fp32 copy is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalodon.ops.fused import applied, rms_norm
+from megalodon.ops.fused import applied, layer_norm, rms_norm
 
 
 # Asked once, at import: torch.compile cannot trace torch.amp.is_autocast_available before torch 2.13.
@@ -48,10 +47,8 @@ class LayerNorm(nn.Module):
     def forward(self, x: Tensor, out_dtype: torch.dtype | None = None,
                 affine: tuple[Tensor | None, Tensor | None] | None = None) -> Tensor:
         """out_dtype: default x's. affine: self.affine(), when the caller computed it beforehand (decode)."""
-        compute = torch.promote_types(x.dtype, torch.float32)
-        weight, bias = self.affine(compute) if affine is None else affine
-        out = F.layer_norm(x.to(compute), x.shape[-1:], weight, bias, self.eps)
-        return out.to(x.dtype if out_dtype is None else out_dtype)
+        weight, bias = self.affine(torch.promote_types(x.dtype, torch.float32)) if affine is None else affine
+        return layer_norm(x, weight, bias, self.eps, x.dtype if out_dtype is None else out_dtype)
 
     def affine(self, dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor | None]:
         """The weight and bias layer_norm applies, in dtype (default: the parameters'), fp32 or better."""

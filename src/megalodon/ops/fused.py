@@ -1,4 +1,5 @@
-"""Two fused ops that keep less for the backward pass: an RMSNorm and a SiLU-gated linear.
+"""The norms and the SiLU-gated linear, fused so that they keep less for the backward pass (and, for inference on
+CUDA, run as one kernel per row).
 
 Autograd, op by op, keeps every intermediate a later gradient needs: the RMSNorm its fp32 input and fp32
 output, the gate `x * silu(g)` its input, the SiLU output and the product. These two ops keep only their inputs
@@ -9,6 +10,9 @@ obviously right form), the tests compare the two in float64, and one function pe
 Where torch has a fused RMSNorm kernel for the device (CUDA in recent torch: 2.11 has it), the RMSNorm runs on
 it: one launch forward and one backward where the composed form takes about eight and ten, and it keeps the same
 input and one scalar per row. The Llama baseline's norm uses it too, so that the comparison stays fair.
+
+When no gradient is wanted (decode, prefill, evaluation), both norms run on CUDA as one Triton kernel per call
+(ops/triton/fused.py) that also makes the output's dtype, where torch's path adds a cast on one side or both.
 """
 
 from __future__ import annotations
@@ -16,6 +20,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from megalodon.ops.triton import use_triton
+
+
+# ---- inference: one kernel per call on CUDA ----------------------------------------------------------------------
+def row_norm_applies(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether a norm of x with these affine parameters runs as the Triton row-norm: on CUDA, when no gradient is
+    wanted through it, for the dtypes and widths the kernel takes."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return False
+    if not use_triton("norm_rows", x):
+        return False
+    from megalodon.ops.triton.fused import supports_rows
+
+    return supports_rows(x, *params)
+
+
+def row_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, center: bool,
+             out_dtype: torch.dtype) -> Tensor:
+    """The Triton row-norm (where row_norm_applies): RMSNorm, or LayerNorm if center, statistics in fp32."""
+    from megalodon.ops.triton.fused import norm_rows
+
+    return norm_rows(x, scale, shift, float(eps), center, out_dtype)
 
 
 # ---- RMSNorm ---------------------------------------------------------------------------------------------------
@@ -92,6 +119,8 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtyp
     scale: the factor weight + 1 in fp32 or better, computed beforehand (decode); weight is then not read."""
     compute = torch.promote_types(x.dtype, torch.float32)
     out_dtype = compute if out_dtype is None else out_dtype
+    if row_norm_applies(x, weight, scale):
+        return row_norm(x, applied(weight) if scale is None else scale, None, eps, False, out_dtype)
     if x.device.type in FUSED_RMS_NORM_DEVICES:
         return torch_rms_norm(x, applied(weight) if scale is None else scale, eps, out_dtype)
     if scale is not None:
@@ -99,6 +128,18 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtyp
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return _RMSNorm.apply(x, weight, eps, out_dtype)
     return rms_norm_reference(x, weight, eps, out_dtype)
+
+
+# ---- LayerNorm ---------------------------------------------------------------------------------------------------
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
+    """LayerNorm over the last dim with the weight and bias as given (a norm in the reference parameterization
+    passes weight + 1), statistics in fp32 or better, the output in out_dtype."""
+    if row_norm_applies(x, weight, bias):
+        return row_norm(x, weight, bias, eps, True, out_dtype)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    out = F.layer_norm(x.to(compute), x.shape[-1:], None if weight is None else weight.to(compute),
+                       None if bias is None else bias.to(compute), eps)
+    return out.to(out_dtype)
 
 
 # ---- SiLU-gated linear -------------------------------------------------------------------------------------------
