@@ -33,6 +33,12 @@ def step_inputs(dtype, seed):
     return q, k, v, keys, values, step
 
 
+def gate_of(dtype, seed):
+    """An output gate (B, 1, H * DV) as the model has it: a slice of a wider projection (strided rows)."""
+    wide = torch.randn(BATCH, 1, HEADS * DV + 24, generator=torch.Generator().manual_seed(seed)) * 2
+    return wide.to(dtype).to(DEVICE)[..., 5:5 + HEADS * DV]
+
+
 def both_paths(monkeypatch, fn):
     """fn() on the PyTorch path, then on the Triton path (which must run)."""
     import megalodon.ops.triton.static_kv as kernels
@@ -47,14 +53,16 @@ def both_paths(monkeypatch, fn):
     return got, want
 
 
+@pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("silu_values", [True, False])
 @pytest.mark.parametrize("scale", [1.0, None])
-def test_fp32_step_matches_the_pytorch_path(monkeypatch, silu_values, scale):
+def test_fp32_step_matches_the_pytorch_path(monkeypatch, silu_values, scale, gated):
     q, k, v, keys, values, step = step_inputs(torch.float32, seed=0)
+    gate = gate_of(torch.float32, seed=10) if gated else None
 
     def run():
         buffers = keys.clone(), values.clone()
-        return write_and_attend(q, k, v, *buffers, step, scale, silu_values), *buffers
+        return write_and_attend(q, k, v, *buffers, step, scale, silu_values, gate), *buffers
 
     (out, keys_got, values_got), (out_want, keys_want, values_want) = both_paths(monkeypatch, run)
     assert out.shape == (BATCH, 1, HEADS, DV) and out.dtype == torch.float32
@@ -69,23 +77,26 @@ def test_fp32_step_matches_float64_attention_over_the_visible_slots(monkeypatch)
     q, k, v, keys, values, step = step_inputs(torch.float32, seed=1)
     monkeypatch.setattr(static_kv, "use_triton", lambda op, *tensors: op == "static_kv")
     buffers = keys.clone(), values.clone()
-    out = write_and_attend(q, k, v, *buffers, step, scale=1.0, silu_values=True)
+    gate = gate_of(torch.float32, seed=11)
+    out = write_and_attend(q, k, v, *buffers, step, scale=1.0, silu_values=True, gate=gate)
+    silu = torch.nn.functional.silu
     for b, slot in enumerate(step.slot.tolist()):
         seen_keys = torch.cat([keys[b, :slot], k[b]]).double()
-        seen_values = torch.cat([values[b, :slot], torch.nn.functional.silu(v[b])]).double()
+        seen_values = torch.cat([values[b, :slot], silu(v[b])]).double()
         probs = torch.einsum("hd,shd->hs", q[b, 0].double(), seen_keys).softmax(-1)
-        torch.testing.assert_close(out[b, 0].double(), torch.einsum("hs,shd->hd", probs, seen_values),
-                                   rtol=1e-5, atol=1e-5)
+        want = torch.einsum("hs,shd->hd", probs, seen_values) * silu(gate[b, 0].double()).view(HEADS, DV)
+        torch.testing.assert_close(out[b, 0].double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_step_matches_the_pytorch_path(monkeypatch):
     """A bf16 model's step: the scores and the probabilities rounded to bf16 where the PyTorch path rounds them,
     so the two agree to a bf16 step (Triton's interpreter truncates where a GPU rounds to nearest)."""
     q, k, v, keys, values, step = step_inputs(torch.bfloat16, seed=2)
+    gate = gate_of(torch.bfloat16, seed=12)
 
     def run():
         buffers = keys.clone(), values.clone()
-        return write_and_attend(q, k, v, *buffers, step, 1.0, True), *buffers
+        return write_and_attend(q, k, v, *buffers, step, 1.0, True, gate), *buffers
 
     (out, keys_got, values_got), (out_want, keys_want, values_want) = both_paths(monkeypatch, run)
     assert out.dtype == torch.bfloat16
@@ -114,7 +125,9 @@ def test_custom_ops_pass_opcheck():
                          step.visible.flatten(1), 1.0, True)
     torch.library.opcheck(slot_scores, (q[:, 0], k[:, 0], v[:, 0], keys, values, step.slot, step.visible.flatten(1),
                                         1.0, True), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(slot_values, (scores, values, torch.bfloat16), test_utils=("test_schema", "test_faketensor"))
+    for gate in (None, gate_of(torch.float32, seed=13)[:, 0]):
+        torch.library.opcheck(slot_values, (scores, values, gate, torch.bfloat16),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiled_step_holds_the_ops(monkeypatch):
@@ -122,8 +135,10 @@ def test_compiled_step_holds_the_ops(monkeypatch):
     monkeypatch.setattr(static_kv, "use_triton", lambda op, *tensors: op == "static_kv")
     q, k, v, keys, values, step = step_inputs(torch.float32, seed=5)
 
+    gate = gate_of(torch.float32, seed=14)
+
     def fn(keys, values):
-        return write_and_attend(q, k, v, keys, values, step, 1.0, True)
+        return write_and_attend(q, k, v, keys, values, step, 1.0, True, gate)
 
     eager_buffers, compiled_buffers = (keys.clone(), values.clone()), (keys.clone(), values.clone())
     want = fn(*eager_buffers)
@@ -141,8 +156,10 @@ CASES = []
 for t in ("*bf16", "*fp32"):
     CASES += [(kernels.slot_scores_kernel, [t, t, t, t, t, "*i64", "*i1", "*fp32"] + [i32] * 6 + [f32],
                dict(SILU_VALUES=True, BLOCK_S=16, BLOCK_K=256, BLOCK_V=64)),
-              (kernels.slot_values_kernel, ["*fp32", t, t] + [i32] * 3, dict(BLOCK_ALL=2048, BLOCK_S=128, BLOCK_V=16)),
-              (kernels.slot_values_kernel, ["*fp32", t, t] + [i32] * 3, dict(BLOCK_ALL=4096, BLOCK_S=128, BLOCK_V=128))]
+              (kernels.slot_values_kernel, ["*fp32", t, t, t] + [i32] * 4,
+               dict(GATED=True, BLOCK_ALL=2048, BLOCK_S=128, BLOCK_V=16)),
+              (kernels.slot_values_kernel, ["*fp32", t, t, t] + [i32] * 4,
+               dict(GATED=False, BLOCK_ALL=4096, BLOCK_S=128, BLOCK_V=128))]
 """
 
 

@@ -100,10 +100,14 @@ class MovingAverageGatedAttention(nn.Module):
         batch, length, _ = xn.shape
         return self.wv(xn).view(batch, length, self.heads, self.config.head_value_dim)
 
-    def _output(self, attn: Tensor, gate: Tensor, h1: Tensor, x: Tensor) -> Tensor:
-        """dropout(Wh1 mx + Wh2 dropout(attn * silu(gate))) + x: the first hop of the residual."""
+    def _output(self, attn: Tensor, gate: Tensor | None, h1: Tensor, x: Tensor) -> Tensor:
+        """dropout(Wh1 mx + Wh2 dropout(attn * silu(gate))) + x: the first hop of the residual. gate None: attn
+        is attn * silu(gate) already (decode's attention applies the gate)."""
         training = self.training
-        h = h1 + gated_linear(attn, gate, self.wh2.weight, self.config.hidden_dropout, training)
+        if gate is None:
+            h = h1 + F.linear(attn, self.wh2.weight.to(attn.dtype))
+        else:
+            h = h1 + gated_linear(attn, gate, self.wh2.weight, self.config.hidden_dropout, training)
         return F.dropout(h, self.config.dropout if training else 0.0, training) + x
 
     # ---- a call of any length ----------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ class MovingAverageGatedAttention(nn.Module):
         mx = self.rmsnorm(c.unsqueeze(1), dtype, constants.rms_scale)
         z, gate, h1 = self._mixed_projections(mx, constants.projection)
         q, k = self._queries_keys(z, rotation, constants.qk_affine)
-        # the values are silu(Wv xn); the 1/sqrt(dz) is folded into q
+        # the values are silu(Wv xn); the 1/sqrt(dz) is folded into q; the output comes gated by silu(gate)
         attn = write_and_attend(q, k, self._value_inputs(xn.to(dtype)), state.keys, state.values, step, scale=1.0,
-                                silu_values=True)
-        return self._output(attn.reshape(batch, 1, self.config.value_dim), gate, h1, x)
+                                silu_values=True, gate=gate)
+        return self._output(attn.reshape(batch, 1, self.config.value_dim), None, h1, x)

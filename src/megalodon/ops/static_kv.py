@@ -44,20 +44,22 @@ def write_slot_(buffer: Tensor, step: SlotStep, value: Tensor) -> None:
 
 
 def write_and_attend(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, step: SlotStep,
-                     scale: float | None = None, silu_values: bool = False) -> Tensor:
+                     scale: float | None = None, silu_values: bool = False, gate: Tensor | None = None) -> Tensor:
     """write_slot_ of the new token's key k (B, 1, H, dk) and value v (B, 1, H, dv) (silu(v) if silu_values),
-    then attend_slots: the whole of a decode step's attention. On CUDA, where the head dims differ (Megalodon),
-    two Triton kernels do all of it (ops/triton/static_kv.py)."""
+    then attend_slots: the whole of a decode step's attention, (B, 1, H, dv) in q's dtype; times silu(gate) if a
+    gate (B, 1, H * dv) is given. On CUDA, where the head dims differ (Megalodon), two Triton kernels do all of
+    it (ops/triton/static_kv.py)."""
     if (attention_path(q, values) == "materialized" and use_triton("static_kv", q, keys, values)
             and keys.is_contiguous() and values.is_contiguous()):
         from megalodon.ops.triton.static_kv import supports_buffers, write_and_attend_triton
 
-        if supports_buffers(q, keys, values):
+        if supports_buffers(q, keys, values, gate):
             return write_and_attend_triton(q, k, v, keys, values, step.slot, step.visible,
-                                           q.shape[-1] ** -0.5 if scale is None else scale, silu_values)
+                                           q.shape[-1] ** -0.5 if scale is None else scale, silu_values, gate)
     write_slot_(keys, step, k[:, 0])
     write_slot_(values, step, (F.silu(v) if silu_values else v)[:, 0])
-    return attend_slots(q, keys, values, step, scale)
+    out = attend_slots(q, keys, values, step, scale)
+    return out if gate is None else out * F.silu(gate).view(out.shape)
 
 
 def attend_slots(q: Tensor, keys: Tensor, values: Tensor, step: SlotStep, scale: float | None = None) -> Tensor:

@@ -6,15 +6,18 @@ kernels, on CUDA, where the query/key and value head dims differ (Megalodon's; S
 not see a slot, rounded to the buffer's dtype as the PyTorch path's product rounds them. `slot_values_kernel`
 (one program per row, head and block of value features) takes the softmax of the row's scores in fp32, rounds
 the probabilities to the values' dtype (as the PyTorch path does before its product with v) and sums them into
-its block of the output, reading no value of a slot the row does not see. Together they replace the two slot
-writes, the SiLU, both products, the mask, the softmax and its casts: eight launches per layer where the PyTorch
-path takes them one by one.
+its block of the output, reading no value of a slot the row does not see, and multiplies it by silu(gate)
+where a gate is given (Megalodon's output gate). Together they replace the two slot writes, the SiLU of the
+values, both products, the mask, the softmax and its casts, and the gate's SiLU and product: ten launches per
+layer where the PyTorch path takes them one by one.
 
 The slot written by the first kernel is read only by the second, which runs after it: no program reads what
 another program of the same launch writes.
 """
 
 # No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+
+from typing import Optional
 
 import torch
 import triton
@@ -65,8 +68,8 @@ def slot_scores_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, slot_ptr, visi
 
 
 @triton.jit
-def slot_values_kernel(scores_ptr, values_ptr, out_ptr, heads, slots, dv,
-                       BLOCK_ALL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
+def slot_values_kernel(scores_ptr, values_ptr, gate_ptr, out_ptr, gate_stride, heads, slots, dv,
+                       GATED: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // heads
     h = bh % heads
@@ -85,13 +88,18 @@ def slot_values_kernel(scores_ptr, values_ptr, out_ptr, heads, slots, dv,
         values = tl.load(values_ptr + rows[:, None] * dv + e[None, :],
                          mask=(p > 0)[:, None] & (e < dv)[None, :], other=0.0)
         acc += tl.sum(p[:, None] * values.to(tl.float32), axis=0)
-    tl.store(out_ptr + bh * dv + e, acc.to(values_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=e < dv)
+    out = acc.to(values_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty).to(tl.float32)
+    if GATED:  # out * silu(gate), each rounded as the PyTorch path's ops round them
+        gate = tl.load(gate_ptr + b * gate_stride + h * dv + e, mask=e < dv, other=0.0).to(tl.float32)
+        out = out * (gate * tl.sigmoid(gate)).to(gate_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + bh * dv + e, out.to(out_ptr.dtype.element_ty), mask=e < dv)
 
 
-def supports_buffers(q: Tensor, keys: Tensor, values: Tensor) -> bool:
+def supports_buffers(q: Tensor, keys: Tensor, values: Tensor, gate: Optional[Tensor] = None) -> bool:
     """Whether the kernels take these tensors (the dtypes a GPU computes in, rows of scores a program holds)."""
     floats = (torch.float32, torch.bfloat16, torch.float16)
-    return q.dtype in floats and keys.dtype in floats and values.dtype in floats and keys.shape[1] <= MAX_SLOTS
+    return (all(t.dtype in floats for t in (q, keys, values) + (() if gate is None else (gate,)))
+            and keys.shape[1] <= MAX_SLOTS)
 
 
 def _heads_contiguous(t: Tensor) -> Tensor:
@@ -131,25 +139,29 @@ def _(q, k, v, keys, values, slot, visible, scale, silu_values):
 
 @torch.library.custom_op("megalodon::slot_values", mutates_args=())
 @on_input_device
-def slot_values(scores: Tensor, values: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """softmax(scores) v for each row and head: (B, H, dv) in out_dtype."""
+def slot_values(scores: Tensor, values: Tensor, gate: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """softmax(scores) v for each row and head: (B, H, dv) in out_dtype; times silu(gate) if a gate (B, H * dv)
+    is given (its rows may be strided: a slice of one projection)."""
     batch, slots, heads, dv = values.shape
     out = values.new_empty(batch, heads, dv, dtype=out_dtype)
     block = _value_block(batch * heads, dv)
+    if gate is not None and gate.stride(-1) != 1:
+        gate = gate.contiguous()
     slot_values_kernel[(batch * heads, triton.cdiv(dv, block))](
-        scores, values, out, heads, slots, dv, BLOCK_ALL=triton.next_power_of_2(slots), BLOCK_S=VALUE_SLOTS,
-        BLOCK_V=block)
+        scores, values, out if gate is None else gate, out, 0 if gate is None else gate.stride(0), heads, slots, dv,
+        GATED=gate is not None, BLOCK_ALL=triton.next_power_of_2(slots), BLOCK_S=VALUE_SLOTS, BLOCK_V=block)
     return out
 
 
 @slot_values.register_fake
-def _(scores, values, out_dtype):
+def _(scores, values, gate, out_dtype):
     return values.new_empty(values.shape[0], values.shape[2], values.shape[3], dtype=out_dtype)
 
 
 def write_and_attend_triton(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, slot: Tensor,
-                            visible: Tensor, scale: float, silu_values: bool) -> Tensor:
+                            visible: Tensor, scale: float, silu_values: bool, gate: Optional[Tensor]) -> Tensor:
     """The Triton path of `megalodon.ops.static_kv.write_and_attend`: q, k (B, 1, H, dk), v (B, 1, H, dv), the
-    contiguous buffers, slot (B,) and visible (B, 1, 1, S). Returns (B, 1, H, dv) in q's dtype."""
+    contiguous buffers, slot (B,), visible (B, 1, 1, S) and gate (B, 1, H * dv) or None. Returns (B, 1, H, dv)
+    in q's dtype."""
     scores = slot_scores(q[:, 0], k[:, 0], v[:, 0], keys, values, slot, visible.flatten(1), scale, silu_values)
-    return slot_values(scores, values, q.dtype).unsqueeze(1)
+    return slot_values(scores, values, None if gate is None else gate[:, 0], q.dtype).unsqueeze(1)
