@@ -69,7 +69,7 @@ def queries_keys(z: Tensor, heads: int, eps: float, scale: Tensor, shift: Tensor
     zn = rms_norm(z.reshape(batch, length, heads, dz), None, eps, z.dtype).flatten(-2)
     qk = zn.unsqueeze(2) * scale + shift  # B x L x 2 x H * dz
     qk = rotate_pairs(qk.view(batch, length, 2 * heads, dz), cos, sin).to(z.dtype)
-    return qk[:, :, :heads], qk[:, :, heads:]
+    return qk.unflatten(2, (2, heads)).unbind(2)  # backward stacks dq and dk: one kernel, no zero-filled halves
 
 
 def apply_rotary(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:

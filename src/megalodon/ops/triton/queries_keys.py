@@ -193,4 +193,4 @@ def queries_keys_triton(z: Tensor, heads: int, eps: float, scale: Tensor, shift:
     batch, length, _ = z.shape
     cos, sin = (t.expand(-1, length, -1, -1).contiguous() for t in (cos, sin))
     qk, _ = queries_keys_fwd(z, scale.contiguous(), shift.contiguous(), cos, sin, heads, float(eps))
-    return qk[:, :, :heads], qk[:, :, heads:]
+    return qk.unflatten(2, (2, heads)).unbind(2)  # backward stacks dq and dk: one kernel, no zero-filled halves
