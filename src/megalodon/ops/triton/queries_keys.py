@@ -174,11 +174,14 @@ def _(dqk, z, rstd, scale, cos, sin, heads):
 def _setup_context(ctx, inputs, output) -> None:
     z, scale, _, cos, sin, heads, _ = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # rstd gets no gradient: no zero tensor made for it
     ctx.heads = heads
     ctx.save_for_backward(z, output[1], scale, cos, sin)
 
 
 def _backward(ctx, dqk, _rstd):
+    if dqk is None:
+        return None, None, None, None, None, None, None
     z, rstd, scale, cos, sin = ctx.saved_tensors
     d_z, d_scale, d_shift = queries_keys_bwd(dqk, z, rstd, scale, cos, sin, ctx.heads)
     return d_z, d_scale, d_shift, None, None, None, None
