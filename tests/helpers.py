@@ -1,6 +1,7 @@
 """Shared builders for the tests: tiny models small enough for float64."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -37,9 +38,15 @@ def requires_cuda(test):
     return test
 
 
-# Skips a kernel test when triton is not installed (it runs under the interpreter on CPU). A mark, so that it
-# decorates a test and also goes in pytest.param(..., marks=requires_triton).
-requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+# The GPU's kernels on CPU tensors: Triton's interpreter, which tests/conftest.py turns on where there is no GPU
+# (on a GPU machine the cuda-marked tests run the kernels there instead).
+INTERPRETER = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+WHY_NO_INTERPRETER = ("runs the GPU's Triton kernels on CPU tensors, which needs triton and its interpreter "
+                      "(TRITON_INTERPRET=1, set by tests/conftest.py where there is no GPU)")
+
+# Skips a test that runs the kernels on CPU tensors where that cannot be done. A mark, so that it decorates a test
+# and also goes in pytest.param(..., marks=requires_triton).
+requires_triton = pytest.mark.skipif(not INTERPRETER, reason=WHY_NO_INTERPRETER)
 
 
 def force_fused_rms_norm(monkeypatch) -> None:
@@ -57,6 +64,8 @@ def force_triton(monkeypatch, compiled: bool = False) -> list[str]:
     as it runs. compiled: the model will run under torch.compile,
     where the softmax kernels (called inside an autograd.Function, which dynamo allows no side effects) cannot be
     recorded."""
+    if not INTERPRETER:
+        pytest.skip(WHY_NO_INTERPRETER)
     force_fused_rms_norm(monkeypatch)
     from megalodon.ops import attention as attention_ops
     from megalodon.ops import cema as cema_ops
