@@ -59,8 +59,9 @@ case "$PART" in
     failed=$(kernels_that_failed "$OUT/gpu-tests.txt")
     if [ -n "$failed" ]; then
         export MEGALODON_DISABLE_TRITON="${MEGALODON_DISABLE_TRITON:+$MEGALODON_DISABLE_TRITON,}$failed"
-        echo "!! kernel tests failed on this GPU: benchmarking with MEGALODON_DISABLE_TRITON=$MEGALODON_DISABLE_TRITON" \
-            "(run part 2 with the same)" | tee "$OUT/disabled-kernels.txt"
+        echo "!! kernel tests failed on this GPU: benchmarking with" \
+            "MEGALODON_DISABLE_TRITON=$MEGALODON_DISABLE_TRITON (run part 2 with the same)" \
+            | tee "$OUT/disabled-kernels.txt"
     fi
     bench env,train-eager,decode
     ;;

@@ -184,7 +184,8 @@ from megalodon.ops.triton import causal_softmax as kernels
 
 i32 = "i32"
 CASES = []
-for scores, values, block, warps in (("*bf16", "*bf16", 2048, 8), ("*fp32", "*fp32", 512, 4), ("*bf16", "*bf16", 16384, 16)):
+for scores, values, block, warps in (("*bf16", "*bf16", 2048, 8), ("*fp32", "*fp32", 512, 4),
+                                     ("*bf16", "*bf16", 16384, 16)):
     CASES += [(kernels.causal_softmax_fwd_kernel, [scores, values] + [i32] * 3, dict(BLOCK=block), warps),
               (kernels.causal_softmax_bwd_kernel, [scores, values, values, scores] + [i32] * 3, dict(BLOCK=block),
                warps)]

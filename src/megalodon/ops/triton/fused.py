@@ -4,8 +4,8 @@ A decode step normalizes one row per token twice per layer: the CEMA output (RMS
 dtype out) and the FFN's input (LayerNorm, the model's dtype in and out, statistics in fp32). On torch's path
 that is a norm kernel with a cast on one side or both (two launches and three); here one program per row loads
 it, takes its statistics in fp32, applies the affine in fp32 (Megalodon's scale = weight + 1 is computed once
-per generation) and writes it in the dtype asked for, rounding once as the PyTorch path's final cast does. Inference only: training
-keeps the paths that save what their backward needs.
+per generation) and writes it in the dtype asked for, rounding once as the PyTorch path's final cast does.
+Inference only: training keeps the paths that save what their backward needs.
 """
 
 # No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.

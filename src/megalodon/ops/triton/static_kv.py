@@ -2,14 +2,14 @@
 kernels, on CUDA, where the query/key and value head dims differ (Megalodon's; SDPA serves equal dims).
 
 `slot_scores_kernel` (one program per row, head and block of slots) writes the new token's key and value
-(silu(v) where asked) at its row's slot and computes its scores q . k over the block, masked where the row does
-not see a slot, rounded to the buffer's dtype as the PyTorch path's product rounds them. `slot_values_kernel`
-(one program per row, head and block of value features) takes the softmax of the row's scores in fp32, rounds
-the probabilities to the values' dtype (as the PyTorch path does before its product with v) and sums them into
-its block of the output, reading no value of a slot the row does not see, and multiplies it by silu(gate)
-where a gate is given (Megalodon's output gate). Together they replace the two slot writes, the SiLU of the
-values, both products, the mask, the softmax and its casts, and the gate's SiLU and product: ten launches per
-layer where the PyTorch path takes them one by one.
+(silu(v) where asked) at its row's slot and computes its scores q . k over the block, rounded to the buffer's
+dtype as the PyTorch path's product rounds them, -inf where the row does not see a slot (whose key it does not
+read). `slot_values_kernel` (one program per row, head and block of value features) takes the softmax of the
+row's scores in fp32, rounds the probabilities to the values' dtype (as the PyTorch path does before its
+product with v) and sums them into its block of the output, reading no value of a slot the row does not see,
+and multiplies it by silu(gate) where a gate is given (Megalodon's output gate). Together they replace the two
+slot writes, the SiLU of the values, both products, the mask, the softmax and its casts, and the gate's SiLU and
+product: about ten launches per layer where the PyTorch path takes them one by one.
 
 The slot written by the first kernel is read only by the second, which runs after it: no program reads what
 another program of the same launch writes.
@@ -49,11 +49,11 @@ def slot_scores_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, slot_ptr, visi
     q = tl.load(q_ptr + b * q_stride + h * dk + d, mask=d < dk, other=0.0).to(tl.float32)
     new_key = tl.load(k_ptr + b * k_stride + h * dk + d, mask=d < dk, other=0.0).to(keys_ptr.dtype.element_ty)
     rows = ((b * slots + j) * heads + h).to(tl.int64)
-    stale = (j < slots) & (j != slot)
+    seen = tl.load(visible_ptr + b * slots + j, mask=j < slots, other=0) != 0
+    stale = seen & (j != slot)  # the keys to read: neither unseen (early in a chunk, most are) nor the new one
     keys = tl.load(keys_ptr + rows[:, None] * dk + d[None, :], mask=stale[:, None] & (d < dk)[None, :], other=0.0)
     keys = tl.where((j == slot)[:, None], new_key.to(tl.float32)[None, :], keys.to(tl.float32))
     scores = tl.sum(keys * q[None, :], axis=1).to(keys_ptr.dtype.element_ty).to(tl.float32) * scale
-    seen = tl.load(visible_ptr + b * slots + j, mask=j < slots, other=0) != 0
     tl.store(scores_ptr + bh * slots + j, tl.where(seen, scores, float("-inf")), mask=j < slots)
     if (slot >= block * BLOCK_S) & (slot < block * BLOCK_S + BLOCK_S):  # this block holds the row's slot
         at = ((b * slots + slot) * heads + h).to(tl.int64)
