@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,17 @@ from megalodon.decode_state import DecodeState
 from megalodon.layers.block import MegalodonBlock
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import rope_frequencies, rotary_angles
-from megalodon.ops.static_kv import slot_step
+from megalodon.ops.static_kv import slot_step, slot_table
 from megalodon.state import MegalodonState
 from megalodon.validation import check_token_ids, require
+
+
+class StepConstants(NamedTuple):
+    """What a decode step derives from the parameters and the config alone (Megalodon.decode_constants)."""
+
+    layers: list  # per layer: MovingAverageGatedAttention.decode_constants() and the FFN norm's affine()
+    rotations: Tensor  # (2, chunk, dz): cos and signed sin (rotary_angles) of every in-chunk position
+    visible: Tensor  # slot_table(chunk): the slots a row writing slot s attends to
 
 
 class Rotary(nn.Module):
@@ -120,35 +129,37 @@ class Megalodon(nn.Module):
         return rotary_angles(positions, self.rope.freqs, dtype)
 
     @torch.no_grad()
-    def decode_constants(self) -> list:
-        """Per layer, what decode_step_ derives from the parameters alone (MovingAverageGatedAttention
-        .decode_constants, and the affine of the FFN's norm): compute them once per generation and pass them to
-        every step."""
-        return [(block.mega.decode_constants(), block.nffn.norm.affine()) for block in self.layers]
+    def decode_constants(self) -> StepConstants:
+        """What decode_step_ derives from the parameters and the config alone: compute it once per generation
+        and pass it to every step."""
+        chunk, device = self.config.chunk_size, self.rope.freqs.device
+        cos, sin = rotary_angles(torch.arange(chunk, device=device), self.rope.freqs,
+                                 torch.promote_types(self.embed.weight.dtype, torch.float32))
+        return StepConstants([(block.mega.decode_constants(), block.nffn.norm.affine()) for block in self.layers],
+                             torch.stack([cos[0, :, 0], sin[0, :, 0]]), slot_table(chunk, device))
 
     @torch.no_grad()
-    def decode_step_(self, input_ids: Tensor, state: DecodeState, constants: list | None = None) -> Tensor:
+    def decode_step_(self, input_ids: Tensor, state: DecodeState, constants: StepConstants | None = None) -> Tensor:
         """One token per row, input_ids (B,) int64, advancing the static `state` in place; returns the logits
         (B, output_size) in fp32 (or better). Equal to forward() on (B, 1) ids with the MegalodonState that
         `state` holds, rows at any in-chunk positions, but with no host sync and no data-dependent shape, so a
         CUDA graph or torch.compile can hold it (megalodon.inference.decoding.StaticDecoder does).
-        constants: decode_constants() (None computes them in the step, which costs a few kernels per layer).
+        constants: decode_constants() (None computes them in the step, which costs many kernels).
 
         The ids' values are not checked here (on a GPU that needs a sync): StaticDecoder checks what it can."""
         if input_ids.shape != (state.batch_size,):
             raise ValueError(f"decode_step_ takes one token id per row, shape ({state.batch_size},), "
                              f"got {tuple(input_ids.shape)}")
         chunk = self.config.chunk_size
+        constants = self.decode_constants() if constants is None else constants
         fill = state.position % chunk  # B: each row's slot in its chunk
-        # The same in every layer: where each row writes and what it sees, and its rotary angles.
-        step = slot_step(fill, chunk)
-        rotation = rotary_angles(fill[:, None], self.rope.freqs,
-                                 torch.promote_types(self.embed.weight.dtype, torch.float32))
+        # The same in every layer: where each row writes and what it sees, and its rotary tables (B, 1, 1, dz).
+        step = slot_step(fill, chunk, table=constants.visible)
+        rotation = constants.rotations[:, fill][:, :, None, None].unbind(0)
         x = self.embed(input_ids).unsqueeze(1)  # B x 1 x D
         if self.config.scale_emb:
             x = x * math.sqrt(self.config.model_dim)
-        constants = [(None, None)] * len(self.layers) if constants is None else constants
-        for block, layer_state, (mega, ffn_norm) in zip(self.layers, state.layers, constants, strict=True):
+        for block, layer_state, (mega, ffn_norm) in zip(self.layers, state.layers, constants.layers, strict=True):
             y = block.mega.decode_step_(x, rotation, step, layer_state, mega)
             x = block.nffn(y, residual=x, norm_affine=ffn_norm)  # the two-hop residual, as in MegalodonBlock
         xn = self.output.final_norm.step_(x, state.final_norm)

@@ -29,12 +29,22 @@ class SlotStep(NamedTuple):
     visible: Tensor  # (B, 1, 1, S) bool: the slots each row attends to, SDPA's mask layout
 
 
-def slot_step(slot: Tensor, size: int, first: Tensor | None = None) -> SlotStep:
-    """Row b writes slot[b] of a (B, size, ...) buffer and attends to slots first[b]..slot[b] (first: 0)."""
-    slots = torch.arange(size, device=slot.device)
-    visible = slots <= slot[:, None]  # B x S
-    if first is not None:
-        visible = visible & (slots >= first[:, None])
+def slot_table(size: int, device: torch.device | str | None = None) -> Tensor:
+    """(size, size) bool: row s marks the slots 0..s, which a row writing slot s attends to (first: 0)."""
+    slots = torch.arange(size, device=device)
+    return slots <= slots[:, None]
+
+
+def slot_step(slot: Tensor, size: int, first: Tensor | None = None, table: Tensor | None = None) -> SlotStep:
+    """Row b writes slot[b] of a (B, size, ...) buffer and attends to slots first[b]..slot[b] (first: 0).
+    table: slot_table(size), made once by a decoder (a gather per step where the comparison costs two ops)."""
+    if table is not None and first is None:
+        visible = table[slot]  # B x S
+    else:
+        slots = torch.arange(size, device=slot.device)
+        visible = slots <= slot[:, None]
+        if first is not None:
+            visible = visible & (slots >= first[:, None])
     return SlotStep(torch.arange(slot.shape[0], device=slot.device), slot, visible[:, None, None, :])
 
 
