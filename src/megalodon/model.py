@@ -162,8 +162,8 @@ class Megalodon(nn.Module):
         for block, layer_state, (mega, ffn_norm) in zip(self.layers, state.layers, constants.layers, strict=True):
             y = block.mega.decode_step_(x, rotation, step, layer_state, mega)
             x = block.nffn(y, residual=x, norm_affine=ffn_norm)  # the two-hop residual, as in MegalodonBlock
-        xn = self.output.final_norm.step_(x, state.final_norm)
-        logits = self.output.output(xn.to(x.dtype))[:, 0]
+        _, xn = self.output.final_norm.step_(x, state.final_norm, x.dtype)
+        logits = self.output.output(xn)[:, 0]
         state.position.add_(1)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 

@@ -228,10 +228,13 @@ def test_step_kernel_matches_the_pytorch_step(monkeypatch):
             monkeypatch.setattr(ops, "use_triton", lambda op, *t: op == "timestep_norm_step")
             y, new = timestep_norm_step(x, state, weight, bias, 1e-5)
             buffers = NormStats(*(t.clone() for t in state))
-            y_in_place = timestep_norm_step_(x, buffers, weight, bias, 1e-5)
+            y_in_place, y_copy = timestep_norm_step_(x, buffers, weight, bias, 1e-5, torch.bfloat16)
             monkeypatch.undo()
         for got in (y, y_in_place):
             torch.testing.assert_close(got, y_ref, rtol=1e-5, atol=1e-5)
+        # the copy in the linears' dtype: y rounded once (the interpreter truncates: within one bf16 step)
+        assert y_copy.dtype == torch.bfloat16 and y_copy.shape == y_ref.shape
+        torch.testing.assert_close(y_copy.float(), y_ref, rtol=2 ** -7, atol=1e-6)
         for got_state in (new, buffers):
             assert torch.equal(got_state.count, new_ref.count)
             torch.testing.assert_close(got_state.mean, new_ref.mean, rtol=1e-12, atol=1e-12)
@@ -279,8 +282,8 @@ for x in ("*bf16", f32):
               (kernels.normalize_kernel, [x] + [f32] * 5 + [i32] * 4, tile),
               (kernels.norm_bwd_kernel, [x] + [f32] * 8 + [i32] * 4, tile),
               (kernels.dx_kernel, [x] + [f32] * 6 + [x] + [i32] * 4, tile),
-              (step._step_kernel, [x, i64, f64, f64, f32, f32, f32, i32, i32, i32, "fp32"],
-               dict(BLOCK_G=32, BLOCK_DG=32))]
+              (step._step_kernel, [x, i64, f64, f64, f32, f32, f32, x, i32, i32, i32, "fp32"],
+               dict(COPY=x != f32, BLOCK_G=32, BLOCK_DG=32))]
 for has_reset in (True, False):
     reset = "*i8" if has_reset else i64
     scan = dict(HAS_RESET=has_reset, BLOCK_T=256, BLOCK_G=8)

@@ -169,7 +169,7 @@ class MovingAverageGatedAttention(nn.Module):
         dropout, no autograd)."""
         batch = x.shape[0]
         dtype = compute_dtype(x)
-        xn = self.timenorm.step_(x, state.norm)  # B x 1 x D fp32
+        xn, xn_low = self.timenorm.step_(x, state.norm, dtype)  # B x 1 x D, fp32 and the linears' dtype
         constants = self.decode_constants() if constants is None else constants
         with torch.autocast(x.device.type, enabled=False):
             c, _ = cema_step(xn[:, 0].to(constants.omega.dtype), constants.coeffs, constants.omega, state.cema_h,
@@ -178,6 +178,6 @@ class MovingAverageGatedAttention(nn.Module):
         z, gate, h1 = self._mixed_projections(mx, constants.projection)
         q, k = self._queries_keys(z, rotation, constants.qk_affine)
         # the values are silu(Wv xn); the 1/sqrt(dz) is folded into q; the output comes gated by silu(gate)
-        attn = write_and_attend(q, k, self._value_inputs(xn.to(dtype)), state.keys, state.values, step, scale=1.0,
+        attn = write_and_attend(q, k, self._value_inputs(xn_low), state.keys, state.values, step, scale=1.0,
                                 silu_values=True, gate=gate)
         return self._output(attn.reshape(batch, 1, self.config.value_dim), None, h1, x)

@@ -53,8 +53,10 @@ class TimestepNorm(nn.Module):
             return timestep_norm(x, initial, self.weight, self.bias, self.eps, block_size, block_reset, restart,
                                  pad_mask)
 
-    def step_(self, x: Tensor, state: NormStats) -> Tensor:
+    def step_(self, x: Tensor, state: NormStats,
+              copy_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Decode one token per row, x (B, 1, D), updating `state` in place (static buffers, CUDA graphs); returns
-        the normalized x. Inference only."""
+        the normalized x (fp32), and with copy_dtype (the linears' dtype) that too, made by the same kernel.
+        Inference only."""
         with torch.autocast(x.device.type, enabled=False):
-            return timestep_norm_step_(x, state, self.weight, self.bias, self.eps)
+            return timestep_norm_step_(x, state, self.weight, self.bias, self.eps, copy_dtype)

@@ -293,12 +293,14 @@ def _step_kernel_runs(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor)
             and use_triton("timestep_norm_step", x))
 
 
-def _step_kernel(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def _step_kernel(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor, eps: float,
+                 copy_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """y (B, 1, D) fp32, and y in copy_dtype (an empty tensor where None)."""
     from megalodon.ops.triton.timestep_norm_step import timestep_norm_step_kernel
 
-    y = timestep_norm_step_kernel(x[:, 0].contiguous(), state.count, state.mean, state.var, weight.contiguous(),
-                                  bias.contiguous(), float(eps))
-    return y.unsqueeze(1)
+    y, copy = timestep_norm_step_kernel(x[:, 0].contiguous(), state.count, state.mean, state.var,
+                                        weight.contiguous(), bias.contiguous(), float(eps), copy_dtype)
+    return y.unsqueeze(1), copy.unsqueeze(1)
 
 
 def timestep_norm_step(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor,
@@ -309,7 +311,7 @@ def timestep_norm_step(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor
     if _step_kernel_runs(x, state, weight, bias):
         new = NormStats(state.count.to(torch.int64).clone(), state.mean.to(STATS_DTYPE).clone(),
                         state.var.to(STATS_DTYPE).clone())
-        return _step_kernel(x, new, weight, bias, eps), new
+        return _step_kernel(x, new, weight, bias, eps)[0], new
     mu, s2 = token_moments(x[:, 0], state.mean.shape[-1])
     new = _welford(mu, s2, state)
     y = normalize(x[:, 0], new.mean.to(mu.dtype), new.var.to(mu.dtype), weight, bias, eps)
@@ -317,10 +319,11 @@ def timestep_norm_step(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor
 
 
 @torch.no_grad()
-def timestep_norm_step_(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def timestep_norm_step_(x: Tensor, state: NormStats, weight: Tensor, bias: Tensor, eps: float,
+                        copy_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """`timestep_norm_step` that updates `state`'s tensors in place and returns y: for static decode buffers
     (CUDA graphs). The state must be contiguous, with int64 count and float64 mean/var (as `initial_state` makes
-    them). Not differentiable."""
+    them). Not differentiable. copy_dtype: return (y, y in copy_dtype), the step's kernel writing both."""
     if state.count.dtype != torch.int64 or state.mean.dtype != STATS_DTYPE or state.var.dtype != STATS_DTYPE:
         raise ValueError(f"timestep_norm_step_ updates the state in place and needs an int64 count and float64 "
                          f"mean/var, got {state.count.dtype}/{state.mean.dtype}/{state.var.dtype}: convert the "
@@ -328,11 +331,13 @@ def timestep_norm_step_(x: Tensor, state: NormStats, weight: Tensor, bias: Tenso
     if not all(t.is_contiguous() for t in state):
         raise ValueError("timestep_norm_step_ needs contiguous state tensors: .contiguous() them once")
     if _step_kernel_runs(x, state, weight, bias):
-        return _step_kernel(x, state, weight, bias, eps)
+        copied = copy_dtype not in (None, torch.float32)  # y itself is fp32
+        y, copy = _step_kernel(x, state, weight, bias, eps, copy_dtype if copied else None)
+        return y if copy_dtype is None else (y, copy if copied else y)
     y, new = timestep_norm_step(x, state, weight, bias, eps)
     for buffer, value in zip(state, new):
         buffer.copy_(value)
-    return y
+    return y if copy_dtype is None else (y, y.to(copy_dtype))
 
 
 def timestep_norm_sequential(

@@ -4,10 +4,14 @@ One program per row b, holding all of that token's D = G * DG features as a (BLO
 moments, spec section 5's Welford update of (count, mean, var) in float64, and y = (x - m) * rsqrt(v + eps) *
 (weight + 1) + bias in fp32. The state is read before it is written and no other program touches the row, so the
 update can be in place: `megalodon::timestep_norm_step_` mutates count/mean/var, a single launch with no host sync
-and no allocation but y, as a CUDA graph of a decode step wants. Inference only (no autograd).
+and no allocation but y, as a CUDA graph of a decode step wants. It can write y a second time in the linears'
+dtype (bf16), which the step's next GEMM reads, where a cast would be a launch of its own. Inference only (no
+autograd).
 """
 
 # No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+
+from typing import Optional
 
 import torch
 import triton
@@ -18,8 +22,8 @@ from megalodon.ops.triton import on_input_device
 
 
 @triton.jit
-def _step_kernel(x_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, D, G, DG, eps,
-                 BLOCK_G: tl.constexpr, BLOCK_DG: tl.constexpr):
+def _step_kernel(x_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, copy_ptr, D, G, DG, eps,
+                 COPY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     groups = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, BLOCK_DG)
@@ -45,6 +49,8 @@ def _step_kernel(x_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, D, G,
     rstd = tl.rsqrt(tl.maximum(var.to(tl.float32), 0.0) + eps)
     y = (x - mean.to(tl.float32)[:, None]) * rstd[:, None] * scale + shift
     tl.store(y_ptr + row * D + feats, y, mask=mask)
+    if COPY:  # y again in the linears' dtype, as a cast of y would round it
+        tl.store(copy_ptr + row * D + feats, y.to(copy_ptr.dtype.element_ty), mask=mask)
     tl.store(count_ptr + row, count)
     tl.store(mean_ptr + row * G + groups, mean, mask=gmask)
     tl.store(var_ptr + row * G + groups, var, mask=gmask)
@@ -53,17 +59,20 @@ def _step_kernel(x_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, D, G,
 @torch.library.custom_op("megalodon::timestep_norm_step_", mutates_args=("count", "mean", "var"))
 @on_input_device
 def timestep_norm_step_kernel(x: Tensor, count: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
-                              eps: float) -> Tensor:
+                              eps: float, copy_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
     """x (B, D) contiguous; count (B,) int64, mean/var (B, G) float64 contiguous, updated in place; returns y
-    (B, D) fp32."""
+    (B, D) fp32 and y in copy_dtype (an empty tensor where copy_dtype is None)."""
     batch, dim = x.shape
     groups = mean.shape[-1]
     y = torch.empty(batch, dim, dtype=torch.float32, device=x.device)
-    _step_kernel[(batch,)](x, count, mean, var, weight, bias, y, dim, groups, dim // groups, eps,
-                           BLOCK_G=triton.next_power_of_2(groups), BLOCK_DG=triton.next_power_of_2(dim // groups))
-    return y
+    copy = y.new_empty((batch, dim) if copy_dtype is not None else (0,), dtype=copy_dtype or torch.float32)
+    _step_kernel[(batch,)](x, count, mean, var, weight, bias, y, y if copy_dtype is None else copy, dim, groups,
+                           dim // groups, eps, COPY=copy_dtype is not None, BLOCK_G=triton.next_power_of_2(groups),
+                           BLOCK_DG=triton.next_power_of_2(dim // groups))
+    return y, copy
 
 
 @timestep_norm_step_kernel.register_fake
-def _(x, count, mean, var, weight, bias, eps):
-    return x.new_empty(x.shape, dtype=torch.float32)
+def _(x, count, mean, var, weight, bias, eps, copy_dtype):
+    return (x.new_empty(x.shape, dtype=torch.float32),
+            x.new_empty(x.shape if copy_dtype is not None else (0,), dtype=copy_dtype or torch.float32))
