@@ -58,6 +58,26 @@ def force_fused_rms_norm(monkeypatch) -> None:
         monkeypatch.setattr(module, "FUSED_RMS_NORM_DEVICES", fused.FUSED_RMS_NORM_DEVICES | {"cpu"})
 
 
+def kernel_only(monkeypatch, dispatcher, op: str, kernels, *entries: str) -> list[str]:
+    """One op's Triton path on (`dispatcher.use_triton` answers True for `op` alone), every other op as it is;
+    returns a list that records each call of the kernel module's named entry points."""
+    monkeypatch.setattr(dispatcher, "use_triton", lambda name, *tensors: name == op)
+    calls = []
+    for entry in entries:
+        run = getattr(kernels, entry)
+        monkeypatch.setattr(kernels, entry, lambda *a, _entry=entry, _run=run: calls.append(_entry) or _run(*a))
+    return calls
+
+
+def both_paths(monkeypatch, fn, dispatcher, op: str, kernels, entry: str):
+    """fn() on the PyTorch path, then with kernel_only(op) (whose entry point must run): (got, want)."""
+    want = fn()
+    calls = kernel_only(monkeypatch, dispatcher, op, kernels, entry)
+    got = fn()
+    assert calls, f"the Triton path of {op} did not run"
+    return got, want
+
+
 def force_triton(monkeypatch, compiled: bool = False) -> list[str]:
     """Every op on its GPU path, for CPU tensors too: the Triton kernels (the interpreter runs them) and the
     RMSNorm on torch's fused kernel. Returns a list that records each kernel entry point of training and decode

@@ -4,6 +4,7 @@ reference, under the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET
 
 import pytest
 import torch
+from helpers import kernel_only
 from sm90 import check_compiles_for_h100
 
 from megalodon.ops import attention
@@ -106,12 +107,7 @@ def on_the_kernels(monkeypatch) -> list[str]:
     """Only the softmax kernels on (the rest of the attention as it is); records their calls."""
     from megalodon.ops.triton import causal_softmax as kernels
 
-    monkeypatch.setattr(attention, "use_triton", lambda op, *tensors: op == "causal_softmax")
-    calls = []
-    for name in ("causal_softmax_fwd", "causal_softmax_bwd"):
-        original = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _name=name, _run=original: calls.append(_name) or _run(*a))
-    return calls
+    return kernel_only(monkeypatch, attention, "causal_softmax", kernels, "causal_softmax_fwd", "causal_softmax_bwd")
 
 
 @pytest.mark.parametrize("split", [[29], [3, 5, 9, 12], [7, 1, 21]])

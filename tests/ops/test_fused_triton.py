@@ -4,6 +4,7 @@ in float64, under the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRE
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import kernel_only
 from sm90 import check_compiles_for_h100
 
 from megalodon.ops import fused
@@ -15,14 +16,11 @@ pytestmark = pytest.mark.cuda  # on a GPU every kernel test here runs on it
 ROWS, FEATURES = 5, 40  # a width that is not a power of two
 
 
-def on_the_kernel(monkeypatch) -> list[int]:
+def on_the_kernel(monkeypatch) -> list[str]:
     """The row-norm on for these tensors; records its calls."""
     import megalodon.ops.triton.fused as kernels
 
-    monkeypatch.setattr(fused, "use_triton", lambda op, *tensors: op == "norm_rows")
-    calls, original = [], kernels.norm_rows
-    monkeypatch.setattr(kernels, "norm_rows", lambda *a: calls.append(1) or original(*a))
-    return calls
+    return kernel_only(monkeypatch, fused, "norm_rows", kernels, "norm_rows")
 
 
 def inputs(dtype, seed):

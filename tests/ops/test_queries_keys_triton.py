@@ -2,6 +2,7 @@
 of ops/attention.py::queries_keys, itself checked in float64 by the model tests: under the interpreter on CPU
 (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU) or on a GPU when there is one."""
 
+import helpers
 import pytest
 import torch
 from sm90 import check_compiles_for_h100
@@ -29,17 +30,9 @@ def inputs(batch, length, seed, dtype=torch.float32, per_row=False, extra=5):
 
 
 def both_paths(monkeypatch, fn):
-    """fn() on the PyTorch path, then on the Triton path (which must run)."""
     import megalodon.ops.triton.queries_keys as kernels
 
-    want = fn()
-    calls = []
-    monkeypatch.setattr(attention, "use_triton", lambda op, *tensors: op == "queries_keys")
-    original = kernels.queries_keys_triton
-    monkeypatch.setattr(kernels, "queries_keys_triton", lambda *a: calls.append(1) or original(*a))
-    got = fn()
-    assert calls, "the Triton path did not run"
-    return got, want
+    return helpers.both_paths(monkeypatch, fn, attention, "queries_keys", kernels, "queries_keys_triton")
 
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared-positions", "per-row-positions"])

@@ -3,6 +3,7 @@ write_and_attend): the buffers it writes and the output it gives, against the Py
 attend_slots, itself checked in float64 by test_static_kv.py) and against attention over the visible slots in
 float64, under the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU) or on a GPU."""
 
+import helpers
 import pytest
 import torch
 from sm90 import check_compiles_for_h100
@@ -40,17 +41,9 @@ def gate_of(dtype, seed):
 
 
 def both_paths(monkeypatch, fn):
-    """fn() on the PyTorch path, then on the Triton path (which must run)."""
     import megalodon.ops.triton.static_kv as kernels
 
-    want = fn()
-    calls = []
-    monkeypatch.setattr(static_kv, "use_triton", lambda op, *tensors: op == "static_kv")
-    original = kernels.write_and_attend_triton
-    monkeypatch.setattr(kernels, "write_and_attend_triton", lambda *a: calls.append(1) or original(*a))
-    got = fn()
-    assert calls, "the Triton path did not run"
-    return got, want
+    return helpers.both_paths(monkeypatch, fn, static_kv, "static_kv", kernels, "write_and_attend_triton")
 
 
 @pytest.mark.parametrize("gated", [True, False])
