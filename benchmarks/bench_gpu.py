@@ -306,7 +306,8 @@ def section_profile(preset: str, length: int, out: Path | None) -> None:
     sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
     log("```\n" + prof.key_averages().table(sort_by=sort, row_limit=30) + "\n```\n")
     if out is not None:
-        prof.export_chrome_trace(str(out / f"trace_{preset}_{length}.json"))
+        # gzipped: the raw JSON can pass the 16 MB a file that the device tool brings back
+        prof.export_chrome_trace(str(out / f"trace_{preset}_{length}.json.gz"))
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -325,7 +326,8 @@ def main() -> None:
     parser.add_argument("--decode-preset", default="mega200M")
     parser.add_argument("--decode-positions", nargs="+", type=int, default=[2048, 1 << 20])
     parser.add_argument("--decode-steps", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=None, help="write results.json (and the profile trace) here")
+    parser.add_argument("--out", type=Path, default=None, help="write the results (and the profile trace) here")
+    parser.add_argument("--results-name", default="results.json", help="the results file's name under --out")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke test of this script at tiny sizes (tests/test_bench_gpu.py runs it)")
     parser.add_argument("--strict", action="store_true", help="a failing section fails the run (for the smoke test)")
@@ -382,7 +384,7 @@ def main() -> None:
         log(f"({name}: {time.perf_counter() - section_start:.0f} s)\n")
         if args.out is not None:
             with contextlib.suppress(TypeError):
-                (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+                (args.out / args.results_name).write_text(json.dumps(results, indent=2, default=str))
     log(f"total: {time.perf_counter() - started:.0f} s")
 
 

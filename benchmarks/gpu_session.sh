@@ -5,7 +5,9 @@
 #                                      compiled training, graph-captured and compiled decode, no host syncs), then
 #                                      bench_gpu.py's eager training table and decode sections;
 #   bash benchmarks/gpu_session.sh 2   bench_gpu.py's parity of the whole model against the CPU, the profile,
-#                                      compiled training, megalodon-jax and transformers generate() sections.
+#                                      compiled training, megalodon-jax and transformers generate() sections;
+#   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
+#                                      go back (idle) before part 1's results could be read.
 # A Triton kernel whose own tests fail in part 1 is turned off (MEGALODON_DISABLE_TRITON) for part 1's benchmark,
 # which says so; run part 2 with the variable it prints.
 # Each part stops starting new work 60 s before SESSION_SECONDS (default 330: two parts and a machine start fit in
@@ -28,7 +30,7 @@ bench() {  # bench_gpu.py on the given sections, told to finish inside what is l
     local left=$((SESSION_SECONDS - SECONDS))
     echo "== bench_gpu.py --sections $1 ($left s left) =="
     # shellcheck disable=SC2086  # BENCH_ARGS: extra options, e.g. "--device cpu" for a dry run without a GPU
-    timeout "$left" "$PYTHON" benchmarks/bench_gpu.py --sections "$1" --out "$OUT" --deadline $((left - 60)) \
+    timeout "$left" "$PYTHON" benchmarks/bench_gpu.py --sections "$1" --out "$OUT" --results-name "results_part$PART.json" --deadline $((left - 60)) \
         ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_gpu_part$PART.md"
 }
@@ -44,16 +46,16 @@ print(",".join(ops[name] for name in sorted(failed) if name in ops))
 PY
 }
 
-case "$PART" in
-1)
+part1() {
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     echo "== tests on CUDA =="
-    # -m cuda: the tests that run on the GPU when there is one (requires_cuda, and the Triton kernel tests). The
-    # whole-model tests first, then each kernel's own: if the timeout stops the run, it stops the latter.
-    # -vv (addopts has -q) into the file: if the timeout stops it, the tests that ran are listed there
-    timeout 120 "$PYTHON" -m pytest -vv -p no:xdist -p no:cacheprovider -rs -m cuda tests/test_*.py tests/inference \
-        tests/baseline tests/hf tests/ops 2>&1 \
-        | tee "$OUT/gpu-tests.txt" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" | tail -50
+    # -m cuda: the tests that run on the GPU when there is one (requires_cuda, and the Triton kernel tests). Eight
+    # workers share the GPU: one process took over 120 s for a third of them (each compiles its own kernels),
+    # eight took 66 s for all (H100, 2026-11-27). -vv (addopts has -q) into the file: if the timeout stops it, the
+    # tests that ran are listed there; --tb=short keeps every failure's cause in it.
+    timeout 120 "$PYTHON" -m pytest -n 8 -vv --tb=short -p no:cacheprovider -rfEs --durations=10 -m cuda \
+        tests/test_*.py tests/inference tests/baseline tests/hf tests/ops 2>&1 \
+        | tee "$OUT/gpu-tests.txt" | grep -E "FAILED|ERROR|passed|failed" | tail -50
     # A kernel whose own tests failed on this GPU stays off for the benchmark (its PyTorch path runs instead), so
     # that one kernel's fault does not cost the session its figures; part 2 must then run with the same setting.
     failed=$(kernels_that_failed "$OUT/gpu-tests.txt")
@@ -64,17 +66,32 @@ case "$PART" in
             | tee "$OUT/disabled-kernels.txt"
     fi
     bench env,train-eager,decode
-    ;;
-2)
+}
+
+part2() {
     if compgen -G ".device-wheels/*.whl" > /dev/null; then  # for the megalodon-jax process only (bench_gpu.py)
         export MEGALODON_JAX_SITE=/tmp/megalodon-jax-site
+        # the log stays on the device unless the install fails: the tool brings back at most 8 files
         "$PYTHON" -m pip install --no-deps --no-index --quiet --target "$MEGALODON_JAX_SITE" .device-wheels/*.whl \
-            > "$OUT/pip.log" 2>&1 || echo "installing .device-wheels failed (see pip.log)"
+            > /tmp/pip.log 2>&1 || { echo "installing .device-wheels failed:"; cat /tmp/pip.log; }
     fi
     bench env,parity,profile,train-compiled,jax,hf
+}
+
+# At most 8 files come back: nvidia-smi.txt, gpu-tests.txt, disabled-kernels.txt, and per part bench_gpu_partN.md
+# and results_partN.json, plus part 2's gzipped profile trace.
+case "$PART" in
+1) part1 ;;
+2) part2 ;;
+all)  # both parts in one call, each with its own SESSION_SECONDS; part 1's disabled kernels stay off in part 2
+    PART=1
+    part1
+    PART=2
+    SECONDS=0
+    part2
     ;;
 *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh 1|2" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh 1|2|all" >&2
     exit 2
     ;;
 esac

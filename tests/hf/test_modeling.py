@@ -11,6 +11,7 @@ from helpers import CUDA_MARKS  # noqa: E402
 
 from megalodon.hf import MegalodonCache  # noqa: E402
 from megalodon.hf.modeling import CACHE_ARG  # noqa: E402
+from megalodon.inference.decoding import WARMUP_STEPS  # noqa: E402
 
 
 def _cache(output):
@@ -123,6 +124,10 @@ def test_one_token_steps_take_the_static_decode_path_with_forwards_logits(core, 
         return type(core).decode_step_(core, input_ids, state, constants)
 
     monkeypatch.setattr(core, "decode_step_", counted)
+    replays = []
+    if device == "cuda":
+        replay = torch.cuda.CUDAGraph.replay
+        monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
     ids = _ids(3, 12).to(device)
     mask = torch.ones_like(ids)
     mask[0, :5] = mask[2, :9] = 0  # fills 7, 4 and 3 in chunks of 8
@@ -138,7 +143,12 @@ def test_one_token_steps_take_the_static_decode_path_with_forwards_logits(core, 
                 cache.reorder_cache(torch.tensor([2, 2, 0], device=device))
         if step == 8:
             assert static.state.position.tolist() == through_forward.state.position.tolist()
-    assert static_steps == [3] * 12 and static.get_seq_length() == through_forward.get_seq_length() == 24
+    if device == "cuda":  # each graph runs the step in Python for its warm-up and capture only; reading .state at
+        # step 8 ends the first graph
+        assert static_steps == [3] * 2 * (WARMUP_STEPS + 1) and len(replays) == 12
+    else:
+        assert static_steps == [3] * 12
+    assert static.get_seq_length() == through_forward.get_seq_length() == 24
     for mine, theirs in zip(static.state.tensors().values(), through_forward.state.tensors().values()):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 

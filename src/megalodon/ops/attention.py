@@ -284,7 +284,7 @@ def decode_attention(
 def dense_chunk_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, start: int = 0) -> Tensor:
     """Slow reference: full softmax(q k^T) v with a block-diagonal causal mask. Positions count from `start`."""
     length = q.shape[1]
-    pos = torch.arange(start, start + length)
+    pos = torch.arange(start, start + length, device=q.device)
     same_chunk = (pos[:, None] // chunk_size) == (pos[None, :] // chunk_size)
     allowed = same_chunk & (pos[None, :] <= pos[:, None])
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k).masked_fill(~allowed, float("-inf"))
