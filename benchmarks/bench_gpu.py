@@ -8,9 +8,11 @@ Sections, in the order they run by default (most wanted first: a run cut short s
 - env:    the device, torch/triton/CUDA versions, which Triton kernels are on;
 - parity: the CUDA model (Triton kernels, fp32) against the CPU fp32 model: logits and gradients; bf16 autocast
           against fp32; split invariance on CUDA;
-- train-eager, later train-compiled (or train, for every --modes): forward + backward (no optimizer), batch 1, bf16
-          autocast over fp32 master weights, both models alternating step by step; tokens/s, the ratio,
-          activation memory;
+- train-graphed, train-eager, later train-compiled (or train, for every --modes): forward + backward (no
+          optimizer), batch 1, bf16 autocast over fp32 master weights, both models alternating step by step;
+          tokens/s, the ratio, activation memory. "graphed" replays the whole step from CUDA graphs
+          (megalodon.training.cuda_graphs), whose pool then holds the activations: its memory column is that
+          pool (activations, temporaries and the gradients' static buffers);
 - decode: tokens/s at batch 1 after prefilling 2K and 1M tokens, both models (the Llama up to its KV memory),
           each from one prefill: the step replayed from a CUDA graph, eager and compiled (--modes);
 - profile: the top CUDA kernels of one mega200M 4K step (torch.profiler), written under --out, and the kernel
@@ -49,13 +51,16 @@ TRAIN_CASES = [("mega200M", 4096), ("mega200M", 32768), ("mega1.3B", 32768), ("m
                ("mega1.3B", 4096)]
 # Compiling costs about a minute per shape and model, so by default only the shapes of the ratio targets.
 COMPILED_CASES = [("mega200M", 4096), ("mega200M", 32768)]
+# CUDA graphs of the whole step (megalodon.training.cuda_graphs): no compilation, a capture of seconds; they pay
+# off where the host bounds the step, at short lengths (docs/benchmarks.md, "H100 figures").
+GRAPHED_CASES = [("mega200M", 4096), ("mega200M", 16384), ("mega200M", 32768), ("mega1.3B", 4096)]
 
 
 def train_cases(presets: list[str], lengths: list[int] | None, mode: str) -> list[tuple[str, int]]:
     """The cases of `presets`: at --lengths where given, else the defaults above (4096 for other presets)."""
     if lengths:
         return [(preset, length) for preset in presets for length in lengths]
-    defaults = COMPILED_CASES if mode == "compiled" else TRAIN_CASES
+    defaults = {"compiled": COMPILED_CASES, "graphed": GRAPHED_CASES}.get(mode, TRAIN_CASES)
     known = {preset for preset, _ in TRAIN_CASES}
     return [case for case in defaults if case[0] in presets] + [(p, 4096) for p in presets if p not in known]
 
@@ -117,20 +122,42 @@ def loss_of(model, ids):
 
 
 # ---- sections --------------------------------------------------------------------------------------------------
-def time_step(model, ids) -> tuple[float, float]:
-    """Seconds of one forward+backward and its activation memory (GiB), from the same step: reading the peak
-    costs no GPU time, so no step is spent on memory alone."""
+def time_step(step) -> tuple[float, float]:
+    """Seconds of one forward+backward (step()) and its activation memory (GiB), from the same step: reading the
+    peak costs no GPU time, so no step is spent on memory alone."""
     sync()
     reset_peak()
     before = allocated()
     start = time.perf_counter()
-    with autocast():
-        loss_of(model, ids).backward()
+    step()
     sync()
     return time.perf_counter() - start, (peak_allocated() - before) / GiB
 
 
-def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: bool, repeats: int) -> dict:
+def training_step(model, ids, mode: str):
+    """The step to time, after its warm-up (compilation, or the CUDA graphs' capture), and for "graphed" the
+    memory its graphs hold (GiB; their pool keeps the activations between steps, so the step's own peak is 0)."""
+    if mode == "graphed":
+        from megalodon.training.cuda_graphs import graphed_loss
+
+        before = allocated()
+        graphed = graphed_loss(model, loss_of, [ids])  # bf16 autocast inside the graph, as autocast() gives
+
+        def step():
+            graphed(ids).backward()
+    else:
+        if mode == "compiled":
+            model.compile_blocks()  # as the trainer's --compile does
+
+        def step():
+            with autocast():
+                loss_of(model, ids).backward()
+    step()  # warm-up, compilation included
+    held = (allocated() - before) / GiB if mode == "graphed" else None
+    return step, held
+
+
+def measure_pair(preset: str, length: int, mode: str, checkpoint: bool, repeats: int) -> dict:
     """Both models at one shape, alternating: each gets a warm-up, then their timed rounds interleave."""
     row = {}
     models = {}
@@ -139,21 +166,19 @@ def measure_pair(preset: str, length: int, compile_models: bool, checkpoint: boo
             model = build(arch, preset)
             if checkpoint:
                 checkpointed(model)
-            if compile_models:
-                model = model.compile_blocks()  # as the trainer's --compile does
             ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
-            with autocast():  # warm-up, compilation included
-                loss_of(model, ids).backward()
-            models[arch] = (model, ids)
+            step, held = training_step(model, ids, mode)
+            models[arch] = (model, step, held)
         except torch.cuda.OutOfMemoryError:
             row[arch] = {"error": "out of memory"}
             models.pop(arch, None)
             free_cache()
     timings = {arch: [] for arch in models}
     for _ in range(repeats):
-        for arch, (model, ids) in models.items():
+        for arch, (_, step, held) in models.items():
             try:
-                seconds, activation = time_step(model, ids)
+                seconds, activation = time_step(step)
+                activation = activation if held is None else held
                 timings[arch].append((seconds, activation))
             except torch.cuda.OutOfMemoryError:
                 row[arch] = {"error": "out of memory"}
@@ -190,6 +215,10 @@ def train_row(row: dict) -> str:
 def section_train(presets: list[str], lengths: list[int] | None, modes: list[str], repeats: int,
                   checkpoint_from: int = 16384) -> list[dict]:
     log(f"## Training step ({', '.join(modes)}): forward + backward, batch 1, bf16 autocast\n")
+    if "graphed" in modes and DEVICE != "cuda":
+        log("(CUDA graphs need a GPU: the graphed mode is skipped on the CPU; tests/training/test_cuda_graphs.py "
+            "checks it against eager on a GPU)\n")
+        modes = [mode for mode in modes if mode != "graphed"]
     if "compiled" in modes:
         # Each length compiles its own static graphs (as a training run of one length would), not one
         # dynamic-shape graph after the second length.
@@ -208,7 +237,7 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
                 continue
             case_start = time.perf_counter()
             try:
-                row = measure_pair(preset, length, mode == "compiled", checkpoint, repeats)
+                row = measure_pair(preset, length, mode, checkpoint, repeats)
             except Exception as err:  # a failing mode must not end the run: report it and go on
                 row = {"megalodon": {"error": f"{type(err).__name__}: {str(err)[:200]}"}, "llama": {}}
             row.update(preset=preset, length=length, mode=label, seconds=time.perf_counter() - case_start)
@@ -313,9 +342,10 @@ def section_profile(preset: str, length: int, out: Path | None) -> None:
 # ---- main ------------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="env,parity,train-eager,decode,profile,train-compiled,jax,hf",
+    parser.add_argument("--sections",
+                        default="env,parity,train-graphed,train-eager,decode,profile,train-compiled,jax,hf",
                         help="comma list of: env, parity, train (every --modes), train-eager, train-compiled, "
-                             "decode, jax, profile, hf; they run in the order given")
+                             "train-graphed, decode, jax, profile, hf; they run in the order given")
     parser.add_argument("--presets", nargs="+", default=sorted({preset for preset, _ in TRAIN_CASES}))
     parser.add_argument("--lengths", nargs="+", type=int, default=None,
                         help="these lengths for every preset (default: %s)" % TRAIN_CASES)
@@ -359,6 +389,7 @@ def main() -> None:
         "train": lambda: section_train(args.presets, args.lengths, args.modes, args.repeats),
         "train-eager": lambda: section_train(args.presets, args.lengths, ["eager"], args.repeats),
         "train-compiled": lambda: section_train(args.presets, args.lengths, ["compiled"], args.repeats),
+        "train-graphed": lambda: section_train(args.presets, args.lengths, ["graphed"], args.repeats),
         "jax": lambda: bench_jax.section(args.jax_lengths, args.repeats, out_of_time, DEADLINE),
         "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps,
                                          args.modes),

@@ -3,7 +3,7 @@
 # parts so that the first one's results come back, and can be read, before the second one starts:
 #   bash benchmarks/gpu_session.sh 1   the tests that use the GPU (kernel parity against the float64 references,
 #                                      compiled training, graph-captured and compiled decode, no host syncs), then
-#                                      bench_gpu.py's eager training table and decode sections;
+#                                      bench_gpu.py's graphed and eager training tables and decode sections;
 #   bash benchmarks/gpu_session.sh 2   bench_gpu.py's parity of the whole model against the CPU, the profile,
 #                                      compiled training, megalodon-jax and transformers generate() sections;
 #   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
@@ -54,7 +54,7 @@ part1() {
     # eight took 66 s for all (H100, 2026-11-27). -vv (addopts has -q) into the file: if the timeout stops it, the
     # tests that ran are listed there; --tb=short keeps every failure's cause in it.
     timeout 120 "$PYTHON" -m pytest -n 8 -vv --tb=short -p no:cacheprovider -rfEs --durations=10 -m cuda \
-        tests/test_*.py tests/inference tests/baseline tests/hf tests/ops 2>&1 \
+        tests/test_*.py tests/inference tests/baseline tests/hf tests/ops tests/training 2>&1 \
         | tee "$OUT/gpu-tests.txt" | grep -E "FAILED|ERROR|passed|failed" | tail -50
     # A kernel whose own tests failed on this GPU stays off for the benchmark (its PyTorch path runs instead), so
     # that one kernel's fault does not cost the session its figures; part 2 must then run with the same setting.
@@ -65,7 +65,7 @@ part1() {
             "MEGALODON_DISABLE_TRITON=$MEGALODON_DISABLE_TRITON (run part 2 with the same)" \
             | tee "$OUT/disabled-kernels.txt"
     fi
-    bench env,train-eager,decode
+    bench env,train-graphed,train-eager,decode
 }
 
 part2() {
