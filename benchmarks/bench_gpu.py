@@ -12,7 +12,8 @@ Sections, in the order they run by default (most wanted first: a run cut short s
           optimizer), batch 1, bf16 autocast over fp32 master weights, both models alternating step by step;
           tokens/s, the ratio, activation memory. "graphed" replays the whole step from CUDA graphs
           (megalodon.training.cuda_graphs), whose pool then holds the activations: its memory column is that
-          pool (activations, temporaries and the gradients' static buffers);
+          pool (activations, temporaries and the gradients' static buffers). train-compiled-graphs: the blocks
+          compiled with mode="reduce-overhead" (cudagraph trees), mega200M at 4K;
 - decode: tokens/s at batch 1 after prefilling 2K and 1M tokens, both models (the Llama up to its KV memory),
           each from one prefill: the step replayed from a CUDA graph, eager and compiled (--modes);
 - profile: the top CUDA kernels of one mega200M 4K step (torch.profiler), written under --out, and the kernel
@@ -60,7 +61,8 @@ def train_cases(presets: list[str], lengths: list[int] | None, mode: str) -> lis
     """The cases of `presets`: at --lengths where given, else the defaults above (4096 for other presets)."""
     if lengths:
         return [(preset, length) for preset in presets for length in lengths]
-    defaults = {"compiled": COMPILED_CASES, "graphed": GRAPHED_CASES}.get(mode, TRAIN_CASES)
+    defaults = {"compiled": COMPILED_CASES, "graphed": GRAPHED_CASES, "compiled-graphs": COMPILED_CASES[:1]}.get(
+        mode, TRAIN_CASES)
     known = {preset for preset, _ in TRAIN_CASES}
     return [case for case in defaults if case[0] in presets] + [(p, 4096) for p in presets if p not in known]
 
@@ -148,6 +150,8 @@ def training_step(model, ids, mode: str):
     else:
         if mode == "compiled":
             model.compile_blocks()  # as the trainer's --compile does
+        elif mode == "compiled-graphs":  # --compile true --compile_mode reduce-overhead
+            model.compile_blocks(mode="reduce-overhead")
 
         def step():
             with autocast():
@@ -219,7 +223,7 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
         log("(CUDA graphs need a GPU: the graphed mode is skipped on the CPU; tests/training/test_cuda_graphs.py "
             "checks it against eager on a GPU)\n")
         modes = [mode for mode in modes if mode != "graphed"]
-    if "compiled" in modes:
+    if {"compiled", "compiled-graphs"} & set(modes):
         # Each length compiles its own static graphs (as a training run of one length would), not one
         # dynamic-shape graph after the second length.
         torch._dynamo.config.automatic_dynamic_shapes = False
@@ -343,9 +347,10 @@ def section_profile(preset: str, length: int, out: Path | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections",
-                        default="env,parity,train-graphed,train-eager,decode,profile,train-compiled,jax,hf",
+                        default="env,parity,train-graphed,train-eager,decode,profile,train-compiled,jax,"
+                                "train-compiled-graphs,hf",
                         help="comma list of: env, parity, train (every --modes), train-eager, train-compiled, "
-                             "train-graphed, decode, jax, profile, hf; they run in the order given")
+                             "train-graphed, train-compiled-graphs, decode, jax, profile, hf; they run in the order given")
     parser.add_argument("--presets", nargs="+", default=sorted({preset for preset, _ in TRAIN_CASES}))
     parser.add_argument("--lengths", nargs="+", type=int, default=None,
                         help="these lengths for every preset (default: %s)" % TRAIN_CASES)
@@ -390,6 +395,8 @@ def main() -> None:
         "train-eager": lambda: section_train(args.presets, args.lengths, ["eager"], args.repeats),
         "train-compiled": lambda: section_train(args.presets, args.lengths, ["compiled"], args.repeats),
         "train-graphed": lambda: section_train(args.presets, args.lengths, ["graphed"], args.repeats),
+        "train-compiled-graphs": lambda: section_train(args.presets, args.lengths, ["compiled-graphs"],
+                                                       args.repeats),
         "jax": lambda: bench_jax.section(args.jax_lengths, args.repeats, out_of_time, DEADLINE),
         "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps,
                                          args.modes),
@@ -400,7 +407,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown section {unknown[0]!r}; choose from {', '.join(runners)}")
     for name in sections:
-        if name in ("train-eager", "train-compiled") and name.removeprefix("train-") not in args.modes:
+        if name in ("train-eager", "train-compiled", "train-compiled-graphs") and \
+                name.removeprefix("train-").removesuffix("-graphs") not in args.modes:
             continue
         if out_of_time(f"section {name}"):
             continue

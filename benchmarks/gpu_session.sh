@@ -75,7 +75,7 @@ part2() {
         "$PYTHON" -m pip install --no-deps --no-index --quiet --target "$MEGALODON_JAX_SITE" .device-wheels/*.whl \
             > /tmp/pip.log 2>&1 || { echo "installing .device-wheels failed:"; cat /tmp/pip.log; }
     fi
-    bench env,parity,profile,train-compiled,jax,hf
+    bench env,parity,profile,train-compiled,jax,train-compiled-graphs,hf
 }
 
 # At most 8 files come back: nvidia-smi.txt, gpu-tests.txt, disabled-kernels.txt, and per part bench_gpu_partN.md

@@ -105,6 +105,21 @@ def test_compile_gives_the_eager_losses(make_config, tmp_path, monkeypatch, arch
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "plain"), losses(tmp_path / "compiled"))) < 1e-4
 
 
+def test_compile_mode_reaches_torch_compile(make_config, tmp_path, monkeypatch):
+    """--compile_mode goes to every block's torch.compile (recorded here, not compiled); "default" passes none, so
+    that a backend given elsewhere does not meet a mode; a mode without --compile is refused."""
+    seen = []
+    monkeypatch.setattr(Megalodon, "compile_blocks", lambda model, **options: seen.append(options) or model)
+    for mode in ("default", "reduce-overhead"):
+        train(make_config(compile=True, compile_mode=mode, max_steps=1, checkpoint_every=0), tmp_path / mode,
+              progress=False)
+    assert seen == [{}, {"mode": "reduce-overhead"}]
+    with pytest.raises(ValueError, match="compile_mode"):
+        make_config(compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="compile_mode"):
+        make_config(compile=True, compile_mode="fast")
+
+
 def test_a_time_budget_fixes_max_steps_at_the_end_of_warmup(make_config, tmp_path):
     cfg = make_config(max_steps=0, time_budget_min=0.02, warmup_steps=6, checkpoint_every=0)
     result = train(cfg, tmp_path / "budget", progress=False)

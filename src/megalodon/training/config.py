@@ -16,6 +16,7 @@ ARCHS = ("megalodon", "llama")
 SCHEDULES = ("linear", "cosine")
 DTYPES = ("auto", "bf16", "fp32")
 PARALLEL_KINDS = ("fsdp", "ddp")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     # execution
     dtype: str = "auto"  # "auto" (bf16 autocast where bf16 is fast, else fp32), "bf16" or "fp32"; weights stay fp32
     compile: bool = False  # torch.compile each block (model.compile_blocks)
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays each block from CUDA graphs
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
     threads: int = 0  # torch threads; 0 keeps torch's default
     seed: int = 0  # initialization, data order, document split and samples
@@ -102,6 +104,9 @@ class TrainConfig:
             (self.seed >= 0, "seed", ">= 0"),
             (self.nproc >= 0, "nproc", ">= 0 (0: this process only)"),
             (self.parallel in PARALLEL_KINDS, "parallel", f"one of {PARALLEL_KINDS}"),
+            (self.compile_mode in COMPILE_MODES, "compile_mode", f"one of {COMPILE_MODES}"),
+            (self.compile or self.compile_mode == "default", "compile_mode",
+             '"default" unless compile is true (--compile true --compile_mode reduce-overhead)'),
             (self.chunk_parallel >= 1, "chunk_parallel", ">= 1"),
             (self.collective_timeout_min > 0, "collective_timeout_min", "> 0"),
             (self.log_every >= 1, "log_every", ">= 1"),

@@ -97,7 +97,7 @@ class Trainer:
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if cfg.compile:  # after checkpointing (each block's graph holds its recomputation), before wrapping
-            self.model.compile_blocks()
+            self.model.compile_blocks(**({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
         self.runner = self.model  # what a training step calls: the model, or DDP's wrapper of it
         if self.ranks is not None:
             self.ranks.check_shapes(cfg.batch_size, cfg.grad_accum, cfg.seq_len)
