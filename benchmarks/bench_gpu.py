@@ -324,6 +324,7 @@ def profiled_step(arch: str, preset: str, length: int):
     for _ in range(2):
         with autocast():
             loss_of(model, ids).backward()
+    model.zero_grad(set_to_none=True)  # as a training step starts (no .grad to add into)
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -335,14 +336,19 @@ def profiled_step(arch: str, preset: str, length: int):
 
 def section_profile(preset: str, length: int, out: Path | None) -> None:
     log(f"## Profile: one {preset} step at {length} tokens (eager, bf16 autocast)\n")
-    launches = {}
+    launches, busy = {}, {}
     for arch in ("llama", "megalodon"):  # Megalodon's profile is the one kept and printed
         prof = profiled_step(arch, preset, length)
-        launches[arch] = sum(e.count for e in prof.key_averages()
-                             if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        launches[arch] = sum(e.count for e in kernels)
+        busy[arch] = sum(getattr(e, "self_device_time_total", 0.0) for e in kernels) / 1e3
     # benchmarks/op_counts.py predicts these on the CPU (per layer); here the whole step, embedding and loss too
     log(f"CUDA kernel launches in one step: Megalodon {launches['megalodon']:,}, "
         f"the Llama {launches['llama']:,}\n")
+    # what a step replayed from CUDA graphs would cost, the host taken out: the ceiling of the graphed ratio
+    ratio = f" (Llama / Megalodon: {busy['llama'] / busy['megalodon']:.2f})" if busy["megalodon"] else ""
+    log(f"GPU busy in one step (the kernels' time): Megalodon {busy['megalodon']:.1f} ms, the Llama "
+        f"{busy['llama']:.1f} ms{ratio}\n")
     sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
     log("```\n" + prof.key_averages().table(sort_by=sort, row_limit=30) + "\n```\n")
     if out is not None:
