@@ -5,7 +5,11 @@
 
 On CUDA both paths run: Triton (the default dispatch) and the PyTorch path (MEGALODON_DISABLE_TRITON=cema).
 Prints a Markdown table: milliseconds (median of --repeats after a warm-up) and, on CUDA, the peak memory above
-the inputs. Document resets every 256 steps are on with --resets.
+the inputs and the GPU's own time (the kernels' sum, from torch.profiler: the wall clock of a lone op is mostly
+the host's). Document resets every 256 steps are on with --resets. --chunks sweeps the Triton kernels' steps per
+chunk (ops/triton/cema.py's CHUNK): more chunks, more programs to fill the GPU, a longer scan over chunks.
+
+    python benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --chunks 32 64 128
 """
 
 from __future__ import annotations
@@ -19,6 +23,17 @@ import torch
 
 from megalodon.layers.cema import CEMA
 from megalodon.ops.triton import DISABLE_ENV
+
+
+def gpu_ms(run) -> float:
+    """Milliseconds the GPU spends in run()'s kernels (torch.profiler), the host's gaps left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
 
 
 def measure(layer: CEMA, x: torch.Tensor, resets: torch.Tensor | None, backward: bool, repeats: int) -> dict:
@@ -43,7 +58,7 @@ def measure(layer: CEMA, x: torch.Tensor, resets: torch.Tensor | None, backward:
         sync()
         times.append(time.perf_counter() - start)
     peak = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}" if x.is_cuda else "-"
-    return {"ms": statistics.median(times) * 1e3, "peak_mib": peak}
+    return {"ms": statistics.median(times) * 1e3, "peak_mib": peak, "gpu_ms": gpu_ms(run) if x.is_cuda else None}
 
 
 def main() -> None:
@@ -55,6 +70,8 @@ def main() -> None:
     parser.add_argument("--resets", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--chunks", nargs="+", type=int, default=None,
+                        help="the Triton path once per steps-per-chunk (multiples of 16; default: the kernels' own)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,16 +85,23 @@ def main() -> None:
     if args.resets:
         resets = torch.zeros(batch, -(-length // 256), dtype=torch.bool, device=args.device)
         resets[:, 1::2] = True
-    paths = ["triton", "pytorch"] if x.is_cuda else ["pytorch"]
+    paths = ([("triton", chunk) for chunk in args.chunks or [None]] + [("pytorch", None)] if x.is_cuda
+             else [("pytorch", None)])
     print(f"CEMA B={batch} L={length} D={dim} N={args.ndim} {args.dtype} on {args.device}"
           f"{' with resets' if args.resets else ''}\n")
-    print("| path | forward ms | forward + backward ms | fwd+bwd peak MiB | tokens/s (fwd+bwd) |")
-    print("|---|---|---|---|---|")
-    for path in paths:
+    print("| path | forward ms | forward + backward ms | fwd+bwd GPU ms | fwd+bwd peak MiB | tokens/s (fwd+bwd) |")
+    print("|---|---|---|---|---|---|")
+    for path, chunk in paths:
         os.environ[DISABLE_ENV] = "" if path == "triton" else "cema"
+        if chunk is not None:
+            from megalodon.ops.triton import cema as kernels
+
+            kernels.CHUNK = chunk  # what ops/cema.py passes the op
         forward = measure(layer, x.detach(), resets, False, args.repeats)
         both = measure(layer, x, resets, True, args.repeats)
-        print(f"| {path} | {forward['ms']:.2f} | {both['ms']:.2f} | {both['peak_mib']} | "
+        gpu = "-" if both["gpu_ms"] is None else f"{both['gpu_ms']:.3f}"
+        label = path if chunk is None else f"{path}, chunk {chunk}"
+        print(f"| {label} | {forward['ms']:.2f} | {both['ms']:.2f} | {gpu} | {both['peak_mib']} | "
               f"{batch * length / both['ms'] * 1e3:,.0f} |")
 
 
