@@ -21,7 +21,7 @@ def triton_scan(u, params, h0=None, resets=None, chunk=CHUNK):
     (D, 1), passed in the shapes the op takes (as ops/cema.py's cema_from_parameters does)."""
     from megalodon.ops.triton.cema import cema_scan
 
-    return cema_scan(u, *op_parameters(params), h0, resets, chunk)
+    return cema_scan(u, *op_parameters(params), h0, resets, chunk)[:2]  # y and the final state
 
 
 def op_parameters(params):
@@ -145,6 +145,26 @@ def test_bf16_input_is_upcast_in_the_kernel():
     assert_close(grads[0], grads_ref[0], 1e-2)  # du is rounded to bf16 on the way out
     for grad, expected in zip(grads[1:], grads_ref[1:]):
         assert_close(grad, expected, 2e-5)
+
+
+def test_backward_reuses_the_forwards_chunk_states():
+    """The states entering each chunk that forward returns (and autograd saves) give backward exactly what
+    backward computes again without them, resets and an initial state included."""
+    from megalodon.ops.triton.cema import cema_scan, cema_scan_backward
+
+    params = op_parameters(parameters(8, 4, 3))
+    params = [t.to(DEVICE) for t in params]
+    u = torch.randn(2, 37, 8, device=DEVICE)
+    h0 = torch.randn(2, 8, 4, 2, device=DEVICE)
+    resets = torch.zeros(2, 37, dtype=torch.bool, device=DEVICE)
+    resets[1, 20] = True
+    _, _, incoming = cema_scan(u, *params, h0, resets, CHUNK)
+    assert incoming.shape == (2, 3, 2, 4, 8)
+    dy, dh = torch.randn(2, 37, 8, device=DEVICE), torch.randn(2, 8, 4, 2, device=DEVICE)
+    again = cema_scan_backward(dy, dh, u, *params, h0, resets, CHUNK)
+    reused = cema_scan_backward(dy, dh, u, *params, h0, resets, CHUNK, incoming)
+    for a, b in zip(reused, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_op_registration_fake_and_autograd():

@@ -115,13 +115,13 @@ def cema_from_parameters(
     and backward, where the PyTorch derivation is some 60 small kernels per call; everywhere else, that formula.
     Parameters as the CEMA layer holds them: alpha, delta (D, N, 1), theta (D, 1, 1), gamma (D, N, 2); omega (D,)."""
     if alpha.dtype == torch.float32 and use_triton("cema", u):
-        from megalodon.ops.triton import cema as kernels
+        from megalodon.ops.triton.cema import CHUNK, cema_scan  # CHUNK read at each call: bench_cema.py --chunks
 
         dim, ndim = alpha.shape[:2]
         _check_inputs(u, dim, ndim, h0, block_size, block_reset)
         resets = None if block_reset is None else step_resets(block_reset, block_size, u.shape[1])
-        y, h = kernels.cema_scan(u, alpha.view(dim, ndim), delta.view(dim, ndim), theta.view(dim), gamma, omega, h0,
-                                 resets, kernels.CHUNK)  # read here: benchmarks/bench_cema.py --chunks sets it
+        y, h, _ = cema_scan(u, alpha.view(dim, ndim), delta.view(dim, ndim), theta.view(dim), gamma, omega, h0,
+                            resets, CHUNK)
         return y, h if need_state else None
     return cema(u, cema_coefficients(alpha, delta, theta, gamma), omega, h0, block_size, block_reset, need_state)
 

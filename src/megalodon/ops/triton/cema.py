@@ -13,11 +13,12 @@ Forward, four launches (ops/triton/cema_kernels.py):
 2. per (channel block, row): the scan over chunks, s_in(c+1) = q**len(c) s_in(c) + s_loc(c), from h0, cut where a
    document restarts inside chunk c; it also gives the final state;
 3. per (chunk, channel block, row): the chunk rerun from its incoming state, writing y.
-Backward, eight launches: the tables again; the adjoint, the same recurrence run in reverse time with conj(q)
-(phases 1-3 on dy give dL/du, the adjoint state entering each chunk, and dL/dh0); phases 1-2 rerun on u for the
-forward states entering each chunk; one kernel that reruns every chunk forward with tangents dh/dq and dh/dp to sum
-the parameter gradients per chunk (`parameter_grads_kernel`); and one that adds the chunks' sums up and takes the
-chain rule through the coefficients to the parameters (`gradients_kernel`).
+Backward, six launches: the tables again; the adjoint, the same recurrence run in reverse time with conj(q)
+(phases 1-3 on dy give dL/du, the adjoint state entering each chunk, and dL/dh0); the forward's states entering
+each chunk are saved from phase 2 (called without them, the backward op reruns phases 1-2 on u); one kernel
+that reruns every chunk forward with tangents dh/dq and dh/dp to sum the parameter gradients per chunk
+(`parameter_grads_kernel`); and one that adds the chunks' sums up and takes the chain rule through the
+coefficients to the parameters (`gradients_kernel`).
 
 Why this shape and not a fused kernel for k[d, j] = Re(sum_n p g q**j) plus an FFT (the official code's): the work
 is O(B L D N) multiply-adds in registers (at mega200M, L = 4096, about 0.5 GFLOP per pass, under a millisecond of
@@ -27,9 +28,11 @@ state and the final state come from the same scan instead of three extra tensors
 B x D / 32 x L / 64 programs (2,048 at mega200M, 4K tokens, batch 1). The cost is sequential latency within a
 chunk (64 dependent steps), hidden by running many programs per SM.
 
-Memory: saved for backward are u itself (in its own dtype, bf16 stays bf16), h0 and the reset flags: zero bytes
-per token beyond the input. Transient: the chunk states, (B, L / 64, 2, D, N) fp32 = D N / 8 bytes per token
-(2 KB at D = 1024, N = 16), and in backward the parameter partial sums, 5 D N / 16 bytes per token.
+Memory: saved for backward are u itself (in its own dtype, bf16 stays bf16), h0, the reset flags and the states
+entering each chunk, (B, L / 64, 2, N, D) fp32 = D N / 8 bytes per token (2 KB at D = 1024, N = 16, about 2% of
+a mega200M layer's activations), which spares backward the two launches that would compute them again.
+Transient: in backward the adjoint's chunk states (as many bytes again) and the parameter partial sums,
+5 D N / 16 bytes per token.
 
 `cema_scan` is a `torch.library.custom_op` (`megalodon::cema_scan`, backward `megalodon::cema_scan_backward`)
 with fake implementations and autograd registered, so a compiled graph holds it as one node.
@@ -145,36 +148,41 @@ def _contiguous(*tensors: Tensor) -> list[Tensor]:
 @on_input_device
 def cema_scan(u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor,
               h0: Optional[Tensor] = None, resets: Optional[Tensor] = None,
-              chunk: int = CHUNK) -> tuple[Tensor, Tensor]:
+              chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
     """The CEMA of ops/cema.py on the chunked Triton scan, from its parameters: the kernels derive the
     coefficients (cema_coefficients) themselves, forward and backward. u (B, L, D) fp32/bf16/fp16; alpha, delta
     (D, N), theta (D,), gamma (D, N, 2) and omega (D,), fp32; h0 (B, D, N, 2) fp32 or None; resets (B, L) bool or
-    None, True where the state restarts at zero before that step; chunk a multiple of 16. Returns y (B, L, D) fp32
-    and the final state (B, D, N, 2) fp32."""
+    None, True where the state restarts at zero before that step; chunk a multiple of 16. Returns y (B, L, D) fp32,
+    the final state (B, D, N, 2) fp32, and the state entering each chunk (B, L / chunk, 2, N, D) fp32, which
+    backward reuses (not differentiable)."""
     _check(u, alpha, chunk)
     k = _kernels()
     tables, kappa = _tables(alpha, delta, theta, gamma, omega)
     h0 = None if h0 is None else h0.contiguous()
     resets, keep = _chunk_keep(resets, chunk)
-    _, final, y = _run(u, (tables[k.P], tables[k.ZERO]), (tables[k.LOG_MAG], tables[k.ANGLE]), h0, resets, keep,
-                       chunk, False, ((tables[k.QG_RE], tables[k.QG_IM]), kappa, torch.float32))
-    return y, final
+    incoming, final, y = _run(u, (tables[k.P], tables[k.ZERO]), (tables[k.LOG_MAG], tables[k.ANGLE]), h0, resets,
+                              keep, chunk, False, ((tables[k.QG_RE], tables[k.QG_IM]), kappa, torch.float32))
+    return y, final, incoming
 
 
 @cema_scan.register_fake
 def _(u, alpha, delta, theta, gamma, omega, h0=None, resets=None, chunk=CHUNK):
     batch, length, dim = u.shape
+    ndim = alpha.shape[1]
     return (u.new_empty(batch, length, dim, dtype=torch.float32),
-            u.new_empty(batch, dim, alpha.shape[1], 2, dtype=torch.float32))
+            u.new_empty(batch, dim, ndim, 2, dtype=torch.float32),
+            u.new_empty(batch, -(-length // chunk), 2, ndim, dim, dtype=torch.float32))
 
 
 @torch.library.custom_op("megalodon::cema_scan_backward", mutates_args=())
 @on_input_device
 def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor,
                        gamma: Tensor, omega: Tensor, h0: Optional[Tensor], resets: Optional[Tensor],
-                       chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       chunk: int, incoming: Optional[Tensor] = None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `cema_scan` for (u, alpha, delta, theta, gamma, omega, h0) from dy (B, L, D) and the final
-    state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None."""
+    state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None. incoming: the forward's
+    states entering each chunk, or None to run them again."""
     k = _kernels()
     tables, kappa = _tables(alpha, delta, theta, gamma, omega)
     dy = dy.contiguous()
@@ -186,8 +194,9 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tenso
     # with dL/dh0.
     future, d_h0, du = _run(dy, (tables[k.QG_RE], tables[k.NEG_QG_IM]), (tables[k.LOG_MAG], tables[k.NEG_ANGLE]),
                             dh, resets, keep, chunk, True, ((tables[k.P], tables[k.ZERO]), kappa, u.dtype))
-    incoming, _, _ = _run(u, (tables[k.P], tables[k.ZERO]), (tables[k.LOG_MAG], tables[k.ANGLE]), h0, resets, keep,
-                          chunk, False, None)
+    if incoming is None:
+        incoming, _, _ = _run(u, (tables[k.P], tables[k.ZERO]), (tables[k.LOG_MAG], tables[k.ANGLE]), h0, resets,
+                              keep, chunk, False, None)
 
     batch, length, dim = u.shape
     ndim = alpha.shape[1]
@@ -209,7 +218,7 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tenso
 
 
 @cema_scan_backward.register_fake
-def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk):
+def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk, incoming=None):
     batch, _, dim = u.shape
     return (torch.empty_like(u), torch.empty_like(alpha), torch.empty_like(delta), torch.empty_like(theta),
             torch.empty_like(gamma), torch.empty_like(omega),
@@ -218,17 +227,19 @@ def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk):
 
 def _setup_context(ctx, inputs, output) -> None:
     u, alpha, delta, theta, gamma, omega, h0, resets, chunk = inputs
-    ctx.save_for_backward(u, alpha, delta, theta, gamma, omega, h0, resets)
+    # the chunks' incoming states (D N / 8 bytes a token at chunk 64: 2 KB at mega200M, about 2% of a layer's
+    # activations) spare backward two launches that would compute them again
+    ctx.save_for_backward(u, alpha, delta, theta, gamma, omega, h0, resets, output[2])
     ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: the kernels skip it
     ctx.chunk = chunk
     ctx.has_h0 = h0 is not None
 
 
-def _backward(ctx, dy: Tensor | None, dh: Tensor | None):
-    u, alpha, delta, theta, gamma, omega, h0, resets = ctx.saved_tensors
+def _backward(ctx, dy: Tensor | None, dh: Tensor | None, _: Tensor | None):
+    u, alpha, delta, theta, gamma, omega, h0, resets, incoming = ctx.saved_tensors
     if dy is None:
         dy = u.new_zeros(u.shape, dtype=torch.float32)
-    grads = cema_scan_backward(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, ctx.chunk)
+    grads = cema_scan_backward(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, ctx.chunk, incoming)
     return *grads[:6], grads[6] if ctx.has_h0 else None, None, None
 
 
