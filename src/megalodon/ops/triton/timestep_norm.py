@@ -55,11 +55,17 @@ def _token_tiles(groups: int, dim: int) -> tuple[int, int]:
     return max(1, min(64, 2048 // block_dg)), block_dg
 
 
+# The scans' tiles: at most SCAN_TOKENS tokens (never past a block) by SCAN_GROUPS groups, SCAN_WARPS warps a
+# program. Each program walks its row's L / BLOCK_T tiles in sequence, so longer tiles of fewer groups shorten
+# that chain (16 steps at L = 4096 with 256) and give more programs (G / SCAN_GROUPS a row), at more latency per
+# step. 256 x 8 x 4 warps: 252-255 registers a thread on sm_90, no spills; so do 1024 x 2 x 4 and 2048 x 2 x 8
+# (1024 x 8 x 16 spills). benchmarks/bench_timestep_norm.py --scan-tiles times them on a GPU.
+SCAN_TOKENS, SCAN_GROUPS, SCAN_WARPS = 256, 8, 4
+
+
 def _scan_tiles(groups: int, block: int) -> tuple[int, int]:
-    """BLOCK_T x BLOCK_G tiles for the scans. Each program walks its row's L / BLOCK_T tiles in sequence, so long
-    tiles of few groups keep that chain short (16 steps at L = 4096) and give G / 8 programs per row."""
-    block_g = min(triton.next_power_of_2(groups), 8)
-    return min(triton.next_power_of_2(block), 256), block_g
+    """BLOCK_T x BLOCK_G of the scans (the module's SCAN_* read at each call)."""
+    return min(triton.next_power_of_2(block), SCAN_TOKENS), min(triton.next_power_of_2(groups), SCAN_GROUPS)
 
 
 # ---- the custom ops -------------------------------------------------------------------------------------------
@@ -92,7 +98,7 @@ def timestep_norm_fwd(
         mu, s2, mean_t, rstd_t, count, mean, var, prior_count, prior_mean, prior_var, reset,
         block_count, final_count, final_mean, final_var,
         length, groups, block_size, num_blocks, triton.cdiv(block_size, scan_t), eps,
-        HAS_RESET=block_reset is not None, BLOCK_T=scan_t, BLOCK_G=scan_g)
+        HAS_RESET=block_reset is not None, BLOCK_T=scan_t, BLOCK_G=scan_g, num_warps=SCAN_WARPS)
     kernels.normalize_kernel[token_grid](x, mean_t, rstd_t, weight, bias, y, tokens, dim, groups, dim // groups,
                                          BLOCK_T=block_t, BLOCK_DG=block_dg)
     return y, mean_t, rstd_t, block_count, final_count, final_mean, final_var
@@ -136,7 +142,8 @@ def timestep_norm_bwd(
         dm, dv, mean_t, block_count, reset, count, mean, prior_count, prior_mean,
         d_final_mean if has_final else mean, d_final_var if has_final else mean,  # any pointer when unused
         p, c, *d_state, length, groups, block_size, num_blocks, triton.cdiv(block_size, scan_t),
-        HAS_RESET=block_reset is not None, HAS_FINAL=has_final, BLOCK_T=scan_t, BLOCK_G=scan_g)
+        HAS_RESET=block_reset is not None, HAS_FINAL=has_final, BLOCK_T=scan_t, BLOCK_G=scan_g,
+        num_warps=SCAN_WARPS)
     dx = torch.empty_like(x)
     kernels.dx_kernel[token_grid](x, dy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups, dim // groups,
                                   BLOCK_T=block_t, BLOCK_DG=block_dg)

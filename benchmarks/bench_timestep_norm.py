@@ -1,0 +1,104 @@
+"""The TimestepNorm alone, forward + backward, at a layer's shape: the Triton kernels at each scan tiling asked
+for, and the PyTorch path.
+
+    python benchmarks/bench_timestep_norm.py --device cuda                       # mega200M's norm, L = 4096
+    python benchmarks/bench_timestep_norm.py --device cuda --scan-tiles 256,8,4 1024,2,4 2048,2,8
+
+The scans over time (`scan_fwd_kernel`, `scan_bwd_kernel`) walk each row's tiles in sequence with G / groups
+programs a row; --scan-tiles sets ops/triton/timestep_norm.py's SCAN_TOKENS, SCAN_GROUPS and SCAN_WARPS (tokens
+per tile at most, groups per program, warps) for each row of the table. Prints milliseconds (median of --repeats
+after a warm-up), the GPU's own time (the kernels' sum from torch.profiler; the wall clock of a lone op is mostly
+the host's), and each tiling's largest difference from the first one's output and input gradient. On a CPU only
+the PyTorch path runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from megalodon.layers.timestep_norm import TimestepNorm
+from megalodon.ops.triton import DISABLE_ENV
+
+
+def gpu_ms(run) -> float:
+    """Milliseconds the GPU spends in run()'s kernels (torch.profiler), the host's gaps left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+
+
+def measure(norm: TimestepNorm, x: torch.Tensor, dy: torch.Tensor, block: int, repeats: int) -> dict:
+    def run() -> torch.Tensor:
+        x.grad = None
+        y, _ = norm(x, None, block)
+        y.backward(dy)
+        return y
+
+    def sync() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    y = run().detach()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"ms": statistics.median(times) * 1e3, "gpu_ms": gpu_ms(run) if x.is_cuda else None, "y": y,
+            "dx": x.grad.detach().clone()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", default="1,4096,1024", help="B,L,D (default: a mega200M layer at 4K)")
+    parser.add_argument("--groups", type=int, default=32)
+    parser.add_argument("--block", type=int, default=2048, help="the chunk grid (mega200M's chunk_size)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--scan-tiles", nargs="+", default=None,
+                        help="TOKENS,GROUPS,WARPS per Triton row (default: the kernels' own)")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    batch, length, dim = (int(v) for v in args.shape.split(","))
+    torch.manual_seed(0)
+    norm = TimestepNorm(dim, args.groups, 1e-5).to(args.device)
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.1)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    x = (torch.randn(batch, length, dim, device=args.device) * 2 + 1).to(dtype).requires_grad_()
+    dy = torch.randn(batch, length, dim, device=args.device)
+    tilings = [tuple(int(v) for v in t.split(",")) for t in args.scan_tiles] if args.scan_tiles else [None]
+    rows = [("triton", t) for t in tilings] + [("pytorch", None)] if x.is_cuda else [("pytorch", None)]
+    print(f"TimestepNorm B={batch} L={length} D={dim} G={args.groups} block={args.block} {args.dtype} on "
+          f"{args.device}\n")
+    print("| path | forward + backward ms | GPU ms | max diff y | max diff dx |")
+    print("|---|---|---|---|---|")
+    from megalodon.ops.triton import timestep_norm as kernels
+
+    first = None
+    for path, tiles in rows:
+        os.environ[DISABLE_ENV] = "" if path == "triton" else "timestep_norm"
+        if tiles is not None:
+            kernels.SCAN_TOKENS, kernels.SCAN_GROUPS, kernels.SCAN_WARPS = tiles
+        result = measure(norm, x, dy, args.block, args.repeats)
+        first = first or result
+        diff_y = (result["y"] - first["y"]).abs().max().item()
+        diff_dx = (result["dx"].float() - first["dx"].float()).abs().max().item()
+        gpu = "-" if result["gpu_ms"] is None else f"{result['gpu_ms']:.3f}"
+        label = path if tiles is None else f"{path}, scan tiles {tiles[0]} x {tiles[1]}, {tiles[2]} warps"
+        print(f"| {label} | {result['ms']:.2f} | {gpu} | {diff_y:.2e} | {diff_dx:.2e} |")
+
+
+if __name__ == "__main__":
+    main()
