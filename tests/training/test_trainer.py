@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+from helpers import tiny_config
 
 from megalodon import Megalodon
 from megalodon.baseline import Llama
@@ -118,6 +120,22 @@ def test_compile_mode_reaches_torch_compile(make_config, tmp_path, monkeypatch):
         make_config(compile_mode="reduce-overhead")
     with pytest.raises(ValueError, match="compile_mode"):
         make_config(compile=True, compile_mode="fast")
+
+
+def test_carried_states_leave_the_cuda_graphs_memory(make_config):
+    """With blocks that replay CUDA graphs (reduce-overhead, max-autotune), the state carried to the next step or
+    validation window is a copy (the next replay overwrites the graphs' outputs); otherwise it is the detached
+    state itself, no copy."""
+    from megalodon.training.compute import carried
+
+    _, state = Megalodon(tiny_config()).float()(torch.randint(0, 64, (1, 12)), return_state=True)
+    plain = carried(state, make_config())
+    copied = carried(state, make_config(compile=True, compile_mode="reduce-overhead"))
+    pairs = list(zip(state.tensors().values(), plain.tensors().values(), copied.tensors().values()))
+    assert pairs and all(not p.requires_grad and not c.requires_grad for _, p, c in pairs)
+    assert all(p.data_ptr() == s.data_ptr() for s, p, _ in pairs if s.numel())
+    assert all(c.data_ptr() != s.data_ptr() and torch.equal(c, s) for s, _, c in pairs if s.numel())
+    assert carried(None, make_config()) is None
 
 
 def test_a_time_budget_fixes_max_steps_at_the_end_of_warmup(make_config, tmp_path):

@@ -34,6 +34,22 @@ def _cpu_has_bf16_units() -> bool:  # asked on every step: read /proc/cpuinfo on
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def replays_cuda_graphs(cfg: TrainConfig) -> bool:
+    """Whether the compiled blocks replay CUDA graphs (torch.compile's cudagraph trees). Their outputs live in the
+    graphs' memory, which the next step's replay overwrites, so a state carried from one step (or validation
+    window) to the next must be copied out first (torch.compiler_cudagraph_trees)."""
+    return cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+
+
+def carried(state, cfg: TrainConfig):
+    """The state to carry into the next call: detached (truncated BPTT), and copied out of the CUDA graphs'
+    memory where the blocks replay them."""
+    if state is None:
+        return None
+    state = state.detach()
+    return state.clone() if replays_cuda_graphs(cfg) else state
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
     if cfg.dtype == "bf16" or (cfg.dtype == "auto" and fast_bf16(device)):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -70,6 +86,7 @@ def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int
         batch = batch.to(device)
         with autocast(cfg, device):
             loss, state = forward_loss(model, batch, state, stateful=isinstance(model, Megalodon))
+        state = carried(state, cfg)
         nats += float(loss)
         if cfg.eval_tokens and count >= cfg.eval_tokens:
             break

@@ -20,7 +20,7 @@ from megalodon.progress import progress_bar
 from megalodon.parallel.runtime import Ranks, rank_device
 from megalodon.state import MegalodonState
 from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_latest
-from megalodon.training.compute import autocast, evaluate, forward_loss, sample_text
+from megalodon.training.compute import autocast, carried, evaluate, forward_loss, sample_text
 from megalodon.training.config import TrainConfig
 from megalodon.training.data import open_splits, prepare_data
 from megalodon.training.dist_checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
@@ -254,7 +254,7 @@ class Trainer:
             (loss * scale).backward()  # every label weighs the same across micro-batches and ranks
             total += float(loss.detach())
             if self.stateful:  # truncated BPTT: the state goes on, its graph does not
-                new_state = new_state.detach()
+                new_state = carried(new_state, cfg)
                 self.streams[m] = new_state if self.ranks is None else \
                     self.ranks.global_state(new_state, part.input_ids.shape[1])
         if self.ranks is not None:
