@@ -1,0 +1,230 @@
+"""bench_gpu.py's training sections: Megalodon and the matched Llama at one shape, forward + backward, batch 1,
+bf16 autocast over fp32 master weights, alternating step by step, in one of four modes:
+- eager;
+- compiled: each block through torch.compile (the trainer's --compile);
+- graphed: the whole step replayed from CUDA graphs (megalodon.training.cuda_graphs.graphed_loss), whose pool then
+  holds the activations: the memory column is that pool (activations, temporaries and the gradients' buffers);
+- compiled-graphs: the blocks compiled with mode="reduce-overhead" (the trainer's --compile_mode reduce-overhead).
+
+The device helpers here serve bench_gpu.py's other sections too; use_device() sets the device for all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import model_flops
+import torch
+import torch.nn.functional as F
+from gpu_checks import GiB, log
+
+# (preset, length), most wanted first: the ratio targets at 4K and 32K, then whether mega1.3B trains at 32K on one
+# GPU (only with activation checkpointing), then the rest of issue 11's table.
+TRAIN_CASES = [("mega200M", 4096), ("mega200M", 32768), ("mega1.3B", 32768), ("mega200M", 16384),
+               ("mega1.3B", 4096)]
+# Compiling costs 15-25 s per shape and model (the H100 run), so by default only the shapes of the targets: the
+# Llama ratios at 4K and 32K, megalodon-jax's at 16K.
+COMPILED_CASES = [("mega200M", 4096), ("mega200M", 32768), ("mega200M", 16384)]
+# CUDA graphs of the whole step (megalodon.training.cuda_graphs): no compilation, a capture of seconds; they pay
+# off where the host bounds the step, at short lengths (docs/benchmarks.md, "H100 figures").
+GRAPHED_CASES = [("mega200M", 4096), ("mega200M", 16384), ("mega200M", 32768), ("mega1.3B", 4096)]
+
+
+def train_cases(presets: list[str], lengths: list[int] | None, mode: str) -> list[tuple[str, int]]:
+    """The cases of `presets`: at --lengths where given, else the defaults above (4096 for other presets)."""
+    if lengths:
+        return [(preset, length) for preset in presets for length in lengths]
+    defaults = {"compiled": COMPILED_CASES, "graphed": GRAPHED_CASES, "compiled-graphs": COMPILED_CASES[:1]}.get(
+        mode, TRAIN_CASES)
+    known = {preset for preset, _ in TRAIN_CASES}
+    return [case for case in defaults if case[0] in presets] + [(p, 4096) for p in presets if p not in known]
+
+
+DEVICE = "cuda"  # bench_gpu.py --device cpu runs every section at tiny sizes: a smoke test without a GPU
+
+
+def use_device(device: str) -> None:
+    global DEVICE
+    DEVICE = device
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast():
+    return torch.autocast(DEVICE, dtype=torch.bfloat16)
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+
+
+def peak_allocated() -> int:
+    return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+
+
+def reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+def build(arch: str, preset: str, seed: int = 0):
+    torch.manual_seed(seed)
+    # initialized where it runs: a 1.3B model's CPU initialization takes seconds
+    return model_flops.build(arch, preset, DEVICE)
+
+
+def checkpointed(model) -> None:
+    from megalodon.training.models import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model)
+
+
+def loss_of(model, ids):
+    logits = model(ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+# ---- sections --------------------------------------------------------------------------------------------------
+def time_step(step) -> tuple[float, float]:
+    """Seconds of one forward+backward (step()), and the peak memory it allocated above what was allocated before
+    it (GiB)."""
+    sync()
+    reset_peak()
+    before = allocated()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start, (peak_allocated() - before) / GiB
+
+
+def training_step(model, ids, mode: str):
+    """The step to time, after its warm-up (compilation, or the CUDA graphs' capture), and for "graphed" the
+    memory its graphs hold (GiB; their pool keeps the activations between steps, so the step's own peak is 0)."""
+    if mode == "graphed":
+        from megalodon.training.cuda_graphs import graphed_loss
+
+        before = allocated()
+        graphed = graphed_loss(model, loss_of, [ids])  # bf16 autocast inside the graph, as autocast() gives
+
+        def step():
+            graphed(ids).backward()
+    else:
+        if mode == "compiled":
+            model.compile_blocks()  # as the trainer's --compile does
+        elif mode == "compiled-graphs":  # --compile true --compile_mode reduce-overhead
+            model.compile_blocks(mode="reduce-overhead")
+
+        def step():
+            with autocast():
+                loss_of(model, ids).backward()
+    step()  # warm-up, compilation included
+    held = (allocated() - before) / GiB if mode == "graphed" else None
+    return step, held
+
+
+def measure_pair(preset: str, length: int, mode: str, checkpoint: bool, repeats: int) -> dict:
+    """Both models at one shape, alternating: each gets a warm-up, then their timed rounds interleave."""
+    row = {}
+    models = {}
+    for arch in ("megalodon", "llama"):
+        try:
+            model = build(arch, preset)
+            if checkpoint:
+                checkpointed(model)
+            ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
+            step, held = training_step(model, ids, mode)
+            models[arch] = (model, step, held)
+        except torch.cuda.OutOfMemoryError:
+            row[arch] = {"error": "out of memory"}
+            models.pop(arch, None)
+            free_cache()
+    timings = {arch: [] for arch in models}
+    for _ in range(repeats):
+        for arch, (model, step, _) in models.items():
+            # as the trainer's optimizer step leaves them: otherwise each backward adds into every .grad (one
+            # kernel per parameter tensor: 280 of 1,917 in a mega200M step at 4K on the H100)
+            model.zero_grad(set_to_none=True)
+            try:
+                timings[arch].append(time_step(step)[0])
+            except torch.cuda.OutOfMemoryError:
+                row[arch] = {"error": "out of memory"}
+    for arch, (model, step, held) in models.items():
+        if arch in row or not timings[arch]:
+            continue
+        try:  # one more step, the gradients left allocated by the last: its peak above them is the activations'
+            activation = held if held is not None else time_step(step)[1]
+        except torch.cuda.OutOfMemoryError:
+            row[arch] = {"error": "out of memory"}
+            continue
+        best = min(timings[arch])
+        flops = model_flops.training_flops_per_token(model, length)
+        row[arch] = {"tokens_per_s": length / best, "activation_gib": activation,
+                     "model_tflops": flops * length / best / 1e12}
+    del models
+    free_cache()
+    return row
+
+
+def train_row(row: dict) -> str:
+    """One line of the training table."""
+    mega, llama = row.get("megalodon", {}), row.get("llama", {})
+
+    def rate(r):
+        return f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else r.get("error", "-")
+
+    def act(r):
+        return f"{r['activation_gib']:.1f}" if "activation_gib" in r else "-"
+
+    def tflops(r):
+        return f"{r['model_tflops']:.1f}" if "model_tflops" in r else "-"
+
+    ratio = (f"{mega['tokens_per_s'] / llama['tokens_per_s']:.2f}"
+             if "tokens_per_s" in mega and "tokens_per_s" in llama else "-")
+    return (f"| {row['preset']} | {row['length']:,} | {row['mode']} | {rate(mega)} | {rate(llama)} | {ratio} | "
+            f"{act(mega)} | {act(llama)} | {tflops(mega)} | {tflops(llama)} | {row['seconds']:.0f} |")
+
+
+def section_train(presets: list[str], lengths: list[int] | None, modes: list[str], repeats: int,
+                  out_of_time: Callable[[str], bool],
+                  checkpoint_from: int = 16384) -> list[dict]:
+    log(f"## Training step ({', '.join(modes)}): forward + backward, batch 1, bf16 autocast\n")
+    if "graphed" in modes and DEVICE != "cuda":
+        log("(CUDA graphs need a GPU: the graphed mode is skipped on the CPU; tests/training/test_cuda_graphs.py "
+            "checks it against eager on a GPU)\n")
+        modes = [mode for mode in modes if mode != "graphed"]
+    if {"compiled", "compiled-graphs"} & set(modes):
+        # Each length compiles its own static graphs (as a training run of one length would), not one
+        # dynamic-shape graph after the second length.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    log("Model TFLOP/s: matmul FLOPs with causal attention, 3x the forward's (benchmarks/model_flops.py).\n")
+    log("| preset | L | mode | Megalodon tok/s | Llama tok/s | ratio | Megalodon act. GiB | Llama act. GiB | "
+        "Megalodon TFLOP/s | Llama TFLOP/s | s |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for mode in modes:
+        for preset, length in train_cases(presets, lengths, mode):
+            checkpoint = preset == "mega1.3B" and length >= checkpoint_from
+            label = mode + (" + act. ckpt" if checkpoint else "")
+            if out_of_time(f"training {preset} at {length} ({label})"):
+                continue
+            case_start = time.perf_counter()
+            try:
+                row = measure_pair(preset, length, mode, checkpoint, repeats)
+            except Exception as err:  # a failing mode must not end the run: report it and go on
+                row = {"megalodon": {"error": f"{type(err).__name__}: {str(err)[:200]}"}, "llama": {}}
+            row.update(preset=preset, length=length, mode=label, seconds=time.perf_counter() - case_start)
+            rows.append(row)
+            log(train_row(row))
+    log()
+    return rows
