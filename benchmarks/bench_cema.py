@@ -16,24 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
+from op_timing import time_op  # beside this file
 
 from megalodon.layers.cema import CEMA
 from megalodon.ops.triton import DISABLE_ENV
-
-
-def gpu_ms(run) -> float:
-    """Milliseconds the GPU spends in run()'s kernels (torch.profiler), the host's gaps left out."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
 
 
 def measure(layer: CEMA, x: torch.Tensor, resets: torch.Tensor | None, backward: bool, repeats: int) -> dict:
@@ -42,23 +30,7 @@ def measure(layer: CEMA, x: torch.Tensor, resets: torch.Tensor | None, backward:
         if backward:
             y.backward(torch.ones_like(y))
 
-    def sync() -> None:
-        if x.is_cuda:
-            torch.cuda.synchronize()
-
-    run()
-    sync()
-    if x.is_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if x.is_cuda else 0
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}" if x.is_cuda else "-"
-    return {"ms": statistics.median(times) * 1e3, "peak_mib": peak, "gpu_ms": gpu_ms(run) if x.is_cuda else None}
+    return time_op(run, repeats, x.is_cuda)
 
 
 def main() -> None:
@@ -101,7 +73,8 @@ def main() -> None:
         both = measure(layer, x, resets, True, args.repeats)
         gpu = "-" if both["gpu_ms"] is None else f"{both['gpu_ms']:.3f}"
         label = path if chunk is None else f"{path}, chunk {chunk}"
-        print(f"| {label} | {forward['ms']:.2f} | {both['ms']:.2f} | {gpu} | {both['peak_mib']} | "
+        peak = "-" if both["peak_mib"] is None else f"{both['peak_mib']:.0f}"
+        print(f"| {label} | {forward['ms']:.2f} | {both['ms']:.2f} | {gpu} | {peak} | "
               f"{batch * length / both['ms'] * 1e3:,.0f} |")
 
 

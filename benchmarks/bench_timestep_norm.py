@@ -16,47 +16,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
+from op_timing import time_op  # beside this file
 
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.triton import DISABLE_ENV
 
 
-def gpu_ms(run) -> float:
-    """Milliseconds the GPU spends in run()'s kernels (torch.profiler), the host's gaps left out."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
-
-
 def measure(norm: TimestepNorm, x: torch.Tensor, dy: torch.Tensor, block: int, repeats: int) -> dict:
-    def run() -> torch.Tensor:
+    outputs = {}
+
+    def run() -> None:
         x.grad = None
-        y, _ = norm(x, None, block)
-        y.backward(dy)
-        return y
+        outputs["y"], _ = norm(x, None, block)
+        outputs["y"].backward(dy)
 
-    def sync() -> None:
-        if x.is_cuda:
-            torch.cuda.synchronize()
-
-    y = run().detach()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"ms": statistics.median(times) * 1e3, "gpu_ms": gpu_ms(run) if x.is_cuda else None, "y": y,
-            "dx": x.grad.detach().clone()}
+    result = time_op(run, repeats, x.is_cuda)
+    return dict(result, y=outputs["y"].detach(), dx=x.grad.detach().clone())
 
 
 def main() -> None:
