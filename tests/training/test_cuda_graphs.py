@@ -65,6 +65,18 @@ def test_graphed_steps_equal_eager_steps(index, dtype):
 
 
 @requires_cuda
+def test_refuses_to_add_to_gradients_left_from_a_step():
+    model = both_models()[0].cuda()
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
+    step = graphed_loss(model, next_token_loss, [ids])
+    step(ids).backward()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        step(ids)
+    model.zero_grad(set_to_none=True)
+    step(ids).backward()
+
+
+@requires_cuda
 def test_refuses_eval_mode_and_an_outer_autocast():
     model = both_models()[0].cuda().eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")

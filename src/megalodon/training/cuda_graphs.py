@@ -46,7 +46,8 @@ def graphed_loss(model: nn.Module, loss_fn: Callable[..., Tensor], sample_batch:
 
     One backward per optimizer step, then zero_grad(set_to_none=True) (the default): the gradients come out of
     the graph's static buffers, which autograd may hand to .grad as they are, so that a second backward would
-    overwrite the first's rather than add to it (gradient accumulation across calls is not supported)."""
+    overwrite the first's rather than add to it. Gradient accumulation across calls is not supported: a call
+    while a parameter's .grad is set raises."""
     if not torch.cuda.is_available():
         raise RuntimeError("graphed_loss captures CUDA graphs and needs a CUDA GPU; on a CPU train eagerly")
     devices = {p.device for p in model.parameters()} | {t.device for t in sample_batch}
@@ -59,7 +60,16 @@ def graphed_loss(model: nn.Module, loss_fn: Callable[..., Tensor], sample_batch:
     if torch.is_autocast_enabled("cuda"):
         raise RuntimeError("call graphed_loss outside torch.autocast: it applies autocast_dtype inside the graph, "
                            "where autocast's weight cache must be off")
-    loss = _Loss(model, loss_fn, autocast_dtype)
     with torch.cuda.device(next(iter(devices))):
-        return torch.cuda.make_graphed_callables(loss, tuple(sample_batch), num_warmup_iters=warmup_steps,
-                                                 allow_unused_input=True)
+        graphed = torch.cuda.make_graphed_callables(_Loss(model, loss_fn, autocast_dtype), tuple(sample_batch),
+                                                    num_warmup_iters=warmup_steps, allow_unused_input=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(*batch: Tensor) -> Tensor:
+        if any(p.grad is not None for p in params):
+            raise RuntimeError("graphed_loss: the parameters still hold gradients (.grad is set): call "
+                               "optimizer.zero_grad(set_to_none=True) after each optimizer step; a graphed step "
+                               "cannot add its gradients to earlier ones (no accumulation across calls)")
+        return graphed(*batch)
+
+    return step
