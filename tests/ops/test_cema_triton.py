@@ -87,6 +87,7 @@ def assert_close(actual, expected, tol):
 
 @pytest.mark.parametrize("length, with_h0, block", [
     (1, True, None), (7, False, None), (16, True, 8), (33, True, 16), (3 * CHUNK + 5, False, 8),
+    (2 * CHUNK, False, None),  # whole chunks: the kernels compiled without bounds on their steps (FULL)
 ])
 def test_forward_and_backward_match_the_recurrence(length, with_h0, block):
     (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, length, 6, 4, with_h0, block)
@@ -264,16 +265,16 @@ warps = {"scan_kernel": glue.WARPS_SCAN, "parameter_grads_kernel": glue.WARPS_GR
 fp32, ints = "*fp32", ["i32"] * 4  # L, D, N, num_chunks
 x = ["*bf16", "i32", "i32", "i32", "*u8"]  # a bf16 input with its strides, the reset flags
 shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL)
-# Each constexpr flag compiles different code: every branch appears at least once (8 compiles, not all 18).
+# Each constexpr flag compiles different code: every branch appears at least once (8 compiles, not all 34).
 CASES = []
 for reverse in (False, True):
-    flags = dict(shapes, REVERSE=reverse, HAS_RESET=True)
+    flags = dict(shapes, REVERSE=reverse, HAS_RESET=True, FULL=reverse)
     CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints, flags))
     CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints, flags))
     CASES.append((kernels.scan_kernel, [fp32] * 7 + ints, dict(shapes, REVERSE=reverse, HAS_RESET=reverse,
                                                                  HAS_H0=reverse)))
     CASES.append((kernels.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints,
-                  dict(shapes, HAS_RESET=reverse)))
+                  dict(shapes, HAS_RESET=reverse, FULL=not reverse)))
 blocks = dict(BLOCK_D=glue.BLOCK_D, BLOCK_N=16)
 CASES.append((kernels.tables_kernel, [fp32] * 7 + ["i32", "i32"], blocks))
 CASES.append((kernels.gradients_kernel, [fp32] * 11 + ["i32"] * 3, blocks))

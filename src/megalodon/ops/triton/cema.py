@@ -82,11 +82,12 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor], h0
     num_chunks = -(-length // chunk)
     meta = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, REVERSE=reverse,
                 HAS_RESET=resets is not None)
+    full = dict(FULL=length % chunk == 0)  # the per-chunk kernels' steps need no bounds
     reset_flags = x if resets is None else resets  # any pointer will do when unused
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
     local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)
     kernels.local_states_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, local, length, dim, ndim,
-                                      num_chunks, num_warps=WARPS_STEPS, **meta)
+                                      num_chunks, num_warps=WARPS_STEPS, **meta, **full)
     incoming = torch.empty_like(local)
     final = x.new_empty(batch, dim, ndim, 2, dtype=torch.float32)
     kernels.scan_kernel[grid[1:]](local, x if keep is None else keep, *decay, x if h0 is None else h0, incoming,
@@ -97,7 +98,7 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor], h0
     cout, kappa, dtype = outputs
     y = x.new_empty(batch, length, dim, dtype=dtype)
     kernels.outputs_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, *cout, kappa, incoming, y, length, dim,
-                                 ndim, num_chunks, num_warps=WARPS_STEPS, **meta)
+                                 ndim, num_chunks, num_warps=WARPS_STEPS, **meta, **full)
     return incoming, final, y
 
 
@@ -208,7 +209,7 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tenso
         u, *u.stride(), dy, u if resets is None else resets, tables[k.P], tables[k.LOG_MAG], tables[k.ANGLE],
         tables[k.G_RE], tables[k.G_IM], incoming, future, partial, partial_omega, length, dim, ndim, num_chunks,
         CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
-        num_warps=WARPS_GRADS)
+        FULL=length % chunk == 0, num_warps=WARPS_GRADS)
     grads = [alpha.new_empty(dim, ndim), alpha.new_empty(dim, ndim), alpha.new_empty(dim),
              alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
     k.gradients_kernel[(-(-dim // BLOCK_D),)](partial, partial_omega, *_contiguous(alpha, delta, theta, gamma),

@@ -58,6 +58,17 @@ def _keep(reset_ptr, b, L, t, valid):
 
 
 @triton.jit
+def _in_chunk(i, length, FULL: tl.constexpr):
+    """Whether step i of a chunk of `length` steps exists. FULL (every chunk whole: L a multiple of CHUNK) makes
+    it a constant True, so that the compiler drops the selects that hold the state past a chunk's end (two per
+    state element and step) and the masks on the step's loads and stores."""
+    if FULL:
+        return True
+    else:
+        return i < length
+
+
+@triton.jit
 def _both(mask, valid):
     """mask & valid for a scalar valid, as a select: Triton's interpreter turns that & into int32."""
     return tl.where(valid, mask, False)
@@ -73,7 +84,7 @@ def _step(s_re, s_im, a_re, a_im, cin_re, cin_im, x):
 def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr, cin_im_ptr, log_ptr,
                         angle_ptr, loc_ptr, L, D, N, num_chunks,
                         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
-                        REVERSE: tl.constexpr, HAS_RESET: tl.constexpr):
+                        REVERSE: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr):
     """Phase 1, grid (chunks, D / BLOCK_D, B): each chunk's final state entered at zero -> loc (B, chunks, 2, N, D)."""
     c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d, mask_d, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
@@ -87,7 +98,7 @@ def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_r
     x_row = x_ptr + b.to(tl.int64) * stride_xb + offs_d * stride_xd
     for i0 in range(0, length, UNROLL):
         for k in tl.static_range(UNROLL):
-            valid = i0 + k < length
+            valid = _in_chunk(i0 + k, length, FULL)
             t = _time(start, length, i0 + k, REVERSE)
             x = tl.load(x_row + t.to(tl.int64) * stride_xt, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
             keep = 1.0
@@ -147,7 +158,7 @@ def scan_kernel(loc_ptr, keep_ptr, log_ptr, angle_ptr, h0_ptr, incoming_ptr, fin
 def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr, cin_im_ptr, log_ptr, angle_ptr,
                    cout_re_ptr, cout_im_ptr, kappa_ptr, incoming_ptr, y_ptr, L, D, N, num_chunks,
                    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
-                   REVERSE: tl.constexpr, HAS_RESET: tl.constexpr):
+                   REVERSE: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr):
     """Phase 3, grid as phase 1: each chunk rerun from its incoming state, writing y (B, L, D) contiguous."""
     c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d, mask_d, offs, mask = _tile(pid_d, D, N, BLOCK_D, BLOCK_N)
@@ -166,7 +177,7 @@ def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr
     y_row = y_ptr + b.to(tl.int64) * L * D + offs_d
     for i0 in range(0, length, UNROLL):
         for k in tl.static_range(UNROLL):
-            valid = i0 + k < length
+            valid = _in_chunk(i0 + k, length, FULL)
             t = _time(start, length, i0 + k, REVERSE)
             x = tl.load(x_row + t.to(tl.int64) * stride_xt, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
             keep = 1.0
@@ -187,7 +198,7 @@ def parameter_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset
                            g_re_ptr, g_im_ptr, incoming_ptr, future_ptr, partial_ptr, partial_omega_ptr,
                            L, D, N, num_chunks,
                            CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                           UNROLL: tl.constexpr, HAS_RESET: tl.constexpr):
+                           UNROLL: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr):
     """Backward, grid as phase 1: per chunk, sums over its steps of the parameter gradients.
 
     The chunk is rerun forward from its incoming state h_in, with forward-mode tangents entered at zero:
@@ -227,7 +238,7 @@ def parameter_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset
         for k in tl.static_range(UNROLL):
             # Past the chunk's end u and dy load as 0, which adds nothing to the sums, but the states would still
             # move: they are frozen there, because the terms with mu below use the chunk's last states.
-            valid = i0 + k < length
+            valid = _in_chunk(i0 + k, length, FULL)
             t = start + i0 + k
             u = tl.load(u_row + t.to(tl.int64) * stride_ut, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
             dy = tl.load(dy_row + t.to(tl.int64) * D, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
