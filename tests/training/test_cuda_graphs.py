@@ -1,6 +1,9 @@
 """graphed_loss: a training step's forward and backward from CUDA graphs, against the same step run eagerly."""
 
 import contextlib
+import re
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +88,15 @@ def test_refuses_eval_mode_and_an_outer_autocast():
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="outside torch.autocast"):
         graphed_loss(model, next_token_loss, [ids])
+
+
+@requires_cuda
+def test_the_readme_example_runs():
+    """README.md's graphed-step example, as written (tests/test_readme_commands.py runs the README's other blocks;
+    this one needs a GPU)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"^  ```python\n(.*?)^  ```", readme, flags=re.M | re.S)]
+    (example,) = [b for b in blocks if "graphed_loss(" in b]
+    names = {}
+    exec(compile(example, "README.md", "exec"), names)
+    assert all(p.grad is None for p in names["model"].parameters())
