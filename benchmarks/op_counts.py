@@ -164,6 +164,18 @@ def run_the_gpu_code() -> bool:
     return True
 
 
+def split_queries_as_cuda_would(preset: str) -> None:
+    """The chunk attention's query blocks as CUDA picks them for the preset's own chunk in a long call
+    (ops/attention.py's query_blocks, at SPLIT_MIN_CHUNKS chunks or more): halves where that chunk has
+    SPLIT_QUERIES_FROM queries or more, whatever --chunk and --length count with (--split-queries)."""
+    from megalodon import MegalodonConfig
+    from megalodon.ops import attention
+
+    if MegalodonConfig.from_preset(preset).chunk_size >= attention.SPLIT_QUERIES_FROM:
+        attention.query_blocks = lambda queries, q: ([(0, queries // 2), (queries // 2, queries)] if queries > 1
+                                                     else [(0, queries)])
+
+
 def build(arch: str, preset: str, layers: int, chunk: int, shrink: int) -> torch.nn.Module:
     """The preset's layer, `layers` of them, its widths divided by `shrink`."""
     from megalodon import Megalodon, MegalodonConfig
@@ -215,9 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=64, help="training tokens (default 64)")
     parser.add_argument("--chunk", type=int, default=32, help="Megalodon's chunk for the count (default 32)")
     parser.add_argument("--shrink", type=int, default=16, help="divide the preset's widths by this (default 16)")
+    parser.add_argument("--split-queries", action="store_true",
+                        help="count the chunk attention in two blocks of queries, as CUDA runs a long call (16K "
+                             "tokens and more at mega200M); by default one, as at 4K and batch 1")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     kernels = run_the_gpu_code()
+    if args.split_queries:
+        split_queries_as_cuda_would(args.preset)
     print(f"{args.preset} layers (widths / {args.shrink}), {'Triton kernels on (interpreter)' if kernels else 'PyTorch path'}; "
           f"ops that launch a kernel (views not counted)\n")
     print("| step | dtype | Megalodon per layer | Llama per layer | ratio | Megalodon outside | Llama outside |")

@@ -105,6 +105,48 @@ def test_long_chunks_with_cached_keys_match_dense_in_float64(split):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("cuts", [[0.5], [0.3, 0.7]], ids=["two-blocks", "three-blocks"])
+@pytest.mark.parametrize("silu_values", [False, True])
+@pytest.mark.parametrize("split", [[128], [10, 60, 58], [100, 3, 40]])
+def test_query_blocks_match_dense_in_float64(monkeypatch, cuts, silu_values, split):
+    """The materialized op attends a chunk's queries in blocks (on CUDA, halves of long chunks in long calls),
+    each with only the keys it sees, caches before the queries included: outputs and gradients are the dense
+    ones, for any cut (forced here on the CPU, with uneven and three blocks too)."""
+    from megalodon.ops import attention
+
+    def blocks(queries, q):
+        edges = [0, *sorted({round(queries * c) for c in cuts} - {0, queries}), queries]
+        return list(zip(edges[:-1], edges[1:]))
+
+    calls = []
+    monkeypatch.setattr(attention, "query_blocks", lambda queries, q: calls.append(queries) or blocks(queries, q))
+    chunk, total = 64, sum(split)
+    q, k, v = (t.requires_grad_() for t in qkv(2, total, dv=6, seed=11))
+    weight = torch.randn(2, total, 2, 6, dtype=torch.float64)
+    got = streamed(q, k, v, split, chunk=chunk, silu_values=silu_values)
+    want = dense_chunk_attention(q, k, torch.nn.functional.silu(v) if silu_values else v, chunk)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    for g, w in zip(grads, torch.autograd.grad((want * weight).sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    assert calls and max(calls) > 2  # blocks of several queries were cut
+
+
+def test_query_blocks_split_long_chunks_of_long_calls_on_cuda_only():
+    from megalodon.ops.attention import SPLIT_MIN_CHUNKS, SPLIT_QUERIES_FROM, query_blocks
+
+    def chunks(n, device="cpu"):  # q as the op sees it: (chunks, queries, heads, dz); only its size counts
+        return torch.empty(n, 0, 1, 1, device=device)
+
+    assert query_blocks(4096, chunks(64)) == [(0, 4096)]
+    if torch.cuda.is_available():
+        many, few = chunks(SPLIT_MIN_CHUNKS, "cuda"), chunks(SPLIT_MIN_CHUNKS - 1, "cuda")
+        half = SPLIT_QUERIES_FROM // 2
+        assert query_blocks(SPLIT_QUERIES_FROM, many) == [(0, half), (half, SPLIT_QUERIES_FROM)]
+        assert query_blocks(SPLIT_QUERIES_FROM - 1, many) == [(0, SPLIT_QUERIES_FROM - 1)]
+        assert query_blocks(SPLIT_QUERIES_FROM, few) == [(0, SPLIT_QUERIES_FROM)]
+
+
 def test_materialized_path_keeps_nothing_of_chunk_by_chunk_size_for_backward():
     q, k, v = (t.requires_grad_() for t in qkv(2, 4 * C, dv=6))
     saved = []

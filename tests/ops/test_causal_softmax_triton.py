@@ -110,10 +110,14 @@ def on_the_kernels(monkeypatch) -> list[str]:
     return kernel_only(monkeypatch, attention, "causal_softmax", kernels, "causal_softmax_fwd", "causal_softmax_bwd")
 
 
+@pytest.mark.parametrize("halves", [False, True], ids=["one-block", "query-halves"])
 @pytest.mark.parametrize("split", [[29], [3, 5, 9, 12], [7, 1, 21]])
-def test_attention_on_the_kernels_matches_the_dense_reference(monkeypatch, split):
+def test_attention_on_the_kernels_matches_the_dense_reference(monkeypatch, split, halves):
     """Chunked attention (fp32) with the caches carried across calls, outputs and the gradients of q, k and v,
-    against the dense float64 reference."""
+    against the dense float64 reference; with the queries in halves (attention.query_blocks, as on CUDA for long
+    chunks of long calls), each half's softmax at its own offset."""
+    if halves:
+        monkeypatch.setattr(attention, "query_blocks", lambda n, q: [(0, n // 2), (n // 2, n)] if n > 1 else [(0, n)])
     calls = on_the_kernels(monkeypatch)
     chunk, length = 8, sum(split)
     q, k, v = (t.requires_grad_() for t in qkv(length, torch.float32, seed=len(split)))

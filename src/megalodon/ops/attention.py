@@ -109,12 +109,54 @@ def _fused_softmax(scores: Tensor) -> bool:
     return supports_scores(scores)
 
 
+# On CUDA, chunks of at least SPLIT_QUERIES_FROM queries are attended in two blocks of queries: the first half
+# sees only the keys up to its last query, which skips a quarter of the (query, key) products (all of them
+# masked); at mega200M the products are 38% of a step's matmul FLOPs (docs/benchmarks.md). The split costs about
+# 15 more launches a layer, so it is taken only for a call of at least SPLIT_MIN_CHUNKS chunks (rows x chunks),
+# where the GPU's work, not the host's launches, sets the time (at batch 1: from 16K tokens at mega200M). On a
+# CPU, splitting measured 18-34% faster on one idle thread but 4x slower at two threads on a loaded machine
+# (each extra op waits for a preempted thread): one block there.
+SPLIT_QUERIES_FROM, SPLIT_MIN_CHUNKS = 512, 8
+
+
+def query_blocks(queries: int, q: Tensor) -> list[tuple[int, int]]:
+    """The (start, end) blocks of the queries of q (chunks x queries x heads x dz) that _MaterializedAttention
+    attends one at a time."""
+    if q.is_cuda and queries >= SPLIT_QUERIES_FROM and q.shape[0] >= SPLIT_MIN_CHUNKS:
+        return [(0, queries // 2), (queries // 2, queries)]
+    return [(0, queries)]
+
+
+def _probabilities(scores: Tensor, offset: int, dtype: torch.dtype) -> Tensor:
+    """The masked softmax of a block of scores in fp32 (or better), returned in dtype."""
+    if _fused_softmax(scores):
+        from megalodon.ops.triton.causal_softmax import causal_softmax_fwd
+
+        return causal_softmax_fwd(scores, offset, dtype)
+    return _masked_softmax(scores, offset).to(dtype)
+
+
+def _softmax_backward(scores: Tensor, grad_p: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """From a block's scores and dP = dO V^T (in the values' dtype): the probabilities again, in dP's dtype (the
+    forward's, bit for bit), and d scores = P * (dP - rowsum(dP * P)) in the scores' dtype. From the (Sq, Sk)
+    tensors at hand, which keeps each row's gradient summing to zero (rowsum(dO * O), equal in exact arithmetic,
+    would need O and two upcasts)."""
+    if _fused_softmax(scores):
+        from megalodon.ops.triton.causal_softmax import causal_softmax_bwd
+
+        return causal_softmax_bwd(scores, grad_p, offset)
+    dtype = scores.dtype
+    probs = _masked_softmax(scores, offset)
+    grad_p = grad_p.to(probs.dtype)  # dP is the caller's fresh product (or its upcast copy): changed in place
+    row = (grad_p * probs).sum(-1, keepdim=True)
+    grad_s = grad_p.sub_(row).mul_(probs).to(dtype)
+    return probs.to(dtype), grad_s
+
+
 class _MaterializedAttention(torch.autograd.Function):
     """softmax(q k^T + mask) v over token-major (N, S, H, d) tensors, saving q, k and v only: backward
-    recomputes the probabilities. The products run in the inputs' dtype, the softmax in fp32 (or
-    better). All heads and all of a chunk's queries in each op: splitting them (per head, or per block of
-    queries to skip masked products) measured 18-34% faster on one idle thread but 4x slower at two threads on
-    a loaded machine, where every extra op waits for a preempted thread.
+    recomputes the probabilities. The products run in the inputs' dtype, the softmax in fp32 (or better). All
+    heads in each op; the queries in query_blocks(), each block with the keys its queries can see.
 
     silu_values: v holds pre-activations and the values are silu(v), applied here and again in backward, so that
     backward keeps v alone rather than v for the SiLU's gradient and silu(v) for the product's."""
@@ -123,15 +165,14 @@ class _MaterializedAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, offset: int, silu_values: bool) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):
             values = F.silu(v) if silu_values else v
-            scores = torch.matmul(q.transpose(1, 2), k.transpose(1, 2).transpose(-1, -2))  # N x H x Sq x Sk
-            if _fused_softmax(scores):
-                from megalodon.ops.triton.causal_softmax import causal_softmax_fwd
-
-                probs = causal_softmax_fwd(scores, offset, v.dtype)
-            else:
-                probs = _masked_softmax(scores, offset).to(v.dtype)
+            qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), values.transpose(1, 2)  # head-major views
+            outs = []
+            for start, end in query_blocks(q.shape[1], q):
+                keys = min(k.shape[1], end + offset)  # the keys the block's last query sees
+                scores = torch.matmul(qh[:, :, start:end], kh[:, :, :keys].transpose(-1, -2))  # N x H x Sq x Sk
+                outs.append(torch.matmul(_probabilities(scores, offset + start, v.dtype), vh[:, :, :keys]))
             # token-major, so that the caller's (B, L, H * dv) is a view
-            out = torch.matmul(probs, values.transpose(1, 2)).transpose(1, 2).contiguous()
+            out = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v)
         ctx.offset, ctx.silu_values = offset, silu_values
         return out
@@ -141,25 +182,26 @@ class _MaterializedAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
             values = F.silu(v) if ctx.silu_values else v
-            q, k, values, grad = (t.transpose(1, 2) for t in (q, k, values, grad))  # head-major views
+            qh, kh, vh, grad = (t.transpose(1, 2) for t in (q, k, values, grad))  # head-major views
             grad = grad.to(values.dtype)
-            scores = torch.matmul(q, k.transpose(-1, -2))
-            # d scores = P * (dP - rowsum(dP * P)), P recomputed (the forward's, bit for bit): from the (Sq, Sk)
-            # tensors at hand, which keeps each row's gradient summing to zero (rowsum(dO * O), equal in exact
-            # arithmetic, would need O and two upcasts)
-            if _fused_softmax(scores):
-                from megalodon.ops.triton.causal_softmax import causal_softmax_bwd
-
-                probs, grad_s = causal_softmax_bwd(scores, torch.matmul(grad, values.transpose(-1, -2)), ctx.offset)
-                grad_values = torch.matmul(probs.transpose(-1, -2), grad).transpose(1, 2)
-            else:
-                probs = _masked_softmax(scores, ctx.offset)
-                grad_values = torch.matmul(probs.to(values.dtype).transpose(-1, -2), grad).transpose(1, 2)
-                grad_p = torch.matmul(grad, values.transpose(-1, -2)).to(probs.dtype)
-                row = (grad_p * probs).sum(-1, keepdim=True)
-                grad_s = probs.mul_(grad_p.sub_(row)).to(q.dtype)
-            grad_q = torch.matmul(grad_s, k)
-            grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
+            grads_q, grad_k, grad_values = [], None, None
+            # The last block sees every key: its key and value gradients are the whole tensors, and the earlier
+            # blocks add theirs into the leading keys.
+            for start, end in reversed(query_blocks(q.shape[1], q)):
+                keys = min(k.shape[1], end + ctx.offset)
+                qb, kb, vb, gb = qh[:, :, start:end], kh[:, :, :keys], vh[:, :, :keys], grad[:, :, start:end]
+                probs, grad_s = _softmax_backward(torch.matmul(qb, kb.transpose(-1, -2)),
+                                                  torch.matmul(gb, vb.transpose(-1, -2)), ctx.offset + start)
+                block_k = torch.matmul(grad_s.transpose(-1, -2), qb)
+                block_values = torch.matmul(probs.to(gb.dtype).transpose(-1, -2), gb)
+                if grad_k is None:
+                    grad_k, grad_values = block_k, block_values
+                else:
+                    grad_k[:, :, :keys] += block_k
+                    grad_values[:, :, :keys] += block_values
+                grads_q.append(torch.matmul(grad_s, kb))
+            grad_q = grads_q[0] if len(grads_q) == 1 else torch.cat(grads_q[::-1], 2)
+            grad_values = grad_values.transpose(1, 2)
             grad_v = torch.ops.aten.silu_backward(grad_values, v) if ctx.silu_values else grad_values
         return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v, None, None
 
