@@ -40,6 +40,7 @@ from pathlib import Path
 import bench_jax  # beside this file
 import gpu_checks
 import gpu_training as training
+import op_timing
 import torch
 from gpu_checks import log
 from gpu_training import TRAIN_CASES, autocast, build, free_cache, loss_of, section_train, sync
@@ -135,9 +136,7 @@ def section_profile(preset: str, length: int, out: Path | None) -> None:
     launches, busy = {}, {}
     for arch in ("llama", "megalodon"):  # Megalodon's profile is the one kept and printed
         prof = profiled_step(arch, preset, length)
-        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        launches[arch] = sum(e.count for e in kernels)
-        busy[arch] = sum(getattr(e, "self_device_time_total", 0.0) for e in kernels) / 1e3
+        launches[arch], busy[arch] = op_timing.kernels(prof)
     # benchmarks/op_counts.py predicts these on the CPU (per layer); here the whole step, embedding and loss too
     log(f"CUDA kernel launches in one step: Megalodon {launches['megalodon']:,}, "
         f"the Llama {launches['llama']:,}\n")

@@ -11,6 +11,12 @@ from collections.abc import Callable
 import torch
 
 
+def kernels(prof) -> tuple[int, float]:
+    """A torch.profiler run's CUDA kernel launches and the milliseconds the GPU spent in them."""
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.count for e in events), sum(e.self_device_time_total for e in events) / 1e3
+
+
 def gpu_ms(run: Callable[[], object]) -> float:
     """Milliseconds the GPU spends in run()'s kernels, the host's gaps left out."""
     from torch.profiler import ProfilerActivity, profile
@@ -18,8 +24,7 @@ def gpu_ms(run: Callable[[], object]) -> float:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    return kernels(prof)[1]
 
 
 def time_op(run: Callable[[], object], repeats: int, cuda: bool) -> dict:

@@ -115,10 +115,12 @@ def test_rms_norm_on_cuda_runs_torch_fused_kernel(out_dtype):
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
     ref = rms_norm_reference(x64, w64, 1e-5, torch.float64)
     want = [ref, *torch.autograd.grad(ref.square().sum(), [x64, w64])]
-    # bf16: the output rounded once, which the gradients inherit (d/dout of out^2 is 2 out): two bf16 steps of
-    # each tensor's scale
+    tolerance = 1e-5 if out_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got[0].double(), want[0], rtol=tolerance, atol=tolerance)
+    # bf16: the gradients inherit the output's rounding (d/dout of out^2 is 2 out), which a row's sums through
+    # the norm's Jacobian spread: two bf16 steps of each gradient's scale
     tolerance = 1e-5 if out_dtype == torch.float32 else 2 ** -7
-    for a, b in zip(got, want):
+    for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a.double(), b, rtol=tolerance, atol=tolerance * b.abs().max().item())
 
 

@@ -145,12 +145,12 @@ def _softmax_backward(scores: Tensor, grad_p: Tensor, offset: int) -> tuple[Tens
         from megalodon.ops.triton.causal_softmax import causal_softmax_bwd
 
         return causal_softmax_bwd(scores, grad_p, offset)
-    dtype = scores.dtype
+    probs_dtype = grad_p.dtype
     probs = _masked_softmax(scores, offset)
     grad_p = grad_p.to(probs.dtype)  # dP is the caller's fresh product (or its upcast copy): changed in place
     row = (grad_p * probs).sum(-1, keepdim=True)
-    grad_s = grad_p.sub_(row).mul_(probs).to(dtype)
-    return probs.to(dtype), grad_s
+    grad_s = grad_p.sub_(row).mul_(probs).to(scores.dtype)
+    return probs.to(probs_dtype), grad_s
 
 
 class _MaterializedAttention(torch.autograd.Function):
@@ -193,7 +193,7 @@ class _MaterializedAttention(torch.autograd.Function):
                 probs, grad_s = _softmax_backward(torch.matmul(qb, kb.transpose(-1, -2)),
                                                   torch.matmul(gb, vb.transpose(-1, -2)), ctx.offset + start)
                 block_k = torch.matmul(grad_s.transpose(-1, -2), qb)
-                block_values = torch.matmul(probs.to(gb.dtype).transpose(-1, -2), gb)
+                block_values = torch.matmul(probs.transpose(-1, -2), gb)
                 if grad_k is None:
                     grad_k, grad_values = block_k, block_values
                 else:
