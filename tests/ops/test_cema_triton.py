@@ -88,6 +88,8 @@ def assert_close(actual, expected, tol):
 @pytest.mark.parametrize("length, with_h0, block", [
     (1, True, None), (7, False, None), (16, True, 8), (33, True, 16), (3 * CHUNK + 5, False, 8),
     (2 * CHUNK, False, None),  # whole chunks: the kernels compiled without bounds on their steps (FULL)
+    # more chunks than the scan takes in one tile (UNROLL = 8): a full tile and a partial one, and two full ones
+    (11 * CHUNK + 3, True, 24), (16 * CHUNK, True, 32),
 ])
 def test_forward_and_backward_match_the_recurrence(length, with_h0, block):
     (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, length, 6, 4, with_h0, block)
@@ -258,6 +260,7 @@ def test_cuda_decode_step_runs_the_kernel_in_place(monkeypatch):
 COMPILE_FOR_H100 = """
 from megalodon.ops.triton import cema as glue
 from megalodon.ops.triton import cema_kernels as kernels
+from megalodon.ops.triton import cema_tables as tables
 from megalodon.ops.triton import cema_step as step
 
 warps = {"scan_kernel": glue.WARPS_SCAN, "parameter_grads_kernel": glue.WARPS_GRADS,
@@ -268,16 +271,18 @@ shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UN
 # Each constexpr flag compiles different code: every branch appears at least once (8 compiles, not all 34).
 CASES = []
 for reverse in (False, True):
-    flags = dict(shapes, REVERSE=reverse, HAS_RESET=True, FULL=reverse)
+    flags = dict(shapes, REVERSE=reverse, HAS_RESET=True, FULL=reverse, REAL_IN=not reverse)
     CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints, flags))
-    CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints, flags))
-    CASES.append((kernels.scan_kernel, [fp32] * 7 + ints, dict(shapes, REVERSE=reverse, HAS_RESET=reverse,
-                                                                 HAS_H0=reverse)))
+    CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints,
+                  dict(flags, REAL_OUT=reverse)))
+    CASES.append((kernels.scan_kernel, [fp32] * 7 + ints, dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D,
+                                                                 UNROLL=glue.UNROLL, REVERSE=reverse,
+                                                                 HAS_RESET=reverse, HAS_H0=reverse)))
     CASES.append((kernels.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints,
                   dict(shapes, HAS_RESET=reverse, FULL=not reverse)))
 blocks = dict(BLOCK_D=glue.BLOCK_D, BLOCK_N=16)
-CASES.append((kernels.tables_kernel, [fp32] * 7 + ["i32", "i32"], blocks))
-CASES.append((kernels.gradients_kernel, [fp32] * 11 + ["i32"] * 3, blocks))
+CASES.append((tables.tables_kernel, [fp32] * 7 + ["i32", "i32"], blocks))
+CASES.append((tables.gradients_kernel, [fp32] * 11 + ["i32"] * 3, blocks))
 CASES = [(fn, types, constexprs, warps.get(fn.__name__, glue.WARPS_STEPS)) for fn, types, constexprs in CASES]
 CASES.append((step._cema_step_kernel, [fp32] * 10 + ["i32", "i32"], dict(BLOCK_D=step.BLOCK_D, BLOCK_N=16)))
 """

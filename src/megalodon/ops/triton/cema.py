@@ -3,15 +3,16 @@
 Shape of the kernels: a chunked scan with the (BLOCK_D x N) complex state held in registers as two fp32 tiles.
 Time is cut into chunks of CHUNK = 64 steps (a multiple of 16, independent of the model's chunk_size; any L).
 In the per-step kernels a program is one warp over 32 channels and a thread owns one channel with all its N
-components: the sum over N stays in the thread, and the step loops use no shared memory and no barrier (checked
-in the sm_90 TTGIR and PTX). The coefficient tables and chunk states are stored (N, D) for coalesced loads.
-Forward, four launches (ops/triton/cema_kernels.py):
+components: the sum over N stays in the thread, and the step loops use no shared memory, no shuffle and no barrier
+(checked in the sm_90 SASS as the launcher specializes the kernels at mega200M: see cema_kernels on why D is not
+specialized). The coefficient tables and chunk states are stored (N, D) for coalesced loads.
+Forward, four launches (ops/triton/cema_kernels.py; the tables and the parameters' chain rule in cema_tables.py):
 0. per channel block: the coefficients derived from the CEMA's parameters (ops/cema.py's cema_coefficients) and
    every table the runs read (`tables_kernel`): one launch where deriving and laying them out op by op took about
    50 small kernels in eager mode, some 25 of them inside this custom op where a compiled graph cannot fuse them;
 1. per (chunk, channel block, row): the chunk's final state entered at zero, by running the recurrence;
-2. per (channel block, row): the scan over chunks, s_in(c+1) = q**len(c) s_in(c) + s_loc(c), from h0, cut where a
-   document restarts inside chunk c; it also gives the final state;
+2. per (channel block, component, row): the scan over chunks, s_in(c+1) = q**len(c) s_in(c) + s_loc(c), from h0,
+   cut where a document restarts inside chunk c; it also gives the final state;
 3. per (chunk, channel block, row): the chunk rerun from its incoming state, writing y.
 Backward, six launches: the tables again; the adjoint, the same recurrence run in reverse time with conj(q)
 (phases 1-3 on dy give dL/du, the adjoint state entering each chunk, and dL/dh0); the forward's states entering
@@ -53,11 +54,11 @@ BLOCK_D = 32  # channels per program
 UNROLL = 8  # steps issued together (see cema_kernels)
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
-# loop). The scan and the gradient kernel hold more tiles and would spill with one warp. Checked on sm_90 with
-# cuobjdump: 168-178 registers a thread at 1 warp, 152 (scan) and 96 (gradients) at 2 and 4, no spills. The two
-# small kernels that derive the tables and the parameter gradients take 4 warps: at 1 the second spilled (255
-# registers and a 456-byte stack); at 4, 80 and 123 registers.
-WARPS_STEPS, WARPS_SCAN, WARPS_GRADS, WARPS_TABLES = 1, 2, 4, 4
+# loop; see cema_kernels on the specialization that would undo it). The scan runs one component per program, one
+# warp each. The gradient kernel holds more tiles and would spill with one warp. The two small kernels that
+# derive the tables and the parameter gradients take 4 warps: at 1 the second spilled (255 registers and a
+# 456-byte stack). Registers are counted by tests/ops/test_cema_triton.py::test_kernels_compile_for_h100's cases.
+WARPS_STEPS, WARPS_SCAN, WARPS_GRADS, WARPS_TABLES = 1, 1, 4, 4
 
 
 def _kernels():
@@ -67,12 +68,20 @@ def _kernels():
     return cema_kernels
 
 
-def _run(x: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor], h0: Tensor | None,
+def _table_kernels():
+    from megalodon.ops.triton import cema_tables
+
+    return cema_tables
+
+
+def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tensor], h0: Tensor | None,
          resets: Tensor | None, keep: Tensor | None, chunk: int, reverse: bool,
-         outputs: tuple[tuple[Tensor, Tensor], Tensor, torch.dtype] | None) -> tuple[Tensor, Tensor, Tensor | None]:
+         outputs: tuple[tuple[Tensor, Tensor | None], Tensor, torch.dtype] | None
+         ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One run of the generic recurrence (see cema_kernels) over x (B, L, D), from state h0 (B, D, N, 2).
     The (complex) coefficients c_in, a (as log|a| and arg a) and c_out come as real parts, each (N, D): rows of
-    the table buffer, laid out so that a program's loads are contiguous along its channels. resets (B, L) uint8
+    the table buffer, laid out so that a program's loads are contiguous along its channels; an imaginary part
+    None for a real coefficient (the kernels then skip its arithmetic). resets (B, L) uint8
     and keep (B, chunks) fp32 (_chunk_keep), or both None.
     outputs: (c_out parts, kappa (D,), dtype of y), or None to stop after the scan.
     Returns the state entering every chunk (B, chunks, 2, N, D), the final state (B, D, N, 2) and y or None."""
@@ -86,20 +95,32 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor], h0
     reset_flags = x if resets is None else resets  # any pointer will do when unused
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
     local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)
+    cin, real_in = _parts(cin)
     kernels.local_states_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, local, length, dim, ndim,
-                                      num_chunks, num_warps=WARPS_STEPS, **meta, **full)
+                                      num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, **meta, **full)
     incoming = torch.empty_like(local)
     final = x.new_empty(batch, dim, ndim, 2, dtype=torch.float32)
-    kernels.scan_kernel[grid[1:]](local, x if keep is None else keep, *decay, x if h0 is None else h0, incoming,
-                                  final, length, dim, ndim, num_chunks, HAS_H0=h0 is not None,
-                                  num_warps=WARPS_SCAN, **meta)
+    kernels.scan_kernel[(grid[1], ndim, batch)](local, x if keep is None else keep, *decay, x if h0 is None else h0,
+                                                incoming, final, length, dim, ndim, num_chunks, CHUNK=chunk,
+                                                BLOCK_D=BLOCK_D, UNROLL=UNROLL, REVERSE=reverse,
+                                                HAS_H0=h0 is not None, HAS_RESET=resets is not None,
+                                                num_warps=WARPS_SCAN)
     if outputs is None:
         return incoming, final, None
     cout, kappa, dtype = outputs
+    cout, real_out = _parts(cout)
     y = x.new_empty(batch, length, dim, dtype=dtype)
     kernels.outputs_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, *cout, kappa, incoming, y, length, dim,
-                                 ndim, num_chunks, num_warps=WARPS_STEPS, **meta, **full)
+                                 ndim, num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, REAL_OUT=real_out,
+                                 **meta, **full)
     return incoming, final, y
+
+
+def _parts(coefficient: tuple[Tensor, Tensor | None]) -> tuple[tuple[Tensor, Tensor], bool]:
+    """A coefficient's (real, imaginary) tables as the kernels take them, and whether it is real (the kernels then
+    do not read the second table, which is the first again)."""
+    real, imaginary = coefficient
+    return (real, real if imaginary is None else imaginary), imaginary is None
 
 
 def _block_n(ndim: int) -> int:
@@ -129,9 +150,9 @@ def _check(u: Tensor, alpha: Tensor, chunk: int) -> None:
 def _tables(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor,
             omega: Tensor) -> tuple[list[Tensor], Tensor]:
     """Every (N, D) table the runs read, derived from the parameters, and kappa (D,), in one launch
-    (cema_kernels.tables_kernel). The forward is the generic recurrence with outputs from the state before
+    (cema_tables.tables_kernel). The forward is the generic recurrence with outputs from the state before
     each step: y_t = Re(sum_n g h_t) + omega u_t = Re(sum_n g q h_{t-1}) + (omega + sum_n p Re g) u_t."""
-    kernels = _kernels()
+    kernels = _table_kernels()
     dim, ndim = alpha.shape
     tables = alpha.new_empty(kernels.TABLE_ROWS, ndim, dim)
     kappa = alpha.new_empty(dim)
@@ -157,12 +178,12 @@ def cema_scan(u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Ten
     the final state (B, D, N, 2) fp32, and the state entering each chunk (B, L / chunk, 2, N, D) fp32, which
     backward reuses (not differentiable)."""
     _check(u, alpha, chunk)
-    k = _kernels()
+    t = _table_kernels()
     tables, kappa = _tables(alpha, delta, theta, gamma, omega)
     h0 = None if h0 is None else h0.contiguous()
     resets, keep = _chunk_keep(resets, chunk)
-    incoming, final, y = _run(u, (tables[k.P], tables[k.ZERO]), (tables[k.LOG_MAG], tables[k.ANGLE]), h0, resets,
-                              keep, chunk, False, ((tables[k.QG_RE], tables[k.QG_IM]), kappa, torch.float32))
+    incoming, final, y = _run(u, (tables[t.P], None), (tables[t.LOG_MAG], tables[t.ANGLE]), h0, resets,
+                              keep, chunk, False, ((tables[t.QG_RE], tables[t.QG_IM]), kappa, torch.float32))
     return y, final, incoming
 
 
@@ -184,7 +205,7 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tenso
     """Gradients of `cema_scan` for (u, alpha, delta, theta, gamma, omega, h0) from dy (B, L, D) and the final
     state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None. incoming: the forward's
     states entering each chunk, or None to run them again."""
-    k = _kernels()
+    k, t = _kernels(), _table_kernels()
     tables, kappa = _tables(alpha, delta, theta, gamma, omega)
     dy = dy.contiguous()
     dh = None if dh is None else dh.contiguous()
@@ -193,10 +214,10 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tenso
     # Adjoint: s = dL/dh_t from the future; s <- conj(q) (conj(g) dy_t + s), and dL/du_t = Re(sum_n p s) + kappa dy_t
     # with s taken before the step, so the same kernels run it in reverse time with c_in = conj(q g). It leaves
     # with dL/dh0.
-    future, d_h0, du = _run(dy, (tables[k.QG_RE], tables[k.NEG_QG_IM]), (tables[k.LOG_MAG], tables[k.NEG_ANGLE]),
-                            dh, resets, keep, chunk, True, ((tables[k.P], tables[k.ZERO]), kappa, u.dtype))
+    future, d_h0, du = _run(dy, (tables[t.QG_RE], tables[t.NEG_QG_IM]), (tables[t.LOG_MAG], tables[t.NEG_ANGLE]),
+                            dh, resets, keep, chunk, True, ((tables[t.P], None), kappa, u.dtype))
     if incoming is None:
-        incoming, _, _ = _run(u, (tables[k.P], tables[k.ZERO]), (tables[k.LOG_MAG], tables[k.ANGLE]), h0, resets,
+        incoming, _, _ = _run(u, (tables[t.P], None), (tables[t.LOG_MAG], tables[t.ANGLE]), h0, resets,
                               keep, chunk, False, None)
 
     batch, length, dim = u.shape
@@ -206,13 +227,13 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tenso
     partial_omega = u.new_empty(batch, num_chunks, dim, dtype=torch.float32)
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
     k.parameter_grads_kernel[grid](
-        u, *u.stride(), dy, u if resets is None else resets, tables[k.P], tables[k.LOG_MAG], tables[k.ANGLE],
-        tables[k.G_RE], tables[k.G_IM], incoming, future, partial, partial_omega, length, dim, ndim, num_chunks,
+        u, *u.stride(), dy, u if resets is None else resets, tables[t.P], tables[t.LOG_MAG], tables[t.ANGLE],
+        tables[t.G_RE], tables[t.G_IM], incoming, future, partial, partial_omega, length, dim, ndim, num_chunks,
         CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
         FULL=length % chunk == 0, num_warps=WARPS_GRADS)
     grads = [alpha.new_empty(dim, ndim), alpha.new_empty(dim, ndim), alpha.new_empty(dim),
              alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
-    k.gradients_kernel[(-(-dim // BLOCK_D),)](partial, partial_omega, *_contiguous(alpha, delta, theta, gamma),
+    t.gradients_kernel[(-(-dim // BLOCK_D),)](partial, partial_omega, *_contiguous(alpha, delta, theta, gamma),
                                               *grads, batch * num_chunks, dim, ndim, BLOCK_D=BLOCK_D,
                                               BLOCK_N=_block_n(ndim), num_warps=WARPS_TABLES)
     return (du, *grads, d_h0)
