@@ -8,7 +8,8 @@ Sections, in the order they run by default (most wanted first: a run cut short s
 - env:    the device, torch/triton/CUDA versions, which Triton kernels are on;
 - parity: the CUDA model (Triton kernels, fp32) against the CPU fp32 model: logits and gradients; bf16 autocast
           against fp32; split invariance on CUDA;
-- train-graphed, train-eager, later train-compiled and train-compiled-graphs (or train, for every --modes):
+- train-graphed, train-eager, later train-compiled, train-compiled-graphed and train-compiled-graphs (or train,
+          for every --modes):
           forward + backward (no optimizer), batch 1, bf16 autocast over fp32 master weights, both models
           alternating step by step; tokens/s, the ratio, activation memory (gpu_training.py says what each mode
           is);
@@ -155,10 +156,11 @@ def section_profile(preset: str, length: int, out: Path | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections",
-                        default="env,parity,train-graphed,train-eager,decode,profile,train-compiled,jax,"
-                                "train-compiled-graphs,hf",
+                        default="env,parity,train-graphed,train-eager,decode,profile,train-compiled,"
+                                "train-compiled-graphed,jax,train-compiled-graphs,hf",
                         help="comma list of: env, parity, train (every --modes), train-eager, train-compiled, "
-                             "train-graphed, train-compiled-graphs, decode, jax, profile, hf; they run in the order given")
+                             "train-graphed, train-compiled-graphed, train-compiled-graphs, decode, jax, profile, hf; "
+                             "they run in the order given")
     parser.add_argument("--presets", nargs="+", default=sorted({preset for preset, _ in TRAIN_CASES}))
     parser.add_argument("--lengths", nargs="+", type=int, default=None,
                         help="these lengths for every preset (default: %s)" % TRAIN_CASES)
@@ -206,6 +208,8 @@ def main() -> None:
         "train-graphed": lambda: section_train(args.presets, args.lengths, ["graphed"], args.repeats, out_of_time),
         "train-compiled-graphs": lambda: section_train(args.presets, args.lengths, ["compiled-graphs"],
                                                        args.repeats, out_of_time),
+        "train-compiled-graphed": lambda: section_train(args.presets, args.lengths, ["compiled-graphed"],
+                                                        args.repeats, out_of_time),
         "jax": lambda: bench_jax.section(args.jax_lengths, args.repeats, out_of_time, DEADLINE),
         "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps,
                                          args.modes),
@@ -216,8 +220,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown section {unknown[0]!r}; choose from {', '.join(runners)}")
     for name in sections:
-        if name in ("train-eager", "train-compiled", "train-compiled-graphs") and \
-                name.removeprefix("train-").removesuffix("-graphs") not in args.modes:
+        if name in ("train-eager", "train-compiled", "train-compiled-graphs", "train-compiled-graphed") and \
+                name.removeprefix("train-").removesuffix("-graphs").removesuffix("-graphed") not in args.modes:
             continue
         if out_of_time(f"section {name}"):
             continue

@@ -5,9 +5,9 @@
 #                                      compiled training, graph-captured and compiled decode, no host syncs), then
 #                                      bench_gpu.py's graphed and eager training tables and decode sections;
 #   bash benchmarks/gpu_session.sh 2   bench_gpu.py's parity of the whole model against the CPU, the profile,
-#                                      compiled training (default mode, then reduce-overhead), transformers
-#                                      generate() and, last (its H100 figure is in docs/benchmarks.md already),
-#                                      megalodon-jax;
+#                                      compiled training (default mode; then the compiled blocks in a graphed
+#                                      step), megalodon-jax, compiled training with reduce-overhead, and
+#                                      transformers generate();
 #   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
 #                                      go back (idle) before part 1's results could be read;
 #   bash benchmarks/gpu_session.sh sweep the CEMA's and the TimestepNorm's kernel tilings (bench_cema.py --chunks,
@@ -79,7 +79,7 @@ part2() {
         "$PYTHON" -m pip install --no-deps --no-index --quiet --target "$MEGALODON_JAX_SITE" .device-wheels/*.whl \
             > /tmp/pip.log 2>&1 || { echo "installing .device-wheels failed:"; cat /tmp/pip.log; }
     fi
-    bench env,parity,profile,train-compiled,train-compiled-graphs,hf,jax
+    bench env,parity,profile,train-compiled,train-compiled-graphed,jax,train-compiled-graphs,hf
 }
 
 # At most 8 files come back: nvidia-smi.txt, gpu-tests.txt, disabled-kernels.txt, and per part bench_gpu_partN.md

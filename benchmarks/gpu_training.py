@@ -4,7 +4,9 @@ bf16 autocast over fp32 master weights, alternating step by step, in one of four
 - compiled: each block through torch.compile (the trainer's --compile);
 - graphed: the whole step replayed from CUDA graphs (megalodon.training.cuda_graphs.graphed_loss), whose pool then
   holds the activations: the memory column is that pool (activations, temporaries and the gradients' buffers);
-- compiled-graphs: the blocks compiled with mode="reduce-overhead" (the trainer's --compile_mode reduce-overhead).
+- compiled-graphs: the blocks compiled with mode="reduce-overhead" (the trainer's --compile_mode reduce-overhead);
+- compiled-graphed: the blocks compiled (default mode), then the whole step captured by graphed_loss: the
+  compiler's fused elementwise kernels without the host's launches.
 
 The device helpers here serve bench_gpu.py's other sections too; use_device() sets the device for all of them.
 """
@@ -29,14 +31,16 @@ COMPILED_CASES = [("mega200M", 4096), ("mega200M", 32768), ("mega200M", 16384)]
 # CUDA graphs of the whole step (megalodon.training.cuda_graphs): no compilation, a capture of seconds; they pay
 # off where the host bounds the step, at short lengths (docs/benchmarks.md, "H100 figures").
 GRAPHED_CASES = [("mega200M", 4096), ("mega200M", 16384), ("mega200M", 32768), ("mega1.3B", 4096)]
+# Both: the targets where the host bounds an eager step (4K) and megalodon-jax's (16K).
+COMPILED_GRAPHED_CASES = [("mega200M", 4096), ("mega200M", 16384)]
 
 
 def train_cases(presets: list[str], lengths: list[int] | None, mode: str) -> list[tuple[str, int]]:
     """The cases of `presets`: at --lengths where given, else the defaults above (4096 for other presets)."""
     if lengths:
         return [(preset, length) for preset in presets for length in lengths]
-    defaults = {"compiled": COMPILED_CASES, "graphed": GRAPHED_CASES, "compiled-graphs": COMPILED_CASES[:1]}.get(
-        mode, TRAIN_CASES)
+    defaults = {"compiled": COMPILED_CASES, "graphed": GRAPHED_CASES, "compiled-graphs": COMPILED_CASES[:1],
+                "compiled-graphed": COMPILED_GRAPHED_CASES}.get(mode, TRAIN_CASES)
     known = {preset for preset, _ in TRAIN_CASES}
     return [case for case in defaults if case[0] in presets] + [(p, 4096) for p in presets if p not in known]
 
@@ -110,9 +114,12 @@ def time_step(step) -> tuple[float, float]:
 def training_step(model, ids, mode: str):
     """The step to time, after its warm-up (compilation, or the CUDA graphs' capture), and for "graphed" the
     memory its graphs hold (GiB; their pool keeps the activations between steps, so the step's own peak is 0)."""
-    if mode == "graphed":
+    graphed_modes = ("graphed", "compiled-graphed")
+    if mode in graphed_modes:
         from megalodon.training.cuda_graphs import graphed_loss
 
+        if mode == "compiled-graphed":
+            model.compile_blocks()  # compiled during graphed_loss's warm-up, before the capture
         before = allocated()
         graphed = graphed_loss(model, loss_of, [ids])  # bf16 autocast inside the graph, as autocast() gives
 
@@ -128,7 +135,7 @@ def training_step(model, ids, mode: str):
             with autocast():
                 loss_of(model, ids).backward()
     step()  # warm-up, compilation included
-    held = (allocated() - before) / GiB if mode == "graphed" else None
+    held = (allocated() - before) / GiB if mode in graphed_modes else None
     return step, held
 
 
@@ -198,11 +205,11 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
                   out_of_time: Callable[[str], bool],
                   checkpoint_from: int = 16384) -> list[dict]:
     log(f"## Training step ({', '.join(modes)}): forward + backward, batch 1, bf16 autocast\n")
-    if "graphed" in modes and DEVICE != "cuda":
-        log("(CUDA graphs need a GPU: the graphed mode is skipped on the CPU; tests/training/test_cuda_graphs.py "
-            "checks it against eager on a GPU)\n")
-        modes = [mode for mode in modes if mode != "graphed"]
-    if {"compiled", "compiled-graphs"} & set(modes):
+    if {"graphed", "compiled-graphed"} & set(modes) and DEVICE != "cuda":
+        log("(CUDA graphs need a GPU: the graphed modes are skipped on the CPU; tests/training/test_cuda_graphs.py "
+            "checks them against eager on a GPU)\n")
+        modes = [mode for mode in modes if mode not in ("graphed", "compiled-graphed")]
+    if {"compiled", "compiled-graphs", "compiled-graphed"} & set(modes):
         # Each length compiles its own static graphs (as a training run of one length would), not one
         # dynamic-shape graph after the second length.
         torch._dynamo.config.automatic_dynamic_shapes = False

@@ -133,18 +133,23 @@ def test_query_blocks_match_dense_in_float64(monkeypatch, cuts, silu_values, spl
 
 
 def test_query_blocks_split_long_chunks_of_long_calls_on_cuda_only():
-    from megalodon.ops.attention import SPLIT_MIN_CHUNKS, SPLIT_QUERIES_FROM, query_blocks
+    from megalodon.ops.attention import SPLIT_MIN_CHUNKS, SPLIT_QUERIES_FROM, launches_without_host_cost, query_blocks
 
     def chunks(n, device="cpu"):  # q as the op sees it: (chunks, queries, heads, dz); only its size counts
         return torch.empty(n, 0, 1, 1, device=device)
 
     assert query_blocks(4096, chunks(64)) == [(0, 4096)]
+    with launches_without_host_cost():
+        assert query_blocks(4096, chunks(1)) == [(0, 4096)]
     if torch.cuda.is_available():
         many, few = chunks(SPLIT_MIN_CHUNKS, "cuda"), chunks(SPLIT_MIN_CHUNKS - 1, "cuda")
         half = SPLIT_QUERIES_FROM // 2
         assert query_blocks(SPLIT_QUERIES_FROM, many) == [(0, half), (half, SPLIT_QUERIES_FROM)]
         assert query_blocks(SPLIT_QUERIES_FROM - 1, many) == [(0, SPLIT_QUERIES_FROM - 1)]
         assert query_blocks(SPLIT_QUERIES_FROM, few) == [(0, SPLIT_QUERIES_FROM)]
+        with launches_without_host_cost():  # a step for a CUDA graph: one chunk of long queries splits too
+            assert query_blocks(SPLIT_QUERIES_FROM, chunks(1, "cuda")) == [(0, half), (half, SPLIT_QUERIES_FROM)]
+        assert query_blocks(SPLIT_QUERIES_FROM, few) == [(0, SPLIT_QUERIES_FROM)]  # and the setting ends with it
 
 
 def test_materialized_path_keeps_nothing_of_chunk_by_chunk_size_for_backward():

@@ -35,14 +35,18 @@ def both_models():
 
 
 @requires_cuda
-@pytest.mark.parametrize("index", [0, 1], ids=["megalodon", "llama"])
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_graphed_steps_equal_eager_steps(index, dtype):
+@pytest.mark.parametrize("index, dtype, compiled", [
+    (0, None, False), (0, torch.bfloat16, False), (1, None, False), (1, torch.bfloat16, False),
+    (0, torch.bfloat16, True),  # the blocks compiled first (bench_gpu.py's compiled-graphed mode)
+], ids=["megalodon-fp32", "megalodon-bf16", "llama-fp32", "llama-bf16", "megalodon-bf16-compiled"])
+def test_graphed_steps_equal_eager_steps(index, dtype, compiled):
     """Loss and every gradient of two consecutive steps on new ids (the graph copies them in), with an optimizer
     step between them that updates the weights in place, against the same steps run eagerly."""
     model = both_models()[index].cuda()
     twin = both_models()[index].cuda()
     twin.load_state_dict(model.state_dict())
+    if compiled:
+        model.compile_blocks()
     vocab = model.config.vocab_size
     batches = [torch.randint(0, vocab, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(s))
                for s in range(3)]

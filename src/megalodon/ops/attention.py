@@ -19,6 +19,9 @@ Inside a chunk, `attend` picks one of two exact paths (`attention_path` decides)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -115,14 +118,30 @@ def _fused_softmax(scores: Tensor) -> bool:
 # 15 more launches a layer, so it is taken only for a call of at least SPLIT_MIN_CHUNKS chunks (rows x chunks),
 # where the GPU's work, not the host's launches, sets the time (at batch 1: from 16K tokens at mega200M). On a
 # CPU, splitting measured 18-34% faster on one idle thread but 4x slower at two threads on a loaded machine
-# (each extra op waits for a preempted thread): one block there.
+# (each extra op waits for a preempted thread): one block there. Where launches cost the host nothing (a step
+# captured into a CUDA graph: launches_without_host_cost), any call of long chunks splits.
 SPLIT_QUERIES_FROM, SPLIT_MIN_CHUNKS = 512, 8
+_launches_cost_host = True
+
+
+@contextlib.contextmanager
+def launches_without_host_cost() -> Iterator[None]:
+    """Within this, the attention takes its least GPU work whatever it costs in launches: for a step that a CUDA
+    graph will replay (training/cuda_graphs.py captures inside it), where a launch costs the host nothing. A
+    graph that torch.compile traces inside keeps the choice (compile guards on the setting)."""
+    global _launches_cost_host
+    before, _launches_cost_host = _launches_cost_host, False
+    try:
+        yield
+    finally:
+        _launches_cost_host = before
 
 
 def query_blocks(queries: int, q: Tensor) -> list[tuple[int, int]]:
     """The (start, end) blocks of the queries of q (chunks x queries x heads x dz) that _MaterializedAttention
     attends one at a time."""
-    if q.is_cuda and queries >= SPLIT_QUERIES_FROM and q.shape[0] >= SPLIT_MIN_CHUNKS:
+    min_chunks = SPLIT_MIN_CHUNKS if _launches_cost_host else 1
+    if q.is_cuda and queries >= SPLIT_QUERIES_FROM and q.shape[0] >= min_chunks:
         return [(0, queries // 2), (queries // 2, queries)]
     return [(0, queries)]
 
@@ -167,14 +186,15 @@ class _MaterializedAttention(torch.autograd.Function):
             values = F.silu(v) if silu_values else v
             qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), values.transpose(1, 2)  # head-major views
             outs = []
-            for start, end in query_blocks(q.shape[1], q):
+            blocks = query_blocks(q.shape[1], q)
+            for start, end in blocks:
                 keys = min(k.shape[1], end + offset)  # the keys the block's last query sees
                 scores = torch.matmul(qh[:, :, start:end], kh[:, :, :keys].transpose(-1, -2))  # N x H x Sq x Sk
                 outs.append(torch.matmul(_probabilities(scores, offset + start, v.dtype), vh[:, :, :keys]))
             # token-major, so that the caller's (B, L, H * dv) is a view
             out = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v)
-        ctx.offset, ctx.silu_values = offset, silu_values
+        ctx.offset, ctx.silu_values, ctx.blocks = offset, silu_values, blocks
         return out
 
     @staticmethod
@@ -187,7 +207,7 @@ class _MaterializedAttention(torch.autograd.Function):
             grads_q, grad_k, grad_values = [], None, None
             # The last block sees every key: its key and value gradients are the whole tensors, and the earlier
             # blocks add theirs into the leading keys.
-            for start, end in reversed(query_blocks(q.shape[1], q)):
+            for start, end in reversed(ctx.blocks):
                 keys = min(k.shape[1], end + ctx.offset)
                 qb, kb, vb, gb = qh[:, :, start:end], kh[:, :, :keys], vh[:, :, :keys], grad[:, :, start:end]
                 probs, grad_s = _softmax_backward(torch.matmul(qb, kb.transpose(-1, -2)),

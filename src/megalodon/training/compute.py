@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from megalodon.data import IGNORE_INDEX, Batch, TokenStore, bits_per_byte, eval_windows
 from megalodon.model import Megalodon
+from megalodon.ops.attention import launches_without_host_cost
 from megalodon.training.config import TrainConfig
 
 
@@ -39,6 +40,12 @@ def replays_cuda_graphs(cfg: TrainConfig) -> bool:
     graphs' memory, which the next step's replay overwrites, so a state carried from one step (or validation
     window) to the next must be copied out first (torch.compiler_cudagraph_trees)."""
     return cfg.compile_mode in ("reduce-overhead", "max-autotune")  # TrainConfig allows a mode only with compile
+
+
+def graph_launches(cfg: TrainConfig):
+    """For a training step's forward: where the compiled blocks replay CUDA graphs, the host pays nothing per
+    launch, so the ops may take their form of least GPU work (ops/attention.py's launches_without_host_cost)."""
+    return launches_without_host_cost() if replays_cuda_graphs(cfg) else nullcontext()
 
 
 def carried(state, cfg: TrainConfig):

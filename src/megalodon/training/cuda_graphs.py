@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from megalodon.ops.attention import launches_without_host_cost
+
 
 class _Loss(nn.Module):
     """loss_fn(model, *batch) under autocast, as one module for make_graphed_callables."""
@@ -60,7 +62,9 @@ def graphed_loss(model: nn.Module, loss_fn: Callable[..., Tensor], sample_batch:
     if torch.is_autocast_enabled("cuda"):
         raise RuntimeError("call graphed_loss outside torch.autocast: it applies autocast_dtype inside the graph, "
                            "where autocast's weight cache must be off")
-    with torch.cuda.device(next(iter(devices))):
+    # launches_without_host_cost: a replay launches nothing from the host, so the attention may take its form of
+    # least GPU work at any length (long chunks' queries in two halves)
+    with torch.cuda.device(next(iter(devices))), launches_without_host_cost():
         graphed = torch.cuda.make_graphed_callables(_Loss(model, loss_fn, autocast_dtype), tuple(sample_batch),
                                                     num_warmup_iters=warmup_steps, allow_unused_input=True)
     params = [p for p in model.parameters() if p.requires_grad]

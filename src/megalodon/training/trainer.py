@@ -20,7 +20,7 @@ from megalodon.progress import progress_bar
 from megalodon.parallel.runtime import Ranks, rank_device
 from megalodon.state import MegalodonState
 from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_latest
-from megalodon.training.compute import autocast, carried, evaluate, forward_loss, sample_text
+from megalodon.training.compute import autocast, carried, evaluate, forward_loss, graph_launches, sample_text
 from megalodon.training.config import TrainConfig
 from megalodon.training.data import open_splits, prepare_data
 from megalodon.training.dist_checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
@@ -249,7 +249,7 @@ class Trainer:
         for m in range(cfg.grad_accum):
             rows = slice(m * micro, (m + 1) * micro)
             part = Batch(mine.input_ids[rows], mine.labels[rows], mine.doc_start[rows], mine.continues[rows])
-            with autocast(cfg, self.device):
+            with autocast(cfg, self.device), graph_launches(cfg):
                 loss, new_state = forward_loss(self.runner, part, self.streams[m], self.stateful)
             (loss * scale).backward()  # every label weighs the same across micro-batches and ranks
             total += float(loss.detach())
