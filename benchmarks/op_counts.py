@@ -165,15 +165,19 @@ def run_the_gpu_code() -> bool:
 
 
 def split_queries_as_cuda_would(preset: str) -> None:
-    """The chunk attention's query blocks as CUDA picks them for the preset's own chunk in a long call
-    (ops/attention.py's query_blocks, at SPLIT_MIN_CHUNKS chunks or more): halves where that chunk has
-    SPLIT_QUERIES_FROM queries or more, whatever --chunk and --length count with (--split-queries)."""
+    """The chunk attention's query blocks as CUDA picks them for the preset's own chunk in a long call or a
+    CUDA-graph step (ops/attention.py's query_blocks): that chunk's split_queries, scaled to whatever --chunk and
+    --length count with (--split-queries)."""
     from megalodon import MegalodonConfig
     from megalodon.ops import attention
 
-    if MegalodonConfig.from_preset(preset).chunk_size >= attention.SPLIT_QUERIES_FROM:
-        attention.query_blocks = lambda queries, q: ([(0, queries // 2), (queries // 2, queries)] if queries > 1
-                                                     else [(0, queries)])
+    count = len(attention.split_queries(MegalodonConfig.from_preset(preset).chunk_size))
+
+    def blocks(queries, q):
+        edges = [queries * i // count for i in range(count + 1)] if queries >= count else [0, queries]
+        return list(zip(edges[:-1], edges[1:]))
+
+    attention.query_blocks = blocks
 
 
 def build(arch: str, preset: str, layers: int, chunk: int, shrink: int) -> torch.nn.Module:
@@ -228,8 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=32, help="Megalodon's chunk for the count (default 32)")
     parser.add_argument("--shrink", type=int, default=16, help="divide the preset's widths by this (default 16)")
     parser.add_argument("--split-queries", action="store_true",
-                        help="count the chunk attention in two blocks of queries, as CUDA runs a long call (16K "
-                             "tokens and more at mega200M); by default one, as at 4K and batch 1")
+                        help="count the chunk attention in blocks of queries, as CUDA runs a long call (16K "
+                             "tokens and more at mega200M) or a CUDA-graph step (4 blocks at mega200M); by "
+                             "default one, as an eager step at 4K and batch 1")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     kernels = run_the_gpu_code()

@@ -133,23 +133,27 @@ def test_query_blocks_match_dense_in_float64(monkeypatch, cuts, silu_values, spl
 
 
 def test_query_blocks_split_long_chunks_of_long_calls_on_cuda_only():
-    from megalodon.ops.attention import SPLIT_MIN_CHUNKS, SPLIT_QUERIES_FROM, launches_without_host_cost, query_blocks
+    from megalodon.ops.attention import (QUERY_BLOCK_MIN, QUERY_BLOCKS_MAX, SPLIT_MIN_CHUNKS,
+                                         launches_without_host_cost, query_blocks, split_queries)
 
     def chunks(n, device="cpu"):  # q as the op sees it: (chunks, queries, heads, dz); only its size counts
         return torch.empty(n, 0, 1, 1, device=device)
 
-    assert query_blocks(4096, chunks(64)) == [(0, 4096)]
+    # equal blocks of at least QUERY_BLOCK_MIN queries, at most QUERY_BLOCKS_MAX of them, covering the chunk
+    assert split_queries(QUERY_BLOCK_MIN * 2 - 1) == [(0, QUERY_BLOCK_MIN * 2 - 1)]
+    assert split_queries(QUERY_BLOCK_MIN * 2) == [(0, QUERY_BLOCK_MIN), (QUERY_BLOCK_MIN, 2 * QUERY_BLOCK_MIN)]
+    assert split_queries(2048) == [(0, 512), (512, 1024), (1024, 1536), (1536, 2048)] and QUERY_BLOCKS_MAX == 4
+    assert split_queries(1000) == [(0, 333), (333, 666), (666, 1000)]
+    assert query_blocks(4096, chunks(64)) == [(0, 4096)]  # never on a CPU
     with launches_without_host_cost():
         assert query_blocks(4096, chunks(1)) == [(0, 4096)]
     if torch.cuda.is_available():
         many, few = chunks(SPLIT_MIN_CHUNKS, "cuda"), chunks(SPLIT_MIN_CHUNKS - 1, "cuda")
-        half = SPLIT_QUERIES_FROM // 2
-        assert query_blocks(SPLIT_QUERIES_FROM, many) == [(0, half), (half, SPLIT_QUERIES_FROM)]
-        assert query_blocks(SPLIT_QUERIES_FROM - 1, many) == [(0, SPLIT_QUERIES_FROM - 1)]
-        assert query_blocks(SPLIT_QUERIES_FROM, few) == [(0, SPLIT_QUERIES_FROM)]
-        with launches_without_host_cost():  # a step for a CUDA graph: one chunk of long queries splits too
-            assert query_blocks(SPLIT_QUERIES_FROM, chunks(1, "cuda")) == [(0, half), (half, SPLIT_QUERIES_FROM)]
-        assert query_blocks(SPLIT_QUERIES_FROM, few) == [(0, SPLIT_QUERIES_FROM)]  # and the setting ends with it
+        assert query_blocks(2048, many) == split_queries(2048)
+        assert query_blocks(2048, few) == [(0, 2048)]
+        with launches_without_host_cost():  # a step for a CUDA graph: a single chunk splits too
+            assert query_blocks(2048, chunks(1, "cuda")) == split_queries(2048)
+        assert query_blocks(2048, few) == [(0, 2048)]  # and the setting ends with the context
 
 
 def test_materialized_path_keeps_nothing_of_chunk_by_chunk_size_for_backward():

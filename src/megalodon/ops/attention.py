@@ -112,15 +112,16 @@ def _fused_softmax(scores: Tensor) -> bool:
     return supports_scores(scores)
 
 
-# On CUDA, chunks of at least SPLIT_QUERIES_FROM queries are attended in two blocks of queries: the first half
-# sees only the keys up to its last query, which skips a quarter of the (query, key) products (all of them
-# masked); at mega200M the products are 38% of a step's matmul FLOPs (docs/benchmarks.md). The split costs about
-# 15 more launches a layer, so it is taken only for a call of at least SPLIT_MIN_CHUNKS chunks (rows x chunks),
-# where the GPU's work, not the host's launches, sets the time (at batch 1: from 16K tokens at mega200M). On a
-# CPU, splitting measured 18-34% faster on one idle thread but 4x slower at two threads on a loaded machine
-# (each extra op waits for a preempted thread): one block there. Where launches cost the host nothing (a step
-# captured into a CUDA graph: launches_without_host_cost), any call of long chunks splits.
-SPLIT_QUERIES_FROM, SPLIT_MIN_CHUNKS = 512, 8
+# On CUDA, a chunk's queries are attended in up to QUERY_BLOCKS_MAX equal blocks of at least QUERY_BLOCK_MIN, each
+# with only the keys up to its last query: n blocks skip (n - 1) / 2n of the (query, key) products, all of them
+# masked (a quarter with 2 blocks, 3/8 with 4); at mega200M the products are 38% of a step's matmul FLOPs
+# (docs/benchmarks.md), and its 2,048-token chunks take 4 blocks of 512. Each block costs about 7 more launches a
+# layer, so the split is taken only for a call of at least SPLIT_MIN_CHUNKS chunks (rows x chunks), where the
+# GPU's work, not the host's launches, sets the time (at batch 1: from 16K tokens at mega200M), or where launches
+# cost the host nothing (a step captured into a CUDA graph: launches_without_host_cost). On a CPU, splitting
+# measured 18-34% faster on one idle thread but 4x slower at two threads on a loaded machine (each extra op
+# waits for a preempted thread): one block there.
+QUERY_BLOCK_MIN, QUERY_BLOCKS_MAX, SPLIT_MIN_CHUNKS = 256, 4, 8
 _launches_cost_host = True
 
 
@@ -141,9 +142,17 @@ def query_blocks(queries: int, q: Tensor) -> list[tuple[int, int]]:
     """The (start, end) blocks of the queries of q (chunks x queries x heads x dz) that _MaterializedAttention
     attends one at a time."""
     min_chunks = SPLIT_MIN_CHUNKS if _launches_cost_host else 1
-    if q.is_cuda and queries >= SPLIT_QUERIES_FROM and q.shape[0] >= min_chunks:
-        return [(0, queries // 2), (queries // 2, queries)]
+    if q.is_cuda and q.shape[0] >= min_chunks:
+        return split_queries(queries)
     return [(0, queries)]
+
+
+def split_queries(queries: int) -> list[tuple[int, int]]:
+    """A chunk's queries in up to QUERY_BLOCKS_MAX equal blocks of at least QUERY_BLOCK_MIN (one block if
+    shorter): the split CUDA takes where it splits."""
+    count = max(1, min(QUERY_BLOCKS_MAX, queries // QUERY_BLOCK_MIN))
+    edges = [queries * i // count for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _probabilities(scores: Tensor, offset: int, dtype: torch.dtype) -> Tensor:

@@ -63,7 +63,7 @@ def graphed_loss(model: nn.Module, loss_fn: Callable[..., Tensor], sample_batch:
         raise RuntimeError("call graphed_loss outside torch.autocast: it applies autocast_dtype inside the graph, "
                            "where autocast's weight cache must be off")
     # launches_without_host_cost: a replay launches nothing from the host, so the attention may take its form of
-    # least GPU work at any length (long chunks' queries in two halves)
+    # least GPU work at any length (a long chunk's queries in blocks, ops/attention.py's query_blocks)
     with torch.cuda.device(next(iter(devices))), launches_without_host_cost():
         graphed = torch.cuda.make_graphed_callables(_Loss(model, loss_fn, autocast_dtype), tuple(sample_batch),
                                                     num_warmup_iters=warmup_steps, allow_unused_input=True)
