@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
 #                                      go back (idle) before part 1's results could be read;
 #   bash benchmarks/gpu_session.sh sweep the CEMA's and the TimestepNorm's kernel tilings (bench_cema.py --chunks,
-#                                      bench_timestep_norm.py --scan-tiles), for the minutes left after `all`.
+#                                      bench_timestep_norm.py --scan-tiles) and the attention's query blocks
+#                                      (bench_attention.py --blocks), for the minutes left after `all`.
 # A Triton kernel whose own tests fail in part 1 is turned off (MEGALODON_DISABLE_TRITON) for part 1's benchmark,
 # which says so; run part 2 with the variable it prints.
 # Each part stops starting new work 60 s before SESSION_SECONDS (default 330: two parts and a machine start fit in
@@ -87,11 +88,13 @@ part2() {
 case "$PART" in
 1) part1 ;;
 2) part2 ;;
-sweep)  # the CEMA's and the TimestepNorm's kernel tilings (docs/benchmarks.md, step 5), about a minute
+sweep)  # the CEMA's and the TimestepNorm's kernel tilings and the attention's query blocks, about a minute
     {
         "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --chunks 32 64 128
         echo
         "$PYTHON" benchmarks/bench_timestep_norm.py --device cuda --scan-tiles 256,8,4 1024,2,4 2048,2,8
+        echo
+        "$PYTHON" benchmarks/bench_attention.py --device cuda --blocks 1 2 4
     } 2>&1 | tee "$OUT/sweeps.md"
     ;;
 all)  # both parts in one call, each with its own SESSION_SECONDS; part 1's disabled kernels stay off in part 2

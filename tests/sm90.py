@@ -17,13 +17,23 @@ import pytest
 NO_NVIDIA_BACKEND = 77  # the subprocess's exit status when this triton cannot compile for sm_90 at all
 
 
-def compile_for_h100(fn, types, constexprs, num_warps=4):
-    """One kernel variant to an sm_90 binary. types: the non-constexpr arguments' types, in order."""
+def compile_for_h100(fn, types, constexprs, num_warps=4, as_launched=False):
+    """One kernel variant to an sm_90 binary. types: the non-constexpr arguments' types, in order.
+    as_launched: with what the launcher assumes of real arguments, pointers 16-byte aligned and integers
+    divisible by 16 unless the kernel's do_not_specialize lists them (pass an argument of 1, such as a unit
+    stride, among the constexprs: the launcher makes it one). That can change the layouts Triton picks."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     types = iter(types)
-    if "constexprs" in inspect.signature(triton.compiler.ASTSource.__init__).parameters:
+    if as_launched:
+        kept = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
+        signature = {name: "constexpr" if name in constexprs else next(types) for name in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if signature[name] != "constexpr" and name not in kept and signature[name][:2] in ("*f", "*b", "*u",
+                                                                                                  "*i", "i3", "i6")}
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    elif "constexprs" in inspect.signature(triton.compiler.ASTSource.__init__).parameters:
         signature = {name: "constexpr" if name in constexprs else next(types) for name in fn.arg_names}
         source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     else:  # triton 3.0 (torch 2.4's): arguments by position, constexprs apart
@@ -31,6 +41,34 @@ def compile_for_h100(fn, types, constexprs, num_warps=4):
         constants = {fn.arg_names.index(name): value for name, value in constexprs.items()}
         source = triton.compiler.ASTSource(fn=fn, signature=signature, constants=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def sass(compiled) -> str:
+    """The SASS of a compiled kernel (cuobjdump ships with triton's NVIDIA backend)."""
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([str(tool), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def assert_in_thread(cases) -> None:
+    """Each case, compiled as launched, keeps its work inside each thread: no barrier, no shuffle and no shared
+    memory anywhere in its SASS."""
+    try:
+        compiled = compile_for_h100(*cases[0][:4], as_launched=True)
+        text = sass(compiled)
+    except (RuntimeError, FileNotFoundError, ImportError, subprocess.CalledProcessError) as error:
+        print(error)
+        sys.exit(NO_NVIDIA_BACKEND)
+    for case in cases:
+        text = sass(compile_for_h100(*case[:4], as_launched=True))
+        found = {op: text.count(op) for op in ("BAR.", "SHFL", "STS", "LDS")}
+        assert not any(found.values()), (case[0].__name__, case[2], found)
 
 
 def compile_all(cases) -> None:
@@ -43,12 +81,13 @@ def compile_all(cases) -> None:
         assert compile_for_h100(*case).asm["cubin"], case[0].__name__
 
 
-def check_compiles_for_h100(code: str) -> None:
-    """Run `code` (defining CASES) in a subprocess and compile every case; skip where triton cannot target sm_90."""
+def check_compiles_for_h100(code: str, check: str = "compile_all") -> None:
+    """Run `code` (defining CASES) in a subprocess and compile every case (check: compile_all, or assert_in_thread
+    for a kernel that must keep to its threads); skip where triton cannot target sm_90."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
-    script = code + "\nimport sm90\nsm90.compile_all(CASES)\n"
+    script = code + f"\nimport sm90\nsm90.{check}(CASES)\n"
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     if result.returncode == NO_NVIDIA_BACKEND:
         pytest.skip(f"triton cannot compile for sm_90 here: {result.stdout.strip()}")

@@ -39,12 +39,13 @@ def test_gpu_session_names_sections_that_exist():
 
 
 def test_gpu_session_sweep_commands_parse():
-    """The kernel-tiling sweep (gpu_session.sh sweep) runs its two scripts with flags that exist: here on the CPU
-    (the PyTorch row only) at a small shape, the sweep's own flags kept."""
+    """The sweep (gpu_session.sh sweep) runs its three scripts with flags that exist: here on the CPU (the PyTorch
+    row only, one query block) at a small shape, the sweep's own flags kept."""
     script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     commands = re.findall(r'^\s*"\$PYTHON" (benchmarks/bench_\w+\.py .*)$', script, flags=re.MULTILINE)
-    assert len(commands) == 2, commands
+    assert len(commands) == 3, commands
     small = {"bench_cema.py": ["--shape", "1,64,32", "--repeats", "1"],
+             "bench_attention.py": ["--shape", "1,64,1,8,16", "--chunk", "32", "--repeats", "1"],
              "bench_timestep_norm.py": ["--shape", "1,64,32", "--groups", "4", "--block", "32", "--repeats", "1"]}
     for command in commands:
         args = command.replace("--device cuda", "--device cpu").split()
@@ -52,7 +53,7 @@ def test_gpu_session_sweep_commands_parse():
                              capture_output=True, text=True, timeout=120,
                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "| pytorch |" in out.stdout
+        assert ("| 1 |" if "attention" in args[0] else "| pytorch |") in out.stdout
 
 
 def test_op_counts_counts_the_gpu_path_of_both_models():

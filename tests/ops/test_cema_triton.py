@@ -295,6 +295,37 @@ def test_kernels_compile_for_h100():
     check_compiles_for_h100(COMPILE_FOR_H100)
 
 
+IN_THREAD_ON_H100 = """
+from megalodon.ops.triton import cema as glue
+from megalodon.ops.triton import cema_kernels as kernels
+
+fp32, ints, unit = "*fp32", ["i32"] * 4, dict(stride_xd=1, stride_ud=1)  # the launcher makes a unit stride constant
+x = ["*bf16", "i32", "i32", "*u8"]  # u (B, L, D) bf16 with its batch and time strides, the reset flags
+shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL)
+CASES = []
+for reverse in (False, True):
+    for reset in (False, True):
+        flags = dict(shapes, REVERSE=reverse, HAS_RESET=reset, FULL=not reset, REAL_IN=not reverse,
+                     stride_xd=1)
+        CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints, flags, glue.WARPS_STEPS))
+        CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints,
+                      dict(flags, REAL_OUT=reverse), glue.WARPS_STEPS))
+        CASES.append((kernels.scan_kernel, [fp32] * 7 + ints,
+                      dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, UNROLL=glue.UNROLL, REVERSE=reverse,
+                           HAS_RESET=reset, HAS_H0=reset), glue.WARPS_SCAN))
+    CASES.append((kernels.parameter_grads_kernel, x[:3] + [fp32, "*u8"] + [fp32] * 9 + ints,
+                  dict(shapes, HAS_RESET=reverse, FULL=not reverse, stride_ud=1), glue.WARPS_GRADS))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile and run them")
+def test_step_kernels_keep_each_channel_in_one_thread_as_launched():
+    """The per-step kernels, compiled as the launcher specializes them at mega200M (D = 1024 and the strides
+    divisible by 16, a unit channel stride), keep a channel's components and steps in one thread: no barrier,
+    shuffle or shared memory anywhere (specializing D had put N across 4 threads, with all three every step)."""
+    check_compiles_for_h100(IN_THREAD_ON_H100, check="assert_in_thread")
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_layer_matches_the_pytorch_path(dtype):
