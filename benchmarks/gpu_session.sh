@@ -92,7 +92,7 @@ sweep)  # the CEMA's and the TimestepNorm's kernel tilings and the attention's q
     {
         "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --chunks 32 64 128
         echo
-        "$PYTHON" benchmarks/bench_timestep_norm.py --device cuda --scan-tiles 256,8,4 1024,2,4 2048,2,8
+        "$PYTHON" benchmarks/bench_timestep_norm.py --device cuda --scan-tiles 256,8,4,32 1024,2,4,32 256,8,4,8 64,8,4,64
         echo
         "$PYTHON" benchmarks/bench_attention.py --device cuda --blocks 1 2 4
     } 2>&1 | tee "$OUT/sweeps.md"

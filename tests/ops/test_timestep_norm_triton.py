@@ -74,7 +74,8 @@ def triton_fn(x, initial, prior, weight, bias, eps, block, reset):
     return triton_path(x, initial, weight, bias, eps, block, reset, prior)
 
 
-@pytest.mark.parametrize("scan_tiles", [None, (2, 1, 1)], ids=["default-tiles", "2x1-tiles"])
+@pytest.mark.parametrize("scan_tiles", [None, (2, 1, 1, 32), (2, 1, 1, 1), (2, 1, 1, 5)],
+                         ids=["default-tiles", "2x1-tiles", "2x1-tiles-whole-blocks", "2x1-tiles-5-segments"])
 @pytest.mark.parametrize("batch,length,block,count,resets", [
     (2, 23, 5, 2, [[0, 1, 0, 0, 1], [1, 0, 0, 1, 0]]),  # L not a multiple of the block, resets, prior count > 0
     (1, 16, 16, 0, None),  # one block, prior count 0
@@ -82,12 +83,13 @@ def triton_fn(x, initial, prior, weight, bias, eps, block, reset):
 ])
 def test_forward_and_gradients_match_the_float64_reference(monkeypatch, batch, length, block, count, resets,
                                                            scan_tiles):
-    """scan_tiles: the scans' (tokens, groups, warps) per tile (ops/triton/timestep_norm.py's SCAN_*, which a GPU
-    sweep may change): 2 x 1 makes many tiles per block and one program per group."""
+    """scan_tiles: the scans' (tokens, groups, warps) per tile and segments per row (ops/triton/timestep_norm.py's
+    SCAN_*, which a GPU sweep may change): 2 x 1 makes many tiles per block and one program per group; 32
+    segments give each tile its own, 1 a block's tiles one segment, 5 uneven segments of several tiles."""
     if scan_tiles is not None:
         from megalodon.ops.triton import timestep_norm as kernels
 
-        for name, value in zip(("SCAN_TOKENS", "SCAN_GROUPS", "SCAN_WARPS"), scan_tiles):
+        for name, value in zip(("SCAN_TOKENS", "SCAN_GROUPS", "SCAN_WARPS", "SCAN_SEGMENTS"), scan_tiles):
             monkeypatch.setattr(kernels, name, value)
     x, initial, prior, weight, bias = case(batch, length, count, seed=length)
     reset = None if resets is None else torch.tensor(resets, dtype=torch.bool)
@@ -303,13 +305,18 @@ for x in ("*bf16", f32):
                dict(COPY=x != f32, BLOCK_G=32, BLOCK_DG=32))]
 # the scans' default tiles, and the tilings benchmarks/bench_timestep_norm.py --scan-tiles tries on a GPU
 for has_reset, tokens, groups, warps in ((True, 256, 8, 4), (False, 256, 8, 4), (True, 1024, 2, 4),
-                                         (True, 2048, 2, 8)):
+                                         (True, 2048, 2, 8), (True, 64, 8, 4)):
     reset = "*i8" if has_reset else i64
-    scan = dict(HAS_RESET=has_reset, BLOCK_T=tokens, BLOCK_G=groups)
-    CASES += [(kernels.scan_fwd_kernel, [f32] * 4 + [i64, f64, f64, i64, f64, f64, reset, i64, i64, f64, f64]
-               + [i32] * 5 + ["fp32"], scan, warps),
-              (kernels.scan_bwd_kernel, [f32] * 3 + [i64, reset, i64, f64, i64, f64, f64, f64] + [f32] * 2
-               + [f64] * 4 + [i32] * 5, dict(scan, HAS_FINAL=has_reset), warps)]
+    tile = dict(BLOCK_T=tokens, BLOCK_G=groups)
+    for totals in (True, False):
+        CASES += [(kernels.scan_fwd_kernel, [f32] * 4 + [f64, f64, i64, f64, f64] + [i32] * 7 + ["fp32"],
+                   dict(tile, TOTALS=totals), warps),
+                  (kernels.scan_bwd_kernel, [f32] * 3 + [i64, f64, f64] + [f32] * 6 + [i32] * 8,
+                   dict(tile, TOTALS=totals, HAS_FINAL=has_reset), warps)]
+    CASES += [(kernels.carry_fwd_kernel, [f64, f64, i64, f64, f64, i64, f64, f64, reset, i64, f64, f64, i64, i64,
+                                          f64, f64] + [i32] * 6, dict(tile, HAS_RESET=has_reset), 1),
+              (kernels.carry_bwd_kernel, [f32] * 8 + [reset, i64, f64, i64, f64] + [f64] * 4 + [i32] * 6,
+               dict(tile, HAS_RESET=has_reset), 1)]
 """
 
 

@@ -2,8 +2,9 @@
 ops/triton/timestep_norm.py's docstring, beside the custom ops that launch these.
 
 x is (B, L, D) with D = G * DG; the per-token statistics (B, L, G) fp32; the running state in int64 (count) and
-float64 (mean, var). The per-token kernels take (BLOCK_T tokens x one group's features) tiles; the scans walk a
-row's blocks in order, BLOCK_T tokens x BLOCK_G groups at a time.
+float64 (mean, var). The per-token kernels take (BLOCK_T tokens x one group's features) tiles; the scans take
+BLOCK_T tokens x BLOCK_G groups at a time, one program per segment of a block's tiles, and the carry kernels walk
+a row's segments in order (forward) or in reverse (backward).
 """
 
 from __future__ import annotations
@@ -59,37 +60,71 @@ def _scan_rows(j, c, b, block, L, G, gs, gmask):
 
 
 @triton.jit
-def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr,
-                     count_ptr, mean0_ptr, var0_ptr, pcount_ptr, pmean_ptr, pvar_ptr, reset_ptr,
-                     bcount_ptr, fcount_ptr, fmean_ptr, fvar_ptr,
-                     L, G, block, num_blocks, tiles, eps,
-                     HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+def _segment(seg, segs_per_block, seg_tiles, tiles):
+    """Segment seg of a row: its block c and its tiles [first, last) within that block."""
+    c = seg // segs_per_block
+    first = (seg % segs_per_block) * seg_tiles
+    return c, first, tl.minimum(first + seg_tiles, tiles)
+
+
+@triton.jit
+def _segment_tokens(c, first, seg_tiles, block, L, BLOCK_T: tl.constexpr):
+    """How many tokens segment (c, first) holds: its tiles' positions that lie in block c and in the row."""
+    block_tokens = tl.minimum(block, L - c * block)
+    return tl.minimum(tl.maximum(block_tokens - first * BLOCK_T, 0), seg_tiles * BLOCK_T)
+
+
+@triton.jit
+def _absorb(n0, m0, v0, k, part_mean, part_var):
+    """Chan's merge, in float64, of k tokens of mean part_mean and variance part_var into the carry (count n0,
+    mean m0, var v0); nothing where k is 0."""
+    kd = k.to(tl.float64)
+    n0d = n0.to(tl.float64)
+    nd = tl.maximum(n0d + kd, 1.0)
+    dd = part_mean - m0
+    new_mean = m0 + dd * (kd / nd)
+    new_var = (n0d * v0 + kd * part_var) / nd + dd * dd * (n0d / nd) * (kd / nd)
+    return n0 + k, tl.where(k > 0, new_mean, m0), tl.where(k > 0, new_var, v0)
+
+
+@triton.jit
+def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr, seg_mean_ptr, seg_var_ptr, in_count_ptr, in_mean_ptr,
+                     in_var_ptr, L, G, block, tiles, segs_per_block, seg_tiles, num_segments, eps,
+                     TOTALS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Grid (B, G / BLOCK_G, segments): one segment's tiles in order. TOTALS: from an empty carry, the segment's
+    mean and var (float64) into seg_mean, seg_var (B, segments, G), nothing per token. Else from the carry that
+    enters the segment (carry_fwd_kernel's in_count (B, segments), in_mean, in_var), every token's cumulative
+    mean and rstd."""
     b = tl.program_id(0).to(tl.int64)
-    pid_g = tl.program_id(1)
-    gs = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    seg = tl.program_id(2)
     gmask = gs < G
     rows = tl.arange(0, BLOCK_T)
-    n0 = tl.load(count_ptr + b)  # the carry: int64 count, float64 mean and var
-    m0 = tl.load(mean0_ptr + b * G + gs, mask=gmask, other=0.0)
-    v0 = tl.load(var0_ptr + b * G + gs, mask=gmask, other=0.0)
-    pn = tl.load(pcount_ptr + b)
-    pm = tl.load(pmean_ptr + b * G + gs, mask=gmask, other=0.0)
-    pv = tl.load(pvar_ptr + b * G + gs, mask=gmask, other=0.0)
-    for c in range(0, num_blocks):
-        if HAS_RESET:
-            reset = tl.load(reset_ptr + b * num_blocks + c) != 0
-            n0 = tl.where(reset, pn, n0)
-            m0 = tl.where(reset, pm, m0)
-            v0 = tl.where(reset, pv, v0)
-        tl.store(bcount_ptr + b * num_blocks + c, n0, mask=pid_g == 0)
-        for tile in range(0, tiles):
-            j = tile * BLOCK_T + rows  # position inside the block
-            t, valid, offs, mask = _scan_rows(j, c, b, block, L, G, gs, gmask)
-            mu = tl.load(mu_ptr + offs, mask=mask, other=0.0)
-            s2 = tl.load(s2_ptr + offs, mask=mask, other=0.0)
-            shift = tl.sum(tl.where((rows == 0)[:, None], mu, 0.0), axis=0)  # the tile's first token mean
-            # in-tile prefix statistics about the first token's mean (no catastrophic cancellation)
-            d = tl.where(mask, mu - shift[None, :], 0.0)
+    c, first, last = _segment(seg, segs_per_block, seg_tiles, tiles)
+    at = (b * num_segments + seg) * G + gs
+    if TOTALS:
+        n0 = tl.full((), 0, tl.int64)
+        m0 = tl.zeros([BLOCK_G], dtype=tl.float64)
+        v0 = tl.zeros([BLOCK_G], dtype=tl.float64)
+    else:
+        n0 = tl.load(in_count_ptr + b * num_segments + seg)
+        m0 = tl.load(in_mean_ptr + at, mask=gmask, other=0.0)
+        v0 = tl.load(in_var_ptr + at, mask=gmask, other=0.0)
+    for tile in range(first, last):
+        j = tile * BLOCK_T + rows  # position inside the block
+        t, valid, offs, mask = _scan_rows(j, c, b, block, L, G, gs, gmask)
+        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0)
+        s2 = tl.load(s2_ptr + offs, mask=mask, other=0.0)
+        shift = tl.sum(tl.where((rows == 0)[:, None], mu, 0.0), axis=0)  # the tile's first token mean
+        # statistics about the first token's mean (no catastrophic cancellation)
+        d = tl.where(mask, mu - shift[None, :], 0.0)
+        kt = tl.sum(valid.to(tl.int32), axis=0)
+        if TOTALS:  # the tile's totals only: sums, not prefix sums
+            ktf = tl.maximum(kt, 1).to(tl.float32)
+            tile_mean = tl.sum(d, axis=0) / ktf
+            tile_var = tl.maximum(tl.sum(tl.where(mask, s2 + d * d, 0.0), axis=0) / ktf - tile_mean * tile_mean,
+                                  0.0)
+        else:
             k = tl.maximum(tl.cumsum(valid.to(tl.float32), axis=0), 1.0)[:, None]
             local_mean = tl.cumsum(d, axis=0) / k  # relative to shift
             local_var = tl.maximum(tl.cumsum(tl.where(mask, s2 + d * d, 0.0), axis=0) / k
@@ -103,20 +138,52 @@ def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr,
             var = share_a * v0.to(tl.float32)[None, :] + share_b * local_var + delta * delta * share_a * share_b
             tl.store(mean_ptr + offs, mean, mask=mask)
             tl.store(rstd_ptr + offs, tl.rsqrt(tl.maximum(var, 0.0) + eps), mask=mask)
-            # the carry absorbs the tile's totals in float64
-            kt = tl.sum(valid.to(tl.int32), axis=0)
-            last = (rows == kt - 1)[:, None]
-            tile_mean = tl.sum(tl.where(last, local_mean, 0.0), axis=0).to(tl.float64)
-            tile_var = tl.sum(tl.where(last, local_var, 0.0), axis=0).to(tl.float64)
-            ktd = kt.to(tl.float64)
-            n0d = n0.to(tl.float64)
-            nd = tl.maximum(n0d + ktd, 1.0)
-            dd = (shift.to(tl.float64) - m0) + tile_mean
-            new_mean = m0 + dd * (ktd / nd)
-            new_var = (n0d * v0 + ktd * tile_var) / nd + dd * dd * (n0d / nd) * (ktd / nd)
-            m0 = tl.where(kt > 0, new_mean, m0)
-            v0 = tl.where(kt > 0, new_var, v0)
-            n0 = n0 + kt
+            last_row = (rows == kt - 1)[:, None]
+            tile_mean = tl.sum(tl.where(last_row, local_mean, 0.0), axis=0)
+            tile_var = tl.sum(tl.where(last_row, local_var, 0.0), axis=0)
+        # the carry absorbs the tile in float64, so that rounding does not grow with position
+        n0, m0, v0 = _absorb(n0, m0, v0, kt, shift.to(tl.float64) + tile_mean.to(tl.float64),
+                             tile_var.to(tl.float64))
+    if TOTALS:
+        tl.store(seg_mean_ptr + at, m0, mask=gmask)
+        tl.store(seg_var_ptr + at, v0, mask=gmask)
+
+
+@triton.jit
+def carry_fwd_kernel(seg_mean_ptr, seg_var_ptr, count_ptr, mean0_ptr, var0_ptr, pcount_ptr, pmean_ptr, pvar_ptr,
+                     reset_ptr, in_count_ptr, in_mean_ptr, in_var_ptr, bcount_ptr, fcount_ptr, fmean_ptr, fvar_ptr,
+                     L, G, block, num_blocks, segs_per_block, seg_tiles,
+                     HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Grid (B, G / BLOCK_G): the scan over a row's segments, from the incoming state (count, mean, var), restarting
+    at the prior where block_reset says so. Writes the carry entering every segment (in_count, in_mean, in_var),
+    the count entering every block (bcount (B, num_blocks)) and the final state."""
+    b = tl.program_id(0).to(tl.int64)
+    pid_g = tl.program_id(1)
+    gs = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = gs < G
+    n0 = tl.load(count_ptr + b)  # the carry: int64 count, float64 mean and var
+    m0 = tl.load(mean0_ptr + b * G + gs, mask=gmask, other=0.0)
+    v0 = tl.load(var0_ptr + b * G + gs, mask=gmask, other=0.0)
+    pn = tl.load(pcount_ptr + b)
+    pm = tl.load(pmean_ptr + b * G + gs, mask=gmask, other=0.0)
+    pv = tl.load(pvar_ptr + b * G + gs, mask=gmask, other=0.0)
+    num_segments = num_blocks * segs_per_block
+    for c in range(0, num_blocks):
+        if HAS_RESET:
+            reset = tl.load(reset_ptr + b * num_blocks + c) != 0
+            n0 = tl.where(reset, pn, n0)
+            m0 = tl.where(reset, pm, m0)
+            v0 = tl.where(reset, pv, v0)
+        tl.store(bcount_ptr + b * num_blocks + c, n0, mask=pid_g == 0)
+        for s in range(0, segs_per_block):
+            seg = c * segs_per_block + s
+            at = (b * num_segments + seg) * G + gs
+            tl.store(in_count_ptr + b * num_segments + seg, n0, mask=pid_g == 0)
+            tl.store(in_mean_ptr + at, m0, mask=gmask)
+            tl.store(in_var_ptr + at, v0, mask=gmask)
+            k = _segment_tokens(c, s * seg_tiles, seg_tiles, block, L, BLOCK_T)
+            n0, m0, v0 = _absorb(n0, m0, v0, k.to(tl.int64), tl.load(seg_mean_ptr + at, mask=gmask, other=0.0),
+                                 tl.load(seg_var_ptr + at, mask=gmask, other=0.0))
     tl.store(fcount_ptr + b, n0, mask=pid_g == 0)
     tl.store(fmean_ptr + b * G + gs, m0, mask=gmask)
     tl.store(fvar_ptr + b * G + gs, v0, mask=gmask)
@@ -143,19 +210,83 @@ def norm_bwd_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, dm_ptr, dv_ptr, dw
 
 
 @triton.jit
-def scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, reset_ptr, count_ptr, mean0_ptr, pcount_ptr, pmean_ptr,
-                     dfmean_ptr, dfvar_ptr, p_ptr, c_ptr, dmean0_ptr, dvar0_ptr, dpmean_ptr, dpvar_ptr,
-                     L, G, block, num_blocks, tiles,
-                     HAS_RESET: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_G: tl.constexpr):
+def scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, dfmean_ptr, dfvar_ptr, p_ptr, c_ptr,
+                     acc_a_ptr, acc_c_ptr, acc_e_ptr, shift_ptr,
+                     L, G, block, num_blocks, tiles, segs_per_block, seg_tiles, num_segments,
+                     TOTALS: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Grid (B, G / BLOCK_G, segments): one segment's tiles in reverse. TOTALS: the segment's own sums of A, C and
+    E (E relative to the shift of its first tile with tokens) into acc_a, acc_c, acc_e and shift (B, segments, G).
+    Else, from the sums of everything after the segment up to the next reset (carry_bwd_kernel's, in the same
+    four buffers), every token's P and C."""
     b = tl.program_id(0).to(tl.int64)
     gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    seg = tl.program_id(2)
     gmask = gs < G
     rows = tl.arange(0, BLOCK_T)
+    c, first, last = _segment(seg, segs_per_block, seg_tiles, tiles)
+    at = (b * num_segments + seg) * G + gs
     if HAS_FINAL:  # the state after the last token is that token's statistics: its gradient joins the last token's
         d_final_mean = tl.load(dfmean_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
         d_final_var = tl.load(dfvar_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
-    # suffix sums of the segment after the current tile: A, C, and E relative to the shift c_e
+    # suffix sums after the current tile: A, C, and E relative to the shift c_e
+    if TOTALS:
+        acc_a = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc_c = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc_e = tl.zeros([BLOCK_G], dtype=tl.float32)
+        c_e = tl.zeros([BLOCK_G], dtype=tl.float32)
+    else:
+        acc_a = tl.load(acc_a_ptr + at, mask=gmask, other=0.0)
+        acc_c = tl.load(acc_c_ptr + at, mask=gmask, other=0.0)
+        acc_e = tl.load(acc_e_ptr + at, mask=gmask, other=0.0)
+        c_e = tl.load(shift_ptr + at, mask=gmask, other=0.0)
+    n_block = tl.load(bcount_ptr + b * num_blocks + c).to(tl.float32)
+    for ti in range(0, last - first):
+        tile = last - 1 - ti
+        j = tile * BLOCK_T + (BLOCK_T - 1 - rows)  # descending, so that a forward cumsum gives suffix sums
+        t, valid, offs, mask = _scan_rows(j, c, b, block, L, G, gs, gmask)
+        dm = tl.load(dm_ptr + offs, mask=mask, other=0.0)
+        dv = tl.load(dv_ptr + offs, mask=mask, other=0.0)
+        if HAS_FINAL:
+            last_token = ((t == L - 1) & valid)[:, None]  # a padded row of another block may also sit at t
+            dm += tl.where(last_token, d_final_mean[None, :], 0.0)
+            dv += tl.where(last_token, d_final_var[None, :], 0.0)
+        m = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+        # shift: the tile's first token's mean (last in this order); valid tokens are a prefix in time
+        c_t = tl.sum(tl.where((rows == BLOCK_T - 1)[:, None], m, 0.0), axis=0)
+        c_t = tl.where(tl.sum(valid.to(tl.int32), axis=0) > 0, c_t, c_e)
+        acc_e = acc_e + (c_e - c_t) * acc_c  # rebase E to this tile's shift
+        c_e = c_t
+        inv_n = 1.0 / (n_block + (j + 1).to(tl.float32))[:, None]
+        a = dm * inv_n
+        cc = dv * inv_n
+        e = dv * (m - c_t[None, :]) * inv_n
+        if not TOTALS:
+            sum_a = tl.cumsum(a, axis=0) + acc_a[None, :]
+            sum_c = tl.cumsum(cc, axis=0) + acc_c[None, :]
+            sum_e = tl.cumsum(e, axis=0) + acc_e[None, :]
+            tl.store(p_ptr + offs, sum_a - 2.0 * (sum_e + (c_t[None, :] - m) * sum_c), mask=mask)
+            tl.store(c_ptr + offs, sum_c, mask=mask)
+        acc_a += tl.sum(a, axis=0)
+        acc_c += tl.sum(cc, axis=0)
+        acc_e += tl.sum(e, axis=0)
+    if TOTALS:
+        tl.store(acc_a_ptr + at, acc_a, mask=gmask)
+        tl.store(acc_c_ptr + at, acc_c, mask=gmask)
+        tl.store(acc_e_ptr + at, acc_e, mask=gmask)
+        tl.store(shift_ptr + at, c_e, mask=gmask)
+
+
+@triton.jit
+def carry_bwd_kernel(seg_a_ptr, seg_c_ptr, seg_e_ptr, seg_shift_ptr, in_a_ptr, in_c_ptr, in_e_ptr, in_shift_ptr,
+                     reset_ptr, count_ptr, mean0_ptr, pcount_ptr, pmean_ptr,
+                     dmean0_ptr, dvar0_ptr, dpmean_ptr, dpvar_ptr, L, G, block, num_blocks, segs_per_block, seg_tiles,
+                     HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Grid (B, G / BLOCK_G): the reverse scan over a row's segments of their sums (scan_bwd_kernel's TOTALS pass):
+    writes the sums after every segment (in_a, in_c, in_e relative to in_shift), hands what reaches a reset to
+    the prior's gradient and clears it there, and what reaches the start to the incoming state's gradient."""
+    b = tl.program_id(0).to(tl.int64)
+    gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = gs < G
     acc_a = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc_c = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc_e = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -164,37 +295,22 @@ def scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, reset_ptr, count_ptr, 
     d_prior_var = tl.zeros([BLOCK_G], dtype=tl.float32)
     pn = tl.load(pcount_ptr + b).to(tl.float32)
     pm = tl.load(pmean_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
+    num_segments = num_blocks * segs_per_block
     for ci in range(0, num_blocks):
         c = num_blocks - 1 - ci
-        n_block = tl.load(bcount_ptr + b * num_blocks + c).to(tl.float32)
-        for ti in range(0, tiles):
-            tile = tiles - 1 - ti
-            j = tile * BLOCK_T + (BLOCK_T - 1 - rows)  # descending, so that a forward cumsum gives suffix sums
-            t, valid, offs, mask = _scan_rows(j, c, b, block, L, G, gs, gmask)
-            dm = tl.load(dm_ptr + offs, mask=mask, other=0.0)
-            dv = tl.load(dv_ptr + offs, mask=mask, other=0.0)
-            if HAS_FINAL:
-                last = ((t == L - 1) & valid)[:, None]  # a padded row of another block may also sit at t
-                dm += tl.where(last, d_final_mean[None, :], 0.0)
-                dv += tl.where(last, d_final_var[None, :], 0.0)
-            m = tl.load(mean_ptr + offs, mask=mask, other=0.0)
-            # shift: the tile's first token's mean (last in this order); valid tokens are a prefix in time
-            c_t = tl.sum(tl.where((rows == BLOCK_T - 1)[:, None], m, 0.0), axis=0)
-            c_t = tl.where(tl.sum(valid.to(tl.int32), axis=0) > 0, c_t, c_e)
-            acc_e = acc_e + (c_e - c_t) * acc_c  # rebase E to this tile's shift
-            c_e = c_t
-            inv_n = 1.0 / (n_block + (j + 1).to(tl.float32))[:, None]
-            a = dm * inv_n
-            cc = dv * inv_n
-            e = dv * (m - c_t[None, :]) * inv_n
-            sum_a = tl.cumsum(a, axis=0) + acc_a[None, :]
-            sum_c = tl.cumsum(cc, axis=0) + acc_c[None, :]
-            sum_e = tl.cumsum(e, axis=0) + acc_e[None, :]
-            tl.store(p_ptr + offs, sum_a - 2.0 * (sum_e + (c_t[None, :] - m) * sum_c), mask=mask)
-            tl.store(c_ptr + offs, sum_c, mask=mask)
-            acc_a += tl.sum(a, axis=0)
-            acc_c += tl.sum(cc, axis=0)
-            acc_e += tl.sum(e, axis=0)
+        for si in range(0, segs_per_block):
+            s = segs_per_block - 1 - si
+            at = (b * num_segments + c * segs_per_block + s) * G + gs
+            tl.store(in_a_ptr + at, acc_a, mask=gmask)
+            tl.store(in_c_ptr + at, acc_c, mask=gmask)
+            tl.store(in_e_ptr + at, acc_e, mask=gmask)
+            tl.store(in_shift_ptr + at, c_e, mask=gmask)
+            tokens = _segment_tokens(c, s * seg_tiles, seg_tiles, block, L, BLOCK_T)
+            shift = tl.where(tokens > 0, tl.load(seg_shift_ptr + at, mask=gmask, other=0.0), c_e)
+            acc_e = acc_e + (c_e - shift) * acc_c + tl.load(seg_e_ptr + at, mask=gmask, other=0.0)
+            c_e = shift
+            acc_a += tl.load(seg_a_ptr + at, mask=gmask, other=0.0)
+            acc_c += tl.load(seg_c_ptr + at, mask=gmask, other=0.0)
         if HAS_RESET:
             reset = tl.load(reset_ptr + b * num_blocks + c) != 0
             d_prior_mean += tl.where(reset, pn * (acc_a + 2.0 * (pm - c_e) * acc_c - 2.0 * acc_e), 0.0)
