@@ -85,15 +85,15 @@ def assert_close(actual, expected, tol):
     torch.testing.assert_close(actual.double().cpu() / scale, expected / scale, rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("length, with_h0, block", [
-    (1, True, None), (7, False, None), (16, True, 8), (33, True, 16), (3 * CHUNK + 5, False, 8),
-    (2 * CHUNK, False, None),  # whole chunks: the kernels compiled without bounds on their steps (FULL)
+@pytest.mark.parametrize("batch, length, with_h0, block", [
+    (2, 1, True, None), (2, 7, False, None), (2, 16, True, 8), (2, 33, True, 16), (2, 3 * CHUNK + 5, False, 8),
+    (2, 2 * CHUNK, False, None),  # whole chunks: the kernels compiled without bounds on their steps (FULL)
     # more chunks than the scan takes in one tile (UNROLL = 8): a full tile and a partial one, and two full ones
-    (11 * CHUNK + 3, True, 24), (16 * CHUNK, True, 32),
+    (1, 11 * CHUNK + 3, True, 24), (1, 16 * CHUNK, True, 32),
 ])
-def test_forward_and_backward_match_the_recurrence(length, with_h0, block):
-    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, length, 6, 4, with_h0, block)
-    assert y.dtype == torch.float32 and h.shape == (2, 6, 4, 2)
+def test_forward_and_backward_match_the_recurrence(batch, length, with_h0, block):
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, 6, 4, with_h0, block)
+    assert y.dtype == torch.float32 and h.shape == (batch, 6, 4, 2)
     assert_close(y, y_ref, 1e-5)
     assert_close(h, h_ref, 1e-5)  # the returned final state is the recurrence's last h
     for grad, expected in zip(grads, grads_ref):  # u, h0, alpha, delta, theta, gamma, omega

@@ -74,8 +74,8 @@ def triton_fn(x, initial, prior, weight, bias, eps, block, reset):
     return triton_path(x, initial, weight, bias, eps, block, reset, prior)
 
 
-@pytest.mark.parametrize("scan_tiles", [None, (2, 1, 1, 32), (2, 1, 1, 1), (2, 1, 1, 5)],
-                         ids=["default-tiles", "2x1-tiles", "2x1-tiles-whole-blocks", "2x1-tiles-5-segments"])
+@pytest.mark.parametrize("scan_tiles", [None, (2, 1, 1, 32), (2, 2, 1, 1), (2, 2, 1, 5)],
+                         ids=["default-tiles", "2x1-tiles", "2x2-tiles-whole-blocks", "2x2-tiles-5-segments"])
 @pytest.mark.parametrize("batch,length,block,count,resets", [
     (2, 23, 5, 2, [[0, 1, 0, 0, 1], [1, 0, 0, 1, 0]]),  # L not a multiple of the block, resets, prior count > 0
     (1, 16, 16, 0, None),  # one block, prior count 0
@@ -84,8 +84,9 @@ def triton_fn(x, initial, prior, weight, bias, eps, block, reset):
 def test_forward_and_gradients_match_the_float64_reference(monkeypatch, batch, length, block, count, resets,
                                                            scan_tiles):
     """scan_tiles: the scans' (tokens, groups, warps) per tile and segments per row (ops/triton/timestep_norm.py's
-    SCAN_*, which a GPU sweep may change): 2 x 1 makes many tiles per block and one program per group; 32
-    segments give each tile its own, 1 a block's tiles one segment, 5 uneven segments of several tiles."""
+    SCAN_*, which a GPU sweep may change): 2 x 1 makes many tiles per block and one program per group, and 32
+    segments give each tile its own; 1 segment makes a block's tiles one segment, 5 uneven segments of several
+    tiles (2 groups a program there: fewer programs under the interpreter)."""
     if scan_tiles is not None:
         from megalodon.ops.triton import timestep_norm as kernels
 
