@@ -68,6 +68,18 @@ def _segment(seg, segs_per_block, seg_tiles, tiles):
 
 
 @triton.jit
+def _segment_program(G, tiles, segs_per_block, seg_tiles, num_segments, BLOCK_T: tl.constexpr,
+                     BLOCK_G: tl.constexpr):
+    """A segment pass's program (row b, its groups gs, segment): the groups' mask, the rows of a tile, the
+    segment's block c and tiles [first, last), and the offsets of its (B, segments, G) sums."""
+    b = tl.program_id(0).to(tl.int64)
+    gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    seg = tl.program_id(2)
+    c, first, last = _segment(seg, segs_per_block, seg_tiles, tiles)
+    return b, gs, gs < G, tl.arange(0, BLOCK_T), c, first, last, (b * num_segments + seg) * G + gs
+
+
+@triton.jit
 def _segment_tokens(c, first, seg_tiles, block, L, BLOCK_T: tl.constexpr):
     """How many tokens segment (c, first) holds: its tiles' positions that lie in block c and in the row."""
     block_tokens = tl.minimum(block, L - c * block)
@@ -95,19 +107,14 @@ def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr, seg_mean_ptr, seg_var_pt
     mean and var (float64) into seg_mean, seg_var (B, segments, G), nothing per token. Else from the carry that
     enters the segment (carry_fwd_kernel's in_count (B, segments), in_mean, in_var), every token's cumulative
     mean and rstd."""
-    b = tl.program_id(0).to(tl.int64)
-    gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    seg = tl.program_id(2)
-    gmask = gs < G
-    rows = tl.arange(0, BLOCK_T)
-    c, first, last = _segment(seg, segs_per_block, seg_tiles, tiles)
-    at = (b * num_segments + seg) * G + gs
+    b, gs, gmask, rows, c, first, last, at = _segment_program(G, tiles, segs_per_block, seg_tiles, num_segments,
+                                                              BLOCK_T, BLOCK_G)
     if TOTALS:
         n0 = tl.full((), 0, tl.int64)
         m0 = tl.zeros([BLOCK_G], dtype=tl.float64)
         v0 = tl.zeros([BLOCK_G], dtype=tl.float64)
     else:
-        n0 = tl.load(in_count_ptr + b * num_segments + seg)
+        n0 = tl.load(in_count_ptr + b * num_segments + tl.program_id(2))
         m0 = tl.load(in_mean_ptr + at, mask=gmask, other=0.0)
         v0 = tl.load(in_var_ptr + at, mask=gmask, other=0.0)
     for tile in range(first, last):
@@ -218,13 +225,8 @@ def scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, dfmean_ptr, dfvar_ptr,
     E (E relative to the shift of its first tile with tokens) into acc_a, acc_c, acc_e and shift (B, segments, G).
     Else, from the sums of everything after the segment up to the next reset (carry_bwd_kernel's, in the same
     four buffers), every token's P and C."""
-    b = tl.program_id(0).to(tl.int64)
-    gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    seg = tl.program_id(2)
-    gmask = gs < G
-    rows = tl.arange(0, BLOCK_T)
-    c, first, last = _segment(seg, segs_per_block, seg_tiles, tiles)
-    at = (b * num_segments + seg) * G + gs
+    b, gs, gmask, rows, c, first, last, at = _segment_program(G, tiles, segs_per_block, seg_tiles, num_segments,
+                                                              BLOCK_T, BLOCK_G)
     if HAS_FINAL:  # the state after the last token is that token's statistics: its gradient joins the last token's
         d_final_mean = tl.load(dfmean_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
         d_final_var = tl.load(dfvar_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
