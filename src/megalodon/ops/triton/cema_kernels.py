@@ -193,7 +193,7 @@ def scan_kernel(loc_ptr, keep_ptr, log_ptr, angle_ptr, h0_ptr, incoming_ptr, fin
     for j0 in range(0, num_chunks, UNROLL):
         chunks = _time(0, num_chunks, j0 + cols, REVERSE)
         tile_mask = mask_d[:, None] & (j0 + cols < num_chunks)[None, :]
-        at = (b.to(tl.int64) * num_chunks + chunks).to(tl.int64)[None, :] * 2 * D * N + row[:, None]
+        at = (b.to(tl.int64) * num_chunks + chunks)[None, :] * 2 * D * N + row[:, None]
         loc_re = tl.load(loc_ptr + at, mask=tile_mask, other=0.0)
         loc_im = tl.load(loc_ptr + at + D * N, mask=tile_mask, other=0.0)
         in_re = tl.zeros((BLOCK_D, UNROLL), tl.float32)
