@@ -59,14 +59,14 @@ def sass(compiled) -> str:
 def assert_in_thread(cases) -> None:
     """Each case, compiled as launched, keeps its work inside each thread: no barrier, no shuffle and no shared
     memory anywhere in its SASS."""
-    try:
-        compiled = compile_for_h100(*cases[0][:4], as_launched=True)
-        text = sass(compiled)
-    except (RuntimeError, FileNotFoundError, ImportError, subprocess.CalledProcessError) as error:
-        print(error)
-        sys.exit(NO_NVIDIA_BACKEND)
-    for case in cases:
-        text = sass(compile_for_h100(*case[:4], as_launched=True))
+    for index, case in enumerate(cases):
+        try:
+            text = sass(compile_for_h100(*case[:4], as_launched=True))
+        except (RuntimeError, FileNotFoundError, ImportError, subprocess.CalledProcessError) as error:
+            if index:  # the first case compiled: this one is a real failure
+                raise
+            print(error)  # no NVIDIA backend, ptxas or cuobjdump in this triton
+            sys.exit(NO_NVIDIA_BACKEND)
         found = {op: text.count(op) for op in ("BAR.", "SHFL", "STS", "LDS")}
         assert not any(found.values()), (case[0].__name__, case[2], found)
 

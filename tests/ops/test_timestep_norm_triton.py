@@ -314,8 +314,8 @@ for has_reset, tokens, groups, warps in ((True, 256, 8, 4), (False, 256, 8, 4), 
                    dict(tile, TOTALS=totals), warps),
                   (kernels.scan_bwd_kernel, [f32] * 3 + [i64, f64, f64] + [f32] * 6 + [i32] * 8,
                    dict(tile, TOTALS=totals, HAS_FINAL=has_reset), warps)]
-    CASES += [(kernels.carry_fwd_kernel, [f64, f64, i64, f64, f64, i64, f64, f64, reset, i64, f64, f64, i64, i64,
-                                          f64, f64] + [i32] * 6, dict(tile, HAS_RESET=has_reset), 1),
+    CASES += [(kernels.carry_fwd_kernel, [f64, f64, i64, f64, f64, i64, f64, f64, reset, f64, f64, i64, i64, f64,
+                                          f64] + [i32] * 6, dict(tile, HAS_RESET=has_reset), 1),
               (kernels.carry_bwd_kernel, [f32] * 8 + [reset, i64, f64, i64, f64] + [f64] * 4 + [i32] * 6,
                dict(tile, HAS_RESET=has_reset), 1)]
 """

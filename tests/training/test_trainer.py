@@ -122,6 +122,19 @@ def test_compile_mode_reaches_torch_compile(make_config, tmp_path, monkeypatch):
         make_config(compile=True, compile_mode="fast")
 
 
+def test_graph_replaying_steps_take_the_least_gpu_work(make_config):
+    """Under blocks that replay CUDA graphs the trainer's forward runs in launches_without_host_cost (a long
+    chunk's queries in blocks at any length, ops/attention.py); otherwise the ops keep their eager rule."""
+    from megalodon.ops import attention
+    from megalodon.training.compute import graph_launches
+
+    with graph_launches(make_config(compile=True, compile_mode="reduce-overhead")):
+        assert not attention._launches_cost_host
+    with graph_launches(make_config(compile=True)):
+        assert attention._launches_cost_host
+    assert attention._launches_cost_host
+
+
 def test_carried_states_leave_the_cuda_graphs_memory(make_config):
     """With blocks that replay CUDA graphs (reduce-overhead, max-autotune), the state carried to the next step or
     validation window is a copy (the next replay overwrites the graphs' outputs); otherwise it is the detached

@@ -8,10 +8,12 @@ Forward, five launches (the kernels are in ops/triton/timestep_norm_kernels.py):
    (BLOCK_T tokens x DG features) tile, two-pass in registers.
 2-4. A scan over time of the small (B, L, 2G) tensor, in tiles of BLOCK_T tokens x BLOCK_G groups, the tiles of a
    block (the chunk grid) grouped into segments (SCAN_SEGMENTS a row, never across a block) that run in parallel:
-   2. `scan_fwd_kernel` (TOTALS), grid (B, G / BLOCK_G, segments): each segment's count, mean and var;
-   3. `carry_fwd_kernel`, grid (B, G / BLOCK_G): the carry (count, mean, var) entering every segment, by Chan
-      merges in float64 from segment to segment (so that rounding does not grow with position; counts exact
-      int64), restarting at the prior at a block's start where block_reset says so; and the final state;
+   2. `scan_fwd_kernel` (TOTALS), grid (B, G / BLOCK_G, segments): each segment's mean and var (its count
+      follows from where it lies);
+   3. `carry_fwd_kernel`, grid (B, G / BLOCK_G): the mean and var entering every segment and the count entering
+      every block, by Chan merges in float64 from segment to segment (so that rounding does not grow with
+      position; counts exact int64), restarting at the prior at a block's start where block_reset says so; and
+      the final state;
    4. `scan_fwd_kernel`, grid as 2: per tile, prefix sums of mu - c and s2 + (mu - c)^2 shifted by the tile's
       first token mean c (Welford within the tile in closed form), then a Chan merge of the carry into every
       token, giving its cumulative mean and rstd = (var + eps)^-1/2; the carry absorbs each tile's totals.
@@ -41,7 +43,7 @@ implementations and autograd registered, so a compiled graph holds each as one n
 
 # No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -61,30 +63,39 @@ def _token_tiles(groups: int, dim: int) -> tuple[int, int]:
 
 
 # The scans' tiles: at most SCAN_TOKENS tokens (never past a block) by SCAN_GROUPS groups, SCAN_WARPS warps a
-# program. Each program walks its row's L / BLOCK_T tiles in sequence, so longer tiles of fewer groups shorten
-# that chain (16 steps at L = 4096 with 256) and give more programs (G / SCAN_GROUPS a row), at more latency per
-# step. 256 x 8 x 4 warps: 252-255 registers a thread on sm_90, no spills; so do 1024 x 2 x 4 and 2048 x 2 x 8
-# (1024 x 8 x 16 spills). benchmarks/bench_timestep_norm.py --scan-tiles times them on a GPU.
-SCAN_TOKENS, SCAN_GROUPS, SCAN_WARPS = 256, 8, 4
+# program, and a row's tiles cut into about SCAN_SEGMENTS segments of whole tiles (never across a block) that run
+# in parallel: one pass sums each segment, a short sequential pass carries the state from segment to segment, and
+# a last pass runs each segment's tiles in order from the carry that enters it. A row's sequential chain is then
+# its segments, not its tiles (16 tiles at 4K and 256 tokens a tile, 128 at 32K: the scans took 52-55 us a layer
+# at 4K on the H100 with one program walking every tile). No tiling the GPU sweep tries (256 x 8 x 4 warps,
+# 1024 x 2 x 4, 2048 x 2 x 8, 64 x 8 x 4) spills on sm_90 (up to 244 registers a thread, in the backward's last
+# pass); benchmarks/bench_timestep_norm.py --scan-tiles times them on a GPU.
+SCAN_TOKENS, SCAN_GROUPS, SCAN_WARPS, SCAN_SEGMENTS = 256, 8, 4, 32
 
 
-def _scan_tiles(groups: int, block: int) -> tuple[int, int]:
-    """BLOCK_T x BLOCK_G of the scans (the module's SCAN_* read at each call)."""
-    return min(triton.next_power_of_2(block), SCAN_TOKENS), min(triton.next_power_of_2(groups), SCAN_GROUPS)
+class _ScanLayout(NamedTuple):
+    """The scans' tiling of rows of `blocks` blocks: tiles of BLOCK_T `tokens` x BLOCK_G `groups`, `tiles` a
+    block, in segments of seg_tiles tiles, segs_per_block a block."""
+
+    tokens: int
+    groups: int
+    blocks: int
+    tiles: int
+    seg_tiles: int
+    segs_per_block: int
+
+    @property
+    def segments(self) -> int:  # a row's
+        return self.blocks * self.segs_per_block
 
 
-# The scans cut a row into about SCAN_SEGMENTS segments of whole tiles (never across a block), run in parallel:
-# one pass sums each segment, a short sequential pass carries the state from segment to segment, and a last
-# pass runs each segment's tokens from the carry that enters it. A row's sequential chain is then its segments,
-# not its tiles (16 tiles at 4K and 256 tokens a tile, 128 at 32K: the scans took 52-55 us a layer at 4K on
-# the H100 with one program walking every tile).
-SCAN_SEGMENTS = 32
-
-
-def _segments(num_blocks: int, tiles: int) -> tuple[int, int]:
-    """(tiles per segment, segments per block) for a row of num_blocks blocks of `tiles` tiles each."""
+def _scan_layout(groups: int, block: int, num_blocks: int) -> _ScanLayout:
+    """The scans' tiling and segments for rows of num_blocks blocks (the module's SCAN_* read at each call)."""
+    tokens = min(triton.next_power_of_2(block), SCAN_TOKENS)
+    tiles = triton.cdiv(block, tokens)
     seg_tiles = max(1, -(-num_blocks * tiles // SCAN_SEGMENTS))
-    return seg_tiles, -(-tiles // seg_tiles)
+    return _ScanLayout(tokens, min(triton.next_power_of_2(groups), SCAN_GROUPS), num_blocks, tiles, seg_tiles,
+                       -(-tiles // seg_tiles))
 
 
 # ---- the custom ops -------------------------------------------------------------------------------------------
@@ -111,25 +122,21 @@ def timestep_norm_fwd(
     token_grid = (triton.cdiv(tokens, block_t), groups)
     kernels.moments_kernel[token_grid](x, mu, s2, tokens, dim, groups, dim // groups, BLOCK_T=block_t,
                                        BLOCK_DG=block_dg)
-    scan_t, scan_g = _scan_tiles(groups, block_size)
-    tiles = triton.cdiv(block_size, scan_t)
-    seg_tiles, segs_per_block = _segments(num_blocks, tiles)
-    num_segments = num_blocks * segs_per_block
-    seg_mean, seg_var, in_mean, in_var = (mean.new_empty(batch, num_segments, groups) for _ in range(4))
-    in_count = count.new_empty(batch, num_segments)
-    scan_grid = (batch, triton.cdiv(groups, scan_g))
-    segment_args = (length, groups, block_size, tiles, segs_per_block, seg_tiles, num_segments, eps)
+    scan = _scan_layout(groups, block_size, num_blocks)
+    seg_mean, seg_var, in_mean, in_var = (mean.new_empty(batch, scan.segments, groups) for _ in range(4))
+    scan_grid = (batch, triton.cdiv(groups, scan.groups))
+    segment_args = (length, groups, block_size, scan.tiles, scan.segs_per_block, scan.seg_tiles, scan.segments, eps)
     for totals in (True, False):  # each segment's totals; the carry into each (between the two); each token's
-        kernels.scan_fwd_kernel[(*scan_grid, num_segments)](
-            mu, s2, mean_t, rstd_t, seg_mean, seg_var, in_count, in_mean, in_var, *segment_args,
-            TOTALS=totals, BLOCK_T=scan_t, BLOCK_G=scan_g, num_warps=SCAN_WARPS)
+        kernels.scan_fwd_kernel[(*scan_grid, scan.segments)](
+            mu, s2, mean_t, rstd_t, seg_mean, seg_var, block_count, in_mean, in_var, *segment_args,
+            TOTALS=totals, BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=SCAN_WARPS)
         if totals:
             reset = count if block_reset is None else block_reset.to(torch.int8)  # any pointer when there is none
             kernels.carry_fwd_kernel[scan_grid](
-                seg_mean, seg_var, count, mean, var, prior_count, prior_mean, prior_var, reset, in_count, in_mean,
-                in_var, block_count, final_count, final_mean, final_var, length, groups, block_size, num_blocks,
-                segs_per_block, seg_tiles, HAS_RESET=block_reset is not None, BLOCK_T=scan_t, BLOCK_G=scan_g,
-                num_warps=1)  # a chain of small steps: one warp holds its groups
+                seg_mean, seg_var, count, mean, var, prior_count, prior_mean, prior_var, reset, in_mean, in_var,
+                block_count, final_count, final_mean, final_var, length, groups, block_size, num_blocks,
+                scan.segs_per_block, scan.seg_tiles, HAS_RESET=block_reset is not None, BLOCK_T=scan.tokens,
+                BLOCK_G=scan.groups, num_warps=1)  # a chain of small steps: one warp holds its groups
     kernels.normalize_kernel[token_grid](x, mean_t, rstd_t, weight, bias, y, tokens, dim, groups, dim // groups,
                                          BLOCK_T=block_t, BLOCK_DG=block_dg)
     return y, mean_t, rstd_t, block_count, final_count, final_mean, final_var
@@ -166,27 +173,25 @@ def timestep_norm_bwd(
     kernels.norm_bwd_kernel[token_grid](x, dy, mean_t, rstd_t, weight, dm, dv, partial[0], partial[1],
                                         tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg)
     d_state = [torch.empty_like(mean) for _ in range(4)]  # incoming mean and var, prior mean and var
-    scan_t, scan_g = _scan_tiles(groups, block_size)
-    tiles = triton.cdiv(block_size, scan_t)
-    seg_tiles, segs_per_block = _segments(num_blocks, tiles)
-    num_segments = num_blocks * segs_per_block
+    scan = _scan_layout(groups, block_size, num_blocks)
     # per segment: its own sums A, C, E and E's shift; then the sums after it, in the same layout
-    totals, after = ([x.new_empty(batch, num_segments, groups, dtype=torch.float32) for _ in range(4)]
+    totals, after = ([x.new_empty(batch, scan.segments, groups, dtype=torch.float32) for _ in range(4)]
                      for _ in range(2))
     has_final = d_final_mean is not None
-    scan_grid = (batch, triton.cdiv(groups, scan_g))
+    scan_grid = (batch, triton.cdiv(groups, scan.groups))
     for sums in (totals, after):  # each segment's sums; the carry between segments (after the first); each token's
-        kernels.scan_bwd_kernel[(*scan_grid, num_segments)](
+        kernels.scan_bwd_kernel[(*scan_grid, scan.segments)](
             dm, dv, mean_t, block_count,
             d_final_mean if has_final else mean, d_final_var if has_final else mean,  # any pointer when unused
-            p, c, *sums, length, groups, block_size, num_blocks, tiles, segs_per_block, seg_tiles, num_segments,
-            TOTALS=sums is totals, HAS_FINAL=has_final, BLOCK_T=scan_t, BLOCK_G=scan_g, num_warps=SCAN_WARPS)
+            p, c, *sums, length, groups, block_size, num_blocks, scan.tiles, scan.segs_per_block, scan.seg_tiles,
+            scan.segments, TOTALS=sums is totals, HAS_FINAL=has_final, BLOCK_T=scan.tokens, BLOCK_G=scan.groups,
+            num_warps=SCAN_WARPS)
         if sums is totals:
             reset = count if block_reset is None else block_reset.to(torch.int8)
             kernels.carry_bwd_kernel[scan_grid](
                 *totals, *after, reset, count, mean, prior_count, prior_mean, *d_state, length, groups,
-                block_size, num_blocks, segs_per_block, seg_tiles, HAS_RESET=block_reset is not None,
-                BLOCK_T=scan_t, BLOCK_G=scan_g, num_warps=1)
+                block_size, num_blocks, scan.segs_per_block, scan.seg_tiles, HAS_RESET=block_reset is not None,
+                BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=1)
     dx = torch.empty_like(x)
     kernels.dx_kernel[token_grid](x, dy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups, dim // groups,
                                   BLOCK_T=block_t, BLOCK_DG=block_dg)

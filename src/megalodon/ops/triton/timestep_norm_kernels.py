@@ -80,10 +80,15 @@ def _segment_program(G, tiles, segs_per_block, seg_tiles, num_segments, BLOCK_T:
 
 
 @triton.jit
+def _tokens_before(c, tile, block, L, BLOCK_T: tl.constexpr):
+    """How many of block c's tokens come before its tile `tile` (those of the block that are in the row)."""
+    return tl.minimum(tile * BLOCK_T, tl.minimum(block, L - c * block))
+
+
+@triton.jit
 def _segment_tokens(c, first, seg_tiles, block, L, BLOCK_T: tl.constexpr):
-    """How many tokens segment (c, first) holds: its tiles' positions that lie in block c and in the row."""
-    block_tokens = tl.minimum(block, L - c * block)
-    return tl.minimum(tl.maximum(block_tokens - first * BLOCK_T, 0), seg_tiles * BLOCK_T)
+    """How many tokens the segment of block c's tiles [first, first + seg_tiles) holds."""
+    return _tokens_before(c, first + seg_tiles, block, L, BLOCK_T) - _tokens_before(c, first, block, L, BLOCK_T)
 
 
 @triton.jit
@@ -100,13 +105,13 @@ def _absorb(n0, m0, v0, k, part_mean, part_var):
 
 
 @triton.jit
-def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr, seg_mean_ptr, seg_var_ptr, in_count_ptr, in_mean_ptr,
+def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr, seg_mean_ptr, seg_var_ptr, bcount_ptr, in_mean_ptr,
                      in_var_ptr, L, G, block, tiles, segs_per_block, seg_tiles, num_segments, eps,
                      TOTALS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
     """Grid (B, G / BLOCK_G, segments): one segment's tiles in order. TOTALS: from an empty carry, the segment's
     mean and var (float64) into seg_mean, seg_var (B, segments, G), nothing per token. Else from the carry that
-    enters the segment (carry_fwd_kernel's in_count (B, segments), in_mean, in_var), every token's cumulative
-    mean and rstd."""
+    enters the segment (carry_fwd_kernel's in_mean and in_var, and its count from the block's, bcount), every
+    token's cumulative mean and rstd."""
     b, gs, gmask, rows, c, first, last, at = _segment_program(G, tiles, segs_per_block, seg_tiles, num_segments,
                                                               BLOCK_T, BLOCK_G)
     if TOTALS:
@@ -114,7 +119,8 @@ def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr, seg_mean_ptr, seg_var_pt
         m0 = tl.zeros([BLOCK_G], dtype=tl.float64)
         v0 = tl.zeros([BLOCK_G], dtype=tl.float64)
     else:
-        n0 = tl.load(in_count_ptr + b * num_segments + tl.program_id(2))
+        num_blocks = num_segments // segs_per_block
+        n0 = tl.load(bcount_ptr + b * num_blocks + c) + _tokens_before(c, first, block, L, BLOCK_T)
         m0 = tl.load(in_mean_ptr + at, mask=gmask, other=0.0)
         v0 = tl.load(in_var_ptr + at, mask=gmask, other=0.0)
     for tile in range(first, last):
@@ -158,12 +164,12 @@ def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr, seg_mean_ptr, seg_var_pt
 
 @triton.jit
 def carry_fwd_kernel(seg_mean_ptr, seg_var_ptr, count_ptr, mean0_ptr, var0_ptr, pcount_ptr, pmean_ptr, pvar_ptr,
-                     reset_ptr, in_count_ptr, in_mean_ptr, in_var_ptr, bcount_ptr, fcount_ptr, fmean_ptr, fvar_ptr,
+                     reset_ptr, in_mean_ptr, in_var_ptr, bcount_ptr, fcount_ptr, fmean_ptr, fvar_ptr,
                      L, G, block, num_blocks, segs_per_block, seg_tiles,
                      HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
     """Grid (B, G / BLOCK_G): the scan over a row's segments, from the incoming state (count, mean, var), restarting
-    at the prior where block_reset says so. Writes the carry entering every segment (in_count, in_mean, in_var),
-    the count entering every block (bcount (B, num_blocks)) and the final state."""
+    at the prior where block_reset says so. Writes the mean and var entering every segment (in_mean, in_var),
+    the count entering every block (bcount (B, num_blocks); a segment's follows from it) and the final state."""
     b = tl.program_id(0).to(tl.int64)
     pid_g = tl.program_id(1)
     gs = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -185,7 +191,6 @@ def carry_fwd_kernel(seg_mean_ptr, seg_var_ptr, count_ptr, mean0_ptr, var0_ptr, 
         for s in range(0, segs_per_block):
             seg = c * segs_per_block + s
             at = (b * num_segments + seg) * G + gs
-            tl.store(in_count_ptr + b * num_segments + seg, n0, mask=pid_g == 0)
             tl.store(in_mean_ptr + at, m0, mask=gmask)
             tl.store(in_var_ptr + at, v0, mask=gmask)
             k = _segment_tokens(c, s * seg_tiles, seg_tiles, block, L, BLOCK_T)
