@@ -144,11 +144,19 @@ def training_step(model, ids, mode: str):
     return step, held
 
 
+def failure(err: Exception) -> str:
+    """A short cell for a model whose step failed."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    return f"{type(err).__name__}: {str(err)[:160]}"
+
+
 def measure_pair(preset: str, length: int, mode: str, checkpoint: bool, repeats: int) -> dict:
     """Both models at one shape, alternating: each gets a warm-up, then their timed rounds interleave."""
     row = {}
     models = {}
     for arch in ("megalodon", "llama"):
+        model = None
         try:
             model = build(arch, preset)
             if checkpoint:
@@ -156,27 +164,29 @@ def measure_pair(preset: str, length: int, mode: str, checkpoint: bool, repeats:
             ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
             step, held = training_step(model, ids, mode)
             models[arch] = (model, step, held)
-        except torch.cuda.OutOfMemoryError:
-            row[arch] = {"error": "out of memory"}
-            models.pop(arch, None)
+        except Exception as err:  # one model's failure (a capture, a compilation) must not cost the other its row
+            row[arch] = {"error": failure(err)}
+            del model
             free_cache()
     timings = {arch: [] for arch in models}
     for _ in range(repeats):
         for arch, (model, step, _) in models.items():
+            if arch in row:
+                continue
             # as the trainer's optimizer step leaves them: otherwise each backward adds into every .grad (one
             # kernel per parameter tensor: 280 of 1,917 in a mega200M step at 4K on the H100)
             model.zero_grad(set_to_none=True)
             try:
                 timings[arch].append(time_step(step)[0])
-            except torch.cuda.OutOfMemoryError:
-                row[arch] = {"error": "out of memory"}
+            except Exception as err:
+                row[arch] = {"error": failure(err)}
     for arch, (model, step, held) in models.items():
         if arch in row or not timings[arch]:
             continue
         try:  # one more step, the gradients left allocated by the last: its peak above them is the activations'
             activation = held if held is not None else time_step(step)[1]
-        except torch.cuda.OutOfMemoryError:
-            row[arch] = {"error": "out of memory"}
+        except Exception as err:
+            row[arch] = {"error": failure(err)}
             continue
         best = min(timings[arch])
         flops = model_flops.training_flops_per_token(model, length)
@@ -234,7 +244,7 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
             try:
                 row = measure_pair(preset, length, mode, checkpoint, repeats)
             except Exception as err:  # a failing mode must not end the run: report it and go on
-                row = {"megalodon": {"error": f"{type(err).__name__}: {str(err)[:200]}"}, "llama": {}}
+                row = {arch: {"error": failure(err)} for arch in ("megalodon", "llama")}
             row.update(preset=preset, length=length, mode=label, seconds=time.perf_counter() - case_start)
             rows.append(row)
             log(train_row(row))

@@ -69,3 +69,27 @@ def test_op_counts_counts_the_gpu_path_of_both_models():
     rows = {line.split("|")[1].strip(): [int(v) for v in line.split("|")[3:5]]
             for line in out.stdout.splitlines() if line.startswith(("| training", "| decode"))}
     assert rows.keys() == {"training", "decode"} and all(v > 0 for counts in rows.values() for v in counts)
+
+
+def test_one_models_failure_leaves_the_other_its_row(monkeypatch):
+    """A mode that fails for one model (a graph capture, a compilation) still reports the other's figures, and
+    names the failure in the failing model's cell."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_training
+
+    from megalodon.baseline import Llama
+
+    train_step = gpu_training.training_step
+
+    def capture_fails_for_the_llama(model, ids, mode):
+        if isinstance(model, Llama):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return train_step(model, ids, mode)
+
+    monkeypatch.setattr(gpu_training, "training_step", capture_fails_for_the_llama)
+    monkeypatch.setattr(gpu_training, "DEVICE", "cpu")
+    row = gpu_training.measure_pair("tiny", 32, "eager", checkpoint=False, repeats=1)
+    assert row["megalodon"]["tokens_per_s"] > 0
+    assert row["llama"] == {"error": "RuntimeError: operation not permitted when stream is capturing"}
+    row.update(preset="tiny", length=32, mode="eager", seconds=0.0)
+    assert "| RuntimeError: operation not permitted" in gpu_training.train_row(row)
