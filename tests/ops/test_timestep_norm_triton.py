@@ -179,7 +179,50 @@ def test_dispatch_picks_triton_without_pad_mask(monkeypatch):
     assert calls == [1]
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("uses", ["both", "copy only"])
+def test_low_precision_copy_and_its_gradient(uses):
+    """copy_dtype: y again in bf16 from the same pass, as torch's cast of y makes it, and backward adds the copy's
+    gradient to y's, against the float64 reference fed the sum. "copy only": y's own gradient is None."""
+    x, initial, prior, weight, bias = case(2, 21, 1, seed=11)
+    reset = torch.tensor([[False, True, False], [True, False, False]])
+    dev, ref = leaves(x, initial, prior, weight, bias)
+    counts = (initial.count, prior.count)
+
+    def with_copy(x, initial, prior, weight, bias, eps, block, reset):
+        return triton_path(x, initial, weight, bias, eps, block, reset, prior, copy_dtype=torch.bfloat16)
+
+    y, copy, final = run(with_copy, dev, counts, 1e-5, 8, reset)
+    y_ref, final_ref = run(reference, ref, counts, 1e-5, 8, reset)
+    assert y.dtype == torch.float32 and copy.dtype == torch.bfloat16 and copy.shape == y.shape
+    assert torch.equal(copy, y.detach().to(torch.bfloat16))
+    torch.testing.assert_close(final.var.cpu(), final_ref.var, rtol=1e-5, atol=1e-6)
+
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64) * (uses == "both")
+    d_copy = torch.randn(y_ref.shape, generator=g).to(torch.bfloat16)  # bf16: what reaches the copy is bf16
+    loss = (copy * d_copy.to(DEVICE)).float().sum() + (y.double() * dy.to(DEVICE)).sum() * (uses == "both")
+    grads = torch.autograd.grad(loss, [dev[0], dev[1], dev[5], dev[6]])
+    grads_ref = torch.autograd.grad((y_ref * (dy + d_copy.double())).sum(), [ref[0], ref[1], ref[5], ref[6]])
+    for name, got, want in zip(["x", "mean", "weight", "bias"], grads, grads_ref):
+        scale = want.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(got.cpu().double() / scale, want / scale, rtol=0, atol=2e-5, msg=name)
+
+
+def test_pytorch_path_returns_the_same_copy():
+    """Where the Triton kernels do not run (the CPU, float64, a pad_mask), copy_dtype gives y cast, and y itself
+    when copy_dtype is y's dtype."""
+    x, initial, prior, weight, bias = case(2, 9, 1, seed=12)
+    y, stats = timestep_norm(x, initial, weight, bias, 1e-5, 4)
+    y2, copy, stats2 = timestep_norm(x, initial, weight, bias, 1e-5, 4, copy_dtype=torch.bfloat16)
+    torch.testing.assert_close(y2, y)
+    assert torch.equal(copy, y.to(torch.bfloat16))
+    torch.testing.assert_close(stats2.var, stats.var)
+    y3, same, _ = timestep_norm(x, initial, weight, bias, 1e-5, 4, copy_dtype=torch.float32)
+    assert same is y3
+
+
+@pytest.mark.parametrize("copy_dtype", [None, torch.bfloat16])
+def test_custom_ops_pass_opcheck(copy_dtype):
     """Schema, fake (meta) implementations and autograd registration, as torch.compile relies on them."""
     from megalodon.ops.triton.timestep_norm import timestep_norm_fwd
 
@@ -187,7 +230,7 @@ def test_custom_ops_pass_opcheck():
     args = (x.to(DEVICE).requires_grad_(), initial.count, initial.mean.requires_grad_(), initial.var,
             prior.count.expand(2).contiguous(), prior.mean.expand(2, G).contiguous(),
             prior.var.expand(2, G).contiguous(), torch.tensor([[False, True, False]]).expand(2, 3).contiguous(),
-            weight.requires_grad_(), bias, 1e-5, 4)
+            weight.requires_grad_(), bias, 1e-5, 4, copy_dtype)
     args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(timestep_norm_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                                "test_autograd_registration"))
@@ -299,9 +342,12 @@ tile = dict(BLOCK_T=64, BLOCK_DG=32)
 CASES = []
 for x in ("*bf16", f32):
     CASES += [(kernels.moments_kernel, [x, f32, f32] + [i32] * 4, tile),
-              (kernels.normalize_kernel, [x] + [f32] * 5 + [i32] * 4, tile),
-              (kernels.norm_bwd_kernel, [x] + [f32] * 8 + [i32] * 4, tile),
-              (kernels.dx_kernel, [x] + [f32] * 6 + [x] + [i32] * 4, tile),
+              (kernels.normalize_kernel, [x] + [f32] * 5 + ["*bf16"] + [i32] * 4, dict(tile, COPY=True)),
+              (kernels.normalize_kernel, [x] + [f32] * 6 + [i32] * 4, dict(tile, COPY=False)),
+              (kernels.norm_bwd_kernel, [x, f32, "*bf16"] + [f32] * 7 + [i32] * 4, dict(tile, HAS_COPY=True)),
+              (kernels.norm_bwd_kernel, [x, f32, f32] + [f32] * 7 + [i32] * 4, dict(tile, HAS_COPY=False)),
+              (kernels.dx_kernel, [x, f32, "*bf16"] + [f32] * 5 + [x] + [i32] * 4, dict(tile, HAS_COPY=True)),
+              (kernels.dx_kernel, [x, f32, f32] + [f32] * 5 + [x] + [i32] * 4, dict(tile, HAS_COPY=False)),
               (step._step_kernel, [x, i64, f64, f64, f32, f32, f32, x, i32, i32, i32, "fp32"],
                dict(COPY=x != f32, BLOCK_G=32, BLOCK_DG=32))]
 # the scans' default tiles, and the tilings benchmarks/bench_timestep_norm.py --scan-tiles tries on a GPU

@@ -126,11 +126,13 @@ class MovingAverageGatedAttention(nn.Module):
         chunk = cfg.chunk_size
         dtype = compute_dtype(x)  # the linears' dtype: bf16 under autocast
 
-        xn, norm_state = self.timenorm(x, None if state is None else state.norm, chunk, block_reset)
+        # xn in fp32 for the CEMA, and in the linears' dtype for Wv, both from the norm's one pass
+        xn, xn_low, norm_state = self.timenorm(x, None if state is None else state.norm, chunk, block_reset,
+                                               copy_dtype=dtype)
         c, cema_h = self.cema(xn, None if state is None else state.cema_h, chunk, block_reset, need_state)
         mx = F.dropout(self.rmsnorm(c, dtype), cfg.hidden_dropout if self.training else 0.0, self.training)
         z, gate, h1 = self._mixed_projections(mx)
-        v_in = self._value_inputs(xn.to(dtype))
+        v_in = self._value_inputs(xn_low)
 
         q, k = self._queries_keys(z, rotation)
         if state is not None and length == 1:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from megalodon.ops.timestep_norm import STATS_DTYPE, NormStats, timestep_norm, timestep_norm_step, timestep_norm_step_
+from megalodon.ops.timestep_norm import (STATS_DTYPE, NormStats, timestep_norm, timestep_norm_step, timestep_norm_step_,
+                                         with_copy)
 
 
 class TimestepNorm(nn.Module):
@@ -39,19 +40,20 @@ class TimestepNorm(nn.Module):
 
     def forward(
         self, x: Tensor, state: NormStats | None = None, block_size: int | None = None,
-        block_reset: Tensor | None = None, pad_mask: Tensor | None = None,
-    ) -> tuple[Tensor, NormStats]:
-        """x: (B, L, D) -> normalized x (fp32) and the statistics after the last token."""
+        block_reset: Tensor | None = None, pad_mask: Tensor | None = None, copy_dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, NormStats] | tuple[Tensor, Tensor, NormStats]:
+        """x: (B, L, D) -> normalized x (fp32) and the statistics after the last token; with copy_dtype (the
+        linears' dtype) the normalized x in that dtype too, between them, made in the same pass."""
         with torch.autocast(x.device.type, enabled=False):
             if x.shape[1] == 1 and block_reset is None and pad_mask is None:
                 initial = self.initial_state(x.shape[0]) if state is None else state
-                return timestep_norm_step(x, initial, self.weight, self.bias, self.eps)
+                return with_copy(*timestep_norm_step(x, initial, self.weight, self.bias, self.eps), copy_dtype)
             # A fresh stream starts at the prior itself, which the op expands over the rows (no copies); resets
             # restart at `initial` when no prior is given, and that is the prior here too.
             prior = self.prior()
             initial, restart = (prior, None) if state is None else (state, prior)
             return timestep_norm(x, initial, self.weight, self.bias, self.eps, block_size, block_reset, restart,
-                                 pad_mask)
+                                 pad_mask, copy_dtype)
 
     def step_(self, x: Tensor, state: NormStats,
               copy_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:

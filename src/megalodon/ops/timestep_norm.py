@@ -38,7 +38,7 @@ from megalodon.ops.triton import use_triton
 
 __all__ = ["STATS_DTYPE", "NormStats", "causal_statistics", "chan_merge", "merge_statistics", "normalize",
            "segment_statistics", "timestep_norm", "timestep_norm_blocked", "timestep_norm_sequential",
-           "timestep_norm_step", "timestep_norm_step_", "token_moments"]
+           "timestep_norm_step", "timestep_norm_step_", "token_moments", "with_copy"]
 
 
 # ---- per-token pieces over the full activations (B, L, D), with fused backward passes -------------------------
@@ -182,14 +182,19 @@ def timestep_norm(
     block_reset: Tensor | None = None,
     prior: NormStats | None = None,
     pad_mask: Tensor | None = None,
-) -> tuple[Tensor, NormStats]:
-    """Normalize x (B, L, D) causally along time; return y (fp32 or wider) and the statistics after the last token.
+    copy_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, NormStats] | tuple[Tensor, Tensor, NormStats]:
+    """Normalize x (B, L, D) causally along time; return y (fp32 or wider) and the statistics after the last token,
+    and with copy_dtype (y, y in copy_dtype, statistics).
 
     initial: incoming state; count (B,), mean/var (B, G).
     block_size: cut time into blocks of this many steps (the chunk grid; default: one block).
     block_reset: (B, num_blocks) bool; True restarts the statistics at `prior` (default: `initial`) at that
     block's first step.
     pad_mask: (B, L) bool, True = padding: the token does not update the statistics and its output is 0.
+    copy_dtype: the dtype of the linears that read y (bf16 under autocast): the Triton path writes that copy in
+    the same pass as y, and adds the copy's gradient to y's inside its backward (no cast and no add apart). y
+    itself where copy_dtype is y's dtype.
 
     The one place that decides the path: the Triton kernels for CUDA tensors (fp32/bf16/fp16, no pad_mask),
     otherwise the PyTorch path.
@@ -198,12 +203,21 @@ def timestep_norm(
     if x.shape[1] == 0:
         stats_dtype = torch.promote_types(x.dtype, torch.float32)
         rows = per_row(initial, x.shape[0], initial.mean.shape[-1])
-        return x.to(stats_dtype), NormStats(*(t.clone() for t in rows))
+        return with_copy(x.to(stats_dtype), NormStats(*(t.clone() for t in rows)), copy_dtype)
     if pad_mask is None and x.dtype != torch.float64 and use_triton("timestep_norm", x):
         from megalodon.ops.triton.timestep_norm import timestep_norm_triton
 
-        return timestep_norm_triton(x, initial, weight, bias, eps, block_size, block_reset, prior)
-    return timestep_norm_blocked(x, initial, weight, bias, eps, block_size, block_reset, prior, pad_mask)
+        return timestep_norm_triton(x, initial, weight, bias, eps, block_size, block_reset, prior, copy_dtype)
+    return with_copy(*timestep_norm_blocked(x, initial, weight, bias, eps, block_size, block_reset, prior, pad_mask),
+                     copy_dtype)
+
+
+def with_copy(y: Tensor, stats: NormStats,
+              copy_dtype: torch.dtype | None) -> tuple[Tensor, NormStats] | tuple[Tensor, Tensor, NormStats]:
+    """(y, stats), or with copy_dtype (y, y in copy_dtype, stats): timestep_norm's returns on a path that casts."""
+    if copy_dtype is None:
+        return y, stats
+    return y, y.to(copy_dtype), stats
 
 
 class _BlockedTimestepNorm(torch.autograd.Function):

@@ -41,8 +41,8 @@ class ChunkParallelTimestepNorm(TimestepNorm):
 
     def forward(
         self, x: Tensor, state: NormStats | None = None, block_size: int | None = None,
-        block_reset: Tensor | None = None, pad_mask: Tensor | None = None,
-    ) -> tuple[Tensor, NormStats]:
+        block_reset: Tensor | None = None, pad_mask: Tensor | None = None, copy_dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, NormStats] | tuple[Tensor, Tensor, NormStats]:
         """As TimestepNorm.forward; `state` enters the first segment, and the returned statistics leave the last
         (the same on every rank)."""
         if pad_mask is not None:
@@ -58,8 +58,8 @@ class ChunkParallelTimestepNorm(TimestepNorm):
             # tensor too (with zero weights), not taken from `initial`: every rank must join the gather's backward.
             incoming, final = (NormStats(*t) for t in zip(*norm_incoming(initial, self.prior(), summaries,
                                                                          (rank, len(summaries)))))
-            y, _ = super().forward(x, incoming, block_size, block_reset)
-        return y, final
+            *normalized, _ = super().forward(x, incoming, block_size, block_reset, copy_dtype=copy_dtype)
+        return *normalized, final
 
 
 class ChunkParallelCEMA(CEMA):

@@ -17,7 +17,9 @@ Forward, five launches (the kernels are in ops/triton/timestep_norm_kernels.py):
    4. `scan_fwd_kernel`, grid as 2: per tile, prefix sums of mu - c and s2 + (mu - c)^2 shifted by the tile's
       first token mean c (Welford within the tile in closed form), then a Chan merge of the carry into every
       token, giving its cumulative mean and rstd = (var + eps)^-1/2; the carry absorbs each tile's totals.
-5. `normalize_kernel`, same grid as 1: y = (x - mean_t) * rstd_t * (weight + 1) + bias, in fp32.
+5. `normalize_kernel`, same grid as 1: y = (x - mean_t) * rstd_t * (weight + 1) + bias, in fp32, and where asked
+   (copy_dtype: the linears' dtype under autocast) y again in that dtype, which a cast would otherwise make with
+   a launch of its own and a second read of y.
 Saved for backward: x (the input), mean_t and rstd_t (B, L, G) fp32, and the count entering each block (B, nb).
 
 Backward. Since the last reset, from the state (n0, m0, v0) it restarted at, token t's statistics are
@@ -29,7 +31,7 @@ so, with A_i = sum_{t>=i} dm_t / n_t, C_i = sum_{t>=i} dv_t / n_t and E_i(c) = s
 and through mu_i = mean_j x_ij, s2_i = mean_j (x_ij - mu_i)^2 the token mean cancels:
     dx_ij = g_ij rstd_i + (P_i + 2 C_i (x_ij - m_i)) / DG,   g = dy * (weight + 1),   P_i = A_i - 2 E_i(m_i).
 Five launches:
-6. `norm_bwd_kernel`, grid as 1: dm_t = -rstd sum_j g, dv_t = -rstd^2 / 2 * sum_j g xhat, and per-tile partial
+6. `norm_bwd_kernel`, grid as 1 (here and in 10, dy is y's gradient plus its copy's, added on load): dm_t = -rstd sum_j g, dv_t = -rstd^2 / 2 * sum_j g xhat, and per-tile partial
    sums of dy * xhat and dy for the weight and bias gradients. The final state's gradients join the last token's.
 7-9. The reverse scan for P and C over the forward's segments: `scan_bwd_kernel` (TOTALS) sums A, C and E over
    each segment; `carry_bwd_kernel` carries them from segment to segment backwards (E rebased between shifts),
@@ -105,14 +107,17 @@ def _scan_layout(groups: int, block: int, num_blocks: int) -> _ScanLayout:
 def timestep_norm_fwd(
     x: Tensor, count: Tensor, mean: Tensor, var: Tensor, prior_count: Tensor, prior_mean: Tensor,
     prior_var: Tensor, block_reset: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float, block_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """y (B, L, D) fp32, mean_t and rstd_t (B, L, G) fp32, the count entering each block (B, nb), and the final
-    count (B,) int64, mean and var (B, G) float64. All inputs contiguous; the state and prior given per row."""
+    copy_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y (B, L, D) fp32, y in copy_dtype (an empty tensor where None), mean_t and rstd_t (B, L, G) fp32, the count
+    entering each block (B, nb), and the final count (B,) int64, mean and var (B, G) float64. All inputs
+    contiguous; the state and prior given per row."""
     batch, length, dim = x.shape
     groups = mean.shape[-1]
     num_blocks = -(-length // block_size)
     mu, s2, mean_t, rstd_t = (x.new_empty(batch, length, groups, dtype=torch.float32) for _ in range(4))
     y = torch.empty(batch, length, dim, dtype=torch.float32, device=x.device)
+    copy = torch.empty(0 if copy_dtype is None else y.shape, dtype=copy_dtype or y.dtype, device=x.device)
     block_count = torch.empty(batch, num_blocks, dtype=torch.int64, device=x.device)
     final_count = torch.empty_like(count)
     final_mean, final_var = torch.empty_like(mean), torch.empty_like(var)
@@ -137,17 +142,20 @@ def timestep_norm_fwd(
                 block_count, final_count, final_mean, final_var, length, groups, block_size, num_blocks,
                 scan.segs_per_block, scan.seg_tiles, HAS_RESET=block_reset is not None, BLOCK_T=scan.tokens,
                 BLOCK_G=scan.groups, num_warps=1)  # a chain of small steps: one warp holds its groups
-    kernels.normalize_kernel[token_grid](x, mean_t, rstd_t, weight, bias, y, tokens, dim, groups, dim // groups,
-                                         BLOCK_T=block_t, BLOCK_DG=block_dg)
-    return y, mean_t, rstd_t, block_count, final_count, final_mean, final_var
+    kernels.normalize_kernel[token_grid](x, mean_t, rstd_t, weight, bias, y, y if copy_dtype is None else copy,
+                                         tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg,
+                                         COPY=copy_dtype is not None)
+    return y, copy, mean_t, rstd_t, block_count, final_count, final_mean, final_var
 
 
 @timestep_norm_fwd.register_fake
-def _(x, count, mean, var, prior_count, prior_mean, prior_var, block_reset, weight, bias, eps, block_size):
+def _(x, count, mean, var, prior_count, prior_mean, prior_var, block_reset, weight, bias, eps, block_size,
+      copy_dtype):
     batch, length, dim = x.shape
     groups = mean.shape[-1]
     stats = x.new_empty(batch, length, groups, dtype=torch.float32)
-    return (x.new_empty(batch, length, dim, dtype=torch.float32), stats, torch.empty_like(stats),
+    copy = x.new_empty((0,) if copy_dtype is None else (batch, length, dim), dtype=copy_dtype or torch.float32)
+    return (x.new_empty(batch, length, dim, dtype=torch.float32), copy, stats, torch.empty_like(stats),
             x.new_empty(batch, -(-length // block_size), dtype=torch.int64), torch.empty_like(count),
             torch.empty_like(mean), torch.empty_like(var))
 
@@ -155,13 +163,13 @@ def _(x, count, mean, var, prior_count, prior_mean, prior_var, block_reset, weig
 @torch.library.custom_op("megalodon::timestep_norm_bwd", mutates_args=())
 @on_input_device
 def timestep_norm_bwd(
-    dy: Tensor, d_final_mean: Optional[Tensor], d_final_var: Optional[Tensor], x: Tensor, mean_t: Tensor,
-    rstd_t: Tensor,
-    block_count: Tensor, count: Tensor, mean: Tensor, prior_count: Tensor, prior_mean: Tensor,
-    block_reset: Optional[Tensor], weight: Tensor, block_size: int,
+    dy: Tensor, d_copy: Optional[Tensor], d_final_mean: Optional[Tensor], d_final_var: Optional[Tensor], x: Tensor,
+    mean_t: Tensor, rstd_t: Tensor, block_count: Tensor, count: Tensor, mean: Tensor, prior_count: Tensor,
+    prior_mean: Tensor, block_reset: Optional[Tensor], weight: Tensor, block_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of x, the incoming mean and var, the prior mean and var, weight and bias. d_final_mean and
-    d_final_var: the final state's gradients, both or neither (None where the loss does not use the state)."""
+    """Gradients of x, the incoming mean and var, the prior mean and var, weight and bias. d_copy: the gradient of
+    y's low-precision copy, or None. d_final_mean and d_final_var: the final state's gradients, both or neither
+    (None where the loss does not use the state)."""
     batch, length, dim = x.shape
     groups = mean.shape[-1]
     num_blocks = block_count.shape[1]
@@ -170,8 +178,11 @@ def timestep_norm_bwd(
     token_grid = (triton.cdiv(tokens, block_t), groups)
     dm, dv, p, c = (x.new_empty(batch, length, groups, dtype=torch.float32) for _ in range(4))
     partial = [x.new_empty(token_grid[0], dim, dtype=torch.float32) for _ in range(2)]
-    kernels.norm_bwd_kernel[token_grid](x, dy, mean_t, rstd_t, weight, dm, dv, partial[0], partial[1],
-                                        tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg)
+    has_copy = d_copy is not None
+    d_copy = d_copy if has_copy else dy  # any pointer when there is none
+    kernels.norm_bwd_kernel[token_grid](x, dy, d_copy, mean_t, rstd_t, weight, dm, dv, partial[0], partial[1],
+                                        tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg,
+                                        HAS_COPY=has_copy)
     d_state = [torch.empty_like(mean) for _ in range(4)]  # incoming mean and var, prior mean and var
     scan = _scan_layout(groups, block_size, num_blocks)
     # per segment: its own sums A, C, E and E's shift; then the sums after it, in the same layout
@@ -193,14 +204,14 @@ def timestep_norm_bwd(
                 block_size, num_blocks, scan.segs_per_block, scan.seg_tiles, HAS_RESET=block_reset is not None,
                 BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=1)
     dx = torch.empty_like(x)
-    kernels.dx_kernel[token_grid](x, dy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups, dim // groups,
-                                  BLOCK_T=block_t, BLOCK_DG=block_dg)
+    kernels.dx_kernel[token_grid](x, dy, d_copy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups,
+                                  dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg, HAS_COPY=has_copy)
     d_weight, d_bias = (t.sum(0).to(weight.dtype) for t in partial)
     return dx, *d_state, d_weight, d_bias
 
 
 @timestep_norm_bwd.register_fake
-def _(dy, d_final_mean, d_final_var, x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean,
+def _(dy, d_copy, d_final_mean, d_final_var, x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean,
       block_reset, weight, block_size):
     state = torch.empty_like(mean)
     return (torch.empty_like(x), state, torch.empty_like(state), torch.empty_like(state), torch.empty_like(state),
@@ -208,27 +219,29 @@ def _(dy, d_final_mean, d_final_var, x, mean_t, rstd_t, block_count, count, mean
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, count, mean, _, prior_count, prior_mean, _, block_reset, weight, _, _, block_size = inputs
-    _, mean_t, rstd_t, block_count, _, _, _ = output
-    ctx.mark_non_differentiable(*output[1:5])
+    x, count, mean, _, prior_count, prior_mean, _, block_reset, weight, _, _, block_size, _ = inputs
+    _, _, mean_t, rstd_t, block_count, _, _, _ = output
+    ctx.mark_non_differentiable(*output[2:6])
     ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors made only to be read
     ctx.block_size = block_size
     ctx.save_for_backward(x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean, block_reset, weight)
 
 
-def _backward(ctx, dy, _mean_t, _rstd_t, _block_count, _final_count, d_final_mean, d_final_var):
+def _backward(ctx, dy, d_copy, _mean_t, _rstd_t, _block_count, _final_count, d_final_mean, d_final_var):
     x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean, block_reset, weight = ctx.saved_tensors
-    batch, length, _ = x.shape
-    dy = x.new_zeros(x.shape, dtype=torch.float32) if dy is None else dy.contiguous()
+    if dy is None:  # the loss reads only the copy, or neither
+        dy, d_copy = (x.new_zeros(x.shape, dtype=torch.float32) if d_copy is None else d_copy), None
+    dy = dy.contiguous()
+    d_copy = None if d_copy is None else d_copy.contiguous()
     if (d_final_mean is None) != (d_final_var is None):  # the kernel takes both or neither
         d_final_mean = torch.zeros_like(mean) if d_final_mean is None else d_final_mean
         d_final_var = torch.zeros_like(mean) if d_final_var is None else d_final_var
     if d_final_mean is not None:
         d_final_mean, d_final_var = d_final_mean.contiguous(), d_final_var.contiguous()
     dx, d_mean, d_var, d_prior_mean, d_prior_var, d_weight, d_bias = timestep_norm_bwd(
-        dy, d_final_mean, d_final_var, x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean,
+        dy, d_copy, d_final_mean, d_final_var, x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean,
         block_reset, weight, ctx.block_size)
-    return dx, None, d_mean, d_var, None, d_prior_mean, d_prior_var, None, d_weight, d_bias, None, None
+    return dx, None, d_mean, d_var, None, d_prior_mean, d_prior_var, None, d_weight, d_bias, None, None, None
 
 
 timestep_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -236,16 +249,18 @@ timestep_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def timestep_norm_triton(
     x: Tensor, initial: NormStats, weight: Tensor, bias: Tensor, eps: float, block_size: int | None = None,
-    block_reset: Tensor | None = None, prior: NormStats | None = None,
-) -> tuple[Tensor, NormStats]:
-    """The Triton path of `megalodon.ops.timestep_norm.timestep_norm` (same arguments, no pad_mask)."""
+    block_reset: Tensor | None = None, prior: NormStats | None = None, copy_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, NormStats] | tuple[Tensor, Tensor, NormStats]:
+    """The Triton path of `megalodon.ops.timestep_norm.timestep_norm` (same arguments and returns, no pad_mask)."""
     batch, length, _ = x.shape
     groups = initial.mean.shape[-1]
 
     initial_rows = [t.contiguous() for t in per_row(initial, batch, groups)]  # as the kernels read them
     prior_rows = initial_rows if prior is None else [t.contiguous() for t in per_row(prior, batch, groups)]
-    y, _, _, _, count, mean, var = timestep_norm_fwd(
+    copied = copy_dtype not in (None, torch.float32)  # y itself is fp32
+    y, copy, _, _, _, count, mean, var = timestep_norm_fwd(
         x.contiguous(), *initial_rows, *prior_rows,
         None if block_reset is None else block_reset.contiguous(), weight.contiguous(), bias.contiguous(),
-        float(eps), block_size_of(length, block_size))
-    return y, NormStats(count, mean, var)
+        float(eps), block_size_of(length, block_size), copy_dtype if copied else None)
+    stats = NormStats(count, mean, var)
+    return (y, stats) if copy_dtype is None else (y, copy if copied else y, stats)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from megalodon.ops.triton.casts import cast
+
 
 @triton.jit
 def _tile(pid, g, T, D, DG, BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr):
@@ -36,8 +38,9 @@ def moments_kernel(x_ptr, mu_ptr, s2_ptr, T, D, G, DG, BLOCK_T: tl.constexpr, BL
 
 
 @triton.jit
-def normalize_kernel(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, y_ptr, T, D, G, DG,
-                      BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr):
+def normalize_kernel(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, y_ptr, copy_ptr, T, D, G, DG,
+                      BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr, COPY: tl.constexpr):
+    """y in fp32 and, with COPY, y again in copy's dtype (the linears' input, which a cast would make apart)."""
     g = tl.program_id(1)
     toks, cols, offs, tmask, cmask, mask = _tile(tl.program_id(0), g, T, D, DG, BLOCK_T, BLOCK_DG)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -47,6 +50,18 @@ def normalize_kernel(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, y_ptr, T, D, G, DG
     shift = tl.load(b_ptr + g * DG + cols, mask=cmask, other=0.0).to(tl.float32)
     y = (x - mean[:, None]) * rstd[:, None] * scale[None, :] + shift[None, :]
     tl.store(y_ptr + offs, y, mask=mask)
+    if COPY:
+        tl.store(copy_ptr + offs, cast(y, copy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _output_grad(dy_ptr, dcopy_ptr, offs, mask, HAS_COPY: tl.constexpr):
+    """dL/dy in fp32: y's own gradient plus, with HAS_COPY, the gradient of its low-precision copy (the sum
+    autograd would make with a cast and an add)."""
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COPY:
+        dy += tl.load(dcopy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return dy
 
 
 @triton.jit
@@ -202,13 +217,13 @@ def carry_fwd_kernel(seg_mean_ptr, seg_var_ptr, count_ptr, mean0_ptr, var0_ptr, 
 
 
 @triton.jit
-def norm_bwd_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, dm_ptr, dv_ptr, dw_ptr, db_ptr, T, D, G, DG,
-                     BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr):
+def norm_bwd_kernel(x_ptr, dy_ptr, dcopy_ptr, mean_ptr, rstd_ptr, w_ptr, dm_ptr, dv_ptr, dw_ptr, db_ptr, T, D, G,
+                    DG, BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr, HAS_COPY: tl.constexpr):
     pid = tl.program_id(0)
     g = tl.program_id(1)
     toks, cols, offs, tmask, cmask, mask = _tile(pid, g, T, D, DG, BLOCK_T, BLOCK_DG)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = _output_grad(dy_ptr, dcopy_ptr, offs, mask, HAS_COPY)
     mean = tl.load(mean_ptr + toks * G + g, mask=tmask, other=0.0)
     rstd = tl.load(rstd_ptr + toks * G + g, mask=tmask, other=0.0)
     scale = tl.load(w_ptr + g * DG + cols, mask=cmask, other=0.0).to(tl.float32) + 1.0
@@ -336,12 +351,12 @@ def carry_bwd_kernel(seg_a_ptr, seg_c_ptr, seg_e_ptr, seg_shift_ptr, in_a_ptr, i
 
 
 @triton.jit
-def dx_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, p_ptr, c_ptr, w_ptr, dx_ptr, T, D, G, DG,
-               BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr):
+def dx_kernel(x_ptr, dy_ptr, dcopy_ptr, mean_ptr, rstd_ptr, p_ptr, c_ptr, w_ptr, dx_ptr, T, D, G, DG,
+              BLOCK_T: tl.constexpr, BLOCK_DG: tl.constexpr, HAS_COPY: tl.constexpr):
     g = tl.program_id(1)
     toks, cols, offs, tmask, cmask, mask = _tile(tl.program_id(0), g, T, D, DG, BLOCK_T, BLOCK_DG)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = _output_grad(dy_ptr, dcopy_ptr, offs, mask, HAS_COPY)
     mean = tl.load(mean_ptr + toks * G + g, mask=tmask, other=0.0)
     rstd = tl.load(rstd_ptr + toks * G + g, mask=tmask, other=0.0)
     p = tl.load(p_ptr + toks * G + g, mask=tmask, other=0.0)
