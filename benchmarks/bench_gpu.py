@@ -15,8 +15,9 @@ Sections, in the order they run by default (most wanted first: a run cut short s
           is);
 - decode: tokens/s at batch 1 after prefilling 2K and 1M tokens, both models (the Llama up to its KV memory),
           each from one prefill: the step replayed from a CUDA graph, eager and compiled (--modes);
-- profile: the top CUDA kernels of one mega200M 4K step (torch.profiler), written under --out, and the kernel
-          launches of one step of each model (what benchmarks/op_counts.py predicts on the CPU);
+- profile: one mega200M 4K step of each model under torch.profiler, eager and with compiled blocks: GPU time and
+          launches by kind of kernel (GEMMs, CEMA, TimestepNorm, attention, Inductor's fused kernels, copies...),
+          Megalodon's eager kernels one by one, and its trace under --out;
 - jax:    megalodon-jax at the mega200M shape with bf16 compute, when it is installed (a separate process: JAX
           and PyTorch must not share the GPU's memory pools);
 - hf:     transformers' generate() against the core's static decode, Megalodon at the first decode position
@@ -113,11 +114,14 @@ def section_hf(preset: str, position: int, tokens: int, repeats: int) -> dict:
     return result
 
 
-def profiled_step(arch: str, preset: str, length: int):
-    """torch.profiler over one eager bf16 step (forward + backward) of a fresh model, after two warm-up steps."""
+def profiled_step(arch: str, preset: str, length: int, compiled: bool = False):
+    """torch.profiler over one bf16 step (forward + backward) of a fresh model, after two warm-up steps; compiled:
+    its blocks through torch.compile first (the trainer's --compile), compiled during the warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
     model = build(arch, preset)
+    if compiled:
+        model.compile_blocks()
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=training.DEVICE)
     for _ in range(2):
         with autocast():
@@ -132,24 +136,52 @@ def profiled_step(arch: str, preset: str, length: int):
     return prof
 
 
-def section_profile(preset: str, length: int, out: Path | None) -> None:
-    log(f"## Profile: one {preset} step at {length} tokens (eager, bf16 autocast)\n")
-    launches, busy = {}, {}
-    for arch in ("llama", "megalodon"):  # Megalodon's profile is the one kept and printed
-        prof = profiled_step(arch, preset, length)
-        launches[arch], busy[arch] = op_timing.kernels(prof)
-    # benchmarks/op_counts.py predicts these on the CPU (per layer); here the whole step, embedding and loss too
-    log(f"CUDA kernel launches in one step: Megalodon {launches['megalodon']:,}, "
-        f"the Llama {launches['llama']:,}\n")
-    # what a step replayed from CUDA graphs would cost, the host taken out: the ceiling of the graphed ratio
-    ratio = f" (Llama / Megalodon: {busy['llama'] / busy['megalodon']:.2f})" if busy["megalodon"] else ""
-    log(f"GPU busy in one step (the kernels' time): Megalodon {busy['megalodon']:.1f} ms, the Llama "
-        f"{busy['llama']:.1f} ms{ratio}\n")
-    sort = "cuda_time_total" if training.DEVICE == "cuda" else "cpu_time_total"
-    log("```\n" + prof.key_averages().table(sort_by=sort, row_limit=30) + "\n```\n")
-    if out is not None:
-        # gzipped: the raw JSON can pass the 16 MB a file that the device tool brings back
-        prof.export_chrome_trace(str(out / f"trace_{preset}_{length}.json.gz"))
+def section_profile(preset: str, length: int, out: Path | None) -> dict:
+    """The eager step of both models, kernel by kernel (Megalodon's table and trace), then both models' kernels
+    by kind, eager and with compiled blocks: where Megalodon's GPU time goes against the Llama's. A graphed step
+    replays the same kernels, so their sum is the GPU time a step costs once the host is out of it."""
+    log(f"## Profile: one {preset} step at {length} tokens (bf16 autocast)\n")
+    runs = {}
+    for mode in ("eager", "compiled"):
+        for arch in ("llama", "megalodon"):
+            if mode == "compiled" and out_of_time(f"the compiled profile of {arch}"):
+                continue
+            try:
+                prof = profiled_step(arch, preset, length, compiled=mode == "compiled")
+            except Exception as err:  # the eager profile and the other model's still count
+                log(f"(profile of {arch} {mode} failed: {type(err).__name__}: {str(err)[:160]})\n")
+                continue
+            runs[arch, mode] = op_timing.kernels_by_kind(prof)
+            if (arch, mode) == ("megalodon", "eager"):
+                kept = prof
+            free_cache()
+    columns = [key for key in (("megalodon", "eager"), ("llama", "eager"), ("megalodon", "compiled"),
+                               ("llama", "compiled")) if key in runs]
+    totals = {key: (sum(n for n, _ in runs[key].values()), sum(ms for _, ms in runs[key].values()))
+              for key in columns}
+    if ("megalodon", "eager") in totals and ("llama", "eager") in totals:
+        # benchmarks/op_counts.py predicts the launches on the CPU (per layer); here the whole step
+        log(f"CUDA kernel launches in one eager step: Megalodon {totals['megalodon', 'eager'][0]:,}, the Llama "
+            f"{totals['llama', 'eager'][0]:,}\n")
+    log("GPU time by kind of kernel, ms (launches): the kernels' own time, the host's gaps left out\n")
+    log("| kernels | " + " | ".join(f"{'Megalodon' if a == 'megalodon' else 'Llama'} {m}" for a, m in columns) + " |")
+    log("|---|" + "---|" * len(columns))
+    kinds = [kind for kind, _, _ in op_timing.KERNEL_KINDS] + ["other"]
+    for kind in kinds:
+        cells = [runs[key].get(kind) for key in columns]
+        if any(cells):
+            log(f"| {kind} | " + " | ".join(f"{ms:.2f} ({n:,})" if (n, ms) != (0, 0.0) else "-"
+                                               for n, ms in (c or (0, 0.0) for c in cells)) + " |")
+    log("| **GPU busy** | " + " | ".join(f"**{totals[key][1]:.2f}** ({totals[key][0]:,})" for key in columns) + " |")
+    if ("megalodon", "eager") in runs:
+        sort = "cuda_time_total" if training.DEVICE == "cuda" else "cpu_time_total"
+        log("\nMegalodon eager, kernel by kernel:\n")
+        log("```\n" + kept.key_averages().table(sort_by=sort, row_limit=30) + "\n```\n")
+        if out is not None:
+            # gzipped: the raw JSON can pass the 16 MB a file that the device tool brings back
+            kept.export_chrome_trace(str(out / f"trace_{preset}_{length}.json.gz"))
+    return {f"{arch} {mode}": {kind: {"launches": n, "ms": ms} for kind, (n, ms) in runs[arch, mode].items()}
+            for arch, mode in columns}
 
 
 # ---- main ------------------------------------------------------------------------------------------------------

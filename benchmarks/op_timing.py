@@ -17,6 +17,47 @@ def kernels(prof) -> tuple[int, float]:
     return sum(e.count for e in events), sum(e.self_device_time_total for e in events) / 1e3
 
 
+# What a CUDA kernel belongs to, by its name as torch.profiler reports it: Triton kernels by their function's exact
+# name (this package's, in ops/triton/), the rest by a part of the name; the first matching row wins.
+KERNEL_KINDS = [
+    ("CEMA (Triton)", {"tables_kernel", "local_states_kernel", "scan_kernel", "outputs_kernel",
+                       "parameter_grads_kernel", "gradients_kernel"}, ()),
+    ("TimestepNorm (Triton)", {"moments_kernel", "scan_fwd_kernel", "carry_fwd_kernel", "normalize_kernel",
+                               "norm_bwd_kernel", "scan_bwd_kernel", "carry_bwd_kernel", "dx_kernel"}, ()),
+    ("attention: q, k and softmax (Triton)", {"qk_fwd_kernel", "qk_bwd_kernel", "causal_softmax_fwd_kernel",
+                                              "causal_softmax_bwd_kernel"}, ()),
+    ("attention: flash / SDPA", set(), ("flash", "fmha", "attention", "sdpa")),
+    ("GEMMs", set(), ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+    ("compiled: fused by Inductor", set(), ("triton_poi", "triton_red", "triton_per", "triton_tem")),
+    ("norms (torch)", set(), ("norm", "GammaBeta", "RowwiseMoments")),
+    ("softmax (torch)", set(), ("softmax", "SoftMax")),
+    ("embedding and loss", set(), ("nll_loss", "embedding", "gather", "radix_sort", "segment", "grad_weight",
+                                   "unique_by_key", "DeviceScan", "DeviceCompact")),
+    ("copies and casts", set(), ("copy", "Copy", "cat")),
+    ("reductions", set(), ("reduce_kernel",)),
+    ("elementwise", set(), ("elementwise", "Functor", "fill")),
+]
+
+
+def kind_of(kernel: str) -> str:
+    """KERNEL_KINDS' name for a CUDA kernel, "other" where none matches."""
+    for kind, names, parts in KERNEL_KINDS:
+        if kernel in names or any(part in kernel for part in parts):
+            return kind
+    return "other"
+
+
+def kernels_by_kind(prof) -> dict[str, tuple[int, float]]:
+    """A torch.profiler run's CUDA kernels by KERNEL_KINDS: {kind: (launches, GPU ms)}."""
+    kinds: dict[str, tuple[int, float]] = {}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        count, ms = kinds.get(kind_of(event.key), (0, 0.0))
+        kinds[kind_of(event.key)] = (count + event.count, ms + event.self_device_time_total / 1e3)
+    return kinds
+
+
 def gpu_ms(run: Callable[[], object]) -> float:
     """Milliseconds the GPU spends in run()'s kernels, the host's gaps left out."""
     from torch.profiler import ProfilerActivity, profile

@@ -93,3 +93,28 @@ def test_one_models_failure_leaves_the_other_its_row(monkeypatch):
     assert row["llama"] == {"error": "RuntimeError: operation not permitted when stream is capturing"}
     row.update(preset="tiny", length=32, mode="eager", seconds=0.0)
     assert "| RuntimeError: operation not permitted" in gpu_training.train_row(row)
+
+
+def test_profile_sorts_kernels_by_what_they_belong_to():
+    """bench_gpu.py's profile table: CUDA kernel names (as the H100 run's trace spelled them) to their kind; this
+    package's Triton kernels by exact name, so that the CEMA's scan_kernel and the norm's scan_fwd_kernel part."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from op_timing import kind_of
+
+    expected = {
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "GEMMs",
+        "scan_kernel": "CEMA (Triton)",
+        "scan_fwd_kernel": "TimestepNorm (Triton)",
+        "causal_softmax_bwd_kernel": "attention: q, k and softmax (Triton)",
+        "void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, cutlass::bfloat16_t>>":
+            "attention: flash / SDPA",
+        "triton_poi_fused__to_copy_add_mul_3": "compiled: fused by Inductor",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at::Tensor"
+        "Iterator&)::{lambda()#1}::operator()() const>": "copies and casts",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, std::array<char*, "
+        "3ul> >": "elementwise",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, at::native::(anonymous "
+        "namespace)::LogSoftMaxForwardEpilogue>": "softmax (torch)",
+        "void at::native::_assert_async_cuda_kernel<bool>(bool const*, at::native::Msg)": "other",
+    }
+    assert {name: kind_of(name) for name in expected} == expected
