@@ -53,15 +53,6 @@ def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype
     reference = training_call(model, ids, doc_start, state, dtype)
     calls = force_triton(monkeypatch)
     kernels = {"cema_scan", "timestep_norm_triton", "queries_keys_triton", "causal_softmax_fwd", "causal_softmax_bwd"}
-    if dtype is not None:
-        # The attention's kernels round q, k and the probabilities to bf16 themselves, and Triton's interpreter
-        # rounds by truncation (a GPU rounds to nearest): a bias that adds up over tokens and layers here. Their
-        # bf16 paths have their own tests (tests/ops/test_queries_keys_triton.py, test_causal_softmax_triton.py);
-        # this one keeps bf16's resolution for the rest.
-        from megalodon.ops import attention as attention_ops
-
-        monkeypatch.setattr(attention_ops, "use_triton", lambda op, *tensors: False)
-        kernels -= {"queries_keys_triton", "causal_softmax_fwd", "causal_softmax_bwd"}
     result = training_call(model, ids, doc_start, state, dtype)
     assert kernels <= set(calls)
 

@@ -40,9 +40,8 @@ def both_paths(monkeypatch, fn):
 def test_forward_matches_the_pytorch_path(monkeypatch, dtype, per_row):
     (z, scale, shift), rotation = inputs(3, 11, seed=0, dtype=dtype, per_row=per_row)
     (q, k), (q_want, k_want) = both_paths(monkeypatch, lambda: queries_keys(z, HEADS, 1e-5, scale, shift, rotation))
-    # fp32 to rounding. In bf16 an element of zn can land one bf16 step apart (statistics summed in another order;
-    # and Triton's interpreter truncates fp32 to bf16 where a GPU rounds to nearest), which the affine and the
-    # rotation carry to about two steps of q or k.
+    # fp32 to rounding. In bf16 an element of zn can land one bf16 step apart (statistics summed in another
+    # order), which the affine and the rotation carry to about two steps of q or k.
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2 ** -6)
     for got, want in ((q, q_want), (k, k_want)):
         assert got.dtype == dtype and got.shape == (3, 11, HEADS, DZ)
@@ -70,7 +69,7 @@ def test_gradients_match_the_float64_path(monkeypatch, per_row):
 
 def test_bf16_gradients_match_the_pytorch_path(monkeypatch):
     """A bf16 z on both paths: the gradients of z (bf16), the scale and the shift (fp32) agree at bf16's
-    resolution (each path rounds zn and dz itself; Triton's interpreter by truncation, a GPU to nearest)."""
+    resolution (each path rounds zn and dz itself, from fp32 values computed in another order)."""
     (z, scale, shift), rotation = inputs(2, 70, seed=6, dtype=torch.bfloat16)
     weights = [torch.randn(2, 70, HEADS, DZ, generator=torch.Generator().manual_seed(s)).to(DEVICE) for s in (7, 8)]
 

@@ -18,8 +18,8 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 @triton.jit
 def cast(x, dtype: tl.constexpr):
-    """x (fp32) in dtype, rounded to nearest even. Only bf16 needs the help: the interpreter's fp16 rounds."""
-    if INTERPRETED and dtype == tl.bfloat16:
+    """x in dtype, rounded to nearest even. Only fp32 to bf16 needs the help: the interpreter's fp16 rounds."""
+    if INTERPRETED and dtype == tl.bfloat16 and x.dtype == tl.float32:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # a NaN stays one

@@ -20,6 +20,8 @@ once. A row is held whole in registers, so rows longer than MAX_KEYS keys stay o
 import torch
 import triton
 import triton.language as tl
+
+from megalodon.ops.triton.casts import cast
 from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
@@ -41,7 +43,7 @@ def _visible_probabilities(scores_ptr, row, queries, keys, offset, BLOCK: tl.con
 def causal_softmax_fwd_kernel(scores_ptr, probs_ptr, queries, keys, offset, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols, _, probs = _visible_probabilities(scores_ptr, row, queries, keys, offset, BLOCK)
-    tl.store(probs_ptr + row.to(tl.int64) * keys + cols, probs.to(probs_ptr.dtype.element_ty), mask=cols < keys)
+    tl.store(probs_ptr + row.to(tl.int64) * keys + cols, cast(probs, probs_ptr.dtype.element_ty), mask=cols < keys)
 
 
 @triton.jit
@@ -52,8 +54,8 @@ def causal_softmax_bwd_kernel(scores_ptr, grad_probs_ptr, probs_ptr, grad_scores
     at = row.to(tl.int64) * keys + cols
     grad_probs = tl.load(grad_probs_ptr + at, mask=visible, other=0.0).to(tl.float32)
     grad_scores = probs * (grad_probs - tl.sum(grad_probs * probs, axis=0))
-    tl.store(probs_ptr + at, probs.to(probs_ptr.dtype.element_ty), mask=cols < keys)
-    tl.store(grad_scores_ptr + at, grad_scores.to(grad_scores_ptr.dtype.element_ty), mask=cols < keys)
+    tl.store(probs_ptr + at, cast(probs, probs_ptr.dtype.element_ty), mask=cols < keys)
+    tl.store(grad_scores_ptr + at, cast(grad_scores, grad_scores_ptr.dtype.element_ty), mask=cols < keys)
 
 
 def supports_scores(scores: Tensor) -> bool:

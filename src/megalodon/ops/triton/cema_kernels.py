@@ -32,6 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from megalodon.ops.triton.casts import cast
+
 
 @triton.jit
 def channel_tile(pid_d, D, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -265,7 +267,7 @@ def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr
             if REVERSE:
                 new_re, new_im = new_re * keep, new_im * keep
             s_re, s_im = tl.where(valid, new_re, s_re), tl.where(valid, new_im, s_im)
-        tl.store(y_rows + ts[None, :] * D, ys.to(y_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(y_rows + ts[None, :] * D, cast(ys, y_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit(do_not_specialize=("D", "stride_ut"))

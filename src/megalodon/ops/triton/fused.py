@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from megalodon.ops.triton.casts import cast
 from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
@@ -36,7 +38,7 @@ def norm_rows_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, features, eps,
         y = y * tl.load(scale_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         y = y + tl.load(shift_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * features + cols, y.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + row * features + cols, cast(y, out_ptr.dtype.element_ty), mask=inside)
 
 
 def supports_rows(x: Tensor, *params: Optional[Tensor]) -> bool:

@@ -22,6 +22,8 @@ Backward, with pre = zn * scale + shift before the rotation out[d] = pre[d] c[d]
 import torch
 import triton
 import triton.language as tl
+
+from megalodon.ops.triton.casts import cast
 from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
@@ -47,8 +49,8 @@ def qk_fwd_kernel(z_ptr, scale_ptr, shift_ptr, cos_ptr, sin_ptr, qk_ptr, rstd_pt
     x = tl.load(row + d[None, :], mask=mask, other=0.0).to(tl.float32)
     xs = tl.load(row + swapped[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / dz + eps)
-    zn = (x * rstd[:, None]).to(z_ptr.dtype.element_ty).to(tl.float32)
-    zns = (xs * rstd[:, None]).to(z_ptr.dtype.element_ty).to(tl.float32)
+    zn = cast(x * rstd[:, None], z_ptr.dtype.element_ty).to(tl.float32)
+    zns = cast(xs * rstd[:, None], z_ptr.dtype.element_ty).to(tl.float32)
     table = (t // length).to(tl.int64) * table_batch_stride + (t % length).to(tl.int64) * dz
     c = tl.load(cos_ptr + table[:, None] + d[None, :], mask=mask, other=0.0)
     s = tl.load(sin_ptr + table[:, None] + d[None, :], mask=mask, other=0.0)
@@ -62,7 +64,7 @@ def qk_fwd_kernel(z_ptr, scale_ptr, shift_ptr, cos_ptr, sin_ptr, qk_ptr, rstd_pt
         pre = zn * sc[None, :] + sh[None, :]
         pre_s = zns * sc_s[None, :] + sh_s[None, :]
         out = pre * c + pre_s * s
-        tl.store(out_row + r * width + d[None, :], out.to(qk_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_row + r * width + d[None, :], cast(out, qk_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + t * heads + h, rstd, mask=t < tokens)
 
 
@@ -79,7 +81,7 @@ def qk_bwd_kernel(dqk_ptr, z_ptr, rstd_ptr, scale_ptr, cos_ptr, sin_ptr, dz_ptr,
                 other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + t * heads + h, mask=t < tokens, other=0.0)
     normed = x * rstd[:, None]
-    zn = normed.to(z_ptr.dtype.element_ty).to(tl.float32)
+    zn = cast(normed, z_ptr.dtype.element_ty).to(tl.float32)
     table = (t // length).to(tl.int64) * table_batch_stride + (t % length).to(tl.int64) * dz
     c = tl.load(cos_ptr + table[:, None] + d[None, :], mask=mask, other=0.0)
     s_s = tl.load(sin_ptr + table[:, None] + swapped[None, :], mask=mask, other=0.0)
@@ -98,7 +100,7 @@ def qk_bwd_kernel(dqk_ptr, z_ptr, rstd_ptr, scale_ptr, cos_ptr, sin_ptr, dz_ptr,
         tl.store(partial + (2 + r) * width, tl.sum(d_pre, axis=0), mask=d < dz)
     mean = tl.sum(d_zn * normed, axis=1) / dz
     dx = rstd[:, None] * (d_zn - normed * mean[:, None])
-    tl.store(dz_ptr + t[:, None].to(tl.int64) * width + h * dz + d[None, :], dx.to(dz_ptr.dtype.element_ty),
+    tl.store(dz_ptr + t[:, None].to(tl.int64) * width + h * dz + d[None, :], cast(dx, dz_ptr.dtype.element_ty),
              mask=mask)
 
 

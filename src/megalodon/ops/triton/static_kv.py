@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from megalodon.ops.triton.casts import cast
 from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
@@ -47,13 +49,13 @@ def slot_scores_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, slot_ptr, visi
     d = tl.arange(0, BLOCK_K)
     slot = tl.load(slot_ptr + b)
     q = tl.load(q_ptr + b * q_stride + h * dk + d, mask=d < dk, other=0.0).to(tl.float32)
-    new_key = tl.load(k_ptr + b * k_stride + h * dk + d, mask=d < dk, other=0.0).to(keys_ptr.dtype.element_ty)
+    new_key = cast(tl.load(k_ptr + b * k_stride + h * dk + d, mask=d < dk, other=0.0), keys_ptr.dtype.element_ty)
     rows = ((b * slots + j) * heads + h).to(tl.int64)
     seen = tl.load(visible_ptr + b * slots + j, mask=j < slots, other=0) != 0
     stale = seen & (j != slot)  # the keys to read: neither unseen (early in a chunk, most are) nor the new one
     keys = tl.load(keys_ptr + rows[:, None] * dk + d[None, :], mask=stale[:, None] & (d < dk)[None, :], other=0.0)
     keys = tl.where((j == slot)[:, None], new_key.to(tl.float32)[None, :], keys.to(tl.float32))
-    scores = tl.sum(keys * q[None, :], axis=1).to(keys_ptr.dtype.element_ty).to(tl.float32) * scale
+    scores = cast(tl.sum(keys * q[None, :], axis=1), keys_ptr.dtype.element_ty).to(tl.float32) * scale
     tl.store(scores_ptr + bh * slots + j, tl.where(seen, scores, float("-inf")), mask=j < slots)
     if (slot >= block * BLOCK_S) & (slot < block * BLOCK_S + BLOCK_S):  # this block holds the row's slot
         at = ((b * slots + slot) * heads + h).to(tl.int64)
@@ -64,7 +66,7 @@ def slot_scores_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, slot_ptr, visi
             if SILU_VALUES:
                 # silu as the PyTorch path computes it from v's dtype: in fp32, rounded once
                 value = value * tl.sigmoid(value)
-            tl.store(values_ptr + at * dv + e, value.to(values_ptr.dtype.element_ty), mask=e < dv)
+            tl.store(values_ptr + at * dv + e, cast(value, values_ptr.dtype.element_ty), mask=e < dv)
 
 
 @triton.jit
@@ -82,17 +84,17 @@ def slot_values_kernel(scores_ptr, values_ptr, gate_ptr, out_ptr, gate_stride, h
     for start in range(0, slots, BLOCK_S):
         j = start + tl.arange(0, BLOCK_S)
         s = tl.load(scores_ptr + bh * slots + j, mask=j < slots, other=float("-inf"))
-        p = (tl.exp(s - top) / total).to(values_ptr.dtype.element_ty).to(tl.float32)
+        p = cast(tl.exp(s - top) / total, values_ptr.dtype.element_ty).to(tl.float32)
         rows = ((b * slots + j) * heads + h).to(tl.int64)
         # unseen slots (p = 0) are not read: at the start of a chunk most of the buffer is not
         values = tl.load(values_ptr + rows[:, None] * dv + e[None, :],
                          mask=(p > 0)[:, None] & (e < dv)[None, :], other=0.0)
         acc += tl.sum(p[:, None] * values.to(tl.float32), axis=0)
-    out = acc.to(values_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty).to(tl.float32)
+    out = cast(cast(acc, values_ptr.dtype.element_ty).to(tl.float32), out_ptr.dtype.element_ty).to(tl.float32)
     if GATED:  # out * silu(gate), each rounded as the PyTorch path's ops round them
         gate = tl.load(gate_ptr + b * gate_stride + h * dv + e, mask=e < dv, other=0.0).to(tl.float32)
-        out = out * (gate * tl.sigmoid(gate)).to(gate_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + bh * dv + e, out.to(out_ptr.dtype.element_ty), mask=e < dv)
+        out = out * cast(gate * tl.sigmoid(gate), gate_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + bh * dv + e, cast(out, out_ptr.dtype.element_ty), mask=e < dv)
 
 
 def supports_buffers(q: Tensor, keys: Tensor, values: Tensor, gate: Optional[Tensor] = None) -> bool:

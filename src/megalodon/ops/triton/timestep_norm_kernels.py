@@ -363,4 +363,4 @@ def dx_kernel(x_ptr, dy_ptr, dcopy_ptr, mean_ptr, rstd_ptr, p_ptr, c_ptr, w_ptr,
     c = tl.load(c_ptr + toks * G + g, mask=tmask, other=0.0)
     scale = tl.load(w_ptr + g * DG + cols, mask=cmask, other=0.0).to(tl.float32) + 1.0
     dx = dy * scale[None, :] * rstd[:, None] + (p[:, None] + 2.0 * c[:, None] * (x - mean[:, None])) / DG
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, cast(dx, dx_ptr.dtype.element_ty), mask=mask)

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from megalodon.ops.triton.casts import cast
 from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
@@ -50,7 +52,7 @@ def _step_kernel(x_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, copy_
     y = (x - mean.to(tl.float32)[:, None]) * rstd[:, None] * scale + shift
     tl.store(y_ptr + row * D + feats, y, mask=mask)
     if COPY:  # y again in the linears' dtype, as a cast of y would round it
-        tl.store(copy_ptr + row * D + feats, y.to(copy_ptr.dtype.element_ty), mask=mask)
+        tl.store(copy_ptr + row * D + feats, cast(y, copy_ptr.dtype.element_ty), mask=mask)
     tl.store(count_ptr + row, count)
     tl.store(mean_ptr + row * G + groups, mean, mask=gmask)
     tl.store(var_ptr + row * G + groups, var, mask=gmask)
