@@ -10,6 +10,10 @@ the host's). Document resets every 256 steps are on with --resets. --chunks swee
 chunk (ops/triton/cema.py's CHUNK): more chunks, more programs to fill the GPU, a longer scan over chunks.
 
     python benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --chunks 32 64 128
+
+--prefetch sweeps whether the step kernels load each tile of steps one tile ahead (ops/triton/cema.py's
+PREFETCH_FORWARD and PREFETCH_REVERSE), in the forward's runs, the adjoint's, both or neither: each chunk length
+once per setting.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from op_timing import time_op  # beside this file
 
 from megalodon.layers.cema import CEMA
 from megalodon.ops.triton import DISABLE_ENV
+
+
+# --prefetch: (forward, reverse) for ops/triton/cema.py's PREFETCH_FORWARD and PREFETCH_REVERSE
+PREFETCH_SETTINGS = {"none": (False, False), "forward": (True, False), "reverse": (False, True), "both": (True, True)}
 
 
 def measure(layer: CEMA, x: torch.Tensor, resets: torch.Tensor | None, backward: bool, repeats: int) -> dict:
@@ -44,6 +52,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--chunks", nargs="+", type=int, default=None,
                         help="the Triton path once per steps-per-chunk (multiples of 16; default: the kernels' own)")
+    parser.add_argument("--prefetch", nargs="+", default=None, choices=sorted(PREFETCH_SETTINGS),
+                        help="the Triton path once per prefetch setting (default: the kernels' own)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,22 +67,25 @@ def main() -> None:
     if args.resets:
         resets = torch.zeros(batch, -(-length // 256), dtype=torch.bool, device=args.device)
         resets[:, 1::2] = True
-    paths = ([("triton", chunk) for chunk in args.chunks or [None]] + [("pytorch", None)] if x.is_cuda
-             else [("pytorch", None)])
+    paths = ([("triton", chunk, prefetch) for chunk in args.chunks or [None] for prefetch in args.prefetch or [None]]
+             + [("pytorch", None, None)] if x.is_cuda else [("pytorch", None, None)])
     print(f"CEMA B={batch} L={length} D={dim} N={args.ndim} {args.dtype} on {args.device}"
           f"{' with resets' if args.resets else ''}\n")
     print("| path | forward ms | forward + backward ms | fwd+bwd GPU ms | fwd+bwd peak MiB | tokens/s (fwd+bwd) |")
     print("|---|---|---|---|---|---|")
-    for path, chunk in paths:
+    for path, chunk, prefetch in paths:
         os.environ[DISABLE_ENV] = "" if path == "triton" else "cema"
-        if chunk is not None:
+        if path == "triton":
             from megalodon.ops.triton import cema as kernels
 
-            kernels.CHUNK = chunk  # what ops/cema.py passes the op
+            if chunk is not None:
+                kernels.CHUNK = chunk  # what ops/cema.py passes the op
+            if prefetch is not None:
+                kernels.PREFETCH_FORWARD, kernels.PREFETCH_REVERSE = PREFETCH_SETTINGS[prefetch]
         forward = measure(layer, x.detach(), resets, False, args.repeats)
         both = measure(layer, x, resets, True, args.repeats)
         gpu = "-" if both["gpu_ms"] is None else f"{both['gpu_ms']:.3f}"
-        label = path if chunk is None else f"{path}, chunk {chunk}"
+        label = ", ".join([path] + ([f"chunk {chunk}"] if chunk else []) + ([f"prefetch {prefetch}"] if prefetch else []))
         peak = "-" if both["peak_mib"] is None else f"{both['peak_mib']:.0f}"
         print(f"| {label} | {forward['ms']:.2f} | {both['ms']:.2f} | {gpu} | {peak} | "
               f"{batch * length / both['ms'] * 1e3:,.0f} |")

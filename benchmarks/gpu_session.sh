@@ -10,7 +10,8 @@
 #                                      transformers generate();
 #   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
 #                                      go back (idle) before part 1's results could be read;
-#   bash benchmarks/gpu_session.sh sweep the CEMA's and the TimestepNorm's kernel tilings (bench_cema.py --chunks,
+#   bash benchmarks/gpu_session.sh sweep the CEMA's and the TimestepNorm's kernel tilings (bench_cema.py --chunks
+#                                      and --prefetch,
 #                                      bench_timestep_norm.py --scan-tiles) and the attention's query blocks
 #                                      (bench_attention.py --blocks), for the minutes left after `all`.
 # A Triton kernel whose own tests fail in part 1 is turned off (MEGALODON_DISABLE_TRITON) for part 1's benchmark,
@@ -92,6 +93,8 @@ case "$PART" in
 sweep)  # the CEMA's and the TimestepNorm's kernel tilings and the attention's query blocks, about a minute
     {
         "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --chunks 32 64 128
+        echo
+        "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --prefetch none forward reverse both
         echo
         "$PYTHON" benchmarks/bench_timestep_norm.py --device cuda --scan-tiles 256,8,4,32 1024,2,4,32 256,8,4,8 64,8,4,64
         echo

@@ -39,11 +39,11 @@ def test_gpu_session_names_sections_that_exist():
 
 
 def test_gpu_session_sweep_commands_parse():
-    """The sweep (gpu_session.sh sweep) runs its three scripts with flags that exist: here on the CPU (the PyTorch
-    row only, one query block) at a small shape, the sweep's own flags kept."""
+    """The sweep (gpu_session.sh sweep) runs its scripts with flags that exist: here on the CPU (the PyTorch row
+    only, one query block) at a small shape, the sweep's own flags kept."""
     script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     commands = re.findall(r'^\s*"\$PYTHON" (benchmarks/bench_\w+\.py .*)$', script, flags=re.MULTILINE)
-    assert len(commands) == 3, commands
+    assert len(commands) == 4, commands
     small = {"bench_cema.py": ["--shape", "1,64,32", "--repeats", "1"],
              "bench_attention.py": ["--shape", "1,64,1,8,16", "--chunk", "32", "--repeats", "1"],
              "bench_timestep_norm.py": ["--shape", "1,64,32", "--groups", "4", "--block", "32", "--repeats", "1"]}

@@ -91,7 +91,15 @@ def assert_close(actual, expected, tol):
     # more chunks than the scan takes in one tile (UNROLL = 8): a full tile and a partial one, and two full ones
     (1, 11 * CHUNK + 3, True, 24), (1, 16 * CHUNK, True, 32),
 ])
-def test_forward_and_backward_match_the_recurrence(batch, length, with_h0, block):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["default-prefetch", "other-prefetch"])
+def test_forward_and_backward_match_the_recurrence(monkeypatch, batch, length, with_h0, block, prefetch):
+    """prefetch: the step kernels' PREFETCH_FORWARD and PREFETCH_REVERSE, which a GPU sweep may set either way:
+    as they are, then each the other way."""
+    if prefetch:
+        from megalodon.ops.triton import cema as glue
+
+        monkeypatch.setattr(glue, "PREFETCH_FORWARD", not glue.PREFETCH_FORWARD)
+        monkeypatch.setattr(glue, "PREFETCH_REVERSE", not glue.PREFETCH_REVERSE)
     (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, 6, 4, with_h0, block)
     assert y.dtype == torch.float32 and h.shape == (batch, 6, 4, 2)
     assert_close(y, y_ref, 1e-5)
@@ -271,7 +279,7 @@ shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UN
 # Each constexpr flag compiles different code: every branch appears at least once (8 compiles, not all 34).
 CASES = []
 for reverse in (False, True):
-    flags = dict(shapes, REVERSE=reverse, HAS_RESET=True, FULL=reverse, REAL_IN=not reverse)
+    flags = dict(shapes, REVERSE=reverse, HAS_RESET=True, FULL=reverse, REAL_IN=not reverse, PREFETCH=reverse)
     CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints, flags))
     CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints,
                   dict(flags, REAL_OUT=reverse)))
@@ -303,18 +311,23 @@ fp32, ints, unit = "*fp32", ["i32"] * 4, dict(stride_xd=1, stride_ud=1)  # the l
 x = ["*bf16", "i32", "i32", "*u8"]  # u (B, L, D) bf16 with its batch and time strides, the reset flags
 shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL)
 CASES = []
-for reverse in (False, True):
-    for reset in (False, True):
-        flags = dict(shapes, REVERSE=reverse, HAS_RESET=reset, FULL=not reset, REAL_IN=not reverse,
-                     stride_xd=1)
-        CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints, flags, glue.WARPS_STEPS))
-        CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints,
-                      dict(flags, REAL_OUT=reverse), glue.WARPS_STEPS))
+# prefetch as each direction runs it in every variant; the other setting, which the GPU sweep may pick, too
+default = {False: glue.PREFETCH_FORWARD, True: glue.PREFETCH_REVERSE}
+for reverse, reset, prefetch in [(r, s, default[r]) for r in (False, True) for s in (False, True)] + [
+        (r, False, not default[r]) for r in (False, True)]:
+    flags = dict(shapes, REVERSE=reverse, HAS_RESET=reset, FULL=not reset, REAL_IN=not reverse,
+                 PREFETCH=prefetch, stride_xd=1)
+    CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints, flags, glue.WARPS_STEPS))
+    CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints,
+                  dict(flags, REAL_OUT=reverse), glue.WARPS_STEPS))
+    if prefetch == default[reverse]:
         CASES.append((kernels.scan_kernel, [fp32] * 7 + ints,
                       dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, UNROLL=glue.UNROLL, REVERSE=reverse,
                            HAS_RESET=reset, HAS_H0=reset), glue.WARPS_SCAN))
-    CASES.append((kernels.parameter_grads_kernel, x[:3] + [fp32, "*u8"] + [fp32] * 9 + ints,
-                  dict(shapes, HAS_RESET=reverse, FULL=not reverse, stride_ud=1), glue.WARPS_GRADS))
+    if not reset and prefetch == default[reverse]:
+        CASES.append((kernels.parameter_grads_kernel, x[:3] + [fp32, "*u8"] + [fp32] * 9 + ints,
+                      dict(shapes, HAS_RESET=reverse, FULL=not reverse, stride_ud=1),
+                      glue.WARPS_GRADS))
 """
 
 

@@ -52,6 +52,12 @@ from megalodon.ops.triton import on_input_device
 CHUNK = 64  # steps per chunk
 BLOCK_D = 32  # channels per program
 UNROLL = 8  # steps issued together (see cema_kernels)
+# Whether the one-warp step kernels load each tile of UNROLL steps one tile ahead, so that its memory latency runs
+# under the last tile's arithmetic (cema_kernels), in the forward's runs and in the adjoint's. On sm_90 (triton
+# 3.9's ptxas, as launched at mega200M) the forward's kernels keep their registers (147 -> 149 and 168 a thread),
+# the adjoint's take more (154 -> 191, 168 -> 200: 10 programs an SM instead of 12), hence on and off until a GPU
+# times them: gpu_session.sh's sweep (bench_cema.py --prefetch) runs the four settings.
+PREFETCH_FORWARD, PREFETCH_REVERSE = True, False
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
 # loop; see cema_kernels on the specialization that would undo it). The scan runs one component per program, one
@@ -91,7 +97,8 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     num_chunks = -(-length // chunk)
     meta = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, REVERSE=reverse,
                 HAS_RESET=resets is not None)
-    full = dict(FULL=length % chunk == 0)  # the per-chunk kernels' steps need no bounds
+    full = dict(FULL=length % chunk == 0,  # the per-chunk kernels' steps need no bounds
+                PREFETCH=PREFETCH_REVERSE if reverse else PREFETCH_FORWARD)
     reset_flags = x if resets is None else resets  # any pointer will do when unused
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
     local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)

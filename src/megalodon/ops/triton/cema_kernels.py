@@ -11,13 +11,17 @@ with complex a, c_in, c_out given as real parts. Time runs forward or, with REVE
 chunks of CHUNK steps, aligned to the start of the sequence in both directions. Each program owns one chunk of one
 row for BLOCK_D channels, and keeps the (BLOCK_D, N) complex state as two fp32 register tiles.
 
-Every loop over time or chunks is unrolled UNROLL steps at a time (`tl.static_range`), so that the loads of the
-next steps, which do not depend on the state, are issued together and their latency overlaps the dependent complex
-multiply-adds; steps past the end are masked. A loop that also stores (the outputs, the chunk scan) loads its
-UNROLL steps as one (BLOCK_D, UNROLL) tile and stores them as one: the compiler cannot move a load above an
-earlier store to a pointer that might alias it, so step-by-step loads and stores would wait for memory once per
-step. All loads are masked, all shapes powers of two, all arithmetic fp32; inputs of any float dtype are upcast on
-load.
+Every loop over time or chunks is unrolled UNROLL steps at a time (`tl.static_range`), and the per-step kernels
+load a tile's UNROLL steps as one (BLOCK_D, UNROLL) tile (and store their outputs as one): the compiler cannot move
+a load above an earlier store to a pointer that might alias it, so step-by-step loads and stores would wait for
+memory once per step. With PREFETCH the tile of the next UNROLL steps is loaded before the current tile's
+multiply-adds start, so its memory latency (several hundred cycles) runs under a whole tile of arithmetic; without,
+the loads of a tile are issued at its top and the first step waits for them (the sm_90 SASS of
+`local_states_kernel`: about 100 instructions between a tile's first load and its first use, of 688 a tile). It
+costs a second tile's registers (8 a thread). `parameter_grads_kernel` (4 warps, a channel's components over 4
+threads) loads step by step: a tile there would be laid out unlike its states, and converting a column costs a
+shared-memory round trip and a barrier per step. All loads are masked, all shapes
+powers of two, all arithmetic fp32; inputs of any float dtype are upcast on load.
 
 Layout: one thread owns a channel, with its N components and a tile's UNROLL steps in its registers, so that sums
 over N and a tile's columns need no other thread. Triton picks that layout only when it cannot prove the (N, D)
@@ -90,6 +94,28 @@ def _steps_mask(mask_d, steps, length, FULL: tl.constexpr):
 
 
 @triton.jit
+def _first_tile(rows, stride_t, start, length, cols, REVERSE: tl.constexpr):
+    """Pointers to a chunk's first UNROLL steps, (BLOCK_D, UNROLL), from the (BLOCK_D, 1) row pointers: in time
+    order, or with REVERSE from the chunk's last step back."""
+    return rows + _time(start, length, cols, REVERSE).to(tl.int64)[None, :] * stride_t
+
+
+@triton.jit
+def _steps_tile(first, stride_t, length, i0, cols, mask_d, REVERSE: tl.constexpr, FULL: tl.constexpr):
+    """Steps i0 .. i0 + UNROLL - 1 of a chunk of `length` steps (`first`: _first_tile's pointers) as one
+    (BLOCK_D, UNROLL) fp32 tile; steps past the chunk load as 0. FULL (every chunk whole, so a multiple of UNROLL
+    steps): a tile lies all inside the chunk or, prefetched after its last, all past it, which one scalar test
+    tells instead of a test per step. The pointers move by one scalar offset, not recomputed per step."""
+    offset = tl.cast(i0, tl.int64) * stride_t
+    if REVERSE:
+        offset = -offset
+    mask = _steps_mask(mask_d, i0 + cols, length, FULL)
+    if FULL:
+        mask = tl.where(i0 < length, mask, False)
+    return tl.load(first + offset, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _column(tile, cols, k: tl.constexpr):
     """Column k of a (BLOCK_D, UNROLL) tile held one row per thread: the select is known at compile time and
     adding -0.0 is exact, so this compiles to reading one register."""
@@ -138,8 +164,10 @@ def _imaginary(ptr, offs, mask, REAL: tl.constexpr):
 def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr, cin_im_ptr, log_ptr,
                         angle_ptr, loc_ptr, L, D, N, num_chunks,
                         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
-                        REVERSE: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr, REAL_IN: tl.constexpr):
-    """Phase 1, grid (chunks, D / BLOCK_D, B): each chunk's final state entered at zero -> loc (B, chunks, 2, N, D)."""
+                        REVERSE: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr, REAL_IN: tl.constexpr,
+                        PREFETCH: tl.constexpr):
+    """Phase 1, grid (chunks, D / BLOCK_D, B): each chunk's final state entered at zero -> loc (B, chunks, 2, N, D).
+    PREFETCH: each tile of steps is loaded one tile ahead (see the module docstring)."""
     c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d, mask_d, offs, mask = channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)
     a_re, a_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
@@ -149,12 +177,21 @@ def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_r
     s_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     start = c * CHUNK
     length = tl.minimum(CHUNK, L - start)
-    x_row = x_ptr + b.to(tl.int64) * stride_xb + offs_d * stride_xd
+    cols = tl.arange(0, UNROLL)
+    x_rows = (x_ptr + b.to(tl.int64) * stride_xb + offs_d * stride_xd)[:, None]
+    x_first = _first_tile(x_rows, stride_xt, start, length, cols, REVERSE)
+    if PREFETCH:
+        xs_next = _steps_tile(x_first, stride_xt, length, 0, cols, mask_d, REVERSE, FULL)
     for i0 in range(0, length, UNROLL):
+        if PREFETCH:
+            xs = xs_next
+            xs_next = _steps_tile(x_first, stride_xt, length, i0 + UNROLL, cols, mask_d, REVERSE, FULL)
+        else:
+            xs = _steps_tile(x_first, stride_xt, length, i0, cols, mask_d, REVERSE, FULL)
         for k in tl.static_range(UNROLL):
             valid = _in_chunk(i0 + k, length, FULL)
             t = _time(start, length, i0 + k, REVERSE)
-            x = tl.load(x_row + t.to(tl.int64) * stride_xt, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
+            x = _column(xs, cols, k)
             keep = 1.0
             if HAS_RESET:
                 keep = _keep(reset_ptr, b, L, t, valid)
@@ -226,9 +263,9 @@ def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr
                    cout_re_ptr, cout_im_ptr, kappa_ptr, incoming_ptr, y_ptr, L, D, N, num_chunks,
                    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
                    REVERSE: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr, REAL_IN: tl.constexpr,
-                   REAL_OUT: tl.constexpr):
+                   REAL_OUT: tl.constexpr, PREFETCH: tl.constexpr):
     """Phase 3, grid as phase 1: each chunk rerun from its incoming state, writing y (B, L, D) contiguous.
-    REAL_IN, REAL_OUT: c_in, c_out real (their imaginary tables are not read)."""
+    REAL_IN, REAL_OUT: c_in, c_out real (their imaginary tables are not read). PREFETCH as in phase 1."""
     c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d, mask_d, offs, mask = channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)
     a_re, a_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
@@ -245,10 +282,17 @@ def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr
     cols = tl.arange(0, UNROLL)
     x_rows = (x_ptr + b.to(tl.int64) * stride_xb + offs_d * stride_xd)[:, None]
     y_rows = (y_ptr + b.to(tl.int64) * L * D + offs_d)[:, None]
+    x_first = _first_tile(x_rows, stride_xt, start, length, cols, REVERSE)
+    if PREFETCH:
+        xs_next = _steps_tile(x_first, stride_xt, length, 0, cols, mask_d, REVERSE, FULL)
     for i0 in range(0, length, UNROLL):
         ts = _time(start, length, i0 + cols, REVERSE).to(tl.int64)
         tile_mask = _steps_mask(mask_d, i0 + cols, length, FULL)
-        xs = tl.load(x_rows + ts[None, :] * stride_xt, mask=tile_mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            xs = xs_next
+            xs_next = _steps_tile(x_first, stride_xt, length, i0 + UNROLL, cols, mask_d, REVERSE, FULL)
+        else:
+            xs = _steps_tile(x_first, stride_xt, length, i0, cols, mask_d, REVERSE, FULL)
         ys = tl.zeros((BLOCK_D, UNROLL), tl.float32)
         for k in tl.static_range(UNROLL):
             x = _column(xs, cols, k)
