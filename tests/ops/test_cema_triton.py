@@ -91,20 +91,27 @@ def assert_close(actual, expected, tol):
     # more chunks than the scan takes in one tile (UNROLL = 8): a full tile and a partial one, and two full ones
     (1, 11 * CHUNK + 3, True, 24), (1, 16 * CHUNK, True, 32),
 ])
-@pytest.mark.parametrize("prefetch", [False, True], ids=["default-prefetch", "other-prefetch"])
-def test_forward_and_backward_match_the_recurrence(monkeypatch, batch, length, with_h0, block, prefetch):
-    """prefetch: the step kernels' PREFETCH_FORWARD and PREFETCH_REVERSE, which a GPU sweep may set either way:
-    as they are, then each the other way."""
-    if prefetch:
-        from megalodon.ops.triton import cema as glue
-
-        monkeypatch.setattr(glue, "PREFETCH_FORWARD", not glue.PREFETCH_FORWARD)
-        monkeypatch.setattr(glue, "PREFETCH_REVERSE", not glue.PREFETCH_REVERSE)
+def test_forward_and_backward_match_the_recurrence(batch, length, with_h0, block):
     (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, 6, 4, with_h0, block)
     assert y.dtype == torch.float32 and h.shape == (batch, 6, 4, 2)
     assert_close(y, y_ref, 1e-5)
     assert_close(h, h_ref, 1e-5)  # the returned final state is the recurrence's last h
     for grad, expected in zip(grads, grads_ref):  # u, h0, alpha, delta, theta, gamma, omega
+        assert_close(grad, expected, 2e-5)
+
+
+@pytest.mark.parametrize("batch, length, with_h0, block", [(2, 2 * CHUNK + 8, True, 16), (1, 3 * CHUNK, False, None)])
+def test_the_other_prefetch_setting_matches_the_recurrence(monkeypatch, batch, length, with_h0, block):
+    """The step kernels' PREFETCH_FORWARD and PREFETCH_REVERSE, which a GPU sweep may set either way, each the
+    other way round: a partial last chunk with resets and an incoming state, and whole chunks (FULL)."""
+    from megalodon.ops.triton import cema as glue
+
+    monkeypatch.setattr(glue, "PREFETCH_FORWARD", not glue.PREFETCH_FORWARD)
+    monkeypatch.setattr(glue, "PREFETCH_REVERSE", not glue.PREFETCH_REVERSE)
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, 6, 4, with_h0, block)
+    assert_close(y, y_ref, 1e-5)
+    assert_close(h, h_ref, 1e-5)
+    for grad, expected in zip(grads, grads_ref):
         assert_close(grad, expected, 2e-5)
 
 
