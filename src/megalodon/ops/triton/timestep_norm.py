@@ -31,8 +31,9 @@ so, with A_i = sum_{t>=i} dm_t / n_t, C_i = sum_{t>=i} dv_t / n_t and E_i(c) = s
 and through mu_i = mean_j x_ij, s2_i = mean_j (x_ij - mu_i)^2 the token mean cancels:
     dx_ij = g_ij rstd_i + (P_i + 2 C_i (x_ij - m_i)) / DG,   g = dy * (weight + 1),   P_i = A_i - 2 E_i(m_i).
 Five launches:
-6. `norm_bwd_kernel`, grid as 1 (here and in 10, dy is y's gradient plus its copy's, added on load): dm_t = -rstd sum_j g, dv_t = -rstd^2 / 2 * sum_j g xhat, and per-tile partial
-   sums of dy * xhat and dy for the weight and bias gradients. The final state's gradients join the last token's.
+6. `norm_bwd_kernel`, grid as 1 (here and in 10, dy is y's gradient plus its copy's, added on load):
+   dm_t = -rstd sum_j g, dv_t = -rstd^2 / 2 * sum_j g xhat, and per-tile partial sums of dy * xhat and dy for
+   the weight and bias gradients. The final state's gradients join the last token's.
 7-9. The reverse scan for P and C over the forward's segments: `scan_bwd_kernel` (TOTALS) sums A, C and E over
    each segment; `carry_bwd_kernel` carries them from segment to segment backwards (E rebased between shifts),
    handing what reaches a reset to the prior's gradient (and clearing it) and what reaches the start to the
