@@ -1,7 +1,7 @@
 """The chunk attention alone (ops/attention.py's chunked_attention), forward and forward + backward.
 
     python benchmarks/bench_attention.py                                  # CPU, the `small` training shape
-    python benchmarks/bench_attention.py --device cuda --blocks 1 2 4     # mega200M's shape on a GPU
+    python benchmarks/bench_attention.py --device cuda --blocks 1 2 4 8   # mega200M's shape on a GPU
 
 The shape is B,L,H,dz,dv and --chunk (default: mega200M at 4K tokens, bf16, the values through SiLU as the MEGA
 layer has them). --blocks sweeps how many blocks of queries a chunk is cut into on CUDA (ops/attention.py's

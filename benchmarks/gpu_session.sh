@@ -98,7 +98,7 @@ sweep)  # the CEMA's and the TimestepNorm's kernel tilings and the attention's q
         echo
         "$PYTHON" benchmarks/bench_timestep_norm.py --device cuda --scan-tiles 256,8,4,32 1024,2,4,32 256,8,4,8 64,8,4,64
         echo
-        "$PYTHON" benchmarks/bench_attention.py --device cuda --blocks 1 2 4
+        "$PYTHON" benchmarks/bench_attention.py --device cuda --blocks 1 2 4 8
     } 2>&1 | tee "$OUT/sweeps.md"
     ;;
 all)  # both parts in one call, each with its own SESSION_SECONDS; part 1's disabled kernels stay off in part 2
