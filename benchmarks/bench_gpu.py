@@ -15,11 +15,11 @@ Sections, in the order they run by default (most wanted first: a run cut short s
           is);
 - decode: tokens/s at batch 1 after prefilling 2K and 1M tokens, both models (the Llama up to its KV memory),
           each from one prefill: the step replayed from a CUDA graph, eager and compiled (--modes);
+- jax:    megalodon-jax at the mega200M shape with bf16 compute, when it is installed (a separate process: JAX
+          and PyTorch must not share the GPU's memory pools);
 - profile: one mega200M 4K step of each model under torch.profiler, eager and with compiled blocks: GPU time and
           launches by kind of kernel (GEMMs, CEMA, TimestepNorm, attention, Inductor's fused kernels, copies...),
           Megalodon's eager kernels one by one, and its trace under --out;
-- jax:    megalodon-jax at the mega200M shape with bf16 compute, when it is installed (a separate process: JAX
-          and PyTorch must not share the GPU's memory pools);
 - hf:     transformers' generate() against the core's static decode, Megalodon at the first decode position
           (bench_hf.py).
 
@@ -188,8 +188,8 @@ def section_profile(preset: str, length: int, out: Path | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections",
-                        default="env,parity,train-graphed,train-eager,decode,profile,train-compiled,"
-                                "train-compiled-graphed,jax,train-compiled-graphs,hf",
+                        default="env,parity,train-graphed,train-eager,decode,train-compiled,"
+                                "train-compiled-graphed,jax,profile,train-compiled-graphs,hf",
                         help="comma list of: env, parity, train (every --modes), train-eager, train-compiled, "
                              "train-graphed, train-compiled-graphed, train-compiled-graphs, decode, jax, profile, hf; "
                              "they run in the order given")

@@ -4,10 +4,11 @@
 #   bash benchmarks/gpu_session.sh 1   the tests that use the GPU (kernel parity against the float64 references,
 #                                      compiled training, graph-captured and compiled decode, no host syncs), then
 #                                      bench_gpu.py's graphed and eager training tables and decode sections;
-#   bash benchmarks/gpu_session.sh 2   bench_gpu.py's parity of the whole model against the CPU, the profile,
-#                                      compiled training (default mode; then the compiled blocks in a graphed
-#                                      step), megalodon-jax, compiled training with reduce-overhead, and
-#                                      transformers generate();
+#   bash benchmarks/gpu_session.sh 2   bench_gpu.py's parity of the whole model against the CPU, compiled
+#                                      training (default mode; then the compiled blocks in a graphed step),
+#                                      megalodon-jax, the profile (both models, eager and compiled, by kind of
+#                                      kernel), compiled training with reduce-overhead, and transformers
+#                                      generate();
 #   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
 #                                      go back (idle) before part 1's results could be read;
 #   bash benchmarks/gpu_session.sh sweep the CEMA's and the TimestepNorm's kernel tilings (bench_cema.py --chunks
@@ -82,7 +83,9 @@ part2() {
         "$PYTHON" -m pip install --no-deps --no-index --quiet --target "$MEGALODON_JAX_SITE" .device-wheels/*.whl \
             > /tmp/pip.log 2>&1 || { echo "installing .device-wheels failed:"; cat /tmp/pip.log; }
     fi
-    bench env,parity,profile,train-compiled,train-compiled-graphed,jax,train-compiled-graphs,hf
+    # the targets' figures first (compiled, compiled inside a graphed step, megalodon-jax), then the profile:
+    # its compiled half recompiles both models at 4K (from Inductor's caches, warm by then)
+    bench env,parity,train-compiled,train-compiled-graphed,jax,profile,train-compiled-graphs,hf
 }
 
 # At most 8 files come back: nvidia-smi.txt, gpu-tests.txt, disabled-kernels.txt, and per part bench_gpu_partN.md

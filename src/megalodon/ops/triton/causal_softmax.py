@@ -20,11 +20,10 @@ once. A row is held whole in registers, so rows longer than MAX_KEYS keys stay o
 import torch
 import triton
 import triton.language as tl
-
-from megalodon.ops.triton.casts import cast
 from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton.casts import cast
 
 MAX_KEYS = 16384  # the longest row a program holds (a chunk's keys; chunks are at most a few thousand tokens)
 

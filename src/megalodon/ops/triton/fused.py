@@ -15,11 +15,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-
-from megalodon.ops.triton.casts import cast
 from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton.casts import cast
 
 MAX_FEATURES = 16384  # a row is held whole by one program
 

@@ -22,11 +22,10 @@ Backward, with pre = zn * scale + shift before the rotation out[d] = pre[d] c[d]
 import torch
 import triton
 import triton.language as tl
-
-from megalodon.ops.triton.casts import cast
 from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton.casts import cast
 
 
 @triton.jit

@@ -22,11 +22,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-
-from megalodon.ops.triton.casts import cast
 from torch import Tensor
 
 from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton.casts import cast
 
 # A step reads each layer's whole key buffer and the seen part of its value buffer (8 MiB at mega200M in bf16):
 # both kernels split that over about a program per SM, so that no few programs stream it alone.
