@@ -54,9 +54,10 @@ BLOCK_D = 32  # channels per program
 UNROLL = 8  # steps issued together (see cema_kernels)
 # Whether the one-warp step kernels load each tile of UNROLL steps one tile ahead, so that its memory latency runs
 # under the last tile's arithmetic (cema_kernels), in the forward's runs and in the adjoint's. On sm_90 (triton
-# 3.9's ptxas, as launched at mega200M) the forward's kernels keep their registers (147 -> 149 and 168 a thread),
-# the adjoint's take more (154 -> 191, 168 -> 200: 10 programs an SM instead of 12), hence on and off until a GPU
-# times them: gpu_session.sh's sweep (bench_cema.py --prefetch) runs the four settings.
+# 3.9's ptxas, fp32 inputs as launched at mega200M) the forward's kernels take few registers more (146 -> 156 and
+# 168 -> 168 a thread: 12 programs an SM for both, 13 before for local_states_kernel), the adjoint's many (163 ->
+# 188, 168 -> 194: 10 programs an SM instead of 12), hence on and off until a GPU times them: gpu_session.sh's
+# sweep (bench_cema.py --prefetch) runs the four settings.
 PREFETCH_FORWARD, PREFETCH_REVERSE = True, False
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the

@@ -17,11 +17,12 @@ a load above an earlier store to a pointer that might alias it, so step-by-step 
 memory once per step. With PREFETCH the tile of the next UNROLL steps is loaded before the current tile's
 multiply-adds start, so its memory latency (several hundred cycles) runs under a whole tile of arithmetic; without,
 the loads of a tile are issued at its top and the first step waits for them (the sm_90 SASS of
-`local_states_kernel`: about 100 instructions between a tile's first load and its first use, of 688 a tile). It
-costs a second tile's registers (8 a thread). `parameter_grads_kernel` (4 warps, a channel's components over 4
-threads) loads step by step: a tile there would be laid out unlike its states, and converting a column costs a
-shared-memory round trip and a barrier per step. All loads are masked, all shapes powers of two, all arithmetic
-fp32; inputs of any float dtype are upcast on load.
+`local_states_kernel`: about 100 instructions between a tile's first load and its first use, of 680 a tile). It
+costs registers, a second tile's and more where the compiler schedules around it (cema.py's PREFETCH_* say how
+many). `parameter_grads_kernel` (4 warps, a channel's components over 4 threads) loads step by step: a tile there
+would be laid out unlike its states, and converting a column costs a shared-memory round trip and a barrier per
+step. All loads are masked, all shapes powers of two, all arithmetic fp32; inputs of any float dtype are upcast on
+load.
 
 Layout: one thread owns a channel, with its N components and a tile's UNROLL steps in its registers, so that sums
 over N and a tile's columns need no other thread. Triton picks that layout only when it cannot prove the (N, D)
