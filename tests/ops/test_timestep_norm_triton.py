@@ -270,6 +270,25 @@ def test_cuda_matches_the_pytorch_path_at_a_real_shape():
     torch.testing.assert_close(dx.double(), dx_ref.double(), rtol=1e-3, atol=1e-3 * dx_ref.abs().max().item())
 
 
+@requires_cuda
+def test_cuda_low_precision_copy_at_a_real_shape():
+    """On a GPU, at a mega200M-like width: the bf16 copy is y rounded as torch rounds it, and the gradients with
+    both outputs used equal those of y alone fed the summed gradient."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 4096, 1024, device="cuda").requires_grad_()
+    initial = NormStats(torch.tensor([0], device="cuda"), torch.zeros(1, 32, device="cuda", dtype=torch.float64),
+                        torch.ones(1, 32, device="cuda", dtype=torch.float64))
+    weight, bias = torch.randn(1024, device="cuda"), torch.randn(1024, device="cuda")
+    y, copy, _ = triton_path(x, initial, weight, bias, 1e-5, 2048, copy_dtype=torch.bfloat16)
+    assert torch.equal(copy, y.detach().to(torch.bfloat16))
+    dy = torch.randn_like(y)
+    d_copy = torch.randn(y.shape, device="cuda").to(torch.bfloat16)
+    (dx,) = torch.autograd.grad((y * dy).sum() + (copy.float() * d_copy.float()).sum(), x)
+    y_alone, _ = triton_path(x, initial, weight, bias, 1e-5, 2048)
+    (dx_want,) = torch.autograd.grad((y_alone * (dy + d_copy.float())).sum(), x)
+    torch.testing.assert_close(dx, dx_want, rtol=1e-5, atol=1e-5 * dx_want.abs().max().item())
+
+
 def test_step_kernel_matches_the_pytorch_step(monkeypatch):
     """The fused decode step (forced on; on the CPU the interpreter runs it), functional and in place, fp32 and bf16,
     against the PyTorch step; a count of zero (the prior has no weight) included. Each group of x is c +- d, so
