@@ -347,9 +347,16 @@ def test_step_kernels_keep_each_channel_in_one_thread_as_launched():
 
 
 @requires_cuda
+@pytest.mark.parametrize("flip_prefetch", [False, True], ids=["prefetch-as-set", "prefetch-flipped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_layer_matches_the_pytorch_path(dtype):
-    """On a GPU the layer dispatches to Triton: outputs, state and gradients as the float64 PyTorch path's."""
+def test_cuda_layer_matches_the_pytorch_path(monkeypatch, dtype, flip_prefetch):
+    """On a GPU the layer dispatches to Triton: outputs, state and gradients as the float64 PyTorch path's; with
+    the step kernels' prefetch as set and each direction flipped (the sweep may pick either)."""
+    if flip_prefetch:
+        from megalodon.ops.triton import cema as glue
+
+        monkeypatch.setattr(glue, "PREFETCH_FORWARD", not glue.PREFETCH_FORWARD)
+        monkeypatch.setattr(glue, "PREFETCH_REVERSE", not glue.PREFETCH_REVERSE)
     torch.manual_seed(0)
     layer = CEMA(64, 16).cuda()
     reference_layer = CEMA(64, 16).double()
