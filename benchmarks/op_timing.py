@@ -53,8 +53,9 @@ def kernels_by_kind(prof) -> dict[str, tuple[int, float]]:
     for event in prof.key_averages():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        count, ms = kinds.get(kind_of(event.key), (0, 0.0))
-        kinds[kind_of(event.key)] = (count + event.count, ms + event.self_device_time_total / 1e3)
+        kind = kind_of(event.key)
+        count, ms = kinds.get(kind, (0, 0.0))
+        kinds[kind] = (count + event.count, ms + event.self_device_time_total / 1e3)
     return kinds
 
 
