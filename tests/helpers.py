@@ -104,7 +104,8 @@ def force_triton(monkeypatch, compiled: bool = False) -> list[str]:
     calls = []
     for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton"),
                          (qk_kernels, "queries_keys_triton"), (static_kv_kernels, "write_and_attend_triton"),
-                         (fused_kernels, "norm_rows"),
+                         (fused_kernels, "norm_rows"), (fused_kernels, "silu_gate"),
+                         (fused_kernels, "silu_gate_backward"),
                          *(() if compiled else ((softmax_kernels, "causal_softmax_fwd"),
                                                 (softmax_kernels, "causal_softmax_bwd")))):
         def recorded(*args, _name=name, _run=getattr(module, name), **kwargs):

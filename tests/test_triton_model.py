@@ -52,7 +52,8 @@ def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype
         doc_start[1, 16] = True
     reference = training_call(model, ids, doc_start, state, dtype)
     calls = force_triton(monkeypatch)
-    kernels = {"cema_scan", "timestep_norm_triton", "queries_keys_triton", "causal_softmax_fwd", "causal_softmax_bwd"}
+    kernels = {"cema_scan", "timestep_norm_triton", "queries_keys_triton", "causal_softmax_fwd", "causal_softmax_bwd",
+               "silu_gate", "silu_gate_backward"}
     result = training_call(model, ids, doc_start, state, dtype)
     assert kernels <= set(calls)
 
@@ -63,10 +64,15 @@ def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype
     tolerance = 1e-4 if dtype is None else 2e-2
     scale = 1.0 if dtype is None else reference[0].abs().max().item()
     torch.testing.assert_close(result[0], reference[0], rtol=tolerance, atol=tolerance * scale)
-    for actual, wanted in zip(result[1].layers, reference[1].layers):
-        torch.testing.assert_close(actual.cema_h, wanted.cema_h, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(actual.norm.mean, wanted.norm.mean, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(actual.norm.var, wanted.norm.var, rtol=1e-5, atol=1e-5)
+    for index, (actual, wanted) in enumerate(zip(result[1].layers, reference[1].layers)):
+        # The first layer's norm and CEMA see the same input on both paths. A later layer's input has been through
+        # bf16 roundings that the paths make differently (the SiLU gate's kernel rounds its product once, torch's
+        # ops twice), so in bf16 its fp32 states agree at that resolution.
+        exact = dtype is None or index == 0
+        for got, want, bound in ((actual.cema_h, wanted.cema_h, 1e-4), (actual.norm.mean, wanted.norm.mean, 1e-5),
+                                 (actual.norm.var, wanted.norm.var, 1e-5)):
+            bound = bound if exact else tolerance * want.abs().max().item()
+            torch.testing.assert_close(got, want, rtol=bound if exact else tolerance, atol=bound)
     torch.testing.assert_close(actual.k_cache.float(), wanted.k_cache.float(), rtol=tolerance, atol=tolerance)
     assert result[2].keys() == reference[2].keys()
     for name, grad in reference[2].items():
@@ -89,7 +95,8 @@ def test_split_calls_on_the_kernels_equal_one_call(monkeypatch):
                                   return_state=True)
             pieces.append(logits)
             start += size
-    assert {"cema_scan", "timestep_norm_triton", "queries_keys_triton", "causal_softmax_fwd", "norm_rows"} <= set(calls)
+    assert {"cema_scan", "timestep_norm_triton", "queries_keys_triton", "causal_softmax_fwd", "norm_rows",
+            "silu_gate"} <= set(calls)
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-4, atol=1e-4)
 
 
@@ -114,4 +121,4 @@ def test_decode_steps_on_the_kernels_equal_the_pytorch_forward(monkeypatch):
         for row, n in enumerate(lengths):
             torch.testing.assert_close(logits[row], full[row][n + t], rtol=1e-4, atol=1e-4)
     # and the step kernels of the norm and the CEMA, not the training entry points
-    assert set(calls) == {"queries_keys_triton", "write_and_attend_triton", "norm_rows"}
+    assert set(calls) == {"queries_keys_triton", "write_and_attend_triton", "norm_rows", "silu_gate"}

@@ -1,5 +1,6 @@
-"""The inference row-norm (ops/triton/fused.py, behind ops/fused.py's rms_norm and layer_norm) against the norms
-in float64, under the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU) or on a GPU."""
+"""The kernels of ops/triton/fused.py against float64, under the interpreter on CPU (tests/conftest.py sets
+TRITON_INTERPRET=1 without a GPU) or on a GPU: the inference row-norm (behind ops/fused.py's rms_norm and
+layer_norm) and the SiLU gate of the gated linear, forward and backward."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from helpers import kernel_only
 from sm90 import check_compiles_for_h100
 
 from megalodon.ops import fused
-from megalodon.ops.fused import layer_norm, rms_norm
+from megalodon.ops.fused import gated_linear, gated_linear_reference, layer_norm, rms_norm
 
 pytest.importorskip("triton")  # the kernel runs under the interpreter on CPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,6 +106,89 @@ def test_custom_op_passes_opcheck():
         torch.library.opcheck(norm_rows, args, test_utils=("test_schema", "test_faketensor"))
 
 
+# ---- the SiLU gate -----------------------------------------------------------------------------------------------
+def gate_inputs(dtype, cols, with_x, sliced, seed):
+    """x and the gate, (2, 3, cols) each; sliced: the gate a column slice of a wider tensor, as the MEGA layer cuts
+    it from its joined projection (rows read with a stride, not copied)."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(2, 3, cols + 7 if sliced else cols, generator=g) * 3
+    gate = (wide[..., 5:5 + cols] if sliced else wide).to(dtype).to(DEVICE)
+    x = torch.randn(2, 3, cols, generator=g).to(dtype).to(DEVICE) if with_x else None
+    return x, gate
+
+
+def gate_float64(x, gate, grad):
+    """hidden = x * silu(gate) and its gradients, in float64 by autograd."""
+    x64 = None if x is None else x.double().requires_grad_()
+    g64 = gate.double().requires_grad_()
+    hidden = torch.nn.functional.silu(g64) * (1 if x64 is None else x64)
+    grads = torch.autograd.grad(hidden, [t for t in (x64, g64) if t is not None], grad.double())
+    return hidden.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_x", [True, False], ids=["x", "no-x"])
+@pytest.mark.parametrize("cols, sliced", [(40, False), (40, True), (1100, True)], ids=["40", "40-sliced", "1100-sliced"])
+def test_silu_gate_matches_float64(dtype, with_x, cols, sliced):
+    """Forward and backward kernels, each output rounded once: widths inside one block and across two (1100
+    columns), the gate read in place from a wider tensor's columns."""
+    from megalodon.ops.triton.fused import silu_gate, silu_gate_backward
+
+    x, gate = gate_inputs(dtype, cols, with_x, sliced, seed=cols)
+    grad = (torch.randn(gate.shape, generator=torch.Generator().manual_seed(9)) * 2).to(dtype).to(DEVICE)
+    want, want_grads = gate_float64(x, gate, grad)
+    got = silu_gate(gate, x)
+    assert got.dtype == dtype and got.shape == gate.shape
+    torch.testing.assert_close(got.double(), want, **rounded(want, dtype))
+    hidden, dx, dgate = silu_gate_backward(gate, x, grad)
+    torch.testing.assert_close(hidden.double(), want, **rounded(want, dtype))
+    for got_grad, wanted in zip([t for t in (dx, dgate) if t is not None], want_grads):
+        assert got_grad.dtype == dtype
+        torch.testing.assert_close(got_grad.double(), wanted, **rounded(wanted, dtype))
+    assert (dx is None) == (x is None)
+
+
+@pytest.mark.parametrize("with_x", [True, False], ids=["x", "no-x"])
+def test_gated_linear_on_the_kernels_matches_float64(monkeypatch, with_x):
+    """gated_linear with the gate on the kernels (the GEMMs on torch), output and the gradients of x, the gate and
+    the weight, against the float64 reference; inference (no gradient) takes the forward kernel too."""
+    import megalodon.ops.triton.fused as kernels
+
+    calls = kernel_only(monkeypatch, fused, "silu_gate", kernels, "silu_gate", "silu_gate_backward")
+    x, gate = gate_inputs(torch.float32, 24, with_x, sliced=True, seed=5)
+    weight = torch.randn(7, 24, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    leaves = [t.detach().requires_grad_() for t in (x, gate, weight) if t is not None]
+    inputs = leaves if with_x else [None, *leaves]
+    out = gated_linear(*inputs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    got = [out, *torch.autograd.grad(out, leaves, grad)]
+    assert calls == ["silu_gate", "silu_gate_backward"]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = gated_linear_reference(*(leaves64 if with_x else [None, *leaves64]))
+    want = [ref, *torch.autograd.grad(ref, leaves64, grad.double())]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(gated_linear(*inputs), out.detach())
+    assert calls[-1] == "silu_gate"
+
+
+def test_compiled_gated_linear_keeps_torch_ops(monkeypatch):
+    """Under torch.compile the gate stays torch's ops, which Inductor fuses with their neighbours: the kernels do
+    not run inside the traced graph."""
+    import megalodon.ops.triton.fused as kernels
+
+    calls = kernel_only(monkeypatch, fused, "silu_gate", kernels, "silu_gate", "silu_gate_backward")
+    x, gate = (t.requires_grad_() for t in gate_inputs(torch.float32, 24, True, sliced=False, seed=8))
+    weight = torch.randn(7, 24, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(gated_linear, backend="aot_eager", fullgraph=True)
+    out = compiled(x, gate, weight)
+    out.square().sum().backward()
+    assert not calls
+    want = gated_linear_reference(x.detach(), gate.detach(), weight.detach())
+    torch.testing.assert_close(out.detach(), want)
+
+
 COMPILE_FOR_H100 = """
 from megalodon.ops.triton import fused as kernels
 
@@ -115,6 +199,12 @@ for x, out in (("*fp32", "*bf16"), ("*bf16", "*bf16"), ("*fp32", "*fp32")):
                       dict(CENTER=center, HAS_SCALE=True, HAS_SHIFT=center, BLOCK=1024)))
 CASES.append((kernels.norm_rows_kernel, ["*bf16", "*bf16", "*bf16", "*bf16", "i32", "fp32"],
               dict(CENTER=False, HAS_SCALE=True, HAS_SHIFT=False, BLOCK=4096), 8))
+for t in ("*bf16", "*fp32"):
+    for has_x in (True, False):
+        CASES.append((kernels.silu_gate_kernel, [t, t, t, "i32", "i64", "i64"],
+                      dict(HAS_X=has_x, BLOCK=kernels.GATE_BLOCK)))
+        CASES.append((kernels.silu_gate_bwd_kernel, [t, t, t, t, t, t, "i32", "i64", "i64", "i64"],
+                      dict(HAS_X=has_x, BLOCK=kernels.GATE_BLOCK)))
 """
 
 

@@ -150,14 +150,27 @@ def gated_linear_reference(x: Tensor | None, gate: Tensor, weight: Tensor, dropo
     return F.linear(F.dropout(hidden, dropout_p, training), weight.to(gate.dtype))
 
 
+def silu_gate_kernels(gate: Tensor) -> bool:
+    """Whether the gate's elementwise part (x * silu(gate) and its backward) runs as one Triton kernel each way:
+    on CUDA, in eager mode. A compiled graph keeps torch's ops, which Inductor fuses itself."""
+    return use_triton("silu_gate", gate) and not torch.compiler.is_compiling()
+
+
+def _silu_gate(x: Tensor | None, gate: Tensor) -> Tensor:
+    if silu_gate_kernels(gate):
+        from megalodon.ops.triton.fused import silu_gate
+
+        return silu_gate(gate, x)
+    return F.silu(gate) if x is None else x * F.silu(gate)
+
+
 class _GatedLinear(torch.autograd.Function):
     """Saves x, gate and the weight; silu(gate) and the product are recomputed in backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor | None, gate: Tensor, weight: Tensor) -> Tensor:
         with torch.autocast(gate.device.type, enabled=False):
-            hidden = F.silu(gate) if x is None else x * F.silu(gate)
-            out = F.linear(hidden, weight)
+            out = F.linear(_silu_gate(x, gate), weight)
         ctx.save_for_backward(x, gate, weight)
         return out
 
@@ -166,16 +179,21 @@ class _GatedLinear(torch.autograd.Function):
         x, gate, weight = ctx.saved_tensors
         with torch.autocast(gate.device.type, enabled=False):
             grad = grad.to(gate.dtype)
-            act = F.silu(gate)
-            hidden = act if x is None else x * act
-            grad_weight = grad.flatten(0, -2).t().mm(hidden.flatten(0, -2))
             grad_hidden = grad.matmul(weight)
-            grad_x = None if x is None else grad_hidden * act
-            if x is not None:
-                grad_hidden.mul_(x)  # a fresh product: nothing else holds it
-            # silu's own backward kernel: one pass over the activations where the written-out derivative
-            # s (1 + g (1 - s)) costs six
-            grad_gate = torch.ops.aten.silu_backward(grad_hidden, gate)
+            if silu_gate_kernels(gate):
+                from megalodon.ops.triton.fused import silu_gate_backward
+
+                hidden, grad_x, grad_gate = silu_gate_backward(gate, x, grad_hidden)
+            else:
+                act = F.silu(gate)
+                hidden = act if x is None else x * act
+                grad_x = None if x is None else grad_hidden * act
+                if x is not None:
+                    grad_hidden.mul_(x)  # a fresh product: nothing else holds it
+                # silu's own backward kernel: one pass over the activations where the written-out derivative
+                # s (1 + g (1 - s)) costs six
+                grad_gate = torch.ops.aten.silu_backward(grad_hidden, gate)
+            grad_weight = grad.flatten(0, -2).t().mm(hidden.flatten(0, -2))
         return grad_x, grad_gate, grad_weight
 
 
@@ -183,8 +201,11 @@ def gated_linear(x: Tensor | None, gate: Tensor, weight: Tensor, dropout_p: floa
                  training: bool = False) -> Tensor:
     """dropout(x * silu(gate)) @ weight^T, or silu(gate) @ weight^T when x is None (bias-free), in gate's dtype
     (the weight is cast to it). With dropout the reference path runs (its mask must be kept anyway)."""
-    if (dropout_p and training) or not torch.is_grad_enabled():
+    if dropout_p and training:
         return gated_linear_reference(x, gate, weight, dropout_p, training)
+    if not torch.is_grad_enabled():
+        x = None if x is None else x.to(gate.dtype)
+        return F.linear(_silu_gate(x, gate), weight.to(gate.dtype))
     if x is not None:
         x = x.to(gate.dtype)
     return _GatedLinear.apply(x, gate, weight.to(gate.dtype))
