@@ -64,6 +64,8 @@ class OpCounter(TorchDispatchMode):
             with self:
                 return OPDEFS[func.name().split(".")[0]]._init_fn(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
+        if name == "native_layer_norm_backward" and args[5] is not None:  # CUDA reduces the weight's gradient apart
+            self.ops["native_layer_norm_backward (weight)"] += 1
         if name in MAYBE_NOTHING:
             with self:
                 return func.decompose(*args, **(kwargs or {}))
@@ -100,8 +102,9 @@ def count_triton_launches() -> None:
 
 
 class _OneKernelRMSNorm(torch.autograd.Function):
-    """F.rms_norm as CUDA runs it: one op forward (aten._fused_rms_norm) and one backward (each with a copy first
-    where x is not contiguous), keeping x, one rstd per row and the weight (what bench_memory.py sees). The CPU has no such kernel and composes it of several ops,
+    """F.rms_norm as CUDA runs it: one op forward (aten._fused_rms_norm) and one backward, which launches a second
+    kernel for the weight's gradient (GammaBetaBackward, as the LayerNorm's backward does: both in the H100 trace),
+    each with a copy first where x is not contiguous, keeping x, one rstd per row and the weight (what bench_memory.py sees). The CPU has no such kernel and composes it of several ops,
     which run here uncounted."""
 
     @staticmethod
@@ -121,6 +124,7 @@ class _OneKernelRMSNorm(torch.autograd.Function):
         x, _, weight = ctx.saved_tensors
         if OpCounter.active is not None:
             OpCounter.active.ops["_fused_rms_norm_backward"] += 1
+            OpCounter.active.ops["_fused_rms_norm_backward (weight)"] += weight is not None
             OpCounter.active.ops["contiguous (in _fused_rms_norm_backward)"] += not x.is_contiguous()
         with torch.utils._python_dispatch._disable_current_modes(), torch.enable_grad():
             inputs = [t.detach().requires_grad_() for t in (x, weight) if t is not None]

@@ -210,7 +210,8 @@ def test_the_generated_files_import_only_torch_transformers_and_each_other(remot
                                                    "timestep_norm_step_kernel", "queries_keys_triton",
                                                    "supports_scores", "causal_softmax_fwd", "causal_softmax_bwd",
                                                    "supports_buffers", "write_and_attend_triton",
-                                                   "supports_rows", "norm_rows",
+                                                   "supports_rows", "norm_rows", "norm_rows_training",
+                                                   "norm_rows_backward", "silu_gate", "silu_gate_backward",
                                                    "save_pretrained", "load_pretrained"}
 
 

@@ -71,14 +71,81 @@ def test_layer_norm_matches_float64(monkeypatch, x_dtype, affine):
     torch.testing.assert_close(got.double(), want, **rounded(want, x_dtype))
 
 
-def test_training_keeps_its_paths(monkeypatch):
-    """Where a gradient is wanted the kernel does not run (it has no backward)."""
-    calls = on_the_kernel(monkeypatch)
+def test_training_takes_the_training_kernels(monkeypatch):
+    """Where a gradient is wanted the inference kernel does not run (it keeps nothing for backward): the training
+    kernels do."""
+    import megalodon.ops.triton.fused as kernels
+
+    calls = kernel_only(monkeypatch, fused, "norm_rows", kernels, "norm_rows", "norm_rows_training",
+                        "norm_rows_backward")
     x, weight, bias = inputs(torch.float32, seed=2)
     weight.requires_grad_()
     rms_norm(x, weight, 1e-5).sum().backward()
     layer_norm(x.requires_grad_(), None, None, 1e-5, torch.float32).sum().backward()
-    assert not calls and weight.grad is not None and x.grad is not None
+    assert calls == ["norm_rows_training", "norm_rows_backward"] * 2
+    assert weight.grad is not None and x.grad is not None
+
+
+def norm_float64(x, scale, shift, center, eps=1e-5):
+    xd = x.double()
+    if center:
+        xd = xd - xd.mean(-1, keepdim=True)
+    out = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + eps)
+    out = out if scale is None else out * scale.double()
+    return out if shift is None else out + shift.double()
+
+
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "layer"])
+@pytest.mark.parametrize("x_dtype, out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("affine", ["scale+shift", "scale", "none"])
+@pytest.mark.parametrize("programs", [512, 4], ids=["row-per-program", "rows-per-program"])
+def test_row_norm_training_matches_float64(monkeypatch, center, x_dtype, out_dtype, affine, programs):
+    """The training kernels against float64 autograd: the output (rounded once), x's gradient in x's dtype and the
+    affine's gradients summed over rows; with few backward programs, each takes several rows and the last one
+    fewer (21 rows over 4 programs)."""
+    import megalodon.ops.triton.fused as kernels
+
+    monkeypatch.setattr(kernels, "NORM_BWD_PROGRAMS", programs)
+    if affine == "scale+shift" and not center:
+        pytest.skip("an RMSNorm has no shift")
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 7, FEATURES, generator=g) * 3 + 1).to(x_dtype).to(DEVICE)
+    scale = (torch.randn(FEATURES, generator=g) * 0.2 + 1).to(DEVICE) if affine != "none" else None
+    shift = (torch.randn(FEATURES, generator=g) * 0.1).to(DEVICE) if affine == "scale+shift" else None
+    grad = torch.randn(x.shape, generator=g).to(out_dtype).to(DEVICE)
+    leaves = [t.requires_grad_() for t in (x, scale, shift) if t is not None]
+    out = fused.row_norm_trained(x, scale, shift, 1e-5, center, out_dtype)
+    got = [out, *torch.autograd.grad(out, leaves, grad)]
+    assert got[0].dtype == out_dtype and got[1].dtype == x_dtype
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, scale64, shift64 = leaves64 + [None] * (3 - len(leaves64))
+    want = norm_float64(x64, scale64, shift64, center)
+    wants = [want.detach(), *torch.autograd.grad(want, leaves64, grad.double())]
+    torch.testing.assert_close(got[0].double(), wants[0], **rounded(wants[0], out_dtype))
+    # x's gradient: fp32 arithmetic, then one rounding to x's dtype; the parameters' sums over 21 rows in fp32
+    step = 1e-5 if x_dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(got[1].double(), wants[1], rtol=step, atol=1e-5 * wants[1].abs().max().item())
+    for a, b in zip(got[2:], wants[2:]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_compiled_norms_keep_torch_ops(monkeypatch):
+    """Under torch.compile the norms stay torch's ops, which Inductor fuses with the casts around them."""
+    import megalodon.ops.triton.fused as kernels
+
+    calls = kernel_only(monkeypatch, fused, "norm_rows", kernels, "norm_rows_training", "norm_rows_backward")
+    x, weight, bias = inputs(torch.float32, seed=12)
+    for t in (x, weight, bias):
+        t.requires_grad_()
+
+    def norms(x, weight, bias):
+        return rms_norm(x, weight, 1e-5, torch.bfloat16).float() + layer_norm(x, weight, bias, 1e-5, torch.float32)
+
+    out = torch.compile(norms, backend="aot_eager", fullgraph=True)(x, weight, bias)
+    out.square().sum().backward()
+    assert not calls
+    torch.testing.assert_close(out, norms(x, weight, bias))
 
 
 def test_llama_norm_matches_its_own_path(monkeypatch):
@@ -195,10 +262,18 @@ from megalodon.ops.triton import fused as kernels
 CASES = []
 for x, out in (("*fp32", "*bf16"), ("*bf16", "*bf16"), ("*fp32", "*fp32")):
     for center in (False, True):
-        CASES.append((kernels.norm_rows_kernel, [x, "*fp32", "*fp32", out, "i32", "fp32"],
-                      dict(CENTER=center, HAS_SCALE=True, HAS_SHIFT=center, BLOCK=1024)))
-CASES.append((kernels.norm_rows_kernel, ["*bf16", "*bf16", "*bf16", "*bf16", "i32", "fp32"],
-              dict(CENTER=False, HAS_SCALE=True, HAS_SHIFT=False, BLOCK=4096), 8))
+        for stats in (False, True):
+            CASES.append((kernels.norm_rows_kernel, [x, "*fp32", "*fp32", out, "*fp32", "*fp32", "i32", "fp32"],
+                          dict(CENTER=center, HAS_SCALE=True, HAS_SHIFT=center, SAVE_STATS=stats, BLOCK=1024)))
+        # backward: x, the output's gradient (in the output's dtype), scale, mean, rstd, dx (x's), the partials
+        CASES.append((kernels.norm_rows_bwd_kernel, [x, out, "*fp32", "*fp32", "*fp32", x, "*fp32", "i32", "i32",
+                                                     "i32"],
+                      dict(CENTER=center, HAS_SCALE=True, PARAM_GRADS=True, BLOCK=1024)))
+CASES.append((kernels.norm_rows_kernel, ["*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32", "i32", "fp32"],
+              dict(CENTER=False, HAS_SCALE=True, HAS_SHIFT=False, SAVE_STATS=False, BLOCK=4096), 8))
+CASES.append((kernels.norm_rows_bwd_kernel, ["*fp32", "*bf16", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "i32",
+                                             "i32", "i32"],
+              dict(CENTER=False, HAS_SCALE=False, PARAM_GRADS=False, BLOCK=4096), 8))
 for t in ("*bf16", "*fp32"):
     for has_x in (True, False):
         CASES.append((kernels.silu_gate_kernel, [t, t, t, "i32", "i64", "i64"],

@@ -1,5 +1,5 @@
-"""The norms and the SiLU-gated linear, fused so that they keep less for the backward pass (and, for inference on
-CUDA, run as one kernel per row).
+"""The norms and the SiLU-gated linear, fused so that they keep less for the backward pass and, on CUDA, run as
+one Triton kernel each way.
 
 Autograd, op by op, keeps every intermediate a later gradient needs: the RMSNorm its fp32 input and fp32
 output, the gate `x * silu(g)` its input, the SiLU output and the product. These two ops keep only their inputs
@@ -7,12 +7,15 @@ output, the gate `x * silu(g)` its input, the SiLU output and the product. These
 MEGA layer and an FFN by about a quarter. Each has a plain autograd reference beside it (`*_reference`, the
 obviously right form), the tests compare the two in float64, and one function per op decides which path runs.
 
-Where torch has a fused RMSNorm kernel for the device (CUDA in recent torch: 2.11 has it), the RMSNorm runs on
-it: one launch forward and one backward where the composed form takes about eight and ten, and it keeps the same
-input and one scalar per row. The Llama baseline's norm uses it too, so that the comparison stays fair.
+On CUDA, in eager mode, both norms and the gate run as one Triton kernel per call each way (ops/triton/fused.py):
+a norm's kernel also makes the output's dtype, where torch's path adds a cast on one side or both, and its
+backward reads the output's gradient in the output's dtype; the gate's backward makes the product again and both
+gradients in one pass. A compiled graph keeps torch's ops, which Inductor fuses with the casts around them.
 
-When no gradient is wanted (decode, prefill, evaluation), both norms run on CUDA as one Triton kernel per call
-(ops/triton/fused.py) that also makes the output's dtype, where torch's path adds a cast on one side or both.
+Where the kernels do not run and torch has a fused RMSNorm kernel for the device (CUDA in recent torch: 2.11 has
+it), the RMSNorm runs on it: one launch forward and one backward where the composed form takes about eight and
+ten, keeping the same input and one scalar per row. The Llama baseline's norm takes the same paths, so that the
+comparison stays fair.
 """
 
 from __future__ import annotations
@@ -43,6 +46,49 @@ def row_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, 
     from megalodon.ops.triton.fused import norm_rows
 
     return norm_rows(x, scale, shift, float(eps), center, out_dtype)
+
+
+# ---- training: one kernel each way on CUDA ---------------------------------------------------------------------
+def row_norm_trains(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether a norm of x that a gradient flows through runs as the Triton row-norm and its backward: on CUDA,
+    in eager mode (a compiled graph keeps torch's norm, which Inductor fuses with the casts around it)."""
+    if not use_triton("norm_rows", x) or torch.compiler.is_compiling():
+        return False
+    from megalodon.ops.triton.fused import supports_rows
+
+    return supports_rows(x, *params)
+
+
+class _RowNorm(torch.autograd.Function):
+    """The Triton row-norm with its backward: keeps x as given and each row's statistics (as torch's norms do);
+    the output comes in out_dtype from the same pass and the output's gradient is read in its own dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, center: bool,
+                out_dtype: torch.dtype) -> Tensor:
+        from megalodon.ops.triton.fused import norm_rows_training
+
+        out, mean, rstd = norm_rows_training(x, scale, shift, float(eps), center, out_dtype)
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.shift_dtype = None if shift is None else shift.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        from megalodon.ops.triton.fused import norm_rows_backward
+
+        x, scale, mean, rstd = ctx.saved_tensors
+        wants = ctx.needs_input_grad
+        dx, sums = norm_rows_backward(x, grad, scale, mean, rstd, wants[1] or wants[2])
+        d_scale = sums[0].to(scale.dtype) if wants[1] else None
+        d_shift = sums[1].to(ctx.shift_dtype) if wants[2] else None
+        return dx, d_scale, d_shift, None, None, None
+
+
+def row_norm_trained(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, center: bool,
+                     out_dtype: torch.dtype) -> Tensor:
+    """The Triton row-norm where row_norm_trains, gradients included: RMSNorm, or LayerNorm if center."""
+    return _RowNorm.apply(x, scale, shift, eps, center, out_dtype)
 
 
 # ---- RMSNorm ---------------------------------------------------------------------------------------------------
@@ -121,6 +167,8 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtyp
     out_dtype = compute if out_dtype is None else out_dtype
     if row_norm_applies(x, weight, scale):
         return row_norm(x, applied(weight) if scale is None else scale, None, eps, False, out_dtype)
+    if row_norm_trains(x, weight, scale):
+        return row_norm_trained(x, applied(weight) if scale is None else scale, None, eps, False, out_dtype)
     if x.device.type in FUSED_RMS_NORM_DEVICES:
         return torch_rms_norm(x, applied(weight) if scale is None else scale, eps, out_dtype)
     if scale is not None:
@@ -136,6 +184,8 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     passes weight + 1), statistics in fp32 or better, the output in out_dtype."""
     if row_norm_applies(x, weight, bias):
         return row_norm(x, weight, bias, eps, True, out_dtype)
+    if row_norm_trains(x, weight, bias):
+        return row_norm_trained(x, weight, bias, eps, True, out_dtype)
     compute = torch.promote_types(x.dtype, torch.float32)
     out = F.layer_norm(x.to(compute), x.shape[-1:], None if weight is None else weight.to(compute),
                        None if bias is None else bias.to(compute), eps)

@@ -1,11 +1,13 @@
 """Row norms for inference and the SiLU gate of ops/fused.py, each in one Triton kernel, on CUDA.
 
-Row norms. A decode step normalizes one row per token twice per layer: the CEMA output (RMSNorm, fp32 in, the
-linears' dtype out) and the FFN's input (LayerNorm, the model's dtype in and out, statistics in fp32). On torch's
-path that is a norm kernel with a cast on one side or both (two launches and three); here one program per row
-loads it, takes its statistics in fp32, applies the affine in fp32 (Megalodon's scale = weight + 1 is computed
-once per generation) and writes it in the dtype asked for, rounding once as the PyTorch path's final cast does.
-Inference only: training keeps the paths that save what their backward needs.
+Row norms. A layer normalizes each token's row twice: the CEMA output (RMSNorm, fp32 in, the linears' dtype
+out) and the FFN's input (LayerNorm, fp32 in training, the model's dtype in decode; statistics in fp32). On
+torch's path that is a norm kernel with a cast on one side or both (two launches and three each way in
+training); here one program per row loads it, takes its statistics in fp32, applies the affine in fp32
+(Megalodon's scale = weight + 1 is computed once per generation in decode) and writes it in the dtype asked for,
+rounding once as the PyTorch path's final cast does. For training it also stores each row's mean and 1 / std,
+and the backward reads the output's gradient in its own dtype (bf16 under autocast, which torch's kernels take
+only after a cast to fp32), writes x's gradient in x's dtype, and sums the affine's gradients per block of rows.
 
 SiLU gate. The gated linear (the MEGA layer's output, the FFN's SwiGLU) multiplies x by silu(gate) before its
 GEMM and recomputes that product in backward. Op by op that is two kernels forward (silu, then the product) and
@@ -32,20 +34,65 @@ MAX_FEATURES = 16384  # a row is held whole by one program
 
 
 @triton.jit
-def norm_rows_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, features, eps,
-                     CENTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+def norm_rows_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, mean_ptr, rstd_ptr, features, eps,
+                     CENTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     SAVE_STATS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < features
     x = tl.load(x_ptr + row * features + cols, mask=inside, other=0.0).to(tl.float32)
     if CENTER:  # LayerNorm: centred, biased variance
-        x = tl.where(inside, x - tl.sum(x, axis=0) / features, 0.0)
-    y = x / tl.sqrt(tl.sum(x * x, axis=0) / features + eps)
+        mean = tl.sum(x, axis=0) / features
+        x = tl.where(inside, x - mean, 0.0)
+        if SAVE_STATS:
+            tl.store(mean_ptr + row, mean)
+    root = tl.sqrt(tl.sum(x * x, axis=0) / features + eps)
+    if SAVE_STATS:
+        tl.store(rstd_ptr + row, 1.0 / root)
+    y = x / root
     if HAS_SCALE:
         y = y * tl.load(scale_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         y = y + tl.load(shift_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * features + cols, cast(y, out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def norm_rows_bwd_kernel(x_ptr, grad_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr, rows, features,
+                         rows_per_program, CENTER: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         PARAM_GRADS: tl.constexpr, BLOCK: tl.constexpr):
+    """dx for a block of rows, and the block's sums of grad * xhat (the scale's gradient) and of grad (the
+    shift's), which the caller adds up over the blocks: no atomics, so the sums do not depend on timing."""
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < features
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    sum_scale = tl.zeros([BLOCK], tl.float32)
+    sum_shift = tl.zeros([BLOCK], tl.float32)
+    for i in range(rows_per_program):
+        row = program.to(tl.int64) * rows_per_program + i
+        here = cols < tl.where(row < rows, features, 0)  # nothing of a row past the end
+        x = tl.load(x_ptr + row * features + cols, mask=here, other=0.0).to(tl.float32)
+        grad = tl.load(grad_ptr + row * features + cols, mask=here, other=0.0).to(tl.float32)
+        last = tl.minimum(row, rows - 1)  # a row past the end (the last block's) reads the last row's statistics
+        rstd = tl.load(rstd_ptr + last)
+        if CENTER:
+            x = x - tl.load(mean_ptr + last)
+        xhat = tl.where(here, x * rstd, 0.0)
+        if PARAM_GRADS:
+            sum_scale += grad * xhat
+            sum_shift += grad
+        g = grad * scale
+        # d/dx of xhat * scale: rstd (g - xhat mean(g xhat)), less mean(g) when centred
+        dx = g - xhat * (tl.sum(g * xhat, axis=0) / features)
+        if CENTER:
+            dx = dx - tl.sum(g, axis=0) / features
+        tl.store(dx_ptr + row * features + cols, cast(dx * rstd, dx_ptr.dtype.element_ty), mask=here)
+    if PARAM_GRADS:
+        tl.store(partial_ptr + program * features + cols, sum_scale, mask=inside)
+        tl.store(partial_ptr + (tl.num_programs(0) + program) * features + cols, sum_shift, mask=inside)
 
 
 def supports_rows(x: Tensor, *params: Optional[Tensor]) -> bool:
@@ -68,15 +115,67 @@ def norm_rows(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: 
     block = triton.next_power_of_2(features)
     if x.numel():
         norm_rows_kernel[(x.numel() // features,)](
-            x, x if scale is None else scale.contiguous(), x if shift is None else shift.contiguous(), out, features,
-            eps, CENTER=center, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, BLOCK=block,
-            num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
+            x, x if scale is None else scale.contiguous(), x if shift is None else shift.contiguous(), out, x, x,
+            features, eps, CENTER=center, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+            SAVE_STATS=False, BLOCK=block, num_warps=_warps(block))
     return out
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
 @norm_rows.register_fake
 def _(x, scale, shift, eps, center, out_dtype):
     return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+
+
+# ---- the row norms in training -----------------------------------------------------------------------------------
+# The backward's programs: each takes a block of rows and writes its sums for the parameters' gradients, which
+# one reduction adds up (at most this many rows of F floats each, twice).
+NORM_BWD_PROGRAMS = 512
+
+
+@on_input_device
+def norm_rows_training(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: float, center: bool,
+                       out_dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """norm_rows for training: (the output, each row's mean (None unless center), each row's 1 / std), the
+    statistics fp32 of shape x.shape[:-1], what norm_rows_backward takes. One launch."""
+    features = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x, dtype=out_dtype)
+    rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    mean = x.new_empty(x.shape[:-1], dtype=torch.float32) if center else None
+    block = triton.next_power_of_2(features)
+    if x.numel():
+        norm_rows_kernel[(x.numel() // features,)](
+            x, x if scale is None else scale.contiguous(), x if shift is None else shift.contiguous(), out,
+            rstd if mean is None else mean, rstd, features, eps, CENTER=center, HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None, SAVE_STATS=True, BLOCK=block, num_warps=_warps(block))
+    return out, mean, rstd
+
+
+@on_input_device
+def norm_rows_backward(x: Tensor, grad: Tensor, scale: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor,
+                       param_grads: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Gradients of norm_rows_training's output `grad` for x (in x's dtype) and, if param_grads, the sums over
+    rows of grad * xhat and of grad (2, F) fp32: the gradients of a scale and of a shift. Two launches with
+    param_grads (the kernel and the sum over its row blocks), else one."""
+    features = x.shape[-1]
+    x, grad = x.contiguous(), grad.contiguous()
+    dx = torch.empty_like(x)
+    rows = x.numel() // features
+    programs = max(1, min(NORM_BWD_PROGRAMS, rows))
+    per_program = triton.cdiv(rows, programs)
+    programs = triton.cdiv(rows, per_program)
+    partial = x.new_empty(2, programs, features, dtype=torch.float32) if param_grads else None
+    block = triton.next_power_of_2(features)
+    if x.numel():
+        norm_rows_bwd_kernel[(programs,)](
+            x, grad, x if scale is None else scale.contiguous(), rstd if mean is None else mean, rstd, dx,
+            dx if partial is None else partial, rows, features, per_program, CENTER=mean is not None,
+            HAS_SCALE=scale is not None, PARAM_GRADS=param_grads, BLOCK=block, num_warps=_warps(block))
+    return dx, None if partial is None else partial.sum(1)
 
 
 # ---- the SiLU gate -----------------------------------------------------------------------------------------------
