@@ -101,10 +101,13 @@ def test_rms_norm_on_cuda_of_a_bf16_input_keeps_fp32_statistics():
 
 @requires_cuda
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_on_cuda_runs_torch_fused_kernel(out_dtype):
-    """On a GPU: the fused kernel against the float64 reference, gradients included, and it keeps only x and one
-    scalar per row."""
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_rms_norm_on_cuda_in_training(monkeypatch, out_dtype, kernels):
+    """On a GPU, torch's fused kernel (where the Triton row-norm is off, as in a compiled graph) and the Triton
+    row-norm, each against the float64 reference, gradients included, keeping only x and one scalar per row."""
     assert "cuda" in fused.FUSED_RMS_NORM_DEVICES, "this torch has no fused RMSNorm kernel for CUDA"
+    if kernels == "torch":
+        monkeypatch.setattr(fused, "use_triton", lambda op, *tensors: op != "norm_rows")
     x, weight = (t.detach().cuda().float().requires_grad_() for t in leaves((4, 64, 256), (256,), seed=8))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
