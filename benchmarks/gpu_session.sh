@@ -93,7 +93,8 @@ part2() {
 case "$PART" in
 1) part1 ;;
 2) part2 ;;
-sweep)  # the CEMA's and the TimestepNorm's kernel tilings and the attention's query blocks, about a minute
+sweep)  # the CEMA's and the TimestepNorm's kernel tilings, the attention's query blocks, the gates' and norms'
+        # kernels against torch's ops: about a minute
     {
         "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --chunks 32 64 128
         echo
@@ -102,6 +103,8 @@ sweep)  # the CEMA's and the TimestepNorm's kernel tilings and the attention's q
         "$PYTHON" benchmarks/bench_timestep_norm.py --device cuda --scan-tiles 256,8,4,32 1024,2,4,32 256,8,4,8 64,8,4,64
         echo
         "$PYTHON" benchmarks/bench_attention.py --device cuda --blocks 1 2 4 8
+        echo
+        "$PYTHON" benchmarks/bench_fused.py --device cuda
     } 2>&1 | tee "$OUT/sweeps.md"
     ;;
 all)  # both parts in one call, each with its own SESSION_SECONDS; part 1's disabled kernels stay off in part 2
