@@ -54,6 +54,17 @@ def use_triton(op: str, *tensors: Tensor) -> bool:
     return "all" not in off and op not in off
 
 
+# triton.cdiv and triton.next_power_of_2 are constexpr functions: called from Python they go through triton's
+# wrapper, a few microseconds each, which an eager step pays a few hundred times. These are the plain arithmetic.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def on_input_device(launcher):
     """Run a kernel launcher with the GPU of its first argument (a tensor) as the current device. Triton launches
     on the current device whatever device the tensors are on, so a model on cuda:1 in a process whose current

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton import next_power_of_2, on_input_device
 from megalodon.ops.triton.casts import cast
 
 MAX_KEYS = 16384  # the longest row a program holds (a chunk's keys; chunks are at most a few thousand tokens)
@@ -65,7 +65,7 @@ def supports_scores(scores: Tensor) -> bool:
 def _launch(kernel, tensors: list[Tensor], offset: int) -> None:
     """One program per row of tensors[0], the scores (..., Sq, Sk)."""
     *_, queries, keys = tensors[0].shape
-    block = triton.next_power_of_2(keys)
+    block = next_power_of_2(keys)
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     if tensors[0].numel():
         kernel[(tensors[0].numel() // keys,)](*tensors, queries, keys, offset, BLOCK=block, num_warps=warps)

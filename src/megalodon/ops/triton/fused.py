@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device
 from megalodon.ops.triton.casts import cast
 
 MAX_FEATURES = 16384  # a row is held whole by one program
@@ -112,7 +112,7 @@ def norm_rows(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: 
     features = x.shape[-1]
     x = x.contiguous()
     out = torch.empty_like(x, dtype=out_dtype)
-    block = triton.next_power_of_2(features)
+    block = next_power_of_2(features)
     if x.numel():
         norm_rows_kernel[(x.numel() // features,)](
             x, x if scale is None else scale.contiguous(), x if shift is None else shift.contiguous(), out, x, x,
@@ -146,7 +146,7 @@ def norm_rows_training(x: Tensor, scale: Optional[Tensor], shift: Optional[Tenso
     out = torch.empty_like(x, dtype=out_dtype)
     rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32) if center else None
-    block = triton.next_power_of_2(features)
+    block = next_power_of_2(features)
     if x.numel():
         norm_rows_kernel[(x.numel() // features,)](
             x, x if scale is None else scale.contiguous(), x if shift is None else shift.contiguous(), out,
@@ -166,10 +166,10 @@ def norm_rows_backward(x: Tensor, grad: Tensor, scale: Optional[Tensor], mean: O
     dx = torch.empty_like(x)
     rows = x.numel() // features
     programs = max(1, min(NORM_BWD_PROGRAMS, rows))
-    per_program = triton.cdiv(rows, programs)
-    programs = triton.cdiv(rows, per_program)
+    per_program = cdiv(rows, programs)
+    programs = cdiv(rows, per_program)
     partial = x.new_empty(2, programs, features, dtype=torch.float32) if param_grads else None
-    block = triton.next_power_of_2(features)
+    block = next_power_of_2(features)
     if x.numel():
         norm_rows_bwd_kernel[(programs,)](
             x, grad, x if scale is None else scale.contiguous(), rstd if mean is None else mean, rstd, dx,
@@ -236,7 +236,7 @@ def silu_gate(gate: Tensor, x: Optional[Tensor]) -> Tensor:
     x_rows, stride_x = (gate_rows, 0) if x is None else _rows(x, cols)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if out.numel():
-        grid = (gate_rows.shape[0], triton.cdiv(cols, GATE_BLOCK))
+        grid = (gate_rows.shape[0], cdiv(cols, GATE_BLOCK))
         silu_gate_kernel[grid](x_rows, gate_rows, out, cols, stride_x, stride_gate, HAS_X=x is not None,
                                BLOCK=GATE_BLOCK, num_warps=4)
     return out
@@ -255,7 +255,7 @@ def silu_gate_backward(gate: Tensor, x: Optional[Tensor], grad: Tensor
     dx = None if x is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if hidden.numel():
-        grid = (gate_rows.shape[0], triton.cdiv(cols, GATE_BLOCK))
+        grid = (gate_rows.shape[0], cdiv(cols, GATE_BLOCK))
         silu_gate_bwd_kernel[grid](x_rows, gate_rows, grad_rows, hidden, hidden if dx is None else dx, dgate, cols,
                                    stride_x, stride_gate, stride_grad, HAS_X=x is not None, BLOCK=GATE_BLOCK,
                                    num_warps=4)

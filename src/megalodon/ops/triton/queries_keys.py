@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device
 from megalodon.ops.triton.casts import cast
 
 
@@ -105,7 +105,7 @@ def qk_bwd_kernel(dqk_ptr, z_ptr, rstd_ptr, scale_ptr, cos_ptr, sin_ptr, dz_ptr,
 
 def _tiles(dz: int) -> tuple[int, int]:
     """BLOCK_T x BLOCK_D tiles of about 2K elements (a row of dz features per token)."""
-    block_d = triton.next_power_of_2(dz)
+    block_d = next_power_of_2(dz)
     return max(1, min(64, 2048 // block_d)), block_d
 
 
@@ -135,7 +135,7 @@ def queries_keys_fwd(z: Tensor, scale: Tensor, shift: Tensor, cos: Tensor, sin: 
     rstd = z.new_empty(batch * length, heads, dtype=torch.float32)
     block_t, block_d = _tiles(dz)
     tokens = batch * length
-    qk_fwd_kernel[(triton.cdiv(tokens, block_t), heads)](
+    qk_fwd_kernel[(cdiv(tokens, block_t), heads)](
         rows, scale, shift, cos, sin, qk, rstd, tokens, length, row_stride, _table_batch_stride(cos), heads, dz,
         eps, BLOCK_T=block_t, BLOCK_D=block_d)
     return qk, rstd
@@ -158,7 +158,7 @@ def queries_keys_bwd(dqk: Tensor, z: Tensor, rstd: Tensor, scale: Tensor, cos: T
     rows, row_stride = _rows(z)
     block_t, block_d = _tiles(dz)
     tokens = batch * length
-    programs = triton.cdiv(tokens, block_t)
+    programs = cdiv(tokens, block_t)
     d_z = z.new_empty(batch, length, width)
     partial = z.new_empty(programs, 4, width, dtype=torch.float32)
     qk_bwd_kernel[(programs, heads)](

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device
 from megalodon.ops.triton.casts import cast
 
 # A step reads each layer's whole key buffer and the seen part of its value buffer (8 MiB at mega200M in bf16):
@@ -121,16 +121,16 @@ def slot_scores(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, s
     dv = values.shape[-1]
     q, k = (_heads_contiguous(t) for t in (q, k))
     scores = q.new_empty(batch * heads, slots, dtype=torch.float32)
-    slot_scores_kernel[(batch * heads, triton.cdiv(slots, SCORE_SLOTS))](
+    slot_scores_kernel[(batch * heads, cdiv(slots, SCORE_SLOTS))](
         q, k, v.contiguous(), keys, values, slot, visible.contiguous(), scores, q.stride(0), k.stride(0),
         heads, slots, dk, dv, scale, SILU_VALUES=silu_values, BLOCK_S=SCORE_SLOTS,
-        BLOCK_K=triton.next_power_of_2(dk), BLOCK_V=64)
+        BLOCK_K=next_power_of_2(dk), BLOCK_V=64)
     return scores
 
 
 def _value_block(rows: int, dv: int) -> int:
     """Value features per program of the value kernel: about PROGRAMS programs in all, 16 to 128 features each."""
-    return min(128, max(16, triton.next_power_of_2(triton.cdiv(rows * dv, PROGRAMS))))
+    return min(128, max(16, next_power_of_2(cdiv(rows * dv, PROGRAMS))))
 
 
 @slot_scores.register_fake
@@ -148,9 +148,9 @@ def slot_values(scores: Tensor, values: Tensor, gate: Optional[Tensor], out_dtyp
     block = _value_block(batch * heads, dv)
     if gate is not None and gate.stride(-1) != 1:
         gate = gate.contiguous()
-    slot_values_kernel[(batch * heads, triton.cdiv(dv, block))](
+    slot_values_kernel[(batch * heads, cdiv(dv, block))](
         scores, values, out if gate is None else gate, out, 0 if gate is None else gate.stride(0), heads, slots, dv,
-        GATED=gate is not None, BLOCK_ALL=triton.next_power_of_2(slots), BLOCK_S=VALUE_SLOTS, BLOCK_V=block)
+        GATED=gate is not None, BLOCK_ALL=next_power_of_2(slots), BLOCK_S=VALUE_SLOTS, BLOCK_V=block)
     return out
 
 

@@ -49,19 +49,18 @@ implementations and autograd registered, so a compiled graph holds each as one n
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from megalodon.ops.timestep_norm import NormStats
 from megalodon.ops.timestep_norm_stats import block_size_of, per_row
-from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device
 from megalodon.ops.triton import timestep_norm_kernels as kernels
 
 
 def _token_tiles(groups: int, dim: int) -> tuple[int, int]:
     """BLOCK_T x BLOCK_DG tiles of about 2K elements for the per-token kernels (sm_90, 4 warps: 90-160 registers
     a thread, no spills; 4K-element tiles took up to 250)."""
-    block_dg = triton.next_power_of_2(dim // groups)
+    block_dg = next_power_of_2(dim // groups)
     return max(1, min(64, 2048 // block_dg)), block_dg
 
 
@@ -94,10 +93,10 @@ class _ScanLayout(NamedTuple):
 
 def _scan_layout(groups: int, block: int, num_blocks: int) -> _ScanLayout:
     """The scans' tiling and segments for rows of num_blocks blocks (the module's SCAN_* read at each call)."""
-    tokens = min(triton.next_power_of_2(block), SCAN_TOKENS)
-    tiles = triton.cdiv(block, tokens)
+    tokens = min(next_power_of_2(block), SCAN_TOKENS)
+    tiles = cdiv(block, tokens)
     seg_tiles = max(1, -(-num_blocks * tiles // SCAN_SEGMENTS))
-    return _ScanLayout(tokens, min(triton.next_power_of_2(groups), SCAN_GROUPS), num_blocks, tiles, seg_tiles,
+    return _ScanLayout(tokens, min(next_power_of_2(groups), SCAN_GROUPS), num_blocks, tiles, seg_tiles,
                        -(-tiles // seg_tiles))
 
 
@@ -125,12 +124,12 @@ def timestep_norm_fwd(
 
     tokens = batch * length
     block_t, block_dg = _token_tiles(groups, dim)
-    token_grid = (triton.cdiv(tokens, block_t), groups)
+    token_grid = (cdiv(tokens, block_t), groups)
     kernels.moments_kernel[token_grid](x, mu, s2, tokens, dim, groups, dim // groups, BLOCK_T=block_t,
                                        BLOCK_DG=block_dg)
     scan = _scan_layout(groups, block_size, num_blocks)
     seg_mean, seg_var, in_mean, in_var = (mean.new_empty(batch, scan.segments, groups) for _ in range(4))
-    scan_grid = (batch, triton.cdiv(groups, scan.groups))
+    scan_grid = (batch, cdiv(groups, scan.groups))
     segment_args = (length, groups, block_size, scan.tiles, scan.segs_per_block, scan.seg_tiles, scan.segments, eps)
     for totals in (True, False):  # each segment's totals; the carry into each (between the two); each token's
         kernels.scan_fwd_kernel[(*scan_grid, scan.segments)](
@@ -176,7 +175,7 @@ def timestep_norm_bwd(
     num_blocks = block_count.shape[1]
     tokens = batch * length
     block_t, block_dg = _token_tiles(groups, dim)
-    token_grid = (triton.cdiv(tokens, block_t), groups)
+    token_grid = (cdiv(tokens, block_t), groups)
     dm, dv, p, c = (x.new_empty(batch, length, groups, dtype=torch.float32) for _ in range(4))
     partial = [x.new_empty(token_grid[0], dim, dtype=torch.float32) for _ in range(2)]
     has_copy = d_copy is not None
@@ -190,7 +189,7 @@ def timestep_norm_bwd(
     totals, after = ([x.new_empty(batch, scan.segments, groups, dtype=torch.float32) for _ in range(4)]
                      for _ in range(2))
     has_final = d_final_mean is not None
-    scan_grid = (batch, triton.cdiv(groups, scan.groups))
+    scan_grid = (batch, cdiv(groups, scan.groups))
     for sums in (totals, after):  # each segment's sums; the carry between segments (after the first); each token's
         kernels.scan_bwd_kernel[(*scan_grid, scan.segments)](
             dm, dv, mean_t, block_count,
