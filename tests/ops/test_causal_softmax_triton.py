@@ -162,7 +162,7 @@ def test_custom_ops_pass_opcheck():
 
     scores, grad = scores_of(5, 12, torch.float32, seed=7), scores_of(5, 12, torch.bfloat16, seed=8)
     for op, args in ((causal_softmax_fwd, (scores, 7, torch.bfloat16)), (causal_softmax_bwd, (scores, grad, 7))):
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op.op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compiled_graph_holds_the_ops(monkeypatch):

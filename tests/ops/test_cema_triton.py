@@ -193,7 +193,7 @@ def test_op_registration_fake_and_autograd():
     u = torch.randn(2, 5, 4, device=DEVICE, requires_grad=True)
     h0 = torch.randn(2, 4, 2, 2, device=DEVICE, requires_grad=True)
     resets = torch.tensor([[False] * 5, [False, False, True, False, False]], device=DEVICE)
-    torch.library.opcheck(cema_scan, (u, *(t.to(DEVICE) for t in params), h0, resets, CHUNK))
+    torch.library.opcheck(cema_scan.op, (u, *(t.to(DEVICE) for t in params), h0, resets, CHUNK))
 
 
 def test_compiled_graph_holds_the_op():

@@ -170,7 +170,7 @@ def test_custom_op_passes_opcheck():
     x, weight, bias = inputs(torch.bfloat16, seed=4)
     for args in ((x, weight, bias, 1e-5, True, torch.bfloat16), (x.float(), weight, None, 1e-5, False, torch.bfloat16),
                  (x, None, None, 1e-6, False, torch.float32)):
-        torch.library.opcheck(norm_rows, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(norm_rows.op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ---- the SiLU gate -----------------------------------------------------------------------------------------------

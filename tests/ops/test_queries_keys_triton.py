@@ -93,7 +93,7 @@ def test_custom_op_passes_opcheck():
     (z, scale, shift), (cos, sin) = inputs(2, 6, seed=4)
     args = (z.contiguous().requires_grad_(), scale.requires_grad_(), shift.requires_grad_(), cos.contiguous(),
             sin.contiguous(), HEADS, 1e-5)
-    torch.library.opcheck(queries_keys_fwd, args, test_utils=("test_schema", "test_faketensor",
+    torch.library.opcheck(queries_keys_fwd.op, args, test_utils=("test_schema", "test_faketensor",
                                                              "test_autograd_registration"))
 
 

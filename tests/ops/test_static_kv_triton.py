@@ -116,10 +116,10 @@ def test_custom_ops_pass_opcheck():
     q, k, v, keys, values, step = step_inputs(torch.float32, seed=4)
     scores = slot_scores(q[:, 0], k[:, 0], v[:, 0], keys.clone(), values.clone(), step.slot,
                          step.visible.flatten(1), 1.0, True)
-    torch.library.opcheck(slot_scores, (q[:, 0], k[:, 0], v[:, 0], keys, values, step.slot, step.visible.flatten(1),
+    torch.library.opcheck(slot_scores.op, (q[:, 0], k[:, 0], v[:, 0], keys, values, step.slot, step.visible.flatten(1),
                                         1.0, True), test_utils=("test_schema", "test_faketensor"))
     for gate in (None, gate_of(torch.float32, seed=13)[:, 0]):
-        torch.library.opcheck(slot_values, (scores, values, gate, torch.bfloat16),
+        torch.library.opcheck(slot_values.op, (scores, values, gate, torch.bfloat16),
                               test_utils=("test_schema", "test_faketensor"))
 
 

@@ -232,7 +232,7 @@ def test_custom_ops_pass_opcheck(copy_dtype):
             prior.var.expand(2, G).contiguous(), torch.tensor([[False, True, False]]).expand(2, 3).contiguous(),
             weight.requires_grad_(), bias, 1e-5, 4, copy_dtype)
     args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(timestep_norm_fwd, args, test_utils=("test_schema", "test_faketensor",
+    torch.library.opcheck(timestep_norm_fwd.op, args, test_utils=("test_schema", "test_faketensor",
                                                                "test_autograd_registration"))
 
 

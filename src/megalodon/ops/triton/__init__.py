@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -52,6 +53,64 @@ def use_triton(op: str, *tensors: Tensor) -> bool:
         return False
     off = disabled_ops()
     return "all" not in off and op not in off
+
+
+class TritonOp:
+    """One op of this package on its Triton kernels, callable like the function it wraps.
+
+    `op` is its torch.library custom op: one node of a traced graph, with its fake (shapes only) and its autograd
+    formula registered, which torch.compile needs. Outside a trace the dispatcher's path for a custom op (its
+    schema's defaults filled in, the outputs' aliasing checked, dynamo's disable guard, a Python autograd wrapper)
+    costs tens of microseconds of host time per call and buys nothing, and an eager GPU step at 4K tokens is bound
+    by the host; so a call runs the custom op only while torch.compile traces or where a tensor argument is not a
+    plain tensor (fake and functional tensors, subclasses), and otherwise the implementation itself, through an
+    autograd.Function made from the same formula when the op has one. Arguments positionally."""
+
+    def __init__(self, name: str, fn, mutates_args=()):
+        self.op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        self._fn = self._eager = fn
+        parameters = list(inspect.signature(fn).parameters.values())
+        self._defaults = tuple(p.default for p in parameters if p.default is not inspect.Parameter.empty)
+        self._arity = len(parameters)
+        functools.update_wrapper(self, fn)
+
+    def register_fake(self, fake):
+        self.op.register_fake(fake)
+        return fake
+
+    def register_autograd(self, backward, setup_context) -> None:
+        """The op's gradient: backward(ctx, *grads) and setup_context(ctx, inputs, output), as torch.library's
+        register_autograd takes them, for the custom op and for eager calls alike."""
+        self.op.register_autograd(backward, setup_context=setup_context)
+        fn = self._fn
+
+        class Eager(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                output = fn(*inputs)
+                setup_context(ctx, inputs, output)
+                return output
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
+
+        self._eager = Eager.apply
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or not all(type(a) in _PLAIN for a in args if isinstance(a, Tensor)):
+            return self.op(*args)
+        if len(args) < self._arity:  # the defaults, as the custom op's setup_context sees them
+            args = args + self._defaults[len(self._defaults) - (self._arity - len(args)):]
+        return self._eager(*args)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def triton_op(name: str, mutates_args=()):
+    """Decorator: the function as a TritonOp named `name` ("megalodon::..."), like torch.library.custom_op."""
+    return lambda fn: TritonOp(name, fn, mutates_args)
 
 
 # triton.cdiv and triton.next_power_of_2 are constexpr functions: called from Python they go through triton's

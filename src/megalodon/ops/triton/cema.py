@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megalodon.ops.triton import on_input_device
+from megalodon.ops.triton import on_input_device, triton_op
 
 CHUNK = 64  # steps per chunk
 BLOCK_D = 32  # channels per program
@@ -174,7 +174,7 @@ def _contiguous(*tensors: Tensor) -> list[Tensor]:
     return [t.contiguous() for t in tensors]
 
 
-@torch.library.custom_op("megalodon::cema_scan", mutates_args=())
+@triton_op("megalodon::cema_scan", mutates_args=())
 @on_input_device
 def cema_scan(u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor,
               h0: Optional[Tensor] = None, resets: Optional[Tensor] = None,
@@ -204,7 +204,7 @@ def _(u, alpha, delta, theta, gamma, omega, h0=None, resets=None, chunk=CHUNK):
             u.new_empty(batch, -(-length // chunk), 2, ndim, dim, dtype=torch.float32))
 
 
-@torch.library.custom_op("megalodon::cema_scan_backward", mutates_args=())
+@triton_op("megalodon::cema_scan_backward", mutates_args=())
 @on_input_device
 def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor,
                        gamma: Tensor, omega: Tensor, h0: Optional[Tensor], resets: Optional[Tensor],

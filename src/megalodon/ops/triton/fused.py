@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device
+from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device, triton_op
 from megalodon.ops.triton.casts import cast
 
 MAX_FEATURES = 16384  # a row is held whole by one program
@@ -103,7 +103,7 @@ def supports_rows(x: Tensor, *params: Optional[Tensor]) -> bool:
             and all(p is None or p.dtype in floats for p in params))
 
 
-@torch.library.custom_op("megalodon::norm_rows", mutates_args=())
+@triton_op("megalodon::norm_rows", mutates_args=())
 @on_input_device
 def norm_rows(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: float, center: bool,
               out_dtype: torch.dtype) -> Tensor:

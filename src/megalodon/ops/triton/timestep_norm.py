@@ -53,7 +53,7 @@ from torch import Tensor
 
 from megalodon.ops.timestep_norm import NormStats
 from megalodon.ops.timestep_norm_stats import block_size_of, per_row
-from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device
+from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device, triton_op
 from megalodon.ops.triton import timestep_norm_kernels as kernels
 
 
@@ -102,7 +102,7 @@ def _scan_layout(groups: int, block: int, num_blocks: int) -> _ScanLayout:
 
 # ---- the custom ops -------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("megalodon::timestep_norm_fwd", mutates_args=())
+@triton_op("megalodon::timestep_norm_fwd", mutates_args=())
 @on_input_device
 def timestep_norm_fwd(
     x: Tensor, count: Tensor, mean: Tensor, var: Tensor, prior_count: Tensor, prior_mean: Tensor,
@@ -160,7 +160,7 @@ def _(x, count, mean, var, prior_count, prior_mean, prior_var, block_reset, weig
             torch.empty_like(mean), torch.empty_like(var))
 
 
-@torch.library.custom_op("megalodon::timestep_norm_bwd", mutates_args=())
+@triton_op("megalodon::timestep_norm_bwd", mutates_args=())
 @on_input_device
 def timestep_norm_bwd(
     dy: Tensor, d_copy: Optional[Tensor], d_final_mean: Optional[Tensor], d_final_var: Optional[Tensor], x: Tensor,
