@@ -1,6 +1,7 @@
 """benchmarks/bench_gpu.py runs on rented GPU time, so its every section is smoke-tested here on the CPU at tiny
 sizes: an API change that would break it fails in CI, not on the device."""
 
+import math
 import os
 import re
 import subprocess
@@ -70,6 +71,22 @@ def test_op_counts_counts_the_gpu_path_of_both_models():
     rows = {line.split("|")[1].strip(): [int(v) for v in line.split("|")[3:5]]
             for line in out.stdout.splitlines() if line.startswith(("| training", "| decode"))}
     assert rows.keys() == {"training", "decode"} and all(v > 0 for counts in rows.values() for v in counts)
+
+
+def test_host_overhead_times_both_models_through_triton_launches():
+    """benchmarks/host_overhead.py (the host's share of an eager GPU step, measured on a CPU through triton's own
+    launcher with a stand-in driver) on the tiny preset: every kernel compiles for sm_90 and launches, a row per
+    model. (Runs this short are too noisy for the figures to mean anything.)"""
+    pytest.importorskip("triton")
+    compiled_kernels = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--preset", "tiny", "--shrink", "1",
+         "--chunk", "16", "--length", "32", "--layers", "2", "--seconds", "0.05", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, env=compiled_kernels)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.stdout.splitlines()
+            if line.startswith(("| megalodon", "| llama"))}
+    assert rows.keys() == {"megalodon", "llama"} and all(math.isfinite(v) for v in rows.values()), out.stdout
 
 
 def test_one_models_failure_leaves_the_other_its_row(monkeypatch):
