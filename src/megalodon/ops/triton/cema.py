@@ -35,8 +35,9 @@ a mega200M layer's activations), which spares backward the two launches that wou
 Transient: in backward the adjoint's chunk states (as many bytes again) and the parameter partial sums,
 5 D N / 16 bytes per token.
 
-`cema_scan` is a `torch.library.custom_op` (`megalodon::cema_scan`, backward `megalodon::cema_scan_backward`)
-with fake implementations and autograd registered, so a compiled graph holds it as one node.
+`cema_scan` is a TritonOp (ops/triton/__init__.py): a custom op (`megalodon::cema_scan`, backward
+`megalodon::cema_scan_backward`) with fake implementations and autograd registered, so a compiled graph holds it as
+one node; in eager mode the same implementation and formula run without the dispatcher's custom-op path.
 """
 
 # No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.

@@ -40,8 +40,9 @@ Five launches:
    incoming state's gradient; `scan_bwd_kernel` then gives every token its P and C from the sums after its tile.
 10. `dx_kernel`, grid as 1: dx.
 
-Both directions are `torch.library.custom_op`s (`megalodon::timestep_norm_fwd` / `_bwd`) with fake
-implementations and autograd registered, so a compiled graph holds each as one node.
+Both directions are TritonOps (ops/triton/__init__.py): custom ops (`megalodon::timestep_norm_fwd` / `_bwd`)
+with fake implementations and autograd registered, so a compiled graph holds each as one node, called directly in
+eager mode.
 """
 
 # No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
