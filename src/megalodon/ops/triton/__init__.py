@@ -72,7 +72,7 @@ class TritonOp:
         parameters = list(inspect.signature(fn).parameters.values())
         self._defaults = tuple(p.default for p in parameters if p.default is not inspect.Parameter.empty)
         self._arity = len(parameters)
-        functools.update_wrapper(self, fn)
+        self.__name__, self.__doc__ = fn.__name__, fn.__doc__  # not __wrapped__: tracers would look through it
 
     def register_fake(self, fake):
         self.op.register_fake(fake)
