@@ -9,3 +9,8 @@ from torch import Tensor
 def use_triton(op: str, *tensors: Tensor) -> bool:
     """Never: the PyTorch path is the one an exported model runs, on any device."""
     return False
+
+
+def runs_eagerly(*args) -> bool:
+    """Whether a call runs eagerly on real tensors; asked only after use_triton, so never in an export."""
+    return False

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megalodon.ops.triton import use_triton
+from megalodon.ops.triton import runs_eagerly, use_triton
 
 
 # ---- inference: one kernel per call on CUDA ----------------------------------------------------------------------
@@ -52,7 +52,7 @@ def row_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, 
 def row_norm_trains(x: Tensor, *params: Tensor | None) -> bool:
     """Whether a norm of x that a gradient flows through runs as the Triton row-norm and its backward: on CUDA,
     in eager mode (a compiled graph keeps torch's norm, which Inductor fuses with the casts around it)."""
-    if not use_triton("norm_rows", x) or torch.compiler.is_compiling():
+    if not use_triton("norm_rows", x) or not runs_eagerly(x):
         return False
     from megalodon.ops.triton.fused import supports_rows
 
@@ -203,7 +203,7 @@ def gated_linear_reference(x: Tensor | None, gate: Tensor, weight: Tensor, dropo
 def silu_gate_kernels(gate: Tensor) -> bool:
     """Whether the gate's elementwise part (x * silu(gate) and its backward) runs as one Triton kernel each way:
     on CUDA, in eager mode. A compiled graph keeps torch's ops, which Inductor fuses itself."""
-    return use_triton("silu_gate", gate) and not torch.compiler.is_compiling()
+    return use_triton("silu_gate", gate) and runs_eagerly(gate)
 
 
 def _silu_gate(x: Tensor | None, gate: Tensor) -> Tensor:

@@ -98,7 +98,7 @@ class TritonOp:
         self._eager = Eager.apply
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or not all(type(a) in _PLAIN for a in args if isinstance(a, Tensor)):
+        if not runs_eagerly(*args):
             return self.op(*args)
         if len(args) < self._arity:  # the defaults, as the custom op's setup_context sees them
             args = args + self._defaults[len(self._defaults) - (self._arity - len(args)):]
@@ -106,6 +106,12 @@ class TritonOp:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def runs_eagerly(*args) -> bool:
+    """Whether a call with these arguments runs eagerly on real tensors: not inside torch.compile's trace, and no
+    tensor argument fake, functional or a subclass (what a tracer hands an op, whichever torch version)."""
+    return not torch.compiler.is_compiling() and all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
 
 
 def triton_op(name: str, mutates_args=()):
