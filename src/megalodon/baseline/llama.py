@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon.baseline.cache import KVCache, StaticKVCache, attention_mask, document_begins
-from megalodon.ops.fused import (FUSED_RMS_NORM_DEVICES, row_norm, row_norm_applies, row_norm_trained,
-                                 row_norm_trains, torch_rms_norm)
+from megalodon.ops.fused import FUSED_RMS_NORM_DEVICES, row_norm_kernel, torch_rms_norm
 from megalodon.ops.static_kv import SlotStep, slot_step, write_and_attend
 from megalodon.validation import check_token_ids
 
@@ -70,10 +69,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if row_norm_applies(x, self.weight):  # inference on CUDA: one kernel, as Megalodon's norms there
-            return row_norm(x, self.weight, None, self.eps, False, x.dtype)
-        if row_norm_trains(x, self.weight):  # training on CUDA: the same kernels as Megalodon's norms
-            return row_norm_trained(x, self.weight, None, self.eps, False, x.dtype)
+        kernel = row_norm_kernel(x, self.weight)  # on CUDA: the same Triton kernels as Megalodon's norms
+        if kernel is not None:
+            return kernel(x, self.weight, None, self.eps, False, x.dtype)
         if x.device.type in FUSED_RMS_NORM_DEVICES:  # torch's fused kernel, as Megalodon's norms use there
             return torch_rms_norm(x, self.weight, self.eps, x.dtype)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 or better

@@ -20,6 +20,8 @@ comparison stays fair.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,36 +29,29 @@ from torch import Tensor
 from megalodon.ops.triton import runs_eagerly, use_triton
 
 
-# ---- inference: one kernel per call on CUDA ----------------------------------------------------------------------
-def row_norm_applies(x: Tensor, *params: Tensor | None) -> bool:
-    """Whether a norm of x with these affine parameters runs as the Triton row-norm: on CUDA, when no gradient is
-    wanted through it, for the dtypes and widths the kernel takes."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
-        return False
+# ---- the row norms on CUDA: one Triton kernel per call each way --------------------------------------------------
+def row_norm_kernel(x: Tensor, *params: Tensor | None) -> Callable[..., Tensor] | None:
+    """The Triton row-norm for a norm of x with these affine parameters, called as
+    kernel(x, scale, shift, eps, center, out_dtype) (RMSNorm, or LayerNorm if center; statistics in fp32): the
+    inference kernel where no gradient is wanted, the training kernels where one is and the step runs eagerly (a
+    compiled graph keeps torch's norm, which Inductor fuses with the casts around it). None off CUDA and for the
+    dtypes and widths the kernels do not take."""
     if not use_triton("norm_rows", x):
-        return False
+        return None
     from megalodon.ops.triton.fused import supports_rows
 
-    return supports_rows(x, *params)
+    if not supports_rows(x, *params):
+        return None
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))):
+        return _row_norm_inference
+    return _RowNorm.apply if runs_eagerly(x) else None
 
 
-def row_norm(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, center: bool,
-             out_dtype: torch.dtype) -> Tensor:
-    """The Triton row-norm (where row_norm_applies): RMSNorm, or LayerNorm if center, statistics in fp32."""
+def _row_norm_inference(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, center: bool,
+                        out_dtype: torch.dtype) -> Tensor:
     from megalodon.ops.triton.fused import norm_rows
 
     return norm_rows(x, scale, shift, float(eps), center, out_dtype)
-
-
-# ---- training: one kernel each way on CUDA ---------------------------------------------------------------------
-def row_norm_trains(x: Tensor, *params: Tensor | None) -> bool:
-    """Whether a norm of x that a gradient flows through runs as the Triton row-norm and its backward: on CUDA,
-    in eager mode (a compiled graph keeps torch's norm, which Inductor fuses with the casts around it)."""
-    if not use_triton("norm_rows", x) or not runs_eagerly(x):
-        return False
-    from megalodon.ops.triton.fused import supports_rows
-
-    return supports_rows(x, *params)
 
 
 class _RowNorm(torch.autograd.Function):
@@ -83,12 +78,6 @@ class _RowNorm(torch.autograd.Function):
         d_scale = sums[0].to(scale.dtype) if wants[1] else None
         d_shift = sums[1].to(ctx.shift_dtype) if wants[2] else None
         return dx, d_scale, d_shift, None, None, None
-
-
-def row_norm_trained(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, center: bool,
-                     out_dtype: torch.dtype) -> Tensor:
-    """The Triton row-norm where row_norm_trains, gradients included: RMSNorm, or LayerNorm if center."""
-    return _RowNorm.apply(x, scale, shift, eps, center, out_dtype)
 
 
 # ---- RMSNorm ---------------------------------------------------------------------------------------------------
@@ -165,10 +154,9 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtyp
     scale: the factor weight + 1 in fp32 or better, computed beforehand (decode); weight is then not read."""
     compute = torch.promote_types(x.dtype, torch.float32)
     out_dtype = compute if out_dtype is None else out_dtype
-    if row_norm_applies(x, weight, scale):
-        return row_norm(x, applied(weight) if scale is None else scale, None, eps, False, out_dtype)
-    if row_norm_trains(x, weight, scale):
-        return row_norm_trained(x, applied(weight) if scale is None else scale, None, eps, False, out_dtype)
+    kernel = row_norm_kernel(x, weight, scale)
+    if kernel is not None:
+        return kernel(x, applied(weight) if scale is None else scale, None, eps, False, out_dtype)
     if x.device.type in FUSED_RMS_NORM_DEVICES:
         return torch_rms_norm(x, applied(weight) if scale is None else scale, eps, out_dtype)
     if scale is not None:
@@ -182,10 +170,9 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, out_dtype: torch.dtyp
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
     """LayerNorm over the last dim with the weight and bias as given (a norm in the reference parameterization
     passes weight + 1), statistics in fp32 or better, the output in out_dtype."""
-    if row_norm_applies(x, weight, bias):
-        return row_norm(x, weight, bias, eps, True, out_dtype)
-    if row_norm_trains(x, weight, bias):
-        return row_norm_trained(x, weight, bias, eps, True, out_dtype)
+    kernel = row_norm_kernel(x, weight, bias)
+    if kernel is not None:
+        return kernel(x, weight, bias, eps, True, out_dtype)
     compute = torch.promote_types(x.dtype, torch.float32)
     out = F.layer_norm(x.to(compute), x.shape[-1:], None if weight is None else weight.to(compute),
                        None if bias is None else bias.to(compute), eps)
@@ -253,9 +240,7 @@ def gated_linear(x: Tensor | None, gate: Tensor, weight: Tensor, dropout_p: floa
     (the weight is cast to it). With dropout the reference path runs (its mask must be kept anyway)."""
     if dropout_p and training:
         return gated_linear_reference(x, gate, weight, dropout_p, training)
+    x, weight = None if x is None else x.to(gate.dtype), weight.to(gate.dtype)
     if not torch.is_grad_enabled():
-        x = None if x is None else x.to(gate.dtype)
-        return F.linear(_silu_gate(x, gate), weight.to(gate.dtype))
-    if x is not None:
-        x = x.to(gate.dtype)
-    return _GatedLinear.apply(x, gate, weight.to(gate.dtype))
+        return F.linear(_silu_gate(x, gate), weight)
+    return _GatedLinear.apply(x, gate, weight)

@@ -109,16 +109,25 @@ def norm_rows(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: 
               out_dtype: torch.dtype) -> Tensor:
     """Each row of x (..., F) normalized (centred first if center: LayerNorm; else RMSNorm) in fp32, times scale
     and plus shift ((F,) each, taken in fp32; either may be None), in out_dtype."""
+    return _normalize(x, scale, shift, eps, center, out_dtype, stats=False)[0]
+
+
+def _normalize(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: float, center: bool,
+               out_dtype: torch.dtype, stats: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """One launch of norm_rows_kernel: the output, and with stats each row's mean (center only) and 1 / std."""
     features = x.shape[-1]
     x = x.contiguous()
     out = torch.empty_like(x, dtype=out_dtype)
+    rstd = x.new_empty(x.shape[:-1], dtype=torch.float32) if stats else None
+    mean = x.new_empty(x.shape[:-1], dtype=torch.float32) if stats and center else None
     block = next_power_of_2(features)
     if x.numel():
         norm_rows_kernel[(x.numel() // features,)](
-            x, x if scale is None else scale.contiguous(), x if shift is None else shift.contiguous(), out, x, x,
-            features, eps, CENTER=center, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-            SAVE_STATS=False, BLOCK=block, num_warps=_warps(block))
-    return out
+            x, x if scale is None else scale.contiguous(), x if shift is None else shift.contiguous(), out,
+            x if mean is None else mean, x if rstd is None else rstd, features, eps, CENTER=center,
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SAVE_STATS=stats, BLOCK=block,
+            num_warps=_warps(block))
+    return out, mean, rstd
 
 
 def _warps(block: int) -> int:
@@ -141,18 +150,7 @@ def norm_rows_training(x: Tensor, scale: Optional[Tensor], shift: Optional[Tenso
                        out_dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """norm_rows for training: (the output, each row's mean (None unless center), each row's 1 / std), the
     statistics fp32 of shape x.shape[:-1], what norm_rows_backward takes. One launch."""
-    features = x.shape[-1]
-    x = x.contiguous()
-    out = torch.empty_like(x, dtype=out_dtype)
-    rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    mean = x.new_empty(x.shape[:-1], dtype=torch.float32) if center else None
-    block = next_power_of_2(features)
-    if x.numel():
-        norm_rows_kernel[(x.numel() // features,)](
-            x, x if scale is None else scale.contiguous(), x if shift is None else shift.contiguous(), out,
-            rstd if mean is None else mean, rstd, features, eps, CENTER=center, HAS_SCALE=scale is not None,
-            HAS_SHIFT=shift is not None, SAVE_STATS=True, BLOCK=block, num_warps=_warps(block))
-    return out, mean, rstd
+    return _normalize(x, scale, shift, eps, center, out_dtype, stats=True)
 
 
 @on_input_device
@@ -221,7 +219,7 @@ def silu_gate_bwd_kernel(x_ptr, gate_ptr, grad_ptr, hidden_ptr, dx_ptr, dgate_pt
 def _rows(t: Tensor, cols: int) -> tuple[Tensor, int]:
     """t (..., cols) as rows of `cols` with a row stride: a column slice of a wider tensor (the gate, cut from the
     joined projection) is read in place, anything else that is not row-contiguous is copied."""
-    rows = t.reshape(-1, cols) if t.dim() != 2 else t
+    rows = t.reshape(-1, cols)
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < cols):
         rows = rows.contiguous()
     return rows, rows.stride(0)
