@@ -20,7 +20,6 @@ Per layer: a one-layer and an n-layer model, differenced, as op_counts.py does; 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import op_counts  # beside this file
@@ -87,7 +86,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs per model and depth; the best counts")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, said so: no warning
     fake_cuda_driver()
     if not op_counts.run_the_gpu_code(interpreted=False):
         raise SystemExit("host_overhead.py needs triton")

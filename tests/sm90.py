@@ -40,7 +40,9 @@ def compile_for_h100(fn, types, constexprs, num_warps=4, as_launched=False):
         signature = {i: next(types) for i, name in enumerate(fn.arg_names) if name not in constexprs}
         constants = {fn.arg_names.index(name): value for name, value in constexprs.items()}
         source = triton.compiler.ASTSource(fn=fn, signature=signature, constants=constants)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    from megalodon.ops.triton import LAUNCH
+
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **LAUNCH})
 
 
 def sass(compiled) -> str:

@@ -21,6 +21,12 @@ from torch import Tensor
 
 DISABLE_ENV = "MEGALODON_DISABLE_TRITON"
 
+# What every launch of this package's kernels passes besides its arguments. enable_fp_fusion: a * b + c compiles
+# to one FMA, the default of every Triton before 3.10, which turns it off (3.9 warns at each first compile). The
+# CEMA's recurrences are chains of complex multiply-adds: unfused, their main loops issue about twice the
+# instructions and round differently from what the GPU tests measured.
+LAUNCH = {"enable_fp_fusion": True}
+
 
 # Looked up once at import: a cached function here would make torch.compile warn on every traced call.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, next_power_of_2, on_input_device, triton_op
 from megalodon.ops.triton.casts import cast
 
 MAX_KEYS = 16384  # the longest row a program holds (a chunk's keys; chunks are at most a few thousand tokens)
@@ -68,7 +68,7 @@ def _launch(kernel, tensors: list[Tensor], offset: int) -> None:
     block = next_power_of_2(keys)
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     if tensors[0].numel():
-        kernel[(tensors[0].numel() // keys,)](*tensors, queries, keys, offset, BLOCK=block, num_warps=warps)
+        kernel[(tensors[0].numel() // keys,)](*tensors, queries, keys, offset, BLOCK=block, num_warps=warps, **LAUNCH)
 
 
 @triton_op("megalodon::causal_softmax_fwd", mutates_args=())

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megalodon.ops.triton import on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, on_input_device, triton_op
 
 CHUNK = 64  # steps per chunk
 BLOCK_D = 32  # channels per program
@@ -106,14 +106,14 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)
     cin, real_in = _parts(cin)
     kernels.local_states_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, local, length, dim, ndim,
-                                      num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, **meta, **full)
+                                      num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, **meta, **full, **LAUNCH)
     incoming = torch.empty_like(local)
     final = x.new_empty(batch, dim, ndim, 2, dtype=torch.float32)
     kernels.scan_kernel[(grid[1], ndim, batch)](local, x if keep is None else keep, *decay, x if h0 is None else h0,
                                                 incoming, final, length, dim, ndim, num_chunks, CHUNK=chunk,
                                                 BLOCK_D=BLOCK_D, UNROLL=UNROLL, REVERSE=reverse,
                                                 HAS_H0=h0 is not None, HAS_RESET=resets is not None,
-                                                num_warps=WARPS_SCAN)
+                                                num_warps=WARPS_SCAN, **LAUNCH)
     if outputs is None:
         return incoming, final, None
     cout, kappa, dtype = outputs
@@ -121,7 +121,7 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     y = x.new_empty(batch, length, dim, dtype=dtype)
     kernels.outputs_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, *cout, kappa, incoming, y, length, dim,
                                  ndim, num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, REAL_OUT=real_out,
-                                 **meta, **full)
+                                 **meta, **full, **LAUNCH)
     return incoming, final, y
 
 
@@ -167,7 +167,7 @@ def _tables(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor,
     kappa = alpha.new_empty(dim)
     kernels.tables_kernel[(-(-dim // BLOCK_D),)](*_contiguous(alpha, delta, theta, gamma, omega), tables, kappa, dim,
                                                  ndim, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim),
-                                                 num_warps=WARPS_TABLES)
+                                                 num_warps=WARPS_TABLES, **LAUNCH)
     return list(tables.unbind(0)), kappa
 
 
@@ -239,12 +239,12 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tenso
         u, *u.stride(), dy, u if resets is None else resets, tables[t.P], tables[t.LOG_MAG], tables[t.ANGLE],
         tables[t.G_RE], tables[t.G_IM], incoming, future, partial, partial_omega, length, dim, ndim, num_chunks,
         CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
-        FULL=length % chunk == 0, num_warps=WARPS_GRADS)
+        FULL=length % chunk == 0, num_warps=WARPS_GRADS, **LAUNCH)
     grads = [alpha.new_empty(dim, ndim), alpha.new_empty(dim, ndim), alpha.new_empty(dim),
              alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
     t.gradients_kernel[(-(-dim // BLOCK_D),)](partial, partial_omega, *_contiguous(alpha, delta, theta, gamma),
                                               *grads, batch * num_chunks, dim, ndim, BLOCK_D=BLOCK_D,
-                                              BLOCK_N=_block_n(ndim), num_warps=WARPS_TABLES)
+                                              BLOCK_N=_block_n(ndim), num_warps=WARPS_TABLES, **LAUNCH)
     return (du, *grads, d_h0)
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
 
 BLOCK_D = 64
 
@@ -56,7 +56,7 @@ def cema_step_kernel(u: Tensor, h: Tensor, out: Tensor, p: Tensor, q_re: Tensor,
     y = torch.empty_like(u)
     grid = (batch, cdiv(dim, BLOCK_D))
     _cema_step_kernel[grid](u, h, out, y, p, q_re, q_im, g_re, g_im, omega, dim, ndim,
-                            BLOCK_D=BLOCK_D, BLOCK_N=next_power_of_2(ndim))
+                            BLOCK_D=BLOCK_D, BLOCK_N=next_power_of_2(ndim), **LAUNCH)
     return y
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
 from megalodon.ops.triton.casts import cast
 
 MAX_FEATURES = 16384  # a row is held whole by one program
@@ -126,7 +126,7 @@ def _normalize(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps:
             x, x if scale is None else scale.contiguous(), x if shift is None else shift.contiguous(), out,
             x if mean is None else mean, x if rstd is None else rstd, features, eps, CENTER=center,
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SAVE_STATS=stats, BLOCK=block,
-            num_warps=_warps(block))
+            num_warps=_warps(block), **LAUNCH)
     return out, mean, rstd
 
 
@@ -172,7 +172,7 @@ def norm_rows_backward(x: Tensor, grad: Tensor, scale: Optional[Tensor], mean: O
         norm_rows_bwd_kernel[(programs,)](
             x, grad, x if scale is None else scale.contiguous(), rstd if mean is None else mean, rstd, dx,
             dx if partial is None else partial, rows, features, per_program, CENTER=mean is not None,
-            HAS_SCALE=scale is not None, PARAM_GRADS=param_grads, BLOCK=block, num_warps=_warps(block))
+            HAS_SCALE=scale is not None, PARAM_GRADS=param_grads, BLOCK=block, num_warps=_warps(block), **LAUNCH)
     return dx, None if partial is None else partial.sum(1)
 
 
@@ -236,7 +236,7 @@ def silu_gate(gate: Tensor, x: Optional[Tensor]) -> Tensor:
     if out.numel():
         grid = (gate_rows.shape[0], cdiv(cols, GATE_BLOCK))
         silu_gate_kernel[grid](x_rows, gate_rows, out, cols, stride_x, stride_gate, HAS_X=x is not None,
-                               BLOCK=GATE_BLOCK, num_warps=4)
+                               BLOCK=GATE_BLOCK, num_warps=4, **LAUNCH)
     return out
 
 
@@ -256,5 +256,5 @@ def silu_gate_backward(gate: Tensor, x: Optional[Tensor], grad: Tensor
         grid = (gate_rows.shape[0], cdiv(cols, GATE_BLOCK))
         silu_gate_bwd_kernel[grid](x_rows, gate_rows, grad_rows, hidden, hidden if dx is None else dx, dgate, cols,
                                    stride_x, stride_gate, stride_grad, HAS_X=x is not None, BLOCK=GATE_BLOCK,
-                                   num_warps=4)
+                                   num_warps=4, **LAUNCH)
     return hidden, dx, dgate

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
 from megalodon.ops.triton.casts import cast
 
 
@@ -137,7 +137,7 @@ def queries_keys_fwd(z: Tensor, scale: Tensor, shift: Tensor, cos: Tensor, sin: 
     tokens = batch * length
     qk_fwd_kernel[(cdiv(tokens, block_t), heads)](
         rows, scale, shift, cos, sin, qk, rstd, tokens, length, row_stride, _table_batch_stride(cos), heads, dz,
-        eps, BLOCK_T=block_t, BLOCK_D=block_d)
+        eps, BLOCK_T=block_t, BLOCK_D=block_d, **LAUNCH)
     return qk, rstd
 
 
@@ -163,7 +163,7 @@ def queries_keys_bwd(dqk: Tensor, z: Tensor, rstd: Tensor, scale: Tensor, cos: T
     partial = z.new_empty(programs, 4, width, dtype=torch.float32)
     qk_bwd_kernel[(programs, heads)](
         dqk.contiguous(), rows, rstd, scale, cos, sin, d_z, partial, tokens, length, row_stride,
-        _table_batch_stride(cos), heads, dz, BLOCK_T=block_t, BLOCK_D=block_d)
+        _table_batch_stride(cos), heads, dz, BLOCK_T=block_t, BLOCK_D=block_d, **LAUNCH)
     return d_z, partial[:, :2].sum(0), partial[:, 2:].sum(0)  # two sums: a custom op's outputs may not alias
 
 

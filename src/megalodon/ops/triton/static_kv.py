@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
 from megalodon.ops.triton.casts import cast
 
 # A step reads each layer's whole key buffer and the seen part of its value buffer (8 MiB at mega200M in bf16):
@@ -124,7 +124,7 @@ def slot_scores(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, s
     slot_scores_kernel[(batch * heads, cdiv(slots, SCORE_SLOTS))](
         q, k, v.contiguous(), keys, values, slot, visible.contiguous(), scores, q.stride(0), k.stride(0),
         heads, slots, dk, dv, scale, SILU_VALUES=silu_values, BLOCK_S=SCORE_SLOTS,
-        BLOCK_K=next_power_of_2(dk), BLOCK_V=64)
+        BLOCK_K=next_power_of_2(dk), BLOCK_V=64, **LAUNCH)
     return scores
 
 
@@ -150,7 +150,7 @@ def slot_values(scores: Tensor, values: Tensor, gate: Optional[Tensor], out_dtyp
         gate = gate.contiguous()
     slot_values_kernel[(batch * heads, cdiv(dv, block))](
         scores, values, out if gate is None else gate, out, 0 if gate is None else gate.stride(0), heads, slots, dv,
-        GATED=gate is not None, BLOCK_ALL=next_power_of_2(slots), BLOCK_S=VALUE_SLOTS, BLOCK_V=block)
+        GATED=gate is not None, BLOCK_ALL=next_power_of_2(slots), BLOCK_S=VALUE_SLOTS, BLOCK_V=block, **LAUNCH)
     return out
 
 

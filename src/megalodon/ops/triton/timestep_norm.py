@@ -54,7 +54,7 @@ from torch import Tensor
 
 from megalodon.ops.timestep_norm import NormStats
 from megalodon.ops.timestep_norm_stats import block_size_of, per_row
-from megalodon.ops.triton import cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
 from megalodon.ops.triton import timestep_norm_kernels as kernels
 
 
@@ -127,7 +127,7 @@ def timestep_norm_fwd(
     block_t, block_dg = _token_tiles(groups, dim)
     token_grid = (cdiv(tokens, block_t), groups)
     kernels.moments_kernel[token_grid](x, mu, s2, tokens, dim, groups, dim // groups, BLOCK_T=block_t,
-                                       BLOCK_DG=block_dg)
+                                       BLOCK_DG=block_dg, **LAUNCH)
     scan = _scan_layout(groups, block_size, num_blocks)
     seg_mean, seg_var, in_mean, in_var = (mean.new_empty(batch, scan.segments, groups) for _ in range(4))
     scan_grid = (batch, cdiv(groups, scan.groups))
@@ -135,17 +135,17 @@ def timestep_norm_fwd(
     for totals in (True, False):  # each segment's totals; the carry into each (between the two); each token's
         kernels.scan_fwd_kernel[(*scan_grid, scan.segments)](
             mu, s2, mean_t, rstd_t, seg_mean, seg_var, block_count, in_mean, in_var, *segment_args,
-            TOTALS=totals, BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=SCAN_WARPS)
+            TOTALS=totals, BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=SCAN_WARPS, **LAUNCH)
         if totals:
             reset = count if block_reset is None else block_reset.to(torch.int8)  # any pointer when there is none
             kernels.carry_fwd_kernel[scan_grid](
                 seg_mean, seg_var, count, mean, var, prior_count, prior_mean, prior_var, reset, in_mean, in_var,
                 block_count, final_count, final_mean, final_var, length, groups, block_size, num_blocks,
                 scan.segs_per_block, scan.seg_tiles, HAS_RESET=block_reset is not None, BLOCK_T=scan.tokens,
-                BLOCK_G=scan.groups, num_warps=1)  # a chain of small steps: one warp holds its groups
+                BLOCK_G=scan.groups, num_warps=1, **LAUNCH)  # a chain of small steps: one warp holds its groups
     kernels.normalize_kernel[token_grid](x, mean_t, rstd_t, weight, bias, y, y if copy_dtype is None else copy,
                                          tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg,
-                                         COPY=copy_dtype is not None)
+                                         COPY=copy_dtype is not None, **LAUNCH)
     return y, copy, mean_t, rstd_t, block_count, final_count, final_mean, final_var
 
 
@@ -183,7 +183,7 @@ def timestep_norm_bwd(
     d_copy = d_copy if has_copy else dy  # any pointer when there is none
     kernels.norm_bwd_kernel[token_grid](x, dy, d_copy, mean_t, rstd_t, weight, dm, dv, partial[0], partial[1],
                                         tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg,
-                                        HAS_COPY=has_copy)
+                                        HAS_COPY=has_copy, **LAUNCH)
     d_state = [torch.empty_like(mean) for _ in range(4)]  # incoming mean and var, prior mean and var
     scan = _scan_layout(groups, block_size, num_blocks)
     # per segment: its own sums A, C, E and E's shift; then the sums after it, in the same layout
@@ -197,16 +197,16 @@ def timestep_norm_bwd(
             d_final_mean if has_final else mean, d_final_var if has_final else mean,  # any pointer when unused
             p, c, *sums, length, groups, block_size, num_blocks, scan.tiles, scan.segs_per_block, scan.seg_tiles,
             scan.segments, TOTALS=sums is totals, HAS_FINAL=has_final, BLOCK_T=scan.tokens, BLOCK_G=scan.groups,
-            num_warps=SCAN_WARPS)
+            num_warps=SCAN_WARPS, **LAUNCH)
         if sums is totals:
             reset = count if block_reset is None else block_reset.to(torch.int8)
             kernels.carry_bwd_kernel[scan_grid](
                 *totals, *after, reset, count, mean, prior_count, prior_mean, *d_state, length, groups,
                 block_size, num_blocks, scan.segs_per_block, scan.seg_tiles, HAS_RESET=block_reset is not None,
-                BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=1)
+                BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=1, **LAUNCH)
     dx = torch.empty_like(x)
     kernels.dx_kernel[token_grid](x, dy, d_copy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups,
-                                  dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg, HAS_COPY=has_copy)
+                                  dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg, HAS_COPY=has_copy, **LAUNCH)
     d_weight, d_bias = (t.sum(0).to(weight.dtype) for t in partial)
     return dx, *d_state, d_weight, d_bias
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, next_power_of_2, on_input_device, triton_op
 from megalodon.ops.triton.casts import cast
 
 
@@ -69,7 +69,7 @@ def timestep_norm_step_kernel(x: Tensor, count: Tensor, mean: Tensor, var: Tenso
     copy = y.new_empty((batch, dim) if copy_dtype is not None else (0,), dtype=copy_dtype or torch.float32)
     _step_kernel[(batch,)](x, count, mean, var, weight, bias, y, y if copy_dtype is None else copy, dim, groups,
                            dim // groups, eps, COPY=copy_dtype is not None, BLOCK_G=next_power_of_2(groups),
-                           BLOCK_DG=next_power_of_2(dim // groups))
+                           BLOCK_DG=next_power_of_2(dim // groups), **LAUNCH)
     return y, copy
 
 
