@@ -90,7 +90,7 @@ def section_decode(preset: str, positions: list[int], steps: int, modes: list[st
             results = decode_rows(model, position, steps, modes)
             for mode, result in zip(modes, results):
                 result = {k: v for k, v in result.items() if k != "tokens"}
-                result.update(model=arch, position=position, mode=mode)
+                result.update(model=arch, preset=preset, position=position, mode=mode)
                 rows.append(result)
                 if "error" in result:
                     log(f"| {arch} | {position:,} | {mode} | {result['error']} | | | |")

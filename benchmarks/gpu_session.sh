@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_session.sh 2   bench_gpu.py's parity of the whole model against the CPU, compiled
 #                                      training (default mode; then the compiled blocks in a graphed step),
 #                                      megalodon-jax, the profile (both models, eager and compiled, by kind of
-#                                      kernel), compiled training with reduce-overhead, and transformers
-#                                      generate();
+#                                      kernel), compiled training with reduce-overhead, transformers
+#                                      generate(), and issue 11's targets from both parts (gpu_targets.py);
 #   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
 #                                      go back (idle) before part 1's results could be read;
 #   bash benchmarks/gpu_session.sh sweep the CEMA's and the TimestepNorm's kernel tilings (bench_cema.py --chunks
@@ -86,6 +86,10 @@ part2() {
     # the targets' figures first (compiled, compiled inside a graphed step, megalodon-jax), then the profile:
     # its compiled half recompiles both models at 4K (from Inductor's caches, warm by then)
     bench env,parity,train-compiled,train-compiled-graphed,jax,profile,train-compiled-graphs,hf
+    # the issue's targets from both parts' results (best configuration against best), at the end of this part's
+    # log and so of the device tool's output
+    "$PYTHON" benchmarks/gpu_targets.py "$OUT"/results_part*.json --tests "$OUT/gpu-tests.txt" 2>&1 \
+        | tee -a "$OUT/bench_gpu_part2.md"
 }
 
 # At most 8 files come back: nvidia-smi.txt, gpu-tests.txt, disabled-kernels.txt, and per part bench_gpu_partN.md

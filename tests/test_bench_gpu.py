@@ -1,6 +1,7 @@
 """benchmarks/bench_gpu.py runs on rented GPU time, so its every section is smoke-tested here on the CPU at tiny
 sizes: an API change that would break it fails in CI, not on the device."""
 
+import json
 import math
 import os
 import re
@@ -136,3 +137,43 @@ def test_profile_sorts_kernels_by_what_they_belong_to():
         "void at::native::_assert_async_cuda_kernel<bool>(bool const*, at::native::Msg)": "other",
     }
     assert {name: kind_of(name) for name in expected} == expected
+
+
+def run_targets(*args: str) -> list[tuple[str, str, str]]:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), *args], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [tuple(cell.strip() for cell in line.strip("|").split("|")) for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| target")]
+
+
+def test_targets_of_the_first_h100_run_read_as_docs_benchmarks_md_states_them():
+    """gpu_targets.py on the first H100 run's own files gives that run's verdicts (docs/benchmarks.md, "H100
+    figures"): best against best across modes, the eager rows' memory, the GPU tests' outcomes."""
+    run = ROOT / "benchmarks" / "results" / "h100-2026-11-27"
+    rows = run_targets(str(run / "results_part1.json"), str(run / "results_part2.json"),
+                       "--tests", str(run / "gpu-tests.txt"))
+    verdicts = {target: outcome for target, _, outcome in rows}
+    assert list(verdicts.values()) == ["missed", "met", "missed", "missed"] + ["met"] * 7, rows
+    measured = {target: value for target, value, _ in rows}
+    assert measured[">= 0.95x the Llama at 4K, best against best"].startswith("0.47x (46,419 compiled / 98,164 eager")
+    assert measured[">= 1.5x megalodon-jax at 16K"].startswith("1.45x (123,734 eager / 85,264")
+    assert measured["activation memory <= 1.0x the Llama's at 32K"].startswith("0.93x")
+
+
+def test_targets_a_run_did_not_reach_read_not_measured(tmp_path):
+    """Part 1 alone, one model failing a mode and no test log: what the files do not show is "not measured", never
+    met; a failed row does not count as a measurement."""
+    run = ROOT / "benchmarks" / "results" / "h100-2026-11-27"
+    part1 = json.loads((run / "results_part1.json").read_text())
+    for row in part1["train-eager"]:
+        if row["length"] == 4096:
+            row["llama"] = {"error": "out of memory"}
+    (tmp_path / "part1.json").write_text(json.dumps(part1))
+    verdicts = {target: outcome for target, _, outcome in run_targets(str(tmp_path / "part1.json"))}
+    assert verdicts[">= 0.95x the Llama at 4K, best against best"] == "not measured"
+    assert verdicts["activation memory <= 1.2x the Llama's at 4K"] == "not measured"
+    assert verdicts[">= 1.5x megalodon-jax at 4K"] == "not measured"
+    assert verdicts[">= 1.5x the Llama at 32K, best against best"] == "missed"  # eager alone: 1.45x
+    assert verdicts["torch.compile for training and decode on CUDA"] == "not measured"
+    assert verdicts[">= 1,000 tok/s decode, batch 1"] == "met"
