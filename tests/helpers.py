@@ -122,3 +122,17 @@ def save_byte_model(directory):
     tiny_model(torch.float32, vocab_size=259).save_pretrained(directory)
     ByteTokenizer().save(directory)
     return directory
+
+
+def saved_bytes(fn, *args) -> int:
+    """The bytes of the tensors autograd keeps for backward while fn(*args) runs (each storage once), compiled or
+    not: a compiled graph's saved tensors go through the same hooks."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(saved.values())

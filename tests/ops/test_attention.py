@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import saved_bytes
 
 from megalodon.ops.attention import (apply_rotary, attention_path, chunked_attention, decode_attention,
                                      dense_chunk_attention, rope_frequencies)
@@ -163,6 +164,41 @@ def test_materialized_path_keeps_nothing_of_chunk_by_chunk_size_for_backward():
         out, _, _ = chunked_attention(q, k, v, C)
     assert saved and not [s for s in saved if tuple(s[-2:]) == (C, C)], saved
     out.sum().backward()  # and the backward still runs from what was kept
+
+
+@pytest.mark.parametrize("silu_values", [False, True])
+def test_compiled_materialized_path_keeps_q_k_and_v_alone(silu_values):
+    """torch.compile holds the materialized attention as one node (an OpaqueOp) with its own backward: a compiled
+    graph keeps as many bytes as eager (q, k and v, or copies of them in other layouts), where the partitioner,
+    tracing through, kept the scores (chunk x chunk) and the values twice; and computes what eager computes,
+    gradients included."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 4 * C, dv=6, seed=7))
+
+    def attention(q, k, v):
+        return chunked_attention(q, k, v, C, silu_values=silu_values)[0] * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, fullgraph=True)
+    inputs = sum(t.untyped_storage().nbytes() for t in (q, k, v))
+    assert saved_bytes(attention, q, k, v) == inputs
+    assert 0 < saved_bytes(compiled, q, k, v) <= inputs
+    weight = torch.randn(q.shape[:3] + (6,), dtype=torch.float64)
+    got, want = compiled(q, k, v), attention(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad((got * weight).sum(), (q, k, v)),
+                    torch.autograd.grad((want * weight).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_materialized_attention_op_passes_opcheck():
+    """Schema, fake implementation, autograd registration and AOT dispatch, as torch.compile relies on them; with
+    the queries in blocks too."""
+    from megalodon.ops.attention import materialized_attention
+
+    q, k, v = (t.requires_grad_() for t in qkv(3, C, dv=6, seed=8))
+    for offset, silu_values, edges in ((0, False, [0, C]), (0, True, [0, 3, C]), (2, True, [0, 5, C])):
+        keys = (k, v) if not offset else (torch.cat([k, k[:, :offset]], 1), torch.cat([v, v[:, :offset]], 1))
+        torch.library.opcheck(materialized_attention.op, (q, *keys, offset, silu_values, edges))
 
 
 def test_bf16_materialized_path_is_close_to_float64():

@@ -3,7 +3,7 @@ RMSNorm on torch's fused kernel (F.rms_norm), which CUDA runs."""
 
 import pytest
 import torch
-from helpers import force_fused_rms_norm, requires_cuda
+from helpers import force_fused_rms_norm, requires_cuda, saved_bytes
 
 from megalodon.baseline import llama
 from megalodon.ops import fused
@@ -154,3 +154,26 @@ def test_gated_linear_dropout_runs_the_reference_with_its_mask():
     assert not torch.allclose(dropped, gated_linear(x, gate, weight))
     torch.testing.assert_close(gated_linear(x, gate, weight, dropout_p=0.5, training=False),
                                gated_linear(x, gate, weight))
+
+
+@pytest.mark.parametrize("with_x", [True, False])
+def test_compiled_gated_linear_keeps_its_inputs_only(with_x):
+    """torch.compile holds the gated linear as one node (an OpaqueOp) with its own backward: a compiled graph keeps
+    as many bytes as eager (the inputs), where the partitioner, tracing through, kept the product and the gate
+    too; and computes what eager computes, gradients included."""
+    x, gate, weight = leaves((2, 16, 12), (2, 16, 12), (5, 12), seed=5)
+    inputs = [x if with_x else None, gate, weight]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: gated_linear(*a) * 2, fullgraph=True)
+    input_bytes = sum(t.untyped_storage().nbytes() for t in inputs if t is not None)
+    assert saved_bytes(gated_linear, *inputs) == input_bytes
+    assert 0 < saved_bytes(compiled, *inputs) <= input_bytes
+    for a, b in zip(grads_of(compiled, inputs), grads_of(lambda *a: gated_linear(*a) * 2, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_gated_linear_op_passes_opcheck():
+    """Schema, fake implementation, autograd registration and AOT dispatch, as torch.compile relies on them."""
+    x, gate, weight = leaves((2, 7, 12), (2, 7, 12), (5, 12), seed=6)
+    for args in ((x, gate, weight), (None, gate, weight)):
+        torch.library.opcheck(fused._gated_linear.op, args)

@@ -14,20 +14,23 @@ Inside a chunk, `attend` picks one of two exact paths (`attention_path` decides)
   v. SDPA never picks flash when the dims differ (Megalodon's dv is 8x dz), and its fallbacks are slower than
   these three steps. Its backward recomputes the probabilities (as flash attention does), so that nothing of
   size (chunk x chunk) is kept for the backward pass. On CUDA its masked softmax is one Triton kernel each way
-  (ops/triton/causal_softmax.py), which never reads the masked scores.
+  (ops/triton/causal_softmax.py), which never reads the masked scores. It is an OpaqueOp (ops/triton/__init__.py):
+  torch.compile holds it as one node with its own backward, which keeps q, k and v alone; traced through, the
+  partitioner would keep the scores (chunk x chunk per chunk) and the values twice instead of recomputing them.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
 
 import contextlib
 from collections.abc import Iterator
+from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from megalodon.ops.fused import rms_norm
-from megalodon.ops.triton import use_triton
+from megalodon.ops.triton import opaque_op, use_triton
 
 
 def rope_frequencies(head_dim: int, base: float) -> Tensor:
@@ -139,7 +142,7 @@ def launches_without_host_cost() -> Iterator[None]:
 
 
 def query_blocks(queries: int, q: Tensor) -> list[tuple[int, int]]:
-    """The (start, end) blocks of the queries of q (chunks x queries x heads x dz) that _MaterializedAttention
+    """The (start, end) blocks of the queries of q (chunks x queries x heads x dz) that the materialized attention
     attends one at a time."""
     min_chunks = SPLIT_MIN_CHUNKS if _launches_cost_host else 1
     if q.is_cuda and q.shape[0] >= min_chunks:
@@ -181,58 +184,68 @@ def _softmax_backward(scores: Tensor, grad_p: Tensor, offset: int) -> tuple[Tens
     return probs.to(probs_dtype), grad_s
 
 
-class _MaterializedAttention(torch.autograd.Function):
-    """softmax(q k^T + mask) v over token-major (N, S, H, d) tensors, saving q, k and v only: backward
-    recomputes the probabilities. The products run in the inputs' dtype, the softmax in fp32 (or better). All
-    heads in each op; the queries in query_blocks(), each block with the keys its queries can see.
+@opaque_op("megalodon::materialized_attention", mutates_args=())
+def materialized_attention(q: Tensor, k: Tensor, v: Tensor, offset: int, silu_values: bool,
+                           edges: List[int]) -> Tensor:
+    """softmax(q k^T + mask) v over token-major (N, S, H, d) tensors, keeping q, k and v alone for backward,
+    which recomputes the probabilities. The products run in the inputs' dtype, the softmax in fp32 (or better).
+    All heads in each op; the queries in blocks from edges[i] to edges[i + 1] (query_blocks' blocks), each with
+    the keys its queries see.
 
     silu_values: v holds pre-activations and the values are silu(v), applied here and again in backward, so that
     backward keeps v alone rather than v for the SiLU's gradient and silu(v) for the product's."""
+    with torch.autocast(q.device.type, enabled=False):
+        values = F.silu(v) if silu_values else v
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), values.transpose(1, 2)  # head-major views
+        outs = []
+        for start, end in zip(edges[:-1], edges[1:]):
+            keys = min(k.shape[1], end + offset)  # the keys the block's last query sees
+            scores = torch.matmul(qh[:, :, start:end], kh[:, :, :keys].transpose(-1, -2))  # N x H x Sq x Sk
+            outs.append(torch.matmul(_probabilities(scores, offset + start, v.dtype), vh[:, :, :keys]))
+        # token-major, so that the caller's (B, L, H * dv) is a view
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).transpose(1, 2).contiguous()
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, offset: int, silu_values: bool) -> Tensor:
-        with torch.autocast(q.device.type, enabled=False):
-            values = F.silu(v) if silu_values else v
-            qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), values.transpose(1, 2)  # head-major views
-            outs = []
-            blocks = query_blocks(q.shape[1], q)
-            for start, end in blocks:
-                keys = min(k.shape[1], end + offset)  # the keys the block's last query sees
-                scores = torch.matmul(qh[:, :, start:end], kh[:, :, :keys].transpose(-1, -2))  # N x H x Sq x Sk
-                outs.append(torch.matmul(_probabilities(scores, offset + start, v.dtype), vh[:, :, :keys]))
-            # token-major, so that the caller's (B, L, H * dv) is a view
-            out = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).transpose(1, 2).contiguous()
-        ctx.save_for_backward(q, k, v)
-        ctx.offset, ctx.silu_values, ctx.blocks = offset, silu_values, blocks
-        return out
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        q, k, v = ctx.saved_tensors
-        with torch.autocast(q.device.type, enabled=False):
-            values = F.silu(v) if ctx.silu_values else v
-            qh, kh, vh, grad = (t.transpose(1, 2) for t in (q, k, values, grad))  # head-major views
-            grad = grad.to(values.dtype)
-            grads_q, grad_k, grad_values = [], None, None
-            # The last block sees every key: its key and value gradients are the whole tensors, and the earlier
-            # blocks add theirs into the leading keys.
-            for start, end in reversed(ctx.blocks):
-                keys = min(k.shape[1], end + ctx.offset)
-                qb, kb, vb, gb = qh[:, :, start:end], kh[:, :, :keys], vh[:, :, :keys], grad[:, :, start:end]
-                probs, grad_s = _softmax_backward(torch.matmul(qb, kb.transpose(-1, -2)),
-                                                  torch.matmul(gb, vb.transpose(-1, -2)), ctx.offset + start)
-                block_k = torch.matmul(grad_s.transpose(-1, -2), qb)
-                block_values = torch.matmul(probs.transpose(-1, -2), gb)
-                if grad_k is None:
-                    grad_k, grad_values = block_k, block_values
-                else:
-                    grad_k[:, :, :keys] += block_k
-                    grad_values[:, :, :keys] += block_values
-                grads_q.append(torch.matmul(grad_s, kb))
-            grad_q = grads_q[0] if len(grads_q) == 1 else torch.cat(grads_q[::-1], 2)
-            grad_values = grad_values.transpose(1, 2)
-            grad_v = torch.ops.aten.silu_backward(grad_values, v) if ctx.silu_values else grad_values
-        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v, None, None
+@materialized_attention.register_fake
+def _(q, k, v, offset, silu_values, edges):
+    return q.new_empty(*q.shape[:3], v.shape[-1], dtype=v.dtype)
+
+
+def _attention_context(ctx, inputs, output) -> None:
+    q, k, v, offset, silu_values, edges = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.offset, ctx.silu_values, ctx.blocks = offset, silu_values, list(zip(edges[:-1], edges[1:]))
+
+
+def _attention_backward(ctx, grad: Tensor):
+    q, k, v = ctx.saved_tensors
+    with torch.autocast(q.device.type, enabled=False):
+        values = F.silu(v) if ctx.silu_values else v
+        qh, kh, vh, grad = (t.transpose(1, 2) for t in (q, k, values, grad))  # head-major views
+        grad = grad.to(values.dtype)
+        grads_q, grad_k, grad_values = [], None, None
+        # The last block sees every key: its key and value gradients are the whole tensors, and the earlier blocks
+        # add theirs into the leading keys.
+        for start, end in reversed(ctx.blocks):
+            keys = min(k.shape[1], end + ctx.offset)
+            qb, kb, vb, gb = qh[:, :, start:end], kh[:, :, :keys], vh[:, :, :keys], grad[:, :, start:end]
+            probs, grad_s = _softmax_backward(torch.matmul(qb, kb.transpose(-1, -2)),
+                                              torch.matmul(gb, vb.transpose(-1, -2)), ctx.offset + start)
+            block_k = torch.matmul(grad_s.transpose(-1, -2), qb)
+            block_values = torch.matmul(probs.transpose(-1, -2), gb)
+            if grad_k is None:
+                grad_k, grad_values = block_k, block_values
+            else:
+                grad_k[:, :, :keys] += block_k
+                grad_values[:, :, :keys] += block_values
+            grads_q.append(torch.matmul(grad_s, kb))
+        grad_q = grads_q[0] if len(grads_q) == 1 else torch.cat(grads_q[::-1], 2)
+        grad_values = grad_values.transpose(1, 2)
+        grad_v = torch.ops.aten.silu_backward(grad_values, v) if ctx.silu_values else grad_values
+    return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v, None, None, None
+
+
+materialized_attention.register_autograd(_attention_backward, setup_context=_attention_context)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, offset: int = 0, dropout_p: float = 0.0,
@@ -242,7 +255,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, offset: int = 0, dropout_p: float = 
     keys 0..i + offset. Dropout, if any, acts on the probabilities. silu_values: the values are silu(v). Returns
     (N, Sq, H, dv)."""
     if attention_path(q, v) == "materialized" and not dropout_p:
-        return _MaterializedAttention.apply(q, k, v, offset, silu_values)
+        edges = [0] + [end for _, end in query_blocks(q.shape[1], q)]
+        return materialized_attention(q, k, v, offset, silu_values, edges)
     if silu_values:
         v = F.silu(v)
     if attention_path(q, v) == "sdpa":

@@ -10,7 +10,9 @@ obviously right form), the tests compare the two in float64, and one function pe
 On CUDA, in eager mode, both norms and the gate run as one Triton kernel per call each way (ops/triton/fused.py):
 a norm's kernel also makes the output's dtype, where torch's path adds a cast on one side or both, and its
 backward reads the output's gradient in the output's dtype; the gate's backward makes the product again and both
-gradients in one pass. A compiled graph keeps torch's ops, which Inductor fuses with the casts around them.
+gradients in one pass. A compiled graph keeps torch's norms, which Inductor fuses with the casts around them, and
+holds the gated linear as one node (an OpaqueOp: traced through, the partitioner would keep the product and the
+gate both), whose forward runs as eager code, the gate's kernel included, and whose backward formula is traced.
 
 Where the kernels do not run and torch has a fused RMSNorm kernel for the device (CUDA in recent torch: 2.11 has
 it), the RMSNorm runs on it: one launch forward and one backward where the composed form takes about eight and
@@ -18,15 +20,16 @@ ten, keeping the same input and one scalar per row. The Llama baseline's norm ta
 comparison stays fair.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
 
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megalodon.ops.triton import runs_eagerly, use_triton
+from megalodon.ops.triton import opaque_op, runs_eagerly, use_triton
 
 
 # ---- the row norms on CUDA: one Triton kernel per call each way --------------------------------------------------
@@ -189,7 +192,8 @@ def gated_linear_reference(x: Tensor | None, gate: Tensor, weight: Tensor, dropo
 
 def silu_gate_kernels(gate: Tensor) -> bool:
     """Whether the gate's elementwise part (x * silu(gate) and its backward) runs as one Triton kernel each way:
-    on CUDA, in eager mode. A compiled graph keeps torch's ops, which Inductor fuses itself."""
+    on CUDA, where the code runs eagerly (inside a compiled graph's node too). Traced, it is torch's ops, which
+    Inductor fuses itself."""
     return use_triton("silu_gate", gate) and runs_eagerly(gate)
 
 
@@ -201,37 +205,47 @@ def _silu_gate(x: Tensor | None, gate: Tensor) -> Tensor:
     return F.silu(gate) if x is None else x * F.silu(gate)
 
 
-class _GatedLinear(torch.autograd.Function):
-    """Saves x, gate and the weight; silu(gate) and the product are recomputed in backward."""
+@opaque_op("megalodon::gated_linear", mutates_args=())
+def _gated_linear(x: Optional[Tensor], gate: Tensor, weight: Tensor) -> Tensor:
+    """(x * silu(gate)) @ weight^T, every tensor in gate's dtype. Keeps x, gate and the weight for backward, which
+    recomputes silu(gate) and the product. An OpaqueOp: traced through, the partitioner would keep the product
+    and the gate both."""
+    with torch.autocast(gate.device.type, enabled=False):
+        return F.linear(_silu_gate(x, gate), weight)
 
-    @staticmethod
-    def forward(ctx, x: Tensor | None, gate: Tensor, weight: Tensor) -> Tensor:
-        with torch.autocast(gate.device.type, enabled=False):
-            out = F.linear(_silu_gate(x, gate), weight)
-        ctx.save_for_backward(x, gate, weight)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, gate, weight = ctx.saved_tensors
-        with torch.autocast(gate.device.type, enabled=False):
-            grad = grad.to(gate.dtype)
-            grad_hidden = grad.matmul(weight)
-            if silu_gate_kernels(gate):
-                from megalodon.ops.triton.fused import silu_gate_backward
+@_gated_linear.register_fake
+def _(x, gate, weight):
+    return gate.new_empty(*gate.shape[:-1], weight.shape[0])
 
-                hidden, grad_x, grad_gate = silu_gate_backward(gate, x, grad_hidden)
-            else:
-                act = F.silu(gate)
-                hidden = act if x is None else x * act
-                grad_x = None if x is None else grad_hidden * act
-                if x is not None:
-                    grad_hidden.mul_(x)  # a fresh product: nothing else holds it
-                # silu's own backward kernel: one pass over the activations where the written-out derivative
-                # s (1 + g (1 - s)) costs six
-                grad_gate = torch.ops.aten.silu_backward(grad_hidden, gate)
-            grad_weight = grad.flatten(0, -2).t().mm(hidden.flatten(0, -2))
-        return grad_x, grad_gate, grad_weight
+
+def _gated_linear_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _gated_linear_backward(ctx, grad: Tensor):
+    x, gate, weight = ctx.saved_tensors
+    with torch.autocast(gate.device.type, enabled=False):
+        grad = grad.to(gate.dtype)
+        grad_hidden = grad.matmul(weight)
+        if silu_gate_kernels(gate):
+            from megalodon.ops.triton.fused import silu_gate_backward
+
+            hidden, grad_x, grad_gate = silu_gate_backward(gate, x, grad_hidden)
+        else:
+            act = F.silu(gate)
+            hidden = act if x is None else x * act
+            grad_x = None if x is None else grad_hidden * act
+            if x is not None:
+                grad_hidden.mul_(x)  # a fresh product: nothing else holds it
+            # silu's own backward kernel: one pass over the activations where the written-out derivative
+            # s (1 + g (1 - s)) costs six
+            grad_gate = torch.ops.aten.silu_backward(grad_hidden, gate)
+        grad_weight = grad.flatten(0, -2).t().mm(hidden.flatten(0, -2))
+    return grad_x, grad_gate, grad_weight
+
+
+_gated_linear.register_autograd(_gated_linear_backward, setup_context=_gated_linear_context)
 
 
 def gated_linear(x: Tensor | None, gate: Tensor, weight: Tensor, dropout_p: float = 0.0,
@@ -243,4 +257,4 @@ def gated_linear(x: Tensor | None, gate: Tensor, weight: Tensor, dropout_p: floa
     x, weight = None if x is None else x.to(gate.dtype), weight.to(gate.dtype)
     if not torch.is_grad_enabled():
         return F.linear(_silu_gate(x, gate), weight)
-    return _GatedLinear.apply(x, gate, weight)
+    return _gated_linear(x, gate, weight)

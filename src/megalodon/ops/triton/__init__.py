@@ -61,8 +61,11 @@ def use_triton(op: str, *tensors: Tensor) -> bool:
     return "all" not in off and op not in off
 
 
-class TritonOp:
-    """One op of this package on its Triton kernels, callable like the function it wraps.
+class OpaqueOp:
+    """One op of this package that a traced graph holds as one opaque node, callable like the function it wraps:
+    each op on Triton kernels, and the computations whose saved tensors must be the ones their autograd formula
+    names (the materialized attention and the gated linear: traced through, the partitioner keeps what they
+    recompute).
 
     `op` is its torch.library custom op: one node of a traced graph, with its fake (shapes only) and its autograd
     formula registered, which torch.compile needs. Outside a trace the dispatcher's path for a custom op (its
@@ -120,9 +123,9 @@ def runs_eagerly(*args) -> bool:
     return not torch.compiler.is_compiling() and all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
 
 
-def triton_op(name: str, mutates_args=()):
-    """Decorator: the function as a TritonOp named `name` ("megalodon::..."), like torch.library.custom_op."""
-    return lambda fn: TritonOp(name, fn, mutates_args)
+def opaque_op(name: str, mutates_args=()):
+    """Decorator: the function as an OpaqueOp named `name` ("megalodon::..."), like torch.library.custom_op."""
+    return lambda fn: OpaqueOp(name, fn, mutates_args)
 
 
 # triton.cdiv and triton.next_power_of_2 are constexpr functions: called from Python they go through triton's

@@ -1,4 +1,4 @@
-"""The masked softmax of a chunk's materialized attention (ops/attention.py::_MaterializedAttention) in one Triton
+"""The masked softmax of a chunk's materialized attention (ops/attention.py::materialized_attention) in one Triton
 kernel each way, on CUDA.
 
 Each row of scores (N, H, Sq, Sk) belongs to query i = row mod Sq, which sees keys 0..i + offset. Forward reads
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import LAUNCH, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, next_power_of_2, on_input_device, opaque_op
 from megalodon.ops.triton.casts import cast
 
 MAX_KEYS = 16384  # the longest row a program holds (a chunk's keys; chunks are at most a few thousand tokens)
@@ -71,7 +71,7 @@ def _launch(kernel, tensors: list[Tensor], offset: int) -> None:
         kernel[(tensors[0].numel() // keys,)](*tensors, queries, keys, offset, BLOCK=block, num_warps=warps, **LAUNCH)
 
 
-@triton_op("megalodon::causal_softmax_fwd", mutates_args=())
+@opaque_op("megalodon::causal_softmax_fwd", mutates_args=())
 @on_input_device
 def causal_softmax_fwd(scores: Tensor, offset: int, out_dtype: torch.dtype) -> Tensor:
     """softmax(scores + causal mask) over the last dim, in fp32, returned in out_dtype. scores: (..., Sq, Sk);
@@ -87,7 +87,7 @@ def _(scores, offset, out_dtype):
     return torch.empty_like(scores, dtype=out_dtype, memory_format=torch.contiguous_format)
 
 
-@triton_op("megalodon::causal_softmax_bwd", mutates_args=())
+@opaque_op("megalodon::causal_softmax_bwd", mutates_args=())
 @on_input_device
 def causal_softmax_bwd(scores: Tensor, grad_probs: Tensor, offset: int) -> tuple[Tensor, Tensor]:
     """The probabilities again (in grad_probs' dtype) and the scores' gradient (in their dtype), from the scores

@@ -35,7 +35,7 @@ a mega200M layer's activations), which spares backward the two launches that wou
 Transient: in backward the adjoint's chunk states (as many bytes again) and the parameter partial sums,
 5 D N / 16 bytes per token.
 
-`cema_scan` is a TritonOp (ops/triton/__init__.py): a custom op (`megalodon::cema_scan`, backward
+`cema_scan` is an OpaqueOp (ops/triton/__init__.py): a custom op (`megalodon::cema_scan`, backward
 `megalodon::cema_scan_backward`) with fake implementations and autograd registered, so a compiled graph holds it as
 one node; in eager mode the same implementation and formula run without the dispatcher's custom-op path.
 """
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megalodon.ops.triton import LAUNCH, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, on_input_device, opaque_op
 
 CHUNK = 64  # steps per chunk
 BLOCK_D = 32  # channels per program
@@ -175,7 +175,7 @@ def _contiguous(*tensors: Tensor) -> list[Tensor]:
     return [t.contiguous() for t in tensors]
 
 
-@triton_op("megalodon::cema_scan", mutates_args=())
+@opaque_op("megalodon::cema_scan", mutates_args=())
 @on_input_device
 def cema_scan(u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor,
               h0: Optional[Tensor] = None, resets: Optional[Tensor] = None,
@@ -205,7 +205,7 @@ def _(u, alpha, delta, theta, gamma, omega, h0=None, resets=None, chunk=CHUNK):
             u.new_empty(batch, -(-length // chunk), 2, ndim, dim, dtype=torch.float32))
 
 
-@triton_op("megalodon::cema_scan_backward", mutates_args=())
+@opaque_op("megalodon::cema_scan_backward", mutates_args=())
 @on_input_device
 def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor,
                        gamma: Tensor, omega: Tensor, h0: Optional[Tensor], resets: Optional[Tensor],

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, opaque_op
 
 BLOCK_D = 64
 
@@ -45,7 +45,7 @@ def _cema_step_kernel(u_ptr, h_ptr, out_ptr, y_ptr, p_ptr, q_re_ptr, q_im_ptr, g
     tl.store(out_ptr + pair + 1, new_im, mask=mask)
 
 
-@triton_op("megalodon::cema_step_", mutates_args=("out",))
+@opaque_op("megalodon::cema_step_", mutates_args=("out",))
 @on_input_device
 def cema_step_kernel(u: Tensor, h: Tensor, out: Tensor, p: Tensor, q_re: Tensor, q_im: Tensor, g_re: Tensor,
                      g_im: Tensor, omega: Tensor) -> Tensor:

@@ -14,8 +14,9 @@ GEMM and recomputes that product in backward. Op by op that is two kernels forwa
 five backward (silu, product, two products for the two gradients, silu's backward): at mega200M and 4K tokens
 about 0.7 GB of memory traffic a layer. Here it is one kernel each way: forward reads x and the gate and writes
 the product; backward reads x, the gate and the product's gradient and writes the product again (its GEMM needs
-it) and both gradients, all in fp32 registers, each output rounded once. Eager mode only: inside a compiled graph
-Inductor fuses the same ops itself (and with their neighbours), so ops/fused.py keeps torch's ops there.
+it) and both gradients, all in fp32 registers, each output rounded once. Wherever the code runs eagerly: in eager
+mode, and in the forward of the gated linear's node of a compiled graph (ops/fused.py); traced, the gate is torch's
+ops, which Inductor fuses itself.
 """
 
 # No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, opaque_op
 from megalodon.ops.triton.casts import cast
 
 MAX_FEATURES = 16384  # a row is held whole by one program
@@ -103,7 +104,7 @@ def supports_rows(x: Tensor, *params: Optional[Tensor]) -> bool:
             and all(p is None or p.dtype in floats for p in params))
 
 
-@triton_op("megalodon::norm_rows", mutates_args=())
+@opaque_op("megalodon::norm_rows", mutates_args=())
 @on_input_device
 def norm_rows(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: float, center: bool,
               out_dtype: torch.dtype) -> Tensor:

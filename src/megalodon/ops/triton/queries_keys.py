@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, opaque_op
 from megalodon.ops.triton.casts import cast
 
 
@@ -123,7 +123,7 @@ def _table_batch_stride(table: Tensor) -> int:
 
 # ---- the custom ops -------------------------------------------------------------------------------------------
 
-@triton_op("megalodon::queries_keys_fwd", mutates_args=())
+@opaque_op("megalodon::queries_keys_fwd", mutates_args=())
 @on_input_device
 def queries_keys_fwd(z: Tensor, scale: Tensor, shift: Tensor, cos: Tensor, sin: Tensor, heads: int,
                      eps: float) -> tuple[Tensor, Tensor]:
@@ -148,7 +148,7 @@ def _(z, scale, shift, cos, sin, heads, eps):
             z.new_empty(batch * length, heads, dtype=torch.float32))
 
 
-@triton_op("megalodon::queries_keys_bwd", mutates_args=())
+@opaque_op("megalodon::queries_keys_bwd", mutates_args=())
 @on_input_device
 def queries_keys_bwd(dqk: Tensor, z: Tensor, rstd: Tensor, scale: Tensor, cos: Tensor, sin: Tensor,
                      heads: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, opaque_op
 from megalodon.ops.triton.casts import cast
 
 # A step reads each layer's whole key buffer and the seen part of its value buffer (8 MiB at mega200M in bf16):
@@ -110,7 +110,7 @@ def _heads_contiguous(t: Tensor) -> Tensor:
 
 # ---- the custom ops -------------------------------------------------------------------------------------------
 
-@triton_op("megalodon::slot_scores", mutates_args=("keys", "values"))
+@opaque_op("megalodon::slot_scores", mutates_args=("keys", "values"))
 @on_input_device
 def slot_scores(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, slot: Tensor, visible: Tensor,
                 scale: float, silu_values: bool) -> Tensor:
@@ -138,7 +138,7 @@ def _(q, k, v, keys, values, slot, visible, scale, silu_values):
     return q.new_empty(keys.shape[0] * keys.shape[2], keys.shape[1], dtype=torch.float32)
 
 
-@triton_op("megalodon::slot_values", mutates_args=())
+@opaque_op("megalodon::slot_values", mutates_args=())
 @on_input_device
 def slot_values(scores: Tensor, values: Tensor, gate: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """softmax(scores) v for each row and head: (B, H, dv) in out_dtype; times silu(gate) if a gate (B, H * dv)

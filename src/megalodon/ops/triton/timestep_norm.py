@@ -40,7 +40,7 @@ Five launches:
    incoming state's gradient; `scan_bwd_kernel` then gives every token its P and C from the sums after its tile.
 10. `dx_kernel`, grid as 1: dx.
 
-Both directions are TritonOps (ops/triton/__init__.py): custom ops (`megalodon::timestep_norm_fwd` / `_bwd`)
+Both directions are OpaqueOps (ops/triton/__init__.py): custom ops (`megalodon::timestep_norm_fwd` / `_bwd`)
 with fake implementations and autograd registered, so a compiled graph holds each as one node, called directly in
 eager mode.
 """
@@ -54,7 +54,7 @@ from torch import Tensor
 
 from megalodon.ops.timestep_norm import NormStats
 from megalodon.ops.timestep_norm_stats import block_size_of, per_row
-from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, opaque_op
 from megalodon.ops.triton import timestep_norm_kernels as kernels
 
 
@@ -103,7 +103,7 @@ def _scan_layout(groups: int, block: int, num_blocks: int) -> _ScanLayout:
 
 # ---- the custom ops -------------------------------------------------------------------------------------------
 
-@triton_op("megalodon::timestep_norm_fwd", mutates_args=())
+@opaque_op("megalodon::timestep_norm_fwd", mutates_args=())
 @on_input_device
 def timestep_norm_fwd(
     x: Tensor, count: Tensor, mean: Tensor, var: Tensor, prior_count: Tensor, prior_mean: Tensor,
@@ -161,7 +161,7 @@ def _(x, count, mean, var, prior_count, prior_mean, prior_var, block_reset, weig
             torch.empty_like(mean), torch.empty_like(var))
 
 
-@triton_op("megalodon::timestep_norm_bwd", mutates_args=())
+@opaque_op("megalodon::timestep_norm_bwd", mutates_args=())
 @on_input_device
 def timestep_norm_bwd(
     dy: Tensor, d_copy: Optional[Tensor], d_final_mean: Optional[Tensor], d_final_var: Optional[Tensor], x: Tensor,

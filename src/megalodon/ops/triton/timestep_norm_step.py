@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon.ops.triton import LAUNCH, next_power_of_2, on_input_device, triton_op
+from megalodon.ops.triton import LAUNCH, next_power_of_2, on_input_device, opaque_op
 from megalodon.ops.triton.casts import cast
 
 
@@ -57,7 +57,7 @@ def _step_kernel(x_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, copy_
     tl.store(var_ptr + row * G + groups, var, mask=gmask)
 
 
-@triton_op("megalodon::timestep_norm_step_", mutates_args=("count", "mean", "var"))
+@opaque_op("megalodon::timestep_norm_step_", mutates_args=("count", "mean", "var"))
 @on_input_device
 def timestep_norm_step_kernel(x: Tensor, count: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
                               eps: float, copy_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,10 @@
-"""TritonOp (ops/triton/__init__.py): the custom op where a graph is traced, the implementation itself in eager
+"""OpaqueOp (ops/triton/__init__.py): the custom op where a graph is traced, the implementation itself in eager
 mode, with the same autograd formula on both paths. A toy op stands in for the kernels (no Triton needed)."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megalodon.ops.triton import TritonOp
+from megalodon.ops.triton import OpaqueOp
 
 
 def _scaled(x: torch.Tensor, factor: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,7 +16,7 @@ def _scaled(x: torch.Tensor, factor: float = 2.0) -> tuple[torch.Tensor, torch.T
 implementation_inputs = []
 
 
-scaled = TritonOp("megalodon_test::scaled", _scaled)
+scaled = OpaqueOp("megalodon_test::scaled", _scaled)
 scaled.register_fake(lambda x, factor=2.0: (torch.empty_like(x), torch.empty_like(x)))
 backward_calls = []
 
