@@ -3,6 +3,7 @@
     python benchmarks/bench_memory.py                          # mega200M shapes, bf16 autocast, L = 2K and 4K
     python benchmarks/bench_memory.py --preset small --dtype fp32 --lengths 512 1024 --by-line
     TRITON_INTERPRET=1 python benchmarks/bench_memory.py --kernels --shrink 16   # the GPU's graph, on the CPU
+    python benchmarks/bench_memory.py --compile --shrink 16     # what torch.compile's graphs of the blocks keep
 
 Both models run one forward (batch 1, two layers) under `torch.autograd.graph.saved_tensors_hooks`. Every
 tensor saved inside a block is counted once per storage (views share their base's bytes). The figure per token is
@@ -71,12 +72,15 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true",
                         help="run the GPU's code: the Triton kernels under the interpreter (needs TRITON_INTERPRET=1)")
     parser.add_argument("--shrink", type=int, default=1, help="divide the preset's widths by this (default 1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block (the trainer's --compile): what a compiled graph keeps")
     args = parser.parse_args()
     if args.kernels and not run_the_gpu_code():
         parser.error("--kernels needs triton installed and TRITON_INTERPRET=1 set before Python starts")
 
     short, long = args.lengths
-    path = "Triton kernels (interpreter)" if args.kernels else "PyTorch path"
+    path = ("Triton kernels (interpreter)" if args.kernels else "PyTorch path") + (", compiled blocks" if args.compile
+                                                                                     else "")
     widths = f", widths / {args.shrink} (figures x {args.shrink})" if args.shrink > 1 else ""
     print(f"preset {args.preset}, {args.dtype}, batch 1, lengths {short} and {long}, {args.layers} layers, "
           f"{path}{widths}\n")
@@ -85,7 +89,10 @@ def main() -> None:
     per_token = {}
     for arch in ("llama", "megalodon"):
         chunk = MegalodonConfig.from_preset(args.preset).chunk_size
-        model = build(arch, args.preset, args.layers, chunk, args.shrink)
+        model = build(arch, args.preset, args.layers, chunk, args.shrink).train()
+        if args.compile:
+            torch._dynamo.config.automatic_dynamic_shapes = False  # a graph per length, as a run of one length has
+            model.compile_blocks()
         (small, _), (large, lines) = (saved_bytes(model, n, args.dtype, args.by_line) for n in (short, long))
         per_token[arch] = (large - small) / (long - short) / args.layers * args.shrink
         ratio = per_token[arch] / per_token["llama"]
