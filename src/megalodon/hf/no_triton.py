@@ -3,8 +3,9 @@ PyTorch path. export_code.py inlines this file in place of the real dispatch mod
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from megalodon.ops.formula import eager_function
 
 
 def use_triton(op: str, *tensors: Tensor) -> bool:
@@ -34,20 +35,7 @@ class _DirectOp:
         return fake
 
     def register_autograd(self, backward, setup_context) -> None:
-        fn = self._fn
-
-        class Direct(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *inputs):
-                output = fn(*inputs)
-                setup_context(ctx, inputs, output)
-                return output
-
-            @staticmethod
-            def backward(ctx, *grads):
-                return backward(ctx, *grads)
-
-        self._call = Direct.apply
+        self._call = eager_function(self._fn, setup_context, backward)
 
     def __call__(self, *args):
         return self._call(*args)

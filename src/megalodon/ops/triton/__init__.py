@@ -19,6 +19,8 @@ import os
 import torch
 from torch import Tensor
 
+from megalodon.ops.formula import eager_function
+
 DISABLE_ENV = "MEGALODON_DISABLE_TRITON"
 
 # What every launch of this package's kernels passes besides its arguments. enable_fp_fusion: a * b + c compiles
@@ -91,20 +93,7 @@ class OpaqueOp:
         """The op's gradient: backward(ctx, *grads) and setup_context(ctx, inputs, output), as torch.library's
         register_autograd takes them, for the custom op and for eager calls alike."""
         self.op.register_autograd(backward, setup_context=setup_context)
-        fn = self._fn
-
-        class Eager(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *inputs):
-                output = fn(*inputs)
-                setup_context(ctx, inputs, output)
-                return output
-
-            @staticmethod
-            def backward(ctx, *grads):
-                return backward(ctx, *grads)
-
-        self._eager = Eager.apply
+        self._eager = eager_function(self._fn, setup_context, backward)
 
     def __call__(self, *args):
         if not runs_eagerly(*args):
