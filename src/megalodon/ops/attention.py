@@ -211,26 +211,24 @@ def _(q, k, v, offset, silu_values, edges):
     return q.new_empty(*q.shape[:3], v.shape[-1], dtype=v.dtype)
 
 
-def _attention_context(ctx, inputs, output) -> None:
-    q, k, v, offset, silu_values, edges = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.offset, ctx.silu_values, ctx.blocks = offset, silu_values, list(zip(edges[:-1], edges[1:]))
-
-
-def _attention_backward(ctx, grad: Tensor):
-    q, k, v = ctx.saved_tensors
+@opaque_op("megalodon::materialized_attention_backward", mutates_args=())
+def materialized_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, offset: int, silu_values: bool,
+                                    edges: List[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of q, k and v for materialized_attention's output gradient `grad`, the probabilities
+    recomputed block by block. An op of its own, so that a compiled graph cannot move part of it into the forward
+    and keep what that part makes (a head-major copy of k, beside the storage q and k share)."""
     with torch.autocast(q.device.type, enabled=False):
-        values = F.silu(v) if ctx.silu_values else v
+        values = F.silu(v) if silu_values else v
         qh, kh, vh, grad = (t.transpose(1, 2) for t in (q, k, values, grad))  # head-major views
         grad = grad.to(values.dtype)
         grads_q, grad_k, grad_values = [], None, None
         # The last block sees every key: its key and value gradients are the whole tensors, and the earlier blocks
         # add theirs into the leading keys.
-        for start, end in reversed(ctx.blocks):
-            keys = min(k.shape[1], end + ctx.offset)
+        for start, end in reversed(list(zip(edges[:-1], edges[1:]))):
+            keys = min(k.shape[1], end + offset)
             qb, kb, vb, gb = qh[:, :, start:end], kh[:, :, :keys], vh[:, :, :keys], grad[:, :, start:end]
             probs, grad_s = _softmax_backward(torch.matmul(qb, kb.transpose(-1, -2)),
-                                              torch.matmul(gb, vb.transpose(-1, -2)), ctx.offset + start)
+                                              torch.matmul(gb, vb.transpose(-1, -2)), offset + start)
             block_k = torch.matmul(grad_s.transpose(-1, -2), qb)
             block_values = torch.matmul(probs.transpose(-1, -2), gb)
             if grad_k is None:
@@ -241,8 +239,26 @@ def _attention_backward(ctx, grad: Tensor):
             grads_q.append(torch.matmul(grad_s, kb))
         grad_q = grads_q[0] if len(grads_q) == 1 else torch.cat(grads_q[::-1], 2)
         grad_values = grad_values.transpose(1, 2)
-        grad_v = torch.ops.aten.silu_backward(grad_values, v) if ctx.silu_values else grad_values
-    return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v, None, None, None
+        grad_v = torch.ops.aten.silu_backward(grad_values, v) if silu_values else grad_values
+    # token-major like the inputs (no copy with one head)
+    return grad_q.transpose(1, 2).contiguous(), grad_k.transpose(1, 2).contiguous(), grad_v.contiguous()
+
+
+@materialized_attention_backward.register_fake
+def _(grad, q, k, v, offset, silu_values, edges):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_context(ctx, inputs, output) -> None:
+    q, k, v, offset, silu_values, edges = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.offset, ctx.silu_values, ctx.edges = offset, silu_values, edges
+
+
+def _attention_backward(ctx, grad: Tensor):
+    q, k, v = ctx.saved_tensors
+    grads = materialized_attention_backward(grad, q, k, v, ctx.offset, ctx.silu_values, ctx.edges)
+    return *grads, None, None, None
 
 
 materialized_attention.register_autograd(_attention_backward, setup_context=_attention_context)
