@@ -177,3 +177,15 @@ def test_targets_a_run_did_not_reach_read_not_measured(tmp_path):
     assert verdicts[">= 1.5x the Llama at 32K, best against best"] == "missed"  # eager alone: 1.45x
     assert verdicts["torch.compile for training and decode on CUDA"] == "not measured"
     assert verdicts[">= 1,000 tok/s decode, batch 1"] == "met"
+
+
+def test_bench_memory_counts_both_models():
+    """benchmarks/bench_memory.py (the bytes each block keeps for backward) on the tiny preset, with the bytes
+    attributed to lines: a row per model, the Llama's ratio 1."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--preset", "tiny",
+                          "--lengths", "64", "128", "--by-line"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in out.stdout.splitlines()
+            if line.startswith(("| megalodon", "| llama"))}
+    assert rows.keys() == {"megalodon", "llama"} and rows["llama"] == "1.00", out.stdout
+    assert "timestep_norm" in out.stdout or "cema" in out.stdout, out.stdout  # the lines that saved the bytes
