@@ -59,7 +59,7 @@ def section(lengths: list[int], repeats: int, out_of_time: Callable[[str], bool]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     probe = subprocess.run([sys.executable, "-c", "import megalodon_jax"], capture_output=True, text=True, env=env)
     if probe.returncode:
-        log("megalodon-jax does not import here; skipped (docs/benchmarks.md says how to carry its wheel): "
+        log("megalodon-jax does not import here; skipped (docs/gpu.md says how to carry its wheel): "
             f"{(probe.stderr.strip().splitlines() or ['?'])[-1][:200]}\n")
         return {}
     results = {}

@@ -23,7 +23,7 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh 1
 # The device has torch, triton, jax and pytest but no network: wheels that must travel with the tree (megalodon-jax
 # and equinox for the comparison row, from benchmarks/prepare_device_wheels.sh) go in .device-wheels/, which git
-# ignores, so name it in the device tool's carry list (see docs/benchmarks.md).
+# ignores, so name it in the device tool's carry list (see docs/gpu.md).
 set -uo pipefail
 PART=${1:-1}
 OUT=${OUT:-gpu-results}

@@ -32,7 +32,7 @@ TRAIN_CASES = [("mega200M", 4096), ("mega200M", 32768), ("mega1.3B", 32768), ("m
 # Llama ratios at 4K and 32K, megalodon-jax's at 16K.
 COMPILED_CASES = [("mega200M", 4096), ("mega200M", 32768), ("mega200M", 16384)]
 # CUDA graphs of the whole step (megalodon.training.cuda_graphs): no compilation, a capture of seconds; they pay
-# off where the host bounds the step, at short lengths (docs/benchmarks.md, "H100 figures").
+# off where the host bounds the step, at short lengths (docs/gpu.md, "H100 figures").
 GRAPHED_CASES = [("mega200M", 4096), ("mega200M", 16384), ("mega200M", 32768), ("mega1.3B", 4096)]
 # Both: the targets where the host bounds an eager step (4K) and megalodon-jax's (16K).
 COMPILED_GRAPHED_CASES = [("mega200M", 4096), ("mega200M", 16384)]

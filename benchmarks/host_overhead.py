@@ -4,7 +4,7 @@ matched Llama, per layer.
     python benchmarks/host_overhead.py                       # mega200M's layers (widths / 16), bf16 autocast
     python benchmarks/host_overhead.py --seconds 20 --rounds 5
 
-On an H100 an eager mega200M step at 4K tokens is bound by the host, not the GPU (docs/benchmarks.md, "H100
+On an H100 an eager mega200M step at 4K tokens is bound by the host, not the GPU (docs/gpu.md, "H100
 figures"): the Python, the dispatcher and the launches of about a hundred kernels a layer. That cost does not
 depend on the tensors' sizes, so it can be measured without a GPU: the model runs on tiny CPU tensors along the
 path a GPU takes (every Triton kernel on, launched through triton's own launcher: its argument binding, its

@@ -147,8 +147,8 @@ def run_targets(*args: str) -> list[tuple[str, str, str]]:
             if line.startswith("| ") and not line.startswith("| target")]
 
 
-def test_targets_of_the_first_h100_run_read_as_docs_benchmarks_md_states_them():
-    """gpu_targets.py on the first H100 run's own files gives that run's verdicts (docs/benchmarks.md, "H100
+def test_targets_of_the_first_h100_run_read_as_docs_gpu_md_states_them():
+    """gpu_targets.py on the first H100 run's own files gives that run's verdicts (docs/gpu.md, "H100
     figures"): best against best across modes, the eager rows' memory, the GPU tests' outcomes."""
     run = ROOT / "benchmarks" / "results" / "h100-2026-11-27"
     rows = run_targets(str(run / "results_part1.json"), str(run / "results_part2.json"),

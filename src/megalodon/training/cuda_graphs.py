@@ -1,7 +1,7 @@
 """A training step's forward and backward replayed from CUDA graphs, for batches of one fixed shape.
 
 At short lengths a Megalodon step on a GPU is bound by the host, not the GPU: on an H100 a mega200M step at 4K
-kept the GPU busy 35 ms of its 93 (docs/benchmarks.md, "H100 figures"), the rest being Python, the custom ops'
+kept the GPU busy 35 ms of its 93 (docs/gpu.md, "H100 figures"), the rest being Python, the custom ops'
 dispatch and Triton's launcher, once for each of about 1,900 kernels. Captured once, a step costs two graph
 replays on the host. torch.cuda.make_graphed_callables does the capture (warm-up on a side stream, one graph
 for the forward and one for the backward, the parameters as static inputs); this module fits a model and a loss
