@@ -205,6 +205,9 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None, help="write the results (and the profile trace) here")
     parser.add_argument("--results-name", default="results.json", help="the results file's name under --out")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run's sections to an existing results file rather than replacing it "
+                             "(gpu_session.sh runs a part in several processes)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke test of this script at tiny sizes (tests/test_bench_gpu.py runs it)")
     parser.add_argument("--strict", action="store_true", help="a failing section fails the run (for the smoke test)")
@@ -228,6 +231,9 @@ def main() -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
+    if args.append and args.out is not None and (args.out / args.results_name).is_file():
+        earlier = json.loads((args.out / args.results_name).read_text())
+        results = {**earlier, "appended": [*earlier.get("appended", []), sys.argv[1:]]}
     started = time.perf_counter()
     if args.deadline is not None:
         DEADLINE = started + args.deadline

@@ -33,13 +33,25 @@ mkdir -p "$OUT"
 export PYTHONPATH=src
 export PYTHONUNBUFFERED=1
 
-bench() {  # bench_gpu.py on the given sections, told to finish inside what is left of SESSION_SECONDS
+# bench_gpu.py on the given sections, told to finish inside what is left of SESSION_SECONDS. Each call is a process
+# of its own that adds to the part's results file and log: the CUDA graphs' sections, which had never run on a GPU
+# when this was written, go first and alone, so that a CUDA error they leave behind (sticky in a process) cannot
+# cost the sections after them their figures.
+bench() {
     local left=$((SESSION_SECONDS - SECONDS))
-    echo "== bench_gpu.py --sections $1 ($left s left) =="
+    echo "== bench_gpu.py --sections $1 ($left s left) ==" | tee -a "$OUT/bench_gpu_part$PART.md"
+    if [ "$left" -le 60 ]; then  # (timeout 0 would mean no limit at all)
+        echo "skipped: no time left in SESSION_SECONDS" | tee -a "$OUT/bench_gpu_part$PART.md"
+        return
+    fi
     # shellcheck disable=SC2086  # BENCH_ARGS: extra options, e.g. "--device cpu" for a dry run without a GPU
-    timeout "$left" "$PYTHON" benchmarks/bench_gpu.py --sections "$1" --out "$OUT" --results-name "results_part$PART.json" --deadline $((left - 60)) \
-        ${BENCH_ARGS:-} 2>&1 \
-        | tee "$OUT/bench_gpu_part$PART.md"
+    timeout "$left" "$PYTHON" benchmarks/bench_gpu.py --sections "$1" --out "$OUT" --results-name "results_part$PART.json" \
+        --append --deadline $((left - 60)) ${BENCH_ARGS:-} 2>&1 \
+        | tee -a "$OUT/bench_gpu_part$PART.md"
+}
+
+fresh_part() {  # a part run again into the same $OUT starts its results and log anew
+    rm -f "$OUT/results_part$PART.json" "$OUT/bench_gpu_part$PART.md"
 }
 
 kernels_that_failed() {  # the Triton ops whose own kernel tests failed or errored in pytest's -vv output $1
@@ -54,6 +66,7 @@ PY
 }
 
 part1() {
+    fresh_part
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     echo "== tests on CUDA =="
     # -m cuda: the tests that run on the GPU when there is one (requires_cuda, and the Triton kernel tests). Eight
@@ -73,10 +86,12 @@ part1() {
             "MEGALODON_DISABLE_TRITON=$MEGALODON_DISABLE_TRITON (run part 2 with the same)" \
             | tee "$OUT/disabled-kernels.txt"
     fi
-    bench env,train-graphed,train-eager,decode
+    bench env,train-graphed
+    bench train-eager,decode
 }
 
 part2() {
+    fresh_part
     if compgen -G ".device-wheels/*.whl" > /dev/null; then  # for the megalodon-jax process only (bench_gpu.py)
         export MEGALODON_JAX_SITE=/tmp/megalodon-jax-site
         # the log stays on the device unless the install fails: the tool brings back at most 8 files
@@ -88,7 +103,8 @@ part2() {
     # run), the parity (part 1's tests check the kernels and the model on the GPU already) and the profile, whose
     # compiled half recompiles both models at 4K (from Inductor's caches, warm by then). On the first H100 run
     # this part's sections took 186 s of the about 225 that its deadline leaves, so the last may not start.
-    bench env,train-compiled-graphed,jax,train-compiled,parity,profile,train-compiled-graphs,hf
+    bench env,train-compiled-graphed
+    bench jax,train-compiled,parity,profile,train-compiled-graphs,hf
     # the issue's targets from both parts' results (best configuration against best), at the end of this part's
     # log and so of the device tool's output
     "$PYTHON" benchmarks/gpu_targets.py "$OUT"/results_part*.json --tests "$OUT/gpu-tests.txt" 2>&1 \

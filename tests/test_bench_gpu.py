@@ -27,11 +27,30 @@ def test_bench_gpu_runs_every_section_on_cpu(tmp_path):
     assert (tmp_path / "results.json").is_file()
 
 
+def test_append_adds_a_runs_sections_to_the_results_file(tmp_path):
+    """gpu_session.sh runs a part in several processes, each adding to the part's results file (--append); without
+    --append a run replaces the file."""
+    def run(sections, *extra):
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--strict", "--sections",
+             sections, "--out", str(tmp_path), "--results-name", "part.json", *extra],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads((tmp_path / "part.json").read_text())
+
+    assert "env" in run("env")
+    appended = run("jax", "--append")
+    assert {"env", "jax"} <= appended.keys() and appended["appended"] == [[
+        "--device", "cpu", "--strict", "--sections", "jax", "--out", str(tmp_path), "--results-name", "part.json",
+        "--append"]]
+    assert "env" not in run("jax")
+
+
 def test_gpu_session_names_sections_that_exist():
     """benchmarks/gpu_session.sh passes bench_gpu.py section lists: a typo there would cost a GPU session."""
     script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     lists = re.findall(r"^\s*bench ([\w,-]+)\s*$", script, flags=re.MULTILINE)
-    assert len(lists) == 2, lists
+    assert len(lists) == 4, lists
     for sections in lists:
         out = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--sections", sections,
