@@ -159,6 +159,27 @@ def test_a_time_budget_fixes_max_steps_at_the_end_of_warmup(make_config, tmp_pat
     assert state["max_steps"] == result.steps
 
 
+def test_a_time_budget_run_shows_no_total_until_it_knows_one(make_config, tmp_path, monkeypatch):
+    """Until the budget is turned into steps the bar counts steps without a total (it once showed 5/5, then 6/5
+    at 120%); from then on it never passes its total, and ends on it."""
+    from megalodon.progress import LogProgress
+    from megalodon.training import trainer as trainer_module
+
+    seen = []
+
+    class Recording(LogProgress):
+        def update(self, n: int = 1) -> None:
+            super().update(n)
+            seen.append((self.n, self.total))
+
+    monkeypatch.setattr(trainer_module, "progress_bar", lambda total=None, desc="", disable=False, initial=0, **_:
+                        Recording(total, desc, initial, 0.0, 3600.0))
+    cfg = make_config(max_steps=0, time_budget_min=0.02, warmup_steps=6, checkpoint_every=0)
+    result = train(cfg, tmp_path / "budget", progress=True)
+    assert seen[0][1] is None and all(total is None or n <= total for n, total in seen), seen
+    assert seen[-1] == (result.steps, result.steps)
+
+
 def test_the_token_store_follows_edits_of_the_training_files(make_config, corpus, tmp_path):
     from megalodon.training.data import prepare_data
 

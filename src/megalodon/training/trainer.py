@@ -285,8 +285,9 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self._pace_from: tuple[int, float] | None = None
-        bar = progress_bar(total=self.max_steps or self.step + CALIBRATION_STEPS, initial=self.step, desc=cfg.arch,
-                   disable=not (self.progress and self.main), dynamic_ncols=True)
+        # a time budget's steps are unknown until _calibrate has timed some (no total: a count, not a percentage)
+        bar = progress_bar(total=self.max_steps or None, initial=self.step, desc=cfg.arch,
+                           disable=not (self.progress and self.main), dynamic_ncols=True)
         with StopSignals() as stop:
             try:
                 while not self._done() and self.step != stop_at_step and not self._stopping(stop):
