@@ -80,6 +80,10 @@ def test_each_verb_takes_both_spellings(model_dir, tmp_path, capsys, spelling):
     (["train", "--quick", "--model.chunk_sise", "3"], "did you mean 'model.chunk_size'?"),
     (["eval", "M", "--files", "x", "--out", "o", "--windw", "3"], "did you mean 'window'?"),
     (["convert", "to-hf", "a", "b", "--overwrit"], "did you mean 'overwrite'?"),
+    (["generate", "--model", "M", "--prompt", "x"], "unknown option 'model': model_dir is positional, given without "
+                                                    "a dash (megalodon generate MODEL_DIR ...)"),
+    (["generate", "--model_dir", "M", "--prompt", "x"], "model_dir is positional"),
+    (["convert", "to-hf", "--model", "a", "b"], "unknown option 'model' (see megalodon convert --help)"),
 ])
 def test_a_misspelled_option_gets_the_closest_name(model_dir, capsys, argv, message):
     argv = [str(model_dir) if a == "M" else a for a in argv]

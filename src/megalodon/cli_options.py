@@ -71,13 +71,31 @@ def unknown_option_error(parser: argparse.ArgumentParser, extra: list[str], orig
     typed = options[0].partition("=")[0]
     spelled = next((o.partition("=")[0] for o in original if kebab(o.partition("=")[0]) == typed), typed)
     snake = "_" in spelled
-    known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]  # noqa: SLF001
-    close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
     name = spelled.lstrip("-")
+    positional = _positional_named(parser, name)
+    if positional is not None:  # `--model PATH` for the model directory: a name that is not an option here
+        metavar = positional.metavar or positional.dest.upper()
+        return (f"unknown option {name!r}: {positional.dest} is positional, given without a dash "
+                f"({parser.prog} {metavar} ...)")
+    known = [s for action in parser._actions for s in action.option_strings  # noqa: SLF001
+             if s.startswith("--") and s != "--help"]  # `--model` is not a misspelled --help
+    close = difflib.get_close_matches(typed, known, n=1, cutoff=0.7)
     if not close:
         return f"unknown option {name!r} (see {parser.prog} --help)"
     suggestion = close[0].lstrip("-").replace("-", "_") if snake else close[0].lstrip("-")
     return f"unknown option {name!r} (did you mean {suggestion!r}?)"
+
+
+def _positional_named(parser: argparse.ArgumentParser, name: str) -> argparse.Action | None:
+    """The positional argument that an option of this name most likely meant (`model` or `model_dir` for
+    `model_dir`), or None."""
+    name = name.replace("-", "_")
+    for action in parser._actions:  # noqa: SLF001
+        dest = action.dest
+        if not action.option_strings and dest != "help" and len(name) >= 3 and \
+                (dest == name or dest.startswith(name + "_") or dest.endswith("_" + name)):
+            return action
+    return None
 
 
 # ---- device and logging ------------------------------------------------------------------------------------------
