@@ -1,25 +1,26 @@
-"""GPU speed and memory: Megalodon against the matched Llama on one CUDA device, in one run (issue #8's table).
+"""GPU speed and memory: Megalodon against the matched Llama on one CUDA device, in one run (issue 11's table).
 
     python benchmarks/bench_gpu.py                       # everything (gpu_session.sh runs it in two parts)
     python benchmarks/bench_gpu.py --sections train --presets mega200M --lengths 4096
     python benchmarks/bench_gpu.py --out results/        # also write results.json and a profile there
 
-Sections, in the order they run by default (most wanted first: a run cut short still has the main figures):
+Sections (by default in the order env, train-graphed, train-eager, decode, train-compiled-graphed, jax, profile,
+train-compiled, parity, train-compiled-graphs, hf: most wanted first, so that a run cut short still has the main
+figures):
 - env:    the device, torch/triton/CUDA versions, which Triton kernels are on;
-- train-graphed, train-eager, later train-compiled-graphed, train-compiled and train-compiled-graphs (or train,
-          for every --modes):
-          forward + backward (no optimizer), batch 1, bf16 autocast over fp32 master weights, both models
-          alternating step by step; tokens/s, the ratio, activation memory (gpu_training.py says what each mode
-          is);
+- train-graphed, train-eager, train-compiled-graphed, train-compiled and train-compiled-graphs (or train, for
+          every --modes): forward + backward (no optimizer), batch 1, bf16 autocast over fp32 master weights, both
+          models alternating step by step; tokens/s, the ratio, activation memory (gpu_training.py says what each
+          mode is);
 - decode: tokens/s at batch 1 after prefilling 2K and 1M tokens, both models (the Llama up to its KV memory),
           each from one prefill: the step replayed from a CUDA graph, eager and compiled (--modes);
 - jax:    megalodon-jax at the mega200M shape with bf16 compute, when it is installed (a separate process: JAX
-          and PyTorch must not share the GPU's memory pools), after the compiled blocks inside a graphed step;
-- parity: the CUDA model (Triton kernels, fp32) against the CPU fp32 model: logits and gradients; bf16 autocast
-          against fp32; split invariance on CUDA (the GPU tests check the kernels and the model first);
+          and PyTorch must not share the GPU's memory pools);
 - profile: one mega200M 4K step of each model under torch.profiler, eager and with compiled blocks: GPU time and
           launches by kind of kernel (GEMMs, CEMA, TimestepNorm, attention, Inductor's fused kernels, copies...),
           Megalodon's eager kernels one by one, and its trace under --out;
+- parity: the CUDA model (Triton kernels, fp32) against the CPU fp32 model: logits and gradients; bf16 autocast
+          against fp32; split invariance on CUDA (the GPU tests check the kernels and the model first);
 - hf:     transformers' generate() against the core's static decode, Megalodon at the first decode position
           (bench_hf.py).
 
@@ -188,8 +189,8 @@ def section_profile(preset: str, length: int, out: Path | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections",
-                        default="env,train-graphed,train-eager,decode,train-compiled-graphed,jax,"
-                                "train-compiled,parity,profile,train-compiled-graphs,hf",
+                        default="env,train-graphed,train-eager,decode,train-compiled-graphed,jax,profile,"
+                                "train-compiled,parity,train-compiled-graphs,hf",
                         help="comma list of: env, parity, train (every --modes), train-eager, train-compiled, "
                              "train-graphed, train-compiled-graphed, train-compiled-graphs, decode, jax, profile, hf; "
                              "they run in the order given")

@@ -5,9 +5,9 @@
 #                                      compiled training, graph-captured and compiled decode, no host syncs), then
 #                                      bench_gpu.py's graphed and eager training tables and decode sections;
 #   bash benchmarks/gpu_session.sh 2   bench_gpu.py's compiled blocks inside a graphed step, megalodon-jax,
+#                                      the profile (both models, eager and compiled, by kind of kernel),
 #                                      compiled training (default mode), the whole model's parity against the
-#                                      CPU, the profile (both models, eager and compiled, by kind of kernel),
-#                                      compiled training with reduce-overhead, transformers generate(), and
+#                                      CPU, compiled training with reduce-overhead, transformers generate(), and
 #                                      issue 11's targets from both parts (gpu_targets.py);
 #   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
 #                                      go back (idle) before part 1's results could be read;
@@ -99,12 +99,13 @@ part2() {
             > /tmp/pip.log 2>&1 || { echo "installing .device-wheels failed:"; cat /tmp/pip.log; }
     fi
     # The open targets' figures first: the 4K ratio's likely best configuration (compiled blocks in a graphed
-    # step) and megalodon-jax's row (91 s on the H100), then compiled training (the 32K target, met on the first
-    # run), the parity (part 1's tests check the kernels and the model on the GPU already) and the profile, whose
-    # compiled half recompiles both models at 4K (from Inductor's caches, warm by then). On the first H100 run
-    # this part's sections took 186 s of the about 225 that its deadline leaves, so the last may not start.
+    # step) and megalodon-jax's row (91 s on the H100); then the profile, where each model's GPU time goes (its
+    # compiled half recompiles both models at 4K, from Inductor's caches, warm by then); then compiled training
+    # (part 1's graphed rows measure the 32K target too) and the parity (part 1's tests check the kernels and
+    # the model on the GPU already). On the first H100 run this part's sections took 186 s of the about 225 that
+    # its deadline leaves, so the last may not start.
     bench env,train-compiled-graphed
-    bench jax,train-compiled,parity,profile,train-compiled-graphs,hf
+    bench jax,profile,train-compiled,parity,train-compiled-graphs,hf
     # the issue's targets from both parts' results (best configuration against best), at the end of this part's
     # log and so of the device tool's output
     "$PYTHON" benchmarks/gpu_targets.py "$OUT"/results_part*.json --tests "$OUT/gpu-tests.txt" 2>&1 \
