@@ -92,6 +92,12 @@ def test_a_misspelled_option_gets_the_closest_name(model_dir, capsys, argv, mess
     assert message in err and "Traceback" not in err
 
 
+def test_no_subcommand_prints_what_each_one_does(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: megalodon" in err and "train a model" in err and "generate text" in err
+
+
 def test_train_help_lists_every_field_with_type_default_and_help(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out

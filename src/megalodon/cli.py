@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if not argv:  # what the command does, not just "the following arguments are required: command"
+        parser.print_help(sys.stderr)
+        return 2
     try:
         args, extra = parser.parse_known_args(argv)
         if extra and not getattr(args, "takes_overrides", False):
