@@ -89,7 +89,9 @@ class TrainConfig:
             (self.batch_size % self.grad_accum == 0, "batch_size", f"divisible by grad_accum ({self.grad_accum})"),
             (self.max_steps >= 0, "max_steps", ">= 0"),
             (self.time_budget_min >= 0, "time_budget_min", ">= 0"),
-            (self.max_steps > 0 or self.time_budget_min > 0, "max_steps", "> 0, or set time_budget_min"),
+            (self.max_steps > 0 or self.time_budget_min > 0, "max_steps",
+             "> 0, or set time_budget_min (--max_steps N or --time_budget_min MINUTES; --config demo is the "
+             "README's five-minute run)"),
             (self.lr > 0, "lr", "> 0"),
             (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
             (0 < self.warmup_init_ratio <= 1, "warmup_init_ratio", "in (0, 1]"),
