@@ -24,6 +24,39 @@ def test_missing_config_is_a_clear_error(tmp_path, capsys):
     assert "needs --config" in capsys.readouterr().err
 
 
+def test_from_reference_saves_the_tokenizer_it_is_given(tmp_path, capsys):
+    """Reference checkpoints come without a tokenizer: --tokenizer puts one beside the imported weights, so that
+    generate can run on the result; one with more tokens than the embedding is refused by name."""
+    from megalodon.data import ByteTokenizer, load_tokenizer
+
+    model = tiny_model(torch.float32, vocab_size=259)
+    model.save_pretrained(tmp_path / "ours")
+    ByteTokenizer().save(tmp_path / "tokenizer")
+    assert main(["convert", "to-reference", str(tmp_path / "ours"), str(tmp_path / "ref.pth")]) == 0
+    config = str(tmp_path / "ours" / "config.json")
+    assert main(["convert", "from-reference", str(tmp_path / "ref.pth"), str(tmp_path / "back"), "--config", config,
+                 "--tokenizer", str(tmp_path / "tokenizer")]) == 0
+    assert "with tokenizer" in capsys.readouterr().out
+    assert isinstance(load_tokenizer(tmp_path / "back"), ByteTokenizer)
+    assert main(["generate", str(tmp_path / "back"), "--prompt", "a", "--max-new-tokens", "2"]) == 0
+
+    small = tiny_model(torch.float32, vocab_size=64)
+    small.save_pretrained(tmp_path / "small")
+    assert main(["convert", "to-reference", str(tmp_path / "small"), str(tmp_path / "small.pth")]) == 0
+    assert main(["convert", "from-reference", str(tmp_path / "small.pth"), str(tmp_path / "out"), "--config",
+                 str(tmp_path / "small" / "config.json"), "--tokenizer", str(tmp_path / "tokenizer")]) == 2
+    assert "has 259 tokens but the model's embedding holds 64" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reference_options_are_refused_in_other_directions(tmp_path, capsys):
+    tiny_model(torch.float32).save_pretrained(tmp_path / "ours")
+    assert main(["convert", "to-reference", str(tmp_path / "ours"), str(tmp_path / "ref.pth"), "--config",
+                 "tiny"]) == 2
+    assert "--config applies to from-reference only" in capsys.readouterr().err
+    assert not (tmp_path / "ref.pth").exists()
+
+
 def test_hf_round_trip(tmp_path):
     pytest.importorskip("transformers")
     from megalodon.data import ByteTokenizer

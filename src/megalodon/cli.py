@@ -13,11 +13,24 @@ from pathlib import Path
 def _convert(args: argparse.Namespace) -> int:
     from megalodon.files import check_output_path, replace_directory, replace_file
 
+    given = [f"--{name.replace('_', '-')}" for name in ("config", "vocab_size", "tokenizer")
+             if getattr(args, name) is not None]
+    if given and args.direction != "from-reference":
+        raise ValueError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to from-reference only "
+                         f"(they describe a reference checkpoint; {args.direction} reads what it needs from its "
+                         "source)")
     output = check_output_path(args.output, args.overwrite, "the output", is_file=args.direction == "to-reference")
     if args.direction == "from-reference":
-        model = _from_reference(args)
-        replace_directory(output, model.save_pretrained)
-        print(f"wrote {output} ({model.num_parameters():,} parameters)")
+        model, tokenizer = _from_reference(args)
+
+        def save(path: Path) -> None:
+            model.save_pretrained(path)
+            if tokenizer is not None:
+                tokenizer.save(path)
+
+        replace_directory(output, save)
+        print(f"wrote {output} ({model.num_parameters():,} parameters"
+              f"{', with tokenizer' if tokenizer is not None else '; no tokenizer: add one with --tokenizer'})")
     elif args.direction == "to-reference":
         from megalodon import Megalodon
         from megalodon.convert import to_reference
@@ -60,7 +73,20 @@ def _from_reference(args: argparse.Namespace):
     if bad:
         raise ValueError(f"{args.source}: non-finite values (NaN or inf) in {', '.join(bad[:3])}; the checkpoint "
                          "diverged or is damaged: convert an earlier one")
-    return from_reference(tensors, config)
+    return from_reference(tensors, config), _reference_tokenizer(args.tokenizer, config.vocab_size)
+
+
+def _reference_tokenizer(path: str | None, vocab_size: int):
+    """The tokenizer to save beside imported weights (the reference's checkpoints come without one), or None."""
+    if path is None:
+        return None
+    from megalodon.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"--tokenizer {path} has {tokenizer.vocab_size:,} tokens but the model's embedding holds "
+                         f"{vocab_size:,}: give the tokenizer the checkpoint was trained with")
+    return tokenizer
 
 
 def _write_reference(tensors: dict, path: Path, suffix: str, tied: bool) -> None:
@@ -100,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="model directory, .pth/.safetensors file, or HF directory")
     convert.add_argument("--config", help="config JSON or preset name describing the reference checkpoint")
     convert.add_argument("--vocab-size", type=int, help="vocab size when --config is a preset")
+    convert.add_argument("--tokenizer", help="from-reference: a tokenizer.json, or a directory holding one, to save "
+                                             "beside the weights (reference checkpoints come without one)")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace an existing output (a model directory is replaced whole)")
     convert.set_defaults(run=_convert)
