@@ -244,5 +244,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return BPETokenizer.from_file(path / TOKENIZER_FILE)
     raise FileNotFoundError(
         f"{path} holds neither {TOKENIZER_FILE} (BPE) nor a byte-tokenizer {CONFIG_FILE}; "
-        "save one with Tokenizer.save(directory)"
+        "copy the tokenizer files of the model it came from into it (for an imported reference checkpoint: "
+        "`megalodon convert from-reference ... --tokenizer PATH`), or save one with Tokenizer.save(directory)"
     )
