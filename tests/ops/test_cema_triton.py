@@ -297,7 +297,8 @@ for reverse in (False, True):
                   dict(shapes, HAS_RESET=reverse, FULL=not reverse)))
 blocks = dict(BLOCK_D=glue.BLOCK_D, BLOCK_N=16)
 CASES.append((tables.tables_kernel, [fp32] * 7 + ["i32", "i32"], blocks))
-CASES.append((tables.gradients_kernel, [fp32] * 11 + ["i32"] * 3, blocks))
+CASES.append((tables.gradients_kernel, [fp32] * 11 + ["i32"] * 3,
+              dict(BLOCK_D=glue.GRADIENTS_BLOCK_D, BLOCK_N=16, ROWS=glue.GRADIENTS_ROWS)))
 CASES = [(fn, types, constexprs, warps.get(fn.__name__, glue.WARPS_STEPS)) for fn, types, constexprs in CASES]
 CASES.append((step._cema_step_kernel, [fp32] * 10 + ["i32", "i32"], dict(BLOCK_D=step.BLOCK_D, BLOCK_N=16)))
 """

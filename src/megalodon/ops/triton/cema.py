@@ -67,6 +67,9 @@ PREFETCH_FORWARD, PREFETCH_REVERSE = True, False
 # derive the tables and the parameter gradients take 4 warps: at 1 the second spilled (255 registers and a
 # 456-byte stack). Registers are counted by tests/ops/test_cema_triton.py::test_kernels_compile_for_h100's cases.
 WARPS_STEPS, WARPS_SCAN, WARPS_GRADS, WARPS_TABLES = 1, 1, 4, 4
+# The parameter gradients' reduction over the per-chunk sums: ROWS chunks' loads at once, in programs of fewer
+# channels (128 at D = 1024, not 32) so that each thread holds 8 values a load (40 registers for the five sums).
+GRADIENTS_BLOCK_D, GRADIENTS_ROWS = 8, 8
 
 
 def _kernels():
@@ -242,9 +245,9 @@ def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tenso
         FULL=length % chunk == 0, num_warps=WARPS_GRADS, **LAUNCH)
     grads = [alpha.new_empty(dim, ndim), alpha.new_empty(dim, ndim), alpha.new_empty(dim),
              alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
-    t.gradients_kernel[(-(-dim // BLOCK_D),)](partial, partial_omega, *_contiguous(alpha, delta, theta, gamma),
-                                              *grads, batch * num_chunks, dim, ndim, BLOCK_D=BLOCK_D,
-                                              BLOCK_N=_block_n(ndim), num_warps=WARPS_TABLES, **LAUNCH)
+    t.gradients_kernel[(-(-dim // GRADIENTS_BLOCK_D),)](
+        partial, partial_omega, *_contiguous(alpha, delta, theta, gamma), *grads, batch * num_chunks, dim, ndim,
+        BLOCK_D=GRADIENTS_BLOCK_D, BLOCK_N=_block_n(ndim), ROWS=GRADIENTS_ROWS, num_warps=WARPS_TABLES, **LAUNCH)
     return (du, *grads, d_h0)
 
 

@@ -75,11 +75,21 @@ def tables_kernel(alpha_ptr, delta_ptr, theta_ptr, gamma_ptr, omega_ptr, tables_
 
 
 @triton.jit
+def _partial_row(row, row_omega, size, mask, mask_d):
+    """One row of parameter_grads_kernel's sums: (g re, g im, q re, q im, p) tiles and omega's."""
+    return (tl.load(row, mask=mask, other=0.0), tl.load(row + size, mask=mask, other=0.0),
+            tl.load(row + 2 * size, mask=mask, other=0.0), tl.load(row + 3 * size, mask=mask, other=0.0),
+            tl.load(row + 4 * size, mask=mask, other=0.0), tl.load(row_omega, mask=mask_d, other=0.0))
+
+
+@triton.jit
 def gradients_kernel(partial_ptr, partial_omega_ptr, alpha_ptr, delta_ptr, theta_ptr, gamma_ptr, d_alpha_ptr,
                      d_delta_ptr, d_theta_ptr, d_gamma_ptr, d_omega_ptr, rows, D, N,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
     """Grid (D / BLOCK_D,): the parameter gradients from parameter_grads_kernel's per-chunk sums, in one launch.
-    Sums `partial` (rows = B * chunks, 5, N, D) and `partial_omega` (rows, D) over the rows, then takes the chain
+    Sums `partial` (rows = B * chunks, 5, N, D) and `partial_omega` (rows, D) over the rows, ROWS at a time (their
+    loads issued together: a row at a time, each waiting for the last, this kernel took 42 us a layer at mega200M's
+    4K in the first H100 trace, one memory latency per row), then takes the chain
     rule through the coefficients (_coefficients) to the parameters: d alpha, d delta (D, N), d theta (D,),
     d gamma (D, N, 2) and d omega (D,). With x = sigmoid(alpha) sigmoid(delta), d log|q| = -dx / (1 - x), and
     1 - x as _coefficients sums it; where that sum is clamped (|q| rounds to 0) log|q| is constant, as autograd
@@ -95,13 +105,16 @@ def gradients_kernel(partial_ptr, partial_omega_ptr, alpha_ptr, delta_ptr, theta
     size = N * D
     row = partial_ptr + offs  # pointers advance row by row: 64-bit, however many rows
     row_omega = partial_omega_ptr + offs_d
-    for _ in range(0, rows):
-        dg_re += tl.load(row, mask=mask, other=0.0)
-        dg_im += tl.load(row + size, mask=mask, other=0.0)
-        dq_re += tl.load(row + 2 * size, mask=mask, other=0.0)
-        dq_im += tl.load(row + 3 * size, mask=mask, other=0.0)
-        dp += tl.load(row + 4 * size, mask=mask, other=0.0)
-        d_omega += tl.load(row_omega, mask=mask_d, other=0.0)
+    whole = rows - rows % ROWS
+    for _ in range(0, whole, ROWS):
+        for r in tl.static_range(ROWS):  # independent loads in the tile's own layout: no exchange between threads
+            a, b, c, d, e, f = _partial_row(row + r * 5 * size, row_omega + r * D, size, mask, mask_d)
+            dg_re, dg_im, dq_re, dq_im, dp, d_omega = dg_re + a, dg_im + b, dq_re + c, dq_im + d, dp + e, d_omega + f
+        row += ROWS * 5 * size
+        row_omega += ROWS * D
+    for _ in range(whole, rows):  # the last rows % ROWS
+        a, b, c, d, e, f = _partial_row(row, row_omega, size, mask, mask_d)
+        dg_re, dg_im, dq_re, dq_im, dp, d_omega = dg_re + a, dg_im + b, dq_re + c, dq_im + d, dp + e, d_omega + f
         row += 5 * size
         row_omega += D
     src = offs_d[:, None] * N + tl.arange(0, BLOCK_N)[None, :]  # the same elements in the (D, N) parameters
