@@ -74,8 +74,9 @@ def triton_fn(x, initial, prior, weight, bias, eps, block, reset):
     return triton_path(x, initial, weight, bias, eps, block, reset, prior)
 
 
-@pytest.mark.parametrize("scan_tiles", [None, (2, 1, 1, 32), (2, 2, 1, 1), (2, 2, 1, 5)],
-                         ids=["default-tiles", "2x1-tiles", "2x2-tiles-whole-blocks", "2x2-tiles-5-segments"])
+@pytest.mark.parametrize("scan_tiles", [None, (2, 1, 1, 32), (2, 2, 1, 1), (2, 2, 1, 5), (2, 2, 1, 5, 2)],
+                         ids=["default-tiles", "2x1-tiles", "2x2-tiles-whole-blocks", "2x2-tiles-5-segments",
+                              "2x2-tiles-5-segments-carried-2-at-a-time"])
 @pytest.mark.parametrize("batch,length,block,count,resets", [
     (2, 23, 5, 2, [[0, 1, 0, 0, 1], [1, 0, 0, 1, 0]]),  # L not a multiple of the block, resets, prior count > 0
     (1, 16, 16, 0, None),  # one block, prior count 0
@@ -86,11 +87,14 @@ def test_forward_and_gradients_match_the_float64_reference(monkeypatch, batch, l
     """scan_tiles: the scans' (tokens, groups, warps) per tile and segments per row (ops/triton/timestep_norm.py's
     SCAN_*, which a GPU sweep may change): 2 x 1 makes many tiles per block and one program per group, and 32
     segments give each tile its own; 1 segment makes a block's tiles one segment, 5 uneven segments of several
-    tiles (2 groups a program there: fewer programs under the interpreter)."""
+    tiles (2 groups a program there: fewer programs under the interpreter). A fifth value: the carries' segments
+    loaded at a time (CARRY_SEGMENTS; 8 by default: the 2x1 tiles' 20 segments a row take two whole groups and a
+    remainder, with blocks starting inside groups)."""
     if scan_tiles is not None:
         from megalodon.ops.triton import timestep_norm as kernels
 
-        for name, value in zip(("SCAN_TOKENS", "SCAN_GROUPS", "SCAN_WARPS", "SCAN_SEGMENTS"), scan_tiles):
+        names = ("SCAN_TOKENS", "SCAN_GROUPS", "SCAN_WARPS", "SCAN_SEGMENTS", "CARRY_SEGMENTS")
+        for name, value in zip(names, scan_tiles):
             monkeypatch.setattr(kernels, name, value)
     x, initial, prior, weight, bias = case(batch, length, count, seed=length)
     reset = None if resets is None else torch.tensor(resets, dtype=torch.bool)
@@ -353,6 +357,8 @@ def test_in_place_step_runs_in_a_cuda_graph_without_host_syncs():
 
 
 COMPILE_FOR_H100 = """
+from megalodon.ops.triton import timestep_norm as glue
+from megalodon.ops.triton import timestep_norm_carry as carries
 from megalodon.ops.triton import timestep_norm_kernels as kernels
 from megalodon.ops.triton import timestep_norm_step as step
 
@@ -374,15 +380,16 @@ for has_reset, tokens, groups, warps in ((True, 256, 8, 4), (False, 256, 8, 4), 
                                          (True, 2048, 2, 8), (True, 64, 8, 4)):
     reset = "*i8" if has_reset else i64
     tile = dict(BLOCK_T=tokens, BLOCK_G=groups)
+    carry = dict(tile, SEGS=glue.CARRY_SEGMENTS)
     for totals in (True, False):
         CASES += [(kernels.scan_fwd_kernel, [f32] * 4 + [f64, f64, i64, f64, f64] + [i32] * 7 + ["fp32"],
                    dict(tile, TOTALS=totals), warps),
                   (kernels.scan_bwd_kernel, [f32] * 3 + [i64, f64, f64] + [f32] * 6 + [i32] * 8,
                    dict(tile, TOTALS=totals, HAS_FINAL=has_reset), warps)]
-    CASES += [(kernels.carry_fwd_kernel, [f64, f64, i64, f64, f64, i64, f64, f64, reset, f64, f64, i64, i64, f64,
-                                          f64] + [i32] * 6, dict(tile, HAS_RESET=has_reset), 1),
-              (kernels.carry_bwd_kernel, [f32] * 8 + [reset, i64, f64, i64, f64] + [f64] * 4 + [i32] * 6,
-               dict(tile, HAS_RESET=has_reset), 1)]
+    CASES += [(carries.carry_fwd_kernel, [f64, f64, i64, f64, f64, i64, f64, f64, reset, f64, f64, i64, i64, f64,
+                                          f64] + [i32] * 6, dict(carry, HAS_RESET=has_reset), 1),
+              (carries.carry_bwd_kernel, [f32] * 8 + [reset, i64, f64, i64, f64] + [f64] * 4 + [i32] * 6,
+               dict(carry, HAS_RESET=has_reset), 1)]
 """
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megalodon.ops.triton.casts import cast
+from megalodon.ops.triton.casts import both, cast
 
 
 @triton.jit
@@ -127,12 +127,6 @@ def _column(tile, cols, k: tl.constexpr):
 def _with_column(tile, cols, k: tl.constexpr, values):
     """The tile with column k replaced by values (BLOCK_D,): register moves, as in _column."""
     return tl.where(cols[None, :] == k, values[:, None], tile)
-
-
-@triton.jit
-def _both(mask, valid):
-    """mask & valid for a scalar valid, as a select: Triton's interpreter turns that & into int32."""
-    return tl.where(valid, mask, False)
 
 
 @triton.jit
@@ -364,8 +358,8 @@ def parameter_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset
             # move: they are frozen there, because the terms with mu below use the chunk's last states.
             valid = _in_chunk(i0 + k, length, FULL)
             t = start + i0 + k
-            u = tl.load(u_row + t.to(tl.int64) * stride_ut, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
-            dy = tl.load(dy_row + t.to(tl.int64) * D, mask=_both(mask_d, valid), other=0.0).to(tl.float32)
+            u = tl.load(u_row + t.to(tl.int64) * stride_ut, mask=both(mask_d, valid), other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + t.to(tl.int64) * D, mask=both(mask_d, valid), other=0.0).to(tl.float32)
             d_omega += dy * u
             u, dy = u[:, None], dy[:, None]
             if HAS_RESET:

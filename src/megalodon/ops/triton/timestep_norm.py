@@ -3,7 +3,8 @@
 Shapes: x (B, L, D) fp32/bf16/fp16 with D = G * DG; the per-token statistics are (B, L, G) fp32; the running
 state (count (B,) int64, mean/var (B, G) float64) enters and leaves in float64. No pad_mask (the PyTorch path has it).
 
-Forward, five launches (the kernels are in ops/triton/timestep_norm_kernels.py):
+Forward, five launches (the kernels are in ops/triton/timestep_norm_kernels.py, the carries in
+timestep_norm_carry.py):
 1. `moments_kernel`, grid (B*L / BLOCK_T, G): per-token group mean mu and population variance s2 of a
    (BLOCK_T tokens x DG features) tile, two-pass in registers.
 2-4. A scan over time of the small (B, L, 2G) tensor, in tiles of BLOCK_T tokens x BLOCK_G groups, the tiles of a
@@ -55,6 +56,7 @@ from torch import Tensor
 from megalodon.ops.timestep_norm import NormStats
 from megalodon.ops.timestep_norm_stats import block_size_of, per_row
 from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device, opaque_op
+from megalodon.ops.triton import timestep_norm_carry as carry
 from megalodon.ops.triton import timestep_norm_kernels as kernels
 
 
@@ -74,6 +76,9 @@ def _token_tiles(groups: int, dim: int) -> tuple[int, int]:
 # 1024 x 2 x 4, 2048 x 2 x 8, 64 x 8 x 4) spills on sm_90 (up to 244 registers a thread, in the backward's last
 # pass); benchmarks/bench_timestep_norm.py --scan-tiles times them on a GPU.
 SCAN_TOKENS, SCAN_GROUPS, SCAN_WARPS, SCAN_SEGMENTS = 256, 8, 4, 32
+# The carry kernels load CARRY_SEGMENTS segments' sums at once, before that many segments' stores: one memory
+# latency each, where a load after every segment's stores (which may alias it) cost one a segment.
+CARRY_SEGMENTS = 8
 
 
 class _ScanLayout(NamedTuple):
@@ -138,11 +143,11 @@ def timestep_norm_fwd(
             TOTALS=totals, BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=SCAN_WARPS, **LAUNCH)
         if totals:
             reset = count if block_reset is None else block_reset.to(torch.int8)  # any pointer when there is none
-            kernels.carry_fwd_kernel[scan_grid](
+            carry.carry_fwd_kernel[scan_grid](
                 seg_mean, seg_var, count, mean, var, prior_count, prior_mean, prior_var, reset, in_mean, in_var,
                 block_count, final_count, final_mean, final_var, length, groups, block_size, num_blocks,
                 scan.segs_per_block, scan.seg_tiles, HAS_RESET=block_reset is not None, BLOCK_T=scan.tokens,
-                BLOCK_G=scan.groups, num_warps=1, **LAUNCH)  # a chain of small steps: one warp holds its groups
+                BLOCK_G=scan.groups, SEGS=CARRY_SEGMENTS, num_warps=1, **LAUNCH)  # one warp: a chain of small steps
     kernels.normalize_kernel[token_grid](x, mean_t, rstd_t, weight, bias, y, y if copy_dtype is None else copy,
                                          tokens, dim, groups, dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg,
                                          COPY=copy_dtype is not None, **LAUNCH)
@@ -200,10 +205,10 @@ def timestep_norm_bwd(
             num_warps=SCAN_WARPS, **LAUNCH)
         if sums is totals:
             reset = count if block_reset is None else block_reset.to(torch.int8)
-            kernels.carry_bwd_kernel[scan_grid](
+            carry.carry_bwd_kernel[scan_grid](
                 *totals, *after, reset, count, mean, prior_count, prior_mean, *d_state, length, groups,
                 block_size, num_blocks, scan.segs_per_block, scan.seg_tiles, HAS_RESET=block_reset is not None,
-                BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=1, **LAUNCH)
+                BLOCK_T=scan.tokens, BLOCK_G=scan.groups, SEGS=CARRY_SEGMENTS, num_warps=1, **LAUNCH)
     dx = torch.empty_like(x)
     kernels.dx_kernel[token_grid](x, dy, d_copy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups,
                                   dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg, HAS_COPY=has_copy, **LAUNCH)

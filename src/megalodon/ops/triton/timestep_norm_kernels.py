@@ -3,8 +3,8 @@ ops/triton/timestep_norm.py's docstring, beside the custom ops that launch these
 
 x is (B, L, D) with D = G * DG; the per-token statistics (B, L, G) fp32; the running state in int64 (count) and
 float64 (mean, var). The per-token kernels take (BLOCK_T tokens x one group's features) tiles; the scans take
-BLOCK_T tokens x BLOCK_G groups at a time, one program per segment of a block's tiles, and the carry kernels walk
-a row's segments in order (forward) or in reverse (backward).
+BLOCK_T tokens x BLOCK_G groups at a time, one program per segment of a block's tiles; the carry kernels that walk
+a row's segments in order (forward) or in reverse (backward) are in timestep_norm_carry.py.
 """
 
 from __future__ import annotations
@@ -101,13 +101,13 @@ def _tokens_before(c, tile, block, L, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _segment_tokens(c, first, seg_tiles, block, L, BLOCK_T: tl.constexpr):
+def segment_tokens(c, first, seg_tiles, block, L, BLOCK_T: tl.constexpr):
     """How many tokens the segment of block c's tiles [first, first + seg_tiles) holds."""
     return _tokens_before(c, first + seg_tiles, block, L, BLOCK_T) - _tokens_before(c, first, block, L, BLOCK_T)
 
 
 @triton.jit
-def _absorb(n0, m0, v0, k, part_mean, part_var):
+def absorb(n0, m0, v0, k, part_mean, part_var):
     """Chan's merge, in float64, of k tokens of mean part_mean and variance part_var into the carry (count n0,
     mean m0, var v0); nothing where k is 0."""
     kd = k.to(tl.float64)
@@ -170,50 +170,11 @@ def scan_fwd_kernel(mu_ptr, s2_ptr, mean_ptr, rstd_ptr, seg_mean_ptr, seg_var_pt
             tile_mean = tl.sum(tl.where(last_row, local_mean, 0.0), axis=0)
             tile_var = tl.sum(tl.where(last_row, local_var, 0.0), axis=0)
         # the carry absorbs the tile in float64, so that rounding does not grow with position
-        n0, m0, v0 = _absorb(n0, m0, v0, kt, shift.to(tl.float64) + tile_mean.to(tl.float64),
+        n0, m0, v0 = absorb(n0, m0, v0, kt, shift.to(tl.float64) + tile_mean.to(tl.float64),
                              tile_var.to(tl.float64))
     if TOTALS:
         tl.store(seg_mean_ptr + at, m0, mask=gmask)
         tl.store(seg_var_ptr + at, v0, mask=gmask)
-
-
-@triton.jit
-def carry_fwd_kernel(seg_mean_ptr, seg_var_ptr, count_ptr, mean0_ptr, var0_ptr, pcount_ptr, pmean_ptr, pvar_ptr,
-                     reset_ptr, in_mean_ptr, in_var_ptr, bcount_ptr, fcount_ptr, fmean_ptr, fvar_ptr,
-                     L, G, block, num_blocks, segs_per_block, seg_tiles,
-                     HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Grid (B, G / BLOCK_G): the scan over a row's segments, from the incoming state (count, mean, var), restarting
-    at the prior where block_reset says so. Writes the mean and var entering every segment (in_mean, in_var),
-    the count entering every block (bcount (B, num_blocks); a segment's follows from it) and the final state."""
-    b = tl.program_id(0).to(tl.int64)
-    pid_g = tl.program_id(1)
-    gs = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    gmask = gs < G
-    n0 = tl.load(count_ptr + b)  # the carry: int64 count, float64 mean and var
-    m0 = tl.load(mean0_ptr + b * G + gs, mask=gmask, other=0.0)
-    v0 = tl.load(var0_ptr + b * G + gs, mask=gmask, other=0.0)
-    pn = tl.load(pcount_ptr + b)
-    pm = tl.load(pmean_ptr + b * G + gs, mask=gmask, other=0.0)
-    pv = tl.load(pvar_ptr + b * G + gs, mask=gmask, other=0.0)
-    num_segments = num_blocks * segs_per_block
-    for c in range(0, num_blocks):
-        if HAS_RESET:
-            reset = tl.load(reset_ptr + b * num_blocks + c) != 0
-            n0 = tl.where(reset, pn, n0)
-            m0 = tl.where(reset, pm, m0)
-            v0 = tl.where(reset, pv, v0)
-        tl.store(bcount_ptr + b * num_blocks + c, n0, mask=pid_g == 0)
-        for s in range(0, segs_per_block):
-            seg = c * segs_per_block + s
-            at = (b * num_segments + seg) * G + gs
-            tl.store(in_mean_ptr + at, m0, mask=gmask)
-            tl.store(in_var_ptr + at, v0, mask=gmask)
-            k = _segment_tokens(c, s * seg_tiles, seg_tiles, block, L, BLOCK_T)
-            n0, m0, v0 = _absorb(n0, m0, v0, k.to(tl.int64), tl.load(seg_mean_ptr + at, mask=gmask, other=0.0),
-                                 tl.load(seg_var_ptr + at, mask=gmask, other=0.0))
-    tl.store(fcount_ptr + b, n0, mask=pid_g == 0)
-    tl.store(fmean_ptr + b * G + gs, m0, mask=gmask)
-    tl.store(fvar_ptr + b * G + gs, v0, mask=gmask)
 
 
 @triton.jit
@@ -296,58 +257,6 @@ def scan_bwd_kernel(dm_ptr, dv_ptr, mean_ptr, bcount_ptr, dfmean_ptr, dfvar_ptr,
         tl.store(acc_c_ptr + at, acc_c, mask=gmask)
         tl.store(acc_e_ptr + at, acc_e, mask=gmask)
         tl.store(shift_ptr + at, c_e, mask=gmask)
-
-
-@triton.jit
-def carry_bwd_kernel(seg_a_ptr, seg_c_ptr, seg_e_ptr, seg_shift_ptr, in_a_ptr, in_c_ptr, in_e_ptr, in_shift_ptr,
-                     reset_ptr, count_ptr, mean0_ptr, pcount_ptr, pmean_ptr,
-                     dmean0_ptr, dvar0_ptr, dpmean_ptr, dpvar_ptr, L, G, block, num_blocks, segs_per_block, seg_tiles,
-                     HAS_RESET: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Grid (B, G / BLOCK_G): the reverse scan over a row's segments of their sums (scan_bwd_kernel's TOTALS pass):
-    writes the sums after every segment (in_a, in_c, in_e relative to in_shift), hands what reaches a reset to
-    the prior's gradient and clears it there, and what reaches the start to the incoming state's gradient."""
-    b = tl.program_id(0).to(tl.int64)
-    gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    gmask = gs < G
-    acc_a = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc_c = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc_e = tl.zeros([BLOCK_G], dtype=tl.float32)
-    c_e = tl.zeros([BLOCK_G], dtype=tl.float32)
-    d_prior_mean = tl.zeros([BLOCK_G], dtype=tl.float32)
-    d_prior_var = tl.zeros([BLOCK_G], dtype=tl.float32)
-    pn = tl.load(pcount_ptr + b).to(tl.float32)
-    pm = tl.load(pmean_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
-    num_segments = num_blocks * segs_per_block
-    for ci in range(0, num_blocks):
-        c = num_blocks - 1 - ci
-        for si in range(0, segs_per_block):
-            s = segs_per_block - 1 - si
-            at = (b * num_segments + c * segs_per_block + s) * G + gs
-            tl.store(in_a_ptr + at, acc_a, mask=gmask)
-            tl.store(in_c_ptr + at, acc_c, mask=gmask)
-            tl.store(in_e_ptr + at, acc_e, mask=gmask)
-            tl.store(in_shift_ptr + at, c_e, mask=gmask)
-            tokens = _segment_tokens(c, s * seg_tiles, seg_tiles, block, L, BLOCK_T)
-            shift = tl.where(tokens > 0, tl.load(seg_shift_ptr + at, mask=gmask, other=0.0), c_e)
-            acc_e = acc_e + (c_e - shift) * acc_c + tl.load(seg_e_ptr + at, mask=gmask, other=0.0)
-            c_e = shift
-            acc_a += tl.load(seg_a_ptr + at, mask=gmask, other=0.0)
-            acc_c += tl.load(seg_c_ptr + at, mask=gmask, other=0.0)
-        if HAS_RESET:
-            reset = tl.load(reset_ptr + b * num_blocks + c) != 0
-            d_prior_mean += tl.where(reset, pn * (acc_a + 2.0 * (pm - c_e) * acc_c - 2.0 * acc_e), 0.0)
-            d_prior_var += tl.where(reset, pn * acc_c, 0.0)
-            acc_a = tl.where(reset, 0.0, acc_a)
-            acc_c = tl.where(reset, 0.0, acc_c)
-            acc_e = tl.where(reset, 0.0, acc_e)
-    n_in = tl.load(count_ptr + b).to(tl.float32)
-    m_in = tl.load(mean0_ptr + b * G + gs, mask=gmask, other=0.0).to(tl.float32)
-    # in the state's dtype (float64): no conversion afterwards
-    d_mean0 = n_in * (acc_a + 2.0 * (m_in - c_e) * acc_c - 2.0 * acc_e)
-    tl.store(dmean0_ptr + b * G + gs, d_mean0.to(dmean0_ptr.dtype.element_ty), mask=gmask)
-    tl.store(dvar0_ptr + b * G + gs, (n_in * acc_c).to(dvar0_ptr.dtype.element_ty), mask=gmask)
-    tl.store(dpmean_ptr + b * G + gs, d_prior_mean.to(dpmean_ptr.dtype.element_ty), mask=gmask)
-    tl.store(dpvar_ptr + b * G + gs, d_prior_var.to(dpvar_ptr.dtype.element_ty), mask=gmask)
 
 
 @triton.jit
