@@ -4,8 +4,8 @@ A graphed training step (training/cuda_graphs.py) or decode step (inference/deco
 nothing else: a host tensor copied to the device, or a CPU tensor met by a device op, fails the capture, and
 outside a graph makes the host wait. Here the GPU's code path runs on the meta device: every Triton launcher runs
 and allocates as it does on a GPU, with the launch itself stubbed, so that mega200M's layers at 4K cost nothing.
-Meta refuses a CPU tensor in a device op and a value read (`.item()`); `no_host_tensors()` refuses a copy from
-the host. tests/test_host_syncs.py runs the same calls on real values at tiny widths."""
+Meta refuses a CPU tensor in a device op and a value read (`.item()`); `_RefuseHostTensors` refuses a copy
+from the host. tests/test_host_syncs.py runs the same calls on real values at tiny widths."""
 
 import contextlib
 import importlib
