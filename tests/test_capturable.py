@@ -163,18 +163,23 @@ def test_llama_decode_steps_take_no_host_tensor(on_meta):
                 ids = model.decode_step_(ids, cache).argmax(-1)
 
 
-def test_compiled_blocks_trace_whole_at_the_benchmarks_shape(on_meta):
-    """train-compiled-graphed's blocks: compiled with no graph break (fullgraph) at mega200M's widths and 4K, on
-    the GPU's code path and in the forms a graphed step takes; aot_eager traces forward and backward as Inductor
-    would, without generating code for a device meta has not. (No dispatch mode here: dynamo refuses to trace
-    under one.)"""
+@pytest.mark.parametrize("architecture", ["megalodon", "llama"])
+def test_compiled_blocks_trace_whole_at_the_benchmarks_shape(on_meta, architecture):
+    """train-compiled-graphed's blocks, both models': compiled with no graph break (fullgraph) at mega200M's widths
+    (the matched Llama's) and 4K, on the GPU's code path and in the forms a graphed step takes; aot_eager traces
+    forward and backward as Inductor would, without generating code for a device meta has not. (No dispatch mode
+    here: dynamo refuses to trace under one.)"""
     traced = set()
 
     def aot_eager_recording(graph, example_inputs):
         traced.update(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
         return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
 
-    model = meta_megalodon("mega200M", torch.bfloat16).train()
+    if architecture == "megalodon":
+        model = meta_megalodon("mega200M", torch.bfloat16).train()
+    else:
+        with torch.device("meta"):
+            model = Llama(matched_llama_config("mega200M", vocab_size=512)).to(torch.bfloat16).train()
     torch._dynamo.reset()  # no other test's compiled blocks counted against the recompile limit, nor these after
     model.compile_blocks(backend=aot_eager_recording, fullgraph=True)
     ids = torch.randint(0, 512, (1, 4096), device="meta")
@@ -185,6 +190,8 @@ def test_compiled_blocks_trace_whole_at_the_benchmarks_shape(on_meta):
     finally:
         torch._dynamo.reset()
     assert all(p.grad is not None for p in model.parameters())
+    if architecture == "llama":
+        return
     # the GPU's ops, each one node of the graph (their backward nodes are in AOTAutograd's backward graph)
     assert {"megalodon.cema_scan.default", "megalodon.timestep_norm_fwd.default", "megalodon.queries_keys_fwd.default",
             "megalodon.materialized_attention.default", "megalodon.gated_linear.default"} <= traced, sorted(traced)
