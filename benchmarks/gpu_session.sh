@@ -122,9 +122,14 @@ sweep)  # the CEMA's and the TimestepNorm's kernel tilings, the attention's quer
     {
         "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --chunks 32 64 128
         echo
+        # at 32K there are 8x the chunks to spread over the GPU: whether the best CHUNK depends on the length
+        "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,32768,1024 --dtype bf16 --chunks 64 128 256
+        echo
         "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --prefetch none forward reverse both
         echo
         "$PYTHON" benchmarks/bench_timestep_norm.py --device cuda --scan-tiles 256,8,4,32 1024,2,4,32 256,8,4,8 64,8,4,64
+        echo
+        "$PYTHON" benchmarks/bench_timestep_norm.py --device cuda --shape 1,32768,1024 --scan-tiles 256,8,4,32 256,8,4,128
         echo
         "$PYTHON" benchmarks/bench_attention.py --device cuda --blocks 1 2 4 8
         echo
