@@ -1,5 +1,4 @@
-"""Where Triton's interpreter (the CPU tests) differs from a GPU, made equal: a downcast that rounds as a GPU
-does, and a mask and-ed with a scalar flag.
+"""A downcast that rounds as a GPU does, under Triton's interpreter too.
 
 On a GPU `x.to(tl.bfloat16)` rounds to nearest (ties to even), as torch's casts do. Triton's interpreter (the
 CPU tests) truncates instead, so a kernel's bf16 output there differs from the PyTorch path's by a bf16 step in
@@ -25,9 +24,3 @@ def cast(x, dtype: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # a NaN stays one
     return x.to(dtype)
-
-
-@triton.jit
-def both(mask, valid):
-    """mask & valid for a scalar valid, as a select: the interpreter turns that & into int32, which a mask refuses."""
-    return tl.where(valid, mask, False)

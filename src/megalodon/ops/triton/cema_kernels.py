@@ -37,7 +37,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megalodon.ops.triton.casts import both, cast
+from megalodon.ops.triton.casts import cast
+from megalodon.ops.triton.registers import both, column, with_column
 
 
 @triton.jit
@@ -117,19 +118,6 @@ def _steps_tile(first, stride_t, length, i0, cols, mask_d, REVERSE: tl.constexpr
 
 
 @triton.jit
-def _column(tile, cols, k: tl.constexpr):
-    """Column k of a (BLOCK_D, UNROLL) tile held one row per thread: the select is known at compile time and
-    adding -0.0 is exact, so this compiles to reading one register."""
-    return tl.sum(tl.where(cols[None, :] == k, tile, -0.0), axis=1)
-
-
-@triton.jit
-def _with_column(tile, cols, k: tl.constexpr, values):
-    """The tile with column k replaced by values (BLOCK_D,): register moves, as in _column."""
-    return tl.where(cols[None, :] == k, values[:, None], tile)
-
-
-@triton.jit
 def _mul(a_re, a_im, s_re, s_im):
     """a s, complex, as real parts."""
     return a_re * s_re - a_im * s_im, a_re * s_im + a_im * s_re
@@ -186,7 +174,7 @@ def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_r
         for k in tl.static_range(UNROLL):
             valid = _in_chunk(i0 + k, length, FULL)
             t = _time(start, length, i0 + k, REVERSE)
-            x = _column(xs, cols, k)
+            x = column(xs, cols, k)
             keep = 1.0
             if HAS_RESET:
                 keep = _keep(reset_ptr, b, L, t, valid)
@@ -233,8 +221,8 @@ def scan_kernel(loc_ptr, keep_ptr, log_ptr, angle_ptr, h0_ptr, incoming_ptr, fin
         in_re = tl.zeros((BLOCK_D, UNROLL), tl.float32)
         in_im = tl.zeros((BLOCK_D, UNROLL), tl.float32)
         for k in tl.static_range(UNROLL):
-            in_re = _with_column(in_re, cols, k, s_re)
-            in_im = _with_column(in_im, cols, k, s_im)
+            in_re = with_column(in_re, cols, k, s_re)
+            in_im = with_column(in_im, cols, k, s_im)
             c = _time(0, num_chunks, j0 + k, REVERSE)
             valid = j0 + k < num_chunks
             is_tail = c == num_chunks - 1
@@ -245,8 +233,8 @@ def scan_kernel(loc_ptr, keep_ptr, log_ptr, angle_ptr, h0_ptr, incoming_ptr, fin
                 keep = tl.load(keep_ptr + b.to(tl.int64) * num_chunks + c, mask=valid, other=0.0)
                 a_re, a_im = a_re * keep, a_im * keep
             new_re, new_im = _mul(a_re, a_im, s_re, s_im)
-            s_re = tl.where(valid, new_re + _column(loc_re, cols, k), s_re)
-            s_im = tl.where(valid, new_im + _column(loc_im, cols, k), s_im)
+            s_re = tl.where(valid, new_re + column(loc_re, cols, k), s_re)
+            s_im = tl.where(valid, new_im + column(loc_im, cols, k), s_im)
         tl.store(incoming_ptr + at, in_re, mask=tile_mask)
         tl.store(incoming_ptr + at + D * N, in_im, mask=tile_mask)
     tl.store(final_ptr + pairs, s_re, mask=mask_d)
@@ -290,7 +278,7 @@ def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr
             xs = _steps_tile(x_first, stride_xt, length, i0, cols, mask_d, REVERSE, FULL)
         ys = tl.zeros((BLOCK_D, UNROLL), tl.float32)
         for k in tl.static_range(UNROLL):
-            x = _column(xs, cols, k)
+            x = column(xs, cols, k)
             valid = _in_chunk(i0 + k, length, FULL)
             keep = 1.0
             if HAS_RESET:  # scalar loads, issued together: no store comes before them in the group
@@ -301,7 +289,7 @@ def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr
                 y = tl.sum(cout_re * s_re, axis=1)
             else:
                 y = tl.sum(cout_re * s_re - cout_im * s_im, axis=1)
-            ys = _with_column(ys, cols, k, y + kappa * x)
+            ys = with_column(ys, cols, k, y + kappa * x)
             new_re, new_im = _step(s_re, s_im, a_re, a_im, cin_re, cin_im, x[:, None], REAL_IN)
             if REVERSE:
                 new_re, new_im = new_re * keep, new_im * keep

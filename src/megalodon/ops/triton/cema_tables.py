@@ -87,13 +87,12 @@ def gradients_kernel(partial_ptr, partial_omega_ptr, alpha_ptr, delta_ptr, theta
                      d_delta_ptr, d_theta_ptr, d_gamma_ptr, d_omega_ptr, rows, D, N,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
     """Grid (D / BLOCK_D,): the parameter gradients from parameter_grads_kernel's per-chunk sums, in one launch.
-    Sums `partial` (rows = B * chunks, 5, N, D) and `partial_omega` (rows, D) over the rows, ROWS at a time (their
-    loads issued together: a row at a time, each waiting for the last, this kernel took 42 us a layer at mega200M's
-    4K in the first H100 trace, one memory latency per row), then takes the chain
-    rule through the coefficients (_coefficients) to the parameters: d alpha, d delta (D, N), d theta (D,),
-    d gamma (D, N, 2) and d omega (D,). With x = sigmoid(alpha) sigmoid(delta), d log|q| = -dx / (1 - x), and
-    1 - x as _coefficients sums it; where that sum is clamped (|q| rounds to 0) log|q| is constant, as autograd
-    of log_decay has it."""
+    Sums `partial` (rows = B * chunks, 5, N, D) and `partial_omega` (rows, D) over the rows, ROWS rows' loads
+    issued together (a row at a time cost a memory latency a row: 42 us a layer at mega200M's 4K in the first H100
+    trace), then takes the chain rule through the coefficients (_coefficients) to the parameters: d alpha, d delta
+    (D, N), d theta (D,), d gamma (D, N, 2) and d omega (D,). With x = sigmoid(alpha) sigmoid(delta),
+    d log|q| = -dx / (1 - x), and 1 - x as _coefficients sums it; where that sum is clamped (|q| rounds to 0)
+    log|q| is constant, as autograd of log_decay has it."""
     pid_d = tl.program_id(0)
     offs_d, mask_d, offs, mask = channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)
     dg_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megalodon.ops.triton.casts import both
+from megalodon.ops.triton.registers import both, column
 from megalodon.ops.triton.timestep_norm_kernels import absorb, segment_tokens
 
 
@@ -33,12 +33,6 @@ def _resets_ahead(reset_ptr, b, num_blocks, segs_per_block, num_segments, seg0, 
     first = live & (segs % segs_per_block == 0)
     safe = tl.where(live, segs, 0) // segs_per_block
     return tl.where(first, tl.load(reset_ptr + b * num_blocks + safe, mask=live, other=0) != 0, False)
-
-
-@triton.jit
-def _column(tile, cols, k: tl.constexpr):
-    """Segment k's sums, (BLOCK_G,), of a (BLOCK_G, SEGS) tile."""
-    return tl.sum(tl.where(cols[None, :] == k, tile, 0), axis=1)
 
 
 @triton.jit
@@ -88,8 +82,8 @@ def carry_fwd_kernel(seg_mean_ptr, seg_var_ptr, count_ptr, mean0_ptr, var0_ptr, 
             tl.store(in_mean_ptr + at, m0, mask=both(gmask, valid))
             tl.store(in_var_ptr + at, v0, mask=both(gmask, valid))
             k_tokens = tl.where(valid, segment_tokens(c, s * seg_tiles, seg_tiles, block, L, BLOCK_T), 0)
-            n0, m0, v0 = absorb(n0, m0, v0, k_tokens.to(tl.int64), _column(means, cols, k),
-                                 _column(variances, cols, k))
+            n0, m0, v0 = absorb(n0, m0, v0, k_tokens.to(tl.int64), column(means, cols, k),
+                                 column(variances, cols, k))
     tl.store(fcount_ptr + b, n0, mask=pid_g == 0)
     tl.store(fmean_ptr + b * G + gs, m0, mask=gmask)
     tl.store(fvar_ptr + b * G + gs, v0, mask=gmask)
@@ -136,11 +130,11 @@ def carry_bwd_kernel(seg_a_ptr, seg_c_ptr, seg_e_ptr, seg_shift_ptr, in_a_ptr, i
             tl.store(in_e_ptr + at, acc_e, mask=both(gmask, valid))
             tl.store(in_shift_ptr + at, c_e, mask=both(gmask, valid))
             tokens = tl.where(valid, segment_tokens(c, s * seg_tiles, seg_tiles, block, L, BLOCK_T), 0)
-            shift = tl.where(tokens > 0, _column(shifts, cols, k), c_e)
-            acc_e = acc_e + (c_e - shift) * acc_c + _column(e_sums, cols, k)
+            shift = tl.where(tokens > 0, column(shifts, cols, k), c_e)
+            acc_e = acc_e + (c_e - shift) * acc_c + column(e_sums, cols, k)
             c_e = shift
-            acc_a += _column(a_sums, cols, k)
-            acc_c += _column(c_sums, cols, k)
+            acc_a += column(a_sums, cols, k)
+            acc_c += column(c_sums, cols, k)
             if HAS_RESET:  # after the block's first segment: what reaches its start
                 reset = _flag(resets, cols, k)
                 d_prior_mean += tl.where(reset, pn * (acc_a + 2.0 * (pm - c_e) * acc_c - 2.0 * acc_e), 0.0)
