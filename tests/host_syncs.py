@@ -35,32 +35,57 @@ def syncs(func, args) -> bool:
 HOST_COPIES = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
 
 
-class _RefuseSyncingOps(TorchDispatchMode):
+class _SyncingOps(TorchDispatchMode):
+    def __init__(self, found):
+        super().__init__()
+        self.found = found
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if syncs(func, args):
-            raise AssertionError(f"{func} would make the host wait for the GPU")
+            self.found(f"{func} would make the host wait for the GPU")
         return func(*args, **(kwargs or {}))
 
 
-class _RefuseHostCopies(TorchFunctionMode):
+class _HostCopies(TorchFunctionMode):
+    def __init__(self, found):
+        super().__init__()
+        self.found = found
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in HOST_COPIES:
-            raise AssertionError(f"Tensor.{func.__name__} would make the host wait for the GPU")
+            self.found(f"Tensor.{func.__name__} would make the host wait for the GPU")
         return func(*args, **(kwargs or {}))
+
+
+def _refuse(what: str):
+    raise AssertionError(what)
 
 
 @contextmanager
 def no_host_syncs():
     """Raises AssertionError at the first op or method that would make the host wait for a GPU."""
-    with _RefuseHostCopies(), _RefuseSyncingOps():
+    with _HostCopies(_refuse), _SyncingOps(_refuse):
         yield
 
 
-def gpu_code_path(monkeypatch) -> None:
-    """The CPU through the GPU's code: every Triton kernel on (interpreter), every value check in its device form
-    (validation.host_reads_free answers False, in every module that imported it)."""
-    force_triton(monkeypatch)
+@contextmanager
+def counted_host_syncs():
+    """Yields a list that collects what, inside the block, would make the host wait for a GPU (one entry each)."""
+    found: list[str] = []
+    with _HostCopies(found.append), _SyncingOps(found.append):
+        yield found
+
+
+def device_value_checks(monkeypatch) -> None:
+    """Every value check in its device form: validation.host_reads_free answers False, in every module that
+    imported it."""
     rule = validation.host_reads_free
     for module in [m for name, m in sys.modules.items() if name.split(".")[0] == "megalodon"]:
         if getattr(module, "host_reads_free", None) is rule:
             monkeypatch.setattr(module, "host_reads_free", lambda tensor: False)
+
+
+def gpu_code_path(monkeypatch) -> None:
+    """The CPU through the GPU's code: every Triton kernel on (interpreter), every value check in its device form."""
+    force_triton(monkeypatch)
+    device_value_checks(monkeypatch)

@@ -1,10 +1,11 @@
 import math
 
 import pytest
+import torch
 
 from helpers import tiny_model
 from megalodon.training.config import TrainConfig, apply_overrides, read_config_file
-from megalodon.training.optim import lr_at, parameter_groups
+from megalodon.training.optim import build_optimizer, lr_at, parameter_groups
 
 
 def test_overrides_coerce_types_and_reach_model_fields():
@@ -60,6 +61,27 @@ def test_no_weight_decay_on_norms_biases_and_cema():
     assert "layers.0.mega.wz.weight" in decayed and "embed.weight" in decayed
     assert not any("cema" in n or "norm" in n or n.endswith("bias") for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+
+def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_steps_like_the_multi_tensor_one():
+    """One fused kernel for every parameter (its step counts on the device, which the multi-tensor path reads on
+    the host every step), with the same parameter groups and the same update up to rounding."""
+    cfg = TrainConfig(preset="tiny", lr=1e-2, weight_decay=0.1, max_steps=1)
+    fused_model, plain_model = tiny_model(), tiny_model()
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, cfg)
+    assert fused.defaults["fused"] and [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]
+    plain = type(fused)(parameter_groups(plain_model, 0.1), lr=1e-2, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                        foreach=True)
+    for step in range(3):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            torch.manual_seed(step)
+            for param in model.parameters():
+                param.grad = torch.randn_like(param)
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("values, message", [

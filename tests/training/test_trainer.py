@@ -1,15 +1,17 @@
 """The trainer end to end on a tiny model: exact resume, refused corruption, clear errors."""
 
 import json
+import math
 
 import pytest
 import torch
 from helpers import tiny_config
+from host_syncs import counted_host_syncs, device_value_checks
 
 from megalodon import Megalodon
 from megalodon.baseline import Llama
 from megalodon.training.checkpoint import list_checkpoints
-from megalodon.training.trainer import train
+from megalodon.training.trainer import Trainer, train
 from training_helpers import losses
 
 
@@ -250,3 +252,21 @@ def test_compare_reports_training_throughput_and_resumes_from_its_saved_options(
         assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_s"])
     assert main(["compare", "--resume", "--run-dir", str(out), "--max_steps", "3"]) == 0
     assert [json.loads((out / a / "summary.json").read_text())["steps"] for a in ("megalodon", "llama")] == [3, 3]
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_a_step_waits_for_the_device_once_however_many_micro_batches(make_config, tmp_path, monkeypatch, stateful):
+    """Reading each micro-batch's loss on the host would stall a GPU's queue once per micro-batch: the losses add up
+    on the device, and the step reads them with the gradient norm in one go (the divergence check needs both
+    before the optimizer runs). The other read is the label count of the batch, on the host before it moves."""
+    device_value_checks(monkeypatch)  # the model's value checks as on a GPU: device assertions, not reads
+    reads = {}
+    for accum in (1, 4):
+        with Trainer(make_config(grad_accum=accum, stateful=stateful), tmp_path / f"run{accum}",
+                     progress=False) as trainer:
+            trainer.train_step()  # the first step makes the optimizer's state
+            with counted_host_syncs() as found:
+                loss = trainer.train_step()
+            reads[accum] = found
+            assert math.isfinite(loss) and math.isfinite(trainer.grad_norm) and trainer.grad_norm > 0
+    assert len(reads[1]) == len(reads[4]) == 2, reads

@@ -29,9 +29,15 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# Devices whose AdamW has one fused kernel for every parameter: a few launches a step instead of a dozen per
+# tensor group, and the step counts kept on the device (the multi-tensor path reads them on the host).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+    groups = parameter_groups(model, cfg.weight_decay)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES for group in groups for p in group["params"]) or None
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 def lr_at(step: int, cfg: TrainConfig, max_steps: int, restart: tuple[int, float] | None = None) -> float:

@@ -245,23 +245,24 @@ class Trainer:
         lr = lr_at(self.step, cfg, self.max_steps or 10 ** 9, self.restart)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # reading each loss would wait for the GPU
         for m in range(cfg.grad_accum):
             rows = slice(m * micro, (m + 1) * micro)
             part = Batch(mine.input_ids[rows], mine.labels[rows], mine.doc_start[rows], mine.continues[rows])
             with autocast(cfg, self.device), graph_launches(cfg):
                 loss, new_state = forward_loss(self.runner, part, self.streams[m], self.stateful)
             (loss * scale).backward()  # every label weighs the same across micro-batches and ranks
-            total += float(loss.detach())
+            total += loss.detach().double()
             if self.stateful:  # truncated BPTT: the state goes on, its graph does not
                 new_state = carried(new_state, cfg)
                 self.streams[m] = new_state if self.ranks is None else \
                     self.ranks.global_state(new_state, part.input_ids.shape[1])
-        if self.ranks is not None:
-            total = self.ranks.sum([total])[0]
         # max_norm inf only measures: the norm is what tells a diverging run apart
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
-        self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        total, self.grad_norm = torch.stack([total, norm.double()]).tolist()  # the step's one wait for the GPU
+        if self.ranks is not None:
+            total = self.ranks.sum([total])[0]
         if not (math.isfinite(total) and math.isfinite(self.grad_norm)):
             latest = list_checkpoints(self.run_dir)[-1:]
             raise RuntimeError(
