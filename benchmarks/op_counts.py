@@ -140,11 +140,12 @@ def one_kernel_rms_norm(x, normalized_shape, weight=None, eps=None):
     return _OneKernelRMSNorm.apply(x, weight, eps)
 
 
-def run_the_gpu_code(interpreted: bool = True) -> bool:
+def run_the_gpu_code(interpreted: bool = True, one_kernel_norms: bool = True) -> bool:
     """Force the Triton kernels on for CPU tensors, the RMSNorms onto torch's fused kernel and the value checks
     into their device form; False (and the PyTorch path of the CEMA and the norm counted) where triton or its
     interpreter is missing. interpreted=False: the kernels launch through triton's own launcher, which the caller
-    has pointed somewhere (host_overhead.py), and are not counted."""
+    has pointed somewhere (host_overhead.py), and are not counted. one_kernel_norms=False: F.rms_norm stays
+    itself (a caller that compiles, or that counts bytes rather than ops)."""
     import importlib.util
     import os
 
@@ -160,7 +161,8 @@ def run_the_gpu_code(interpreted: bool = True) -> bool:
 
     for module in (fused, llama):  # the RMSNorms on torch's fused kernel, counted as CUDA runs it
         module.FUSED_RMS_NORM_DEVICES = fused.FUSED_RMS_NORM_DEVICES | {"cpu"}
-    torch.nn.functional.rms_norm = one_kernel_rms_norm
+    if one_kernel_norms:
+        torch.nn.functional.rms_norm = one_kernel_rms_norm
     if importlib.util.find_spec("triton") is None or (interpreted and os.environ.get("TRITON_INTERPRET") != "1"):
         return False
     for module in (attention, cema, fused, static_kv, timestep_norm):
