@@ -270,10 +270,12 @@ def training_batch(device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compiled_against_eager(model, device="cpu", compile=lambda model: model.compile_blocks(fullgraph=True),
-                           carry_state=False):
+                           carry_state=False, autocast_dtype=None):
     """Logits and gradients of a training call, eager then compiled (by default each block, with fullgraph),
     documents reset mid-sequence; they must agree. carry_state: the call continues row 0's stream from a state,
-    as the trainer's stateful windows do."""
+    as the trainer's stateful windows do. autocast_dtype: both calls under autocast, as the trainer's bf16 runs;
+    Inductor's fusions round differently from eager's kernels, so each tensor is compared to 2% of its largest
+    magnitude (a gradient path lost or doubled is off by its whole size)."""
     ids, doc_start = training_batch(device)
     state = None
     if carry_state:
@@ -284,7 +286,8 @@ def compiled_against_eager(model, device="cpu", compile=lambda model: model.comp
 
     def step():
         model.zero_grad()
-        logits = runner(ids, state=state, doc_start=doc_start)
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = runner(ids, state=state, doc_start=doc_start).float()
         logits.square().mean().backward()
         return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -292,6 +295,12 @@ def compiled_against_eager(model, device="cpu", compile=lambda model: model.comp
     torch._dynamo.reset()
     runner = compile(model)
     logits, grads = step()
+    if autocast_dtype is not None:
+        for name, got, expected in [("logits", logits, eager_logits)] + [
+                (name, grad, eager_grads[name]) for name, grad in grads.items()]:
+            scale = expected.abs().max().item()
+            assert (got - expected).abs().max().item() <= 0.02 * scale, name
+        return
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
     for name, grad in grads.items():
         # every gradient is compared: torch 2.11's compile once returned zeros through a custom Function
@@ -320,10 +329,21 @@ def test_compiled_blocks_hold_the_triton_kernels(monkeypatch):
     compiled_against_eager(tiny_model(torch.float32, num_layers=1).train())
 
 
+@requires_triton
+def test_compiled_blocks_under_bf16_autocast_keep_every_gradient_path(monkeypatch):
+    """bf16 autocast, as the GPU benchmark trains: the kernels then also write the TimestepNorm's bf16 copy for Wv
+    and take its gradient inside their backward, and the compiled graph must route that gradient to them as eager
+    autograd does."""
+    force_triton(monkeypatch, compiled=True)
+    compiled_against_eager(tiny_model(torch.float32, num_layers=1).train(), autocast_dtype=torch.bfloat16)
+
+
 @requires_cuda
 def test_compiled_blocks_on_cuda_match_eager():
     """On a GPU, every Triton kernel on: compiled training against eager training."""
     compiled_against_eager(tiny_model(torch.float32, num_layers=2).train().cuda(), device="cuda")
+    compiled_against_eager(tiny_model(torch.float32, num_layers=2).train().cuda(), device="cuda",
+                           autocast_dtype=torch.bfloat16)
 
 
 @requires_cuda
