@@ -14,7 +14,9 @@ one-layer and a two-layer model, differenced):
   launch is a kernel. Compiled (each block through torch.compile, as the trainer's --compile): the kernels
   Inductor generates, as its scheduler sizes them (Inductor on the CPU; its fusion is close to what it does on a
   GPU), plus the Triton kernels inside the custom ops it keeps whole.
-The Triton kernels do not run (their launches are counted and skipped): no output is meaningful, only shapes.
+The Triton kernels and the Llama's attention do not run (their launches are counted and skipped; the attention
+is a stand-in op of the same shapes, FLOPs and bytes): no output is meaningful, only shapes, and a long sequence
+costs the CPU only the GEMMs.
 
 The estimate takes each kind of work at one rate: it says which model moves or computes more, not how fast a
 kernel runs. Kernels bound by latency rather than bytes (the CEMA's sequential steps, small launches) run slower
@@ -38,8 +40,49 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 GEMMS = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}  # op: (a, b) argument positions
-FLASH = {"_scaled_dot_product_flash_attention_for_cpu": 1.0, "_scaled_dot_product_flash_attention_for_cpu_backward":
-         2.5, "_scaled_dot_product_flash_attention": 1.0, "_scaled_dot_product_flash_attention_backward": 2.5}
+VOCAB = 256  # the embedding and the head fall out of the per-layer difference: small ones cost the CPU less
+FLASH = {"causal_attention": 1.0, "causal_attention_backward": 2.5}  # the stand-ins below; backward recomputes
+
+
+@torch.library.custom_op("step_traffic::causal_attention", mutates_args=())
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Where the Llama calls flash attention: its output's shape, nothing computed (only counted)."""
+    return torch.empty(q.shape[:-1] + v.shape[-1:], dtype=v.dtype)
+
+
+@causal_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:], dtype=v.dtype)
+
+
+@torch.library.custom_op("step_traffic::causal_attention_backward", mutates_args=())
+def causal_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@causal_attention_backward.register_fake
+def _(grad, q, k, v):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+causal_attention.register_autograd(lambda ctx, grad: causal_attention_backward(grad, *ctx.saved_tensors),
+                                   setup_context=_save)
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+def flash_stand_in(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """The Llama's causal training attention becomes the stand-in; any other call (Megalodon's SDPA paths) runs."""
+    if attn_mask is None and is_causal and not dropout_p:
+        return causal_attention(q, k, v)
+    return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                 enable_gqa=enable_gqa)
 
 
 class Tally:
@@ -72,7 +115,7 @@ class _CountOps(TorchDispatchMode):
         if name in GEMMS:
             a, b = (args[i] for i in GEMMS[name])
             self.tally.gemm_flops += 2 * a.numel() * b.shape[-1]
-        elif name in FLASH:
+        elif func.namespace == "step_traffic":
             batch, heads, length, dim = args[1 if "backward" in name else 0].shape
             self.tally.flash_flops += FLASH[name] * 2 * 2 * batch * heads * length * length * dim / 2  # causal half
             self.tally.bytes["flash attention (its inputs and outputs)"] += tensor_bytes(tree_flatten((args, out))[0])
@@ -135,17 +178,18 @@ def build(arch: str, preset: str, layers: int) -> torch.nn.Module:
     from megalodon import Megalodon, MegalodonConfig
     from megalodon.baseline import Llama, matched_llama_config
 
-    config = MegalodonConfig.from_preset(preset, num_layers=layers)
+    config = MegalodonConfig.from_preset(preset, num_layers=layers, vocab_size=VOCAB)  # the head is not a layer
     torch.manual_seed(0)
     return (Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))).train()
 
 
-def step(model: torch.nn.Module, length: int, vocab: int, mode: str) -> Tally:
+def step(model: torch.nn.Module, length: int, mode: str) -> Tally:
     """One training step's tally; compiled: each block through torch.compile (the compile counted, then run)."""
     from megalodon.ops.attention import launches_without_host_cost
 
     tally = Tally()
-    ids = torch.randint(0, vocab, (1, length))
+    ids = torch.randint(0, VOCAB, (1, length))
+    F.scaled_dot_product_attention = flash_stand_in
     if mode == "compiled":
         torch._dynamo.reset()
         for block in model.layers:
@@ -164,7 +208,7 @@ def step(model: torch.nn.Module, length: int, vocab: int, mode: str) -> Tally:
 def per_layer(arch: str, preset: str, length: int, mode: str) -> Tally:
     """A two-layer step minus a one-layer step. Compiled: the blocks of a model share their compiled code, so
     Inductor's kernels are counted once per model, which is once per layer; the rest is differenced."""
-    one, two = (step(build(arch, preset, n), length, 256, mode) for n in (1, 2))
+    one, two = (step(build(arch, preset, n), length, mode) for n in (1, 2))
     if mode == "compiled":  # eager parts (embedding, head, loss) were not counted; GEMMs come from the eager count
         layer = Tally()
         layer.bytes = Counter({k: two.bytes[k] - one.bytes.get(k, 0) for k in two.bytes if k.startswith("triton")})
