@@ -26,6 +26,8 @@ KERNEL_KINDS = [
                                "norm_bwd_kernel", "scan_bwd_kernel", "carry_bwd_kernel", "dx_kernel"}, ()),
     ("attention: q, k and softmax (Triton)", {"qk_fwd_kernel", "qk_bwd_kernel", "causal_softmax_fwd_kernel",
                                               "causal_softmax_bwd_kernel"}, ()),
+    ("gates and row norms (Triton)", {"silu_gate_kernel", "silu_gate_bwd_kernel", "norm_rows_kernel",
+                                      "norm_rows_bwd_kernel"}, ()),
     ("attention: flash / SDPA", set(), ("flash", "fmha", "attention", "sdpa")),
     ("GEMMs", set(), ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
     ("compiled: fused by Inductor", set(), ("triton_poi", "triton_red", "triton_per", "triton_tem")),

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import op_counts  # beside this file
+import op_timing
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -174,6 +175,36 @@ def inductor_kernels_counted(tally: Tally):
         graph.GraphLowering.codegen = codegen
 
 
+def kind(entry: str) -> str:
+    """The kind bench_gpu.py's profile files a tally entry's kernels under (op_timing.KERNEL_KINDS), so that a GPU
+    run's per-kind times can be read against these bytes."""
+    if entry.startswith("triton:"):
+        return op_timing.kind_of(entry.removeprefix("triton:"))
+    if entry == "inductor kernels":
+        return "compiled: fused by Inductor"
+    if entry.startswith("flash"):
+        return "attention: flash / SDPA"
+    return "torch's kernels (eager: elementwise, copies and casts, norms, reductions)"
+
+
+def by_kind(tallies: dict, bandwidth: float, tflops: float, flash_tflops: float) -> None:
+    """Per layer and kind of kernel: the estimate's milliseconds (GB at the bandwidth, FLOPs at their rate)."""
+    columns = list(tallies)
+    rows: dict[str, list[float]] = {"GEMMs": [t.gemm_flops / tflops / 1e9 for t in tallies.values()]}
+    for i, tally in enumerate(tallies.values()):
+        for entry, size in tally.bytes.items():
+            rows.setdefault(kind(entry), [0.0] * len(columns))[i] += size / bandwidth / 1e9
+    rows["attention: flash / SDPA"] = [ms + t.flash_flops / flash_tflops / 1e9 for ms, t in
+                                       zip(rows.get("attention: flash / SDPA", [0.0] * len(columns)),
+                                           tallies.values())]
+    print("\nEstimated ms per layer by kind of kernel (bench_gpu.py's profile kinds; its figures are per step):\n")
+    print("| kind | " + " | ".join(f"{arch} {mode}" for mode, arch in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, values in rows.items():
+        if any(values):
+            print(f"| {name} | " + " | ".join(f"{ms:.3f}" for ms in values) + " |")
+
+
 def build(arch: str, preset: str, layers: int) -> torch.nn.Module:
     from megalodon import Megalodon, MegalodonConfig
     from megalodon.baseline import Llama, matched_llama_config
@@ -258,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode in args.modes:
         print(f"{mode}: estimated Megalodon / Llama tokens/s per layer: "
               f"{totals[mode, 'llama'] / totals[mode, 'megalodon']:.2f}")
+    by_kind(tallies, args.bandwidth, args.tflops, args.flash_tflops)
     if args.json:
         rows = [{"model": arch, "mode": mode, "gemm_flops": t.gemm_flops, "flash_flops": t.flash_flops,
                  "bytes": dict(t.bytes), "estimated_ms": totals[mode, arch]} for (mode, arch), t in tallies.items()]

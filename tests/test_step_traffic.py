@@ -45,8 +45,10 @@ def test_compiled_blocks_count_inductors_kernels_and_the_triton_ones(tmp_path):
     """With compiled blocks the bytes come from the kernels Inductor generates (its scheduler's own sizes) and
     the Triton kernels inside the custom ops it keeps whole; the Llama has no Triton kernel there."""
     pytest.importorskip("triton")
-    rows, _ = run(tmp_path, "--length", "32")
+    rows, stdout = run(tmp_path, "--length", "32")
     for model in ("megalodon", "llama"):
         assert rows[model, "compiled"]["bytes"]["inductor kernels"] > 0
         assert rows[model, "compiled"]["gemm_flops"] == rows[model, "eager"]["gemm_flops"]
     assert sum(v for k, v in rows["megalodon", "compiled"]["bytes"].items() if k.startswith("triton:")) > 0
+    # the per-kind table names its rows as bench_gpu.py's profile does, so that a GPU run can be read against it
+    assert "| CEMA (Triton) |" in stdout and "| compiled: fused by Inductor |" in stdout
