@@ -36,8 +36,9 @@ FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = parameter_groups(model, cfg.weight_decay)
-    fused = all(p.device.type in FUSED_ADAMW_DEVICES for group in groups for p in group["params"]) or None
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=True if fused else None)  # None: torch picks the multi-tensor path
 
 
 def lr_at(step: int, cfg: TrainConfig, max_steps: int, restart: tuple[int, float] | None = None) -> float:
