@@ -64,11 +64,19 @@ def test_fp32_step_matches_the_pytorch_path(monkeypatch, silu_values, scale, gat
     torch.testing.assert_close(out, out_want, rtol=1e-5, atol=1e-5)
 
 
-def test_fp32_step_matches_float64_attention_over_the_visible_slots(monkeypatch):
+@pytest.mark.parametrize("value_slots", [32, 256])
+def test_fp32_step_matches_float64_attention_over_the_visible_slots(monkeypatch, value_slots):
     """Each row's output against softmax(q k^T) silu(v) over slots 0..slot[b] in float64, where slot[b] holds
-    the new key and value: the stale entries after it play no part."""
+    the new key and value: the stale entries after it play no part, not even NaNs (the value kernel reads no
+    slot past a row's own). value_slots: the value kernel's slots a step, so that its loop runs several steps
+    and a partial one (32), or one step for the whole buffer (256)."""
+    import megalodon.ops.triton.static_kv as kernels
+
     q, k, v, keys, values, step = step_inputs(torch.float32, seed=1)
     monkeypatch.setattr(static_kv, "use_triton", lambda op, *tensors: op == "static_kv")
+    monkeypatch.setattr(kernels, "VALUE_SLOTS", value_slots)
+    for b, slot in enumerate(step.slot.tolist()):
+        keys[b, slot + 1:], values[b, slot + 1:] = float("nan"), float("nan")
     buffers = keys.clone(), values.clone()
     gate = gate_of(torch.float32, seed=11)
     out = write_and_attend(q, k, v, *buffers, step, scale=1.0, silu_values=True, gate=gate)
@@ -150,9 +158,9 @@ for t in ("*bf16", "*fp32"):
     CASES += [(kernels.slot_scores_kernel, [t, t, t, t, t, "*i64", "*i1", "*fp32"] + [i32] * 6 + [f32],
                dict(SILU_VALUES=True, BLOCK_S=16, BLOCK_K=256, BLOCK_V=64)),
               (kernels.slot_values_kernel, ["*fp32", t, t, t] + [i32] * 4,
-               dict(GATED=True, BLOCK_ALL=2048, BLOCK_S=128, BLOCK_V=16)),
+               dict(GATED=True, BLOCK_ALL=2048, BLOCK_S=256, BLOCK_V=16)),
               (kernels.slot_values_kernel, ["*fp32", t, t, t] + [i32] * 4,
-               dict(GATED=False, BLOCK_ALL=4096, BLOCK_S=128, BLOCK_V=128))]
+               dict(GATED=False, BLOCK_ALL=4096, BLOCK_S=32, BLOCK_V=128))]
 """
 
 

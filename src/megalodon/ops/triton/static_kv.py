@@ -6,8 +6,11 @@ kernels, on CUDA, where the query/key and value head dims differ (Megalodon's; S
 dtype as the PyTorch path's product rounds them, -inf where the row does not see a slot (whose key it does not
 read). `slot_values_kernel` (one program per row, head and block of value features) takes the softmax of the
 row's scores in fp32, rounds the probabilities to the values' dtype (as the PyTorch path does before its
-product with v) and sums them into its block of the output, reading no value of a slot the row does not see,
-and multiplies it by silu(gate) where a gate is given (Megalodon's output gate). Together they replace the two
+product with v) and sums them into its block of the output, reading the values of the slots up to the last one
+the row sees (a step early in a chunk reads little of the buffer), and multiplies it by silu(gate) where a gate
+is given (Megalodon's output gate). Unseen slots before that one (a row that sees first..slot with first > 0)
+are read and weighted by zero: the buffers hold finite values (zeros until written); the stale slots after a
+row's own, whatever they hold, are never read. Together they replace the two
 slot writes, the SiLU of the values, both products, the mask, the softmax and its casts, and the gate's SiLU and
 product: about ten launches per layer where the PyTorch path takes them one by one.
 
@@ -30,7 +33,8 @@ from megalodon.ops.triton.casts import cast
 # A step reads each layer's whole key buffer and the seen part of its value buffer (8 MiB at mega200M in bf16):
 # both kernels split that over about a program per SM, so that no few programs stream it alone.
 SCORE_SLOTS = 16  # slots per program of the score kernel (2,048 slots: 128 programs a row and head)
-VALUE_SLOTS = 128  # slots per step of the value kernel's loop
+VALUE_SLOTS = 256  # slots per step of the value kernel's loop (a whole chunk of 2,048: 8 steps)
+VALUE_TILE = 4096  # at most this many (slot, feature) partial sums a program of 4 warps (32 registers a thread)
 PROGRAMS = 128  # what the value kernel aims at, over rows, heads and blocks of value features
 MAX_SLOTS = 16384  # the value kernel holds a row's scores whole
 
@@ -78,18 +82,24 @@ def slot_values_kernel(scores_ptr, values_ptr, gate_ptr, out_ptr, gate_stride, h
     scores = tl.load(scores_ptr + bh * slots + every, mask=every < slots, other=float("-inf"))
     top = tl.max(scores, axis=0)  # the row's own slot is always seen: finite
     total = tl.sum(tl.exp(scores - top), axis=0)
+    # the loop stops after the last seen slot: early in a chunk a step reads one block, not the whole buffer
+    seen_end = tl.max(tl.where(scores > float("-inf"), every + 1, 0), axis=0)
     e = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for start in range(0, slots, BLOCK_S):
+    # one partial sum per (slot lane, feature), summed over the lanes once after the loop: a sum over the slots
+    # at every step would cost each step shuffles and barriers between the warps
+    acc = tl.zeros([BLOCK_S, BLOCK_V], dtype=tl.float32)
+    for start in range(0, seen_end, BLOCK_S):
         j = start + tl.arange(0, BLOCK_S)
-        s = tl.load(scores_ptr + bh * slots + j, mask=j < slots, other=float("-inf"))
-        p = cast(tl.exp(s - top) / total, values_ptr.dtype.element_ty).to(tl.float32)
         rows = ((b * slots + j) * heads + h).to(tl.int64)
-        # unseen slots (p = 0) are not read: at the start of a chunk most of the buffer is not
-        values = tl.load(values_ptr + rows[:, None] * dv + e[None, :],
-                         mask=(p > 0)[:, None] & (e < dv)[None, :], other=0.0)
-        acc += tl.sum(p[:, None] * values.to(tl.float32), axis=0)
-    out = cast(cast(acc, values_ptr.dtype.element_ty).to(tl.float32), out_ptr.dtype.element_ty).to(tl.float32)
+        # the values' loads do not wait for the scores (a mask made of p would make them): issued together, a
+        # step waits for memory once
+        in_range = (j < seen_end)[:, None] & (e < dv)[None, :]
+        values = tl.load(values_ptr + rows[:, None] * dv + e[None, :], mask=in_range, other=0.0)
+        s = tl.load(scores_ptr + bh * slots + j, mask=j < seen_end, other=float("-inf"))
+        p = cast(tl.exp(s - top) / total, values_ptr.dtype.element_ty).to(tl.float32)  # 0 where unseen
+        acc += p[:, None] * values.to(tl.float32)
+    out = tl.sum(acc, axis=0)
+    out = cast(cast(out, values_ptr.dtype.element_ty).to(tl.float32), out_ptr.dtype.element_ty).to(tl.float32)
     if GATED:  # out * silu(gate), each rounded as the PyTorch path's ops round them
         gate = tl.load(gate_ptr + b * gate_stride + h * dv + e, mask=e < dv, other=0.0).to(tl.float32)
         out = out * cast(gate * tl.sigmoid(gate), gate_ptr.dtype.element_ty).to(tl.float32)
@@ -150,7 +160,8 @@ def slot_values(scores: Tensor, values: Tensor, gate: Optional[Tensor], out_dtyp
         gate = gate.contiguous()
     slot_values_kernel[(batch * heads, cdiv(dv, block))](
         scores, values, out if gate is None else gate, out, 0 if gate is None else gate.stride(0), heads, slots, dv,
-        GATED=gate is not None, BLOCK_ALL=next_power_of_2(slots), BLOCK_S=VALUE_SLOTS, BLOCK_V=block, **LAUNCH)
+        GATED=gate is not None, BLOCK_ALL=next_power_of_2(slots), BLOCK_S=min(VALUE_SLOTS, VALUE_TILE // block),
+        BLOCK_V=block, **LAUNCH)
     return out
 
 
