@@ -176,3 +176,22 @@ def test_gated_linear_op_passes_opcheck():
     x, gate, weight = leaves((2, 7, 12), (2, 7, 12), (5, 12), seed=6)
     for args in ((x, gate, weight), (None, gate, weight)):
         torch.library.opcheck(fused._gated_linear.op, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_linear_adds_the_product_into_a_strided_output_in_place(dtype):
+    """out += x @ W^T in place: against float64 (bf16: one rounding of the sum, so within a bf16 step of it), on
+    an `out` that is a column slice of a wider tensor (the decode step's h1), leaving the other columns alone."""
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(3, 1, 40, generator=g).to(dtype)
+    x, weight = torch.randn(3, 1, 24, generator=g).to(dtype), torch.randn(16, 24, generator=g).to(dtype)
+    before = wide.clone()
+    out = wide[..., 20:36]
+    want = out.double() + x.double() @ weight.double().t()
+    got = fused.add_linear_(out, x, weight)
+    assert got.data_ptr() == out.data_ptr() and got.shape == (3, 1, 16)
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
+    scale = want.abs().max().item()
+    torch.testing.assert_close(wide[..., 20:36].double(), want, rtol=tolerance, atol=tolerance * scale)
+    torch.testing.assert_close(wide[..., :20], before[..., :20], rtol=0, atol=0)
+    torch.testing.assert_close(wide[..., 36:], before[..., 36:], rtol=0, atol=0)

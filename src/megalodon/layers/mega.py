@@ -20,7 +20,7 @@ from megalodon.layers.norms import RMSNorm, compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import chunked_attention, decode_attention, queries_keys
 from megalodon.ops.cema import CemaCoefficients, cema_decay, cema_step
-from megalodon.ops.fused import applied, gated_linear
+from megalodon.ops.fused import add_linear_, applied, gated_linear
 from megalodon.ops.static_kv import SlotStep, write_and_attend
 from megalodon.state import LayerState
 
@@ -104,6 +104,10 @@ class MovingAverageGatedAttention(nn.Module):
         """dropout(Wh1 mx + Wh2 dropout(attn * silu(gate))) + x: the first hop of the residual. gate None: attn
         is attn * silu(gate) already (decode's attention applies the gate)."""
         training = self.training
+        if gate is None and not training and h1.dtype == x.dtype == attn.dtype:
+            # a decode step, where h1 is this step's own: x + h1, then the GEMM adds Wh2 attn into it (two kernels,
+            # where the out-of-place sums take three)
+            return add_linear_(h1.add_(x), attn, self.wh2.weight.to(attn.dtype))
         if gate is None:
             h = h1 + F.linear(attn, self.wh2.weight.to(attn.dtype))
         else:

@@ -182,6 +182,16 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return out.to(out_dtype)
 
 
+# ---- a GEMM that adds into its output ---------------------------------------------------------------------------
+def add_linear_(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """out += x @ weight^T in place, as one GEMM that reads out as its addend (beta = 1), where an out-of-place
+    linear and a sum take two kernels; returns out. For inference steps (no autograd), on an `out` of the step's
+    own: every tensor in one dtype; out's rows may be strided (a slice of a wider projection)."""
+    flat = out.flatten(0, -2)
+    flat.addmm_(x.flatten(0, -2), weight.t())
+    return out
+
+
 # ---- SiLU-gated linear -------------------------------------------------------------------------------------------
 def gated_linear_reference(x: Tensor | None, gate: Tensor, weight: Tensor, dropout_p: float = 0.0,
                            training: bool = False) -> Tensor:
