@@ -161,7 +161,8 @@ class Megalodon(nn.Module):
             x = x * math.sqrt(self.config.model_dim)
         for block, layer_state, (mega, ffn_norm) in zip(self.layers, state.layers, constants.layers, strict=True):
             y = block.mega.decode_step_(x, rotation, step, layer_state, mega)
-            x = block.nffn(y, residual=x, norm_affine=ffn_norm)  # the two-hop residual, as in MegalodonBlock
+            # the two-hop residual, as in MegalodonBlock; x is this step's own, so the FFN adds into it in place
+            x = block.nffn.decode_step_(y, x, ffn_norm)
         _, xn = self.output.final_norm.step_(x, state.final_norm, x.dtype)
         logits = self.output.output(xn)[:, 0]
         state.position.add_(1)

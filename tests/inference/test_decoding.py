@@ -22,11 +22,13 @@ def stacked_prefill(model, prompts: list[torch.Tensor]) -> MegalodonState:
     return MegalodonState.stack([model(p[None], return_state=True)[1] for p in prompts])
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_decode_steps_equal_the_blocked_forward_at_every_position(seed):
+@pytest.mark.parametrize("seed,overrides", [(0, {}), (1, {}), (2, {}),
+                                            (3, dict(swiglu=True, scale_emb=True)), (4, dict(rescale_nffn=True))])
+def test_decode_steps_equal_the_blocked_forward_at_every_position(seed, overrides):
     """Rows at different in-chunk fills (0 included) decode together across several chunk boundaries; each row's
-    logits equal its own sequence's one-call forward at every position."""
-    model = tiny_model(seed=seed)
+    logits equal its own sequence's one-call forward at every position. The FFN's variants too (the gated
+    product, embeddings scaled, the output rescaled), whose decode step adds into the hidden state in place."""
+    model = tiny_model(seed=seed, **overrides)
     generator = torch.Generator().manual_seed(seed)
     lengths = [int(n) for n in torch.randint(1, 3 * CHUNK, (3,), generator=generator)] + [CHUNK]
     steps = 2 * CHUNK + 3

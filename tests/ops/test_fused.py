@@ -195,3 +195,14 @@ def test_add_linear_adds_the_product_into_a_strided_output_in_place(dtype):
     torch.testing.assert_close(wide[..., 20:36].double(), want, rtol=tolerance, atol=tolerance * scale)
     torch.testing.assert_close(wide[..., :20], before[..., :20], rtol=0, atol=0)
     torch.testing.assert_close(wide[..., 36:], before[..., 36:], rtol=0, atol=0)
+
+
+def test_add_linear_of_mixed_dtypes_adds_the_product_in_the_inputs_dtype():
+    """An fp32 `out` (autocast's residual) and bf16 x and weight: the product in bf16, added into fp32 out."""
+    g = torch.Generator().manual_seed(1)
+    out, x = torch.randn(4, 16, generator=g), torch.randn(4, 8, generator=g).bfloat16()
+    weight = torch.randn(16, 8, generator=g).bfloat16()
+    want = out + torch.nn.functional.linear(x, weight).float()
+    got = fused.add_linear_(out, x, weight)
+    assert got is out and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

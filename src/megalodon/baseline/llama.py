@@ -129,7 +129,8 @@ class Attention(nn.Module):
     def decode_step_(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
                      step: SlotStep) -> Tensor:
         """forward() for one token per row, x (B, 1, D), writing its key and value at slot `position` of the
-        static buffers (B, max_length, H, head_dim) and attending to slots doc_begin..position (step)."""
+        static buffers (B, max_length, H, head_dim) and attending to slots doc_begin..position (step); returns
+        the heads' output before o_proj, which the block adds into its residual in place (Block.decode_step_)."""
         batch, _, dim = x.shape
 
         def heads(t: Tensor) -> Tensor:
@@ -138,7 +139,7 @@ class Attention(nn.Module):
         q = apply_rotary(heads(self.q_proj(x)), cos, sin).transpose(1, 2)  # B x 1 x H x hd
         k = apply_rotary(heads(self.k_proj(x)), cos, sin).transpose(1, 2)
         out = write_and_attend(q, k, heads(self.v_proj(x)).transpose(1, 2), keys, values, step)
-        return self.o_proj(out.reshape(batch, 1, dim))
+        return out.reshape(batch, 1, dim)
 
 
 class FeedForward(nn.Module):
@@ -172,14 +173,12 @@ class Block(nn.Module):
 
     def decode_step_(self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
                      step: SlotStep) -> Tensor:
-        x = x + self.self_attn.decode_step_(self.input_layernorm(x), cos, sin, keys, values, step)
+        """forward() for a decode step; x, the step's own hidden state, is updated in place: o_proj and down_proj
+        add their products into it (add_linear_), as Megalodon's decode step adds into its own tensors."""
+        attended = self.self_attn.decode_step_(self.input_layernorm(x), cos, sin, keys, values, step)
+        add_linear_(x, attended, self.self_attn.o_proj.weight)
         u = self.post_attention_layernorm(x)
-        hidden = F.silu(self.mlp.gate_proj(u)) * self.mlp.up_proj(u)
-        if hidden.dtype != x.dtype:
-            return x + self.mlp.down_proj(hidden)
-        # x is this step's own (the sum above): the down projection adds into it, as Megalodon's decode step adds
-        # Wh2 attn into its own h1 (one kernel fewer a layer for each model)
-        return add_linear_(x, hidden, self.mlp.down_proj.weight)
+        return add_linear_(x, F.silu(self.mlp.gate_proj(u)) * self.mlp.up_proj(u), self.mlp.down_proj.weight)
 
 
 class Llama(nn.Module):

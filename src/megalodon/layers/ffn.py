@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from megalodon.config import MegalodonConfig
 from megalodon.layers.norms import LayerNorm, compute_dtype
-from megalodon.ops.fused import gated_linear
+from megalodon.ops.fused import gated_linear, gated_linear_into_
 
 
 class NormalizedFFN(nn.Module):
@@ -43,3 +43,14 @@ class NormalizedFFN(nn.Module):
         if self.alpha is not None:
             out = out * self.alpha
         return out + residual
+
+    @torch.no_grad()
+    def decode_step_(self, y: Tensor, residual: Tensor,
+                     norm_affine: tuple[Tensor | None, Tensor | None] | None = None) -> Tensor:
+        """forward() for a decode step, adding into `residual` in place (the step's own hidden state, which the
+        caller gives up): the last GEMM adds its product into it, where forward's sum is a kernel of its own."""
+        if self.training or self.alpha is not None:
+            return self.forward(y, residual, norm_affine)
+        u = self.norm(y, compute_dtype(y), norm_affine)
+        up = None if self.fc3 is None else self.fc3(u)
+        return gated_linear_into_(residual, up, self.fc1(u), self.fc2.weight)

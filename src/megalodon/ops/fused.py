@@ -186,9 +186,11 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 def add_linear_(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     """out += x @ weight^T in place, as one GEMM that reads out as its addend (beta = 1), where an out-of-place
     linear and a sum take two kernels; returns out. For inference steps (no autograd), on an `out` of the step's
-    own: every tensor in one dtype; out's rows may be strided (a slice of a wider projection)."""
-    flat = out.flatten(0, -2)
-    flat.addmm_(x.flatten(0, -2), weight.t())
+    own; its rows may be strided (a slice of a wider projection). Tensors of mixed dtypes (autocast) take the
+    product in x's dtype and add it (two kernels)."""
+    if not (out.dtype == x.dtype == weight.dtype):
+        return out.add_(F.linear(x, weight.to(x.dtype)))
+    out.flatten(0, -2).addmm_(x.flatten(0, -2), weight.t())
     return out
 
 
@@ -268,3 +270,9 @@ def gated_linear(x: Tensor | None, gate: Tensor, weight: Tensor, dropout_p: floa
     if not torch.is_grad_enabled():
         return F.linear(_silu_gate(x, gate), weight)
     return _gated_linear(x, gate, weight)
+
+
+def gated_linear_into_(out: Tensor, x: Tensor | None, gate: Tensor, weight: Tensor) -> Tensor:
+    """out += (x * silu(gate)) @ weight^T in place (x None: silu(gate)), for inference steps: gated_linear's
+    product added by the GEMM into `out`, the step's own tensor (add_linear_)."""
+    return add_linear_(out, _silu_gate(None if x is None else x.to(gate.dtype), gate), weight.to(gate.dtype))
