@@ -43,6 +43,7 @@ from pathlib import Path
 
 import bench_jax  # beside this file
 import gpu_checks
+import gpu_tuning
 import gpu_training as training
 import op_timing
 import torch
@@ -221,6 +222,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke test of this script at tiny sizes (tests/test_bench_gpu.py runs it)")
     parser.add_argument("--strict", action="store_true", help="a failing section fails the run (for the smoke test)")
+    parser.add_argument("--kernel-settings", type=Path, default=None,
+                        help="a settings file from gpu_tuning.py: the kernels' tilings and the kernels to turn off, "
+                             "applied before any section (gpu_session.sh tuned)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds after the start beyond which no new section or case starts")
     args = parser.parse_args()
@@ -248,6 +252,9 @@ def main() -> None:
     if args.append and args.out is not None and (args.out / args.results_name).is_file():
         earlier = json.loads((args.out / args.results_name).read_text())
         results = {**earlier, "appended": [*earlier.get("appended", []), sys.argv[1:]]}
+    if args.kernel_settings is not None:
+        results["kernel_settings"] = gpu_tuning.apply_settings(args.kernel_settings)
+        log(f"Kernel settings from {args.kernel_settings} (gpu_tuning.py): {json.dumps(results['kernel_settings'])}\n")
     started = time.perf_counter()
     if args.deadline is not None:
         DEADLINE = started + args.deadline

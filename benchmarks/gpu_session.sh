@@ -11,6 +11,8 @@
 #                                      issue 11's targets from both parts (gpu_targets.py);
 #   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
 #                                      go back (idle) before part 1's results could be read;
+#   bash benchmarks/gpu_session.sh tuned (after `all`) the kernels' settings picked on this GPU by gpu_tuning.py,
+#                                      then the graphed 4K and 16K rows again with them;
 #   bash benchmarks/gpu_session.sh sweep the CEMA's and the TimestepNorm's kernel tilings (bench_cema.py --chunks
 #                                      and --prefetch,
 #                                      bench_timestep_norm.py --scan-tiles) and the attention's query blocks
@@ -138,6 +140,21 @@ sweep)  # the CEMA's and the TimestepNorm's kernel tilings, the attention's quer
         "$PYTHON" benchmarks/bench_fused.py --device cuda
     } 2>&1 | tee "$OUT/sweeps.md"
     ;;
+tuned)  # after `all`, in a second call (within the machine's 30 s idle window, or a fresh start): the kernels'
+        # settings picked on this GPU (gpu_tuning.py: at most 75 s of timing), then the open targets' rows again
+        # with them, graphed steps at 4K and 16K, both models. A kernel part 1 turned off must be turned off here
+        # too: pass its MEGALODON_DISABLE_TRITON. Then, here: gpu_targets.py over all three results files.
+    fresh_part
+    timeout 120 "$PYTHON" benchmarks/gpu_tuning.py --out "$OUT/kernel-settings.json" --deadline 75 2>&1 \
+        | tee "$OUT/tuning.md"
+    if [ -f "$OUT/kernel-settings.json" ]; then
+        BENCH_ARGS="${BENCH_ARGS:-} --kernel-settings $OUT/kernel-settings.json --presets mega200M --lengths 4096 16384"
+        bench train-compiled-graphed
+        bench train-graphed
+    else
+        echo "gpu_tuning.py wrote no settings: nothing to run again" | tee -a "$OUT/tuning.md"
+    fi
+    ;;
 all)  # both parts in one call, each with its own SESSION_SECONDS; part 1's disabled kernels stay off in part 2
     PART=1
     part1
@@ -146,7 +163,7 @@ all)  # both parts in one call, each with its own SESSION_SECONDS; part 1's disa
     part2
     ;;
 *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh 1|2|all|sweep" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh 1|2|all|tuned|sweep" >&2
     exit 2
     ;;
 esac

@@ -21,9 +21,17 @@ DECODE_RATE, DECODE_EQUAL = 1000.0, 0.9  # tok/s; the 1M position's rate over th
 
 
 def training_rows(results: list[dict]) -> list[dict]:
-    """Every training row of every train section (train, train-eager, train-graphed, ...) of every file."""
-    return [row for result in results for name, rows in result.items()
-            if name == "train" or name.startswith("train-") if isinstance(rows, list) for row in rows]
+    """Every training row of every train section (train, train-eager, train-graphed, ...) of every file; a row of
+    a run with kernel settings that changed anything (gpu_tuning.py) has " (tuned)" after its mode."""
+    found = []
+    for result in results:
+        settings = result.get("kernel_settings") or {}
+        tuned = bool(settings.get("modules") or settings.get("disable"))
+        for name, rows in result.items():
+            if (name == "train" or name.startswith("train-")) and isinstance(rows, list):
+                found += [{**row, "mode": f"{row['mode']} (tuned)"} if tuned and "mode" in row else row
+                          for row in rows]
+    return found
 
 
 def best(rows: list[dict], arch: str, preset: str, length: int) -> tuple[float, str] | None:

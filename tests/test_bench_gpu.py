@@ -50,7 +50,7 @@ def test_gpu_session_names_sections_that_exist():
     """benchmarks/gpu_session.sh passes bench_gpu.py section lists: a typo there would cost a GPU session."""
     script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     lists = re.findall(r"^\s*bench ([\w,-]+)\s*$", script, flags=re.MULTILINE)
-    assert len(lists) == 4, lists
+    assert len(lists) == 6, lists
     for sections in lists:
         out = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--sections", sections,
@@ -210,3 +210,97 @@ def test_bench_memory_counts_both_models():
             if line.startswith(("| megalodon", "| llama"))}
     assert rows.keys() == {"megalodon", "llama"} and rows["llama"] == "1.00", out.stdout
     assert "timestep_norm" in out.stdout or "cema" in out.stdout, out.stdout  # the lines that saved the bytes
+
+
+def test_tuning_keeps_the_default_unless_a_candidate_beats_it_clearly():
+    """gpu_tuning.py's choice: the fastest candidate only where it beats the default by more than the margin, so
+    that noise does not move a setting; a default that failed (infinite time) is kept, not compared."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_tuning import MARGIN, choose
+
+    assert choose({"64": 1.0, "32": 0.8}, "64") == "32"
+    assert choose({"64": 1.0, "32": 1.0 - MARGIN / 2}, "64") == "64"
+    assert choose({"64": 1.0, "32": 1.2}, "64") == "64"
+    assert choose({"64": float("inf"), "32": 0.5}, "64") == "64"
+    assert choose({"triton": 1.0, "torch": 0.5}, "triton") == "torch"
+
+
+def test_tuning_groups_start_from_the_modules_own_settings():
+    """Each group's first candidate is what its module sets now (the default a candidate must beat): a default
+    changed in the module without its group fails here, not on the GPU."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_tuning
+
+    for _, module, _, candidates in gpu_tuning.groups():
+        gpu_tuning.defaults_match(module, candidates)
+
+
+def test_kernel_settings_are_applied_and_recorded_or_refused(tmp_path, monkeypatch):
+    """apply_settings sets each module's attribute and adds the ops to turn off to MEGALODON_DISABLE_TRITON;
+    bench_gpu.py --kernel-settings records them in its results and its env section shows the ops off; a setting
+    no module has is refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_tuning import apply_settings
+
+    from megalodon.ops import attention
+    from megalodon.ops.triton import DISABLE_ENV, disabled_ops
+
+    settings = {"modules": {"megalodon.ops.attention": {"QUERY_BLOCKS_MAX": 8}}, "disable": ["silu_gate"]}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    monkeypatch.setattr(attention, "QUERY_BLOCKS_MAX", attention.QUERY_BLOCKS_MAX)  # restored after the test
+    monkeypatch.setenv(DISABLE_ENV, "cema")
+    assert apply_settings(tmp_path / "settings.json") == settings
+    assert attention.QUERY_BLOCKS_MAX == 8 and disabled_ops() == {"cema", "silu_gate"}
+
+    monkeypatch.delenv(DISABLE_ENV)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--strict", "--sections",
+         "env", "--out", str(tmp_path), "--kernel-settings", str(tmp_path / "settings.json")],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["kernel_settings"] == settings and results["env"]["triton_disabled"] == ["silu_gate"]
+
+    (tmp_path / "typo.json").write_text(json.dumps({"modules": {"megalodon.ops.attention": {"QUERY_BLOCK_MAX": 8}}}))
+    with pytest.raises(SystemExit, match="has no setting QUERY_BLOCK_MAX"):
+        apply_settings(tmp_path / "typo.json")
+
+
+def test_targets_name_the_rows_of_a_tuned_run(tmp_path):
+    """A results file made with kernel settings that changed something: its training rows count as measurements
+    of their own, named "(tuned)", beside the default run's."""
+    run = ROOT / "benchmarks" / "results" / "h100-2026-11-27"
+    part1 = json.loads((run / "results_part1.json").read_text())
+    tuned = {"kernel_settings": {"modules": {"megalodon.ops.triton.cema": {"CHUNK": 32}}, "disable": []},
+             "train-graphed": [dict(row, megalodon=dict(row["megalodon"], tokens_per_s=1e6), mode="graphed")
+                               for row in part1["train-eager"]
+                               if row["length"] == 4096 and row["preset"] == "mega200M"]}
+    (tmp_path / "tuned.json").write_text(json.dumps(tuned))
+    measured = {target: value for target, value, _ in
+                run_targets(str(run / "results_part1.json"), str(tmp_path / "tuned.json"))}
+    assert "1,000,000 graphed (tuned) /" in measured[">= 0.95x the Llama at 4K, best against best"]
+
+
+def test_tuning_runs_every_group_on_cpu_and_bench_gpu_takes_its_file(tmp_path):
+    """gpu_tuning.py's CPU smoke run (the tiny preset, the PyTorch paths) times every group and writes a file that
+    bench_gpu.py --kernel-settings applies; on CUDA it refuses to run without a GPU."""
+    pytest.importorskip("triton")
+    settings = tmp_path / "settings.json"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_tuning.py"), "--device", "cpu", "--out",
+                          str(settings)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    written = json.loads(settings.read_text())
+    assert set(written["timings"]) == {"CEMA steps per chunk", "chunk attention's query blocks",
+                                       "CEMA tile prefetch (forward, adjoint)",
+                                       "TimestepNorm scan tiles (tokens x groups, warps, segments)",
+                                       "silu_gate kernels (their two ops)", "norm_rows kernels (their two ops)"}
+    assert all(math.isfinite(ms) for times in written["timings"].values() for ms in times.values())
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--strict", "--sections",
+         "env", "--out", str(tmp_path), "--kernel-settings", str(settings)], capture_output=True, text=True,
+        timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_tuning.py"), "--out", "unused.json"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode != 0 and "there is none here" in out.stderr
