@@ -41,3 +41,16 @@ def test_should_stop_ends_every_row_cleanly(model, tokenizer):
         full, = generate(model, tokenizer, [prompt], SamplingConfig(temperature=0, max_new_tokens=4,
                                                                      stop_on_eos=False))
         assert result.ids == full.ids and result.session.position == len(prompt) + 4
+
+
+def test_prefill_blocks_are_longer_on_a_gpu():
+    """A prefill (last logits only) on CUDA takes calls of about 32K tokens, where 4K-token calls are bound by the
+    host's launches; on the CPU, in evaluation (every logit kept) and with a truncation window, blocks stay as
+    they were. Whole chunks always."""
+    from megalodon.inference.stream import PREFILL_TOKENS_CUDA, default_block_tokens
+
+    assert default_block_tokens(2048) == 4096 and default_block_tokens(2048, prefill_device="cpu") == 4096
+    assert default_block_tokens(2048, prefill_device="cuda") == PREFILL_TOKENS_CUDA == 32768
+    assert default_block_tokens(3000, prefill_device=torch.device("cuda", 1)) == 33000  # 11 whole chunks
+    assert default_block_tokens(65536, prefill_device="cuda") == 65536  # at least one chunk
+    assert default_block_tokens(2048, truncating=True, prefill_device="cuda") == 2 * 2048

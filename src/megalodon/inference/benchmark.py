@@ -110,7 +110,8 @@ def _random_ids(model, batch: int, length: int, generator: torch.Generator) -> t
 
 def _prefill_megalodon(model: Megalodon, position: int, batch: int, generator: torch.Generator):
     state, logits = None, None
-    for begin, end in chunk_aligned_blocks(0, position, default_block_tokens(model.config.chunk_size)):
+    blocks = default_block_tokens(model.config.chunk_size, prefill_device=generator.device)
+    for begin, end in chunk_aligned_blocks(0, position, blocks):
         out, state = model(_random_ids(model, batch, end - begin, generator), state=state, return_state=True,
                            logits_to_keep=1)
         logits = out[:, -1]

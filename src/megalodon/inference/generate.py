@@ -187,8 +187,8 @@ def generate(
     should_stop(): asked before each decode step; once it says True, every row stops after one more token
     with finish_reason "interrupted", its session complete (the CLI's Ctrl-C).
     truncate_chunks: None (off), or see stream.py; a session's own setting applies when this is None.
-    prefill_chunks: prefill block size in chunks (default: about 4096 tokens, or 2 chunks with truncate_chunks,
-    whose reruns fire after blocks); activation memory grows with it.
+    prefill_chunks: prefill block size in chunks (default: about 4096 tokens, 32768 on CUDA, or 2 chunks with
+    truncate_chunks, whose reruns fire after blocks); activation memory grows with it.
     compile: run the decode step through torch.compile (worth it for long generations: it compiles first).
     On CUDA the decode step is captured in a CUDA graph either way.
     """

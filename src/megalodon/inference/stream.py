@@ -85,14 +85,22 @@ class RecencyWindow:
 
 
 PREFILL_TOKENS = 4096  # per call: large enough that per-call overhead vanishes, small enough for activations
+# A prefill on a GPU (the last logits kept, no activations kept for backward): a call of 4K tokens there is bound
+# by the host's launches (an H100 prefilled 1M tokens of mega200M at 67K tokens/s in 4K calls), so its calls are
+# this long, a few GB of transient activations at mega1.3B's widths
+PREFILL_TOKENS_CUDA = 32768
 
 
-def default_block_tokens(chunk_size: int, truncating: bool = False) -> int:
-    """Whole chunks adding up to about PREFILL_TOKENS (at least one chunk). A truncate_chunks window fires after
-    blocks, so with one the blocks are as short as its period (2 chunks), as in the reference."""
+def default_block_tokens(chunk_size: int, truncating: bool = False,
+                         prefill_device: torch.device | str | None = None) -> int:
+    """Whole chunks adding up to about PREFILL_TOKENS (at least one chunk), or PREFILL_TOKENS_CUDA for a prefill
+    (only the last logits kept) on prefill_device CUDA. A truncate_chunks window fires after blocks, so with one
+    the blocks are as short as its period (2 chunks), as in the reference."""
     if truncating:
         return KEPT_CHUNK_SHORTFALL * chunk_size
-    return chunk_size * max(1, -(-PREFILL_TOKENS // chunk_size))
+    gpu_prefill = prefill_device is not None and torch.device(prefill_device).type == "cuda"
+    tokens = PREFILL_TOKENS_CUDA if gpu_prefill else PREFILL_TOKENS
+    return chunk_size * max(1, -(-tokens // chunk_size))
 
 
 def chunk_aligned_blocks(position: int, length: int, block_tokens: int, tail_chunk: int | None = None,
@@ -120,7 +128,8 @@ def stream_blocks(
     blocks where it is due (module docstring). progress(tokens fed, tokens in all) follows each block."""
     chunk = model.config.chunk_size
     if block_tokens is None:
-        block_tokens = default_block_tokens(chunk, truncating=window is not None)
+        block_tokens = default_block_tokens(chunk, truncating=window is not None,
+                                            prefill_device=ids.device if logits_to_keep else None)
     if block_tokens < 1 or block_tokens % chunk:
         raise ValueError(f"block_tokens must be a positive multiple of chunk_size={chunk}, got {block_tokens}")
     if state is not None and state.batch_size != 1:
