@@ -70,7 +70,10 @@ def apply_settings(path: Path) -> dict:
     a setting that silently changed nothing would mislabel every figure measured with it."""
     from megalodon.ops.triton import DISABLE_ENV
 
-    settings = json.loads(Path(path).read_text())
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"cannot read the kernel settings {path}: {err} (gpu_tuning.py --out writes them)") from err
     for module, values in settings.get("modules", {}).items():
         target = importlib.import_module(module)
         for name, value in values.items():

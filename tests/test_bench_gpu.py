@@ -265,6 +265,8 @@ def test_kernel_settings_are_applied_and_recorded_or_refused(tmp_path, monkeypat
     (tmp_path / "typo.json").write_text(json.dumps({"modules": {"megalodon.ops.attention": {"QUERY_BLOCK_MAX": 8}}}))
     with pytest.raises(SystemExit, match="has no setting QUERY_BLOCK_MAX"):
         apply_settings(tmp_path / "typo.json")
+    with pytest.raises(SystemExit, match="cannot read the kernel settings"):
+        apply_settings(tmp_path / "missing.json")
 
 
 def test_targets_name_the_rows_of_a_tuned_run(tmp_path):
