@@ -141,11 +141,11 @@ sweep)  # the CEMA's and the TimestepNorm's kernel tilings, the attention's quer
     } 2>&1 | tee "$OUT/sweeps.md"
     ;;
 tuned)  # after `all`, in a second call (within the machine's 30 s idle window, or a fresh start): the kernels'
-        # settings picked on this GPU (gpu_tuning.py: at most 75 s of timing), then the open targets' rows again
+        # settings picked on this GPU (gpu_tuning.py: at most 60 s of timing), then the open targets' rows again
         # with them, graphed steps at 4K and 16K, both models. A kernel part 1 turned off must be turned off here
         # too: pass its MEGALODON_DISABLE_TRITON. Then, here: gpu_targets.py over all three results files.
     fresh_part
-    timeout 120 "$PYTHON" benchmarks/gpu_tuning.py --out "$OUT/kernel-settings.json" --deadline 75 2>&1 \
+    timeout 100 "$PYTHON" benchmarks/gpu_tuning.py --out "$OUT/kernel-settings.json" --deadline 60 2>&1 \
         | tee "$OUT/tuning.md"
     if [ -f "$OUT/kernel-settings.json" ]; then
         BENCH_ARGS="${BENCH_ARGS:-} --kernel-settings $OUT/kernel-settings.json --presets mega200M --lengths 4096 16384"
