@@ -145,7 +145,8 @@ tuned)  # after `all`, in a second call (within the machine's 30 s idle window, 
         # with them, graphed steps at 4K and 16K, both models. A kernel part 1 turned off must be turned off here
         # too: pass its MEGALODON_DISABLE_TRITON. Then, here: gpu_targets.py over all three results files.
     fresh_part
-    timeout 100 "$PYTHON" benchmarks/gpu_tuning.py --out "$OUT/kernel-settings.json" --deadline 60 2>&1 \
+    # shellcheck disable=SC2086  # TUNE_ARGS: "--device cpu" for a dry run without a GPU, as BENCH_ARGS
+    timeout 100 "$PYTHON" benchmarks/gpu_tuning.py --out "$OUT/kernel-settings.json" --deadline 60 ${TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/tuning.md"
     if [ -f "$OUT/kernel-settings.json" ]; then
         BENCH_ARGS="${BENCH_ARGS:-} --kernel-settings $OUT/kernel-settings.json --presets mega200M --lengths 4096 16384"
