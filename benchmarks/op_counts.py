@@ -74,15 +74,26 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_triton_launches() -> None:
-    """Count every launch of this package's Triton kernels into the active OpCounter, as one op each (the
-    interpreter's own tensor traffic during a launch is not counted: a GPU has none)."""
+def triton_kernels() -> list:
+    """Every Triton kernel of this package (ops/triton/*), the launchable ones (a `.run` to stand in for)."""
     import importlib
     import pkgutil
 
     import triton
 
     import megalodon.ops.triton as package
+
+    kernels = {}  # by identity: a module that imports another's kernel names it too
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        kernels.update((id(kernel), kernel) for kernel in vars(module).values()
+                       if isinstance(kernel, triton.runtime.jit.KernelInterface) and hasattr(kernel, "run"))
+    return list(kernels.values())
+
+
+def count_triton_launches() -> None:
+    """Count every launch of this package's Triton kernels into the active OpCounter, as one op each (the
+    interpreter's own tensor traffic during a launch is not counted: a GPU has none)."""
 
     def counted(*args, _name, _run, **kwargs):
         counter, OpCounter.active = OpCounter.active, None
@@ -94,11 +105,8 @@ def count_triton_launches() -> None:
         finally:
             OpCounter.active = counter
 
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        for name, kernel in vars(module).items():
-            if isinstance(kernel, triton.runtime.jit.KernelInterface) and hasattr(kernel, "run"):
-                kernel.run = functools.partial(counted, _name=name, _run=kernel.run)
+    for kernel in triton_kernels():
+        kernel.run = functools.partial(counted, _name=kernel.fn.__name__, _run=kernel.run)
 
 
 class _OneKernelRMSNorm(torch.autograd.Function):

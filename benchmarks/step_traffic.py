@@ -26,9 +26,7 @@ than it assumes, and nothing here counts the host: compare with bench_gpu.py's p
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import pkgutil
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,15 +126,7 @@ class _CountOps(TorchDispatchMode):
 @contextmanager
 def triton_launches_counted(tally: Tally):
     """Every Triton kernel of this package skipped at launch, its tensor arguments' bytes counted."""
-    import triton
-
-    import megalodon.ops.triton as package
-
-    kernels = []
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        kernels += [k for k in vars(module).values()
-                    if isinstance(k, triton.runtime.jit.KernelInterface) and hasattr(k, "run")]
+    kernels = op_counts.triton_kernels()
 
     def launch(*args, _name, **kwargs):
         tally.bytes[f"triton:{_name}"] += tensor_bytes(args)

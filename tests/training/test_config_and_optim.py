@@ -63,7 +63,6 @@ def test_no_weight_decay_on_norms_biases_and_cema():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-
 def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_steps_like_the_multi_tensor_one():
     """One fused kernel for every parameter (its step counts on the device, which the multi-tensor path reads on
     the host every step), with the same parameter groups and the same update up to rounding."""

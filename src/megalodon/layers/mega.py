@@ -104,9 +104,9 @@ class MovingAverageGatedAttention(nn.Module):
         """dropout(Wh1 mx + Wh2 dropout(attn * silu(gate))) + x: the first hop of the residual. gate None: attn
         is attn * silu(gate) already (decode's attention applies the gate)."""
         training = self.training
-        if gate is None and not training and h1.dtype == x.dtype == attn.dtype:
-            # a decode step, where h1 is this step's own: x + h1, then the GEMM adds Wh2 attn into it (two kernels,
-            # where the out-of-place sums take three)
+        if gate is None and not training and h1.dtype == x.dtype:
+            # a decode step, where h1 is this step's own: x + h1 (in h1, so only where that does not round x), then
+            # the GEMM adds Wh2 attn into it (two kernels, where the out-of-place sums take three)
             return add_linear_(h1.add_(x), attn, self.wh2.weight.to(attn.dtype))
         if gate is None:
             h = h1 + F.linear(attn, self.wh2.weight.to(attn.dtype))
