@@ -19,7 +19,8 @@ figures):
           and PyTorch must not share the GPU's memory pools);
 - profile: one mega200M 4K step of each model under torch.profiler, eager and with compiled blocks: GPU time and
           launches by kind of kernel (GEMMs, CEMA, TimestepNorm, attention, Inductor's fused kernels, copies...),
-          Megalodon's eager kernels one by one, and its trace under --out;
+          Megalodon's eager kernels one by one, and its trace under --out; then a decode step of each model the
+          same way (per step, from the middle of a chunk): what a graph-replayed step's kernels cost the GPU;
 - parity: the CUDA model (Triton kernels, fp32) against the CPU fp32 model: logits and gradients; bf16 autocast
           against fp32; split invariance on CUDA (the GPU tests check the kernels and the model first);
 - hf:     transformers' generate() against the core's static decode, Megalodon at the first decode position
@@ -143,10 +144,25 @@ def profiled_step(arch: str, preset: str, length: int, compiled: bool = False):
     return prof
 
 
-def section_profile(preset: str, length: int, out: Path | None) -> dict:
+def kind_table(runs: dict[str, dict[str, tuple[int, float]]], per: int = 1) -> None:
+    """Columns of op_timing.kernels_by_kind results side by side (divided by `per`: a step's share of several),
+    each column's GPU-busy total last."""
+    log("| kernels | " + " | ".join(runs) + " |")
+    log("|---|" + "---|" * len(runs))
+    for kind in [kind for kind, _, _ in op_timing.KERNEL_KINDS] + ["other"]:
+        cells = [runs[column].get(kind) for column in runs]
+        if any(cells):
+            log(f"| {kind} | " + " | ".join(f"{ms / per:.3f} ({n / per:,.0f})" if (n, ms) != (0, 0.0) else "-"
+                                           for n, ms in (c or (0, 0.0) for c in cells)) + " |")
+    totals = [(sum(n for n, _ in kinds.values()), sum(ms for _, ms in kinds.values())) for kinds in runs.values()]
+    log("| **GPU busy** | " + " | ".join(f"**{ms / per:.3f}** ({n / per:,.0f})" for n, ms in totals) + " |\n")
+
+
+def section_profile(preset: str, length: int, out: Path | None, decode_steps: int = 32) -> dict:
     """The eager step of both models, kernel by kernel (Megalodon's table and trace), then both models' kernels
     by kind, eager and with compiled blocks: where Megalodon's GPU time goes against the Llama's. A graphed step
-    replays the same kernels, so their sum is the GPU time a step costs once the host is out of it."""
+    replays the same kernels, so their sum is the GPU time a step costs once the host is out of it. Then the same
+    for a decode step (profile_decode)."""
     log(f"## Profile: one {preset} step at {length} tokens (bf16 autocast)\n")
     runs = {}
     for mode in ("eager", "compiled"):
@@ -164,31 +180,80 @@ def section_profile(preset: str, length: int, out: Path | None) -> dict:
             free_cache()
     columns = [key for key in (("megalodon", "eager"), ("llama", "eager"), ("megalodon", "compiled"),
                                ("llama", "compiled")) if key in runs]
-    totals = {key: (sum(n for n, _ in runs[key].values()), sum(ms for _, ms in runs[key].values()))
-              for key in columns}
-    if ("megalodon", "eager") in totals and ("llama", "eager") in totals:
+    if ("megalodon", "eager") in runs and ("llama", "eager") in runs:
         # benchmarks/op_counts.py predicts the launches on the CPU (per layer); here the whole step
-        log(f"CUDA kernel launches in one eager step: Megalodon {totals['megalodon', 'eager'][0]:,}, the Llama "
-            f"{totals['llama', 'eager'][0]:,}\n")
+        launches = {arch: sum(n for n, _ in runs[arch, "eager"].values()) for arch in ("megalodon", "llama")}
+        log(f"CUDA kernel launches in one eager step: Megalodon {launches['megalodon']:,}, the Llama "
+            f"{launches['llama']:,}\n")
     log("GPU time by kind of kernel, ms (launches): the kernels' own time, the host's gaps left out\n")
-    log("| kernels | " + " | ".join(f"{'Megalodon' if a == 'megalodon' else 'Llama'} {m}" for a, m in columns) + " |")
-    log("|---|" + "---|" * len(columns))
-    kinds = [kind for kind, _, _ in op_timing.KERNEL_KINDS] + ["other"]
-    for kind in kinds:
-        cells = [runs[key].get(kind) for key in columns]
-        if any(cells):
-            log(f"| {kind} | " + " | ".join(f"{ms:.2f} ({n:,})" if (n, ms) != (0, 0.0) else "-"
-                                               for n, ms in (c or (0, 0.0) for c in cells)) + " |")
-    log("| **GPU busy** | " + " | ".join(f"**{totals[key][1]:.2f}** ({totals[key][0]:,})" for key in columns) + " |")
+    kind_table({f"{'Megalodon' if arch == 'megalodon' else 'Llama'} {mode}": runs[arch, mode]
+                for arch, mode in columns})
     if ("megalodon", "eager") in runs:
-        sort = "cuda_time_total" if training.DEVICE == "cuda" else "cpu_time_total"
-        log("\nMegalodon eager, kernel by kernel:\n")
-        log("```\n" + kept.key_averages().table(sort_by=sort, row_limit=30) + "\n```\n")
+        log("Megalodon eager, kernel by kernel:\n")
+        log("```\n" + kept.key_averages().table(sort_by=SORT_BY[training.DEVICE], row_limit=30) + "\n```\n")
         if out is not None:
             # gzipped: the raw JSON can pass the 16 MB a file that the device tool brings back
             kept.export_chrome_trace(str(out / f"trace_{preset}_{length}.json.gz"))
-    return {f"{arch} {mode}": {kind: {"launches": n, "ms": ms} for kind, (n, ms) in runs[arch, mode].items()}
-            for arch, mode in columns}
+    result = {f"{arch} {mode}": {kind: {"launches": n, "ms": ms} for kind, (n, ms) in runs[arch, mode].items()}
+              for arch, mode in columns}
+    if not out_of_time("the decode profile"):
+        result["decode"] = profile_decode(preset, decode_steps)
+    return result
+
+
+SORT_BY = {"cuda": "cuda_time_total", "cpu": "cpu_time_total"}
+
+
+@torch.no_grad()
+def profiled_decode(arch: str, preset: str, position: int, steps: int):
+    """torch.profiler over `steps` eager decode steps (bf16, batch 1, greedy) after prefilling `position` tokens.
+    Eager, each kernel is its own launch; a CUDA graph replays the same kernels, so their time is the floor of a
+    replayed step, and the decode table's ms/token minus it is what the replay loses between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megalodon.inference.benchmark import prefill_for_decode
+    from megalodon.inference.decoding import StaticDecoder
+
+    model = build(arch, preset).to(torch.bfloat16).eval()
+    logits, state, _ = prefill_for_decode(model, position, steps + 3)
+    decoder = StaticDecoder(model, state, cuda_graph=False)
+    token = logits.argmax(-1)
+    for _ in range(3):
+        token = decoder.step(token).argmax(-1)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if training.DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            token = decoder.step(token).argmax(-1)
+        sync()
+    return prof
+
+
+def profile_decode(preset: str, steps: int) -> dict:
+    """Both models' decode step by kind of kernel, per step, from the middle of a chunk (the step attends to half
+    a chunk of Megalodon's values; the Llama to its whole cache, as long), and Megalodon's kernels one by one."""
+    from megalodon import MegalodonConfig
+
+    position = MegalodonConfig.from_preset(preset).chunk_size * 3 // 2
+    log(f"### Decode: {steps} eager steps after {position:,} tokens, GPU time per step by kind of kernel, ms "
+        "(launches)\n")
+    runs, kept = {}, None
+    for arch in ("megalodon", "llama"):
+        try:
+            prof = profiled_decode(arch, preset, position, steps)
+        except Exception as err:
+            log(f"(decode profile of {arch} failed: {type(err).__name__}: {str(err)[:160]})\n")
+            continue
+        runs["Megalodon" if arch == "megalodon" else "Llama"] = op_timing.kernels_by_kind(prof)
+        kept = prof if arch == "megalodon" else kept
+        free_cache()
+    kind_table(runs, per=steps)
+    if kept is not None:
+        log(f"Megalodon's decode, kernel by kernel ({steps} steps):\n")
+        log("```\n" + kept.key_averages().table(sort_by=SORT_BY[training.DEVICE], row_limit=25) + "\n```\n")
+    return {"position": position, "steps": steps, **{
+        column: {kind: {"launches": n / steps, "ms": ms / steps} for kind, (n, ms) in kinds.items()}
+        for column, kinds in runs.items()}}
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -232,9 +297,9 @@ def main() -> None:
     global DEADLINE
     DEVICE = args.device
     training.use_device(DEVICE)
-    parity_preset, profile_case = "mega200M", ("mega200M", 4096)
+    parity_preset, profile_case = "mega200M", ("mega200M", 4096, 32)  # preset, training length, decode steps
     if DEVICE == "cpu":  # the smoke test: every code path at the tiny preset's sizes
-        args.presets, args.lengths, parity_preset, profile_case = ["tiny"], [160], "tiny", ("tiny", 96)
+        args.presets, args.lengths, parity_preset, profile_case = ["tiny"], [160], "tiny", ("tiny", 96, 4)
         args.decode_preset, args.decode_positions, args.decode_steps, args.hf_tokens = "tiny", [64, 300], 8, 8
         args.repeats, args.jax_lengths = 1, [128]
     elif not torch.cuda.is_available():
@@ -272,7 +337,7 @@ def main() -> None:
         "jax": lambda: bench_jax.section(args.jax_lengths, args.repeats, out_of_time, DEADLINE),
         "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps,
                                          args.modes),
-        "profile": lambda: section_profile(*profile_case, args.out),
+        "profile": lambda: section_profile(*profile_case[:2], args.out, profile_case[2]),
         "hf": lambda: section_hf(args.decode_preset, args.decode_positions[0], args.hf_tokens, args.repeats),
     }
     unknown = [name for name in sections if name not in runners]

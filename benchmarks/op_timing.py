@@ -28,6 +28,8 @@ KERNEL_KINDS = [
                                               "causal_softmax_bwd_kernel"}, ()),
     ("gates and row norms (Triton)", {"silu_gate_kernel", "silu_gate_bwd_kernel", "norm_rows_kernel",
                                       "norm_rows_bwd_kernel"}, ()),
+    ("decode steps (Triton)", {"_cema_step_kernel", "_step_kernel", "slot_scores_kernel", "slot_values_kernel"},
+     ()),
     ("attention: flash / SDPA", set(), ("flash", "fmha", "attention", "sdpa")),
     ("GEMMs", set(), ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
     ("compiled: fused by Inductor", set(), ("triton_poi", "triton_red", "triton_per", "triton_tem")),

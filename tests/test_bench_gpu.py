@@ -146,6 +146,8 @@ def test_profile_sorts_kernels_by_what_they_belong_to():
         "causal_softmax_bwd_kernel": "attention: q, k and softmax (Triton)",
         "norm_rows_bwd_kernel": "gates and row norms (Triton)",  # not torch's norms, which "norm" would match
         "silu_gate_kernel": "gates and row norms (Triton)",
+        "_step_kernel": "decode steps (Triton)",  # the TimestepNorm's decode step, not its training kernels
+        "slot_values_kernel": "decode steps (Triton)",
         "void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, cutlass::bfloat16_t>>":
             "attention: flash / SDPA",
         "triton_poi_fused__to_copy_add_mul_3": "compiled: fused by Inductor",

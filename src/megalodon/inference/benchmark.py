@@ -67,13 +67,9 @@ def measure_decode_variants(model, position: int, steps: int, compile_variants: 
         raise ValueError(f"compile_variants must be a non-empty list of bools, got {compile_variants!r}")
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    if isinstance(model, Megalodon):
-        logits, state, prefilled = _prefill_megalodon(model, position, batch_size, generator)
-    else:
-        logits, state, prefilled = _prefill_llama(model, position, batch_size, warmup + steps, generator,
-                                                  llama_prefill_limit)
+    logits, state, prefilled = prefill_for_decode(model, position, warmup + steps, batch_size=batch_size, seed=seed,
+                                                  llama_prefill_limit=llama_prefill_limit)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
     restore = state_restorer(state)
@@ -102,6 +98,18 @@ def measure_decode_variants(model, position: int, steps: int, compile_variants: 
         })
         del decoder  # its CUDA graph's memory pool goes before the next variant captures
     return results
+
+
+@torch.no_grad()
+def prefill_for_decode(model, position: int, steps: int, *, batch_size: int = 1, seed: int = 0,
+                       llama_prefill_limit: int = LLAMA_PREFILL_LIMIT):
+    """`position` random tokens per row through the model (a Megalodon or a Llama, on its device, in eval mode):
+    (the last position's logits (B, V), the static decode state with room for `steps` more tokens, whether the
+    prefill was real). Beyond llama_prefill_limit the Llama's cache is filled with random keys and values."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    if isinstance(model, Megalodon):
+        return _prefill_megalodon(model, position, batch_size, generator)
+    return _prefill_llama(model, position, batch_size, steps, generator, llama_prefill_limit)
 
 
 def _random_ids(model, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
