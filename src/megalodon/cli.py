@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - every error becomes one line; --debug shows the traceback
         if debug:
             raise
-        print(f"{prefix}: error: {describe_error(err)}", file=sys.stderr)
+        print(f"{prefix}: error: {describe_error(err, args.command)}", file=sys.stderr)
         return 2
 
 
@@ -228,9 +228,15 @@ _OS_HINTS = {
 }
 
 
-def describe_error(err: Exception) -> str:
+def describe_error(err: Exception, command: str | None = None) -> str:
     """One line for the user: what went wrong, with which file or option, and what to do."""
     from safetensors import SafetensorError
+
+    from megalodon.out_of_memory import COMMAND_FIXES, OutOfMemory, is_out_of_memory, torch_figures
+
+    if is_out_of_memory(err) and not isinstance(err, OutOfMemory):  # not explained where it happened
+        fixes = COMMAND_FIXES.get(command, "use a smaller model or batch, or another --device")
+        return f"out of memory ({torch_figures(err)}): {fixes}"
 
     if isinstance(err, OSError) and err.filename is not None:
         names = " -> ".join(str(n) for n in (err.filename, err.filename2) if n is not None)

@@ -16,6 +16,7 @@ import torch
 from megalodon.checkpoint import save_pretrained
 from megalodon.data import IGNORE_INDEX, Batch, PackedBatcher
 from megalodon.model import Megalodon
+from megalodon.out_of_memory import EVALUATION_FIXES, explain_out_of_memory, training_step_fixes, weights_fixes
 from megalodon.progress import progress_bar
 from megalodon.parallel.runtime import Ranks, rank_device
 from megalodon.state import MegalodonState
@@ -93,7 +94,11 @@ class Trainer:
         self.chunk = chunk_size_of(cfg)
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
-        self.model = build_model(cfg, tok.vocab_size).to(self.device)
+        self.model = build_model(cfg, tok.vocab_size)
+        self.parameter_count = self.model.num_parameters()
+        with explain_out_of_memory(f"placing the model on {self.device}",
+                                   weights_fixes(self.parameter_count, optimizer=False)):
+            self.model.to(self.device)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if cfg.compile:  # after checkpointing (each block's graph holds its recomputation), before wrapping
@@ -246,17 +251,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # reading each loss would wait for the GPU
-        for m in range(cfg.grad_accum):
-            rows = slice(m * micro, (m + 1) * micro)
-            part = Batch(mine.input_ids[rows], mine.labels[rows], mine.doc_start[rows], mine.continues[rows])
-            with autocast(cfg, self.device), graph_launches(cfg):
-                loss, new_state = forward_loss(self.runner, part, self.streams[m], self.stateful)
-            (loss * scale).backward()  # every label weighs the same across micro-batches and ranks
-            total += loss.detach().double()
-            if self.stateful:  # truncated BPTT: the state goes on, its graph does not
-                new_state = carried(new_state, cfg)
-                self.streams[m] = new_state if self.ranks is None else \
-                    self.ranks.global_state(new_state, part.input_ids.shape[1])
+        with self._out_of_memory(f"in training step {self.step + 1}", training_step_fixes(cfg.activation_checkpointing),
+                                 f"{micro} x {mine.input_ids.shape[1]} tokens a micro-batch"):
+            for m in range(cfg.grad_accum):
+                self._forward_backward(mine, slice(m * micro, (m + 1) * micro), m, scale, total)
         # max_norm inf only measures: the norm is what tells a diverging run apart
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
@@ -264,18 +262,40 @@ class Trainer:
         if self.ranks is not None:
             total = self.ranks.sum([total])[0]
         if not (math.isfinite(total) and math.isfinite(self.grad_norm)):
-            latest = list_checkpoints(self.run_dir)[-1:]
             raise RuntimeError(
                 f"training diverged at step {self.step + 1}: the loss is {total / n_labels:.4g} and the gradient "
-                f"norm {self.grad_norm:.4g} (learning rate {lr:.3g}). Nothing of this step was saved; "
-                f"{'the last checkpoint is ' + str(latest[0]) if latest else 'no checkpoint was written yet'}. "
-                "Lower --lr or raise --warmup_steps, and start again")
-        self.optimizer.step()
+                f"norm {self.grad_norm:.4g} (learning rate {lr:.3g}). {self._nothing_lost()}. Lower --lr or raise "
+                "--warmup_steps, and start again")
+        with self._out_of_memory("in the optimizer's step", weights_fixes(self.parameter_count, optimizer=True)):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += batch.input_ids.numel()
         self.train_time += time.perf_counter() - started
         return total / n_labels
+
+    def _nothing_lost(self) -> str:
+        latest = list_checkpoints(self.run_dir)[-1:]
+        return ("Nothing of this step was saved; " +
+                (f"the last checkpoint is {latest[0]}" if latest else "no checkpoint was written yet"))
+
+    def _out_of_memory(self, doing: str, fixes: str, detail: str | None = None):
+        """An out-of-memory error inside a step, explained: where, on which device, what needs less, what was kept."""
+        where = f"{doing} on {self.device}" + (f", {detail}" if detail else "")
+        return explain_out_of_memory(where, lambda: f"{fixes}. {self._nothing_lost()}")
+
+    def _forward_backward(self, mine: Batch, rows: slice, m: int, scale: float, total: torch.Tensor) -> None:
+        """Micro-batch m (these rows of the step's batch): forward and backward, its loss added into `total` (on
+        the device), its state carried to the next step."""
+        part = Batch(mine.input_ids[rows], mine.labels[rows], mine.doc_start[rows], mine.continues[rows])
+        with autocast(self.cfg, self.device), graph_launches(self.cfg):
+            loss, new_state = forward_loss(self.runner, part, self.streams[m], self.stateful)
+        (loss * scale).backward()  # every label weighs the same across micro-batches and ranks
+        total += loss.detach().double()
+        if self.stateful:  # truncated BPTT: the state goes on, its graph does not
+            new_state = carried(new_state, self.cfg)
+            self.streams[m] = new_state if self.ranks is None else \
+                self.ranks.global_state(new_state, part.input_ids.shape[1])
 
     def _done(self) -> bool:
         return self.max_steps > 0 and self.step >= self.max_steps
@@ -343,7 +363,9 @@ class Trainer:
                       "train_s": self.train_time, "elapsed_s": self.elapsed})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-            result = evaluate(self.model, self.val_store, cfg, self.chunk, self.pad_id, self.device, self.ranks)
+            with explain_out_of_memory(f"in evaluation on {self.device}, {cfg.eval_batch_size} x {cfg.seq_len} tokens "
+                                       "a call", EVALUATION_FIXES):
+                result = evaluate(self.model, self.val_store, cfg, self.chunk, self.pad_id, self.device, self.ranks)
             self.log({"step": step, **result})
             if self.main:
                 bar.write(f"step {step}: val loss {result['val_loss']:.4f}, bits/byte {result['val_bpb']:.4f}")
