@@ -162,6 +162,19 @@ def test_profile_sorts_kernels_by_what_they_belong_to():
     assert {name: kind_of(name) for name in expected} == expected
 
 
+def test_every_kernel_of_the_package_has_a_kind_in_the_profile():
+    """A Triton kernel added without a row in op_timing.KERNEL_KINDS would fall into "other" in the GPU profile's
+    tables, training and decode alike, and its time would go unattributed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from op_counts import triton_kernels
+    from op_timing import kind_of
+
+    # what a grid launches, by this package's naming (the @triton.jit helpers they call are jit functions too)
+    names = {kernel.fn.__name__ for kernel in triton_kernels() if kernel.fn.__name__.endswith("_kernel")}
+    assert len(names) >= 26
+    assert {name for name in names if kind_of(name) == "other"} == set()
+
+
 def run_targets(*args: str) -> list[tuple[str, str, str]]:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_targets.py"), *args], capture_output=True,
                          text=True, timeout=60)
