@@ -4,12 +4,13 @@
     python benchmarks/bench_gpu.py --kernel-settings kernel-settings.json ...
 
 The kernels' tiling constants (the CEMA's steps per chunk and tile prefetch, the TimestepNorm scans' tiles and
-segments, the chunk attention's query blocks) and whether the SiLU gates' and row norms' kernels beat torch's ops
-were chosen without a GPU. This times each op alone at mega200M's 4K training shape, forward and backward, by the
-GPU's own time (the kernels' sum from torch.profiler over a few runs: the host's gaps, which a graphed step does
-not have, left out), tries each candidate of a group in turn, and keeps the fastest where it beats the default by
-more than MARGIN (else the default stays: noise must not move a setting). Candidates run most promising first and
-nothing new starts past --deadline, so the choice is the best of what was timed.
+segments, the chunk attention's query blocks) and whether the kernels that replace a few of torch's ops (the SiLU
+gates', the row norms', the attention's masked softmax, the queries' and keys') beat those ops were chosen without a
+GPU. This times each op alone at mega200M's 4K training shape, forward and backward, by the GPU's own time (the
+kernels' sum from torch.profiler over a few runs: the host's gaps, which a graphed step does not have, left out),
+tries each candidate of a group in turn, and keeps the fastest where it beats the default by more than MARGIN (else
+the default stays: noise must not move a setting). Candidates run most promising first and nothing new starts past
+--deadline, so the choice is the best of what was timed.
 
 The JSON holds {"modules": {module: {NAME: value}}, "disable": [op, ...], "timings": {group: {candidate: ms}}}.
 `apply_settings` sets the modules' attributes (each read at call time) and adds `disable` to
@@ -38,6 +39,7 @@ RUNS = 3  # runs of an op under one profile; its time is their mean
 CEMA = "megalodon.ops.triton.cema"
 NORM = "megalodon.ops.triton.timestep_norm"
 ATTENTION = "megalodon.ops.attention"
+DISPATCH = "megalodon.ops.triton"
 
 
 def choose(timings: dict[str, float], default: str, margin: float = MARGIN) -> str:
@@ -62,6 +64,20 @@ def module_settings(module: str, values: dict):
     finally:
         for name, value in saved.items():
             setattr(target, name, value)
+
+
+@contextmanager
+def environment(name: str, value: str):
+    """The environment variable set to `value` inside, restored after."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
 
 
 def apply_settings(path: Path) -> dict:
@@ -170,35 +186,63 @@ def attention_op(shape: Shape) -> Callable[[], None]:
     return run
 
 
+def queries_keys_op(shape: Shape) -> Callable[[], None]:
+    """q and k from z (bf16, as the linears give it): its per-head norm, affine and rotary, both ways."""
+    from megalodon.ops.attention import queries_keys, rotary_angles
+
+    cfg = shape.config
+    heads, dz = cfg.num_heads, cfg.head_z_dim
+    torch.manual_seed(0)
+    z = torch.randn(1, shape.length, heads * dz, device=shape.device, dtype=torch.bfloat16, requires_grad=True)
+    scale, shift = (torch.randn(2, heads * dz, device=shape.device, requires_grad=True) for _ in range(2))
+    freqs = 10000.0 ** (-torch.arange(0, dz, 2, device=shape.device, dtype=torch.float32) / dz)
+    rotation = rotary_angles(torch.arange(shape.length, device=shape.device) % cfg.chunk_size, freqs, torch.float32)
+    grads = [torch.randn(1, shape.length, heads, dz, device=shape.device, dtype=torch.bfloat16) for _ in range(2)]
+
+    def run() -> None:
+        torch.autograd.backward(queries_keys(z, heads, cfg.norm_eps, scale, shift, rotation), grads)
+        for t in (z, scale, shift):
+            t.grad = None
+
+    return run
+
+
 def kernels_to_turn_off(shape: Shape, deadline: float, timings: dict) -> list[str]:
-    """The SiLU gates' and the row norms' kernels against torch's ops (bench_fused.py's four ops, each kernel's
-    two ops summed): a kernel slower than torch's ops by more than MARGIN is turned off."""
+    """Each of the kernels that replace a few of torch's ops against those ops, forward and backward: the SiLU
+    gates' and the row norms' (bench_fused.py's four ops, each kernel's two summed), the attention's masked
+    softmax (in the chunk attention) and the queries' and keys' (their norm, affine and rotary). A kernel slower
+    than torch's ops by more than MARGIN is turned off."""
     import bench_fused  # beside this file
 
     from megalodon.ops.triton import DISABLE_ENV
 
     if time.perf_counter() > deadline:
-        print("(past the deadline: the gates' and norms' kernels not timed)")
+        print("(past the deadline: the kernels against torch's ops not timed)")
         return []
     kernel_of = {"output gate": "silu_gate", "FFN SiLU": "silu_gate", "RMSNorm": "norm_rows", "LayerNorm": "norm_rows"}
-    totals = {kernel: {"triton": 0.0, "torch": 0.0} for kernel in dict.fromkeys(kernel_of.values())}
+    ops: dict[str, list[Callable[[], None]]] = {}
+    for label, run in bench_fused.cases(shape.config, shape.length, shape.device).items():
+        ops.setdefault(kernel_of[label], []).append(run)
+    ops["causal_softmax"] = [attention_op(shape)]
+    ops["queries_keys"] = [queries_keys_op(shape)]
     saved = os.environ.get(DISABLE_ENV, "")
-    try:
-        for label, run in bench_fused.cases(shape.config, shape.length, shape.device).items():
-            turned_off = ",".join(filter(None, [saved, kernel_of[label]]))
-            for path in ("triton", "torch"):
-                os.environ[DISABLE_ENV] = saved if path == "triton" else turned_off
-                totals[kernel_of[label]][path] += op_time(run, shape.device)
-    finally:
-        os.environ[DISABLE_ENV] = saved
     off = []
-    for kernel, times in totals.items():
-        name = f"{kernel} kernels (their two ops)"
-        timings[name] = times
-        pick = choose(times, "triton")
-        report(name, times, pick)
-        if pick == "torch":
-            off.append(kernel)
+    # each kernel timed on, even one that ops/triton's OFF_BY_DEFAULT holds off (a run may find it faster now)
+    with module_settings(DISPATCH, {"OFF_BY_DEFAULT": frozenset()}):
+        for kernel, runs in ops.items():
+            if time.perf_counter() > deadline:
+                print(f"(past the deadline: the {kernel} kernels not timed)")
+                break
+            times = {}
+            for path, disable in (("triton", saved), ("torch", ",".join(filter(None, [saved, kernel])))):
+                with environment(DISABLE_ENV, disable):
+                    times[path] = sum(op_time(run, shape.device) for run in runs)
+            name = f"{kernel} kernels (their ops)"
+            timings[name] = times
+            pick = choose(times, "triton")
+            report(name, times, pick)
+            if pick == "torch":
+                off.append(kernel)
     return off
 
 

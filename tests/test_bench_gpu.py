@@ -284,6 +284,20 @@ def test_kernel_settings_are_applied_and_recorded_or_refused(tmp_path, monkeypat
         apply_settings(tmp_path / "missing.json")
 
 
+def test_kernels_off_by_default_stay_off_whatever_the_environment_adds(monkeypatch):
+    """ops/triton's OFF_BY_DEFAULT (where a GPU run's tuning found a kernel slower than torch's ops) is off with no
+    MEGALODON_DISABLE_TRITON, and stays off beside the ops it names."""
+    import megalodon.ops.triton as dispatch
+
+    monkeypatch.setattr(dispatch, "OFF_BY_DEFAULT", frozenset({"norm_rows"}))
+    monkeypatch.delenv(dispatch.DISABLE_ENV, raising=False)
+    assert dispatch.disabled_ops() == {"norm_rows"}
+    monkeypatch.setenv(dispatch.DISABLE_ENV, "cema")
+    assert dispatch.disabled_ops() == {"cema", "norm_rows"}
+    monkeypatch.setenv(dispatch.DISABLE_ENV, "all")
+    assert dispatch.disabled_ops() == {"all"}
+
+
 def test_targets_name_the_rows_of_a_tuned_run(tmp_path):
     """A results file made with kernel settings that changed something: its training rows count as measurements
     of their own, named "(tuned)", beside the default run's."""
@@ -311,7 +325,8 @@ def test_tuning_runs_every_group_on_cpu_and_bench_gpu_takes_its_file(tmp_path):
     assert set(written["timings"]) == {"CEMA steps per chunk", "chunk attention's query blocks",
                                        "CEMA tile prefetch (forward, adjoint)",
                                        "TimestepNorm scan tiles (tokens x groups, warps, segments)",
-                                       "silu_gate kernels (their two ops)", "norm_rows kernels (their two ops)"}
+                                       "silu_gate kernels (their ops)", "norm_rows kernels (their ops)",
+                                       "causal_softmax kernels (their ops)", "queries_keys kernels (their ops)"}
     assert all(math.isfinite(ms) for times in written["timings"].values() for ms in times.values())
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--strict", "--sections",

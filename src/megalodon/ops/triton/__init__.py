@@ -43,13 +43,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Ops whose kernels a GPU run measured slower than torch's own ops (benchmarks/gpu_tuning.py): they take the
+# PyTorch path everywhere, as if MEGALODON_DISABLE_TRITON named them. None so far.
+OFF_BY_DEFAULT: frozenset[str] = frozenset()
+
+
 def disabled_ops() -> set[str]:
-    """Ops forced onto the PyTorch path by MEGALODON_DISABLE_TRITON: "1" or "all" for every op, or a comma list
-    of op names such as "cema,timestep_norm"."""
+    """Ops forced onto the PyTorch path: OFF_BY_DEFAULT, and MEGALODON_DISABLE_TRITON's "1" or "all" for every op,
+    or a comma list of op names such as "cema,timestep_norm"."""
     value = os.environ.get(DISABLE_ENV, "").strip().lower()
     if value in ("", "0"):
-        return set()
-    return {"all"} if value in ("1", "all", "true") else {name.strip() for name in value.split(",")}
+        return set(OFF_BY_DEFAULT)
+    return {"all"} if value in ("1", "all", "true") else {name.strip() for name in value.split(",")} | OFF_BY_DEFAULT
 
 
 def use_triton(op: str, *tensors: Tensor) -> bool:
