@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from helpers import requires_cuda
 
 from megalodon.data import IGNORE_INDEX, ByteTokenizer, PackedBatcher, eval_windows
 
@@ -122,3 +123,14 @@ def test_eval_windows_walk_each_document_once_in_order(make_store, synthetic_doc
     assert int(store.doc_bytes.sum()) == store.n_bytes
     last = batches[-1].input_ids
     assert last.shape == (batch_size, L) and (last != PAD).any()  # no trailing all-padding window
+
+
+@requires_cuda
+def test_a_batch_reaches_the_gpu_through_pinned_memory_unchanged(make_store, synthetic_documents):
+    """Batch.to("cuda") copies from pinned memory without holding the host; the values arrive as they left."""
+    batch = PackedBatcher(make_store(synthetic_documents(8)), B, L, C, seed=0, pad_id=PAD).next_batch()
+    moved = batch.to("cuda")
+    torch.cuda.synchronize()
+    for name in ("input_ids", "labels", "doc_start", "continues"):
+        assert getattr(moved, name).is_cuda and torch.equal(getattr(moved, name).cpu(), getattr(batch, name))
+    assert torch.equal(moved.to("cpu").input_ids, batch.input_ids)  # back again: no pinning on the way to a CPU
