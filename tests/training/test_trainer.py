@@ -270,3 +270,20 @@ def test_a_step_waits_for_the_device_once_however_many_micro_batches(make_config
             reads[accum] = found
             assert math.isfinite(loss) and math.isfinite(trainer.grad_norm) and trainer.grad_norm > 0
     assert len(reads[1]) == len(reads[4]) == 2, reads
+
+
+def test_evaluation_waits_for_the_device_once_however_many_windows(make_config, tmp_path, monkeypatch):
+    """The validation losses add up on the device and are read once at the end, not once a window (each read would
+    drain a GPU's queue). The other reads are each window's label count, taken from its host copy."""
+    from megalodon.data import eval_windows
+    from megalodon.training.compute import evaluate
+
+    device_value_checks(monkeypatch)
+    cfg = make_config(seq_len=32, eval_batch_size=2)
+    with Trainer(cfg, tmp_path / "run", progress=False) as trainer:
+        windows = len(list(eval_windows(trainer.val_store, cfg.seq_len, trainer.chunk, trainer.pad_id,
+                                        cfg.eval_batch_size)))
+        with counted_host_syncs() as found:
+            result = evaluate(trainer.model, trainer.val_store, cfg, trainer.chunk, trainer.pad_id, trainer.device)
+    assert windows >= 3 and len(found) == windows + 1, (windows, found)
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] > 0

@@ -85,7 +85,8 @@ def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int
     was_training = model.training
     model.eval()
     shard_rows = ranks is not None and cfg.eval_batch_size % ranks.dp == 0
-    nats, count, state = 0.0, 0, None
+    count, state = 0, None
+    nats = torch.zeros((), dtype=torch.float64, device=device)  # read once at the end: no wait for the GPU a window
     for batch in eval_windows(store, cfg.seq_len, chunk, pad_id, cfg.eval_batch_size):
         count += int((batch.labels != IGNORE_INDEX).sum())  # of the whole window: every rank stops together
         if ranks is not None:
@@ -94,10 +95,11 @@ def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int
         with autocast(cfg, device):
             loss, state = forward_loss(model, batch, state, stateful=isinstance(model, Megalodon))
         state = carried(state, cfg)
-        nats += float(loss)
+        nats += loss.double()
         if cfg.eval_tokens and count >= cfg.eval_tokens:
             break
     model.train(was_training)
+    nats = float(nats)
     if ranks is not None:
         nats = (ranks.sum([nats]) if shard_rows else ranks.sum_cp([nats]))[0]
     mean = nats / max(count, 1)
