@@ -98,3 +98,33 @@ def test_baseline_refuses_truncate_chunks_and_empty_input(llama, model):
         evaluate(llama, [random_document(20)], truncate_chunks=8)
     with pytest.raises(ValueError, match="nothing to predict"):
         evaluate(model, [random_document(1)])
+
+
+def test_position_buckets_split_a_block_as_bucketize_files_each_position():
+    """The host-side split of a block's positions into buckets (no index tensor to send to a GPU) against
+    torch.bucketize position by position, for blocks that start on, before and past edges, and past the last."""
+    from megalodon.inference.evaluate import position_buckets
+
+    generator = torch.Generator().manual_seed(0)
+    for edges in ([0, 4, 10, 1000], [0, 1024, 2048, 4096], [0, 1]):
+        inner = torch.tensor(edges[1:-1], dtype=torch.int64)
+        for _ in range(200):
+            start = int(torch.randint(1, 2 * edges[-1] + 2, (), generator=generator))
+            count = int(torch.randint(1, 3000, (), generator=generator))
+            want = torch.bucketize(torch.arange(start, start + count), inner, right=True)
+            first, spans = position_buckets(edges, start, count)
+            got = torch.cat([torch.full((b - a,), k) for k, (a, b) in enumerate(spans, first)])
+            assert torch.equal(got, want) and all(b > a for a, b in spans), (edges, start, count, spans)
+
+
+def test_evaluation_reads_the_device_once_a_document_however_many_blocks(model, monkeypatch):
+    """Each block's losses add up where they were computed; the host reads a document's sum once and the buckets
+    once at the end. A read a block would drain a GPU's queue between blocks (the model's own value checks in
+    their device form here, as on a GPU)."""
+    from host_syncs import counted_host_syncs, device_value_checks
+
+    device_value_checks(monkeypatch)
+    for length in (40, 160):  # 3 and 10 blocks of 16
+        with counted_host_syncs() as found:
+            evaluate(model, [random_document(length, seed=length)], block_size=16)
+        assert len(found) == 2, (length, found)

@@ -19,6 +19,7 @@ curve covers every position, like Megalodon's; the report names the attention us
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import time
@@ -152,27 +153,28 @@ def evaluate(
     longest = max(d.ids.numel() for d in documents)
     edges = check_bucket_edges(bucket_edges) if bucket_edges is not None else default_bucket_edges(longest)
     result = EvalResult(label or settings["architecture"], settings, edges)
-    edge_tensor = torch.tensor(edges[1:-1], dtype=torch.int64)
-    loss_sums = torch.zeros(len(edges) - 1, dtype=torch.float64)
-    token_counts = torch.zeros(len(edges) - 1, dtype=torch.int64)
     device = next(model.parameters()).device
+    # summed on the device, read once a document (doc_nll) and once at the end: no wait for a GPU a block
+    loss_sums = torch.zeros(len(edges) - 1, dtype=torch.float64, device=device)
+    token_counts = [0] * (len(edges) - 1)
     bar = progress_bar(total=sum(d.ids.numel() - 1 for d in documents), disable=not progress, unit="tok",
                desc=result.label, leave=False, mininterval=2.0)
     start_time = time.perf_counter()
     with evaluation_mode(model):
         for doc in documents:
             ids = doc.ids.to(device)
-            doc_nll = 0.0
+            doc_nll = torch.zeros((), dtype=torch.float64, device=device)
             for begin, logits, state_bytes in blocks(model, ids[:-1]):
                 targets = ids[begin + 1:begin + 1 + logits.shape[0]]
-                nll = F.cross_entropy(logits, targets, reduction="none").to(device="cpu", dtype=torch.float64)
-                positions = torch.arange(begin + 1, begin + 1 + nll.numel())
-                bucket = torch.bucketize(positions, edge_tensor, right=True)  # a <= t < b -> its bucket
-                loss_sums.index_add_(0, bucket, nll)
-                token_counts.index_add_(0, bucket, torch.ones_like(bucket))
-                doc_nll += float(nll.sum())
+                nll = F.cross_entropy(logits, targets, reduction="none").double()
+                first, spans = position_buckets(edges, begin + 1, nll.numel())  # token i is at position begin + 1 + i
+                loss_sums[first:first + len(spans)] += torch.stack([nll[a:b].sum() for a, b in spans])
+                for k, (a, b) in enumerate(spans, first):
+                    token_counts[k] += b - a
+                doc_nll += nll.sum()
                 result.peak_state_bytes = max(result.peak_state_bytes, state_bytes)
                 bar.update(nll.numel())
+            doc_nll = float(doc_nll)
             predicted = doc.ids.numel() - 1
             result.documents.append({"name": doc.name, "tokens": predicted, "bytes": doc.n_bytes,
                                      "perplexity": math.exp(doc_nll / predicted),
@@ -182,8 +184,19 @@ def evaluate(
             result.n_bytes += doc.n_bytes
     bar.close()
     result.seconds = time.perf_counter() - start_time
-    result.bucket_loss, result.bucket_tokens = loss_sums.tolist(), token_counts.tolist()
+    result.bucket_loss, result.bucket_tokens = loss_sums.tolist(), token_counts
     return result
+
+
+def position_buckets(edges: list[int], start: int, count: int) -> tuple[int, list[tuple[int, int]]]:
+    """The buckets that positions start .. start + count - 1 fall in: the first one's index, and each one's
+    (begin, end) offsets into those positions, in order. Bucket k holds edges[k] <= t < edges[k + 1]; positions
+    beyond the last edge count in the last bucket."""
+    inner = edges[1:-1]
+    first = bisect.bisect_right(inner, start)
+    cuts = inner[first:bisect.bisect_left(inner, start + count)]  # where a later bucket begins, inside the range
+    bounds = [0, *(cut - start for cut in cuts), count]
+    return first, list(zip(bounds[:-1], bounds[1:]))
 
 
 def _scorer(model, block_size, truncate_chunks, window, max_context):
