@@ -101,3 +101,21 @@ def test_task_model_round_trip(task, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a task model directory"):
         load_task_model(tmp_path / "nothing")
 
+
+
+def test_a_task_step_reads_the_device_once(monkeypatch):
+    """Which windows hold answers is read from the batch's host copy, and the step's loss is read with its gradient
+    norm in one go: the reads are the batch's width as it is collated, its answer count and one flag a window (all
+    of the host copy), and that one read, where each window's loss and the norm were read apart (each a wait for a
+    GPU)."""
+    from host_syncs import counted_host_syncs, device_value_checks
+
+    device_value_checks(monkeypatch)
+    task = AssociativeRecall(num_pairs=4, gap=(20, 30))
+    cfg = config(seq_len=8, max_steps=1, log_every=1)
+    model = build_task_model(task, cfg)
+    windows = -(-collate(task.examples("train", cfg.batch_size, cfg.seed), task).input_ids.shape[1] // cfg.seq_len)
+    with counted_host_syncs() as found:
+        records = task_train.train_task(model, task, cfg)
+    assert windows >= 4 and len(found) == 2 + windows + 1, (windows, found)
+    assert np.isfinite(records[0]["loss"])

@@ -33,18 +33,25 @@ EVAL_BLOCK = 4096  # tokens per call when scoring long sequences: memory bounded
 
 def task_loss(model: nn.Module, batch: TaskBatch, task: Task, cfg: TrainConfig) -> float:
     """Backpropagate the mean answer loss of one batch (window by window); return that loss."""
-    device = batch.input_ids.device
+    return float(_task_loss(model, batch, task, cfg, batch.input_ids.device))
+
+
+def _task_loss(model: nn.Module, batch: TaskBatch, task: Task, cfg: TrainConfig, device) -> torch.Tensor:
+    """task_loss, with the batch moved to `device` here and the loss left there (0-dim, float64): which windows
+    hold answers is read from the batch's host copy, so that nothing waits for the device."""
+    answers = batch.labels != IGNORE_INDEX
+    on_device = batch.to(device)
     if task.kind == CLASSIFICATION:
         with autocast(cfg, device):
-            loss = F.cross_entropy(model(batch.input_ids, batch.lengths), batch.labels)
+            loss = F.cross_entropy(model(on_device.input_ids, on_device.lengths), on_device.labels)
         loss.backward()
-        return float(loss.detach())
-    n_answers = max(int((batch.labels != IGNORE_INDEX).sum()), 1)
+        return loss.detach().double()
+    n_answers = max(int(answers.sum()), 1)
     stateful = cfg.stateful and isinstance(model, Megalodon)
-    total, state = 0.0, None
+    total, state = torch.zeros((), dtype=torch.float64, device=device), None
     for start in range(0, batch.input_ids.shape[1], cfg.seq_len):
-        ids, labels = (t[:, start:start + cfg.seq_len] for t in (batch.input_ids, batch.labels))
-        learn = bool((labels != IGNORE_INDEX).any())
+        ids, labels = (t[:, start:start + cfg.seq_len] for t in (on_device.input_ids, on_device.labels))
+        learn = bool(answers[:, start:start + cfg.seq_len].any())
         if not (learn or stateful):
             continue  # an isolated window without answers teaches nothing
         with torch.set_grad_enabled(learn), autocast(cfg, device):
@@ -56,7 +63,7 @@ def task_loss(model: nn.Module, batch: TaskBatch, task: Task, cfg: TrainConfig) 
                                    reduction="sum")
         if learn:
             (loss / n_answers).backward()
-            total += float(loss.detach())
+            total += loss.detach().double()
         if stateful:
             state = state.detach()
     return total / n_answers
@@ -80,8 +87,9 @@ def train_task(model: nn.Module, task: Task, cfg: TrainConfig, eval_examples: Se
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = collate(task.examples("train", cfg.batch_size, cfg.seed, start=step * cfg.batch_size), task)
-        loss = task_loss(model, batch.to(device), task, cfg)
-        norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
+        loss = _task_loss(model, batch, task, cfg, torch.device(device))
+        norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        loss, norm = torch.stack([loss, norm.double()]).tolist()  # the step's one wait for the device
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise RuntimeError(f"task training diverged at step {step + 1} (loss {loss:.4g}, gradient norm "
                                f"{norm:.4g}, lr {lr:.3g}): lower lr or raise warmup_steps")
