@@ -42,6 +42,17 @@ def test_cuda_on_a_cpu_only_torch_is_named(model_dir, tmp_path, capsys, command)
     one_line_error(capsys, "--device 'gpu0'")
 
 
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_apple_mps_is_refused_before_any_work(model_dir, tmp_path, capsys, command):
+    """MPS has no float64, in which the TimestepNorm keeps its statistics: refused at the start, with the fix,
+    rather than deep inside the first call."""
+    argv = {"generate": ["generate", str(model_dir), "--prompt", "x"],
+            "train": ["train", "--quick", "--run-dir", str(tmp_path / "run")]}[command]
+    assert main([*argv, "--device", "mps"]) == 2
+    one_line_error(capsys, "--device mps", "float64", "--device cpu")
+    assert not (tmp_path / "run").exists()
+
+
 def test_debug_shows_the_traceback(model_dir, monkeypatch):
     argv = ["generate", str(model_dir), "--prompt", "x", "--temperature", "-1"]
     with pytest.raises(ValueError, match="temperature"):

@@ -210,9 +210,10 @@ def check_device(spec: str) -> None:
             # Everything that launches on the current device (Triton kernels, CUDA graphs, streams) then runs on
             # the one asked for, not on cuda:0.
             torch.cuda.set_device(device)
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {spec}: MPS is not available here; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
+    elif device.type == "mps":  # Metal has no float64
+        raise ValueError(f"--device {spec}: Apple's MPS has no float64, which the TimestepNorm's statistics and the "
+                         "loss sums are kept in; use --device cpu")
+    elif device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {spec}: unsupported device type {device.type!r}; use cpu or cuda")
 
 
