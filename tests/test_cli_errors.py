@@ -187,3 +187,19 @@ def test_ctrl_c_during_eval_is_one_line_and_writes_nothing(model_dir, tmp_path, 
     err = capsys.readouterr().err
     assert "megalodon eval: interrupted" in err and "Traceback" not in err
     assert not (out / "eval.json").exists()
+
+
+def test_without_posix_file_locks_only_training_is_refused(tmp_path):
+    """Where Python has no fcntl (Windows), every command still starts; training, which locks its run directory
+    with flock, refuses in one line that names the platforms it needs. fcntl is hidden from a fresh interpreter."""
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['fcntl'] = None\n"  # `import fcntl` now fails, as on Windows
+              "from megalodon.cli import main\n"
+              "assert main(['generate', '--help']) == 0\n"
+              f"sys.exit(main(['train', '--quick', '--run-dir', {str(tmp_path / 'run')!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "megalodon train: error: training locks its run directory" in out.stderr and "WSL" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()

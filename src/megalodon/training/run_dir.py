@@ -2,12 +2,12 @@
 
 Locking is an exclusive `flock` on the run directory itself. The kernel drops it when the process ends however
 it ends (kill -9 included), so a crashed run never leaves a stale lock behind; the hidden `.lock` file only
-tells a refused trainer who holds the directory.
+tells a refused trainer who holds the directory. flock is POSIX: where there is no `fcntl` (Windows), this module
+still imports, so that every command but training runs, and training refuses to start (`require_file_locks`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -18,6 +18,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 OWNER = ".lock"
 TEMP_MARK = ".tmp-"  # in the name of every temporary file or directory: `.<final name>.tmp-<random>`
 # Options that change how a run is watched or executed, not what it computes: they may differ on resume.
@@ -27,6 +32,13 @@ RESUMABLE_CHANGES = frozenset({
     "eval_every", "eval_batch_size", "sample_every", "sample_prompt", "sample_tokens", "checkpoint_every",
     "keep_checkpoints", "tensorboard", "nproc", "parallel", "chunk_parallel", "collective_timeout_min",
 })
+
+
+def require_file_locks() -> None:
+    if fcntl is None:
+        raise RuntimeError("training locks its run directory and token stores with POSIX file locks (fcntl), which "
+                           "this platform lacks: train on Linux or macOS (on Windows, inside WSL); generation, "
+                           "evaluation and the Hugging Face adapter do not need them")
 
 
 class RunInUse(RuntimeError):
@@ -41,6 +53,7 @@ class RunDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunDirLock":
+        require_file_locks()
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"--run-dir {self.run_dir} is a file; give a directory (new or holding a run)")
         try:
@@ -145,6 +158,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def exclusive(lock_file: Path, wait: bool = True):
     """Hold an exclusive flock on `lock_file` (created if missing). With wait=False, yield False at once when
     another process holds it, True when we got it."""
+    require_file_locks()
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a") as handle:  # "a": create without truncating
         try:
