@@ -1,6 +1,8 @@
 """Kernels run on the GPU that holds their tensors, whichever device is current (Triton launches on the current
 one). The rule is checked here with a stand-in for torch.cuda; the real thing needs two GPUs."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -62,3 +64,24 @@ def test_a_model_on_the_second_gpu_trains_and_decodes_there():
         torch.testing.assert_close(decoders[1].step(ids[:, t].to("cuda:1")).cpu(), decoders[0].step(ids[:, t]),
                                    rtol=1e-4, atol=1e-4)
 
+
+
+class SeemsOnCuda(torch.Tensor):
+    """A CPU tensor that answers is_cuda as a GPU's would: enough for the dispatch rule, which reads only that."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_a_gpu_without_triton_takes_the_pytorch_path_and_says_so_once(monkeypatch):
+    monkeypatch.setattr(kernels, "_TRITON_INSTALLED", False)
+    kernels._warn_without_triton.cache_clear()
+    on_gpu = torch.zeros(2).as_subclass(SeemsOnCuda)
+    with pytest.warns(UserWarning, match="triton is not installed: on this GPU .* PyTorch path"):
+        assert not kernels.use_triton("cema", on_gpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call is silent
+        assert not kernels.use_triton("timestep_norm", on_gpu)
+        assert not kernels.use_triton("cema", torch.zeros(2))  # a CPU tensor: nothing to say
+    kernels._warn_without_triton.cache_clear()

@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import inspect
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -62,10 +63,20 @@ def use_triton(op: str, *tensors: Tensor) -> bool:
 
     MEGALODON_DISABLE_TRITON (see disabled_ops) forces the PyTorch path, to compare or to work around a kernel
     bug without editing code."""
-    if not (_TRITON_INSTALLED and all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)):
+    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+        return False
+    if not _TRITON_INSTALLED:
+        _warn_without_triton()
         return False
     off = disabled_ops()
     return "all" not in off and op not in off
+
+
+@functools.cache  # once a process
+def _warn_without_triton() -> None:
+    warnings.warn("triton is not installed: on this GPU the CEMA, the TimestepNorm and the other ops with Triton "
+                  "kernels run on their PyTorch path, several times slower (pip install triton, which CUDA builds "
+                  "of torch for Linux bring)", stacklevel=3)
 
 
 class OpaqueOp:
