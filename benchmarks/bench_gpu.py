@@ -125,8 +125,6 @@ def section_hf(preset: str, position: int, tokens: int, repeats: int) -> dict:
 def profiled_step(arch: str, preset: str, length: int, compiled: bool = False):
     """torch.profiler over one bf16 step (forward + backward) of a fresh model, after two warm-up steps; compiled:
     its blocks through torch.compile first (the trainer's --compile), compiled during the warm-up."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = build(arch, preset)
     if compiled:
         model.compile_blocks()
@@ -135,13 +133,30 @@ def profiled_step(arch: str, preset: str, length: int, compiled: bool = False):
         with autocast():
             loss_of(model, ids).backward()
     model.zero_grad(set_to_none=True)  # as a training step starts (no .grad to add into)
+
+    def step() -> None:
+        with autocast():
+            loss_of(model, ids).backward()
+
+    return profiled(step)
+
+
+def profiled(run):
+    """torch.profiler over run(), the device's queue drained before and after (CUDA kernels where there are)."""
+    from torch.profiler import ProfilerActivity, profile
+
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if training.DEVICE == "cuda" else [])
     with profile(activities=activities) as prof:
-        with autocast():
-            loss_of(model, ids).backward()
+        run()
         sync()
     return prof
+
+
+def kernel_listing(prof, rows: int) -> str:
+    """The profile's ops one by one, the costliest first (by GPU time on CUDA), as a Markdown code block."""
+    sort = "cuda_time_total" if training.DEVICE == "cuda" else "cpu_time_total"
+    return "```\n" + prof.key_averages().table(sort_by=sort, row_limit=rows) + "\n```\n"
 
 
 def kind_table(runs: dict[str, dict[str, tuple[int, float]]], per: int = 1) -> None:
@@ -190,7 +205,7 @@ def section_profile(preset: str, length: int, out: Path | None, decode_steps: in
                 for arch, mode in columns})
     if ("megalodon", "eager") in runs:
         log("Megalodon eager, kernel by kernel:\n")
-        log("```\n" + kept.key_averages().table(sort_by=SORT_BY[training.DEVICE], row_limit=30) + "\n```\n")
+        log(kernel_listing(kept, 30))
         if out is not None:
             # gzipped: the raw JSON can pass the 16 MB a file that the device tool brings back
             kept.export_chrome_trace(str(out / f"trace_{preset}_{length}.json.gz"))
@@ -201,32 +216,25 @@ def section_profile(preset: str, length: int, out: Path | None, decode_steps: in
     return result
 
 
-SORT_BY = {"cuda": "cuda_time_total", "cpu": "cpu_time_total"}
-
-
 @torch.no_grad()
 def profiled_decode(arch: str, preset: str, position: int, steps: int):
     """torch.profiler over `steps` eager decode steps (bf16, batch 1, greedy) after prefilling `position` tokens.
     Eager, each kernel is its own launch; a CUDA graph replays the same kernels, so their time is the floor of a
     replayed step, and the decode table's ms/token minus it is what the replay loses between kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
     from megalodon.inference.benchmark import prefill_for_decode
     from megalodon.inference.decoding import StaticDecoder
 
     model = build(arch, preset).to(torch.bfloat16).eval()
     logits, state, _ = prefill_for_decode(model, position, steps + 3)
     decoder = StaticDecoder(model, state, cuda_graph=False)
-    token = logits.argmax(-1)
-    for _ in range(3):
-        token = decoder.step(token).argmax(-1)
-    sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if training.DEVICE == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            token = decoder.step(token).argmax(-1)
-        sync()
-    return prof
+    tokens = [logits.argmax(-1)]
+
+    def decode(count: int) -> None:
+        for _ in range(count):
+            tokens[0] = decoder.step(tokens[0]).argmax(-1)
+
+    decode(3)
+    return profiled(lambda: decode(steps))
 
 
 def profile_decode(preset: str, steps: int) -> dict:
@@ -250,7 +258,7 @@ def profile_decode(preset: str, steps: int) -> dict:
     kind_table(runs, per=steps)
     if kept is not None:
         log(f"Megalodon's decode, kernel by kernel ({steps} steps):\n")
-        log("```\n" + kept.key_averages().table(sort_by=SORT_BY[training.DEVICE], row_limit=25) + "\n```\n")
+        log(kernel_listing(kept, 25))
     return {"position": position, "steps": steps, **{
         column: {kind: {"launches": n / steps, "ms": ms / steps} for kind, (n, ms) in kinds.items()}
         for column, kinds in runs.items()}}

@@ -153,8 +153,11 @@ class FeedForward(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return F.dropout(out, self.dropout, self.training)
+        return F.dropout(self.down_proj(self.gated(x)), self.dropout, self.training)
+
+    def gated(self, x: Tensor) -> Tensor:
+        """silu(gate(x)) * up(x): what down_proj reads."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 class Block(nn.Module):
@@ -177,8 +180,7 @@ class Block(nn.Module):
         add their products into it (add_linear_), as Megalodon's decode step adds into its own tensors."""
         attended = self.self_attn.decode_step_(self.input_layernorm(x), cos, sin, keys, values, step)
         add_linear_(x, attended, self.self_attn.o_proj.weight)
-        u = self.post_attention_layernorm(x)
-        return add_linear_(x, F.silu(self.mlp.gate_proj(u)) * self.mlp.up_proj(u), self.mlp.down_proj.weight)
+        return add_linear_(x, self.mlp.gated(self.post_attention_layernorm(x)), self.mlp.down_proj.weight)
 
 
 class Llama(nn.Module):

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,8 @@ class Trainer:
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
         self.model = build_model(cfg, tok.vocab_size)
-        self.parameter_count = self.model.num_parameters()
         with explain_out_of_memory(f"placing the model on {self.device}",
-                                   weights_fixes(self.parameter_count, optimizer=False)):
+                                   lambda: weights_fixes(self.model.num_parameters(), optimizer=False)):
             self.model.to(self.device)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
@@ -251,7 +251,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # reading each loss would wait for the GPU
-        with self._out_of_memory(f"in training step {self.step + 1}", training_step_fixes(cfg.activation_checkpointing),
+        with self._out_of_memory(f"in training step {self.step + 1}",
+                                 lambda: training_step_fixes(cfg.activation_checkpointing),
                                  f"{micro} x {mine.input_ids.shape[1]} tokens a micro-batch"):
             for m in range(cfg.grad_accum):
                 self._forward_backward(mine, slice(m * micro, (m + 1) * micro), m, scale, total)
@@ -266,7 +267,8 @@ class Trainer:
                 f"training diverged at step {self.step + 1}: the loss is {total / n_labels:.4g} and the gradient "
                 f"norm {self.grad_norm:.4g} (learning rate {lr:.3g}). {self._nothing_lost()}. Lower --lr or raise "
                 "--warmup_steps, and start again")
-        with self._out_of_memory("in the optimizer's step", weights_fixes(self.parameter_count, optimizer=True)):
+        with self._out_of_memory("in the optimizer's step",
+                                 lambda: weights_fixes(self.model.num_parameters(), optimizer=True)):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -279,10 +281,11 @@ class Trainer:
         return ("Nothing of this step was saved; " +
                 (f"the last checkpoint is {latest[0]}" if latest else "no checkpoint was written yet"))
 
-    def _out_of_memory(self, doing: str, fixes: str, detail: str | None = None):
-        """An out-of-memory error inside a step, explained: where, on which device, what needs less, what was kept."""
+    def _out_of_memory(self, doing: str, fixes: Callable[[], str], detail: str | None = None):
+        """An out-of-memory error inside a step, explained: where, on which device, what needs less (fixes(),
+        asked only then), what was kept."""
         where = f"{doing} on {self.device}" + (f", {detail}" if detail else "")
-        return explain_out_of_memory(where, lambda: f"{fixes}. {self._nothing_lost()}")
+        return explain_out_of_memory(where, lambda: f"{fixes()}. {self._nothing_lost()}")
 
     def _forward_backward(self, mine: Batch, rows: slice, m: int, scale: float, total: torch.Tensor) -> None:
         """Micro-batch m (these rows of the step's batch): forward and backward, its loss added into `total` (on
@@ -363,8 +366,8 @@ class Trainer:
                       "train_s": self.train_time, "elapsed_s": self.elapsed})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-            with explain_out_of_memory(f"in evaluation on {self.device}, {cfg.eval_batch_size} x {cfg.seq_len} tokens "
-                                       "a call", EVALUATION_FIXES):
+            with self._out_of_memory("in evaluation", lambda: EVALUATION_FIXES,
+                                     f"{cfg.eval_batch_size} x {cfg.seq_len} tokens a call"):
                 result = evaluate(self.model, self.val_store, cfg, self.chunk, self.pad_id, self.device, self.ranks)
             self.log({"step": step, **result})
             if self.main:
