@@ -116,6 +116,26 @@ def test_a_megalodon_step_from_a_carried_state_takes_no_host_tensor(on_meta):
     assert GPU_TRAINING_KERNELS <= on_meta
 
 
+def test_the_trainers_graphed_step_takes_no_host_tensor(on_meta):
+    """What `megalodon train --cuda_graphs true` captures (training/cuda_graphs.py's GraphedForwardLoss): the
+    trainer's summed loss over labels with ignored positions, the carried state in and out as tensors."""
+    from megalodon.training.compute import forward_loss
+    from megalodon.training.cuda_graphs import GraphedForwardLoss, _leaves
+
+    model = meta_megalodon("mega200M", torch.bfloat16).train()
+    with torch.no_grad():
+        _, state = model(torch.randint(0, 512, (1, 2048), device="meta"), return_state=True)
+    graphed = GraphedForwardLoss(forward_loss, None, stateful=True)
+    graphed.template = state
+    ids = torch.randint(0, 512, (1, 4096), device="meta")
+    doc_start, continues = torch.zeros_like(ids, dtype=torch.bool), torch.ones(1, dtype=torch.bool, device="meta")
+    with _RefuseHostTensors():
+        loss, *new_state = graphed._loss(model, ids, ids, doc_start, continues, *_leaves(state))
+        loss.backward()
+    assert GPU_TRAINING_KERNELS <= on_meta
+    assert len(new_state) == len(_leaves(state)) and not any(t.requires_grad for t in new_state)
+
+
 def test_a_long_checkpointed_megalodon_step_takes_no_host_tensor(on_meta):
     """mega1.3B at 32K with each block recomputed in backward, as it fits one 80 GB GPU."""
     model = meta_megalodon("mega1.3B", torch.float32).train()

@@ -1,4 +1,8 @@
-"""graphed_loss: a training step's forward and backward from CUDA graphs, against the same step run eagerly."""
+"""graphed_loss and the trainer's --cuda_graphs: a training step's forward and backward from CUDA graphs, against
+the same steps run eagerly. Without a GPU, an imitation of torch.cuda.make_graphed_callables stands in for the
+capture: it hands out outputs and parameter gradients in buffers that every call overwrites, as a graph's replay
+does, so that what the callers must do about that (copy the carried state out, add gradients across micro-batches)
+is checked on the CPU; on a GPU the same tests capture for real."""
 
 import contextlib
 import re
@@ -8,11 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import requires_cuda, tiny_config
+from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from helpers import CUDA_MARKS, requires_cuda, tiny_config
 
 from megalodon import Megalodon
 from megalodon.baseline import Llama, matched_llama_config
+from megalodon.training import cuda_graphs
 from megalodon.training.cuda_graphs import graphed_loss
+from megalodon.training.trainer import train
+from training_helpers import losses
 
 
 def next_token_loss(model, ids):
@@ -72,18 +81,6 @@ def test_graphed_steps_equal_eager_steps(index, dtype, compiled):
 
 
 @requires_cuda
-def test_refuses_to_add_to_gradients_left_from_a_step():
-    model = both_models()[0].cuda()
-    ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
-    step = graphed_loss(model, next_token_loss, [ids])
-    step(ids).backward()
-    with pytest.raises(RuntimeError, match="zero_grad"):
-        step(ids)
-    model.zero_grad(set_to_none=True)
-    step(ids).backward()
-
-
-@requires_cuda
 def test_refuses_eval_mode_and_an_outer_autocast():
     model = both_models()[0].cuda().eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
@@ -104,3 +101,150 @@ def test_the_readme_example_runs():
     names = {}
     exec(compile(example, "README.md", "exec"), names)
     assert all(p.grad is None for p in names["model"].parameters())
+
+
+def graphed_callables_imitation(module, sample_args, num_warmup_iters=3, allow_unused_input=False):
+    """torch.cuda.make_graphed_callables on a CPU, as its callers see it: the same warm-up passes, then a function
+    that copies its arguments into static inputs, runs the module, and returns its outputs as buffers that each
+    call overwrites, and whose backward hands the parameters' gradients out in buffers of its own (autograd may
+    keep them as .grad), as a replay does. It counts its calls."""
+    params = tuple(module.parameters())
+    trained = [p for p in params if p.requires_grad]
+    static_inputs = [a.clone() for a in sample_args]
+    for _ in range(num_warmup_iters):
+        outputs = [o for o in tree_flatten(module(*static_inputs))[0] if o.requires_grad]
+        torch.autograd.grad(outputs, trained, [torch.ones_like(o) for o in outputs], allow_unused=True)
+    output_buffers, spec = tree_flatten(module(*static_inputs))
+    output_buffers = [o.detach().clone() for o in output_buffers]
+    gradient_buffers = [torch.zeros_like(p) for p in trained]
+
+    class Replayed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            for static, arg in zip(static_inputs, args):
+                static.copy_(arg)
+            with torch.enable_grad():
+                ctx.outputs = tree_flatten(module(*static_inputs))[0]
+            for buffer, output in zip(output_buffers, ctx.outputs):
+                buffer.copy_(output.detach())
+            return tuple(b.detach() for b in output_buffers)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, *grads):
+            wanted = [(o, g) for o, g in zip(ctx.outputs, grads) if o.requires_grad]
+            found = torch.autograd.grad([o for o, _ in wanted], trained, [g for _, g in wanted], allow_unused=True)
+            for buffer, grad in zip(gradient_buffers, found):
+                buffer.copy_(grad) if grad is not None else buffer.zero_()
+            handed = iter(gradient_buffers)
+            return (None,) * len(static_inputs) + tuple(next(handed).detach() if p.requires_grad else None
+                                                        for p in params)
+
+    def replay(*args):
+        replay.calls += 1
+        return tree_unflatten(list(Replayed.apply(*args, *params)), spec)
+
+    replay.calls = 0
+    made.append(replay)
+    return replay
+
+
+made = []  # the imitation's replays, newest last
+
+
+@pytest.fixture(params=["imitation", pytest.param("cuda", marks=CUDA_MARKS)])
+def capture(request, monkeypatch):
+    """The device the steps run on: the CPU with the imitation standing in for the capture, or a GPU."""
+    if request.param == "cuda":
+        return torch.device("cuda")
+    monkeypatch.setattr(cuda_graphs, "make_graphed_callables", graphed_callables_imitation)
+    monkeypatch.setattr(cuda_graphs, "check_capturable", lambda devices, fix: None)
+    made.clear()
+    return torch.device("cpu")
+
+
+def test_graphed_steps_add_their_gradients_as_eager_steps_do(capture):
+    """Two graphed backwards before zero_grad (gradient accumulation), then a step after zero_grad(set_to_none=
+    False): each time the gradients equal an eager twin's. A graph hands its gradients out in buffers that its next
+    replay overwrites, so without the copy the second backward would add the new gradients to themselves."""
+    model, twin = both_models()[0].to(capture).float(), both_models()[0].to(capture).float()
+    vocab = model.config.vocab_size
+    batches = [torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(s)).to(capture)
+               for s in range(4)]
+    step = graphed_loss(model, next_token_loss, [batches[0]], autocast_dtype=None)
+    for ids in batches[:2]:
+        step(ids).backward()
+        next_token_loss(twin, ids).backward()
+    assert_same_gradients(model, twin)
+    model.zero_grad(set_to_none=False)
+    twin.zero_grad(set_to_none=False)
+    step(batches[2]).backward()
+    next_token_loss(twin, batches[2]).backward()
+    assert_same_gradients(model, twin)
+
+
+def assert_same_gradients(model, twin):
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6 * q.grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("arch", ["megalodon", "llama"])
+def test_the_trainer_with_cuda_graphs_trains_as_it_does_eagerly(capture, arch, make_config, tmp_path):
+    """megalodon train --cuda_graphs true against the same run without: every step's loss, two micro-batches a
+    step whose carried states come out of the graph's buffers (the second's replay overwrites the first's), the
+    first window of the streams run eagerly (the state starts from the model's prior) and the rest replayed.
+    With dropout: the capture's warm-up draws random numbers, which it must give back."""
+    cfg = dict(arch=arch, max_steps=4, checkpoint_every=0, model={"chunk_size": 16, "dropout": 0.1})
+    train(make_config(**cfg), tmp_path / "eager", progress=False, device=str(capture))
+    train(make_config(**cfg, cuda_graphs=True), tmp_path / "graphed", progress=False, device=str(capture))
+    eager, graphed = losses(tmp_path / "eager"), losses(tmp_path / "graphed")
+    assert len(eager) == 4
+    torch.testing.assert_close(graphed, eager, rtol=1e-5 if capture.type == "cpu" else 1e-4, atol=0)
+    if capture.type == "cpu":  # the Llama carries no state: it replays from its first step
+        assert [r.calls for r in made] == [8 - 2 * (arch == "megalodon")]
+
+
+def test_a_run_with_cuda_graphs_resumes_exactly(capture, make_config, tmp_path):
+    """Stopped and resumed, the run captures again from the checkpoint's state and goes on as the run that was not
+    stopped (dropout on: the capture leaves the random state as it found it)."""
+    cfg = make_config(cuda_graphs=True, model={"chunk_size": 16, "dropout": 0.1})
+    train(cfg, tmp_path / "straight", progress=False, device=str(capture))
+    train(cfg, tmp_path / "resumed", progress=False, device=str(capture), stop_at_step=4)
+    train(cfg, tmp_path / "resumed", resume=True, progress=False, device=str(capture))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(straight) == 8
+    # to the bit on the CPU; a GPU's kernels may add in another order from one capture to the next
+    torch.testing.assert_close(resumed, straight, rtol=0 if capture.type == "cpu" else 1e-5, atol=0)
+
+
+def test_a_micro_batch_of_another_shape_is_refused(capture):
+    """A graph replays the shape it was captured with; another would be copied into it wrongly or fail deep in
+    torch: the trainer's graphed step names the difference instead."""
+    from megalodon.data import Batch
+    from megalodon.training.compute import forward_loss
+
+    model = both_models()[1].to(capture).float()
+    graphed = cuda_graphs.GraphedForwardLoss(forward_loss, None, stateful=False)
+
+    def batch(length):
+        ids = torch.randint(0, model.config.vocab_size, (2, length), device=capture)
+        return Batch(ids, ids, torch.zeros_like(ids, dtype=torch.bool), torch.ones(2, dtype=torch.bool, device=capture))
+
+    graphed(model, batch(16), None)[0].backward()
+    with pytest.raises(ValueError, match=r"torch.Size\(\[2, 32\]\).*captured with.*\[2, 16\]"):
+        graphed(model, batch(32), None)
+
+
+def test_cuda_graphs_options_that_cannot_work_are_refused(make_config, tmp_path):
+    with pytest.raises(ValueError, match="cuda_graphs must be false with compile_mode 'reduce-overhead'"):
+        make_config(cuda_graphs=True, compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="cuda_graphs must be false with activation_checkpointing"):
+        make_config(cuda_graphs=True, activation_checkpointing=True)
+    with pytest.raises(ValueError, match="cuda_graphs must be false with several processes"):
+        make_config(cuda_graphs=True, nproc=2)
+    make_config(cuda_graphs=True, compile=True)  # the compiled blocks inside one graph: bench_gpu's compiled-graphed
+    error = RuntimeError if not torch.cuda.is_available() else ValueError
+    with pytest.raises(error, match="CUDA"):
+        train(make_config(cuda_graphs=True), tmp_path / "cpu", progress=False, device="cpu")

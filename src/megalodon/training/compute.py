@@ -57,10 +57,14 @@ def carried(state, cfg: TrainConfig):
     return state.clone() if replays_cuda_graphs(cfg) else state
 
 
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 where the run asks for it or where it is fast (dtype "auto"); None: fp32."""
+    return torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and fast_bf16(device)) else None
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and fast_bf16(device)):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    dtype = autocast_dtype(cfg, device)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def forward_loss(model, batch: Batch, state, stateful: bool):

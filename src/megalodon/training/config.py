@@ -54,6 +54,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (model.compile_blocks)
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays each block from CUDA graphs
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
+    cuda_graphs: bool = False  # replay each step's forward and backward from CUDA graphs (one GPU): no host per kernel
     threads: int = 0  # torch threads; 0 keeps torch's default
     seed: int = 0  # initialization, data order, document split and samples
     # several processes (docs/distributed.md): torchrun -m megalodon train, or --nproc N
@@ -109,6 +110,15 @@ class TrainConfig:
             (self.compile_mode in COMPILE_MODES, "compile_mode", f"one of {COMPILE_MODES}"),
             (self.compile or self.compile_mode == "default", "compile_mode",
              '"default" unless compile is true (--compile true --compile_mode reduce-overhead)'),
+            (not self.cuda_graphs or self.compile_mode in ("default", "max-autotune-no-cudagraphs"), "cuda_graphs",
+             f"false with compile_mode {self.compile_mode!r}, whose blocks replay CUDA graphs of their own: use one "
+             "or the other (--compile true --cuda_graphs true graphs the compiled blocks' whole step)"),
+            (not (self.cuda_graphs and self.activation_checkpointing), "cuda_graphs",
+             "false with activation_checkpointing: its recomputation saves and restores the random state on the "
+             "host, which a captured step cannot replay; at the lengths that need it the GPU's work per kernel "
+             "hides the host anyway"),
+            (not (self.cuda_graphs and self.nproc > 1), "cuda_graphs",
+             "false with several processes (nproc): a captured step cannot hold their collectives"),
             (self.chunk_parallel >= 1, "chunk_parallel", ">= 1"),
             (self.collective_timeout_min > 0, "collective_timeout_min", "> 0"),
             (self.log_every >= 1, "log_every", ">= 1"),

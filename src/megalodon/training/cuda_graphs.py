@@ -5,7 +5,8 @@ kept the GPU busy 35 ms of its 93 (docs/gpu.md, "H100 figures"), the rest being 
 dispatch and Triton's launcher, once for each of about 1,900 kernels. Captured once, a step costs two graph
 replays on the host. torch.cuda.make_graphed_callables does the capture (warm-up on a side stream, one graph
 for the forward and one for the backward, the parameters as static inputs); this module fits a model and a loss
-function to it.
+function to it (`graphed_loss`), and the trainer's micro-batches with their carried state (`GraphedForwardLoss`,
+`megalodon train --cuda_graphs true`).
 
 What a graph fixes at capture, the caller must keep: the batch's shapes, dtypes and device, the model's
 structure and mode (train), and no host syncs or CPU-side randomness inside the step. The optimizer may update
@@ -14,22 +15,28 @@ the weights in place between steps (their addresses stay); it must not replace t
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
+from megalodon.data import Batch
 from megalodon.ops.attention import launches_without_host_cost
+
+# Looked up at each capture, so that tests can stand a CPU imitation in for it (tests/training/test_cuda_graphs.py).
+make_graphed_callables = torch.cuda.make_graphed_callables
 
 
 class _Loss(nn.Module):
     """loss_fn(model, *batch) under autocast, as one module for make_graphed_callables."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], autocast_dtype: torch.dtype | None):
+    def __init__(self, model: nn.Module, loss_fn: Callable, autocast_dtype: torch.dtype | None):
         super().__init__()
         self.model, self.loss_fn, self.autocast_dtype = model, loss_fn, autocast_dtype
 
-    def forward(self, *batch: Tensor) -> Tensor:
+    def forward(self, *batch: Tensor):
         if self.autocast_dtype is None:
             return self.loss_fn(self.model, *batch)
         # cache_enabled=False: make_graphed_callables requires it (a cached cast is state outside the graph)
@@ -37,43 +44,126 @@ class _Loss(nn.Module):
             return self.loss_fn(self.model, *batch)
 
 
-def graphed_loss(model: nn.Module, loss_fn: Callable[..., Tensor], sample_batch: Sequence[Tensor],
-                 autocast_dtype: torch.dtype | None = torch.bfloat16, warmup_steps: int = 3) -> Callable[..., Tensor]:
+def check_capturable(devices: set[torch.device], fix: str) -> None:
+    """Refuse what cannot be captured, anything but one CUDA device, with the fix."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA graphs need a CUDA GPU; on a CPU train eagerly (no --cuda_graphs, no graphed_loss)")
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        raise ValueError(f"a CUDA graph needs the model and the batch on one CUDA device, got "
+                         f"{sorted(map(str, devices))}: {fix}")
+
+
+class _OwnedGradients:
+    """Makes a graphed backward add into .grad as an eager one does.
+
+    The graph's backward hands out its static gradient buffers, which autograd may set as .grad as they are; the
+    next replay would then overwrite them, and its gradients would be added to themselves. So before a replay
+    any .grad not already copied out of the graph is copied out (once per optimizer step, and only when a second
+    backward comes before zero_grad: gradient accumulation); from then on autograd adds into the copy in place."""
+
+    def __init__(self, params: list[Tensor]):
+        self.params = params
+        self.owned: list[weakref.ref | None] = [None] * len(params)  # weak: a cleared .grad is freed
+
+    def before_replay(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is not None and (self.owned[i] is None or self.owned[i]() is not p.grad):
+                p.grad = p.grad.clone()
+                self.owned[i] = weakref.ref(p.grad)
+
+
+def graphed_loss(model: nn.Module, loss_fn: Callable, sample_batch: Sequence[Tensor],
+                 autocast_dtype: torch.dtype | None = torch.bfloat16, warmup_steps: int = 3) -> Callable:
     """A function batch -> loss equal to loss_fn(model, *batch) under autocast(autocast_dtype), whose forward and
     backward replay CUDA graphs captured here from `sample_batch` (tensors on the model's GPU; their values do
     not matter, their shapes and dtypes are the only ones the function then takes). `loss.backward()` leaves
-    the gradients in the parameters' .grad as an eager step does. Call it outside autocast: the cast happens
-    inside the graph. The warm-up runs `warmup_steps` forward and backward passes whose gradients are
-    discarded.
+    the gradients in the parameters' .grad as an eager step does, adding to any already there (gradient
+    accumulation). Call it outside autocast: the cast happens inside the graph. The warm-up runs `warmup_steps`
+    forward and backward passes whose gradients are discarded; the random number generators are left as they were
+    before the capture, so that the steps that follow draw what they would have drawn without it.
 
-    One backward per optimizer step, then zero_grad(set_to_none=True) (the default): the gradients come out of
-    the graph's static buffers, which autograd may hand to .grad as they are, so that a second backward would
-    overwrite the first's rather than add to it. Gradient accumulation across calls is not supported: a call
-    while a parameter's .grad is set raises."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("graphed_loss captures CUDA graphs and needs a CUDA GPU; on a CPU train eagerly")
+    loss_fn may also return a tuple (loss, *tensors), the other tensors detached: the function then returns the
+    tuple, each of them a buffer of the graph that the next call overwrites (copy what must outlive it)."""
     devices = {p.device for p in model.parameters()} | {t.device for t in sample_batch}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda":
-        raise ValueError(f"graphed_loss needs the model and the sample batch on one CUDA device, got "
-                         f"{sorted(map(str, devices))}: move them with .to('cuda') first")
+    check_capturable(devices, "move them with .to('cuda') first")
     if not model.training:
         raise ValueError("graphed_loss captures a training step: call model.train() first (a graph keeps the "
                          "mode it was captured in)")
-    if torch.is_autocast_enabled("cuda"):
+    device = next(iter(devices))
+    if torch.is_autocast_enabled(device.type):
         raise RuntimeError("call graphed_loss outside torch.autocast: it applies autocast_dtype inside the graph, "
                            "where autocast's weight cache must be off")
     # launches_without_host_cost: a replay launches nothing from the host, so the attention may take its form of
     # least GPU work at any length (a long chunk's queries in blocks, ops/attention.py's query_blocks)
-    with torch.cuda.device(next(iter(devices))), launches_without_host_cost():
-        graphed = torch.cuda.make_graphed_callables(_Loss(model, loss_fn, autocast_dtype), tuple(sample_batch),
-                                                    num_warmup_iters=warmup_steps, allow_unused_input=True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+    rng_devices = [device] if device.type == "cuda" else []
+    with on_device, launches_without_host_cost(), torch.random.fork_rng(rng_devices):
+        graphed = make_graphed_callables(_Loss(model, loss_fn, autocast_dtype), tuple(sample_batch),
+                                         num_warmup_iters=warmup_steps, allow_unused_input=True)
+    gradients = _OwnedGradients([p for p in model.parameters() if p.requires_grad])
 
-    def step(*batch: Tensor) -> Tensor:
-        if any(p.grad is not None for p in params):
-            raise RuntimeError("graphed_loss: the parameters still hold gradients (.grad is set): call "
-                               "optimizer.zero_grad(set_to_none=True) after each optimizer step; a graphed step "
-                               "cannot add its gradients to earlier ones (no accumulation across calls)")
+    def step(*batch: Tensor):
+        gradients.before_replay()
         return graphed(*batch)
 
     return step
+
+
+class GraphedForwardLoss:
+    """The trainer's forward_loss(model, batch, state, stateful) (training/compute.py) with its forward and
+    backward replayed from CUDA graphs (`megalodon train --cuda_graphs true`): captured at the first call that
+    can be, for the micro-batch's shape, which every later call has. The carried state goes in and out of the
+    graph as tensors; what comes out is copied out of the graph's buffers (the next micro-batch's replay
+    overwrites them). A stream's first window (no state yet: the model starts from its own prior, whose gradient
+    the window takes) runs eagerly: `ready(state)` says which."""
+
+    def __init__(self, forward_loss: Callable, autocast_dtype: torch.dtype | None, stateful: bool):
+        self.forward_loss, self.autocast_dtype, self.stateful = forward_loss, autocast_dtype, stateful
+        self.step: Callable | None = None
+        self.template = None  # the state whose structure the graph's state tensors fill
+        self.shapes: list | None = None  # the inputs' shapes and dtypes at capture
+
+    @classmethod
+    def for_run(cls, device: torch.device, distributed: bool, forward_loss: Callable,
+                autocast_dtype: torch.dtype | None, stateful: bool) -> "GraphedForwardLoss":
+        """The trainer's, after checking what a capture needs: one process, on a GPU."""
+        if distributed:
+            raise ValueError("--cuda_graphs true is for one process: a captured step cannot hold the collectives of "
+                             "FSDP, DDP or chunk parallelism; drop it, or train on one GPU")
+        check_capturable({device}, "train with --device cuda, or without --cuda_graphs")
+        return cls(forward_loss, autocast_dtype, stateful)
+
+    def ready(self, state) -> bool:
+        return not self.stateful or state is not None
+
+    def __call__(self, model: nn.Module, batch, state):
+        inputs = (batch.input_ids, batch.labels, batch.doc_start, batch.continues, *_leaves(state))
+        shapes = [(t.shape, t.dtype) for t in inputs]
+        if self.step is None:
+            self.template, self.shapes = state, shapes
+            self.step = graphed_loss(model, self._loss, inputs, self.autocast_dtype)
+        elif shapes != self.shapes:
+            now, then = next((a, b) for a, b in zip(shapes, self.shapes) if a != b)
+            raise ValueError(f"--cuda_graphs: a micro-batch (or its carried state) holds a {now} tensor where the step "
+                             f"was captured with {then}; a graph replays one shape: train without --cuda_graphs")
+        loss, *new_state = self.step(*inputs)
+        return loss, _filled(self.template, [t.clone() for t in new_state]) if self.stateful else None
+
+    def _loss(self, model: nn.Module, *tensors: Tensor):
+        state = _filled(self.template, tensors[4:]) if self.stateful else None
+        loss, new_state = self.forward_loss(model, Batch(*tensors[:4]), state, self.stateful)
+        return (loss, *(t.detach() for t in _leaves(new_state)))
+
+
+def _leaves(state) -> list[Tensor]:
+    """A MegalodonState's tensors in the order of its map() (none for no state)."""
+    leaves: list[Tensor] = []
+    if state is not None:
+        state.map(lambda t: leaves.append(t) or t)
+    return leaves
+
+
+def _filled(template, tensors: Sequence[Tensor]):
+    """template's structure with `tensors` in the places _leaves(template) listed."""
+    remaining = iter(tensors)
+    return template.map(lambda _: next(remaining))

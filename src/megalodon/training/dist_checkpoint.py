@@ -29,7 +29,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from megalodon.checkpoint import CONFIG_NAME, read_config, write_config
 from megalodon.state import MegalodonState
-from megalodon.training.checkpoint import PREFIX, list_checkpoints, verify_checkpoint, write_manifest
+from megalodon.training.checkpoint import PREFIX, list_checkpoints, load_checkpoint, verify_checkpoint, \
+    write_manifest
 from megalodon.training.run_dir import TEMP_MARK
 
 SHARDS = "dcp"
@@ -93,6 +94,17 @@ def _finish(tmp: Path, final: Path, model, trainer_state: dict, streams, step: i
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     write_manifest(tmp)
     tmp.rename(final)
+
+
+def load_any(path: Path, model, optimizer, several_ranks: bool) -> tuple[dict, MegalodonState | None]:
+    """A checkpoint of either kind (sharded, or written by one process) into this run, on several ranks or in one;
+    returns the trainer state and every row's carried state (None when the checkpoint has none)."""
+    if is_sharded(path):
+        return load_sharded(path, model, optimizer)
+    if several_ranks:
+        return load_single_process(path, model, optimizer)
+    saved, parts = load_checkpoint(path, model, optimizer)
+    return saved, MegalodonState.stack(parts) if parts and all(p is not None for p in parts) else None
 
 
 def load_sharded(path: Path, model, optimizer) -> tuple[dict, MegalodonState | None]:

@@ -28,8 +28,8 @@ TEMP_MARK = ".tmp-"  # in the name of every temporary file or directory: `.<fina
 # Options that change how a run is watched or executed, not what it computes: they may differ on resume.
 # max_steps and time_budget_min change the run's length (see Trainer._resume for what that does).
 RESUMABLE_CHANGES = frozenset({
-    "max_steps", "time_budget_min", "data_dir", "threads", "compile", "activation_checkpointing", "log_every",
-    "eval_every", "eval_batch_size", "sample_every", "sample_prompt", "sample_tokens", "checkpoint_every",
+    "max_steps", "time_budget_min", "data_dir", "threads", "compile", "activation_checkpointing", "cuda_graphs",
+    "log_every", "eval_every", "eval_batch_size", "sample_every", "sample_prompt", "sample_tokens", "checkpoint_every",
     "keep_checkpoints", "tensorboard", "nproc", "parallel", "chunk_parallel", "collective_timeout_min",
 })
 

@@ -16,16 +16,17 @@ import torch
 
 from megalodon.checkpoint import save_pretrained
 from megalodon.data import IGNORE_INDEX, Batch, PackedBatcher
-from megalodon.model import Megalodon
 from megalodon.out_of_memory import EVALUATION_FIXES, explain_out_of_memory, training_step_fixes, weights_fixes
 from megalodon.progress import progress_bar
 from megalodon.parallel.runtime import Ranks, rank_device
 from megalodon.state import MegalodonState
-from megalodon.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_latest
-from megalodon.training.compute import autocast, carried, evaluate, forward_loss, graph_launches, sample_text
+from megalodon.training.checkpoint import list_checkpoints, save_checkpoint, verify_latest
+from megalodon.training.compute import autocast, autocast_dtype, carried, evaluate, forward_loss, graph_launches, \
+    sample_text
 from megalodon.training.config import TrainConfig
+from megalodon.training.cuda_graphs import GraphedForwardLoss
 from megalodon.training.data import open_splits, prepare_data
-from megalodon.training.dist_checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
+from megalodon.training.dist_checkpoint import load_any, save_sharded
 from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
 from megalodon.training.optim import build_optimizer, lr_at
 from megalodon.training.report import open_tensorboard, strict_json, truncate_metrics, write_report
@@ -80,6 +81,9 @@ class Trainer:
 
     def _setup(self, resume: bool, overwrite: bool) -> None:
         cfg = self.cfg
+        self.stateful = cfg.stateful and cfg.arch == "megalodon"
+        self.graphed = None if not cfg.cuda_graphs else GraphedForwardLoss.for_run(  # refused before any work
+            self.device, self.ranks is not None, forward_loss, autocast_dtype(cfg, self.device), self.stateful)
         self._on_main(lambda: prepare_run_dir(self.run_dir, cfg.to_dict(), resume, overwrite))
         torch.set_flush_denormal(True)  # fp32 training slows 3-4x on denormals on these CPUs
         if cfg.threads:
@@ -110,7 +114,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         # Every rank reads the same global batch and keeps its own rows (Ranks.rows): the cursor is global.
         self.batcher = PackedBatcher(train_store, cfg.batch_size, cfg.seq_len, self.chunk, cfg.seed, self.pad_id)
-        self.stateful = cfg.stateful and isinstance(self.model, Megalodon)
         self.streams: list = [None] * cfg.grad_accum  # carried state of each micro-batch's rows
         self.step, self.max_steps, self.tokens, self.train_time, elapsed = 0, cfg.max_steps, 0, 0.0, 0.0
         self.restart: tuple[int, float] | None = None  # where the lr decay restarted after a change of length
@@ -152,13 +155,7 @@ class Trainer:
         previous = saved_options(self.run_dir)
         latest = checkpoints[-1]
         self._on_main(lambda: verify_latest(checkpoints))
-        if is_sharded(latest):
-            saved, streams = load_sharded(latest, self.model, self.optimizer)
-        elif self.ranks is not None:
-            saved, streams = load_single_process(latest, self.model, self.optimizer)
-        else:
-            saved, parts = load_checkpoint(latest, self.model, self.optimizer)
-            streams = MegalodonState.stack(parts) if parts and all(p is not None for p in parts) else None
+        saved, streams = load_any(latest, self.model, self.optimizer, self.ranks is not None)
         # Checkpoints written before these keys existed lack them: no data check, wall-clock as training time.
         if saved.get("data", self.data_fingerprint) != self.data_fingerprint:
             raise ValueError(f"the training data changed since {latest} was written ({self.cfg.data}): resuming "
@@ -291,8 +288,11 @@ class Trainer:
         """Micro-batch m (these rows of the step's batch): forward and backward, its loss added into `total` (on
         the device), its state carried to the next step."""
         part = Batch(mine.input_ids[rows], mine.labels[rows], mine.doc_start[rows], mine.continues[rows])
-        with autocast(self.cfg, self.device), graph_launches(self.cfg):
-            loss, new_state = forward_loss(self.runner, part, self.streams[m], self.stateful)
+        if self.graphed is not None and self.graphed.ready(self.streams[m]):
+            loss, new_state = self.graphed(self.runner, part, self.streams[m])
+        else:
+            with autocast(self.cfg, self.device), graph_launches(self.cfg):
+                loss, new_state = forward_loss(self.runner, part, self.streams[m], self.stateful)
         (loss * scale).backward()  # every label weighs the same across micro-batches and ranks
         total += loss.detach().double()
         if self.stateful:  # truncated BPTT: the state goes on, its graph does not
