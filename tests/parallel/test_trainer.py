@@ -105,6 +105,18 @@ def test_a_2x2_mesh_trains_like_one_process(ranks, corpus, workdir, reference):
     compare(run, reference)
 
 
+@pytest.mark.parametrize("mesh", ["fsdp", "2x2"])
+def test_activation_checkpointing_on_ranks_trains_like_one_process(two_ranks, ranks, corpus, workdir, reference,
+                                                                    mesh):
+    """Each block recomputed in backward, under FSDP2 (its all-gathers again in the recomputation) and on the
+    2 x 2 mesh (the chunk-parallel exchanges again, in the same order on every rank): as one process without it."""
+    run = workdir / f"checkpointed-{mesh}"
+    extra = {"parallel": "fsdp"} if mesh == "fsdp" else {"chunk_parallel": 2}
+    pool = two_ranks() if mesh == "fsdp" else ranks()
+    pool.run(train_tasks.train_on_ranks, options(corpus, workdir, activation_checkpointing=True, **extra), str(run))
+    compare(run, reference)
+
+
 def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_four(two_ranks, ranks, corpus, workdir):
     """Stopped at step 2 on 2 FSDP ranks (a sharded checkpoint, with every row's carried state), then continued
     to step 5 in one process, and on 4 DDP ranks (one row each): both equal an uninterrupted process."""
@@ -161,6 +173,9 @@ def test_shapes_that_do_not_split_are_refused_on_every_rank(two_ranks, corpus, w
                                str(workdir / "bad-segments"))
     assert segments[0] == segments[1] and "seq_len (48) must be a multiple of chunk_parallel x chunk_size " \
                                           "(2 x 16 = 32)" in segments[0], segments
+    graphed = two_ranks().run(train_tasks.error_on_ranks, options(corpus, workdir, cuda_graphs=True),
+                              str(workdir / "graphed"))
+    assert graphed[0] == graphed[1] and "--cuda_graphs true is for one process" in graphed[0], graphed
 
 
 def test_chunk_parallel_in_one_process_names_the_launch(corpus, workdir):
