@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import train_tasks
 from megalodon.checkpoint import load_pretrained
+from megalodon.parallel.runtime import step_seed
 from megalodon.cli import main
 from megalodon.training.checkpoint import list_checkpoints
 from megalodon.training.config import TrainConfig
@@ -115,6 +116,25 @@ def test_activation_checkpointing_on_ranks_trains_like_one_process(two_ranks, ra
     pool = two_ranks() if mesh == "fsdp" else ranks()
     pool.run(train_tasks.train_on_ranks, options(corpus, workdir, activation_checkpointing=True, **extra), str(run))
     compare(run, reference)
+
+
+def test_each_rank_draws_its_own_dropout_masks(two_ranks):
+    """Every rank seeds the same generator to build the same weights; a training step then reseeds each rank from
+    (seed, step, rank), so that the replicas' rows get masks of their own, the same again for the same step."""
+    first, second = two_ranks().run(train_tasks.dropout_masks, 0, 7)
+    assert first[0] == first[1] and second[0] == second[1]  # reproducible: a resumed step draws the same
+    assert first[0] != second[0]
+    assert len({step_seed(0, step, rank) for step in range(50) for rank in range(8)}) == 400
+
+
+def test_a_run_with_dropout_on_two_ranks_resumes_exactly(two_ranks, corpus, workdir):
+    values = options(corpus, workdir, max_steps=4, grad_accum=1, parallel="ddp",
+                     model={"chunk_size": 16, "dropout": 0.1, "attention_dropout": 0.1})
+    straight, stopped = workdir / "dropout-straight", workdir / "dropout-stopped"
+    assert two_ranks().run(train_tasks.train_recording_seeds, values, str(straight)) == [[0, 1, 2, 3]] * 2
+    two_ranks().run(train_tasks.train_on_ranks, values, str(stopped), False, 2)
+    two_ranks().run(train_tasks.train_on_ranks, values, str(stopped), True)
+    assert len(losses(straight)) == 4 and losses(stopped) == losses(straight)
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_four(two_ranks, ranks, corpus, workdir):

@@ -20,3 +20,31 @@ def error_on_ranks(values: dict, run_dir: str) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def dropout_masks(seed: int, step: int) -> list[list[float]]:
+    """The dropout mask each rank draws at a training step, twice (as the trainer seeds it: Ranks.seed_step)."""
+    import torch
+    import torch.nn.functional as F
+
+    from megalodon.parallel.runtime import Ranks
+
+    ranks = Ranks.for_run("ddp", 1, 16, torch.device("cpu"), 1.0)
+    masks = []
+    for _ in range(2):
+        ranks.seed_step(seed, step)
+        masks.append(F.dropout(torch.ones(32), 0.5).tolist())
+    return masks
+
+
+def train_recording_seeds(values: dict, run_dir: str) -> list[int]:
+    """train_on_ranks, returning the steps for which the trainer reseeded this rank (Ranks.seed_step)."""
+    from megalodon.parallel.runtime import Ranks
+
+    steps, original = [], Ranks.seed_step
+    Ranks.seed_step = lambda self, seed, step: steps.append(step) or original(self, seed, step)
+    try:
+        train_on_ranks(values, run_dir)
+    finally:
+        Ranks.seed_step = original
+    return steps

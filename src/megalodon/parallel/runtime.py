@@ -8,6 +8,7 @@ therefore global quantities, the same whatever the number of ranks, which is wha
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -35,6 +36,11 @@ def rank_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and launched_distributed():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A seed of its own for each (run seed, step, rank): 63 bits of their SHA-256."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "little") >> 1
 
 
 @dataclass
@@ -98,6 +104,12 @@ class Ranks:
     @property
     def cp(self) -> int:
         return self.mesh["cp"].size()
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Seed this rank's random streams (CPU and GPUs) for a training step: every rank built the same weights
+        from one seed, and would otherwise draw the same dropout masks for other rows. Derived from the step, so a
+        run resumed on the same mesh draws what the uninterrupted one drew, with no random state in the checkpoint."""
+        torch.manual_seed(step_seed(seed, step, self.rank))
 
     def check_shapes(self, batch_size: int, grad_accum: int, seq_len: int) -> None:
         if batch_size % (self.dp * grad_accum):

@@ -239,6 +239,8 @@ class Trainer:
         started = time.perf_counter()
         cfg = self.cfg
         batch = self.batcher.next_batch()
+        if self.ranks is not None:  # each rank its own dropout masks
+            self.ranks.seed_step(cfg.seed, self.step)
         n_labels = max(int((batch.labels != IGNORE_INDEX).sum()), 1)  # over the global batch, on every rank
         mine = (batch if self.ranks is None else self.ranks.rows(batch)).to(self.device)
         micro = mine.input_ids.shape[0] // cfg.grad_accum
