@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import model_flops
 import torch
-import torch.nn.functional as F
 from gpu_checks import GiB, log
 
 from megalodon.ops.attention import launches_without_host_cost
@@ -97,8 +96,11 @@ def checkpointed(model) -> None:
 
 
 def loss_of(model, ids):
-    logits = model(ids)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    """The mean next-token loss as the trainer computes it: by the model, from its last hidden states a block of
+    tokens at a time (targets=, ops/loss.py), never holding every logit; both models alike. (Until 2026-11-28 the
+    logits and cross_entropy: the first H100 tables' activation columns include the logits and their gradient.)"""
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    return model(ids, targets=targets) / (targets.numel() - targets.shape[0])
 
 
 # ---- sections --------------------------------------------------------------------------------------------------

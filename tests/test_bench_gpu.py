@@ -227,6 +227,22 @@ def test_bench_memory_counts_both_models():
     assert "timestep_norm" in out.stdout or "cema" in out.stdout, out.stdout  # the lines that saved the bytes
 
 
+def test_bench_memory_counts_the_loss_both_ways():
+    """bench_memory.py --loss: the bytes the head and the loss keep at the preset's own vocabulary, as logits and
+    with targets= (ops/loss.py): the logits' fp32 log-probabilities (tokens x vocabulary x 4 bytes) are what the
+    blocked loss does not keep, less the fp32 gradient of the head's weight (vocabulary x 1,024 x 4) that it
+    keeps instead."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--loss", "--preset",
+                          "mega200M", "--lengths", "4096", "8192"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|")[1:6] for line in out.stdout.splitlines() if line.startswith(("| megalodon", "| llama"))]
+    assert len(rows) == 4, out.stdout
+    for _, length, logits, blocked, saved in rows:
+        tokens = int(length.replace(",", ""))
+        assert float(saved) == pytest.approx(float(logits) - float(blocked), abs=0.011)
+        assert float(saved) >= (tokens - 1024) * 32_000 * 4 / 1e9 * 0.95, out.stdout
+
+
 def test_tuning_keeps_the_default_unless_a_candidate_beats_it_clearly():
     """gpu_tuning.py's choice: the fastest candidate only where it beats the default by more than the margin, so
     that noise does not move a setting; a default that failed (infinite time) is kept, not compared."""

@@ -17,11 +17,13 @@ from torch import Tensor, nn
 from megalodon.config import MegalodonConfig
 from megalodon.decode_state import DecodeState
 from megalodon.layers.block import MegalodonBlock
+from megalodon.layers.norms import compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import rope_frequencies, rotary_angles
+from megalodon.ops.loss import summed_cross_entropy
 from megalodon.ops.static_kv import slot_step, slot_table
 from megalodon.state import MegalodonState
-from megalodon.validation import check_token_ids, require
+from megalodon.validation import check_targets, check_token_ids, require
 
 
 class StepConstants(NamedTuple):
@@ -80,7 +82,7 @@ class Megalodon(nn.Module):
     # ---- the forward pass ------------------------------------------------------------------------------------
     def forward(
         self, input_ids: Tensor, state: MegalodonState | None = None, return_state: bool = False,
-        doc_start: Tensor | None = None, logits_to_keep: int = 0,
+        doc_start: Tensor | None = None, logits_to_keep: int = 0, targets: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, MegalodonState]:
         """Logits (B, L, output_size) in fp32, and the state after the last token when return_state.
 
@@ -88,8 +90,14 @@ class Megalodon(nn.Module):
         doc_start: (B, L) bool, True where a new document begins: the CEMA, the norm statistics and attention
         restart there, so nothing leaks across documents. Documents must start on the chunk grid.
         logits_to_keep: project only the last N positions (0 = all); prefill needs just the last one.
+        targets: (B, L) int64, the token after each position (-100 where none): return the summed cross-entropy
+        (an fp32 scalar) in place of the logits, without ever holding all of them (ops/loss.py).
         """
         batch, length = self._check_inputs(input_ids, state, logits_to_keep)
+        if targets is not None:
+            check_targets(targets, batch, length, self.config.num_outputs)
+            if logits_to_keep:
+                raise ValueError("targets and logits_to_keep exclude each other: the loss needs every position")
         block_reset = None if doc_start is None else self._block_reset(doc_start, state, batch, length)
         position = None if state is None else state.position
 
@@ -107,14 +115,16 @@ class Megalodon(nn.Module):
 
         xn, final_stats = self.output.final_norm(x, None if state is None else state.final_norm,
                                                  self.config.chunk_size, block_reset)
-        if logits_to_keep:
-            xn = xn[:, -logits_to_keep:]
-        logits = self.output.output(xn.to(x.dtype))
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if targets is not None:
+            hidden = xn.to(compute_dtype(x)).flatten(0, 1)  # as autocast casts the head's input
+            out = summed_cross_entropy(hidden, self.output.output.weight, targets.flatten())
+        else:
+            logits = self.output.output((xn[:, -logits_to_keep:] if logits_to_keep else xn).to(x.dtype))
+            out = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if not return_state:
-            return logits
+            return out
         start = torch.zeros(batch, dtype=torch.int64, device=x.device) if position is None else position
-        return logits, MegalodonState(new_layers, final_stats, start + length)
+        return out, MegalodonState(new_layers, final_stats, start + length)
 
     def rotation(self, state: MegalodonState | None, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The rotary tables of a call's tokens (rotary_angles of their in-chunk positions, in fp32 or better

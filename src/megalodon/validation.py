@@ -56,3 +56,15 @@ def check_token_ids(input_ids: Tensor, vocab_size: int) -> tuple[int, int]:
     require(((input_ids >= 0) & (input_ids < vocab_size)).all(),
             f"a token id is out of range for vocab_size={vocab_size}; {advice}", which)
     return batch, length
+
+
+def check_targets(targets: Tensor, batch: int, length: int, num_outputs: int, ignore_index: int = -100) -> None:
+    """A (B, L) int64 tensor of next-token ids in [0, num_outputs), or ignore_index where a position has none."""
+    if not isinstance(targets, Tensor) or targets.dtype != torch.int64:
+        kind = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an int64 tensor of next-token ids, got {kind}")
+    if targets.shape != (batch, length):
+        raise ValueError(f"targets must have the input's shape {(batch, length)}: the token after each input "
+                         f"position ({ignore_index} where there is none), got {tuple(targets.shape)}")
+    require((((targets >= 0) & (targets < num_outputs)) | (targets == ignore_index)).all(),
+            f"a target is out of range for {num_outputs} outputs (and not the ignored {ignore_index})")

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon.baseline.cache import KVCache, StaticKVCache, attention_mask, document_begins
+from megalodon.layers.norms import compute_dtype
 from megalodon.ops.fused import FUSED_RMS_NORM_DEVICES, add_linear_, row_norm_kernel, torch_rms_norm
+from megalodon.ops.loss import summed_cross_entropy
 from megalodon.ops.static_kv import SlotStep, slot_step, write_and_attend
-from megalodon.validation import check_token_ids
+from megalodon.validation import check_targets, check_token_ids
 
 
 @dataclass
@@ -220,7 +222,7 @@ class Llama(nn.Module):
 
     def forward(
         self, input_ids: Tensor, doc_start: Tensor | None = None, past: KVCache | None = None,
-        return_past: bool = False, window: int | None = None,
+        return_past: bool = False, window: int | None = None, targets: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, KVCache]:
         """Logits (B, L, vocab_size) in fp32 (or better), and the cache after the last token when return_past.
 
@@ -229,8 +231,12 @@ class Llama(nn.Module):
         past: the cache of the stream so far, or None to start fresh.
         window: attend only to the last `window` positions (the query's own included); the cache keeps only
         the keys that a later query can still see, so its size stays bounded. Use one window for a stream.
+        targets: (B, L) int64, the token after each position (-100 where none): return the summed cross-entropy
+        (an fp32 scalar) in place of the logits, without ever holding all of them (ops/loss.py).
         """
         batch, length = check_token_ids(input_ids, self.config.vocab_size)
+        if targets is not None:
+            check_targets(targets, batch, length, self.config.vocab_size)
         self._check_call(batch, length, doc_start, past, window)
         device = input_ids.device
         start = 0 if past is None else past.position
@@ -252,10 +258,14 @@ class Llama(nn.Module):
         for i, block in enumerate(self.layers):
             x, kv = block(x, cos, sin, mask, None if past is None else (past.keys[i], past.values[i]))
             new_kv.append(kv)
-        logits = self.lm_head(self.norm(x))
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if targets is not None:
+            hidden = self.norm(x).to(compute_dtype(x)).flatten(0, 1)  # as autocast casts the head's input
+            out = summed_cross_entropy(hidden, self.lm_head.weight, targets.flatten())
+        else:
+            logits = self.lm_head(self.norm(x))
+            out = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if not return_past:
-            return logits
+            return out
 
         total = num_cached + length
         keep = total if window is None else min(total, window - 1)  # the next query sees window - 1 old keys
@@ -268,7 +278,7 @@ class Llama(nn.Module):
             key_doc_begin=key_doc[:, total - keep:].clone(), doc_begin=doc_begin[:, -1].clone(),
             position=start + length, window=window,
         )
-        return logits, cache
+        return out, cache
 
     @torch.no_grad()
     def decode_step_(self, input_ids: Tensor, cache: StaticKVCache) -> Tensor:

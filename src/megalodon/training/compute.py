@@ -9,7 +9,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from megalodon.data import IGNORE_INDEX, Batch, TokenStore, bits_per_byte, eval_windows
 from megalodon.model import Megalodon
@@ -68,14 +67,13 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 
 def forward_loss(model, batch: Batch, state, stateful: bool):
-    """Summed cross-entropy (nats) over the batch's labels, and the carried state when stateful (Megalodon)."""
+    """Summed cross-entropy (nats) over the batch's labels, and the carried state when stateful (Megalodon). The
+    model computes it from its last hidden states a block of tokens at a time, never holding every logit
+    (ops/loss.py)."""
     if stateful:
-        logits, new_state = model(batch.input_ids, state=state, return_state=True, doc_start=batch.doc_start)
-    else:
-        logits, new_state = model(batch.input_ids, doc_start=batch.doc_start), None
-    loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, new_state
+        return model(batch.input_ids, state=state, return_state=True, doc_start=batch.doc_start,
+                     targets=batch.labels)
+    return model(batch.input_ids, doc_start=batch.doc_start, targets=batch.labels), None
 
 
 @torch.no_grad()
