@@ -4,7 +4,7 @@ dtypes training uses, and through both models."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import requires_cuda, tiny_config
 
 from megalodon import Megalodon
 from megalodon.baseline import Llama, matched_llama_config
@@ -129,3 +129,24 @@ def test_bad_targets_are_refused_with_the_fix(index):
     if index == 0:
         with pytest.raises(ValueError, match="targets and logits_to_keep exclude each other"):
             model(ids, targets=ids, logits_to_keep=1)
+
+
+@requires_cuda
+def test_on_a_gpu_under_autocast_as_the_logits_path():
+    """Both models on CUDA under bf16 autocast (the trainer's GPU step): targets= against cross_entropy of the
+    logits, the loss and the gradients to bf16's rounding."""
+    for model, twin in zip(models(torch.float32), models(torch.float32)):
+        model, twin = model.cuda(), twin.cuda()
+        ids = torch.randint(0, 64, (2, 32), device="cuda")
+        targets = ids.roll(-1, 1)
+        targets[:, -1] = -100
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, targets=targets)
+            want = F.cross_entropy(twin(ids).flatten(0, 1), targets.flatten(), reduction="sum")
+        loss.backward()
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-3, atol=0)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            if q.grad is not None:
+                scale = q.grad.abs().max().item()
+                torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2 * scale + 1e-8, msg=name)
