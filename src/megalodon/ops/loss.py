@@ -8,8 +8,9 @@ computes each block's gradients as soon as its logits exist, so that only one bl
 backward keeps is the gradient of the hidden states (tokens x model_dim) and of W (vocabulary x model_dim).
 
 The arithmetic is the logits path's own: the block's logits in the hidden states' dtype (bf16 under autocast, as
-the head's GEMM gives them), upcast to fp32 for the log-sum-exp and the softmax, the gradient (softmax - one-hot)
-cast back to that dtype for the two GEMMs, W's gradient summed over the blocks in fp32. torch's own
+the head's GEMM gives them), their log-softmax in fp32, the gradient (softmax - one-hot, the log-softmax
+exponentiated in place) cast back to that dtype for the two GEMMs, W's gradient summed over the blocks in fp32:
+about a third fewer bytes moved than the logits path's casts and passes over whole logits. torch's own
 F.linear_cross_entropy (torch >= 2.13) does the same chunking but returns a bf16 input's loss in bf16, which
 rounds a sum over thousands of tokens to 3 significant digits; and the GPU's torch (2.11) has none.
 """
@@ -68,16 +69,16 @@ class _BlockedCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], block):
             rows = slice(start, start + block)
             h, t = hidden[rows], targets[rows]
-            logits = F.linear(h, cast).to(total.dtype)
+            # the logits in hidden's dtype, as the head's GEMM gives them; their log-softmax upcast as it reads them
+            log_probs = torch.log_softmax(F.linear(h, cast), dim=-1, dtype=total.dtype)
             valid = t != ignore_index
             picked = torch.where(valid, t, 0)[:, None]
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += torch.where(valid, log_norm - logits.gather(1, picked)[:, 0], 0.0).sum()
+            total -= torch.where(valid, log_probs.gather(1, picked)[:, 0], 0.0).sum()
             if not (want_hidden or want_weight):
                 continue
-            grad = logits.sub_(log_norm[:, None]).exp_()  # the softmax, in the logits' storage
+            grad = log_probs.exp_()  # softmax - one-hot: the gradient of the token's loss for its logits
             grad.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=grad.dtype))
-            grad = grad.mul_(valid[:, None]).to(hidden.dtype)
+            grad = grad.to(hidden.dtype).masked_fill_(~valid[:, None], 0)
             if want_hidden:
                 torch.mm(grad, cast, out=d_hidden[rows])
             if want_weight:
