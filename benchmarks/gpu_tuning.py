@@ -7,7 +7,9 @@ The kernels' tiling constants (the CEMA's steps per chunk and tile prefetch, the
 segments, the chunk attention's query blocks) and whether the kernels that replace a few of torch's ops (the SiLU
 gates', the row norms', the attention's masked softmax, the queries' and keys') beat those ops were chosen without a
 GPU. This times each op alone at mega200M's 4K training shape, forward and backward, by the GPU's own time (the
-kernels' sum from torch.profiler over a few runs: the host's gaps, which a graphed step does not have, left out),
+kernels' sum from torch.profiler over a few runs: the host's gaps, which a graphed step does not have, left out;
+a kernel against torch's ops, whose paths differ in how many kernels they launch, as CUDA-graph replays, gaps
+between kernels included; the CEMA's and the TimestepNorm's kernels against their PyTorch paths too),
 tries each candidate of a group in turn, and keeps the fastest where it beats the default by more than MARGIN (else
 the default stays: noise must not move a setting). Candidates run most promising first and nothing new starts past
 --deadline, so the choice is the best of what was timed.
@@ -102,6 +104,49 @@ def apply_settings(path: Path) -> dict:
         current = [op for op in os.environ.get(DISABLE_ENV, "").split(",") if op.strip()]
         os.environ[DISABLE_ENV] = ",".join(dict.fromkeys(current + disable))
     return {"modules": settings.get("modules", {}), "disable": disable}
+
+
+def replayed_time(run: Callable[[], object], replays: int = 10) -> float:
+    """ms per run() replayed from a CUDA graph, between CUDA events: what a graphed training step pays for the op,
+    the GPU's gaps between its kernels included, which a kernel sum leaves out and which weigh most for the path
+    of many small kernels (the PyTorch paths that the Triton kernels replace)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: lazy initializations, Triton's compiles
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def paths_time(runs: list[Callable[[], None]], device: str, disable: dict[str, str]) -> tuple[dict[str, float], str]:
+    """Each path's ms (the sum over `runs`), each path under its MEGALODON_DISABLE_TRITON value: replayed from
+    CUDA graphs on a GPU, or, where a capture fails, every path by the kernels' sum (one method for all paths)."""
+    from megalodon.ops.triton import DISABLE_ENV
+
+    def measure(timer) -> dict[str, float]:
+        times = {}
+        for path, value in disable.items():
+            with environment(DISABLE_ENV, value):
+                times[path] = sum(timer(run) for run in runs)
+        return times
+
+    if device == "cuda":
+        try:
+            return measure(replayed_time), "graph replays"
+        except Exception as err:  # a path that cannot be captured: compare by kernel sums instead
+            print(f"(a capture failed, {type(err).__name__}: {str(err)[:160]}; timed by the kernels' sum)")
+    return measure(lambda run: op_time(run, device)), "kernels' sum" if device == "cuda" else "wall clock"
 
 
 def op_time(run: Callable[[], object], device: str) -> float:
@@ -210,8 +255,10 @@ def queries_keys_op(shape: Shape) -> Callable[[], None]:
 def kernels_to_turn_off(shape: Shape, deadline: float, timings: dict) -> list[str]:
     """Each of the kernels that replace a few of torch's ops against those ops, forward and backward: the SiLU
     gates' and the row norms' (bench_fused.py's four ops, each kernel's two summed), the attention's masked
-    softmax (in the chunk attention) and the queries' and keys' (their norm, affine and rotary). A kernel slower
-    than torch's ops by more than MARGIN is turned off."""
+    softmax (in the chunk attention) and the queries' and keys' (their norm, affine and rotary); then the CEMA's
+    and the TimestepNorm's kernels against their PyTorch paths (the CEMA's: chunked Toeplitz matmuls on cuBLAS and
+    a scan over chunks, ops/cema.py's cema_chunked). Each pair timed as graph replays (replayed_time), the way the
+    graphed step runs them. A kernel slower than torch's ops by more than MARGIN is turned off."""
     import bench_fused  # beside this file
 
     from megalodon.ops.triton import DISABLE_ENV
@@ -225,6 +272,8 @@ def kernels_to_turn_off(shape: Shape, deadline: float, timings: dict) -> list[st
         ops.setdefault(kernel_of[label], []).append(run)
     ops["causal_softmax"] = [attention_op(shape)]
     ops["queries_keys"] = [queries_keys_op(shape)]
+    ops["cema"] = [cema_op(shape)]
+    ops["timestep_norm"] = [norm_op(shape)]
     saved = os.environ.get(DISABLE_ENV, "")
     off = []
     # each kernel timed on, even one that ops/triton's OFF_BY_DEFAULT holds off (a run may find it faster now)
@@ -233,14 +282,12 @@ def kernels_to_turn_off(shape: Shape, deadline: float, timings: dict) -> list[st
             if time.perf_counter() > deadline:
                 print(f"(past the deadline: the {kernel} kernels not timed)")
                 break
-            times = {}
-            for path, disable in (("triton", saved), ("torch", ",".join(filter(None, [saved, kernel])))):
-                with environment(DISABLE_ENV, disable):
-                    times[path] = sum(op_time(run, shape.device) for run in runs)
+            paths = {"triton": saved, "torch": ",".join(filter(None, [saved, kernel]))}
+            times, method = paths_time(runs, shape.device, paths)
             name = f"{kernel} kernels (their ops)"
             timings[name] = times
             pick = choose(times, "triton")
-            report(name, times, pick)
+            report(f"{name}, {method}", times, pick)
             if pick == "torch":
                 off.append(kernel)
     return off

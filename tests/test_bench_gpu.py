@@ -342,7 +342,8 @@ def test_tuning_runs_every_group_on_cpu_and_bench_gpu_takes_its_file(tmp_path):
                                        "CEMA tile prefetch (forward, adjoint)",
                                        "TimestepNorm scan tiles (tokens x groups, warps, segments)",
                                        "silu_gate kernels (their ops)", "norm_rows kernels (their ops)",
-                                       "causal_softmax kernels (their ops)", "queries_keys kernels (their ops)"}
+                                       "causal_softmax kernels (their ops)", "queries_keys kernels (their ops)",
+                                       "cema kernels (their ops)", "timestep_norm kernels (their ops)"}
     assert all(math.isfinite(ms) for times in written["timings"].values() for ms in times.values())
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--strict", "--sections",

@@ -116,6 +116,24 @@ def test_a_megalodon_step_from_a_carried_state_takes_no_host_tensor(on_meta):
     assert GPU_TRAINING_KERNELS <= on_meta
 
 
+def test_the_pytorch_cema_and_norm_paths_take_no_host_tensor(on_meta, monkeypatch):
+    """gpu_tuning.py may turn the CEMA's and the TimestepNorm's kernels off for their PyTorch paths (chunked
+    matmuls, cumulative sums), which a graphed step then captures: they must hold no host tensor either."""
+    from megalodon.ops import cema as cema_ops
+    from megalodon.ops import timestep_norm as norm_ops
+
+    for module in (cema_ops, norm_ops):
+        monkeypatch.setattr(module, "use_triton", lambda op, *tensors: op not in ("cema", "timestep_norm"))
+    model = meta_megalodon("mega200M", torch.bfloat16).train()
+    doc_start = torch.zeros(1, 4096, dtype=torch.bool, device="meta")
+    doc_start[0, 2048] = True
+    with launches_without_host_cost():
+        train_step(model, 4096, doc_start=doc_start)
+    assert not {"local_states_kernel", "normalize_kernel"} & on_meta, "the Triton kernels ran"
+    assert {"qk_fwd_kernel", "silu_gate_kernel"} <= on_meta
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_the_trainers_graphed_step_takes_no_host_tensor(on_meta):
     """What `megalodon train --cuda_graphs true` captures (training/cuda_graphs.py's GraphedForwardLoss): the
     trainer's summed loss over labels with ignored positions, the carried state in and out as tensors."""
