@@ -121,9 +121,9 @@ def test_activation_checkpointing_on_ranks_trains_like_one_process(two_ranks, ra
 def test_each_rank_draws_its_own_dropout_masks(two_ranks):
     """Every rank seeds the same generator to build the same weights; a training step then reseeds each rank from
     (seed, step, rank), so that the replicas' rows get masks of their own, the same again for the same step."""
-    first, second = two_ranks().run(train_tasks.dropout_masks, 0, 7)
-    assert first[0] == first[1] and second[0] == second[1]  # reproducible: a resumed step draws the same
-    assert first[0] != second[0]
+    rank0, rank1 = two_ranks().run(train_tasks.dropout_masks, 0, 7)  # each rank's mask, drawn twice
+    assert rank0[0] == rank0[1] and rank1[0] == rank1[1]  # reproducible: a resumed step draws the same
+    assert rank0[0] != rank1[0]
     assert len({step_seed(0, step, rank) for step in range(50) for rank in range(8)}) == 400
 
 
