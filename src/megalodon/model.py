@@ -20,7 +20,7 @@ from megalodon.layers.block import MegalodonBlock
 from megalodon.layers.norms import compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import rope_frequencies, rotary_angles
-from megalodon.ops.loss import summed_cross_entropy
+from megalodon.ops.loss import IGNORE_INDEX, summed_cross_entropy
 from megalodon.ops.static_kv import slot_step, slot_table
 from megalodon.state import MegalodonState
 from megalodon.validation import check_targets, check_token_ids, require
@@ -95,7 +95,7 @@ class Megalodon(nn.Module):
         """
         batch, length = self._check_inputs(input_ids, state, logits_to_keep)
         if targets is not None:
-            check_targets(targets, batch, length, self.config.num_outputs)
+            check_targets(targets, batch, length, self.config.num_outputs, IGNORE_INDEX)
             if logits_to_keep:
                 raise ValueError("targets and logits_to_keep exclude each other: the loss needs every position")
         block_reset = None if doc_start is None else self._block_reset(doc_start, state, batch, length)

@@ -58,7 +58,7 @@ def check_token_ids(input_ids: Tensor, vocab_size: int) -> tuple[int, int]:
     return batch, length
 
 
-def check_targets(targets: Tensor, batch: int, length: int, num_outputs: int, ignore_index: int = -100) -> None:
+def check_targets(targets: Tensor, batch: int, length: int, num_outputs: int, ignore_index: int) -> None:
     """A (B, L) int64 tensor of next-token ids in [0, num_outputs), or ignore_index where a position has none."""
     if not isinstance(targets, Tensor) or targets.dtype != torch.int64:
         kind = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from megalodon.baseline.cache import KVCache, StaticKVCache, attention_mask, document_begins
 from megalodon.layers.norms import compute_dtype
 from megalodon.ops.fused import FUSED_RMS_NORM_DEVICES, add_linear_, row_norm_kernel, torch_rms_norm
-from megalodon.ops.loss import summed_cross_entropy
+from megalodon.ops.loss import IGNORE_INDEX, summed_cross_entropy
 from megalodon.ops.static_kv import SlotStep, slot_step, write_and_attend
 from megalodon.validation import check_targets, check_token_ids
 
@@ -236,7 +236,7 @@ class Llama(nn.Module):
         """
         batch, length = check_token_ids(input_ids, self.config.vocab_size)
         if targets is not None:
-            check_targets(targets, batch, length, self.config.vocab_size)
+            check_targets(targets, batch, length, self.config.vocab_size, IGNORE_INDEX)
         self._check_call(batch, length, doc_start, past, window)
         device = input_ids.device
         start = 0 if past is None else past.position

@@ -17,9 +17,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from megalodon.ops.loss import IGNORE_INDEX
+
 from .token_store import TokenStore
 
-IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
 _STATE_VERSION = 1
 
 

@@ -21,9 +21,8 @@ from megalodon.hf.configuration import MegalodonHFConfig
 from megalodon.hf.export_code import package_only
 from megalodon.hf.padding import forward_rows, real_token_spans
 from megalodon.model import Megalodon
+from megalodon.ops.loss import IGNORE_INDEX  # the label that transformers' losses skip too
 from megalodon.validation import require
-
-IGNORE_INDEX = -100  # the label that transformers' losses skip
 
 # transformers renamed `past_key_values` to `cache` during 5.x; use whichever name the installed version expects.
 CACHE_ARG = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+IGNORE_INDEX = -100  # the target of a position with no next token: torch's cross_entropy skips it too
 LOGITS_PER_BLOCK = 1 << 25  # elements of one block's fp32 logits: 128 MB, 1,024 tokens at 32,000 words
 
 
 def summed_cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
-                                   ignore_index: int = -100) -> Tensor:
+                                   ignore_index: int = IGNORE_INDEX) -> Tensor:
     """sum over tokens whose target is not ignore_index of -log softmax(hidden weight^T)[target], fp32: the
     logits path (hidden (N, D) in the compute dtype, weight (V, D) cast to it, targets (N,) int64; outside
     autocast). fp32, or float64 for float64 hidden states."""
@@ -38,7 +39,7 @@ def _softmax_dtype(hidden: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def summed_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
+def summed_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
                          block_tokens: int | None = None) -> Tensor:
     """summed_cross_entropy_reference's loss and gradients (for hidden and the weight, kept in its own dtype:
     fp32 master weights get fp32 gradients), holding one block of `block_tokens` tokens' logits at a time
