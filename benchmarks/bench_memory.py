@@ -27,10 +27,9 @@ never holds every logit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import traceback
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -41,10 +40,24 @@ from megalodon import MegalodonConfig
 PACKAGE = str(Path(__file__).resolve().parent.parent / "src" / "megalodon")
 
 
+@contextmanager
+def block_flag(model):
+    """A one-element list that holds True while one of the model's blocks runs (forward hooks, removed after)."""
+    inside = [False]
+    hooks = [h for block in model.layers for h in (
+        block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+        block.register_forward_hook(lambda *_: inside.__setitem__(0, False)))]
+    try:
+        yield inside
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def saved_bytes(model, length: int, dtype: str, by_line: bool) -> tuple[int, dict[str, int]]:
     """Bytes saved for backward inside the model's blocks during one forward of `length` tokens."""
     seen: set[int] = set()
-    total, lines, inside = 0, defaultdict(int), [False]
+    total, lines = 0, defaultdict(int)
 
     def pack(t: torch.Tensor):
         nonlocal total
@@ -59,12 +72,9 @@ def saved_bytes(model, length: int, dtype: str, by_line: bool) -> tuple[int, dic
                 lines[where] += storage.nbytes()
         return t
 
-    for block in model.layers:
-        block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
-        block.register_forward_hook(lambda *_: inside.__setitem__(0, False))
     ids = torch.randint(0, model.config.vocab_size, (1, length))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    with block_flag(model) as inside, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         model(ids)
     return total, lines
 
@@ -86,25 +96,20 @@ def outside_blocks(arch: str, preset: str, length: int) -> dict[str, int]:
             "targets": lambda: model(ids, targets=targets)}
     out = {}
     for way, forward in ways.items():
-        inside, kept = [False], {}
+        kept = {}
+        with block_flag(model) as inside:
+            def pack(t: torch.Tensor):
+                if not inside[0] and not isinstance(t, torch.nn.Parameter):
+                    kept[id(t)] = t  # once per tensor (meta tensors have no storage to tell apart), kept alive
+                return t
 
-        def pack(t: torch.Tensor):
-            if not inside[0] and not isinstance(t, torch.nn.Parameter):
-                kept[id(t)] = t  # once per tensor (meta tensors have no storage to tell apart), kept alive
-            return t
-
-        hooks = [h for block in model.layers for h in (
-            block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
-            block.register_forward_hook(lambda *_: inside.__setitem__(0, False)))]
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            forward()
-        for hook in hooks:
-            hook.remove()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                forward()
         out[way] = sum(t.numel() * t.element_size() for t in kept.values())
     return out
 
 
-@contextlib.contextmanager
+@contextmanager
 def meta_autocast():
     """torch.autocast refuses the meta device even to be turned off, as the norms and the loss do: let it pass."""
     real = torch.autocast
