@@ -76,6 +76,30 @@ def test_bad_shapes_are_refused():
     hidden, weight, targets = inputs(torch.float64)
     with pytest.raises(ValueError, match="hidden \\(N, D\\), weight \\(V, D\\) and targets \\(N,\\)"):
         summed_cross_entropy(hidden, weight, targets[:-1])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="block_tokens must be a whole number >= 1"):
+            summed_cross_entropy(hidden, weight, targets, block_tokens=bad)
+
+
+def test_a_bf16_gradient_takes_the_loss_scale_unrounded():
+    """The trainer scales the summed loss by 1 / labels, which bf16 cannot hold: the hidden state's gradient must
+    be the unscaled one times the fp32 scale, rounded once (rounding the scale first is off by up to 0.4%)."""
+    hidden, weight, targets = inputs(torch.float64, tokens=64, dim=32, vocab=96)
+    hidden = hidden.detach().bfloat16().requires_grad_()
+    scale = torch.tensor(1 / 32641, dtype=torch.float32)
+    assert scale.bfloat16().float() != scale
+    summed_cross_entropy(hidden, weight, targets).backward()
+    unscaled, hidden.grad = hidden.grad, None
+    (summed_cross_entropy(hidden, weight, targets) * scale).backward()
+    torch.testing.assert_close(hidden.grad, (unscaled.float() * scale).bfloat16(), rtol=0, atol=0)
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    """backward's gradients come from forward, without a graph: a second derivative through them would silently
+    miss the softmax's curvature, so asking for one is an error."""
+    hidden, weight, targets = inputs(torch.float64)
+    with pytest.raises(RuntimeError, match="no second derivative .* without targets="):
+        torch.autograd.grad(summed_cross_entropy(torch.tanh(hidden), weight, targets), hidden, create_graph=True)
 
 
 def models(dtype=torch.float64):

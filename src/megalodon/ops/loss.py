@@ -48,6 +48,10 @@ def summed_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1:] != hidden.shape[1:]:
         raise ValueError(f"summed_cross_entropy: hidden (N, D), weight (V, D) and targets (N,), got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(targets.shape)}")
+    if block_tokens is not None and (isinstance(block_tokens, bool) or not isinstance(block_tokens, int)
+                                     or block_tokens < 1):
+        raise ValueError(f"summed_cross_entropy: block_tokens must be a whole number >= 1 (None: the default), "
+                         f"got {block_tokens!r}")
     block = block_tokens or max(1, LOGITS_PER_BLOCK // weight.shape[0])
     gradients = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)  # none in evaluation
     with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs run in hidden's dtype, as given
@@ -89,6 +93,12 @@ class _BlockedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():  # create_graph: a derivative of these gradients would silently lack the softmax's
+            raise RuntimeError("summed_cross_entropy has no second derivative (its gradients are computed in the "
+                               "forward pass, without a graph): for create_graph=True, call the model without "
+                               "targets= and take F.cross_entropy of its logits")
         d_hidden, d_weight = ctx.saved_tensors
-        return (None if d_hidden is None else d_hidden * grad.to(d_hidden.dtype),
+        # the 0-dim fp32 scale multiplies bf16 d_hidden unrounded (cast to bf16 first, 1/n_labels would be off by
+        # up to 0.4%, for the whole body's gradient)
+        return (None if d_hidden is None else d_hidden * grad,
                 None if d_weight is None else (d_weight * grad).to(ctx.weight_dtype), None, None, None, None)
