@@ -14,6 +14,7 @@ The device helpers here serve bench_gpu.py's other sections too; use_device() se
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable
 
@@ -78,6 +79,7 @@ def reset_peak() -> None:
 
 
 def free_cache() -> None:
+    gc.collect()  # a graphed step's graphs and pool (and a compiled model's) are freed only by a gc pass
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 

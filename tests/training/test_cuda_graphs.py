@@ -5,9 +5,12 @@ does, so that what the callers must do about that (copy the carried state out, a
 is checked on the CPU; on a GPU the same tests capture for real."""
 
 import contextlib
+import gc
 import re
 import textwrap
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,49 +97,60 @@ def test_refuses_eval_mode_and_an_outer_autocast():
 
 
 def graphed_callables_imitation(module, sample_args, num_warmup_iters=3, allow_unused_input=False):
-    """torch.cuda.make_graphed_callables on a CPU, as its callers see it: the same warm-up passes, then a function
-    that copies its arguments into static inputs, runs the module, and returns its outputs as buffers that each
-    call overwrites, and whose backward hands the parameters' gradients out in buffers of its own (autograd may
-    keep them as .grad), as a replay does. It counts its calls."""
+    """torch.cuda.make_graphed_callables on a CPU, as its callers see it (torch/cuda/graphs.py): the same warm-up
+    passes; the sample's own tensors as the static inputs, into which each call copies its arguments (unless it
+    passes those very tensors); outputs returned as buffers that each call overwrites; one set of activations,
+    the latest call's, for backward (a graph's buffers); the parameters' gradients handed out in buffers of its
+    own (autograd may keep them as .grad); the module returned with its forward replaced by one that replays
+    while the module is in the mode it was captured in. It counts its calls."""
     params = tuple(module.parameters())
     trained = [p for p in params if p.requires_grad]
-    static_inputs = [a.clone() for a in sample_args]
+    static_inputs = list(sample_args)
     for _ in range(num_warmup_iters):
         outputs = [o for o in tree_flatten(module(*static_inputs))[0] if o.requires_grad]
         torch.autograd.grad(outputs, trained, [torch.ones_like(o) for o in outputs], allow_unused=True)
     output_buffers, spec = tree_flatten(module(*static_inputs))
     output_buffers = [o.detach().clone() for o in output_buffers]
     gradient_buffers = [torch.zeros_like(p) for p in trained]
+    graph = {}  # the latest replay's activations: the graph's, which the next replay overwrites
 
     class Replayed(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
             for static, arg in zip(static_inputs, args):
-                static.copy_(arg)
+                if static.data_ptr() != arg.data_ptr():
+                    static.copy_(arg)
             with torch.enable_grad():
-                ctx.outputs = tree_flatten(module(*static_inputs))[0]
-            for buffer, output in zip(output_buffers, ctx.outputs):
+                graph["outputs"] = tree_flatten(original_forward(*static_inputs))[0]
+            for buffer, output in zip(output_buffers, graph["outputs"]):
                 buffer.copy_(output.detach())
             return tuple(b.detach() for b in output_buffers)
 
         @staticmethod
         @once_differentiable
         def backward(ctx, *grads):
-            wanted = [(o, g) for o, g in zip(ctx.outputs, grads) if o.requires_grad]
-            found = torch.autograd.grad([o for o, _ in wanted], trained, [g for _, g in wanted], allow_unused=True)
+            wanted = [(o, g) for o, g in zip(graph["outputs"], grads) if o.requires_grad]
+            found = torch.autograd.grad([o for o, _ in wanted], trained, [g for _, g in wanted], allow_unused=True,
+                                        retain_graph=True)  # a graph's backward can replay again
             for buffer, grad in zip(gradient_buffers, found):
                 buffer.copy_(grad) if grad is not None else buffer.zero_()
             handed = iter(gradient_buffers)
             return (None,) * len(static_inputs) + tuple(next(handed).detach() if p.requires_grad else None
                                                         for p in params)
 
-    def replay(*args):
-        replay.calls += 1
+    captured_training, original_forward = module.training, module.forward
+
+    replays = SimpleNamespace(calls=0, module=weakref.ref(module))  # (made must not keep the module alive)
+
+    def forward(*args):
+        if module.training != captured_training:
+            return original_forward(*args)
+        replays.calls += 1
         return tree_unflatten(list(Replayed.apply(*args, *params)), spec)
 
-    replay.calls = 0
-    made.append(replay)
-    return replay
+    made.append(replays)
+    module.forward = forward  # a cycle, as torch's
+    return module
 
 
 made = []  # the imitation's replays, newest last
@@ -191,6 +205,44 @@ def test_graphed_steps_add_their_gradients_as_eager_steps_do(capture):
     assert_same_gradients(model, twin)
 
 
+def test_what_a_caller_holds_is_its_own(capture):
+    """The sample keeps its values (the graph reads its inputs from copies), and a loss keeps its value after the
+    next call (the graph's output buffer does not)."""
+    model = both_models()[0].to(capture).float()
+    vocab = model.config.vocab_size
+    batches = [torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(s)).to(capture)
+               for s in range(3)]
+    first = batches[0].clone()
+    step = graphed_loss(model, next_token_loss, batches[:1], autocast_dtype=None)
+    losses = []
+    for ids in batches:
+        losses.append(step(ids))
+        losses[-1].backward()
+    assert torch.equal(batches[0], first)
+    with torch.no_grad():
+        want = [next_token_loss(model, ids) for ids in batches]
+    torch.testing.assert_close(torch.stack(losses).detach(), torch.stack(want), rtol=1e-6, atol=0)
+    assert len(set(torch.stack(losses).tolist())) == 3
+
+
+def test_a_backward_after_a_later_call_is_refused_and_eval_mode_too(capture):
+    """The graph keeps one call's activations: a backward after the next call would take that call's, so it is
+    refused; model.eval() between steps (an evaluation) is refused too, where the replay would run the training
+    graph (dropout on)."""
+    model = both_models()[0].to(capture).float()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24)).to(capture)
+    step = graphed_loss(model, next_token_loss, [ids], autocast_dtype=None)
+    first, second = step(ids), step(ids)
+    with pytest.raises(RuntimeError, match="1 later call.*before the next call"):
+        first.backward()
+    second.backward()
+    model.eval()
+    with pytest.raises(RuntimeError, match="model.eval\\(\\) is set.*model.train\\(\\)"):
+        step(ids)
+    model.train()
+    step(ids).backward()
+
+
 def assert_same_gradients(model, twin):
     """To the bit on the CPU (the imitation runs the eager step's ops in their order); on a GPU to rounding."""
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
@@ -227,6 +279,28 @@ def test_a_run_with_cuda_graphs_resumes_exactly(capture, make_config, tmp_path):
     assert len(straight) == 8
     # to the bit on the CPU; a GPU's kernels may add in another order from one capture to the next
     torch.testing.assert_close(resumed, straight, rtol=0 if capture.type == "cpu" else 1e-5, atol=0)
+
+
+def test_a_closed_trainer_lets_its_graphs_go_and_a_budget_is_timed_after_the_capture(capture, make_config,
+                                                                                          tmp_path):
+    """torch keeps a capture's graphs and memory pool in objects that only a garbage collection frees: the trainer
+    drops its graphed step and collects when it closes (`megalodon compare` trains two models in one process). And
+    a time budget is paced from the steps after the capture (a stream's first window runs eagerly, the second
+    captures: warm-up passes and the capture, no steady step)."""
+    from megalodon.training.trainer import Trainer
+
+    gc.collect()
+    gc.disable()  # only the trainer's own collection may free the graphs
+    try:
+        with Trainer(make_config(cuda_graphs=True, max_steps=0, time_budget_min=10, warmup_steps=50,
+                                 model={"chunk_size": 16}), tmp_path / "run", progress=False,
+                     device=str(capture)) as trainer:
+            trainer.run(stop_at_step=4)
+            assert trainer._pace_from[0] == 2  # captured at step 2, timed from there
+        if capture.type == "cpu":
+            assert made and made[0].module() is None
+    finally:
+        gc.enable()
 
 
 def test_a_micro_batch_of_another_shape_is_refused(capture):

@@ -82,8 +82,13 @@ def graphed_loss(model: nn.Module, loss_fn: Callable, sample_batch: Sequence[Ten
     forward and backward passes whose gradients are discarded; the random number generators are left as they were
     before the capture, so that the steps that follow draw what they would have drawn without it.
 
-    loss_fn may also return a tuple (loss, *tensors), the other tensors detached: the function then returns the
-    tuple, each of them a buffer of the graph that the next call overwrites (copy what must outlive it)."""
+    Each call's backward must come before the next call: the graph's activations live in its buffers, which the
+    next replay overwrites (a backward too late is refused). The loss returned is the caller's own; loss_fn may
+    also return a tuple (loss, *tensors), the other tensors detached: the function then returns the tuple, each
+    of those tensors a buffer of the graph that the next call overwrites (copy what must outlive it).
+
+    The graphs and their memory pool go with a garbage collection after the last reference to the function: torch
+    keeps them in a class of its own making, which only `gc.collect()` frees (before torch.cuda.empty_cache())."""
     devices = {p.device for p in model.parameters()} | {t.device for t in sample_batch}
     check_capturable(devices, "move them with .to('cuda') first")
     if not model.training:
@@ -97,16 +102,35 @@ def graphed_loss(model: nn.Module, loss_fn: Callable, sample_batch: Sequence[Ten
     # least GPU work at any length (a long chunk's queries in blocks, ops/attention.py's query_blocks)
     on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
     rng_devices = [device] if device.type == "cuda" else []
+    # the graph's input buffers are the sample's own tensors, which each replay overwrites: give it copies
+    sample = tuple(t.detach().clone() for t in sample_batch)
     with on_device, launches_without_host_cost(), torch.random.fork_rng(rng_devices):
-        graphed = make_graphed_callables(_Loss(model, loss_fn, autocast_dtype), tuple(sample_batch),
+        graphed = make_graphed_callables(_Loss(model, loss_fn, autocast_dtype), sample,
                                          num_warmup_iters=warmup_steps, allow_unused_input=True)
     gradients = _OwnedGradients([p for p in model.parameters() if p.requires_grad])
+    calls = [0]
 
     def step(*batch: Tensor):
+        if not model.training:  # (the replay checks the wrapper's mode, which model.eval() does not change)
+            raise RuntimeError("graphed_loss replays a training step: model.eval() is set; evaluate eagerly, and "
+                               "call model.train() before the next graphed step")
         gradients.before_replay()
-        return graphed(*batch)
+        outputs = graphed(*batch)
+        calls[0] += 1
+        loss = (outputs[0] if isinstance(outputs, tuple) else outputs).clone()  # the buffer's next value is not ours
+        if loss.requires_grad:
+            loss.register_hook(_refuse_if_replayed_since(calls, calls[0]))
+        return (loss, *outputs[1:]) if isinstance(outputs, tuple) else loss
 
     return step
+
+
+def _refuse_if_replayed_since(calls: list[int], call: int) -> Callable[[Tensor], None]:
+    def check(_: Tensor) -> None:
+        if calls[0] != call:
+            raise RuntimeError(f"a graphed step's backward ran after {calls[0] - call} later call(s), whose replays "
+                               "overwrote the activations it needs: call backward on each loss before the next call")
+    return check
 
 
 class GraphedForwardLoss:

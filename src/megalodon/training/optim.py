@@ -57,3 +57,23 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int, restart: tuple[int, float
     floor = cfg.lr * cfg.min_lr_ratio
     remaining = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
     return floor + (start_lr - floor) * remaining
+
+
+def changed_length(cfg: TrainConfig, step: int, max_steps: int, restart: tuple[int, float] | None,
+                   saved_budget: float | None) -> tuple[int, tuple[int, float] | None, str] | None:
+    """A resumed run's new length, where cfg.max_steps differs from the run's (max_steps, 0 while a time budget
+    decides): (max_steps, lr restart, the plan in words), or None for no change. After warmup the lr decay goes on
+    from where it stands to the floor at the new end, with no jump; a finished run trains on at its floor."""
+    if max_steps and cfg.time_budget_min != saved_budget:  # a budget decides nothing once max_steps is set
+        raise ValueError(f"this run's length is fixed at {max_steps} steps; change it with --max_steps N, not "
+                         "--time_budget_min")
+    if cfg.max_steps in (0, max_steps):
+        return None
+    if cfg.max_steps < step:
+        raise ValueError(f"the run is already at step {step}: --max_steps {cfg.max_steps} is behind it; give at "
+                         f"least {step}")
+    if step < cfg.warmup_steps:
+        return cfg.max_steps, restart, f"the schedule after warmup is planned for {cfg.max_steps} steps"
+    restart = (step, lr_at(step, cfg, max_steps or 10 ** 9, restart))
+    return cfg.max_steps, restart, (f"the learning rate decays from {restart[1]:.3g} (its value at step {step}) to "
+                                    f"{cfg.lr * cfg.min_lr_ratio:.3g} at step {cfg.max_steps}")

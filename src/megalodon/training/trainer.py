@@ -3,6 +3,7 @@ on several (torchrun: FSDP2 or DDP, chunk parallelism; see megalodon.parallel.ru
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from megalodon.training.cuda_graphs import GraphedForwardLoss
 from megalodon.training.data import open_splits, prepare_data
 from megalodon.training.dist_checkpoint import load_any, save_sharded
 from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
-from megalodon.training.optim import build_optimizer, lr_at
+from megalodon.training.optim import build_optimizer, changed_length, lr_at
 from megalodon.training.report import open_tensorboard, strict_json, truncate_metrics, write_report
 from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
 from megalodon.training.signals import StopSignals
@@ -130,6 +131,9 @@ class Trainer:
         tokenizer.save(self.run_dir / "model")
 
     def close(self) -> None:
+        if getattr(self, "graphed", None) is not None:  # its graphs' memory: torch's objects that only gc frees
+            self.graphed = None
+            gc.collect()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.lock is not None:
@@ -178,27 +182,14 @@ class Trainer:
         return saved["elapsed"]
 
     def _change_length(self, saved_budget: float | None) -> None:
-        """Apply a --max_steps given on resume that differs from the run's length. After warmup the lr decay goes
-        on from where it stands to the floor at the new end, with no jump; a finished run trains on at its floor."""
-        cfg, old = self.cfg, self.max_steps
-        if old and cfg.time_budget_min != saved_budget:  # a budget no longer decides anything once max_steps is set
-            raise ValueError(f"this run's length is fixed at {old} steps; change it with --max_steps N, not "
-                             "--time_budget_min")
-        if cfg.max_steps in (0, old):
-            return
-        if cfg.max_steps < self.step:
-            raise ValueError(f"the run is already at step {self.step}: --max_steps {cfg.max_steps} is behind it; give "
-                             f"at least {self.step}")
-        if self.step >= cfg.warmup_steps:
-            self.restart = (self.step, lr_at(self.step, cfg, old or 10 ** 9, self.restart))
-            plan = (f"the learning rate decays from {self.restart[1]:.3g} (its value at step {self.step}) to "
-                    f"{cfg.lr * cfg.min_lr_ratio:.3g} at step {cfg.max_steps}")
-        else:
-            plan = f"the schedule after warmup is planned for {cfg.max_steps} steps"
-        self.max_steps = cfg.max_steps
-        verb = "extending" if cfg.max_steps > (old or 0) else "shortening"
-        logger.info("%s the run from %s to %s steps: %s", verb, old or "its time budget", cfg.max_steps, plan)
-        self.log({"step": self.step, "event": f"max_steps {old} -> {cfg.max_steps}", "lr_restart": self.restart})
+        """Apply a --max_steps given on resume that differs from the run's length (optim.changed_length)."""
+        old = self.max_steps
+        change = changed_length(self.cfg, self.step, old, self.restart, saved_budget)
+        if change is not None:
+            self.max_steps, self.restart, plan = change
+            verb = "extending" if self.max_steps > (old or 0) else "shortening"
+            logger.info("%s the run from %s to %s steps: %s", verb, old or "its time budget", self.max_steps, plan)
+            self.log({"step": self.step, "event": f"max_steps {old} -> {self.max_steps}", "lr_restart": self.restart})
 
     @property
     def elapsed(self) -> float:
@@ -310,7 +301,7 @@ class Trainer:
         with a checkpoint, as stop_at_step does at that step; a later run with resume=True continues exactly."""
         cfg = self.cfg
         self.model.train()
-        self._pace_from: tuple[int, float] | None = None
+        self._pace_from: tuple[int, float, bool] | None = None  # (step, elapsed, CUDA graphs captured)
         # a time budget's steps are unknown until _calibrate has timed some (no total: a count, not a percentage)
         bar = progress_bar(total=self.max_steps or None, initial=self.step, desc=cfg.arch,
                            disable=not (self.progress and self.main), dynamic_ncols=True)
@@ -342,10 +333,12 @@ class Trainer:
 
         The estimate is final at the end of warmup: the schedule does not depend on max_steps before then, so
         the run (and any resumed run) follows one fixed schedule. Until then it only sizes the progress bar."""
-        if self._pace_from is None:  # the first step of this process pays one-off costs: leave it out
-            self._pace_from = (step, self.elapsed)
+        captured = self.graphed is not None and self.graphed.step is not None
+        # the first step of this process pays one-off costs, as does a step that captures CUDA graphs: leave them out
+        if self._pace_from is None or self._pace_from[2] != captured:
+            self._pace_from = (step, self.elapsed, captured)
             return
-        first_step, first_time = self._pace_from
+        first_step, first_time, _ = self._pace_from
         if step - first_step < CALIBRATION_STEPS:
             return
         per_step, elapsed = (self.elapsed - first_time) / (step - first_step), self.elapsed
