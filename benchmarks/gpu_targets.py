@@ -131,11 +131,13 @@ def decode_targets(results: list[dict], tests: str | None) -> list[tuple[str, st
 
 
 def test_outcome(log: str | None, name: str) -> str | None:
-    """PASSED, FAILED, ERROR or SKIPPED for the test in pytest's -vv log, None if it is not there."""
+    """PASSED, FAILED, ERROR or SKIPPED for the test in pytest's -vv log, None if it is not there: one process
+    writes `path::name PASSED`, pytest-xdist's workers (gpu_session.sh's -n 8) `[gw1] [ 4%] PASSED path::name`."""
     if log is None:
         return None
-    found = re.search(rf"::{re.escape(name)} (PASSED|FAILED|ERROR|SKIPPED)", log)
-    return found.group(1) if found else None
+    outcome, test = "(PASSED|FAILED|ERROR|SKIPPED)", re.escape(name)
+    found = re.search(rf"::{test} {outcome}|{outcome} \S*::{test}(?=\s|$)", log, flags=re.M)
+    return (found.group(1) or found.group(2)) if found else None
 
 
 def table(results: list[dict], tests: str | None) -> list[tuple[str, str, str]]:

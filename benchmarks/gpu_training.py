@@ -157,6 +157,7 @@ def failure(err: Exception) -> str:
 
 def measure_pair(preset: str, length: int, mode: str, checkpoint: bool, repeats: int) -> dict:
     """Both models at one shape, alternating: each gets a warm-up, then their timed rounds interleave."""
+    free_cache()  # the last row's models and graphs (the loop's names held them at its end; cycles need a gc pass)
     row = {}
     models = {}
     for arch in ("megalodon", "llama"):

@@ -197,6 +197,20 @@ def test_targets_of_the_first_h100_run_read_as_docs_gpu_md_states_them():
     assert measured["activation memory <= 1.0x the Llama's at 32K"].startswith("0.93x")
 
 
+def test_targets_read_the_outcomes_of_tests_run_on_several_workers(tmp_path):
+    """gpu_session.sh runs the GPU tests on 8 pytest-xdist workers, whose -vv lines put the outcome before the test
+    (`[gw1] [ 4%] PASSED path::name`): the first run's log rewritten that way reads as that run did."""
+    run = ROOT / "benchmarks" / "results" / "h100-2026-11-27"
+    single = (run / "gpu-tests.txt").read_text()
+    workers = re.sub(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)\b.*$", r"[gw3] [ 50%] \2 \1", single, flags=re.M)
+    assert workers != single and "[gw3] [ 50%] PASSED " in workers
+    (tmp_path / "gpu-tests.txt").write_text(workers)
+    parts = [str(run / "results_part1.json"), str(run / "results_part2.json")]
+    want = run_targets(*parts, "--tests", str(run / "gpu-tests.txt"))
+    assert run_targets(*parts, "--tests", str(tmp_path / "gpu-tests.txt")) == want
+    assert {outcome for *_, outcome in want} >= {"met"}
+
+
 def test_targets_a_run_did_not_reach_read_not_measured(tmp_path):
     """Part 1 alone, one model failing a mode and no test log: what the files do not show is "not measured", never
     met; a failed row does not count as a measurement."""
