@@ -40,18 +40,22 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import bench_jax  # beside this file
-import gpu_checks
-import gpu_tuning
-import gpu_training as training
-import op_timing
-import torch
-from gpu_checks import log
-from gpu_training import TRAIN_CASES, autocast, build, free_cache, loss_of, section_train, sync
+PROCESS_START = time.perf_counter()  # --deadline counts from here: importing torch below takes seconds of it
+
+import bench_jax  # noqa: E402  (beside this file)
+import gpu_checks  # noqa: E402
+import gpu_tuning  # noqa: E402
+import gpu_training as training  # noqa: E402
+import op_timing  # noqa: E402
+import torch  # noqa: E402
+from gpu_checks import log  # noqa: E402
+from gpu_training import TRAIN_CASES, autocast, build, free_cache, loss_of, section_train, sync  # noqa: E402
 
 DEADLINE = float("inf")  # time.perf_counter() after which nothing new starts (--deadline)
+STRICT = False  # --strict: a failure anywhere fails the run (the CPU smoke test)
 LLAMA_FULL_STEPS_UP_TO = 32768  # decode positions beyond this time the Llama over at most 256 steps
 
 
@@ -81,7 +85,10 @@ def decode_rows(model, position: int, steps: int, modes: list[str]) -> list[dict
         return [eager if m == "eager" else failed for m in modes]
 
 
-def section_decode(preset: str, positions: list[int], steps: int, modes: list[str]) -> list[dict]:
+def section_decode(preset: str, positions: list[int], steps: int, modes: list[str],
+                   keep: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """The decode table's rows, keep(rows) after each position (as section_train). A position that fails gets its
+    error in its rows, and the next one is still tried."""
     graph = "CUDA graph" if training.DEVICE == "cuda" else "no graph (CPU)"
     log(f"## Decode: {preset}, batch 1, bf16, greedy, timed steps after prefilling each position ({graph})\n")
     log("| model | position | step | timed steps | decode tok/s | ms/token | prefill tok/s | state/cache MiB |\n"
@@ -95,7 +102,12 @@ def section_decode(preset: str, positions: list[int], steps: int, modes: list[st
             # the Llama's step reads its whole cache: a chunk of steps more changes it by under 1% from 32K on,
             # where 2,048 steps at 1M would take about a minute a mode
             timed = steps if arch == "megalodon" or position <= LLAMA_FULL_STEPS_UP_TO else min(steps, 256)
-            results = decode_rows(model, position, timed, modes)
+            try:
+                results = decode_rows(model, position, timed, modes)
+            except Exception as err:  # the positions measured before it keep their rows
+                if STRICT:
+                    raise
+                results = [{"error": f"{type(err).__name__}: {str(err)[:160]}"}] * len(modes)
             for mode, result in zip(modes, results):
                 result = {k: v for k, v in result.items() if k != "tokens"}
                 result.update(model=arch, preset=preset, position=position, mode=mode)
@@ -106,6 +118,7 @@ def section_decode(preset: str, positions: list[int], steps: int, modes: list[st
                     log(f"| {arch} | {position:,} | {mode} | {timed:,} | {result['decode_tokens_per_s']:,.0f} | "
                         f"{result['ms_per_step']:.2f} | {result['prefill_tokens_per_s']:,.0f} | "
                         f"{result['state_bytes'] / 2**20:,.1f} |")
+            keep(rows)
             free_cache()
         del model
         free_cache()
@@ -299,11 +312,11 @@ def main() -> None:
                         help="a settings file from gpu_tuning.py: the kernels' tilings and the kernels to turn off, "
                              "applied before any section (gpu_session.sh tuned)")
     parser.add_argument("--deadline", type=float, default=None,
-                        help="seconds after the start beyond which no new section or case starts")
+                        help="seconds after the process started beyond which no new section or case starts")
     args = parser.parse_args()
 
-    global DEADLINE
-    DEVICE = args.device
+    global DEADLINE, STRICT
+    DEVICE, STRICT = args.device, args.strict
     training.use_device(DEVICE)
     parity_preset, profile_case = "mega200M", ("mega200M", 4096, 32)  # preset, training length, decode steps
     if DEVICE == "cpu":  # the smoke test: every code path at the tiny preset's sizes
@@ -330,21 +343,32 @@ def main() -> None:
         log(f"Kernel settings from {args.kernel_settings} (gpu_tuning.py): {json.dumps(results['kernel_settings'])}\n")
     started = time.perf_counter()
     if args.deadline is not None:
-        DEADLINE = started + args.deadline
+        DEADLINE = PROCESS_START + args.deadline
+
+    def save() -> None:
+        if args.out is not None:
+            with contextlib.suppress(TypeError):
+                (args.out / args.results_name).write_text(json.dumps(results, indent=2, default=str))
+
+    def keep(name: str) -> Callable[[list[dict]], None]:
+        """A section's rows so far, written at once: a timeout from outside then costs only the row it cut."""
+        def write(rows: list[dict]) -> None:
+            results[name] = rows
+            save()
+        return write
+
+    def train(modes: list[str], name: str):
+        return lambda: section_train(args.presets, args.lengths, modes, args.repeats, out_of_time, keep(name))
+
     runners = {
         "env": lambda: gpu_checks.environment(DEVICE),
         "parity": lambda: gpu_checks.parity(parity_preset, DEVICE),
-        "train": lambda: section_train(args.presets, args.lengths, args.modes, args.repeats, out_of_time),
-        "train-eager": lambda: section_train(args.presets, args.lengths, ["eager"], args.repeats, out_of_time),
-        "train-compiled": lambda: section_train(args.presets, args.lengths, ["compiled"], args.repeats, out_of_time),
-        "train-graphed": lambda: section_train(args.presets, args.lengths, ["graphed"], args.repeats, out_of_time),
-        "train-compiled-graphs": lambda: section_train(args.presets, args.lengths, ["compiled-graphs"],
-                                                       args.repeats, out_of_time),
-        "train-compiled-graphed": lambda: section_train(args.presets, args.lengths, ["compiled-graphed"],
-                                                        args.repeats, out_of_time),
+        "train": train(args.modes, "train"),
+        **{f"train-{mode}": train([mode], f"train-{mode}")
+           for mode in ("eager", "compiled", "graphed", "compiled-graphs", "compiled-graphed")},
         "jax": lambda: bench_jax.section(args.jax_lengths, args.repeats, out_of_time, DEADLINE),
         "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps,
-                                         args.modes),
+                                         args.modes, keep("decode")),
         "profile": lambda: section_profile(*profile_case[:2], args.out, profile_case[2]),
         "hf": lambda: section_hf(args.decode_preset, args.decode_positions[0], args.hf_tokens, args.repeats),
     }
@@ -366,9 +390,7 @@ def main() -> None:
             log(f"section {name} failed: {type(err).__name__}: {err}\n")
             results[name] = {"error": f"{type(err).__name__}: {err}"}
         log(f"({name}: {time.perf_counter() - section_start:.0f} s)\n")
-        if args.out is not None:
-            with contextlib.suppress(TypeError):
-                (args.out / args.results_name).write_text(json.dumps(results, indent=2, default=str))
+        save()
     log(f"total: {time.perf_counter() - started:.0f} s")
 
 

@@ -39,9 +39,10 @@ export PYTHONUNBUFFERED=1
 # of its own that adds to the part's results file and log: the CUDA graphs' sections, which had never run on a GPU
 # when this was written, go first and alone, so that a CUDA error they leave behind (sticky in a process) cannot
 # cost the sections after them their figures.
+# An optional second argument keeps that many seconds for the calls after this one (their own sections' needs).
 bench() {
-    local left=$((SESSION_SECONDS - SECONDS))
-    echo "== bench_gpu.py --sections $1 ($left s left) ==" | tee -a "$OUT/bench_gpu_part$PART.md"
+    local left=$((SESSION_SECONDS - SECONDS - ${2:-0}))
+    echo "== bench_gpu.py --sections $1 ($left s for it) ==" | tee -a "$OUT/bench_gpu_part$PART.md"
     if [ "$left" -le 60 ]; then  # (timeout 0 would mean no limit at all)
         echo "skipped: no time left in SESSION_SECONDS" | tee -a "$OUT/bench_gpu_part$PART.md"
         return
@@ -88,7 +89,8 @@ part1() {
             "MEGALODON_DISABLE_TRITON=$MEGALODON_DISABLE_TRITON (run part 2 with the same)" \
             | tee "$OUT/disabled-kernels.txt"
     fi
-    bench env,train-graphed
+    # the decode section took 62 s on the H100: kept for it, however long the tests took
+    bench env,train-graphed 90
     # decode before the eager training table: the decode targets are measured only here, while train-graphed
     # already gives the 4K and 32K rows their best configuration, so eager training is the one to lose to time
     bench decode,train-eager
@@ -143,15 +145,16 @@ sweep)  # the CEMA's and the TimestepNorm's kernel tilings, the attention's quer
 tuned)  # after `all`, in a second call (within the machine's 30 s idle window, or a fresh start): the kernels'
         # settings picked on this GPU (gpu_tuning.py: at most 60 s of timing), then the open targets' rows again
         # with them, graphed steps at 4K and 16K, both models. A kernel part 1 turned off must be turned off here
-        # too: pass its MEGALODON_DISABLE_TRITON. Then, here: gpu_targets.py over all three results files.
+        # too: pass its MEGALODON_DISABLE_TRITON. Then, here: gpu_targets.py over all three results files. The
+        # graphed rows come first (no compilation: 40 s), then the compiled blocks inside graphed steps.
     fresh_part
     # shellcheck disable=SC2086  # TUNE_ARGS: "--device cpu" for a dry run without a GPU, as BENCH_ARGS
     timeout 100 "$PYTHON" benchmarks/gpu_tuning.py --out "$OUT/kernel-settings.json" --deadline 60 ${TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/tuning.md"
     if [ -f "$OUT/kernel-settings.json" ]; then
         BENCH_ARGS="${BENCH_ARGS:-} --kernel-settings $OUT/kernel-settings.json --presets mega200M --lengths 4096 16384"
+        bench train-graphed  # first: it compiles nothing, so the time left after it is known
         bench train-compiled-graphed
-        bench train-graphed
     else
         echo "gpu_tuning.py wrote no settings: nothing to run again" | tee -a "$OUT/tuning.md"
     fi

@@ -3,8 +3,11 @@ bf16 autocast over fp32 master weights, alternating step by step, in one of four
 - eager;
 - compiled: each block through torch.compile (the trainer's --compile);
 - graphed: the whole step replayed from CUDA graphs (megalodon.training.cuda_graphs.graphed_loss), whose pool then
-  holds the activations: the memory column is that pool (activations, temporaries and the gradients' buffers);
+  holds the activations: the memory column is that pool (activations, temporaries and the graph's static gradient
+  buffers, as much again as the parameters in fp32);
 - compiled-graphs: the blocks compiled with mode="reduce-overhead" (the trainer's --compile_mode reduce-overhead);
+  the memory column is how much torch.compile's pool of CUDA graphs grows: one pool per device, which both
+  models share, so Megalodon's figure (captured first) is its own and the Llama's what it needs beyond it;
 - compiled-graphed: the blocks compiled (default mode), then the whole step captured by graphed_loss: the
   compiler's fused elementwise kernels without the host's launches.
 
@@ -69,6 +72,12 @@ def allocated() -> int:
     return torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
 
 
+def reserved() -> int:
+    """What the caching allocator holds from the device: a CUDA graph's private pool included, whose blocks the
+    replays reuse without allocating (memory_allocated sees only what is live between replays)."""
+    return torch.cuda.memory_reserved() if DEVICE == "cuda" else 0
+
+
 def peak_allocated() -> int:
     return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
 
@@ -119,15 +128,19 @@ def time_step(step) -> tuple[float, float]:
 
 
 def training_step(model, ids, mode: str):
-    """The step to time, after its warm-up (compilation, or the CUDA graphs' capture), and for "graphed" the
-    memory its graphs hold (GiB; their pool keeps the activations between steps, so the step's own peak is 0)."""
-    graphed_modes = ("graphed", "compiled-graphed")
-    if mode in graphed_modes:
+    """The step to time, after its warm-up (compilation, or the CUDA graphs' capture), and for the modes whose
+    steps replay CUDA graphs the memory their pools hold (GiB): a replay allocates nothing, so a timed step's peak
+    misses its activations, which live in the pool between steps. The pool is measured as what the allocator
+    reserves beyond what it did before the warm-up, each side after a gc pass and empty_cache (which keeps the
+    blocks of a live graph's pool and returns the rest)."""
+    warmups = 1
+    if mode in ("graphed", "compiled-graphed"):
         from megalodon.training.cuda_graphs import graphed_loss
 
         if mode == "compiled-graphed":
             model.compile_blocks()  # compiled during graphed_loss's warm-up, before the capture
-        before = allocated()
+        free_cache()
+        before = reserved()
         graphed = graphed_loss(model, loss_of, [ids])  # bf16 autocast inside the graph, as autocast() gives
 
         def step():
@@ -139,13 +152,21 @@ def training_step(model, ids, mode: str):
         elif mode == "compiled-graphs":  # --compile true --compile_mode reduce-overhead, as the trainer runs it
             model.compile_blocks(mode="reduce-overhead")
             launches = launches_without_host_cost
+            # cudagraph trees run a function eagerly once, record it at the next call and replay from the third
+            warmups = 3
+            free_cache()
+            before = reserved()
 
         def step():
             with autocast(), launches():
                 loss_of(model, ids).backward()
-    step()  # warm-up, compilation included
-    held = (allocated() - before) / GiB if mode in graphed_modes else None
-    return step, held
+    for _ in range(warmups):  # compilation included
+        step()
+    if mode not in ("graphed", "compiled-graphed", "compiled-graphs"):
+        return step, None
+    model.zero_grad(set_to_none=True)  # the .grad tensors live outside the pools: not part of the figure
+    free_cache()
+    return step, (reserved() - before) / GiB
 
 
 def failure(err: Exception) -> str:
@@ -222,8 +243,10 @@ def train_row(row: dict) -> str:
 
 
 def section_train(presets: list[str], lengths: list[int] | None, modes: list[str], repeats: int,
-                  out_of_time: Callable[[str], bool],
+                  out_of_time: Callable[[str], bool], keep: Callable[[list[dict]], None] = lambda rows: None,
                   checkpoint_from: int = 16384) -> list[dict]:
+    """The table's rows; keep(rows) after each, so that a run stopped from outside (the session's timeout) still
+    has the rows it measured."""
     log(f"## Training step ({', '.join(modes)}): forward + backward, batch 1, bf16 autocast\n")
     if {"graphed", "compiled-graphed"} & set(modes) and DEVICE != "cuda":
         log("(CUDA graphs need a GPU: the graphed modes are skipped on the CPU; tests/training/test_cuda_graphs.py "
@@ -252,6 +275,7 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
                 row = {arch: {"error": failure(err)} for arch in ("megalodon", "llama")}
             row.update(preset=preset, length=length, mode=label, seconds=time.perf_counter() - case_start)
             rows.append(row)
+            keep(rows)
             log(train_row(row))
     log()
     return rows

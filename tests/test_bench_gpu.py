@@ -1,6 +1,7 @@
 """benchmarks/bench_gpu.py runs on rented GPU time, so its every section is smoke-tested here on the CPU at tiny
 sizes: an API change that would break it fails in CI, not on the device."""
 
+import contextlib
 import json
 import math
 import os
@@ -49,7 +50,7 @@ def test_append_adds_a_runs_sections_to_the_results_file(tmp_path):
 def test_gpu_session_names_sections_that_exist():
     """benchmarks/gpu_session.sh passes bench_gpu.py section lists: a typo there would cost a GPU session."""
     script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
-    lists = re.findall(r"^\s*bench ([\w,-]+)\s*$", script, flags=re.MULTILINE)
+    lists = re.findall(r"^\s*bench ([\w,-]+)(?: \d+)?\s*(?:#.*)?$", script, flags=re.MULTILINE)
     assert len(lists) == 6, lists
     for sections in lists:
         out = subprocess.run(
@@ -131,6 +132,36 @@ def test_one_models_failure_leaves_the_other_its_row(monkeypatch):
     assert row["llama"] == {"error": "RuntimeError: operation not permitted when stream is capturing"}
     row.update(preset="tiny", length=32, mode="eager", seconds=0.0)
     assert "| RuntimeError: operation not permitted" in gpu_training.train_row(row)
+
+
+def test_sections_hand_over_their_rows_as_they_go(monkeypatch):
+    """A section stopped from outside (gpu_session.sh's timeout) keeps the rows it measured: each row is handed to
+    keep() (which writes the results file) as it comes, and a decode position that fails costs only its rows."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_gpu
+    import gpu_training
+
+    monkeypatch.setattr(gpu_training, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_training, "measure_pair", lambda preset, length, *_: {
+        "megalodon": {"tokens_per_s": float(length), "activation_gib": 0.0, "model_tflops": 0.0}})
+    kept = []
+    rows = gpu_training.section_train(["tiny"], [32, 64], ["eager"], 1, lambda what: False,
+                                      keep=lambda rows: kept.append([row["length"] for row in rows]))
+    assert kept == [[32], [32, 64]] and [row["length"] for row in rows] == [32, 64]
+
+    def second_position_fails(model, position, steps, modes):
+        if position > 64:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return [{"decode_tokens_per_s": 1.0, "ms_per_step": 1.0, "prefill_tokens_per_s": 1.0, "state_bytes": 0}]
+
+    monkeypatch.setattr(bench_gpu, "decode_rows", second_position_fails)
+    kept.clear()
+    rows = bench_gpu.section_decode("tiny", [64, 300], 4, ["eager"], keep=lambda rows: kept.append(len(rows)))
+    assert kept == [1, 2, 3, 4]  # both models, both positions
+    assert rows[0]["decode_tokens_per_s"] == 1.0 and rows[1]["error"].startswith("RuntimeError: CUDA error")
+    monkeypatch.setattr(bench_gpu, "STRICT", True)  # the smoke test's --strict: the failure fails the run
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_gpu.section_decode("tiny", [300], 4, ["eager"])
 
 
 def test_profile_sorts_kernels_by_what_they_belong_to():
@@ -281,6 +312,72 @@ def test_tuning_groups_start_from_the_modules_own_settings():
         gpu_tuning.defaults_match(module, candidates)
 
 
+def test_tuning_spends_its_time_where_it_decides_most(monkeypatch):
+    """gpu_tuning.tune's order: the CEMA's and the norm's kernels against their PyTorch paths first; no tilings
+    tuned for a kernel turned off; the other kernels compared under the tilings chosen (the attention's softmax
+    under the query blocks picked); a comparison that fails costs only itself; the settings written after each
+    group; the modules' own settings restored at the end."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_tuning
+
+    from megalodon import MegalodonConfig
+    from megalodon.ops import attention
+    from megalodon.ops.triton import DISABLE_ENV
+
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    seen = []
+
+    def fake_compare(candidates, device):
+        if set(candidates) != {"triton", "torch"}:  # a group of tilings: its last candidate wins
+            seen.append(("group", next(iter(candidates))))
+            return {label: 1.0 - 0.1 * i for i, label in enumerate(candidates)}, "fake"
+        with candidates["torch"][0]():
+            kernel = os.environ[DISABLE_ENV]
+        seen.append((kernel, attention.QUERY_BLOCKS_MAX))
+        if kernel == "timestep_norm":
+            raise RuntimeError("capture failed")
+        return {"triton": 2.0 if kernel == "cema" else 1.0, "torch": 1.0}, "fake"
+
+    monkeypatch.setattr(gpu_tuning, "compare", fake_compare)
+    writes = []
+    blocks = attention.QUERY_BLOCKS_MAX
+    settings = gpu_tuning.tune(gpu_tuning.Shape(MegalodonConfig.from_preset("tiny"), 64, "cpu"), float("inf"),
+                               lambda settings: writes.append(json.loads(json.dumps(settings))))
+    assert seen == [("cema", blocks), ("timestep_norm", blocks), ("group", "4"), ("group", "256x8, 4, 32"),
+                    ("silu_gate", 8), ("norm_rows", 8), ("causal_softmax", 8), ("queries_keys", 8)]
+    assert settings["disable"] == ["cema"] and "timestep_norm kernels (their ops)" not in settings["timings"]
+    assert settings["modules"][gpu_tuning.ATTENTION] == {"QUERY_BLOCKS_MAX": 8}
+    assert len(writes) >= 7 and writes[0]["disable"] == [] and writes[-1] == json.loads(json.dumps(settings))
+    assert attention.QUERY_BLOCKS_MAX == blocks
+
+
+def test_tuning_compares_candidates_in_turn_and_a_failing_one_loses(monkeypatch):
+    """gpu_tuning.compare on the CPU: each candidate's runs under its own settings, ROUNDS samples each in a
+    rotating order, the median kept; a candidate whose run fails gets an infinite time, the others their own."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_tuning
+
+    calls = []
+
+    def candidate(label, fails=False):
+        @contextlib.contextmanager
+        def settings():
+            calls.append(label)
+            yield
+
+        def run():
+            if fails:
+                raise ValueError("no such tiling")
+        return settings, [run]
+
+    monkeypatch.setattr(gpu_tuning, "op_time", lambda run, device: run() or 1.0)
+    times, method = gpu_tuning.compare({"a": candidate("a"), "b": candidate("b"), "c": candidate("c", True)}, "cpu")
+    assert times == {"a": 1.0, "b": 1.0, "c": float("inf")} and method == "wall clock"
+    # the warm-ups, then the samples: a b, b a, a b, ...
+    assert calls[:3] == ["a", "b", "c"] and calls[3:] == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+
+
 def test_kernel_settings_are_applied_and_recorded_or_refused(tmp_path, monkeypatch):
     """apply_settings sets each module's attribute and adds the ops to turn off to MEGALODON_DISABLE_TRITON;
     bench_gpu.py --kernel-settings records them in its results and its env section shows the ops off; a setting
@@ -352,12 +449,16 @@ def test_tuning_runs_every_group_on_cpu_and_bench_gpu_takes_its_file(tmp_path):
                           str(settings)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     written = json.loads(settings.read_text())
-    assert set(written["timings"]) == {"CEMA steps per chunk", "chunk attention's query blocks",
-                                       "CEMA tile prefetch (forward, adjoint)",
-                                       "TimestepNorm scan tiles (tokens x groups, warps, segments)",
+    # on the CPU both paths of a pair are PyTorch's, so noise may turn the CEMA's or the norm's kernels "off", and
+    # then their tilings are not tuned (test_tuning_spends_its_time_where_it_decides_most)
+    tilings = {"cema": {"CEMA steps per chunk", "CEMA tile prefetch (forward, adjoint)"},
+               "timestep_norm": {"TimestepNorm scan tiles (tokens x groups, warps, segments)"}}
+    assert set(written["timings"]) == {"chunk attention's query blocks",
                                        "silu_gate kernels (their ops)", "norm_rows kernels (their ops)",
                                        "causal_softmax kernels (their ops)", "queries_keys kernels (their ops)",
-                                       "cema kernels (their ops)", "timestep_norm kernels (their ops)"}
+                                       "cema kernels (their ops)", "timestep_norm kernels (their ops)",
+                                       *(group for kernel in tilings if kernel not in written["disable"]
+                                         for group in tilings[kernel])}
     assert all(math.isfinite(ms) for times in written["timings"].values() for ms in times.values())
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--strict", "--sections",
