@@ -149,6 +149,12 @@ def test_sections_hand_over_their_rows_as_they_go(monkeypatch):
                                       keep=lambda rows: kept.append([row["length"] for row in rows]))
     assert kept == [[32], [32, 64]] and [row["length"] for row in rows] == [32, 64]
 
+    # a graphed step cannot hold activation checkpointing (mega1.3B from 16K): that row is skipped, saying why
+    monkeypatch.setattr(gpu_training, "DEVICE", "cuda")
+    rows = gpu_training.section_train(["mega1.3B"], [4096, 16384], ["graphed"], 1, lambda what: False)
+    assert [(row["length"], row["mode"]) for row in rows] == [(4096, "graphed")]
+    monkeypatch.setattr(gpu_training, "DEVICE", "cpu")
+
     def second_position_fails(model, position, steps, modes):
         if position > 64:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
