@@ -124,9 +124,11 @@ def decode_targets(results: list[dict], tests: str | None) -> list[tuple[str, st
                            ["test_compiled_blocks_on_cuda_match_eager", "test_cuda_graph_replay_equals_eager[True]"])):
         outcomes = [test_outcome(tests, name) for name in names]
         measured = ", ".join(f"{name} {outcome or 'not run'}" for name, outcome in zip(names, outcomes))
+        # a test skipped (its GPU lacked something) or not reached measured nothing; only a failure misses
+        failed = any(o in ("FAILED", "ERROR") for o in outcomes)
         passed = all(o == "PASSED" for o in outcomes)
         lines.append((target, measured if tests is not None else "-",
-                      "not measured" if not all(outcomes) else "met" if passed else "missed"))
+                      "missed" if failed else "met" if passed else "not measured"))
     return lines
 
 

@@ -246,6 +246,14 @@ def test_targets_read_the_outcomes_of_tests_run_on_several_workers(tmp_path):
     want = run_targets(*parts, "--tests", str(run / "gpu-tests.txt"))
     assert run_targets(*parts, "--tests", str(tmp_path / "gpu-tests.txt")) == want
     assert {outcome for *_, outcome in want} >= {"met"}
+    # a test skipped on the GPU measured nothing: not measured, where a failure is missed
+    target = "no host sync in a decode step (set_sync_debug_mode)"
+    for outcome, verdict in (("SKIPPED", "not measured"), ("FAILED", "missed")):
+        changed = re.sub(r"PASSED (\S+::test_cuda_decode_steps_do_not_sync)", rf"{outcome} \1", workers)
+        assert changed != workers
+        (tmp_path / "gpu-tests.txt").write_text(changed)
+        verdicts = {t: v for t, _, v in run_targets(*parts, "--tests", str(tmp_path / "gpu-tests.txt"))}
+        assert verdicts[target] == verdict
 
 
 def test_targets_a_run_did_not_reach_read_not_measured(tmp_path):
