@@ -51,6 +51,9 @@ def train_cases(presets: list[str], lengths: list[int] | None, mode: str) -> lis
     return [case for case in defaults if case[0] in presets] + [(p, 4096) for p in presets if p not in known]
 
 
+GRAPHED_MODES = ("graphed", "compiled-graphed")  # the whole step captured by graphed_loss
+POOL_MODES = GRAPHED_MODES + ("compiled-graphs",)  # steps replayed from CUDA graphs: their memory is a pool
+
 DEVICE = "cuda"  # bench_gpu.py --device cpu runs every section at tiny sizes: a smoke test without a GPU
 
 
@@ -134,7 +137,7 @@ def training_step(model, ids, mode: str):
     reserves beyond what it did before the warm-up, each side after a gc pass and empty_cache (which keeps the
     blocks of a live graph's pool and returns the rest)."""
     warmups = 1
-    if mode in ("graphed", "compiled-graphed"):
+    if mode in GRAPHED_MODES:
         from megalodon.training.cuda_graphs import graphed_loss
 
         if mode == "compiled-graphed":
@@ -162,7 +165,7 @@ def training_step(model, ids, mode: str):
                 loss_of(model, ids).backward()
     for _ in range(warmups):  # compilation included
         step()
-    if mode not in ("graphed", "compiled-graphed", "compiled-graphs"):
+    if mode not in POOL_MODES:
         return step, None
     model.zero_grad(set_to_none=True)  # the .grad tensors live outside the pools: not part of the figure
     free_cache()
@@ -248,10 +251,10 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
     """The table's rows; keep(rows) after each, so that a run stopped from outside (the session's timeout) still
     has the rows it measured."""
     log(f"## Training step ({', '.join(modes)}): forward + backward, batch 1, bf16 autocast\n")
-    if {"graphed", "compiled-graphed"} & set(modes) and DEVICE != "cuda":
+    if set(GRAPHED_MODES) & set(modes) and DEVICE != "cuda":
         log("(CUDA graphs need a GPU: the graphed modes are skipped on the CPU; tests/training/test_cuda_graphs.py "
             "checks them against eager on a GPU)\n")
-        modes = [mode for mode in modes if mode not in ("graphed", "compiled-graphed")]
+        modes = [mode for mode in modes if mode not in GRAPHED_MODES]
     if {"compiled", "compiled-graphs", "compiled-graphed"} & set(modes):
         # Each length compiles its own static graphs (as a training run of one length would), not one
         # dynamic-shape graph after the second length.
@@ -266,7 +269,7 @@ def section_train(presets: list[str], lengths: list[int] | None, modes: list[str
         for preset, length in train_cases(presets, lengths, mode):
             checkpoint = preset == "mega1.3B" and length >= checkpoint_from
             label = mode + (" + act. ckpt" if checkpoint else "")
-            if checkpoint and mode in ("graphed", "compiled-graphed"):
+            if checkpoint and mode in GRAPHED_MODES:
                 # torch's checkpoint saves the CUDA random state, which a capture refuses; the trainer refuses
                 # --cuda_graphs with --activation_checkpointing for the same reason
                 log(f"(skipped {preset} at {length} ({mode}): it needs activation checkpointing, which a CUDA graph "

@@ -129,8 +129,8 @@ def compare(candidates: dict[str, Candidate], device: str) -> tuple[dict[str, fl
     samplers: dict[str, Callable[[], float]] = {}
     method = "graph replays" if device == "cuda" else "wall clock"
     if device == "cuda" and not captures_failed:
-        samplers = graph_samplers(candidates, times)
-    if not samplers and (device != "cuda" or captures_failed):
+        samplers = graph_samplers(candidates, times)  # sets captures_failed where a capture fails
+    if device != "cuda" or captures_failed:
         method = "kernels' sum" if device == "cuda" else method
         for label, (settings, runs) in candidates.items():
             try:
@@ -297,16 +297,10 @@ def tune(shape: Shape, deadline: float, write: Callable[[dict], None] = lambda s
     def save() -> None:
         write(settings)
 
-    def chosen_settings() -> ExitStack:
-        stack = ExitStack()
-        for module, values in chosen.items():
-            stack.enter_context(module_settings(module, values))
-        return stack
-
+    owner = {CEMA: "cema", NORM: "timestep_norm"}  # the kernels whose tilings the groups tune
     with module_settings(DISPATCH, {"OFF_BY_DEFAULT": frozenset()}):
         # the CEMA first (the most GPU time of these kernels in the first H100 trace), should the deadline cut more
-        disable += kernels_to_turn_off(shape, ["cema", "timestep_norm"], deadline, timings, save)
-        owner = {CEMA: "cema", NORM: "timestep_norm"}
+        disable += kernels_to_turn_off(shape, list(owner.values()), deadline, timings, save)
         for name, module, make_op, candidates in groups():
             if owner.get(module) in disable:
                 print(f"({name}: its kernel is turned off)")
@@ -330,9 +324,11 @@ def tune(shape: Shape, deadline: float, write: Callable[[dict], None] = lambda s
                 chosen.setdefault(module, {}).update(candidates[pick])
             report(f"{name}, {method}", times, pick)
             save()
-        with chosen_settings():
-            disable += kernels_to_turn_off(shape, ["silu_gate", "norm_rows", "causal_softmax", "queries_keys"],
-                                           deadline, timings, save)
+        with ExitStack() as chosen_settings:
+            for module, values in chosen.items():
+                chosen_settings.enter_context(module_settings(module, values))
+            others = [kernel for kernel in kernel_ops(shape) if kernel not in owner.values()]
+            disable += kernels_to_turn_off(shape, others, deadline, timings, save)
     save()
     return settings
 
