@@ -9,7 +9,18 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from triton_interpreter import patch_language_once_per_launch
+
+    patch_language_once_per_launch()
+
 from helpers import tiny_model
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first (stable otherwise): with one worker per core, a long test started last would keep one
+    core busy for minutes after the other had run out of work."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +45,16 @@ def requires_cuda(test):
 INTERPRETER = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
 WHY_NO_INTERPRETER = ("runs the GPU's Triton kernels on CPU tensors, which needs triton and its interpreter "
                       "(TRITON_INTERPRET=1, set by tests/conftest.py where there is no GPU)")
+
+
+
+def interpreted_script(path, *args: str) -> list[str]:
+    """The command that runs a script as __main__ under Triton's interpreter as sped up for the tests
+    (tests/triton_interpreter.py); the caller sets TRITON_INTERPRET=1 in its environment."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import triton_interpreter; "
+            f"triton_interpreter.run_script(*{[str(path), *args]!r})")
+    return [sys.executable, "-c", code]
+
 
 # Skips a test that runs the kernels on CPU tensors where that cannot be done. A mark, so that it decorates a test
 # and also goes in pytest.param(..., marks=requires_triton).
