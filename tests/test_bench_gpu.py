@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import interpreted_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,17 +48,45 @@ def test_append_adds_a_runs_sections_to_the_results_file(tmp_path):
     assert "env" not in run("jax")
 
 
+# Runs scripts given as argv lists (JSON in argv[1]) one after another as __main__; prints, as one JSON line, each
+# one's output (stdout and stderr) and whether it ended well.
+IN_TURN = """
+import contextlib, io, json, runpy, sys, traceback
+results = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv, out, ok = argv, io.StringIO(), True
+    sys.path.insert(0, str(__import__("pathlib").Path(argv[0]).parent))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as end:
+            ok = end.code in (None, 0)
+        except Exception:
+            ok, _ = False, print(traceback.format_exc())
+    results.append([ok, out.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def scripts_in_turn(commands: list[list[str]], **options) -> list[tuple[bool, str]]:
+    """(ended well, output) of each command, run in one interpreter: separate processes would spend most of their
+    time importing torch, each."""
+    out = subprocess.run([sys.executable, "-c", IN_TURN, json.dumps(commands)], capture_output=True, text=True,
+                         **options)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [tuple(result) for result in json.loads(out.stdout.splitlines()[-1])]
+
+
 def test_gpu_session_names_sections_that_exist():
     """benchmarks/gpu_session.sh passes bench_gpu.py section lists: a typo there would cost a GPU session."""
     script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     lists = re.findall(r"^\s*bench ([\w,-]+)(?: \d+)?\s*(?:#.*)?$", script, flags=re.MULTILINE)
     assert len(lists) == 6, lists
-    for sections in lists:
-        out = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--sections", sections,
-             "--deadline", "0"], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert out.stdout.count("past --deadline") == len(sections.split(","))
+    results = scripts_in_turn([[str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--sections", sections,
+                                "--deadline", "0"] for sections in lists], timeout=120)
+    for sections, (ok, out) in zip(lists, results):
+        assert ok, out
+        assert out.count("past --deadline") == len(sections.split(",")), out
 
 
 def test_gpu_session_sweep_commands_parse():
@@ -69,22 +99,24 @@ def test_gpu_session_sweep_commands_parse():
              "bench_fused.py": ["--tokens", "32", "--shrink", "16", "--repeats", "1"],
              "bench_attention.py": ["--shape", "1,64,1,8,16", "--chunk", "32", "--repeats", "1"],
              "bench_timestep_norm.py": ["--shape", "1,64,32", "--groups", "4", "--block", "32", "--repeats", "1"]}
+    argvs = []
     for command in commands:
         args = command.replace("--device cuda", "--device cpu").split()
-        out = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:], *small[Path(args[0]).name]],
-                             capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert ("| 1 |" if "attention" in args[0] else "| pytorch |") in out.stdout
+        argvs.append([str(ROOT / args[0]), *args[1:], *small[Path(args[0]).name]])
+    results = scripts_in_turn(argvs, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    for argv, (ok, out) in zip(argvs, results):
+        assert ok, (argv, out)
+        assert ("| 1 |" if "attention" in argv[0] else "| pytorch |") in out, (argv, out)
 
 
+@pytest.mark.slow
 def test_op_counts_counts_the_gpu_path_of_both_models():
     """benchmarks/op_counts.py (a diagnostic for launch-bound GPU steps) on the tiny preset: every row, both
     models, with the Triton kernels on under the interpreter."""
     pytest.importorskip("triton")
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "op_counts.py"), "--preset", "tiny", "--dtypes", "fp32",
-         "--shrink", "1", "--chunk", "16", "--length", "32"],
+        interpreted_script(ROOT / "benchmarks" / "op_counts.py", "--preset", "tiny", "--dtypes", "fp32",
+                           "--shrink", "4", "--chunk", "8", "--length", "16"),
         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Triton kernels on" in out.stdout
