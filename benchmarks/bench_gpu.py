@@ -17,10 +17,11 @@ figures):
           whole chunk of steps (2,048 at mega200M: every in-chunk position once, not only a chunk's cheap start);
 - jax:    megalodon-jax at the mega200M shape with bf16 compute, when it is installed (a separate process: JAX
           and PyTorch must not share the GPU's memory pools);
-- profile: one mega200M 4K step of each model under torch.profiler, eager and with compiled blocks: GPU time and
-          launches by kind of kernel (GEMMs, CEMA, TimestepNorm, attention, Inductor's fused kernels, copies...),
-          Megalodon's eager kernels one by one, and its trace under --out; then a decode step of each model the
-          same way (per step, from the middle of a chunk): what a graph-replayed step's kernels cost the GPU;
+- profile: one mega200M 4K step of each model under torch.profiler, eager and with compiled blocks (--modes): GPU
+          time and launches by kind of kernel (GEMMs, CEMA, TimestepNorm, attention, Inductor's fused kernels,
+          copies...), Megalodon's eager kernels one by one, and its trace under --out; then a decode step of each
+          model the same way (per step, from the middle of a chunk): what a graph-replayed step's kernels cost the
+          GPU;
 - parity: the CUDA model (Triton kernels, fp32) against the CPU fp32 model: logits and gradients; bf16 autocast
           against fp32; split invariance on CUDA (the GPU tests check the kernels and the model first);
 - hf:     transformers' generate() against the core's static decode, Megalodon at the first decode position
@@ -186,14 +187,15 @@ def kind_table(runs: dict[str, dict[str, tuple[int, float]]], per: int = 1) -> N
     log("| **GPU busy** | " + " | ".join(f"**{ms / per:.3f}** ({n / per:,.0f})" for n, ms in totals) + " |\n")
 
 
-def section_profile(preset: str, length: int, out: Path | None, decode_steps: int = 32) -> dict:
+def section_profile(preset: str, length: int, out: Path | None, decode_steps: int = 32,
+                    compiled: bool = True) -> dict:
     """The eager step of both models, kernel by kernel (Megalodon's table and trace), then both models' kernels
-    by kind, eager and with compiled blocks: where Megalodon's GPU time goes against the Llama's. A graphed step
-    replays the same kernels, so their sum is the GPU time a step costs once the host is out of it. Then the same
-    for a decode step (profile_decode)."""
+    by kind, eager and (compiled) with compiled blocks: where Megalodon's GPU time goes against the Llama's. A
+    graphed step replays the same kernels, so their sum is the GPU time a step costs once the host is out of it.
+    Then the same for a decode step (profile_decode)."""
     log(f"## Profile: one {preset} step at {length} tokens (bf16 autocast)\n")
     runs = {}
-    for mode in ("eager", "compiled"):
+    for mode in ("eager", "compiled") if compiled else ("eager",):
         for arch in ("llama", "megalodon"):
             if mode == "compiled" and out_of_time(f"the compiled profile of {arch}"):
                 continue
@@ -369,7 +371,7 @@ def main() -> None:
         "jax": lambda: bench_jax.section(args.jax_lengths, args.repeats, out_of_time, DEADLINE),
         "decode": lambda: section_decode(args.decode_preset, args.decode_positions, args.decode_steps,
                                          args.modes, keep("decode")),
-        "profile": lambda: section_profile(*profile_case[:2], args.out, profile_case[2]),
+        "profile": lambda: section_profile(*profile_case[:2], args.out, profile_case[2], "compiled" in args.modes),
         "hf": lambda: section_hf(args.decode_preset, args.decode_positions[0], args.hf_tokens, args.repeats),
     }
     unknown = [name for name in sections if name not in runners]
