@@ -41,6 +41,7 @@ def test_the_llamas_flops_per_layer_are_its_linears_and_causal_attention(tmp_pat
     assert "estimated Megalodon / Llama" in stdout
 
 
+@pytest.mark.slow
 def test_compiled_blocks_count_inductors_kernels_and_the_triton_ones(tmp_path):
     """With compiled blocks the bytes come from the kernels Inductor generates (its scheduler's own sizes) and
     the Triton kernels inside the custom ops it keeps whole; the Llama has no Triton kernel there."""

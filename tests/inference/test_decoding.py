@@ -148,6 +148,7 @@ def test_bad_inputs_are_refused():
         StaticDecoder(model.train(), fresh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=requires_triton)])
 def test_compiled_decode_step_equals_eager(kernels):
     """torch.compile of the whole step on the CPU (Inductor, one graph), against the eager PyTorch step, across a

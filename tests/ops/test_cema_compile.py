@@ -3,12 +3,14 @@ same outputs and gradients as eager."""
 
 import warnings
 
+import pytest
 import torch
 
 from megalodon.layers.cema import CEMA
 from megalodon.ops.cema import cema, cema_coefficients
 
 
+@pytest.mark.slow
 def test_compiled_cema_matches_eager_without_complex_ops():
     torch.manual_seed(0)
     layer = CEMA(8, 4)

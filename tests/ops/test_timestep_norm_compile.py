@@ -1,6 +1,7 @@
 """The PyTorch TimestepNorm under torch.compile: equal to eager on CPU with fullgraph, and free of the long scans
 that make Inductor emit split scans (PyTorch issue #180221 crashes on CUDA when one reads a broadcast input)."""
 
+import pytest
 import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
@@ -29,6 +30,7 @@ def loss(x, initial, prior, weight, bias, block, reset):
     return (y * torch.linspace(-1, 1, y.shape[1])[:, None]).square().sum() + final.var.sum()
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager_with_fullgraph():
     args = inputs(length=50, block=16)
     leaves = [args[0], args[2].mean, args[3], args[4]]

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from megalodon.training.checkpoint import list_checkpoints, verify_checkpoint
 from megalodon.training.config import TrainConfig
 from megalodon.training.trainer import train
@@ -35,6 +37,7 @@ def workers_of(pid: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_fast_and_the_run_resumes(corpus, tmp_path):
     values = run_values(corpus, tmp_path, max_steps=100_000, warmup_steps=2, checkpoint_every=2, grad_accum=1,
                         nproc=2, parallel="fsdp")

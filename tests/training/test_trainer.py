@@ -89,6 +89,7 @@ def test_activation_checkpointing_does_not_change_the_losses(make_config, tmp_pa
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "plain"), losses(tmp_path / "ckpt"))) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [Megalodon, Llama])
 def test_compile_gives_the_eager_losses(make_config, tmp_path, monkeypatch, arch):
     """--compile true compiles each block, with activation checkpointing inside: the carried state, the document
