@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 SHARD_DIM = "dp_cp"
@@ -59,6 +58,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | No
     param_dtype=torch.bfloat16 computes in bf16 and reduces gradients in fp32; the TimestepNorm and CEMA
     parameters then get their own units that stay fp32 (their math is fp32, spec section 4). Call after
     `apply_chunk_parallel` and before building the optimizer. Returns the model (now an FSDPModule)."""
+    # Imported here: FSDP brings DTensor, over a second of every single-process run's start otherwise.
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     shard = _reduction_mesh(mesh)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)

@@ -27,7 +27,6 @@ from megalodon.training.compute import autocast, autocast_dtype, carried, evalua
 from megalodon.training.config import TrainConfig
 from megalodon.training.cuda_graphs import GraphedForwardLoss
 from megalodon.training.data import open_splits, prepare_data
-from megalodon.training.dist_checkpoint import load_any, save_sharded
 from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
 from megalodon.training.optim import build_optimizer, changed_length, lr_at
 from megalodon.training.report import open_tensorboard, strict_json, truncate_metrics, write_report
@@ -159,6 +158,10 @@ class Trainer:
         previous = saved_options(self.run_dir)
         latest = checkpoints[-1]
         self._on_main(lambda: verify_latest(checkpoints))
+        # torch.distributed.checkpoint (and the FSDP and DTensor it brings) is imported only where it is used:
+        # seconds of every fresh single-process run's start otherwise.
+        from megalodon.training.dist_checkpoint import load_any
+
         saved, streams = load_any(latest, self.model, self.optimizer, self.ranks is not None)
         # Checkpoints written before these keys existed lack them: no data check, wall-clock as training time.
         if saved.get("data", self.data_fingerprint) != self.data_fingerprint:
@@ -214,6 +217,8 @@ class Trainer:
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                             self.streams if self.stateful else [], self.cfg.keep_checkpoints)
         else:
+            from megalodon.training.dist_checkpoint import save_sharded
+
             save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, self._global_streams(),
                          self.cfg.keep_checkpoints, self.ranks, self.tokenizer)
 
