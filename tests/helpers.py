@@ -47,7 +47,6 @@ WHY_NO_INTERPRETER = ("runs the GPU's Triton kernels on CPU tensors, which needs
                       "(TRITON_INTERPRET=1, set by tests/conftest.py where there is no GPU)")
 
 
-
 def interpreted_script(path, *args: str) -> list[str]:
     """The command that runs a script as __main__ under Triton's interpreter as sped up for the tests
     (tests/triton_interpreter.py); the caller sets TRITON_INTERPRET=1 in its environment."""

@@ -51,18 +51,19 @@ def test_append_adds_a_runs_sections_to_the_results_file(tmp_path):
 # Runs scripts given as argv lists (JSON in argv[1]) one after another as __main__; prints, as one JSON line, each
 # one's output (stdout and stderr) and whether it ended well.
 IN_TURN = """
-import contextlib, io, json, runpy, sys, traceback
+import contextlib, io, json, os, runpy, sys, traceback
 results = []
 for argv in json.loads(sys.argv[1]):
     sys.argv, out, ok = argv, io.StringIO(), True
-    sys.path.insert(0, str(__import__("pathlib").Path(argv[0]).parent))
+    sys.path.insert(0, os.path.dirname(argv[0]))
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
             runpy.run_path(argv[0], run_name="__main__")
         except SystemExit as end:
             ok = end.code in (None, 0)
         except Exception:
-            ok, _ = False, print(traceback.format_exc())
+            ok = False
+            traceback.print_exc()
     results.append([ok, out.getvalue()])
 print(json.dumps(results))
 """

@@ -16,19 +16,18 @@ def patch_language_once_per_launch() -> None:
         import triton.language as tl
         from triton.runtime import interpreter
         patch_lang, executor_call = interpreter._patch_lang, interpreter.GridExecutor.__call__
+        nothing_patched = interpreter._LangPatchScope
     except (ImportError, AttributeError):
         return
     launches = []  # per kernel launch in progress: the language modules patched during it
 
-    def languages(fn) -> set[int]:
-        return {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
-
     def patch_once(fn):
-        if launches and launches[-1] and languages(fn) <= launches[-1]:
-            return interpreter._LangPatchScope()
+        languages = {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
+        if launches and launches[-1] and languages <= launches[-1]:
+            return nothing_patched()
         scope = patch_lang(fn)
         if launches:
-            launches[-1] |= languages(fn)
+            launches[-1] |= languages
         return scope
 
     def launch(self, *args, **kwargs):
