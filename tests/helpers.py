@@ -147,3 +147,16 @@ def saved_bytes(fn, *args) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*args)
     return sum(saved.values())
+
+
+def edit_safetensors(path, edit, metadata: dict | None = None, out=None) -> None:
+    """Write path's tensors with edit(tensors) applied to `out` (default: path itself), as a hand edit of a saved
+    file would. The tensors are copied out of the file and the new one replaces it whole: older safetensors (0.4)
+    map the tensors from the file, and rewriting a mapped file under them ends the process with SIGBUS."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {name: t.clone() for name, t in load_file(str(path)).items()}
+    edit(tensors)
+    out = Path(path if out is None else out)
+    save_file(tensors, str(out.with_suffix(".partial")), metadata=metadata)
+    os.replace(out.with_suffix(".partial"), out)

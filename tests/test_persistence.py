@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import tiny_config, tiny_model
+from helpers import edit_safetensors, tiny_config, tiny_model
 from megalodon import Megalodon, MegalodonState
 from megalodon.convert import from_reference, reference_shapes, to_reference
 
@@ -23,21 +23,18 @@ def test_save_and_load_are_bit_exact(tmp_path, share_emb):
 
 @pytest.mark.filterwarnings("ignore:.*has no checksums")
 def test_loading_refuses_missing_unknown_and_misshapen_keys(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    tiny_model(torch.float32).save_pretrained(tmp_path)
-    (tmp_path / "checksums.json").unlink()  # else the checksum refuses the edited file before the key check
-    tensors = load_file(str(tmp_path / "model.safetensors"))
+    model_dir, original = tmp_path / "model", tmp_path / "original.safetensors"
+    tiny_model(torch.float32).save_pretrained(model_dir)
+    (model_dir / "checksums.json").unlink()  # else the checksum refuses the edited file before the key check
+    (model_dir / "model.safetensors").rename(original)
     for change, message in [
         (lambda t: t.pop("layers.0.mega.wz.weight"), "missing key.*layers.0.mega.wz.weight"),
         (lambda t: t.update(extra=torch.zeros(1)), "unknown key.*extra"),
         (lambda t: t.update({"layers.1.mega.cema.alpha": torch.zeros(3, 3, 1)}), "layers.1.mega.cema.alpha"),
     ]:
-        broken = dict(tensors)
-        change(broken)
-        save_file(broken, str(tmp_path / "model.safetensors"))
+        edit_safetensors(original, change, out=model_dir / "model.safetensors")
         with pytest.raises(ValueError, match=message):
-            Megalodon.from_pretrained(tmp_path)
+            Megalodon.from_pretrained(model_dir)
 
 
 def test_truncated_weights_are_refused(tmp_path):

@@ -38,6 +38,22 @@ def test_bpe_train_save_load_round_trip(tmp_path):
     assert tok.encode_batch([TEXT, "x"]) == [tok.encode(TEXT), tok.encode("x")]
 
 
+def test_a_tokenizers_release_that_would_turn_literal_specials_into_ids_is_refused():
+    """tokenizers 0.15.0 has no encode_special_tokens switch, yet accepts the assignment silently: the class is
+    asked instead, and the error names the release that has it."""
+    trained = BPETokenizer.train(CORPUS, vocab_size=300)
+
+    class Old:  # a stand-in for 0.15.0's Tokenizer: same methods, no switch
+        def __init__(self, wrapped):
+            self.wrapped = wrapped
+
+        def __getattr__(self, name):
+            return getattr(self.wrapped, name)
+
+    with pytest.raises(RuntimeError, match=r"tokenizers>=0\.15\.1"):
+        BPETokenizer(Old(trained._tok), trained.eos_token)
+
+
 def test_load_tokenizer_dispatch(tmp_path):
     ByteTokenizer().save(tmp_path / "byte")
     BPETokenizer.train(CORPUS, vocab_size=300).save(tmp_path / "bpe")

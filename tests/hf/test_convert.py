@@ -8,9 +8,10 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from helpers import edit_safetensors  # noqa: E402
 from megalodon import Megalodon  # noqa: E402
 from megalodon.data import BPETokenizer, ByteTokenizer, load_tokenizer  # noqa: E402
 from megalodon.hf import MegalodonForCausalLM, export_hf, import_hf, save_hf_tokenizer, wrap  # noqa: E402
@@ -62,9 +63,8 @@ def test_our_directory_round_trips_through_the_hf_layout(make_core, tmp_path, sh
 
 def test_import_refuses_a_directory_missing_tensors(core, tmp_path):
     wrap(core).save_pretrained(tmp_path)
-    tensors = load_file(str(tmp_path / "model.safetensors"))
-    del tensors["model.layers.1.mega.wz.weight"]
-    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    edit_safetensors(tmp_path / "model.safetensors", lambda tensors: tensors.pop("model.layers.1.mega.wz.weight"),
+                     metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing_keys.*layers.1.mega.wz.weight"):
         import_hf(tmp_path)
 

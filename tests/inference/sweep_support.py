@@ -17,8 +17,8 @@ from typing import Callable
 from unittest import mock
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from helpers import edit_safetensors
 from megalodon.checkpoint import load_pretrained, save_pretrained
 from megalodon.cli import main
 from megalodon.data import ByteTokenizer, build_token_store
@@ -148,15 +148,13 @@ def edit_config(**changes):
         config = json.loads((directory / "config.json").read_text())
         config.update(changes)
         (directory / "config.json").write_text(json.dumps(config))
-        (directory / "checksums.json").unlink(missing_ok=True)  # a hand edit of an old directory: only validation can catch it
+        # a hand edit of an old directory: only validation can catch it
+        (directory / "checksums.json").unlink(missing_ok=True)
     return change
 
 
 def nan_weights(directory: Path) -> None:
-    tensors = load_file(str(directory / "model.safetensors"))
-    name = sorted(tensors)[0]
-    tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, str(directory / "model.safetensors"))
+    edit_safetensors(directory / "model.safetensors", lambda tensors: tensors[sorted(tensors)[0]].fill_(float("nan")))
     (directory / "checksums.json").unlink(missing_ok=True)
 
 

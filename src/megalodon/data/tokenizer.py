@@ -98,7 +98,13 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, hf_tokenizer, eos_token: str, bos_token: str | None = None, pad_token: str | None = None):
         self._tok = hf_tokenizer
-        # Text that happens to contain "<eos>" must stay text, not become the special id.
+        # Text that happens to contain "<eos>" must stay text, not become the special id. (tokenizers 0.15.0 has no
+        # such switch, yet takes the assignment without a word: ask the class.)
+        if not hasattr(type(hf_tokenizer), "encode_special_tokens"):
+            import tokenizers
+
+            raise RuntimeError(f"tokenizers {tokenizers.__version__} would turn a literal {eos_token!r} in text into "
+                               "the special token: pip install 'tokenizers>=0.15.1'")
         self._tok.encode_special_tokens = True
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_token, self.bos_token, self.pad_token = eos_token, bos_token, pad_token
