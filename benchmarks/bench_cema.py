@@ -85,7 +85,8 @@ def main() -> None:
         forward = measure(layer, x.detach(), resets, False, args.repeats)
         both = measure(layer, x, resets, True, args.repeats)
         gpu = "-" if both["gpu_ms"] is None else f"{both['gpu_ms']:.3f}"
-        label = ", ".join([path] + ([f"chunk {chunk}"] if chunk else []) + ([f"prefetch {prefetch}"] if prefetch else []))
+        label = ", ".join([path] + ([f"chunk {chunk}"] if chunk else [])
+                          + ([f"prefetch {prefetch}"] if prefetch else []))
         peak = "-" if both["peak_mib"] is None else f"{both['peak_mib']:.0f}"
         print(f"| {label} | {forward['ms']:.2f} | {both['ms']:.2f} | {gpu} | {peak} | "
               f"{batch * length / both['ms'] * 1e3:,.0f} |")

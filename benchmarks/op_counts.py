@@ -112,8 +112,8 @@ def count_triton_launches() -> None:
 class _OneKernelRMSNorm(torch.autograd.Function):
     """F.rms_norm as CUDA runs it: one op forward (aten._fused_rms_norm) and one backward, which launches a second
     kernel for the weight's gradient (GammaBetaBackward, as the LayerNorm's backward does: both in the H100 trace),
-    each with a copy first where x is not contiguous, keeping x, one rstd per row and the weight (what bench_memory.py sees). The CPU has no such kernel and composes it of several ops,
-    which run here uncounted."""
+    each with a copy first where x is not contiguous, keeping x, one rstd per row and the weight (what
+    bench_memory.py sees). The CPU has no such kernel and composes it of several ops, which run here uncounted."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     kernels = run_the_gpu_code()
     if args.split_queries:
         split_queries_as_cuda_would(args.preset)
-    print(f"{args.preset} layers (widths / {args.shrink}), {'Triton kernels on (interpreter)' if kernels else 'PyTorch path'}; "
-          f"ops that launch a kernel (views not counted)\n")
+    path = "Triton kernels on (interpreter)" if kernels else "PyTorch path"
+    print(f"{args.preset} layers (widths / {args.shrink}), {path}; ops that launch a kernel (views not counted)\n")
     print("| step | dtype | Megalodon per layer | Llama per layer | ratio | Megalodon outside | Llama outside |")
     print("|---|---|---|---|---|---|---|")
     for step, count in (("training", lambda m, d: training_ops(m, args.length, d)), ("decode", decode_ops)):

@@ -63,7 +63,8 @@ def test_names_bound_by_two_modules_are_renamed_where_they_are_globals(tmp_path)
 def test_a_definition_that_shadows_a_builtin_another_module_uses_is_renamed(tmp_path):
     recipe = _package(tmp_path, {
         "a.py": "def total(xs):\n    return sum(xs)\n",
-        "b.py": "from pkg.a import total\n\ndef sum(x):\n    return -x\n\ndef both(xs):\n    return total(xs), sum(1)\n",
+        "b.py": "from pkg.a import total\n\ndef sum(x):\n    return -x\n\n"
+                "def both(xs):\n    return total(xs), sum(1)\n",
     })
     assert _run(bundle(["pkg.b"], recipe, "t").source)["both"]([1, 2]) == (3, -1)
 

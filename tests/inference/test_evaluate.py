@@ -60,7 +60,8 @@ def test_report_writes_json_and_png(model, llama, tokenizer, tmp_path):
     assert report["corpus"] == "test"
     assert [r["label"] for r in report["results"]] == ["megalodon", "llama"]
     assert report["results"][1]["settings"]["attention"] == "sliding window of 8"
-    assert report["results"][0]["loss_by_position"][0]["tokens"] == 35 + 11  # text bytes + eos, less the unpredicted first token
+    # text bytes + eos, less the unpredicted first token
+    assert report["results"][0]["loss_by_position"][0]["tokens"] == 35 + 11
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -198,7 +198,8 @@ def gate_float64(x, gate, grad):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_x", [True, False], ids=["x", "no-x"])
-@pytest.mark.parametrize("cols, sliced", [(40, False), (40, True), (1100, True)], ids=["40", "40-sliced", "1100-sliced"])
+@pytest.mark.parametrize("cols, sliced", [(40, False), (40, True), (1100, True)],
+                         ids=["40", "40-sliced", "1100-sliced"])
 def test_silu_gate_matches_float64(dtype, with_x, cols, sliced):
     """Forward and backward kernels, each output rounded once: widths inside one block and across two (1100
     columns), the gate read in place from a wider tensor's columns."""

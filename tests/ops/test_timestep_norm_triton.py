@@ -178,7 +178,8 @@ def test_dispatch_picks_triton_without_pad_mask(monkeypatch):
     monkeypatch.setattr(kernels, "timestep_norm_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
     timestep_norm(x, initial, weight, bias, 1e-5, 4, prior=prior)
     assert calls == [1]
-    timestep_norm(x, initial, weight, bias, 1e-5, 4, prior=prior, pad_mask=torch.zeros(2, 9, dtype=torch.bool, device=DEVICE))
+    no_padding = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
+    timestep_norm(x, initial, weight, bias, 1e-5, 4, prior=prior, pad_mask=no_padding)
     timestep_norm(x.double(), initial, weight.double(), bias.double(), 1e-5, 4, prior=prior)
     assert calls == [1]
 
