@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU wheel of these machines; the package itself asks for torch>=2.11.
+	# The CPU wheel of these machines; the package itself asks for torch>=2.10.
 	$(PY) -m pip install --quiet torch==2.13.0 numpy
 	# Every extra the demo and the tests use: transformers, lm-eval, matplotlib, pytest (+ triton for the
 	# interpreter tests of the kernels).
