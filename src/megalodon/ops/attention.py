@@ -19,11 +19,10 @@ Inside a chunk, `attend` picks one of two exact paths (`attention_path` decides)
   partitioner would keep the scores (chunk x chunk per chunk) and the values twice instead of recomputing them.
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +185,7 @@ def _softmax_backward(scores: Tensor, grad_p: Tensor, offset: int) -> tuple[Tens
 
 @opaque_op("megalodon::materialized_attention", mutates_args=())
 def materialized_attention(q: Tensor, k: Tensor, v: Tensor, offset: int, silu_values: bool,
-                           edges: List[int]) -> Tensor:
+                           edges: list[int]) -> Tensor:
     """softmax(q k^T + mask) v over token-major (N, S, H, d) tensors, keeping q, k and v alone for backward,
     which recomputes the probabilities. The products run in the inputs' dtype, the softmax in fp32 (or better).
     All heads in each op; the queries in blocks from edges[i] to edges[i + 1] (query_blocks' blocks), each with
@@ -213,7 +212,7 @@ def _(q, k, v, offset, silu_values, edges):
 
 @opaque_op("megalodon::materialized_attention_backward", mutates_args=())
 def materialized_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, offset: int, silu_values: bool,
-                                    edges: List[int]) -> tuple[Tensor, Tensor, Tensor]:
+                                    edges: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of q, k and v for materialized_attention's output gradient `grad`, the probabilities
     recomputed block by block. An op of its own, so that a compiled graph cannot move part of it into the forward
     and keep what that part makes (a head-major copy of k, beside the storage q and k share)."""

@@ -20,10 +20,9 @@ ten, keeping the same input and one scalar per row. The Llama baseline's norm ta
 comparison stays fair.
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -218,7 +217,7 @@ def _silu_gate(x: Tensor | None, gate: Tensor) -> Tensor:
 
 
 @opaque_op("megalodon::gated_linear", mutates_args=())
-def _gated_linear(x: Optional[Tensor], gate: Tensor, weight: Tensor) -> Tensor:
+def _gated_linear(x: Tensor | None, gate: Tensor, weight: Tensor) -> Tensor:
     """(x * silu(gate)) @ weight^T, every tensor in gate's dtype. Keeps x, gate and the weight for backward, which
     recomputes silu(gate) and the product. An OpaqueOp: traced through, the partitioner would keep the product
     and the gate both."""

@@ -15,7 +15,7 @@ The arithmetic is the PyTorch path's: scores in their dtype, everything after th
 once. A row is held whole in registers, so rows longer than MAX_KEYS keys stay on the PyTorch path.
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
 import torch
 import triton

@@ -40,9 +40,8 @@ Transient: in backward the adjoint's chunk states (as many bytes again) and the 
 one node; in eager mode the same implementation and formula run without the dispatcher's custom-op path.
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +181,7 @@ def _contiguous(*tensors: Tensor) -> list[Tensor]:
 @opaque_op("megalodon::cema_scan", mutates_args=())
 @on_input_device
 def cema_scan(u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor,
-              h0: Optional[Tensor] = None, resets: Optional[Tensor] = None,
+              h0: Tensor | None = None, resets: Tensor | None = None,
               chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
     """The CEMA of ops/cema.py on the chunked Triton scan, from its parameters: the kernels derive the
     coefficients (cema_coefficients) themselves, forward and backward. u (B, L, D) fp32/bf16/fp16; alpha, delta
@@ -211,9 +210,9 @@ def _(u, alpha, delta, theta, gamma, omega, h0=None, resets=None, chunk=CHUNK):
 
 @opaque_op("megalodon::cema_scan_backward", mutates_args=())
 @on_input_device
-def cema_scan_backward(dy: Tensor, dh: Optional[Tensor], u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor,
-                       gamma: Tensor, omega: Tensor, h0: Optional[Tensor], resets: Optional[Tensor],
-                       chunk: int, incoming: Optional[Tensor] = None
+def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor,
+                       gamma: Tensor, omega: Tensor, h0: Tensor | None, resets: Tensor | None,
+                       chunk: int, incoming: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `cema_scan` for (u, alpha, delta, theta, gamma, omega, h0) from dy (B, L, D) and the final
     state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None. incoming: the forward's

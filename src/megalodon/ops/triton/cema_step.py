@@ -6,7 +6,7 @@ other program touches those elements, so `out` may be h itself. On the PyTorch p
 elementwise kernels per layer; a decode step replayed from a CUDA graph pays for each one. Inference only.
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
 import torch
 import triton

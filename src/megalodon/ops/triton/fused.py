@@ -19,9 +19,8 @@ mode, and in the forward of the gated linear's node of a compiled graph (ops/fus
 ops, which Inductor fuses itself.
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import triton
@@ -96,7 +95,7 @@ def norm_rows_bwd_kernel(x_ptr, grad_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr,
         tl.store(partial_ptr + (tl.num_programs(0) + program) * features + cols, sum_shift, mask=inside)
 
 
-def supports_rows(x: Tensor, *params: Optional[Tensor]) -> bool:
+def supports_rows(x: Tensor, *params: Tensor | None) -> bool:
     """Whether the kernel takes x and its scale and shift (the dtypes a GPU computes in, rows one program
     holds)."""
     floats = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,15 +105,15 @@ def supports_rows(x: Tensor, *params: Optional[Tensor]) -> bool:
 
 @opaque_op("megalodon::norm_rows", mutates_args=())
 @on_input_device
-def norm_rows(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: float, center: bool,
+def norm_rows(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, center: bool,
               out_dtype: torch.dtype) -> Tensor:
     """Each row of x (..., F) normalized (centred first if center: LayerNorm; else RMSNorm) in fp32, times scale
     and plus shift ((F,) each, taken in fp32; either may be None), in out_dtype."""
     return _normalize(x, scale, shift, eps, center, out_dtype, stats=False)[0]
 
 
-def _normalize(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: float, center: bool,
-               out_dtype: torch.dtype, stats: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+def _normalize(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, center: bool,
+               out_dtype: torch.dtype, stats: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One launch of norm_rows_kernel: the output, and with stats each row's mean (center only) and 1 / std."""
     features = x.shape[-1]
     x = x.contiguous()
@@ -147,16 +146,16 @@ NORM_BWD_PROGRAMS = 512
 
 
 @on_input_device
-def norm_rows_training(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], eps: float, center: bool,
-                       out_dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor], Tensor]:
+def norm_rows_training(x: Tensor, scale: Tensor | None, shift: Tensor | None, eps: float, center: bool,
+                       out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
     """norm_rows for training: (the output, each row's mean (None unless center), each row's 1 / std), the
     statistics fp32 of shape x.shape[:-1], what norm_rows_backward takes. One launch."""
     return _normalize(x, scale, shift, eps, center, out_dtype, stats=True)
 
 
 @on_input_device
-def norm_rows_backward(x: Tensor, grad: Tensor, scale: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor,
-                       param_grads: bool) -> tuple[Tensor, Optional[Tensor]]:
+def norm_rows_backward(x: Tensor, grad: Tensor, scale: Tensor | None, mean: Tensor | None, rstd: Tensor,
+                       param_grads: bool) -> tuple[Tensor, Tensor | None]:
     """Gradients of norm_rows_training's output `grad` for x (in x's dtype) and, if param_grads, the sums over
     rows of grad * xhat and of grad (2, F) fp32: the gradients of a scale and of a shift. Two launches with
     param_grads (the kernel and the sum over its row blocks), else one."""
@@ -227,7 +226,7 @@ def _rows(t: Tensor, cols: int) -> tuple[Tensor, int]:
 
 
 @on_input_device
-def silu_gate(gate: Tensor, x: Optional[Tensor]) -> Tensor:
+def silu_gate(gate: Tensor, x: Tensor | None) -> Tensor:
     """x * silu(gate) (silu(gate) when x is None) in gate's dtype, computed in fp32: one launch. x, if given, has
     gate's shape; the result is contiguous. (The gate comes first: the launch runs on its GPU.)"""
     cols = gate.shape[-1]
@@ -242,8 +241,8 @@ def silu_gate(gate: Tensor, x: Optional[Tensor]) -> Tensor:
 
 
 @on_input_device
-def silu_gate_backward(gate: Tensor, x: Optional[Tensor], grad: Tensor
-                       ) -> tuple[Tensor, Optional[Tensor], Tensor]:
+def silu_gate_backward(gate: Tensor, x: Tensor | None, grad: Tensor
+                       ) -> tuple[Tensor, Tensor | None, Tensor]:
     """For hidden = x * silu(gate) and the gradient `grad` of hidden: (hidden, dL/dx or None, dL/dgate), in
     gate's, x's and gate's dtypes, one launch. hidden is made again here for the GEMM's weight gradient."""
     cols = gate.shape[-1]

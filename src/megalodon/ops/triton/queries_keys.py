@@ -17,7 +17,7 @@ Backward, with pre = zn * scale + shift before the rotation out[d] = pre[d] c[d]
 (zn's rounding passes its gradient straight through, as autograd's cast does).
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
 import torch
 import triton

@@ -18,9 +18,8 @@ The slot written by the first kernel is read only by the second, which runs afte
 another program of the same launch writes.
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import triton
@@ -106,7 +105,7 @@ def slot_values_kernel(scores_ptr, values_ptr, gate_ptr, out_ptr, gate_stride, h
     tl.store(out_ptr + bh * dv + e, cast(out, out_ptr.dtype.element_ty), mask=e < dv)
 
 
-def supports_buffers(q: Tensor, keys: Tensor, values: Tensor, gate: Optional[Tensor] = None) -> bool:
+def supports_buffers(q: Tensor, keys: Tensor, values: Tensor, gate: Tensor | None = None) -> bool:
     """Whether the kernels take these tensors (the dtypes a GPU computes in, rows of scores a program holds)."""
     floats = (torch.float32, torch.bfloat16, torch.float16)
     return (all(t.dtype in floats for t in (q, keys, values) + (() if gate is None else (gate,)))
@@ -150,7 +149,7 @@ def _(q, k, v, keys, values, slot, visible, scale, silu_values):
 
 @opaque_op("megalodon::slot_values", mutates_args=())
 @on_input_device
-def slot_values(scores: Tensor, values: Tensor, gate: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+def slot_values(scores: Tensor, values: Tensor, gate: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     """softmax(scores) v for each row and head: (B, H, dv) in out_dtype; times silu(gate) if a gate (B, H * dv)
     is given (its rows may be strided: a slice of one projection)."""
     batch, slots, heads, dv = values.shape
@@ -171,7 +170,7 @@ def _(scores, values, gate, out_dtype):
 
 
 def write_and_attend_triton(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, slot: Tensor,
-                            visible: Tensor, scale: float, silu_values: bool, gate: Optional[Tensor]) -> Tensor:
+                            visible: Tensor, scale: float, silu_values: bool, gate: Tensor | None) -> Tensor:
     """The Triton path of `megalodon.ops.static_kv.write_and_attend`: q, k (B, 1, H, dk), v (B, 1, H, dv), the
     contiguous buffers, slot (B,), visible (B, 1, 1, S) and gate (B, 1, H * dv) or None. Returns (B, 1, H, dv)
     in q's dtype."""

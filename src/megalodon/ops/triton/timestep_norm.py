@@ -46,9 +46,9 @@ with fake implementations and autograd registered, so a compiled graph holds eac
 eager mode.
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -112,8 +112,8 @@ def _scan_layout(groups: int, block: int, num_blocks: int) -> _ScanLayout:
 @on_input_device
 def timestep_norm_fwd(
     x: Tensor, count: Tensor, mean: Tensor, var: Tensor, prior_count: Tensor, prior_mean: Tensor,
-    prior_var: Tensor, block_reset: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float, block_size: int,
-    copy_dtype: Optional[torch.dtype],
+    prior_var: Tensor, block_reset: Tensor | None, weight: Tensor, bias: Tensor, eps: float, block_size: int,
+    copy_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y (B, L, D) fp32, y in copy_dtype (an empty tensor where None), mean_t and rstd_t (B, L, G) fp32, the count
     entering each block (B, nb), and the final count (B,) int64, mean and var (B, G) float64. All inputs
@@ -169,9 +169,9 @@ def _(x, count, mean, var, prior_count, prior_mean, prior_var, block_reset, weig
 @opaque_op("megalodon::timestep_norm_bwd", mutates_args=())
 @on_input_device
 def timestep_norm_bwd(
-    dy: Tensor, d_copy: Optional[Tensor], d_final_mean: Optional[Tensor], d_final_var: Optional[Tensor], x: Tensor,
+    dy: Tensor, d_copy: Tensor | None, d_final_mean: Tensor | None, d_final_var: Tensor | None, x: Tensor,
     mean_t: Tensor, rstd_t: Tensor, block_count: Tensor, count: Tensor, mean: Tensor, prior_count: Tensor,
-    prior_mean: Tensor, block_reset: Optional[Tensor], weight: Tensor, block_size: int,
+    prior_mean: Tensor, block_reset: Tensor | None, weight: Tensor, block_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x, the incoming mean and var, the prior mean and var, weight and bias. d_copy: the gradient of
     y's low-precision copy, or None. d_final_mean and d_final_var: the final state's gradients, both or neither

@@ -9,9 +9,8 @@ dtype (bf16), which the step's next GEMM reads, where a cast would be a launch o
 autograd).
 """
 
-# No `from __future__ import annotations`: torch < 2.5 cannot read string annotations of a custom op.
+from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import triton
@@ -60,7 +59,7 @@ def _step_kernel(x_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, y_ptr, copy_
 @opaque_op("megalodon::timestep_norm_step_", mutates_args=("count", "mean", "var"))
 @on_input_device
 def timestep_norm_step_kernel(x: Tensor, count: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
-                              eps: float, copy_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+                              eps: float, copy_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
     """x (B, D) contiguous; count (B,) int64, mean/var (B, G) float64 contiguous, updated in place; returns y
     (B, D) fp32 and y in copy_dtype (an empty tensor where copy_dtype is None)."""
     batch, dim = x.shape
