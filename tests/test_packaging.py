@@ -46,6 +46,19 @@ def test_metadata_declares_the_license_extras_and_links():
     assert "lm-eval" in _requirements("eval") and "triton" in _requirements("dev")
 
 
+def test_an_older_torch_is_refused_at_import_with_the_fix():
+    """The import refuses what pip's resolver would (installs with --no-deps, a checkout on PYTHONPATH), with the
+    floor pyproject.toml declares."""
+    declared = next(r for r in PROJECT["dependencies"] if r.startswith("torch"))
+    assert re.match(r"torch>=(\d+)\.(\d+)", declared).groups() == tuple(map(str, megalodon.TORCH_FLOOR))
+    for version in ("2.9.1+cu128", "2.4.1", "1.13.0", "nightly"):
+        with pytest.raises(ImportError, match=rf"needs torch>=2\.10, and this is torch {re.escape(version)}.*"
+                                              rf"pip install 'torch>=2\.10'"):
+            megalodon.check_torch(version)
+    for version in ("2.10.0", "2.10.0.dev20251201+cu128", "2.13.0+cpu", "3.0.0"):
+        megalodon.check_torch(version)
+
+
 def test_built_in_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     demo = read_config_file("demo")
