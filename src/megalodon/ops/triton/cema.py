@@ -42,7 +42,6 @@ one node; in eager mode the same implementation and formula run without the disp
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -21,7 +21,6 @@ ops, which Inductor fuses itself.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -20,7 +20,6 @@ another program of the same launch writes.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

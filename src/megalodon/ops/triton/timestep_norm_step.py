@@ -11,7 +11,6 @@ autograd).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
