@@ -131,6 +131,24 @@ def test_step_matches_blocked():
     torch.testing.assert_close(state.var, s_ref.var, rtol=1e-10, atol=1e-10)
 
 
+def test_gradcheck_of_the_step_through_its_state():
+    """The single-token step's own backward (the normalization's formula, as a one-token training call or a
+    stream trained token by token runs it), into x, the incoming statistics and the affine weights."""
+    torch.manual_seed(8)
+    x = torch.randn(3, 1, 6, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    var = (torch.rand(3, 2, dtype=torch.float64) + 0.5).requires_grad_(True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    count = torch.tensor([0, 1, 4])  # count 0: the token's own moments alone
+
+    def fn(x, mean, var, w, b):
+        y, s = timestep_norm_step(x, NormStats(count, mean, var), w, b, 1e-5)
+        return y, s.mean, s.var
+
+    assert torch.autograd.gradcheck(fn, (x, mean, var, w, b))
+
+
 def test_gradcheck_with_resets_prior_and_padding():
     """The fused backward passes of the moments and the normalization, and autograd through the block scan,
     including the prior's gradient (count > 0) where a block restarts."""
