@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from megalodon.ops.timestep_norm_stats import (STATS_DTYPE, NormStats, causal_statistics,
-                                               causal_statistics_backward, chan_merge, per_row, running_statistics)
+from megalodon.ops.timestep_norm_stats import (STATS_DTYPE, NormStats, causal_statistics_backward, chan_merge,
+                                               per_row, running_statistics)
 from megalodon.ops.triton import use_triton
 
-__all__ = ["STATS_DTYPE", "NormStats", "causal_statistics", "chan_merge", "merge_statistics", "normalize",
+__all__ = ["STATS_DTYPE", "NormStats", "chan_merge", "merge_statistics", "normalize",
            "segment_statistics", "timestep_norm", "timestep_norm_blocked", "timestep_norm_sequential",
            "timestep_norm_step", "timestep_norm_step_", "token_moments", "with_copy"]
 

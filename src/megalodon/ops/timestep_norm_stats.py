@@ -1,7 +1,7 @@
 """The TimestepNorm's causal statistics (spec section 5) on the small per-token tensors (B, L, G): the Chan merge,
 the blocked scan that gives every token its running mean and variance, and that scan's hand-written backward.
 
-Forward (`causal_statistics`): inside each block of the chunk grid, cumulative sums of mu - c and
+Forward (`running_statistics`): inside each block of the chunk grid, cumulative sums of mu - c and
 s2 + (mu - c)^2 shifted by the block's first token mean c (no catastrophic cancellation); across blocks a Python scan
 (L / block steps) that Chan-merges each block's totals into a float64 carry and restarts at the prior where
 `block_reset` says so; then a Chan merge of each block's incoming carry into its tokens.
@@ -88,7 +88,11 @@ def running_statistics(
     mu: Tensor, s2: Tensor, initial: NormStats, block_size: int | None = None, block_reset: Tensor | None = None,
     prior: NormStats | None = None, valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, NormStats, Tensor]:
-    """`causal_statistics`, plus each token's count n_t (B, L) in mu's dtype (the backward needs it)."""
+    """Running mean and variance at every token from per-token moments mu, s2 (B, L, G): mean_t, var_t (B, L, G)
+    in mu's dtype, the float64 statistics after the last token, and each token's count n_t (B, L) in mu's dtype
+    (the backward needs it). `valid` (B, L) bool or float: 1 for a token that counts, 0 for padding;
+    block_size/block_reset/prior as in ops.timestep_norm.timestep_norm. The op's gradient is
+    `causal_statistics_backward`."""
     dtype = mu.dtype
     batch, length, groups = mu.shape
     block = block_size_of(length, block_size)
@@ -125,20 +129,6 @@ def running_statistics(
     mean_t = mean_t.flatten(1, 2)[:, :length]
     var_t = var_t.flatten(1, 2)[:, :length].clamp(min=0.0)
     return mean_t, var_t, NormStats(count, mean, var), count_t.flatten(1, 2)[:, :length, 0]
-
-
-def causal_statistics(
-    mu: Tensor, s2: Tensor, initial: NormStats, block_size: int | None = None, block_reset: Tensor | None = None,
-    prior: NormStats | None = None, valid: Tensor | None = None,
-) -> tuple[Tensor, Tensor, NormStats]:
-    """Running mean and variance at every token from per-token moments mu, s2 (B, L, G), and the final state.
-
-    Returns mean_t, var_t (B, L, G) in mu's dtype and the float64 statistics after the last token. `valid`
-    (B, L) bool or float: 1 for a token that counts, 0 for padding; block_size/block_reset/prior as in
-    ops.timestep_norm.timestep_norm. Differentiable by autograd (the op uses `causal_statistics_backward`).
-    """
-    mean_t, var_t, final, _ = running_statistics(mu, s2, initial, block_size, block_reset, prior, valid)
-    return mean_t, var_t, final
 
 
 def causal_statistics_backward(
