@@ -179,6 +179,12 @@ def test_gradient_checkpointing_recomputes_each_block_and_keeps_the_gradients(co
     torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    hf_model.eval()  # evaluation runs the blocks plainly, checkpointing on or not
+    with torch.no_grad():
+        calls.clear()
+        torch.testing.assert_close(hf_model(ids, labels=ids).loss, plain_loss, rtol=0, atol=0)
+    assert len(calls) == 1
+    hf_model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         hf_model.gradient_checkpointing_disable()

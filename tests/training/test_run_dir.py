@@ -115,3 +115,41 @@ def test_resume_refuses_training_files_that_changed(make_config, corpus, tmp_pat
         path.write_text(path.read_text().replace("fox", "cat"))
     with pytest.raises(ValueError, match="training data changed since .*step-0000004"):
         train(cfg, run, resume=True, progress=False)
+
+
+def test_tensorboard_gets_the_logged_figures_or_the_run_names_the_missing_package(make_config, tmp_path, monkeypatch):
+    """--tensorboard true: each finite figure of metrics.jsonl as a scalar at its step, the writer closed at the
+    end (a stand-in SummaryWriter: tensorboard is not a dependency). Without the package the run is refused
+    before it touches its directory, with the command that installs it."""
+    import math
+    import sys
+    import types
+
+    from training_helpers import strict_records
+
+    scalars, closed = [], []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            closed.append(self.log_dir)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(make_config(tensorboard=True, max_steps=3, eval_every=2, checkpoint_every=0), tmp_path / "run",
+          progress=False)
+    records = strict_records(tmp_path / "run" / "metrics.jsonl")
+    logged = [(key, value, r["step"]) for r in records for key, value in r.items()
+              if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)]
+    assert scalars == logged
+    assert [s for tag, _, s in scalars if tag == "loss"] == [1, 2, 3] and any(t == "val_loss" for t, _, _ in scalars)
+    assert closed == [str(tmp_path / "run" / "tensorboard")]
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what an import without the package meets
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        train(make_config(tensorboard=True), tmp_path / "without", progress=False)
+    assert not (tmp_path / "without").exists()

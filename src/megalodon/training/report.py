@@ -102,9 +102,11 @@ def write_report(run_dir: Path, cfg, model, sample: str, padding_fraction: float
     return final
 
 
-def open_tensorboard(run_dir: Path):
+def tensorboard_writer():
+    """torch's SummaryWriter class, or the error that names the missing package (checked before a run starts)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+        raise ValueError("--tensorboard true needs the tensorboard package: pip install tensorboard "
+                         "(or drop --tensorboard)") from None
+    return SummaryWriter

@@ -29,7 +29,7 @@ from megalodon.training.cuda_graphs import GraphedForwardLoss
 from megalodon.training.data import open_splits, prepare_data
 from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
 from megalodon.training.optim import build_optimizer, changed_length, lr_at
-from megalodon.training.report import open_tensorboard, strict_json, truncate_metrics, write_report
+from megalodon.training.report import strict_json, tensorboard_writer, truncate_metrics, write_report
 from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
 from megalodon.training.signals import StopSignals
 
@@ -58,6 +58,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  device: str = "cpu", progress: bool = True):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        if cfg.tensorboard:
+            tensorboard_writer()  # a missing package is named before any work
         self.device = rank_device(torch.device(device))
         self.tensorboard = self.lock = None
         self.ranks = Ranks.for_run(cfg.parallel, cfg.chunk_parallel, chunk_size_of(cfg), self.device,
@@ -123,7 +125,7 @@ class Trainer:
         self._on_main(lambda: self._write_config(tok))
         self.start_time = time.perf_counter() - elapsed
         if cfg.tensorboard:
-            self._on_main(lambda: setattr(self, "tensorboard", open_tensorboard(self.run_dir)))
+            self._on_main(lambda: setattr(self, "tensorboard", tensorboard_writer()(str(self.run_dir / "tensorboard"))))
 
     def _write_config(self, tokenizer) -> None:
         atomic_write_text(self.run_dir / "train_config.json", json.dumps(self.cfg.to_dict(), indent=2))
