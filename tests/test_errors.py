@@ -72,3 +72,28 @@ def test_multi_token_call_on_rows_at_different_fills(model):
     states = [model(torch.zeros(1, n, dtype=torch.long), return_state=True)[1] for n in (3, 5)]
     with pytest.raises(ValueError, match="different positions inside their chunks"):
         model(torch.zeros(2, 2, dtype=torch.long), state=MegalodonState.stack(states))
+
+
+def test_static_decoding_is_refused_what_it_cannot_hold(model):
+    """The static decode path's boundary: what turns a MegalodonState into buffers, and the in-place step."""
+    from megalodon import MegalodonState
+    from megalodon.decode_state import DecodeState
+
+    _, state = model(torch.zeros(2, 5, dtype=torch.long), return_state=True)
+    with pytest.raises(TypeError, match="needs a MegalodonState, got dict"):
+        DecodeState.from_state({}, model.config)
+    with pytest.raises(ValueError, match="no layers"):
+        DecodeState.from_state(MegalodonState([], state.final_norm, state.position), model.config)
+    negative = MegalodonState(state.layers, state.final_norm, torch.tensor([5, -1]))
+    with pytest.raises(ValueError, match=r"count tokens seen \(>= 0\), got \[5, -1\]"):
+        DecodeState.from_state(negative, model.config)
+    buffers = DecodeState.from_state(state, model.config)
+    for rows in ([], [[0, 1]]):
+        with pytest.raises(ValueError, match="non-empty 1-D list of rows"):
+            buffers.select(rows)
+    with pytest.raises(ValueError, match=r"one token id per row, shape \(2,\), got \(2, 1\)"):
+        model.decode_step_(torch.zeros(2, 1, dtype=torch.long), buffers)
+    with pytest.raises(TypeError, match="state must be a MegalodonState, got DecodeState"):
+        model(torch.zeros(2, 1, dtype=torch.long), state=buffers)
+    with pytest.raises(ValueError, match=r"doc_start must be a bool tensor of shape \(1, 4\)"):
+        model(torch.zeros(1, 4, dtype=torch.long), doc_start=torch.zeros(1, 4, dtype=torch.long))
