@@ -92,6 +92,21 @@ def test_unsupported_inputs_are_refused(hf_model):
         hf_model(ids[:, :2], attention_mask=torch.tensor([[1] * 7 + [0], [1] * 8]), cache=cache)
     with pytest.raises(ValueError, match="inputs_embeds"):
         hf_model(ids, inputs_embeds=torch.zeros(2, 6, 64))
+    with pytest.raises(ValueError, match="needs input_ids"):
+        hf_model(attention_mask=torch.ones(2, 6))
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="logits_to_keep must be an integer >= 0"):
+            hf_model(ids, logits_to_keep=bad)
+    with pytest.raises(ValueError, match="labels need the logits of every position"):
+        hf_model(ids, labels=ids, logits_to_keep=1)
+    with pytest.raises(TypeError, match="cache must be a MegalodonCache .*got tuple"):
+        hf_model(ids, past_key_values=((torch.zeros(1),),))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 7\) but input_ids has \(2, 6\)"):
+        hf_model(ids, attention_mask=torch.tensor([[0] + [1] * 6] * 2))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 6\)"):
+        hf_model(ids, labels=ids[:, :5])
+    with pytest.raises(ValueError, match="already seen all 6 input tokens"):
+        hf_model.prepare_inputs_for_generation(ids, cache=cache)
 
 
 def test_tuple_output_when_return_dict_is_false(core, hf_model):
