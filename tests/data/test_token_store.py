@@ -57,6 +57,35 @@ def test_truncated_bin_is_refused(tmp_path, synthetic_documents):
         TokenStore(out, "train")
 
 
+def test_every_corrupt_side_file_is_refused_by_name(tmp_path, synthetic_documents):
+    """The index files beside the tokens: unreadable, the wrong length, offsets that do not tile the tokens,
+    a meta.json of another format or cut short. Each is named; none is half-read."""
+    out = build_token_store(synthetic_documents(10), TOK, tmp_path / "s")
+    pristine = {p.name: p.read_bytes() for p in out.iterdir()}
+    offsets = np.load(out / "train.offsets.npy")
+
+    def refused(name: str, content: bytes, match: str) -> None:
+        (out / name).write_bytes(content)
+        with pytest.raises(ValueError, match=match):
+            TokenStore(out, "train")
+        (out / name).write_bytes(pristine[name])
+
+    def npy(array) -> bytes:
+        np.save(tmp_path / "array.npy", array)
+        return (tmp_path / "array.npy").read_bytes()
+
+    refused("train.offsets.npy", b"not an array", r"cannot read .*train\.offsets\.npy")
+    refused("train.bytes.npy", npy(np.zeros(3, np.int64)), r"train\.bytes\.npy has shape \(3,\), expected")
+    swapped = offsets.copy()
+    swapped[[1, 2]] = swapped[[2, 1]]
+    refused("train.offsets.npy", npy(swapped), "offsets.npy is not increasing from 0 to")
+    refused("train.offsets.npy", npy(offsets - 1), "offsets.npy is not increasing from 0 to")
+    meta = json.loads(pristine["meta.json"])
+    refused("meta.json", json.dumps({**meta, "version": meta["version"] + 1}).encode(), "expected format .* version")
+    refused("meta.json", pristine["meta.json"][:-5], r"meta\.json is corrupt")
+    assert TokenStore(out, "train").n_docs == len(offsets) - 1  # restored: the store reads again
+
+
 def test_missing_store_and_split_are_refused(tmp_path, synthetic_documents):
     with pytest.raises(FileNotFoundError, match="not a token store"):
         TokenStore(tmp_path, "train")
