@@ -33,6 +33,14 @@ def task_dir(tmp_path):
     return tmp_path / "tasks"
 
 
+def test_a_task_of_an_unknown_kind_or_a_missing_file_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"kind must be one of \('perplexity', 'multiple_choice'\), got 'qa'"):
+        lm_eval_task(tmp_path, "t", tmp_path / "docs.jsonl", kind="qa")
+    with pytest.raises(FileNotFoundError, match="no data file at .*missing.jsonl"):
+        lm_eval_task(tmp_path, "t", tmp_path / "missing.jsonl")
+    assert not (tmp_path / "t.yaml").exists()
+
+
 def _log_prob(core, context: list[int], continuation: list[int]) -> float:
     ids = torch.tensor([context + continuation])
     with torch.no_grad():
