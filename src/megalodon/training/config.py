@@ -72,7 +72,7 @@ class TrainConfig:
     sample_tokens: int = 120  # tokens per sample
     checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3  # the newest ones kept
-    tensorboard: bool = False  # also log to run_dir/tensorboard
+    tensorboard: bool = False  # also log to run_dir/tensorboard (needs: pip install tensorboard)
 
     def __post_init__(self) -> None:
         self.validate()
