@@ -332,6 +332,14 @@ API_CASES = [
         make_model(), torch.zeros(0, dtype=torch.int64))), "empty"),
     Case("api: RecencyWindow with truncate_chunks 2", _api(lambda ws: RecencyWindow.empty(2, 8, 0)),
          "truncate_chunks"),
+    Case("api: generate with a state and sessions", _api(lambda ws: generate(
+        make_model(), ByteTokenizer(), ["hi"], state=_batch_state(), sessions=[None])), "either state or sessions"),
+    Case("api: generate with 2 sessions for 1 prompt", _api(lambda ws: generate(
+        *_session_of(ws)[:1], ByteTokenizer(), ["hi"], sessions=[_session_of(ws)[1]] * 2)), "one session per prompt"),
+    Case("api: generate with a tokenizer the model is too small for", _api(lambda ws: generate(
+        make_model(vocab_size=200), ByteTokenizer(), ["hi"])), "they do not belong together"),
+    Case("api: generate with more outputs than tokens", _api(lambda ws: generate(
+        make_model(share_emb=False, output_size=300), ByteTokenizer(), ["hi"])), "so they must agree"),
     Case("api: generate with truncate_chunks '8'", _api(lambda ws: generate(
         make_model(), ByteTokenizer(), ["hi"], SamplingConfig(max_new_tokens=1), truncate_chunks="8")),
          "truncate_chunks"),
