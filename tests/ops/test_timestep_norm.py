@@ -101,17 +101,24 @@ def test_fp32_long_stream_with_large_mean_stays_accurate():
     torch.testing.assert_close(y32[:, -100:].double(), y64[:, -100:], rtol=1e-3, atol=1e-3)
 
 
-def test_gradcheck_with_incoming_state_at_batch_two():
+@pytest.mark.parametrize("length, counts", [(5, [3, 1]), (1, [0, 1, 4])], ids=["block-scan", "one-token-step"])
+def test_gradcheck_with_an_incoming_state(length, counts):
+    """Into x, the incoming statistics and the affine weights: through the block scan (blocks of 2), and through
+    the single-token step's own backward (the normalization's formula, which a one-token training call or a stream
+    trained token by token runs; count 0: the token's own moments alone)."""
     torch.manual_seed(5)
-    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    mean = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
-    var = (torch.rand(2, 2, dtype=torch.float64) + 0.5).requires_grad_(True)
+    x = torch.randn(len(counts), length, 6, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(len(counts), 2, dtype=torch.float64, requires_grad=True)
+    var = (torch.rand(len(counts), 2, dtype=torch.float64) + 0.5).requires_grad_(True)
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    count = torch.tensor([3, 1])
 
     def fn(x, mean, var, w, b):
-        y, s = timestep_norm_blocked(x, NormStats(count, mean, var), w, b, 1e-5, block_size=2)
+        state = NormStats(torch.tensor(counts), mean, var)
+        if length == 1:
+            y, s = timestep_norm_step(x, state, w, b, 1e-5)
+        else:
+            y, s = timestep_norm_blocked(x, state, w, b, 1e-5, block_size=2)
         return y, s.mean, s.var
 
     assert torch.autograd.gradcheck(fn, (x, mean, var, w, b))
@@ -129,24 +136,6 @@ def test_step_matches_blocked():
     torch.testing.assert_close(torch.cat(outs, 1), y_ref, rtol=1e-10, atol=1e-10)
     assert torch.equal(state.count, s_ref.count)
     torch.testing.assert_close(state.var, s_ref.var, rtol=1e-10, atol=1e-10)
-
-
-def test_gradcheck_of_the_step_through_its_state():
-    """The single-token step's own backward (the normalization's formula, as a one-token training call or a
-    stream trained token by token runs it), into x, the incoming statistics and the affine weights."""
-    torch.manual_seed(8)
-    x = torch.randn(3, 1, 6, dtype=torch.float64, requires_grad=True)
-    mean = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
-    var = (torch.rand(3, 2, dtype=torch.float64) + 0.5).requires_grad_(True)
-    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    count = torch.tensor([0, 1, 4])  # count 0: the token's own moments alone
-
-    def fn(x, mean, var, w, b):
-        y, s = timestep_norm_step(x, NormStats(count, mean, var), w, b, 1e-5)
-        return y, s.mean, s.var
-
-    assert torch.autograd.gradcheck(fn, (x, mean, var, w, b))
 
 
 def test_gradcheck_with_resets_prior_and_padding():
