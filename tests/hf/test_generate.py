@@ -104,6 +104,21 @@ def test_generation_continues_from_a_returned_cache(hf_model):
     assert torch.equal(second, whole)
 
 
+def test_a_cache_repeated_row_by_row_continues_like_repeated_prompts(hf_model):
+    """What transformers asks of a cache besides steps: its rows repeated (each row's copies side by side), the
+    copies then continuing as the repeated prompts would; and a crop, which a recurrent state cannot do, refused."""
+    prompts = torch.cat([_prompt(9, seed=1), _prompt(9, seed=2)])
+    cache = hf_model(prompts).get(CACHE_ARG)
+    cache.batch_repeat_interleave(2)
+    assert cache.batch_size == 4 and cache.get_seq_length() == 9 and "batch_size=4" in repr(cache)
+    token = torch.tensor([[7], [7], [8], [8]])
+    continued = hf_model(token, **{CACHE_ARG: cache}).logits
+    repeated = hf_model(torch.cat([prompts.repeat_interleave(2, dim=0), token], dim=1)).logits[:, -1:]
+    torch.testing.assert_close(continued, repeated, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(5)
+
+
 def test_seeded_sampling_is_reproducible(hf_model):
     prompt = _prompt(5).repeat(2, 1)
     torch.manual_seed(123)
