@@ -145,3 +145,15 @@ def test_convert_to_hf_without_transformers_names_the_install_step(core, tmp_pat
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
     assert "pip install 'megalodon-torch[hf]'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_what_does_not_fit_the_export_is_refused_before_anything_is_written(make_core, tmp_path):
+    from megalodon.hf import to_hf_tokenizer
+
+    with pytest.raises(TypeError, match="expected a megalodon.Megalodon, got Linear"):
+        wrap(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="the tokenizer has 259 ids but the model's vocab_size is 200"):
+        export_hf(make_core(vocab_size=200), tmp_path / "out", tokenizer=ByteTokenizer())
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(TypeError, match="cannot export a dict: expected a ByteTokenizer or BPETokenizer"):
+        to_hf_tokenizer({})
