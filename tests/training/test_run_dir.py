@@ -153,3 +153,29 @@ def test_tensorboard_gets_the_logged_figures_or_the_run_names_the_missing_packag
     with pytest.raises(ValueError, match="pip install tensorboard"):
         train(make_config(tensorboard=True), tmp_path / "without", progress=False)
     assert not (tmp_path / "without").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda step: (step / "manifest.json").unlink(), "has no manifest.json: it is incomplete"),
+    (lambda step: (step / "manifest.json").write_text('{"model.safetensors": '), "manifest.json is corrupt"),
+    (lambda step: (step / "model.safetensors").unlink(), "is missing model.safetensors"),
+], ids=["no-manifest", "torn-manifest", "missing-file"])
+def test_a_damaged_latest_checkpoint_is_refused_by_what_is_wrong(make_config, tmp_path, damage, message):
+    train(make_config(), tmp_path / "run", progress=False)
+    previous, latest = list_checkpoints(tmp_path / "run")[-2:]
+    damage(latest)
+    with pytest.raises(ValueError, match=f"{message}.*the previous checkpoint is .*{previous.name}"):
+        train(make_config(), tmp_path / "run", resume=True, progress=False)
+
+
+def test_non_finite_weights_are_never_checkpointed(make_config, tmp_path):
+    import torch
+
+    from megalodon.training.checkpoint import save_checkpoint
+
+    with Trainer(make_config(), tmp_path / "run", progress=False) as trainer:
+        with torch.no_grad():
+            next(trainer.model.parameters()).view(-1)[0] = float("inf")
+        with pytest.raises(ValueError, match="refusing to save a checkpoint at step 3: non-finite weights in"):
+            save_checkpoint(tmp_path / "run", 3, trainer.model, trainer.optimizer, {}, [], keep=2)
+    assert list_checkpoints(tmp_path / "run") == []
