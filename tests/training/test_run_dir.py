@@ -179,3 +179,15 @@ def test_non_finite_weights_are_never_checkpointed(make_config, tmp_path):
         with pytest.raises(ValueError, match="refusing to save a checkpoint at step 3: non-finite weights in"):
             save_checkpoint(tmp_path / "run", 3, trainer.model, trainer.optimizer, {}, [], keep=2)
     assert list_checkpoints(tmp_path / "run") == []
+
+
+def test_overwrite_leaves_nothing_of_the_old_run_and_a_torn_config_is_named_on_resume(make_config, tmp_path):
+    run = tmp_path / "run"
+    train(make_config(), run, progress=False)  # 8 steps, checkpoints at 4 and 8
+    (run / "notes.txt").write_text("the old run's")
+    train(make_config(max_steps=2, checkpoint_every=2), run, overwrite=True, progress=False)
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000002"]
+    assert len(losses(run)) == 2 and not (run / "notes.txt").exists()
+    (run / "train_config.json").write_text('{"preset": ')
+    with pytest.raises(ValueError, match=r"train_config\.json is corrupt .*restore it, or start a new run"):
+        train(make_config(max_steps=2, checkpoint_every=2), run, resume=True, progress=False)
