@@ -1,14 +1,18 @@
 """The run directory: one trainer at a time, atomic rewrites, crash leftovers cleaned, honest resume."""
 
+import math
 import os
+import sys
+import types
 
 import pytest
+import torch
 
-from megalodon.training.checkpoint import list_checkpoints
+from megalodon.training.checkpoint import list_checkpoints, save_checkpoint
 from megalodon.training.report import read_metrics
 from megalodon.training.run_dir import RunDirLock, RunInUse
 from megalodon.training.trainer import Trainer, train
-from training_helpers import losses
+from training_helpers import losses, strict_records
 
 
 def test_a_locked_run_directory_is_refused_and_never_deleted(make_config, tmp_path):
@@ -121,12 +125,6 @@ def test_tensorboard_gets_the_logged_figures_or_the_run_names_the_missing_packag
     """--tensorboard true: each finite figure of metrics.jsonl as a scalar at its step, the writer closed at the
     end (a stand-in SummaryWriter: tensorboard is not a dependency). Without the package the run is refused
     before it touches its directory, with the command that installs it."""
-    import math
-    import sys
-    import types
-
-    from training_helpers import strict_records
-
     scalars, closed = [], []
 
     class Writer:
@@ -169,10 +167,6 @@ def test_a_damaged_latest_checkpoint_is_refused_by_what_is_wrong(make_config, tm
 
 
 def test_non_finite_weights_are_never_checkpointed(make_config, tmp_path):
-    import torch
-
-    from megalodon.training.checkpoint import save_checkpoint
-
     with Trainer(make_config(), tmp_path / "run", progress=False) as trainer:
         with torch.no_grad():
             next(trainer.model.parameters()).view(-1)[0] = float("inf")

@@ -58,8 +58,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  device: str = "cpu", progress: bool = True):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
-        if cfg.tensorboard:
-            tensorboard_writer()  # a missing package is named before any work
+        # a missing package is named before any work
+        self._summary_writer = tensorboard_writer() if cfg.tensorboard else None
         self.device = rank_device(torch.device(device))
         self.tensorboard = self.lock = None
         self.ranks = Ranks.for_run(cfg.parallel, cfg.chunk_parallel, chunk_size_of(cfg), self.device,
@@ -124,8 +124,8 @@ class Trainer:
             elapsed = self._resume()
         self._on_main(lambda: self._write_config(tok))
         self.start_time = time.perf_counter() - elapsed
-        if cfg.tensorboard:
-            self._on_main(lambda: setattr(self, "tensorboard", tensorboard_writer()(str(self.run_dir / "tensorboard"))))
+        if self._summary_writer is not None:
+            self._on_main(lambda: setattr(self, "tensorboard", self._summary_writer(str(self.run_dir / "tensorboard"))))
 
     def _write_config(self, tokenizer) -> None:
         atomic_write_text(self.run_dir / "train_config.json", json.dumps(self.cfg.to_dict(), indent=2))
