@@ -45,6 +45,22 @@ def test_labels_give_the_shifted_cross_entropy(core, hf_model):
     assert core.embed.weight.grad is not None
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_num_items_in_batch_gives_the_summed_loss_over_the_steps_tokens(core, hf_model, as_tensor):
+    """transformers' Trainer passes num_items_in_batch (the labelled tokens of the whole optimizer step) under
+    gradient accumulation and then leaves the loss undivided: each micro-batch's loss must be its summed
+    cross-entropy over that count (a mean here would scale the step's gradient by the accumulation steps)."""
+    ids = _ids(2, 13)
+    labels = ids.clone()
+    labels[1, 3:9] = -100
+    logits = core(ids).double()
+    summed = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                             ignore_index=-100, reduction="sum")
+    items = torch.tensor(57) if as_tensor else 57
+    loss = hf_model(ids, labels=labels, num_items_in_batch=items).loss
+    torch.testing.assert_close(loss, (summed / 57).float(), rtol=1e-6, atol=0)
+
+
 def test_continuing_the_cache_equals_one_call(core, hf_model):
     ids = _ids(2, 21)
     whole = core(ids)

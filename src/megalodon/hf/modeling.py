@@ -48,6 +48,8 @@ class MegalodonForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MegalodonHFConfig):
         super().__init__(config)
         self.model = Megalodon(config.to_core())
+        if config.tie_word_embeddings:  # saved once, as the embedding: what the Trainer's resume then expects
+            self._keys_to_ignore_on_save = list(self._tied_weights_keys)
         self.post_init()
 
     @classmethod
@@ -99,6 +101,7 @@ class MegalodonForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         past_key_values: MegalodonCache | None = None,
         logits_to_keep: int = 0,
+        num_items_in_batch: int | Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (B, L, V) fp32 and, with use_cache, the MegalodonCache after the last token.
@@ -110,6 +113,9 @@ class MegalodonForCausalLM(PreTrainedModel, GenerationMixin):
         advanced in place and returned.
         labels: (B, L) token ids, IGNORE_INDEX where no loss is wanted; shifted inside (labels = input_ids works).
         logits_to_keep: return only the last N positions' logits (0 = all); generate asks for 1 in the prefill.
+        num_items_in_batch: the labelled tokens of the whole optimizer step, which transformers' Trainer passes
+        with gradient accumulation: the loss is then this call's summed cross-entropy over it, so that the
+        micro-batches add up to the step's mean (the Trainer leaves such a loss undivided).
         """
         for name, why in _UNSUPPORTED.items():
             if kwargs.get(name) is not None and kwargs[name] is not False:
@@ -125,7 +131,7 @@ class MegalodonForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache = self.config.use_cache and not self.training
 
         logits, cache = self._logits_and_cache(input_ids, attention_mask, cache, use_cache, logits_to_keep)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
+        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
         output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_ARG: cache})
         return output.to_tuple() if return_dict is False else output
 
@@ -181,10 +187,16 @@ def _checkpointed(block: nn.Module, forward, checkpoint, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of token t+1 given tokens <= t, skipping IGNORE_INDEX labels."""
+def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    """Cross-entropy of token t+1 given tokens <= t, skipping IGNORE_INDEX labels: the mean over this call's
+    labelled tokens, or their sum divided by num_items_in_batch (the step's labelled tokens) when given."""
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:2])} (batch, length), "
                          f"got {tuple(labels.shape)}")
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
-                           ignore_index=IGNORE_INDEX)
+    logits, targets = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    summed = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(summed.device)
+    return summed / num_items_in_batch
