@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon.config import MegalodonConfig
+from megalodon.layers.linears import gated_projection, gated_projection_into_
 from megalodon.layers.norms import LayerNorm, compute_dtype
-from megalodon.ops.fused import gated_linear, gated_linear_into_
 
 
 class NormalizedFFN(nn.Module):
@@ -38,7 +38,7 @@ class NormalizedFFN(nn.Module):
         u = self.norm(y, compute_dtype(y), norm_affine)
         # fc2(dropout(silu(fc1 u) [* fc3 u])), with the SiLU and the product recomputed in backward
         up = None if self.fc3 is None else self.fc3(u)
-        out = gated_linear(up, self.fc1(u), self.fc2.weight, cfg.hidden_dropout, self.training)
+        out = gated_projection(self.fc2, up, self.fc1(u), cfg.hidden_dropout, self.training)
         out = F.dropout(out, cfg.dropout if self.training else 0.0, self.training)
         if self.alpha is not None:
             out = out * self.alpha
@@ -53,4 +53,4 @@ class NormalizedFFN(nn.Module):
             return self.forward(y, residual, norm_affine)
         u = self.norm(y, compute_dtype(y), norm_affine)
         up = None if self.fc3 is None else self.fc3(u)
-        return gated_linear_into_(residual, up, self.fc1(u), self.fc2.weight)
+        return gated_projection_into_(residual, self.fc2, up, self.fc1(u))

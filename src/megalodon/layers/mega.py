@@ -16,11 +16,12 @@ from torch import Tensor, nn
 
 from megalodon.config import MegalodonConfig
 from megalodon.layers.cema import CEMA
+from megalodon.layers.linears import gated_projection, plain, project, project_into_
 from megalodon.layers.norms import RMSNorm, compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import chunked_attention, decode_attention, queries_keys
 from megalodon.ops.cema import CemaCoefficients, cema_decay, cema_step
-from megalodon.ops.fused import add_linear_, applied, gated_linear
+from megalodon.ops.fused import applied
 from megalodon.ops.static_kv import SlotStep, write_and_attend
 from megalodon.state import LayerState
 
@@ -41,8 +42,8 @@ class DecodeConstants(NamedTuple):
     qk_affine: tuple[Tensor, Tensor]  # (2, z_dim) scale and shift that make q and k from normalized z
     rms_scale: Tensor | None  # (D,) what the RMSNorm of the CEMA output multiplies by (weight + 1)
     # Wz, Wr and Wh1 concatenated (weight, bias), in the weights' dtype: one GEMM per token, not three (it costs
-    # a copy of those weights while the decoder lives)
-    projection: tuple[Tensor, Tensor]
+    # a copy of those weights while the decoder lives); None where they are not plain linears (layers/linears.py)
+    projection: tuple[Tensor, Tensor] | None
 
 
 class MovingAverageGatedAttention(nn.Module):
@@ -77,8 +78,8 @@ class MovingAverageGatedAttention(nn.Module):
         each way for the weights where casting each costs four (and again for the biases). joined:
         _joined_projection(), made beforehand (decode)."""
         linears = (self.wz, self.wr, self.wh1)
-        if joined is None and mx.shape[0] * mx.shape[1] < FUSED_PROJECTION_MIN_TOKENS:
-            return tuple(F.linear(mx, m.weight.to(mx.dtype), m.bias.to(mx.dtype)) for m in linears)
+        if not plain(*linears) or joined is None and mx.shape[0] * mx.shape[1] < FUSED_PROJECTION_MIN_TOKENS:
+            return tuple(project(m, mx) for m in linears)
         weight, bias = self._joined_projection() if joined is None else joined
         return F.linear(mx, weight.to(mx.dtype), bias.to(mx.dtype)).split([m.out_features for m in linears], -1)
 
@@ -107,11 +108,11 @@ class MovingAverageGatedAttention(nn.Module):
         if gate is None and not training and h1.dtype == x.dtype:
             # a decode step, where h1 is this step's own: x + h1 (in h1, so only where that does not round x), then
             # the GEMM adds Wh2 attn into it (two kernels, where the out-of-place sums take three)
-            return add_linear_(h1.add_(x), attn, self.wh2.weight.to(attn.dtype))
+            return project_into_(h1.add_(x), self.wh2, attn)
         if gate is None:
-            h = h1 + F.linear(attn, self.wh2.weight.to(attn.dtype))
+            h = h1 + project(self.wh2, attn)
         else:
-            h = h1 + gated_linear(attn, gate, self.wh2.weight, self.config.hidden_dropout, training)
+            h = h1 + gated_projection(self.wh2, attn, gate, self.config.hidden_dropout, training)
         return F.dropout(h, self.config.dropout if training else 0.0, training) + x
 
     # ---- a call of any length ----------------------------------------------------------------------------------
@@ -162,7 +163,8 @@ class MovingAverageGatedAttention(nn.Module):
             coeffs = self.cema.coefficients()
             return DecodeConstants(coeffs, self.cema.omega.squeeze(-1).to(coeffs.p.dtype), cema_decay(coeffs),
                                    self._qk_affine(torch.promote_types(self.wz.weight.dtype, torch.float32)),
-                                   applied(self.rmsnorm.weight), self._joined_projection())
+                                   applied(self.rmsnorm.weight),
+                                   self._joined_projection() if plain(self.wz, self.wr, self.wh1) else None)
 
     @torch.no_grad()
     def decode_step_(self, x: Tensor, rotation: tuple[Tensor, Tensor], step: SlotStep, state: DecodeLayerState,
