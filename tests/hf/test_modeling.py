@@ -222,3 +222,29 @@ def test_gradient_checkpointing_recomputes_each_block_and_keeps_the_gradients(co
     assert not any(getattr(m, "gradient_checkpointing", False) for m in hf_model.modules())
     loss_and_grads()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("share_emb", [False, True])
+def test_resized_token_embeddings_take_new_ids_and_keep_the_old_logits(make_core, share_emb, tmp_path):
+    """resize_token_embeddings (new special tokens for fine-tuning): the new ids run, the old vocabulary's
+    logits stay as they were, and the resized model saves and loads back."""
+    from transformers import AutoModelForCausalLM
+
+    from megalodon.hf import wrap
+
+    model = wrap(make_core(share_emb=share_emb))
+    ids = _ids(2, 13)
+    before, shared = model(ids).logits, model.model.config
+    model.resize_token_embeddings(300, mean_resizing=False)
+    assert model.model.config.vocab_size == model.config.vocab_size == 300
+    assert shared.vocab_size == 259  # the core's config is replaced, not edited: another model may hold it
+    assert model.get_output_embeddings().weight.shape == (300, model.config.model_dim)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == share_emb
+    torch.testing.assert_close(model(ids).logits[..., :259], before, rtol=0, atol=0)
+    grown = ids.clone()
+    grown[:, 5] = 299  # a new token's id, which the core refused before it knew the new size
+    logits = model(grown).logits
+    assert logits.shape == (2, 13, 300)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(grown).logits, logits, rtol=0, atol=0)

@@ -90,6 +90,24 @@ class MegalodonForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.model.output.output
 
+    # resize_token_embeddings replaces the embedding, then the head (untied), then sets config.vocab_size itself:
+    # the core's config follows, since it checks token ids and targets against it (a copy: another model may
+    # share the object).
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.model.embed = embeddings
+        self.model.config = dataclasses.replace(self.model.config, vocab_size=embeddings.num_embeddings)
+        self._output_size_from_head()
+
+    def set_output_embeddings(self, head: nn.Linear) -> None:
+        self.model.output.output = head
+        self._output_size_from_head()
+
+    def _output_size_from_head(self) -> None:
+        outputs = self.model.output.output.weight.shape[0]
+        output_size = -1 if outputs == self.model.config.vocab_size else outputs
+        self.model.config = dataclasses.replace(self.model.config, output_size=output_size)
+        self.config.output_size = output_size
+
     # ---- the forward pass ------------------------------------------------------------------------------------
     def forward(
         self,
