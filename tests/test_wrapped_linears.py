@@ -1,10 +1,12 @@
 """A linear that a library replaced or wrapped (a PEFT LoRA layer, a quantized linear) runs its own forward: the
 fused paths, which read a plain nn.Linear's weight and multiply it themselves, must not read it as a bare weight
 (layers/linears.py). A model with low-rank adapters on every linear of its layers gives the logits of the same
-model with the adapters merged into the weights, in training calls, streaming and static decode, and every
-adapter gets its gradient."""
+model with the adapters merged into the weights, in training calls (the loss of targets= too), streaming and
+static decode, and every adapter gets its gradient; a model whose linears torch's dynamic quantization replaced
+prefills and decodes."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -47,9 +49,12 @@ class LowRankAdapted(nn.Module):
 
 
 def adapted_and_merged(swiglu: bool):
-    model = tiny_model(torch.float64, swiglu=swiglu)
+    """Adapters on every linear of the layers and on the head (untied: a tied head's gradient is the embedding's)."""
+    model = tiny_model(torch.float64, swiglu=swiglu, share_emb=False)
     merged = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(5)
+    model.output.output = LowRankAdapted(model.output.output, generator)
+    merged.output.output = model.output.output.merged()
     for block, merged_block in zip(model.layers, merged.layers, strict=True):
         for part, names in WRAPPED.items():
             for name in names:
@@ -77,8 +82,12 @@ def test_training_calls_run_the_adapters_and_give_them_gradients(swiglu):
     logits = model(ids, doc_start=doc_start)
     expected = merged(ids, doc_start=doc_start)
     torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
-    logits.square().mean().backward()
+    targets = torch.roll(ids, -1, 1)
+    loss = model(ids, doc_start=doc_start, targets=targets)  # summed_cross_entropy for a plain head
+    torch.testing.assert_close(loss, merged(ids, doc_start=doc_start, targets=targets), rtol=1e-10, atol=0)
+    (logits.square().mean() + loss).backward()
     expected.square().mean().backward()
+    merged(ids, doc_start=doc_start, targets=targets).backward()
     adapters = 0
     for name, mine in model.named_modules():
         if isinstance(mine, LowRankAdapted):
@@ -87,7 +96,7 @@ def test_training_calls_run_the_adapters_and_give_them_gradients(swiglu):
             # d loss / d W is the merged weight's gradient, whatever the adapter adds
             theirs = merged.get_submodule(name)
             torch.testing.assert_close(mine.base.weight.grad, theirs.weight.grad, rtol=1e-8, atol=1e-12)
-    assert adapters == len(model.layers) * (7 + swiglu)
+    assert adapters == len(model.layers) * (7 + swiglu) + 1
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
@@ -103,3 +112,23 @@ def test_streaming_and_static_decode_run_the_adapters(swiglu):
     decoder = StaticDecoder(model, DecodeState.from_state(state, model.config))
     steps += [decoder.step(ids[:, t]).clone()[:, None] for t in range(14, 21)]  # decode_step_ on static buffers
     torch.testing.assert_close(torch.cat(steps, 1), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_dynamically_quantized_linears_prefill_and_decode():
+    """torch.ao's dynamic int8 quantization (CPU inference) replaces every nn.Linear with a module whose weight is
+    a method: the model runs them, in calls of many tokens and in static decode steps, which give the one-token
+    forward calls' logits. (Not one call's: dynamic quantization scales each call's activations by their own
+    range, so a split changes the roundings.)"""
+    model = tiny_model(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    assert not isinstance(quantized.layers[0].mega.wz, nn.Linear)
+    ids, _ = ids_and_resets()
+    with torch.no_grad():
+        logits, state = quantized(ids[:, :12], return_state=True)
+        assert (logits - model(ids[:, :12])).abs().max() > 1e-3  # the int8 linears ran
+        decoder = StaticDecoder(quantized, DecodeState.from_state(state, quantized.config))
+        for t in range(12, 21):
+            expected, state = quantized(ids[:, t:t + 1], state=state, return_state=True)
+            torch.testing.assert_close(decoder.step(ids[:, t]), expected[:, 0], rtol=1e-5, atol=1e-5)

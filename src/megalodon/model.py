@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from megalodon.config import MegalodonConfig
 from megalodon.decode_state import DecodeState
 from megalodon.layers.block import MegalodonBlock
+from megalodon.layers.linears import plain
 from megalodon.layers.norms import compute_dtype
 from megalodon.layers.timestep_norm import TimestepNorm
 from megalodon.ops.attention import rope_frequencies, rotary_angles
@@ -115,12 +116,16 @@ class Megalodon(nn.Module):
 
         xn, final_stats = self.output.final_norm(x, None if state is None else state.final_norm,
                                                  self.config.chunk_size, block_reset)
-        if targets is not None:
+        head = self.output.output
+        if targets is not None and plain(head):
             hidden = xn.to(compute_dtype(x)).flatten(0, 1)  # as autocast casts the head's input
-            out = summed_cross_entropy(hidden, self.output.output.weight, targets.flatten())
+            out = summed_cross_entropy(hidden, head.weight, targets.flatten())
         else:
-            logits = self.output.output((xn[:, -logits_to_keep:] if logits_to_keep else xn).to(x.dtype))
+            logits = head((xn[:, -logits_to_keep:] if logits_to_keep else xn).to(x.dtype))
             out = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            if targets is not None:  # a wrapped head (layers/linears.py): its own logits, then the loss
+                out = F.cross_entropy(out.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                      reduction="sum")
         if not return_state:
             return out
         start = torch.zeros(batch, dtype=torch.int64, device=x.device) if position is None else position

@@ -1,7 +1,8 @@
 """The layers' linears: read as weights by the fused paths, or called as modules when they are not plain.
 
 The fused paths read an nn.Linear's weight and multiply it themselves: Wz, Wr and Wh1 as one GEMM, the SiLU-gated
-product and its GEMM as one op, a decode step's GEMMs that add into their output. A linear that a library replaced
+product and its GEMM as one op, a decode step's GEMMs that add into their output, the model's head in the blocked
+loss of `targets=`. A linear that a library replaced
 or wrapped (a PEFT LoRA layer, a quantized linear) adds to its forward what its weight does not hold, and read as a
 weight it would be silently skipped; such a linear is called as a module instead, the same math unfused.
 """

@@ -162,7 +162,7 @@ class MovingAverageGatedAttention(nn.Module):
         with torch.autocast(self.cema.omega.device.type, enabled=False):
             coeffs = self.cema.coefficients()
             return DecodeConstants(coeffs, self.cema.omega.squeeze(-1).to(coeffs.p.dtype), cema_decay(coeffs),
-                                   self._qk_affine(torch.promote_types(self.wz.weight.dtype, torch.float32)),
+                                   self._qk_affine(torch.promote_types(self.gamma.dtype, torch.float32)),
                                    applied(self.rmsnorm.weight),
                                    self._joined_projection() if plain(self.wz, self.wr, self.wh1) else None)
 
