@@ -1,5 +1,5 @@
-"""Fine-tuning with transformers' Trainer, as Hugging Face users do: gradient accumulation steps like one large
-batch, and a run saves a model that loads back and checkpoints that resume exactly."""
+"""Fine-tuning as Hugging Face users do: transformers' Trainer (gradient accumulation steps like one large batch; a
+run saves a model that loads back and checkpoints that resume exactly) and PEFT's LoRA adapters."""
 
 import pytest
 
@@ -84,3 +84,32 @@ def test_a_run_saves_a_model_that_loads_and_checkpoints_that_resume(tmp_path, sh
         torch.testing.assert_close(loaded(ids).logits, straight.model.eval()(ids).logits, rtol=0, atol=0)
     if share_emb:
         assert loaded.model.output.output.weight is loaded.model.embed.weight
+
+
+def test_peft_lora_on_every_linear_trains_and_merges():
+    """PEFT's LoRA layers on the MEGA and FFN linears (which the fused paths would skip if they read the weights):
+    every adapter tensor gets its gradient, and after a few steps the adapted model's logits and greedy generation
+    are the merged model's."""
+    peft = pytest.importorskip("peft")
+
+    torch.manual_seed(0)
+    targets = ["wz", "wv", "wr", "wh1", "wh2", "fc1", "fc2", "fc3"]
+    model = peft.get_peft_model(wrap(build_core(seed=0, swiglu=True)).train(),
+                                peft.LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM"))
+    adapters = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    assert len(adapters) == 2 * len(targets) * 2  # A and B, in each of the two layers
+    optimizer = torch.optim.SGD(adapters.values(), lr=1.0)
+    ids = rows(1)[0]["input_ids"].repeat(2, 1)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for p in adapters.values())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.abs().max() > 0 for name, p in adapters.items() if "lora_B" in name)  # B starts at zero
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        generated = model.generate(input_ids=ids[:, :7], max_new_tokens=8, do_sample=False)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+        assert torch.equal(merged.generate(input_ids=ids[:, :7], max_new_tokens=8, do_sample=False), generated)
