@@ -2,9 +2,9 @@
 
 The fused paths read an nn.Linear's weight and multiply it themselves: Wz, Wr and Wh1 as one GEMM, the SiLU-gated
 product and its GEMM as one op, a decode step's GEMMs that add into their output, the model's head in the blocked
-loss of `targets=`. A linear that a library replaced
-or wrapped (a PEFT LoRA layer, a quantized linear) adds to its forward what its weight does not hold, and read as a
-weight it would be silently skipped; such a linear is called as a module instead, the same math unfused.
+loss of `targets=`. A linear that a library replaced or wrapped (a PEFT LoRA layer, a quantized linear) adds to its
+forward what its weight does not hold, and read as a weight it would be silently skipped; such a linear is called
+as a module instead, the same math unfused.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalodon.ops.fused import add_linear_, gated_linear, gated_linear_into_
+from megalodon.ops.fused import add_linear_, gated_linear, gated_linear_into_, silu_gated
 
 
 def plain(*linears: nn.Module) -> bool:
@@ -35,21 +35,17 @@ def project_into_(out: Tensor, linear: nn.Module, x: Tensor) -> Tensor:
     return out.add_(linear(x))
 
 
-def _gated(x: Tensor | None, gate: Tensor) -> Tensor:
-    return F.silu(gate) if x is None else x * F.silu(gate)
-
-
 def gated_projection(linear: nn.Module, x: Tensor | None, gate: Tensor, dropout_p: float = 0.0,
                      training: bool = False) -> Tensor:
     """linear(dropout(x * silu(gate))) (x None: silu(gate) alone): ops/fused.py's gated_linear for a bias-free
     plain linear, which keeps less for backward."""
     if plain(linear) and linear.bias is None:
         return gated_linear(x, gate, linear.weight, dropout_p, training)
-    return linear(F.dropout(_gated(x, gate), dropout_p, training))
+    return linear(F.dropout(silu_gated(x, gate), dropout_p, training))
 
 
 def gated_projection_into_(out: Tensor, linear: nn.Module, x: Tensor | None, gate: Tensor) -> Tensor:
     """out += linear(x * silu(gate)) in place, for inference steps."""
     if plain(linear) and linear.bias is None:
         return gated_linear_into_(out, x, gate, linear.weight)
-    return out.add_(linear(_gated(x, gate)))
+    return out.add_(linear(silu_gated(x, gate)))

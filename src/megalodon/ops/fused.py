@@ -194,11 +194,15 @@ def add_linear_(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
 
 
 # ---- SiLU-gated linear -------------------------------------------------------------------------------------------
+def silu_gated(x: Tensor | None, gate: Tensor) -> Tensor:
+    """x * silu(gate) (x None: silu(gate) alone) in torch's ops, with autograd."""
+    return F.silu(gate) if x is None else x * F.silu(gate)
+
+
 def gated_linear_reference(x: Tensor | None, gate: Tensor, weight: Tensor, dropout_p: float = 0.0,
                            training: bool = False) -> Tensor:
     """dropout(x * silu(gate)) @ weight^T (x None: silu(gate) alone), in gate's dtype."""
-    hidden = F.silu(gate) if x is None else x * F.silu(gate)
-    return F.linear(F.dropout(hidden, dropout_p, training), weight.to(gate.dtype))
+    return F.linear(F.dropout(silu_gated(x, gate), dropout_p, training), weight.to(gate.dtype))
 
 
 def silu_gate_kernels(gate: Tensor) -> bool:
@@ -213,7 +217,7 @@ def _silu_gate(x: Tensor | None, gate: Tensor) -> Tensor:
         from megalodon.ops.triton.fused import silu_gate
 
         return silu_gate(gate, x)
-    return F.silu(gate) if x is None else x * F.silu(gate)
+    return silu_gated(x, gate)
 
 
 @opaque_op("megalodon::gated_linear", mutates_args=())
