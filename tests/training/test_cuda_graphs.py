@@ -24,7 +24,7 @@ from megalodon.baseline import Llama, matched_llama_config
 from megalodon.training import cuda_graphs
 from megalodon.training.cuda_graphs import graphed_loss
 from megalodon.training.trainer import train
-from training_helpers import losses
+from training_helpers import losses, strict_records
 
 
 def next_token_loss(model, ids):
@@ -266,6 +266,25 @@ def test_the_trainer_with_cuda_graphs_trains_as_it_does_eagerly(capture, arch, m
     torch.testing.assert_close(graphed, eager, rtol=0 if capture.type == "cpu" else 1e-4, atol=0)  # CPU: to the bit
     if capture.type == "cpu":  # the Llama carries no state: it replays from its first step
         assert [r.calls for r in made] == [8 - 2 * (arch == "megalodon")]
+
+
+def test_fp16_steps_replay_and_skip_as_eager_ones(capture, make_config, tmp_path, monkeypatch):
+    """--dtype fp16 with --cuda_graphs: fp16 autocast inside the graph, the loss scale applied to its loss outside
+    it. From a scale of 2^20 the first steps overflow (tests/training/test_fp16.py) and are skipped, replayed or
+    not; every loss and scale equals the eager run's."""
+    from megalodon.training import loss_scaling
+
+    monkeypatch.setattr(loss_scaling, "INITIAL_SCALE", 2.0 ** 20)
+    cfg = dict(dtype="fp16", max_steps=5, checkpoint_every=0, model={"chunk_size": 16})
+    runs = {}
+    for name, graphs in (("eager", False), ("graphed", True)):
+        train(make_config(**cfg, cuda_graphs=graphs), tmp_path / name, progress=False, device=str(capture))
+        runs[name] = [(r["loss"], r["loss_scale"]) for r in strict_records(tmp_path / name / "metrics.jsonl")
+                      if "loss" in r]
+    assert [scale for _, scale in runs["eager"]] == [2.0 ** 20, 2.0 ** 19, 2.0 ** 18, 2.0 ** 18, 2.0 ** 18]
+    torch.testing.assert_close(runs["graphed"], runs["eager"], rtol=0 if capture.type == "cpu" else 1e-3, atol=0)
+    if capture.type == "cpu":
+        assert [r.calls for r in made] == [8]  # steps 2-5, two micro-batches each
 
 
 def test_a_run_with_cuda_graphs_resumes_exactly(capture, make_config, tmp_path):

@@ -1,5 +1,5 @@
-"""What the trainer computes: bf16 autocast where it is fast, the summed loss of a batch, the validation loss of
-a whole split, and a text sample."""
+"""What the trainer computes: bf16 autocast where it is fast (fp16 where asked), the summed loss of a batch, the
+validation loss of a whole split, and a text sample."""
 
 from __future__ import annotations
 
@@ -57,8 +57,27 @@ def carried(state, cfg: TrainConfig):
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 where the run asks for it or where it is fast (dtype "auto"); None: fp32."""
+    """bf16 where the run asks for it or where it is fast (dtype "auto"), fp16 where it asks for it; None: fp32."""
+    if cfg.dtype == "fp16":
+        return torch.float16
     return torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and fast_bf16(device)) else None
+
+
+def precision_name(cfg: TrainConfig, device: torch.device) -> str:
+    """fp32, bf16 or fp16: what the run's autocast computes in on this device."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(cfg, device)]
+
+
+def precision_notes(cfg: TrainConfig, device: torch.device) -> list[str]:
+    """What a user should know about the precision the run will take on this device: a GPU that `auto` leaves in
+    fp32 has fp16 tensor cores, and a CPU runs fp16 emulated."""
+    if cfg.dtype == "auto" and device.type == "cuda" and not fast_bf16(device):
+        return [f"{torch.cuda.get_device_name(device)} has no bf16 tensor cores, so --dtype auto trains in fp32; "
+                "--dtype fp16 trains on its fp16 ones (with loss scaling), usually several times faster"]
+    if cfg.dtype == "fp16" and device.type == "cpu":
+        return ["--dtype fp16 is for GPUs without bf16 tensor cores (V100, T4); on a CPU fp16 matmuls run emulated, "
+                "slower than fp32 (and than bf16 on CPUs with AMX or AVX512-BF16): --dtype auto picks the faster"]
+    return []
 
 
 def autocast(cfg: TrainConfig, device: torch.device):

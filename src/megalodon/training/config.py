@@ -14,7 +14,7 @@ from megalodon.config import MegalodonConfig, check_field_types
 
 ARCHS = ("megalodon", "llama")
 SCHEDULES = ("linear", "cosine")
-DTYPES = ("auto", "bf16", "fp32")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 PARALLEL_KINDS = ("fsdp", "ddp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
@@ -50,7 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW, none on norms, biases and CEMA parameters
     grad_clip: float = 1.0  # gradient norm clipping (0: off)
     # execution
-    dtype: str = "auto"  # "auto" (bf16 autocast where bf16 is fast, else fp32), "bf16" or "fp32"; weights stay fp32
+    dtype: str = "auto"  # "auto" (bf16 autocast where fast, else fp32), "bf16", "fp16" (loss-scaled; V100, T4), "fp32"
     compile: bool = False  # torch.compile each block (model.compile_blocks)
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays each block from CUDA graphs
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time

@@ -32,15 +32,15 @@ make_graphed_callables = torch.cuda.make_graphed_callables
 class _Loss(nn.Module):
     """loss_fn(model, *batch) under autocast, as one module for make_graphed_callables."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, autocast_dtype: torch.dtype | None):
+    def __init__(self, model: nn.Module, loss_fn: Callable, autocast_dtype: torch.dtype | None, device_type: str):
         super().__init__()
-        self.model, self.loss_fn, self.autocast_dtype = model, loss_fn, autocast_dtype
+        self.model, self.loss_fn, self.autocast_dtype, self.device_type = model, loss_fn, autocast_dtype, device_type
 
     def forward(self, *batch: Tensor):
         if self.autocast_dtype is None:
             return self.loss_fn(self.model, *batch)
         # cache_enabled=False: make_graphed_callables requires it (a cached cast is state outside the graph)
-        with torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False):
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=False):
             return self.loss_fn(self.model, *batch)
 
 
@@ -105,7 +105,7 @@ def graphed_loss(model: nn.Module, loss_fn: Callable, sample_batch: Sequence[Ten
     # the graph's input buffers are the sample's own tensors, which each replay overwrites: give it copies
     sample = tuple(t.detach().clone() for t in sample_batch)
     with on_device, launches_without_host_cost(), torch.random.fork_rng(rng_devices):
-        graphed = make_graphed_callables(_Loss(model, loss_fn, autocast_dtype), sample,
+        graphed = make_graphed_callables(_Loss(model, loss_fn, autocast_dtype, device.type), sample,
                                          num_warmup_iters=warmup_steps, allow_unused_input=True)
     gradients = _OwnedGradients([p for p in model.parameters() if p.requires_grad])
     calls = [0]

@@ -76,20 +76,25 @@ def plot_curves(curves: dict[str, tuple[list[dict], list[dict]]], out: Path, tit
     plt.close(fig)
 
 
-def write_report(run_dir: Path, cfg, model, sample: str, padding_fraction: float, timing: dict) -> dict:
+def write_report(run_dir: Path, cfg, model, sample: str, padding_fraction: float, timing: dict,
+                 precision: dict) -> dict:
     """summary.txt, summary.json and loss.png of a finished run. timing: tokens, train_s (the training steps
-    alone) and wall_s (the run's wall-clock time, evaluations and checkpoints included)."""
+    alone) and wall_s (the run's wall-clock time, evaluations and checkpoints included); precision: what the run
+    computed in ("precision": fp32, bf16 or fp16; for fp16 also its final loss_scale and skipped_steps)."""
     train, val = read_metrics(run_dir / "metrics.jsonl")
     plot_curves({cfg.arch: (train, val)}, run_dir / "loss.png", f"{cfg.arch} / {cfg.preset} on {cfg.data}")
     last_val = val[-1] if val else {"val_loss": float("nan"), "val_ppl": float("nan"), "val_bpb": float("nan")}
     rate = timing["tokens"] / timing["train_s"] if timing["train_s"] > 0 else 0.0
     final = {**last_val, "tokens_per_s": rate, "steps": train[-1]["step"] if train else 0, **timing,
-             "parameters": model.num_parameters(), "padding_fraction": padding_fraction}
+             "parameters": model.num_parameters(), "padding_fraction": padding_fraction, **precision}
+    scaling = f", loss scale {precision['loss_scale']:g}, {precision['skipped_steps']} steps skipped" \
+        if "loss_scale" in precision else ""
     lines = [
         f"run        {run_dir}",
         f"model      {cfg.arch} ({cfg.preset}), {final['parameters']:,} parameters",
         f"data       {cfg.data}, seq_len {cfg.seq_len}, batch {cfg.batch_size}, padding {padding_fraction:.1%}",
         f"trained    {final['steps']} steps, {timing['tokens']:,} tokens at {rate:,.0f} tokens/s of training time",
+        f"precision  {precision['precision']}{' autocast' if precision['precision'] != 'fp32' else ''}{scaling}",
         f"time       {timing['train_s']:,.1f} s training, {timing['wall_s']:,.1f} s wall-clock (evaluations and "
         "checkpoints included)",
         f"validation loss {last_val['val_loss']:.4f}, perplexity {last_val['val_ppl']:.2f}, "

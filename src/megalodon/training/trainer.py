@@ -1,5 +1,5 @@
-"""The training loop: stateful windows, bf16 autocast, accumulation, evaluation, exact resume; on one process or
-on several (torchrun: FSDP2 or DDP, chunk parallelism; see megalodon.parallel.runtime)."""
+"""The training loop: stateful windows, bf16 (or fp16) autocast, accumulation, evaluation, exact resume; on one
+process or on several (torchrun: FSDP2 or DDP, chunk parallelism; see megalodon.parallel.runtime)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from megalodon.parallel.runtime import Ranks, rank_device
 from megalodon.state import MegalodonState
 from megalodon.training.checkpoint import list_checkpoints, save_checkpoint, verify_latest
 from megalodon.training.compute import autocast, autocast_dtype, carried, evaluate, forward_loss, graph_launches, \
-    sample_text
+    precision_name, precision_notes, sample_text
 from megalodon.training.config import TrainConfig
 from megalodon.training.cuda_graphs import GraphedForwardLoss
 from megalodon.training.data import open_splits, prepare_data
+from megalodon.training.loss_scaling import LossScaling
 from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
 from megalodon.training.optim import build_optimizer, changed_length, lr_at
 from megalodon.training.report import strict_json, tensorboard_writer, truncate_metrics, write_report
@@ -114,6 +115,9 @@ class Trainer:
             self.ranks.check_shapes(cfg.batch_size, cfg.grad_accum, cfg.seq_len)
             self.runner = self.ranks.wrap(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.loss_scaling = LossScaling(autocast_dtype(cfg, self.device) == torch.float16, self.device)
+        for note in precision_notes(cfg, self.device):
+            logger.warning(note)
         # Every rank reads the same global batch and keeps its own rows (Ranks.rows): the cursor is global.
         self.batcher = PackedBatcher(train_store, cfg.batch_size, cfg.seq_len, self.chunk, cfg.seed, self.pad_id)
         self.streams: list = [None] * cfg.grad_accum  # carried state of each micro-batch's rows
@@ -182,6 +186,7 @@ class Trainer:
         self.step, self.max_steps, self.tokens = saved["step"], saved["max_steps"], saved["tokens"]
         self.train_time = saved.get("train_s", saved["elapsed"])
         self.restart = tuple(saved["lr_restart"]) if saved.get("lr_restart") else None
+        self.loss_scaling.load_state_dict(saved.get("loss_scaling", {}))
         self._on_main(lambda: truncate_metrics(metrics, self.step))
         self._change_length(previous.get("time_budget_min"))
         return saved["elapsed"]
@@ -214,7 +219,7 @@ class Trainer:
     def checkpoint(self) -> None:
         state = {"max_steps": self.max_steps, "lr_restart": self.restart, "elapsed": self.elapsed,
                  "train_s": self.train_time, "tokens": self.tokens, "batcher": self.batcher.state_dict(),
-                 "data": self.data_fingerprint}
+                 "data": self.data_fingerprint, "loss_scaling": self.loss_scaling.state_dict()}
         if self.ranks is None:
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                             self.streams if self.stateful else [], self.cfg.keep_checkpoints)
@@ -233,7 +238,8 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over batch_size rows in grad_accum micro-batches; returns the mean loss.
-        A non-finite loss or gradient stops the run before the optimizer touches the weights."""
+        A non-finite loss or gradient stops the run before the optimizer touches the weights; in fp16 an overflowed
+        gradient skips the step and halves the loss scale instead (loss_scaling.py)."""
         started = time.perf_counter()
         cfg = self.cfg
         batch = self.batcher.next_batch()
@@ -253,20 +259,29 @@ class Trainer:
                                  f"{micro} x {mine.input_ids.shape[1]} tokens a micro-batch"):
             for m in range(cfg.grad_accum):
                 self._forward_backward(mine, slice(m * micro, (m + 1) * micro), m, scale, total)
-        # max_norm inf only measures: the norm is what tells a diverging run apart
+        self.loss_scaling.unscale_(self.optimizer)
+        # max_norm inf only measures: the norm is what tells a diverging run apart (and an fp16 overflow)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-        total, self.grad_norm = torch.stack([total, norm.double()]).tolist()  # the step's one wait for the GPU
+        read = torch.stack([total, norm.double(), self.loss_scaling.current(total)])
+        total, self.grad_norm, self.loss_scale = read.tolist()  # the step's one wait for the GPU
         if self.ranks is not None:
             total = self.ranks.sum([total])[0]
-        if not (math.isfinite(total) and math.isfinite(self.grad_norm)):
+        overflowed = self.loss_scaling.enabled and math.isfinite(total) and not math.isfinite(self.grad_norm)
+        if not overflowed and not (math.isfinite(total) and math.isfinite(self.grad_norm)):
             raise RuntimeError(
                 f"training diverged at step {self.step + 1}: the loss is {total / n_labels:.4g} and the gradient "
                 f"norm {self.grad_norm:.4g} (learning rate {lr:.3g}). {self._nothing_lost()}. Lower --lr or raise "
-                "--warmup_steps, and start again")
-        with self._out_of_memory("in the optimizer's step",
-                                 lambda: weights_fixes(self.model.num_parameters(), optimizer=True)):
-            self.optimizer.step()
+                f"--warmup_steps, and start again{self.loss_scaling.hint(loss_finite=math.isfinite(total))}")
+        if overflowed:
+            logger.debug("step %d: the gradients overflowed fp16 at a loss scale of %g; skipped", self.step + 1,
+                         self.loss_scale)
+            self.loss_scaling.skip(self.step + 1, self.loss_scale)
+        else:
+            with self._out_of_memory("in the optimizer's step",
+                                     lambda: weights_fixes(self.model.num_parameters(), optimizer=True)):
+                self.optimizer.step()
+            self.loss_scaling.stepped()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += batch.input_ids.numel()
@@ -293,7 +308,7 @@ class Trainer:
         else:
             with autocast(self.cfg, self.device), graph_launches(self.cfg):
                 loss, new_state = forward_loss(self.runner, part, self.streams[m], self.stateful)
-        (loss * scale).backward()  # every label weighs the same across micro-batches and ranks
+        self.loss_scaling.scale(loss * scale).backward()  # every label weighs the same across micro-batches and ranks
         total += loss.detach().double()
         if self.stateful:  # truncated BPTT: the state goes on, its graph does not
             new_state = carried(new_state, self.cfg)
@@ -363,9 +378,11 @@ class Trainer:
         last = step == self.max_steps
         if step % cfg.log_every == 0 or last:
             rate = self.tokens / max(self.train_time, 1e-9)  # training steps only: evaluation is not training
+            fp16 = {"loss_scale": self.loss_scale, "skipped_steps": self.loss_scaling.skipped} \
+                if self.loss_scaling.enabled else {}
             self.log({"step": step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                       "grad_norm": self.grad_norm, "tokens": self.tokens, "tokens_per_s": rate,
-                      "train_s": self.train_time, "elapsed_s": self.elapsed})
+                      "train_s": self.train_time, "elapsed_s": self.elapsed, **fp16})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             with self._out_of_memory("in evaluation", lambda: EVALUATION_FIXES,
@@ -395,7 +412,10 @@ class Trainer:
             save_pretrained(model, self.run_dir / "model")
             sample = sample_text(model, self.tokenizer, self.cfg, self.device)
             timing = {"tokens": self.tokens, "train_s": self.train_time, "wall_s": self.elapsed}
-            return write_report(self.run_dir, self.cfg, model, sample, self.batcher.padding_fraction, timing), sample
+            precision = {"precision": precision_name(self.cfg, self.device), **self.loss_scaling.summary()}
+            final = write_report(self.run_dir, self.cfg, model, sample, self.batcher.padding_fraction, timing,
+                                 precision)
+            return final, sample
 
         final, sample = self._on_main(report)
         return RunResult(self.run_dir, self.step, final["val_loss"], final["val_bpb"], final["tokens_per_s"], sample)
