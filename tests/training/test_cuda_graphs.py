@@ -281,7 +281,10 @@ def test_fp16_steps_replay_and_skip_as_eager_ones(capture, make_config, tmp_path
         train(make_config(**cfg, cuda_graphs=graphs), tmp_path / name, progress=False, device=str(capture))
         runs[name] = [(r["loss"], r["loss_scale"]) for r in strict_records(tmp_path / name / "metrics.jsonl")
                       if "loss" in r]
-    assert [scale for _, scale in runs["eager"]] == [2.0 ** 20, 2.0 ** 19, 2.0 ** 18, 2.0 ** 18, 2.0 ** 18]
+    scales = [scale for _, scale in runs["eager"]]
+    assert scales[0] == 2.0 ** 20 and scales[-1] < scales[0]  # steps overflowed, and were skipped
+    if capture.type == "cpu":
+        assert scales == [2.0 ** 20, 2.0 ** 19, 2.0 ** 18, 2.0 ** 18, 2.0 ** 18]
     torch.testing.assert_close(runs["graphed"], runs["eager"], rtol=0 if capture.type == "cpu" else 1e-3, atol=0)
     if capture.type == "cpu":
         assert [r.calls for r in made] == [8]  # steps 2-5, two micro-batches each
