@@ -80,6 +80,56 @@ def test_eval_writes_the_report_for_megalodon_truncation_and_baseline(model_dir,
     assert "wrote" in capsys.readouterr().out
 
 
+def test_generate_and_eval_run_in_the_dtype_asked_for(model_dir, llama_dir, tmp_path, capsys):
+    """--dtype bf16 casts both models' weights (greedy text: the API's on the cast model); eval's figures stay
+    close to fp32's, the loss summed in float64 from fp32 log-probabilities either way."""
+    import torch
+
+    from megalodon.inference.commands import _load_model
+
+    model, _ = _load_model(str(model_dir), "cpu", "bf16")
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert _load_model(str(model_dir), "cpu", "auto")[0].embed.weight.dtype == torch.float32  # on a CPU
+    assert main(["generate", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0",
+                 "--ignore-eos", "--dtype", "bf16"]) == 0
+    expected, = generate(model, ByteTokenizer(), ["Hello"],
+                         SamplingConfig(temperature=0, max_new_tokens=6, stop_on_eos=False))
+    assert capsys.readouterr().out == expected.text + "\n"
+    text = tmp_path / "doc.txt"
+    text.write_text("Some text to evaluate, long enough for a few chunks of eight bytes each. " * 2)
+    figures = {}
+    for dtype in ("fp32", "bf16"):
+        assert main(["eval", str(model_dir), "--baseline", str(llama_dir), "--files", str(text), "--window", "16",
+                     "--out", str(tmp_path / dtype), "--dtype", dtype]) == 0
+        report = json.loads((tmp_path / dtype / "eval.json").read_text())
+        figures[dtype] = [r["bits_per_byte"] for r in report["results"]]
+    assert all(abs(a - b) < 0.02 * a for a, b in zip(figures["fp32"], figures["bf16"])), figures
+    assert figures["fp32"] != figures["bf16"]
+
+
+def test_a_session_continues_only_in_the_dtype_that_wrote_it(model_dir, tmp_path, capsys):
+    session = tmp_path / "bf16.session"
+    assert main(["generate", str(model_dir), "--prompt", "A tiny book.", "--prefill-only", "--session-out",
+                 str(session), "--dtype", "bf16"]) == 0
+    assert main(["generate", str(model_dir), "--session-in", str(session), "--max-new-tokens", "2"]) == 2
+    assert "written by the model in bf16, and this one runs in fp32" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--session-in", str(session), "--max-new-tokens", "2", "--dtype",
+                 "bf16"]) == 0
+
+
+def test_auto_is_bf16_on_a_gpu_with_bf16_tensor_cores_only(monkeypatch):
+    import torch
+
+    from megalodon import precision
+
+    assert precision.inference_dtype("auto", torch.device("cpu")) == torch.float32  # even with AMX
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: device.type == "cuda")
+    assert precision.inference_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: False)  # a V100, a T4
+    assert precision.inference_dtype("auto", torch.device("cuda")) == torch.float32
+    assert precision.inference_dtype("fp16", torch.device("cpu")) == torch.float16
+
+
 def test_eval_reads_a_token_store_split(model_dir, tmp_path):
     store = build_token_store([f"document number {i}, with words." for i in range(60)], ByteTokenizer(),
                               tmp_path / "store")

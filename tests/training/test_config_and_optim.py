@@ -143,7 +143,7 @@ def test_auto_dtype_picks_bf16_only_on_gpus_with_bf16_tensor_cores(monkeypatch, 
     """A V100 or T4 runs bf16 emulated, several times slower than fp32, though is_bf16_supported() says yes."""
     import torch
 
-    from megalodon.training.compute import fast_bf16
+    from megalodon.precision import fast_bf16
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.version, "hip", hip)

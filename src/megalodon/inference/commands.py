@@ -48,6 +48,9 @@ def _add_runtime_args(p) -> None:
     from megalodon.cli_options import add_device_option
 
     add_device_option(p)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the weights' type: auto is bf16 on a GPU with bf16 tensor cores (half the memory and the "
+                        "bytes per token), fp32 elsewhere; the CEMA and norm statistics stay fp32 in any")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0: torch's choice)")
 
 
@@ -110,7 +113,7 @@ def run_generate(args) -> int:
                               repetition_penalty=args.repetition_penalty, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop),
                               stop_on_eos=not args.ignore_eos)
-    model, tokenizer = _load_model(args.model_dir, args.device)
+    model, tokenizer = _load_model(args.model_dir, args.device, args.dtype)
     sessions = None if args.session_in is None else [load_session(args.session_in, model, tokenizer)]
     return _GenerateRun(args, model, tokenizer, prompts, sampling, sessions).run()
 
@@ -202,11 +205,20 @@ class _GenerateRun:
         save_session(self.args.session_out, session, self.model, self.tokenizer)
 
 
-def _load_model(model_dir: str, device: str):
+def _load_model(model_dir: str, device: str, dtype: str):
+    """The model in the --dtype asked for, on the device, and its tokenizer. A model cast from its fp32 weights is
+    built on the CPU and cast on its way to the device, which then never holds the fp32 copy."""
+    import torch
+
     from megalodon.checkpoint import load_pretrained
     from megalodon.data import load_tokenizer
+    from megalodon.precision import inference_dtype
 
-    model = load_pretrained(model_dir, map_location=device)
+    dtype = inference_dtype(dtype, torch.device(device))
+    if dtype == torch.float32:
+        model = load_pretrained(model_dir, map_location=device)
+    else:
+        model = load_pretrained(model_dir).to(device=device, dtype=dtype)
     return model, load_tokenizer(model_dir)
 
 
@@ -253,10 +265,10 @@ def run_eval(args) -> int:
     if args.max_docs is not None and args.max_docs < 1:
         raise ValueError(f"--max-docs must be >= 1, got {args.max_docs}")
     edges = _parse_edges(args.bucket_edges)
-    model, tokenizer = _load_model(args.model_dir, args.device)
+    model, tokenizer = _load_model(args.model_dir, args.device, args.dtype)
     entries = [(Path(args.model_dir).name, model, tokenizer)]
     if args.baseline:
-        baseline, baseline_tokenizer = _load_model(args.baseline, args.device)
+        baseline, baseline_tokenizer = _load_model(args.baseline, args.device, args.dtype)
         entries.append((Path(args.baseline).name, baseline, baseline_tokenizer))
     from megalodon.baseline import Llama
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from megalodon.data.tokenizer import Tokenizer
 from megalodon.inference.stream import RecencyWindow, check_truncate_chunks
+from megalodon.precision import dtype_name
 from megalodon.state import MegalodonState
 
 SESSION_FORMAT = "megalodon-session/1"
@@ -62,6 +63,10 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         digest.update(sample.to(device="cpu", dtype=torch.float64).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _weights_dtype(model: nn.Module) -> torch.dtype:
+    return model.embed.weight.dtype
 
 
 def _checksum(record: str, tensors: dict[str, Tensor]) -> str:
@@ -113,6 +118,7 @@ def save_session(path: str | Path, session: Session, model: nn.Module, tokenizer
         tensors["session.window_ids"] = session.window.ids.cpu()
     record = json.dumps({
         "format": SESSION_FORMAT, "model": model_fingerprint(model), "tokenizer": tokenizer.fingerprint(),
+        "dtype": dtype_name(_weights_dtype(model)),
         "seed": session.seed, "truncate_chunks": session.truncate_chunks,
         "window_start": None if session.window is None else session.window.start,
     })
@@ -154,6 +160,10 @@ def _session_from(path: Path, record: dict, tensors: dict[str, Tensor], state: M
                   tokenizer: Tokenizer, device) -> Session:
     if record.get("format") != SESSION_FORMAT:
         raise ValueError(f"{path}: unknown session format {record.get('format')!r}, expected {SESSION_FORMAT!r}")
+    written_in, runs_in = record.get("dtype"), dtype_name(_weights_dtype(model))  # older sessions name none
+    if written_in is not None and written_in != runs_in:
+        raise ValueError(f"{path} was written by the model in {written_in}, and this one runs in {runs_in}: its "
+                         f"state holds {written_in} keys and values; continue it with --dtype {written_in}")
     if record["model"] != model_fingerprint(model):
         raise ValueError(f"{path} was written by a different model (same config, other weights: fingerprint "
                          f"{record['model']} vs {model_fingerprint(model)}); its state means nothing to this one")

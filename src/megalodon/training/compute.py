@@ -3,35 +3,16 @@ validation loss of a whole split, and a text sample."""
 
 from __future__ import annotations
 
-import functools
 import math
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 from megalodon.data import IGNORE_INDEX, Batch, TokenStore, bits_per_byte, eval_windows
 from megalodon.model import Megalodon
 from megalodon.ops.attention import launches_without_host_cost
+from megalodon.precision import dtype_name, fast_bf16
 from megalodon.training.config import TrainConfig
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls beat fp32 here: on GPUs with bf16 tensor cores (NVIDIA from Ampere, compute
-    capability 8.0, and ROCm), or on CPUs with AMX or AVX512-BF16. Elsewhere bf16 runs emulated, several times
-    slower than fp32 (torch.cuda.is_bf16_supported() says yes to a V100 or a T4 all the same: emulation counts)."""
-    if device.type == "cuda":
-        return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
-    return _cpu_has_bf16_units()
-
-
-@functools.cache
-def _cpu_has_bf16_units() -> bool:  # asked on every step: read /proc/cpuinfo once
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def replays_cuda_graphs(cfg: TrainConfig) -> bool:
@@ -65,7 +46,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 def precision_name(cfg: TrainConfig, device: torch.device) -> str:
     """fp32, bf16 or fp16: what the run's autocast computes in on this device."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(cfg, device)]
+    return dtype_name(autocast_dtype(cfg, device) or torch.float32)
 
 
 def precision_notes(cfg: TrainConfig, device: torch.device) -> list[str]:
