@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 
 GiB = 1024**3
-# Bounds of the parity table: fp32 CUDA against fp32 CPU, bf16 autocast against fp32, and a stream split in two.
-PARITY_BOUNDS = {"logits_max_rel": 1e-4, "grad_worst_rel": 1e-3, "bf16_logits_max_rel": 5e-2, "split_max_rel": 1e-4}
+# Bounds of the parity table: fp32 CUDA against fp32 CPU; bf16 and fp16 autocast (training's --dtype), and bf16
+# weights (generate's and eval's --dtype auto on such a GPU) against fp32; a stream split in two. On the CPU, at the
+# small preset's shape: 5.5e-3, 7.1e-4 and 7.1e-3 for the three casts.
+PARITY_BOUNDS = {"logits_max_rel": 1e-4, "grad_worst_rel": 1e-3, "bf16_logits_max_rel": 5e-2,
+                 "fp16_logits_max_rel": 1e-2, "bf16_weights_logits_max_rel": 5e-2, "split_max_rel": 1e-4}
 
 
 def log(*args) -> None:
@@ -37,8 +40,9 @@ def environment(device: str) -> dict:
 
 def parity(preset: str, device: str) -> dict:
     """The model on `device` (Triton kernels where they run) against the CPU reference path, fp32: logits and
-    gradients; then bf16 autocast against fp32, and a stream split in two against one call, on `device`."""
-    log("## Parity: CUDA against CPU (fp32), bf16 against fp32, split invariance\n")
+    gradients; then bf16 and fp16 autocast and bf16 weights against fp32, and a stream split in two against one
+    call, on `device`."""
+    log("## Parity: CUDA against CPU (fp32), bf16 and fp16 against fp32, split invariance\n")
     from megalodon import Megalodon, MegalodonConfig
 
     results = {}
@@ -73,9 +77,15 @@ def parity(preset: str, device: str) -> dict:
     results["grad_worst_param"] = worst
     results["grad_worst_rel"] = float((out_grads[worst] - ref_grads[worst]).norm() / ref_grads[worst].norm())
 
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-        bf16 = model(ids.to(device)).float().cpu()
-    results["bf16_logits_max_rel"] = relative(bf16, ref_logits)
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with torch.no_grad(), torch.autocast(device, dtype=dtype):
+            results[f"{name}_logits_max_rel"] = relative(model(ids.to(device)).float().cpu(), ref_logits)
+    with torch.no_grad():
+        bf16_weights = Megalodon(config).to(device)
+        bf16_weights.load_state_dict(cpu.state_dict())
+        results["bf16_weights_logits_max_rel"] = relative(
+            bf16_weights.to(torch.bfloat16)(ids.to(device)).float().cpu(), ref_logits)
+        del bf16_weights
 
     with torch.no_grad():
         cut = config.chunk_size + 313
