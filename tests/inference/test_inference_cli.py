@@ -103,6 +103,7 @@ def test_generate_and_eval_run_in_the_dtype_asked_for(model_dir, llama_dir, tmp_
                      "--out", str(tmp_path / dtype), "--dtype", dtype]) == 0
         report = json.loads((tmp_path / dtype / "eval.json").read_text())
         figures[dtype] = [r["bits_per_byte"] for r in report["results"]]
+        assert report["dtype"] == dtype
     assert all(abs(a - b) < 0.02 * a for a, b in zip(figures["fp32"], figures["bf16"])), figures
     assert figures["fp32"] != figures["bf16"]
 

@@ -258,6 +258,8 @@ def run_eval(args) -> int:
         DEFAULT_MAX_CONTEXT, default_bucket_edges, evaluate, write_report,
     )
 
+    from megalodon.precision import dtype_name
+
     _set_up_torch(args)
     check_writable_dir(args.out, "--out")  # before the work, which may take hours
     if args.split is not None and args.files:
@@ -296,7 +298,8 @@ def run_eval(args) -> int:
             runs.append(evaluate(m, documents, label=f"Megalodon, truncate_chunks={args.truncate_chunks}",
                                  truncate_chunks=args.truncate_chunks, **common))
     info = {"model": args.model_dir, "baseline": args.baseline, "corpus": args.corpus or args.files,
-            "split": None if args.files else (args.split or "test"), "documents": len(next(iter(docs.values())))}
+            "split": None if args.files else (args.split or "test"), "documents": len(next(iter(docs.values()))),
+            "dtype": dtype_name(next(model.parameters()).dtype)}  # what --dtype auto chose
     json_path, png_path = write_report(runs, args.out, info)
     for run in runs:
         print(f"{run.label:40s} ppl {run.perplexity:10.3f}  bits/byte {run.bits_per_byte:.4f}  "
