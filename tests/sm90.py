@@ -1,5 +1,7 @@
 """Compiling the Triton kernels for an H100 (sm_90) with no GPU: triton ships ptxas, so what the interpreter
-accepts but the compiler rejects (loop-carried types, scalar masks) is caught on a CPU machine.
+accepts but the compiler rejects (loop-carried types, scalar masks) is caught on a CPU machine. compile_all also
+compiles each kernel once for a T4 (sm_75), as GPUs without bf16 tensor cores, which `--dtype fp16` trains on,
+need them to (every kernel and tiling: about 80 CPU-seconds more on a cold cache, for the same answer).
 
 Under the interpreter the kernels are not compilable objects, so the compiling runs in a subprocess without
 TRITON_INTERPRET: `check_compiles_for_h100(code)` runs `code`, which imports the kernel modules and defines
@@ -17,8 +19,11 @@ import pytest
 NO_NVIDIA_BACKEND = 77  # the subprocess's exit status when this triton cannot compile for sm_90 at all
 
 
-def compile_for_h100(fn, types, constexprs, num_warps=4, as_launched=False):
-    """One kernel variant to an sm_90 binary. types: the non-constexpr arguments' types, in order.
+OLDER_GPU = 75  # a T4 (sm_75)
+
+
+def compile_for_h100(fn, types, constexprs, num_warps=4, as_launched=False, arch=90):
+    """One kernel variant to an sm_90 binary (or sm_`arch`). types: the non-constexpr arguments' types, in order.
     as_launched: with what the launcher assumes of real arguments, pointers 16-byte aligned and integers
     divisible by 16 unless the kernel's do_not_specialize lists them (pass an argument of 1, such as a unit
     stride, among the constexprs: the launcher makes it one). That can change the layouts Triton picks."""
@@ -42,7 +47,7 @@ def compile_for_h100(fn, types, constexprs, num_warps=4, as_launched=False):
         source = triton.compiler.ASTSource(fn=fn, signature=signature, constants=constants)
     from megalodon.ops.triton import LAUNCH
 
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **LAUNCH})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **LAUNCH})
 
 
 def sass(compiled) -> str:
@@ -81,6 +86,8 @@ def compile_all(cases) -> None:
         sys.exit(NO_NVIDIA_BACKEND)
     for case in cases[1:]:
         assert compile_for_h100(*case).asm["cubin"], case[0].__name__
+    for case in {case[0]: case for case in reversed(cases)}.values():  # each kernel's first case: whether it
+        assert compile_for_h100(*case, arch=OLDER_GPU).asm["cubin"], (case[0].__name__, f"sm_{OLDER_GPU}")  # runs
 
 
 def check_compiles_for_h100(code: str, check: str = "compile_all") -> None:
