@@ -81,20 +81,21 @@ def test_eval_writes_the_report_for_megalodon_truncation_and_baseline(model_dir,
 
 
 def test_generate_and_eval_run_in_the_dtype_asked_for(model_dir, llama_dir, tmp_path, capsys):
-    """--dtype bf16 casts both models' weights (greedy text: the API's on the cast model); eval's figures stay
-    close to fp32's, the loss summed in float64 from fp32 log-probabilities either way."""
+    """--dtype bf16 (or fp16) casts both models' weights (greedy text: the API's on the cast model); eval's
+    figures stay close to fp32's, the loss summed in float64 from fp32 log-probabilities either way."""
     import torch
 
     from megalodon.inference.commands import _load_model
 
-    model, _ = _load_model(str(model_dir), "cpu", "bf16")
-    assert model.embed.weight.dtype == torch.bfloat16
     assert _load_model(str(model_dir), "cpu", "auto")[0].embed.weight.dtype == torch.float32  # on a CPU
-    assert main(["generate", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0",
-                 "--ignore-eos", "--dtype", "bf16"]) == 0
-    expected, = generate(model, ByteTokenizer(), ["Hello"],
-                         SamplingConfig(temperature=0, max_new_tokens=6, stop_on_eos=False))
-    assert capsys.readouterr().out == expected.text + "\n"
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        model, _ = _load_model(str(model_dir), "cpu", name)
+        assert model.embed.weight.dtype == dtype
+        assert main(["generate", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0",
+                     "--ignore-eos", "--dtype", name]) == 0
+        expected, = generate(model, ByteTokenizer(), ["Hello"],
+                             SamplingConfig(temperature=0, max_new_tokens=6, stop_on_eos=False))
+        assert capsys.readouterr().out == expected.text + "\n"
     text = tmp_path / "doc.txt"
     text.write_text("Some text to evaluate, long enough for a few chunks of eight bytes each. " * 2)
     figures = {}
