@@ -1,6 +1,11 @@
 """Fine-tuning as Hugging Face users do: transformers' Trainer (gradient accumulation steps like one large batch; a
 run saves a model that loads back and checkpoints that resume exactly) and PEFT's LoRA adapters."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -9,21 +14,23 @@ pytest.importorskip("accelerate")  # transformers' Trainer needs it
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
+from safetensors.torch import load_file  # noqa: E402
+
 from hf.conftest import build_core  # noqa: E402
 from megalodon.hf import wrap  # noqa: E402
 
 LENGTH = 24
 
 
-def rows(count: int) -> list[dict]:
-    """Rows whose labels mask a different number of leading tokens each (prompts), so that the mean over a step's
-    tokens differs from the mean of its micro-batches' means."""
+def rows(count: int, masked=None) -> list[dict]:
+    """Rows whose labels mask a different number of leading tokens each (prompts: 5 i, or masked[i]), so that the
+    mean over a step's tokens differs from the mean of its micro-batches' means."""
     generator = torch.Generator().manual_seed(3)
     found = []
     for i in range(count):
         ids = torch.randint(0, 256, (LENGTH,), generator=generator)
         labels = ids.clone()
-        labels[:5 * i] = -100
+        labels[:5 * i if masked is None else masked[i]] = -100
         found.append({"input_ids": ids, "labels": labels})
     return found
 
@@ -59,6 +66,33 @@ def test_gradient_accumulation_steps_like_one_large_batch(tmp_path):
     assert moved > 10  # the step changed the weights
     losses = [trainer.state.log_history[0]["loss"] for trainer in (accumulated, whole)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# Labelled tokens 24, 21, 20 and 9: however the ranks share the four rows, the mean of the ranks' means is not the
+# mean over the step's tokens.
+RANK_ROWS_MASKED = [0, 3, 4, 15]
+
+
+@pytest.mark.slow
+def test_ranks_under_torchrun_step_like_one_process_on_their_global_batch(tmp_path):
+    """The Trainer under torchrun (DDP over gloo): 2 ranks of 2 rows take the step that one process takes on the 4
+    rows. The Trainer counts the step's labelled tokens over every rank (average_tokens_across_devices) and scales
+    for DDP's averaging; the model's loss must divide by that count (num_items_in_batch) for the two to meet."""
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(Path(__file__).with_name("fine_tune_on_ranks.py")), str(tmp_path / "ranks")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = load_file(str(tmp_path / "ranks" / "weights.safetensors"))
+    start = {name: p.detach().clone() for name, p in wrap(build_core(seed=0)).named_parameters()}
+    whole = fine_tune(tmp_path / "whole", rows(4, RANK_ROWS_MASKED), per_device_train_batch_size=4, max_steps=1)
+    moved = 0
+    for name, mine in whole.model.named_parameters():
+        torch.testing.assert_close(ranks[name], mine.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.equal(mine, start[name])
+    assert moved > 10
 
 
 @pytest.mark.parametrize("share_emb", [False, True])
