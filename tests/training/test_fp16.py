@@ -25,9 +25,10 @@ def step_records(run_dir) -> list[dict]:
     return [r for r in strict_records(run_dir / "metrics.jsonl") if "loss" in r]
 
 
-def test_fp16_trains_as_fp32_does(make_config, tmp_path):
-    fp32 = train(make_config(), tmp_path / "fp32", progress=False)
-    fp16 = train(make_config(dtype="fp16"), tmp_path / "fp16", progress=False)
+@pytest.mark.parametrize("arch", ["megalodon", "llama"])
+def test_fp16_trains_as_fp32_does(make_config, tmp_path, arch):
+    fp32 = train(make_config(arch=arch), tmp_path / "fp32", progress=False)
+    fp16 = train(make_config(arch=arch, dtype="fp16"), tmp_path / "fp16", progress=False)
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "fp32"), losses(tmp_path / "fp16"))) < 2e-3
     assert abs(fp32.val_loss - fp16.val_loss) < 2e-3
     records = step_records(tmp_path / "fp16")
