@@ -83,7 +83,7 @@ def test_training_calls_run_the_adapters_and_give_them_gradients(swiglu):
     expected = merged(ids, doc_start=doc_start)
     torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
     targets = torch.roll(ids, -1, 1)
-    loss = model(ids, doc_start=doc_start, targets=targets)  # summed_cross_entropy for a plain head
+    loss = model(ids, doc_start=doc_start, targets=targets)  # the wrapped head's logits, then cross_entropy
     torch.testing.assert_close(loss, merged(ids, doc_start=doc_start, targets=targets), rtol=1e-10, atol=0)
     (logits.square().mean() + loss).backward()
     expected.square().mean().backward()

@@ -166,8 +166,6 @@ def evaluate(
             doc_nll = torch.zeros((), dtype=torch.float64, device=device)
             for begin, logits, state_bytes in blocks(model, ids[:-1]):
                 targets = ids[begin + 1:begin + 1 + logits.shape[0]]
-                # in fp32 or better: a bf16 model's logits too
-                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
                 nll = F.cross_entropy(logits, targets, reduction="none").double()
                 first, spans = position_buckets(edges, begin + 1, nll.numel())  # token i is at position begin + 1 + i
                 loss_sums[first:first + len(spans)] += torch.stack([nll[a:b].sum() for a, b in spans])

@@ -39,8 +39,7 @@ class LossScaling:
         return self.scaler.scale(loss)
 
     def current(self, like: Tensor) -> Tensor:
-        """The scale this step's loss was multiplied by, as a 0-dim tensor on the device (no host read): one,
-        when disabled."""
+        """The scale this step's loss was multiplied by, as a 0-dim tensor on the device (no host read)."""
         return self.scaler.scale(torch.ones((), dtype=torch.float32, device=like.device)).to(like.dtype)
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -54,9 +53,6 @@ class LossScaling:
     def skip(self, step: int, scale: float) -> None:
         """A step whose gradients overflowed (the caller skips the optimizer): halve the scale. Raises once the
         scale would fall below MIN_SCALE."""
-        if not self.enabled:
-            raise RuntimeError("LossScaling.skip: only fp16 runs skip steps; a non-finite gradient in bf16 or fp32 "
-                               "is a diverged run")
         self.scaler.update()
         self.skipped += 1
         if scale * self.scaler.get_backoff_factor() < MIN_SCALE:

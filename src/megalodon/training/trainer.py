@@ -263,8 +263,9 @@ class Trainer:
         # max_norm inf only measures: the norm is what tells a diverging run apart (and an fp16 overflow)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-        read = torch.stack([total, norm.double(), self.loss_scaling.current(total)])
-        total, self.grad_norm, self.loss_scale = read.tolist()  # the step's one wait for the GPU
+        read = [total, norm.double()] + ([self.loss_scaling.current(total)] if self.loss_scaling.enabled else [])
+        total, self.grad_norm, *scale = torch.stack(read).tolist()  # the step's one wait for the GPU
+        self.loss_scale = scale[0] if scale else 1.0
         if self.ranks is not None:
             total = self.ranks.sum([total])[0]
         overflowed = self.loss_scaling.enabled and math.isfinite(total) and not math.isfinite(self.grad_norm)
