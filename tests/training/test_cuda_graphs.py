@@ -318,7 +318,7 @@ def test_a_closed_trainer_lets_its_graphs_go_and_a_budget_is_timed_after_the_cap
                                  model={"chunk_size": 16}), tmp_path / "run", progress=False,
                      device=str(capture)) as trainer:
             trainer.run(stop_at_step=4)
-            assert trainer._pace_from[0] == 2  # captured at step 2, timed from there
+            assert trainer.time_budget.timed_from[0] == 2  # captured at step 2, timed from there
         if capture.type == "cpu":
             assert made and made[0].module() is None
     finally:

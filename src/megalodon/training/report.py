@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from megalodon.optional import pyplot
@@ -15,6 +16,19 @@ def strict_json(record: dict, **kwargs) -> str:
     """JSON that strict readers accept: a non-finite number is written as null, never as NaN."""
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     return json.dumps(clean, allow_nan=False, **kwargs)
+
+
+@dataclass
+class RunResult:
+    """What train() returns: the run's final figures, or how far it got when a signal stopped it."""
+    run_dir: Path
+    steps: int
+    val_loss: float
+    val_bpb: float
+    tokens_per_s: float  # tokens per second of training steps (evaluation and checkpoints not counted)
+    sample: str
+    finished: bool = True
+    stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run early
 
 
 def parse_metrics(path: Path, torn_tail_ok: bool = False) -> list[tuple[str, dict]]:

@@ -10,7 +10,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ from megalodon.data import IGNORE_INDEX, Batch, PackedBatcher
 from megalodon.out_of_memory import EVALUATION_FIXES, explain_out_of_memory, training_step_fixes, weights_fixes
 from megalodon.progress import progress_bar
 from megalodon.parallel.runtime import Ranks, rank_device
-from megalodon.state import MegalodonState
 from megalodon.training.checkpoint import list_checkpoints, save_checkpoint, verify_latest
 from megalodon.training.compute import autocast, autocast_dtype, carried, evaluate, forward_loss, graph_launches, \
     precision_name, precision_notes, sample_text
@@ -30,24 +28,13 @@ from megalodon.training.data import open_splits, prepare_data
 from megalodon.training.loss_scaling import LossScaling
 from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
 from megalodon.training.optim import build_optimizer, changed_length, lr_at
-from megalodon.training.report import strict_json, tensorboard_writer, truncate_metrics, write_report
+from megalodon.training.report import RunResult, strict_json, tensorboard_writer, truncate_metrics, write_report
 from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
 from megalodon.training.signals import StopSignals
+from megalodon.training.streams import global_streams, micro_batch_streams
+from megalodon.training.time_budget import TimeBudget
 
 logger = logging.getLogger(__name__)
-CALIBRATION_STEPS = 5  # steady-state steps timed before a wall-clock budget is turned into max_steps
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    steps: int
-    val_loss: float
-    val_bpb: float
-    tokens_per_s: float  # tokens per second of training steps (evaluation and checkpoints not counted)
-    sample: str
-    finished: bool = True
-    stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run early
 
 
 class Trainer:
@@ -173,15 +160,8 @@ class Trainer:
         if saved.get("data", self.data_fingerprint) != self.data_fingerprint:
             raise ValueError(f"the training data changed since {latest} was written ({self.cfg.data}): resuming "
                              "would not continue the same run. Restore the files, or start a new run")
-        if streams is not None and self.stateful:  # each micro-batch takes its rows of the global batch's state
-            if streams.batch_size != cfg.batch_size:
-                raise ValueError(f"{latest} carries the state of {streams.batch_size} rows; this run has batch_size "
-                                 f"{cfg.batch_size}")
-            dp, dp_rank = (1, 0) if self.ranks is None else (self.ranks.dp, self.ranks.dp_rank)
-            micro = cfg.batch_size // (dp * cfg.grad_accum)
-            first = dp_rank * micro * cfg.grad_accum
-            self.streams = [streams[first + m * micro: first + (m + 1) * micro].to(self.device)
-                            for m in range(cfg.grad_accum)]
+        if streams is not None and self.stateful:
+            self.streams = micro_batch_streams(streams, cfg.batch_size, cfg.grad_accum, self.ranks, self.device, latest)
         self.batcher.load_state_dict(saved["batcher"])
         self.step, self.max_steps, self.tokens = saved["step"], saved["max_steps"], saved["tokens"]
         self.train_time = saved.get("train_s", saved["elapsed"])
@@ -226,15 +206,9 @@ class Trainer:
         else:
             from megalodon.training.dist_checkpoint import save_sharded
 
-            save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, self._global_streams(),
-                         self.cfg.keep_checkpoints, self.ranks, self.tokenizer)
-
-    def _global_streams(self) -> MegalodonState | None:
-        """The carried state of every row of the global batch, in row order (collective)."""
-        mine = None
-        if self.stateful and all(s is not None for s in self.streams):
-            mine = MegalodonState.stack([s.to("cpu") for s in self.streams])
-        return self.ranks.gather_rows(mine)
+            save_sharded(self.run_dir, self.step, self.model, self.optimizer, state,
+                         global_streams(self.streams, self.ranks), self.cfg.keep_checkpoints, self.ranks,
+                         self.tokenizer)
 
     def train_step(self) -> float:
         """One optimizer step over batch_size rows in grad_accum micro-batches; returns the mean loss.
@@ -324,7 +298,7 @@ class Trainer:
         with a checkpoint, as stop_at_step does at that step; a later run with resume=True continues exactly."""
         cfg = self.cfg
         self.model.train()
-        self._pace_from: tuple[int, float, bool] | None = None  # (step, elapsed, CUDA graphs captured)
+        self.time_budget = TimeBudget(cfg.time_budget_min, cfg.warmup_steps, self.ranks)
         # a time budget's steps are unknown until _calibrate has timed some (no total: a count, not a percentage)
         bar = progress_bar(total=self.max_steps or None, initial=self.step, desc=cfg.arch,
                            disable=not (self.progress and self.main), dynamic_ncols=True)
@@ -351,31 +325,19 @@ class Trainer:
         self._stop_signal = self.ranks.max(stop.received or 0)
         return self._stop_signal > 0
 
-    def _calibrate(self, step: int, bar) -> None:
-        """Turn the wall-clock budget into max_steps from the pace of steady-state steps.
-
-        The estimate is final at the end of warmup: the schedule does not depend on max_steps before then, so
-        the run (and any resumed run) follows one fixed schedule. Until then it only sizes the progress bar."""
+    def _calibrate(self, bar) -> None:
+        """Turn the wall-clock budget into max_steps (TimeBudget), and size the progress bar."""
         captured = self.graphed is not None and self.graphed.step is not None
-        # the first step of this process pays one-off costs, as does a step that captures CUDA graphs: leave them out
-        if self._pace_from is None or self._pace_from[2] != captured:
-            self._pace_from = (step, self.elapsed, captured)
-            return
-        first_step, first_time, _ = self._pace_from
-        if step - first_step < CALIBRATION_STEPS:
-            return
-        per_step, elapsed = (self.elapsed - first_time) / (step - first_step), self.elapsed
-        if self.ranks is not None:  # one estimate for all ranks: their clocks differ a little
-            per_step, elapsed = (v / self.ranks.world for v in self.ranks.sum([per_step, elapsed]))
-        estimate = step + int((self.cfg.time_budget_min * 60 - elapsed) / per_step)
-        if step >= self.cfg.warmup_steps:
-            self.max_steps = max(step + 1, estimate)
-        bar.total = max(step + 1, estimate)
+        max_steps, total = self.time_budget.observe(self.step, self.elapsed, captured)
+        if max_steps is not None:
+            self.max_steps = max_steps
+        if total is not None:
+            bar.total = total
 
     def _after_step(self, loss: float, bar) -> None:
         cfg, step = self.cfg, self.step
         if self.max_steps == 0:
-            self._calibrate(step, bar)
+            self._calibrate(bar)
         last = step == self.max_steps
         if step % cfg.log_every == 0 or last:
             rate = self.tokens / max(self.train_time, 1e-9)  # training steps only: evaluation is not training
