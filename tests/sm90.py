@@ -1,7 +1,8 @@
 """Compiling the Triton kernels for an H100 (sm_90) with no GPU: triton ships ptxas, so what the interpreter
 accepts but the compiler rejects (loop-carried types, scalar masks) is caught on a CPU machine. compile_all also
 compiles each kernel once for a T4 (sm_75), as GPUs without bf16 tensor cores, which `--dtype fp16` trains on,
-need them to (every kernel and tiling: about 80 CPU-seconds more on a cold cache, for the same answer).
+need them to (every kernel and tiling: about 80 CPU-seconds more on a cold cache, for the same answer), and once
+for an AMD MI300X (gfx942, ROCm), with the AMD backend and linker that triton's wheel also ships.
 
 Under the interpreter the kernels are not compilable objects, so the compiling runs in a subprocess without
 TRITON_INTERPRET: `check_compiles_for_h100(code)` runs `code`, which imports the kernel modules and defines
@@ -20,6 +21,7 @@ NO_NVIDIA_BACKEND = 77  # the subprocess's exit status when this triton cannot c
 
 
 OLDER_GPU = 75  # a T4 (sm_75)
+AMD_GPU = "gfx942"  # an MI300X; its wavefronts are 64 threads wide
 
 
 def compile_for_h100(fn, types, constexprs, num_warps=4, as_launched=False, arch=90):
@@ -47,7 +49,25 @@ def compile_for_h100(fn, types, constexprs, num_warps=4, as_launched=False, arch
         source = triton.compiler.ASTSource(fn=fn, signature=signature, constants=constants)
     from megalodon.ops.triton import LAUNCH
 
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **LAUNCH})
+    target = GPUTarget("hip", arch, 64) if isinstance(arch, str) else GPUTarget("cuda", arch, 32)
+    return triton.compile(source, target=target, options={"num_warps": num_warps, **LAUNCH})
+
+
+def amd_backend() -> bool:
+    """Whether this triton compiles for AMD GPUs here: its AMD backend, and the linker that comes with it."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy(source, target):
+        tl.store(target, tl.load(source))
+
+    try:
+        compile_for_h100(copy, ["*fp32", "*fp32"], {}, arch=AMD_GPU)
+    except (RuntimeError, FileNotFoundError, ImportError, KeyError) as error:
+        print(f"no AMD backend in this triton: {error}")
+        return False
+    return True
 
 
 def sass(compiled) -> str:
@@ -86,8 +106,12 @@ def compile_all(cases) -> None:
         sys.exit(NO_NVIDIA_BACKEND)
     for case in cases[1:]:
         assert compile_for_h100(*case).asm["cubin"], case[0].__name__
-    for case in {case[0]: case for case in reversed(cases)}.values():  # each kernel's first case: whether it
-        assert compile_for_h100(*case, arch=OLDER_GPU).asm["cubin"], (case[0].__name__, f"sm_{OLDER_GPU}")  # runs
+    firsts = {case[0]: case for case in reversed(cases)}.values()  # each kernel's first case: whether it runs
+    for case in firsts:
+        assert compile_for_h100(*case, arch=OLDER_GPU).asm["cubin"], (case[0].__name__, f"sm_{OLDER_GPU}")
+    if amd_backend():
+        for case in firsts:
+            assert compile_for_h100(*case, arch=AMD_GPU).asm["hsaco"], (case[0].__name__, AMD_GPU)
 
 
 def check_compiles_for_h100(code: str, check: str = "compile_all") -> None:
