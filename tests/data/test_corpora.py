@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -101,3 +102,14 @@ def test_austen_has_six_novels(tmp_path):
     pytest.importorskip("rdata")
     novels = load_austen(tmp_path)
     assert len(novels) == 6 and all(len(n) > 400_000 for n in novels)
+
+
+def test_jsonl_records_end_at_newlines_only(tmp_path):
+    """A U+2028 or a form feed inside a record's text is text: str.splitlines would cut the record there."""
+    path = tmp_path / "records.jsonl"
+    texts = ["one\u2028line", "form\x0cfeed", "crlf ends"]
+    path.write_bytes("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts).encode())
+    assert read_user_documents([path]) == texts
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"records\.jsonl:2: not valid UTF-8 text"):
+        read_user_documents([path])

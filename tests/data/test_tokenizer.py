@@ -38,6 +38,20 @@ def test_bpe_train_save_load_round_trip(tmp_path):
     assert tok.encode_batch([TEXT, "x"]) == [tok.encode(TEXT), tok.encode("x")]
 
 
+def test_bpe_trains_from_a_stream_as_from_a_list():
+    """The trainer streams a corpus from disk into the BPE (never a list of it): the same tokenizer, and an error
+    raised while reading (a bad jsonl line) reaches the caller as it was."""
+    streamed = BPETokenizer.train((text for text in CORPUS), vocab_size=300)
+    assert streamed.fingerprint() == BPETokenizer.train(list(CORPUS), vocab_size=300).fingerprint()
+
+    def unreadable():
+        yield CORPUS[0]
+        raise ValueError("corpus.jsonl:2: invalid JSON")
+
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: invalid JSON"):
+        BPETokenizer.train(unreadable(), vocab_size=300)
+
+
 def test_a_tokenizers_release_that_would_turn_literal_specials_into_ids_is_refused():
     """tokenizers 0.15.0 has no encode_special_tokens switch, yet accepts the assignment silently: the class is
     asked instead, and the error names the release that has it."""

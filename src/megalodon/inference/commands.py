@@ -6,6 +6,7 @@ FileNotFoundError, which `megalodon.cli.main` turns into a message and exit code
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -322,11 +323,11 @@ def _parse_edges(text: str | None) -> list[int] | None:
 
 def _documents(args, tokenizer):
     """The evaluation documents, tokenized with this tokenizer."""
-    from megalodon.data import BUILTIN_CORPORA, TokenStore, build_token_store, load_corpus, read_user_documents
+    from megalodon.data import BUILTIN_CORPORA, TokenStore, UserDocuments, build_token_store, load_corpus
     from megalodon.inference.evaluate import documents_from_store, documents_from_texts
 
     if args.files:
-        texts = read_user_documents(args.files)[:args.max_docs]
+        texts = list(itertools.islice(UserDocuments(args.files), args.max_docs))  # reads no further than max_docs
         return documents_from_texts(texts, tokenizer)
     split = args.split or "test"
     corpus = Path(args.corpus)

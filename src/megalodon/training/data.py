@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from megalodon.data import (BUILTIN_CORPORA, BPETokenizer, ByteTokenizer, Tokenizer, TokenStore, build_token_store,
-                            load_corpus, load_tokenizer, split_documents)
+from megalodon.data import (BUILTIN_CORPORA, BPETokenizer, ByteTokenizer, DocumentSplits, Tokenizer, TokenStore,
+                            UserDocuments, build_token_store, load_corpus, load_tokenizer)
 from megalodon.training.config import TrainConfig
 from megalodon.training.run_dir import exclusive, remove_stale_temporaries
 
@@ -62,14 +62,14 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
 
 
 def _build_store(cfg: TrainConfig, source, store_dir: Path) -> Tokenizer:
-    documents = load_corpus(source, Path(cfg.data_dir) / "corpora")
-    if not any(documents):
-        raise ValueError(f"data {cfg.data!r} holds no text")
+    # the user's files are read from disk on each pass, never held: they may be larger than memory
+    corpora = Path(cfg.data_dir) / "corpora"
+    documents = UserDocuments(source) if isinstance(source, list) else load_corpus(source, corpora)
     if cfg.tokenizer == "byte":
         tokenizer = ByteTokenizer()
     elif cfg.tokenizer == "bpe":
         # Trained on the train split only, so that validation text is truly unseen.
-        train_docs = split_documents(documents, seed=cfg.seed)["train"]
+        train_docs = DocumentSplits(documents, seed=cfg.seed).split("train")
         tokenizer = BPETokenizer.train(train_docs, vocab_size=cfg.vocab_size)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
