@@ -113,3 +113,62 @@ def test_jsonl_records_end_at_newlines_only(tmp_path):
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"records\.jsonl:2: not valid UTF-8 text"):
         read_user_documents([path])
+
+
+def compress(path, suffix: str):
+    """path's bytes written again as path + suffix (.gz, or .zst where a zstd compressor is installed)."""
+    data = path.read_bytes()
+    target = path.with_name(path.name + suffix)
+    if suffix == ".gz":
+        import gzip
+
+        target.write_bytes(gzip.compress(data))
+    else:
+        zstandard = pytest.importorskip("zstandard")
+        target.write_bytes(zstandard.ZstdCompressor().compress(data))
+    return target
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_files_give_the_plain_files_documents(tmp_path, suffix):
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    (plain / "a.txt").write_text("a whole book ✓\n")
+    (plain / "b.jsonl").write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(5)))
+    (plain / "c.md").write_text("# notes\n")
+    packed.mkdir()
+    for path in plain.iterdir():
+        compress(path, suffix).rename(packed / (path.name + suffix))
+    (packed / "skip.py.gz").write_bytes(b"")  # compressed, but not a kind of document
+    assert read_user_documents([packed]) == read_user_documents([plain])
+    assert read_user_documents([packed / f"b.jsonl{suffix}"]) == [f"record {i}" for i in range(5)]
+
+
+def test_damaged_compressed_files_are_named(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("chapter one\n" * 1000)
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(2000)))
+    for path in (compress(book, ".gz"), compress(records, ".gz")):
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # cut off in transfer
+        with pytest.raises(ValueError, match=rf"{path.name} could not be decompressed.*damaged or truncated"):
+            read_user_documents([path])
+    with pytest.raises(ValueError, match=r"after line \d+ "):
+        read_user_documents([tmp_path / "records.jsonl.gz"])
+
+
+def test_zstd_without_a_decompressor_names_the_install_step(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_zstd(name, *args, **kwargs):
+        if name in ("zstandard", "compression"):
+            raise ImportError(f"no module named {name}")
+        return real_import(name, *args, **kwargs)
+
+    path = tmp_path / "book.txt.zst"
+    path.write_bytes(b"(not read)")
+    monkeypatch.setattr(builtins, "__import__", without_zstd)
+    with pytest.raises(ImportError, match=r"book\.txt\.zst is zstd-compressed.*megalodon-torch\[corpora\]"):
+        read_user_documents([path])

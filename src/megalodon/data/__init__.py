@@ -8,12 +8,11 @@ from .corpora import (
     load_bible,
     load_corpus,
     load_shakespeare,
-    read_user_documents,
     strip_gutenberg_boilerplate,
-    UserDocuments,
 )
 from .token_store import SPLITS, DocumentSplits, TokenStore, build_token_store, split_documents
 from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from .user_documents import UserDocuments, read_user_documents
 
 __all__ = [
     "BUILTIN_CORPORA", "IGNORE_INDEX", "SPLITS",

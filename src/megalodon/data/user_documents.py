@@ -1,0 +1,142 @@
+"""The user's own documents: text and markdown files (one document each) and JSON Lines (one document per
+record's "text"), plain or compressed (.gz; .zst with Python 3.14's compression.zstd or the `zstandard`
+package), read from disk a file at a time, on every pass afresh."""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import io
+import json
+import zlib
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+USER_SUFFIXES = (".txt", ".md", ".jsonl")
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+
+
+def document_suffix(path: Path) -> str | None:
+    """The kind of documents a file holds (.txt, .md or .jsonl, whatever its compression), or None."""
+    suffixes = path.suffixes[-2:]
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes and suffixes[-1] in USER_SUFFIXES else None
+
+
+class UserDocuments:
+    """The documents of the user's files and directories, read from disk afresh on each iteration, one file at a
+    time: a corpus larger than memory can be tokenized pass after pass (the token store's build makes two).
+
+    A .jsonl gives one document per line (its "text" field), any other file gives one document; directories are
+    searched recursively for *.txt, *.md, *.jsonl and their .gz and .zst forms, in sorted order. Documents of
+    only whitespace are skipped; finding none at all is an error."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        self.files: list[Path] = []
+        for path in self.paths:
+            if path.is_dir():
+                self.files.extend(sorted(p for p in path.rglob("*") if p.is_file() and document_suffix(p)))
+            elif path.is_file():
+                self.files.append(path)
+            else:
+                raise FileNotFoundError(f"document path does not exist: {path}")
+
+    def __iter__(self) -> Iterator[str]:
+        found = False
+        for file in self.files:
+            for text in _read_jsonl(file) if document_suffix(file) == ".jsonl" else [_read_text(file)]:
+                if text.strip():
+                    found = True
+                    yield text
+        if not found:
+            raise ValueError(f"no non-empty documents found in {[str(p) for p in self.paths]} "
+                             f"(looked for {', '.join(USER_SUFFIXES)}, plain or {' or '.join(COMPRESSED_SUFFIXES)})")
+
+
+def read_user_documents(paths: Sequence[str | Path]) -> list[str]:
+    """Every document of UserDocuments(paths), in memory."""
+    return list(UserDocuments(paths))
+
+
+def _open(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed as its last suffix says."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    if path.suffix == ".zst":
+        try:
+            from compression import zstd  # Python 3.14
+
+            return zstd.open(path, "rb")
+        except ImportError:
+            pass
+        try:
+            import zstandard
+        except ImportError:
+            raise ImportError(f"{path} is zstd-compressed: reading it needs Python 3.14, or the zstandard package "
+                              "(pip install 'megalodon-torch[corpora]'); or decompress it with `zstd -d`") from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _decompression_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [OSError, EOFError, zlib.error]  # gzip's BadGzipFile is an OSError
+    for module in ("compression.zstd", "zstandard"):
+        try:
+            errors.append(importlib.import_module(module).ZstdError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+def _damaged(path: Path, error: Exception, line_no: int | None = None) -> ValueError | None:
+    """The error to raise for a compressed file that does not decompress; None for any other error."""
+    if path.suffix not in COMPRESSED_SUFFIXES or not isinstance(error, _decompression_errors()):
+        return None
+    where = "" if line_no is None else f" after line {line_no}"
+    return ValueError(f"{path} could not be decompressed{where} ({error}): a damaged or truncated file?")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with _open(path) as handle:
+            data = handle.read()
+    except Exception as error:
+        if damaged := _damaged(path, error):
+            raise damaged from error
+        raise
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not valid UTF-8 text ({error})") from error
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    """The "text" of each record, a line at a time. Records end at a newline only: a U+2028 or a form feed inside a
+    string is part of the text (str.splitlines would cut the record there)."""
+    line_no = 0
+    try:
+        with _open(path) as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                yield from _record_text(path, line_no, raw)
+    except Exception as error:
+        if damaged := _damaged(path, error, line_no):
+            raise damaged from error
+        raise
+
+
+def _record_text(path: Path, line_no: int, raw: bytes) -> Iterator[str]:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}:{line_no}: not valid UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not line.strip():
+        return
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f'{path}:{line_no}: expected an object with a string "text" field')
+    yield record["text"]
