@@ -196,6 +196,34 @@ def test_the_token_store_follows_edits_of_the_training_files(make_config, corpus
     assert prepare_data(cfg)[0] == after
 
 
+def test_files_edited_while_their_store_is_built_leave_no_store(make_config, corpus, monkeypatch, tmp_path):
+    """An edit during the build (same document count: the build's own check cannot see it) is caught by the
+    files' sizes and times, which name the store: the store is removed, and the next run builds it afresh."""
+    from megalodon.data import SPLITS, TokenStore, token_store
+    from megalodon.training import data
+
+    cfg = make_config()
+    write, edited = token_store._SplitWriter.add, []
+
+    def add_then_edit(writer, text):
+        write(writer, text)
+        if not edited:  # the user saves a file while the first document is tokenized
+            path = sorted(corpus.iterdir())[0]
+            path.write_text(path.read_text() + " and one more line\n")
+            edited.append(path)
+
+    monkeypatch.setattr(token_store._SplitWriter, "add", add_then_edit)
+    with pytest.raises(RuntimeError, match="changed while their token store was built: run again"):
+        data.prepare_data(cfg)
+    assert not [store for store in (tmp_path / "data" / "stores").glob("user-*") if store.is_dir()]
+    monkeypatch.undo()
+    store, tokenizer = data.prepare_data(cfg)
+    texts = [tokenizer.decode(split.document(i)) for split in map(lambda name: TokenStore(store, name), SPLITS)
+             for i in range(split.n_docs)]
+    assert sum("and one more line" in text for text in texts) == 1
+    assert data.prepare_data(cfg)[0] == store
+
+
 def test_extending_a_finished_run_continues_at_the_final_learning_rate(make_config, tmp_path, caplog):
     run = tmp_path / "run"
     train(make_config(max_steps=6), run, progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 from megalodon.data import (BUILTIN_CORPORA, BPETokenizer, ByteTokenizer, DocumentSplits, Tokenizer, TokenStore,
@@ -59,6 +60,10 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
         if (store_dir / "meta.json").is_file() and tokenizer_dir.is_dir():
             return store_dir, load_tokenizer(tokenizer_dir)
         tokenizer = _build_store(cfg, source, store_dir)
+        if isinstance(source, list) and f"user-{files_key(source)}" != data_key:
+            shutil.rmtree(store_dir)  # its name says files that no longer exist as they are
+            raise RuntimeError(f"the training files ({cfg.data}) changed while their token store was built: run "
+                               "again to build it from the files as they are now")
     return store_dir, tokenizer
 
 
