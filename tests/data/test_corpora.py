@@ -172,3 +172,12 @@ def test_zstd_without_a_decompressor_names_the_install_step(tmp_path, monkeypatc
     monkeypatch.setattr(builtins, "__import__", without_zstd)
     with pytest.raises(ImportError, match=r"book\.txt\.zst is zstd-compressed.*megalodon-torch\[corpora\]"):
         read_user_documents([path])
+
+
+@pytest.mark.parametrize("name", ["c4-train.00000.json.gz", "records.json"])
+def test_a_json_file_is_refused_with_the_name_to_give_it(tmp_path, name):
+    """Read as text, a JSON Lines file misnamed .json would train on its syntax; it is refused, naming .jsonl."""
+    path = tmp_path / name
+    path.write_bytes(b'{"text": "a record"}\n')
+    with pytest.raises(ValueError, match=r"\.json file is not read.*name it \.jsonl"):
+        read_user_documents([path])

@@ -39,6 +39,7 @@ class UserDocuments:
             if path.is_dir():
                 self.files.extend(sorted(p for p in path.rglob("*") if p.is_file() and document_suffix(p)))
             elif path.is_file():
+                _refuse_json(path)
                 self.files.append(path)
             else:
                 raise FileNotFoundError(f"document path does not exist: {path}")
@@ -53,6 +54,15 @@ class UserDocuments:
         if not found:
             raise ValueError(f"no non-empty documents found in {[str(p) for p in self.paths]} "
                              f"(looked for {', '.join(USER_SUFFIXES)}, plain or {' or '.join(COMPRESSED_SUFFIXES)})")
+
+
+def _refuse_json(path: Path) -> None:
+    """A .json file would be read as one text document, its JSON syntax and all: most often JSON Lines misnamed
+    (C4's shards are *.json.gz), which would train on the syntax without a word of warning."""
+    name = path.name.removesuffix(path.suffix) if path.suffix in COMPRESSED_SUFFIXES else path.name
+    if name.endswith(".json"):
+        raise ValueError(f"{path}: a .json file is not read (it would be one document of JSON syntax). JSON Lines "
+                         "with a \"text\" field: name it .jsonl (for instance .jsonl.gz for C4's *.json.gz shards)")
 
 
 def read_user_documents(paths: Sequence[str | Path]) -> list[str]:
