@@ -217,3 +217,21 @@ def test_files_that_change_between_the_passes_are_refused(tmp_path, synthetic_do
     with pytest.raises(RuntimeError, match="changed while they were read"):
         build_token_store(Growing(), TOK, tmp_path / "store")
     assert not (tmp_path / "store").exists()
+
+
+def test_tokenizing_reports_its_progress_by_document(tmp_path, synthetic_documents, monkeypatch):
+    """A large corpus takes minutes to tokenize: the build drives a progress bar (progress.py: tqdm on a terminal,
+    log lines elsewhere, nothing within its first seconds) over the documents, to the last."""
+    from megalodon.data import token_store
+    from megalodon.progress import LogProgress
+
+    bars = []
+
+    def recorded(**options):
+        bars.append(LogProgress(options["total"], options["desc"], delay=0.0, interval=1e9))
+        return bars[-1]
+
+    monkeypatch.setattr(token_store, "progress_bar", recorded)
+    documents = synthetic_documents(30)
+    build_token_store(documents, TOK, tmp_path / "store")
+    assert [(bar.desc, bar.total, bar.n) for bar in bars] == [("tokenizing", 30, 30)]

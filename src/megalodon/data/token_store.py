@@ -20,6 +20,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from megalodon.progress import progress_bar
+
 from .tokenizer import Tokenizer
 
 FORMAT = "megalodon-token-store"
@@ -160,12 +162,16 @@ def build_token_store(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         writers = {split: _SplitWriter(tmp, split, tokenizer, dtype) for split in SPLITS}
+        # a large corpus takes minutes: say how far it got (nothing for one done within seconds)
+        bar = progress_bar(total=len(splits.split_of), desc="tokenizing", delay=2.0, unit="doc")
         try:
             for split, text in splits:
                 writers[split].add(text)
+                bar.update(1)
             for split, writer in writers.items():
                 meta["splits"][split] = writer.finish()
         finally:
+            bar.close()
             for writer in writers.values():
                 writer.close()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

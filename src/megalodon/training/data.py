@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from megalodon.data import (BUILTIN_CORPORA, BPETokenizer, ByteTokenizer, Docume
                             UserDocuments, build_token_store, load_corpus, load_tokenizer)
 from megalodon.training.config import TrainConfig
 from megalodon.training.run_dir import exclusive, remove_stale_temporaries
+
+logger = logging.getLogger(__name__)
 
 
 def _corpus_source(cfg: TrainConfig) -> str | list[str]:
@@ -59,6 +62,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
         tokenizer_dir = store_dir / "tokenizer"
         if (store_dir / "meta.json").is_file() and tokenizer_dir.is_dir():
             return store_dir, load_tokenizer(tokenizer_dir)
+        logger.info("building the token store %s from %s (once: later runs reuse it)", store_dir, cfg.data)
         tokenizer = _build_store(cfg, source, store_dir)
         if isinstance(source, list) and f"user-{files_key(source)}" != data_key:
             shutil.rmtree(store_dir)  # its name says files that no longer exist as they are
@@ -76,6 +80,7 @@ def _build_store(cfg: TrainConfig, source, store_dir: Path) -> Tokenizer:
     elif cfg.tokenizer == "bpe":
         # Trained on the train split only, so that validation text is truly unseen.
         train_docs = DocumentSplits(documents, seed=cfg.seed).split("train")
+        logger.info("training a %d-token byte-level BPE on the train split", cfg.vocab_size)
         tokenizer = BPETokenizer.train(train_docs, vocab_size=cfg.vocab_size)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
