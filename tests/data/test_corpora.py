@@ -181,3 +181,39 @@ def test_a_json_file_is_refused_with_the_name_to_give_it(tmp_path, name):
     path.write_bytes(b'{"text": "a record"}\n')
     with pytest.raises(ValueError, match=r"\.json file is not read.*name it \.jsonl"):
         read_user_documents([path])
+
+
+def test_parquet_rows_are_documents(tmp_path, monkeypatch):
+    """A Parquet file (Hugging Face datasets' format) gives one document per row of its "text" column, read a
+    batch of rows at a time; nulls and blank rows are skipped; directories find *.parquet; a file without a text
+    column, with another type there, or damaged, is refused by name."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from megalodon.data import user_documents
+
+    monkeypatch.setattr(user_documents, "PARQUET_ROWS", 3)  # several batches
+    texts = [f"row {i} ✓" for i in range(10)]
+    table = pa.table({"id": list(range(12)), "text": texts[:5] + [None, "  "] + texts[5:]})
+    pq.write_table(table, tmp_path / "shard-0.parquet", row_group_size=4)
+    (tmp_path / "notes.txt").write_text("a note")
+    assert read_user_documents([tmp_path / "shard-0.parquet"]) == texts
+    assert read_user_documents([tmp_path]) == ["a note", *texts]
+
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match=r"other\.parquet has no \"text\" column \(its columns: content\)"):
+        read_user_documents([tmp_path / "other.parquet"])
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "numbers.parquet")
+    with pytest.raises(ValueError, match=r"numbers\.parquet: the \"text\" column holds int64"):
+        read_user_documents([tmp_path / "numbers.parquet"])
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes((tmp_path / "shard-0.parquet").read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"damaged\.parquet is not a readable Parquet file"):
+        read_user_documents([damaged])
+
+
+def test_parquet_without_pyarrow_names_the_install_step(tmp_path, monkeypatch):
+    (tmp_path / "shard.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail
+    with pytest.raises(ImportError, match=r"shard\.parquet is a Parquet file: reading it needs pyarrow.*\[corpora\]"):
+        read_user_documents([tmp_path / "shard.parquet"])

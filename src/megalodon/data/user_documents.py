@@ -1,6 +1,7 @@
 """The user's own documents: text and markdown files (one document each) and JSON Lines (one document per
 record's "text"), plain or compressed (.gz; .zst with Python 3.14's compression.zstd or the `zstandard`
-package), read from disk a file at a time, on every pass afresh."""
+package), and Parquet (one document per row's "text", with pyarrow), read from disk a file at a time, on every
+pass afresh."""
 
 from __future__ import annotations
 
@@ -12,25 +13,29 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
-USER_SUFFIXES = (".txt", ".md", ".jsonl")
-COMPRESSED_SUFFIXES = (".gz", ".zst")
+USER_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+COMPRESSED_SUFFIXES = (".gz", ".zst")  # of text and jsonl files; Parquet compresses itself
+PARQUET_ROWS = 1024  # rows read at a time
 
 
 def document_suffix(path: Path) -> str | None:
-    """The kind of documents a file holds (.txt, .md or .jsonl, whatever its compression), or None."""
+    """The kind of documents a file holds (.txt, .md, .jsonl, whatever its compression, or .parquet), or None."""
+    if path.suffix == ".parquet":
+        return ".parquet"
     suffixes = path.suffixes[-2:]
     if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
         suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes and suffixes[-1] in USER_SUFFIXES else None
+    return suffixes[-1] if suffixes and suffixes[-1] in USER_SUFFIXES[:3] else None
 
 
 class UserDocuments:
     """The documents of the user's files and directories, read from disk afresh on each iteration, one file at a
     time: a corpus larger than memory can be tokenized pass after pass (the token store's build makes two).
 
-    A .jsonl gives one document per line (its "text" field), any other file gives one document; directories are
-    searched recursively for *.txt, *.md, *.jsonl and their .gz and .zst forms, in sorted order. Documents of
-    only whitespace are skipped; finding none at all is an error."""
+    A .jsonl gives one document per line (its "text" field), a .parquet one per row (its "text" column), any
+    other file one document; directories are searched recursively for *.txt, *.md, *.jsonl (and their .gz and .zst
+    forms) and *.parquet, in sorted order. Documents of only whitespace are skipped; finding none at all is an
+    error."""
 
     def __init__(self, paths: Sequence[str | Path]):
         self.paths = [Path(p) for p in paths]
@@ -47,13 +52,16 @@ class UserDocuments:
     def __iter__(self) -> Iterator[str]:
         found = False
         for file in self.files:
-            for text in _read_jsonl(file) if document_suffix(file) == ".jsonl" else [_read_text(file)]:
+            kind = document_suffix(file)
+            texts = _read_jsonl(file) if kind == ".jsonl" else _read_parquet(file) if kind == ".parquet" else \
+                [_read_text(file)]
+            for text in texts:
                 if text.strip():
                     found = True
                     yield text
         if not found:
-            raise ValueError(f"no non-empty documents found in {[str(p) for p in self.paths]} "
-                             f"(looked for {', '.join(USER_SUFFIXES)}, plain or {' or '.join(COMPRESSED_SUFFIXES)})")
+            raise ValueError(f"no non-empty documents found in {[str(p) for p in self.paths]} (looked for "
+                             f"{', '.join(USER_SUFFIXES)}; text and jsonl also as {' or '.join(COMPRESSED_SUFFIXES)})")
 
 
 def _refuse_json(path: Path) -> None:
@@ -150,3 +158,31 @@ def _record_text(path: Path, line_no: int, raw: bytes) -> Iterator[str]:
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise ValueError(f'{path}:{line_no}: expected an object with a string "text" field')
     yield record["text"]
+
+
+def _read_parquet(path: Path) -> Iterator[str]:
+    """The "text" column, PARQUET_ROWS rows at a time; a null is an empty document."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path} is a Parquet file: reading it needs pyarrow (pip install "
+                          "'megalodon-torch[corpora]')") from None
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path} is not a readable Parquet file ({error})") from None
+    schema = table.schema_arrow
+    if "text" not in schema.names:
+        raise ValueError(f"{path} has no \"text\" column (its columns: {', '.join(schema.names)}): the documents "
+                         "are read from a string column named text")
+    kind = schema.field("text").type
+    string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow 16 and later
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or string_view(kind)):
+        raise ValueError(f"{path}: the \"text\" column holds {kind}, not strings")
+    try:
+        for batch in table.iter_batches(batch_size=PARQUET_ROWS, columns=["text"]):
+            for text in batch.column(0).to_pylist():
+                yield text or ""
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path} could not be read to its end ({error}): a damaged or truncated file?") from None
