@@ -110,7 +110,8 @@ def _decompression_errors() -> tuple[type[Exception], ...]:
 
 def _damaged(path: Path, error: Exception, line_no: int | None = None) -> ValueError | None:
     """The error to raise for a compressed file that does not decompress; None for any other error."""
-    if path.suffix not in COMPRESSED_SUFFIXES or not isinstance(error, _decompression_errors()):
+    if path.suffix not in COMPRESSED_SUFFIXES or not isinstance(error, _decompression_errors()) or \
+            isinstance(error, (FileNotFoundError, PermissionError)):  # the file, not its contents
         return None
     where = "" if line_no is None else f" after line {line_no}"
     return ValueError(f"{path} could not be decompressed{where} ({error}): a damaged or truncated file?")
