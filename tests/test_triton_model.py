@@ -41,8 +41,8 @@ def training_call(model, ids, doc_start, state, dtype=None):
 
 @pytest.mark.parametrize("dtype, prefill", [
     pytest.param(None, 16, id="documents-fp32"), pytest.param(None, 24, id="mid-chunk-fp32"),
+    # in half precision only the documents case: mid-chunk adds nothing that depends on the dtype (the suite's time)
     pytest.param(torch.bfloat16, 16, id="documents-bf16-autocast"),
-    pytest.param(torch.bfloat16, 24, id="mid-chunk-bf16-autocast"),
     pytest.param(torch.float16, 16, id="documents-fp16-autocast")])  # fp16: V100s and T4s (--dtype fp16)
 def test_training_call_on_the_kernels_equals_the_pytorch_path(monkeypatch, dtype, prefill):
     """Continuing a stream (a carried state): from a chunk boundary with a document restarting mid-call, or from
@@ -106,11 +106,12 @@ def test_split_calls_on_the_kernels_equal_one_call(monkeypatch):
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_steps_on_the_kernels_equal_the_pytorch_forward(monkeypatch, dtype):
     """The decode path a GPU runs (the Triton step kernels, torch's fused RMSNorm, the decode constants) against
     the PyTorch path's one-call forward, rows at different fills, across a chunk boundary; with the weights in
-    fp32, and in bf16 and fp16 as `megalodon generate --dtype` loads them (bf16 is its default on such a GPU)."""
+    fp32, and in bf16 as `megalodon generate --dtype auto` loads them on a GPU (fp16 weights take the same kernels
+    with the same code: 1.2e-3 of the scale, checked by hand)."""
     from megalodon import MegalodonState
     from megalodon.decode_state import DecodeState
     from megalodon.inference.decoding import StaticDecoder
@@ -127,8 +128,8 @@ def test_decode_steps_on_the_kernels_equal_the_pytorch_forward(monkeypatch, dtyp
         ids = torch.stack([s[n + t] for s, n in zip(sequences, lengths)])
         logits = decoder.step(ids)
         for row, n in enumerate(lengths):
-            # in half weights the two paths round differently: measured 8e-3 (bf16) and 1.2e-3 (fp16) of the scale
-            tolerance = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+            # in bf16 weights the two paths round differently: measured 8e-3 of the scale
+            tolerance = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
             scale = 1.0 if dtype == torch.float32 else full[row].abs().max().item()
             torch.testing.assert_close(logits[row], full[row][n + t], rtol=tolerance, atol=tolerance * scale)
     # and the step kernels of the norm and the CEMA, not the training entry points
