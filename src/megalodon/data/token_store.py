@@ -81,7 +81,7 @@ def _check_fractions(split_fractions: Sequence[float]) -> None:
 
 class DocumentSplits:
     """The seeded split by document into train/val/test, decided from the number of documents alone, so that a
-    corpus read from disk afresh on each pass (data.corpora.UserDocuments) is split without being held.
+    corpus read from disk afresh on each pass (data.user_documents.UserDocuments) is split without being held.
 
     `documents` is iterated once to count and once per later pass (a list, or any object whose iterations give
     the same documents; a one-shot iterator is read into memory first). Empty documents are dropped; fewer
@@ -110,16 +110,16 @@ class DocumentSplits:
         """(split, document) for every document, in corpus order, which each split keeps (eval walks it so)."""
         position, count = 0, len(self.split_of)
         for text in self.documents:
-            if text:
-                if position == count:
-                    break
-                yield SPLITS[self.split_of[position]], text
-                position += 1
-        else:
+            if not text:
+                continue
             if position == count:
-                return
-        raise RuntimeError(f"the documents changed while they were read: {count} when they were counted, "
-                           f"{'more' if position == count else position} on a later pass")
+                raise RuntimeError(f"the documents changed while they were read: {count} when they were counted, "
+                                   "more on a later pass")
+            yield SPLITS[self.split_of[position]], text
+            position += 1
+        if position != count:
+            raise RuntimeError(f"the documents changed while they were read: {count} when they were counted, "
+                               f"{position} on a later pass")
 
     def split(self, name: str) -> Iterator[str]:
         """The documents of one split, streamed in corpus order."""

@@ -13,8 +13,9 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
-USER_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
-COMPRESSED_SUFFIXES = (".gz", ".zst")  # of text and jsonl files; Parquet compresses itself
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+USER_SUFFIXES = TEXT_SUFFIXES + (".parquet",)
+COMPRESSED_SUFFIXES = (".gz", ".zst")  # of the text suffixes' files; Parquet compresses itself
 PARQUET_ROWS = 1024  # rows read at a time
 
 
@@ -25,7 +26,7 @@ def document_suffix(path: Path) -> str | None:
     suffixes = path.suffixes[-2:]
     if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
         suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes and suffixes[-1] in USER_SUFFIXES[:3] else None
+    return suffixes[-1] if suffixes and suffixes[-1] in TEXT_SUFFIXES else None
 
 
 class UserDocuments:
