@@ -41,12 +41,17 @@ def test_three_documents_give_one_per_split(tmp_path):
     assert sorted(len(v) for v in _split_texts(out).values()) == [1, 1, 1]
 
 
-def test_a_single_document_is_cut_into_pieces(tmp_path):
-    book = "".join(f"line {i}\n" for i in range(100))
+def test_a_single_document_is_cut_into_pieces_that_keep_the_split_fractions(tmp_path):
+    """One book (or two) cannot be split by document: it is cut at line breaks into 20 pieces, 18/1/1 for the
+    default fractions (a third each, before: two thirds of the text held out)."""
+    book = "".join(f"line {i}\n" for i in range(400))
     out = build_token_store([book], TOK, tmp_path / "s")
-    pieces = [p for split in _split_texts(out).values() for p in split]
-    assert len(pieces) == 3 and all(p and p in book and p.endswith("\n") for p in pieces)
-    assert sum(map(len, pieces)) == len(book)
+    texts = _split_texts(out)
+    assert [len(texts[s]) for s in SPLITS] == [18, 1, 1]
+    pieces = sorted((p for split in texts.values() for p in split), key=book.index)
+    assert "".join(pieces) == book and all(p.endswith("\n") for p in pieces)
+    two = build_token_store([book, book.upper()], TOK, tmp_path / "two", split_fractions=(0.8, 0.1, 0.1))
+    assert [TokenStore(two, s).n_docs for s in SPLITS] == [16, 2, 2]
 
 
 def test_truncated_bin_is_refused(tmp_path, synthetic_documents):
@@ -196,6 +201,31 @@ def test_a_corpus_is_tokenized_without_holding_it(tmp_path, synthetic_documents,
     text_bytes = sum(len(text.encode()) for text in UserDocuments(paths))
     assert sum(TokenStore(tmp_path / "store", split).n_bytes for split in SPLITS) == text_bytes > 3_000_000
     assert peak < corpus_bytes / 3, f"peak {peak / 1e6:.2f} MB for {corpus_bytes / 1e6:.2f} MB of text"
+
+
+def test_a_long_document_is_tokenized_in_parts_to_the_ids_of_the_whole(tmp_path, monkeypatch):
+    """A document longer than an encoding batch (a 100 MB enwik8 is one) goes to the tokenizer in parts it can be
+    cut into (Tokenizer.parts): the store is the one whole documents give, byte for byte, and no encoding call
+    sees much more than a batch."""
+    from megalodon.data import token_store
+
+    rng = np.random.default_rng(0)
+    words = ["the", "king's", "crown", "42", "naïve", "日本語", "!?", "--"]
+    separators = [" ", " ", " ", "\n", "  ", "\t", ". "]
+    long_docs = ["".join(rng.choice(words) + rng.choice(separators) for _ in range(n)) for n in (3000, 40, 1500)]
+    tokenizers = {"byte": TOK, "bpe": BPETokenizer.train(long_docs, vocab_size=300)}
+    for name, tokenizer in tokenizers.items():
+        whole = build_token_store(long_docs * 4, tokenizer, tmp_path / f"{name}-whole", seed=1)
+        seen = []
+        encode_batch = tokenizer.encode_batch
+        monkeypatch.setattr(token_store, "_ENCODE_BATCH_CHARS", 500)
+        monkeypatch.setattr(tokenizer, "encode_batch", lambda texts: seen.extend(map(len, texts)) or
+                            encode_batch(texts))
+        parts = build_token_store(long_docs * 4, tokenizer, tmp_path / f"{name}-parts", seed=1)
+        monkeypatch.undo()
+        for file in sorted(p.name for p in whole.iterdir()):
+            assert (parts / file).read_bytes() == (whole / file).read_bytes(), (name, file)
+        assert max(seen) < 600 and len(seen) > 40, (name, max(seen), len(seen))
 
 
 def test_files_that_change_between_the_passes_are_refused(tmp_path, synthetic_documents):

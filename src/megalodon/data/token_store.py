@@ -28,6 +28,7 @@ FORMAT = "megalodon-token-store"
 VERSION = 1
 SPLITS = ("train", "val", "test")
 _ENCODE_BATCH_CHARS = 2_000_000  # text encoded at once: parallel enough; a BPE batch holds ~40 bytes a character
+_MIN_PIECES = 20  # what a corpus of fewer documents than splits is cut into, at least
 
 
 def _split_sizes(n_docs: int, fractions: Sequence[float]) -> list[int]:
@@ -57,15 +58,18 @@ def _cut_into_pieces(text: str, n_pieces: int) -> list[str]:
     return [c for c in cuts if c]
 
 
-def _enough_documents(documents: list[str], n_splits: int) -> list[str]:
-    """With fewer documents than splits, cut each one into pieces so that every split can get one.
+def _enough_documents(documents: list[str], split_fractions: Sequence[float]) -> list[str]:
+    """With fewer documents than splits, cut each one into pieces, enough of them (20 in all for the default
+    fractions) that each split gets its share of the text: a single book splits 90/5/5, not a third each.
 
     The pieces of one document then land in different splits: val is not independent of train,
     but a single long book still gets a held-out part instead of an error.
     """
+    n_splits = sum(f > 0 for f in split_fractions)
     if len(documents) >= n_splits:
         return documents
-    per_doc = math.ceil(n_splits / len(documents))
+    wanted = max(n_splits, _MIN_PIECES, math.ceil(1 / min(f for f in split_fractions if f > 0) - 1e-9))
+    per_doc = math.ceil(wanted / len(documents))
     pieces = [p for d in documents for p in _cut_into_pieces(d, per_doc)]
     if len(pieces) < n_splits:
         raise ValueError(f"need at least {n_splits} documents (or text long enough to cut), got {len(pieces)}")
@@ -95,9 +99,8 @@ class DocumentSplits:
         count = sum(1 for d in documents if d)
         if count == 0:
             raise ValueError("no documents to tokenize")
-        n_splits = sum(f > 0 for f in split_fractions)
-        if count < n_splits:
-            documents = _enough_documents([d for d in documents if d], n_splits)
+        if count < sum(f > 0 for f in split_fractions):
+            documents = _enough_documents([d for d in documents if d], split_fractions)
             count = len(documents)
         self.documents = documents
         order = np.random.default_rng(seed).permutation(count)
@@ -184,36 +187,51 @@ def build_token_store(
 
 
 class _SplitWriter:
-    """One split's files: its documents tokenized a batch at a time (parallel enough, bounded memory), each
-    followed by eos, appended to {split}.bin; offsets and byte counts written at the end."""
+    """One split's files: its documents tokenized a batch at a time (parallel enough, bounded memory: a long
+    document goes in the parts its tokenizer can cut it into), each followed by eos, appended to {split}.bin;
+    offsets and byte counts written at the end."""
 
     def __init__(self, directory: Path, split: str, tokenizer: Tokenizer, dtype):
         self.directory, self.split, self.tokenizer, self.dtype = directory, split, tokenizer, dtype
         self.out = open(directory / f"{split}.bin", "wb")
-        self.pending: list[str] = []
+        self.pending: list[str | None] = []  # parts of documents, None where a document ends
         self.pending_chars = 0
+        self.open_tokens = self.open_bytes = 0  # of the document whose parts are being written
         self.lengths: list[int] = []
         self.n_bytes: list[int] = []
         self.digest = hashlib.sha256()
 
     def add(self, text: str) -> None:
-        self.pending.append(text)
-        self.pending_chars += len(text)
-        if self.pending_chars >= _ENCODE_BATCH_CHARS:
-            self._flush()
+        for part in self.tokenizer.parts(text, _ENCODE_BATCH_CHARS):
+            self.pending.append(part)
+            self.pending_chars += len(part)
+            if self.pending_chars >= _ENCODE_BATCH_CHARS:
+                self._flush()
+        self.pending.append(None)
 
     def _flush(self) -> None:
         tokenizer = self.tokenizer
-        for text, ids in zip(self.pending, tokenizer.encode_batch(self.pending)):
-            ids = np.asarray(ids + [tokenizer.eos_id], dtype=np.int64)
-            if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+        parts = [p for p in self.pending if p is not None]
+        encoded = iter(tokenizer.encode_batch(parts) if parts else [])
+        for part in self.pending:
+            if part is None:
+                self._write(np.asarray([tokenizer.eos_id], dtype=np.int64))
+                self.lengths.append(self.open_tokens)
+                self.n_bytes.append(self.open_bytes)
+                self.open_tokens = self.open_bytes = 0
+                continue
+            ids = np.asarray(next(encoded), dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
                 raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
-            data = ids.astype(self.dtype).tobytes()
-            self.out.write(data)
-            self.digest.update(data)
-            self.lengths.append(len(ids))
-            self.n_bytes.append(len(text.encode("utf-8")))
+            self._write(ids)
+            self.open_bytes += len(part.encode("utf-8"))
         self.pending, self.pending_chars = [], 0
+
+    def _write(self, ids: np.ndarray) -> None:
+        data = ids.astype(self.dtype).tobytes()
+        self.out.write(data)
+        self.digest.update(data)
+        self.open_tokens += len(ids)
 
     def finish(self) -> dict:
         self._flush()

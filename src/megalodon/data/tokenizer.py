@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -16,6 +17,12 @@ DEFAULT_SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
 _EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<|eot_id|>")
 _BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>", "<|startoftext|>", "<|im_start|>")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>")
+
+# A space between two non-space characters. GPT-2's pre-tokenization (byte-level BPE's) ends a pre-token before such
+# a space and starts the next one with it, whatever follows; BPE merges stay inside pre-tokens, so text cut there
+# encodes, part by part, to the ids of the whole.
+_BETWEEN_WORDS = re.compile(r"(?<=\S) (?=\S)")
+_TRAIN_PART_CHARS = 1_000_000  # a long document reaches the BPE trainer in parts of about this many characters
 
 
 class Tokenizer(ABC):
@@ -46,6 +53,12 @@ class Tokenizer(ABC):
         """Encode many texts; subclasses override this when they can do it faster."""
         return [self.encode(t) for t in texts]
 
+    def parts(self, text: str, size: int) -> Iterator[str]:
+        """`text` in consecutive parts of about `size` characters whose encodings, laid end to end, are
+        `encode(text)`, so that a long document is encoded in bounded memory. This default never cuts: a
+        tokenizer that knows where its encoding can be cut says so."""
+        yield text
+
     @property
     def special_ids(self) -> set[int]:
         """Ids of bos/eos/pad that exist for this tokenizer."""
@@ -68,6 +81,11 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         """UTF-8 bytes of `text`."""
         return list(text.encode("utf-8"))
+
+    def parts(self, text: str, size: int) -> Iterator[str]:
+        """Any cut between characters keeps the bytes."""
+        for start in range(0, max(len(text), 1), size):
+            yield text[start:start + size]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Bytes back to text; invalid UTF-8 (e.g. a window cut inside a character) becomes U+FFFD."""
@@ -111,6 +129,7 @@ class BPETokenizer(Tokenizer):
         self.eos_id = self._require_id(eos_token)
         self.bos_id = None if bos_token is None else self._require_id(bos_token)
         self.pad_id = None if pad_token is None else self._require_id(pad_token)
+        self._cuts_between_words = _pre_tokenizes_like_gpt2(hf_tokenizer)
 
     def _require_id(self, token: str) -> int:
         token_id = self._tok.token_to_id(token)
@@ -144,7 +163,9 @@ class BPETokenizer(Tokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable even if unseen
             show_progress=False,
         )
-        tok.train_from_iterator(iter(documents), trainer)  # streamed: the corpus need not fit in memory
+        # streamed, a long document in parts: the corpus need not fit in memory, nor one document's words in Rust's
+        parts = (part for text in documents for part in _cut_between_words(text, _TRAIN_PART_CHARS))
+        tok.train_from_iterator(parts, trainer)
         bos, eos, pad = special_tokens
         return cls(tok, eos_token=eos, bos_token=bos, pad_token=pad)
 
@@ -197,6 +218,14 @@ class BPETokenizer(Tokenizer):
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # _fast skips offsets
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
+    def parts(self, text: str, size: int) -> Iterator[str]:
+        """Cut between words where the pipeline is GPT-2's (byte-level BPE trained here, GPT-2's own); any other
+        pipeline (a normalizer, another pre-tokenizer, added tokens that could match across a cut) is not cut."""
+        if self._cuts_between_words:
+            yield from _cut_between_words(text, size)
+        else:
+            yield text
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens dropped."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -218,6 +247,30 @@ class BPETokenizer(Tokenizer):
     def fingerprint(self) -> str:
         """Hash of the serialized tokenizer."""
         return _short_hash(self._tok.to_str())
+
+
+def _pre_tokenizes_like_gpt2(hf_tokenizer) -> bool:
+    """No normalizer, a byte-level pre-tokenizer with GPT-2's regex and no prefix space, and no added tokens but
+    the special ones (which encode_special_tokens keeps as text): then _BETWEEN_WORDS cuts keep the ids."""
+    from tokenizers import pre_tokenizers
+
+    pre = hf_tokenizer.pre_tokenizer
+    added = getattr(hf_tokenizer, "get_added_tokens_decoder", None)
+    return (hf_tokenizer.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex
+            and not pre.add_prefix_space and added is not None and all(t.special for t in added().values()))
+
+
+def _cut_between_words(text: str, size: int) -> Iterator[str]:
+    """`text` in parts of at least `size` characters (the last one aside), each cut just before a _BETWEEN_WORDS
+    space; a text with no such space after `size` characters stays whole."""
+    start = 0
+    while len(text) - start > size:
+        cut = _BETWEEN_WORDS.search(text, start + size)
+        if cut is None:
+            break
+        yield text[start:cut.start()]
+        start = cut.start()
+    yield text[start:]
 
 
 def _read_hf_config(path: Path) -> dict:
