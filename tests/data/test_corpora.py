@@ -212,8 +212,44 @@ def test_parquet_rows_are_documents(tmp_path, monkeypatch):
         read_user_documents([damaged])
 
 
-def test_parquet_without_pyarrow_names_the_install_step(tmp_path, monkeypatch):
+def test_arrow_files_and_save_to_disk_directories_are_read(tmp_path, monkeypatch):
+    """Arrow IPC files, as Hugging Face datasets writes them (the stream format of save_to_disk's data-*.arrow
+    and of its cache) or in the random-access file format: one document per row of "text", a batch at a time;
+    a save_to_disk directory reads its shards in order; a damaged file is refused by name."""
+    pa = pytest.importorskip("pyarrow")
+
+    texts = [f"row {i} ✓" for i in range(10)]
+    table = pa.table({"text": texts[:4] + [None] + texts[4:], "id": list(range(11))})
+    with pa.OSFile(str(tmp_path / "stream.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=3):
+            writer.write_batch(batch)
+    with pa.OSFile(str(tmp_path / "file.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=4)
+    assert read_user_documents([tmp_path / "stream.arrow"]) == texts
+    assert read_user_documents([tmp_path / "file.arrow"]) == texts
+
+    pa_table = pa.table({"content": ["x"]})
+    with pa.OSFile(str(tmp_path / "other.arrow"), "wb") as sink, pa.ipc.new_stream(sink, pa_table.schema) as w:
+        w.write_table(pa_table)
+    with pytest.raises(ValueError, match=r"other\.arrow has no \"text\" column \(its columns: content\)"):
+        read_user_documents([tmp_path / "other.arrow"])
+    damaged = tmp_path / "damaged.arrow"
+    damaged.write_bytes((tmp_path / "stream.arrow").read_bytes()[:-150])
+    with pytest.raises(ValueError, match=r"damaged\.arrow (is not a readable Arrow file|could not be read)"):
+        read_user_documents([damaged])
+
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": texts, "label": list(range(10))}).save_to_disk(str(saved), num_shards=2)
+    assert len(list(saved.glob("data-*.arrow"))) == 2
+    assert read_user_documents([saved]) == texts
+
+
+def test_parquet_and_arrow_without_pyarrow_name_the_install_step(tmp_path, monkeypatch):
     (tmp_path / "shard.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail
     with pytest.raises(ImportError, match=r"shard\.parquet is a Parquet file: reading it needs pyarrow.*\[corpora\]"):
         read_user_documents([tmp_path / "shard.parquet"])
+    (tmp_path / "data-00000-of-00001.arrow").write_bytes(b"ARROW1")
+    with pytest.raises(ImportError, match=r"00001\.arrow is an Arrow file: reading it needs pyarrow.*\[corpora\]"):
+        read_user_documents([tmp_path / "data-00000-of-00001.arrow"])

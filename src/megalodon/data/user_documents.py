@@ -1,7 +1,7 @@
 """The user's own documents: text and markdown files (one document each) and JSON Lines (one document per
 record's "text"), plain or compressed (.gz; .zst with Python 3.14's compression.zstd or the `zstandard`
-package), and Parquet (one document per row's "text", with pyarrow), read from disk a file at a time, on every
-pass afresh."""
+package), and Parquet and Arrow files (one document per row's "text", with pyarrow: Hugging Face datasets'
+shards and `save_to_disk` directories), read from disk a file at a time, on every pass afresh."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
-USER_SUFFIXES = TEXT_SUFFIXES + (".parquet",)
-COMPRESSED_SUFFIXES = (".gz", ".zst")  # of the text suffixes' files; Parquet compresses itself
+TABLE_SUFFIXES = (".parquet", ".arrow")
+USER_SUFFIXES = TEXT_SUFFIXES + TABLE_SUFFIXES
+COMPRESSED_SUFFIXES = (".gz", ".zst")  # of the text suffixes' files; Parquet and Arrow compress themselves
 PARQUET_ROWS = 1024  # rows read at a time
 
 
 def document_suffix(path: Path) -> str | None:
-    """The kind of documents a file holds (.txt, .md, .jsonl, whatever its compression, or .parquet), or None."""
-    if path.suffix == ".parquet":
-        return ".parquet"
+    """The kind of documents a file holds (.txt, .md, .jsonl, whatever its compression, .parquet or .arrow), or
+    None."""
+    if path.suffix in TABLE_SUFFIXES:
+        return path.suffix
     suffixes = path.suffixes[-2:]
     if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
         suffixes = suffixes[:-1]
@@ -33,10 +35,10 @@ class UserDocuments:
     """The documents of the user's files and directories, read from disk afresh on each iteration, one file at a
     time: a corpus larger than memory can be tokenized pass after pass (the token store's build makes two).
 
-    A .jsonl gives one document per line (its "text" field), a .parquet one per row (its "text" column), any
-    other file one document; directories are searched recursively for *.txt, *.md, *.jsonl (and their .gz and .zst
-    forms) and *.parquet, in sorted order. Documents of only whitespace are skipped; finding none at all is an
-    error."""
+    A .jsonl gives one document per line (its "text" field), a .parquet or .arrow one per row (its "text" column),
+    any other file one document; directories are searched recursively for *.txt, *.md, *.jsonl (and their .gz and
+    .zst forms), *.parquet and *.arrow, in sorted order. Documents of only whitespace are skipped; finding none at
+    all is an error."""
 
     def __init__(self, paths: Sequence[str | Path]):
         self.paths = [Path(p) for p in paths]
@@ -54,8 +56,8 @@ class UserDocuments:
         found = False
         for file in self.files:
             kind = document_suffix(file)
-            texts = _read_jsonl(file) if kind == ".jsonl" else _read_parquet(file) if kind == ".parquet" else \
-                [_read_text(file)]
+            reader = {".jsonl": _read_jsonl, ".parquet": _read_parquet, ".arrow": _read_arrow}.get(kind)
+            texts = reader(file) if reader else [_read_text(file)]
             for text in texts:
                 if text.strip():
                     found = True
@@ -162,19 +164,18 @@ def _record_text(path: Path, line_no: int, raw: bytes) -> Iterator[str]:
     yield record["text"]
 
 
-def _read_parquet(path: Path) -> Iterator[str]:
-    """The "text" column, PARQUET_ROWS rows at a time; a null is an empty document."""
+def _pyarrow(path: Path, kind: str):
     try:
         import pyarrow as pa
-        import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"{path} is a Parquet file: reading it needs pyarrow (pip install "
+        raise ImportError(f"{path} is {kind} file: reading it needs pyarrow (pip install "
                           "'megalodon-torch[corpora]')") from None
-    try:
-        table = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as error:
-        raise ValueError(f"{path} is not a readable Parquet file ({error})") from None
-    schema = table.schema_arrow
+    return pa
+
+
+def _text_column(path: Path, schema) -> int:
+    """The index of the string column "text" in `schema`; a ValueError naming what is there instead."""
+    pa = _pyarrow(path, "a table")
     if "text" not in schema.names:
         raise ValueError(f"{path} has no \"text\" column (its columns: {', '.join(schema.names)}): the documents "
                          "are read from a string column named text")
@@ -182,9 +183,46 @@ def _read_parquet(path: Path) -> Iterator[str]:
     string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow 16 and later
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or string_view(kind)):
         raise ValueError(f"{path}: the \"text\" column holds {kind}, not strings")
+    return schema.get_field_index("text")
+
+
+def _rows_of(path: Path, batches: Iterator, column: int) -> Iterator[str]:
+    """The text of each row, a record batch at a time; a null is an empty document."""
+    pa = _pyarrow(path, "a table")
     try:
-        for batch in table.iter_batches(batch_size=PARQUET_ROWS, columns=["text"]):
-            for text in batch.column(0).to_pylist():
+        for batch in batches:
+            for text in batch.column(column).to_pylist():
                 yield text or ""
     except (pa.ArrowException, OSError) as error:
         raise ValueError(f"{path} could not be read to its end ({error}): a damaged or truncated file?") from None
+
+
+def _read_parquet(path: Path) -> Iterator[str]:
+    """The "text" column, PARQUET_ROWS rows at a time."""
+    pa = _pyarrow(path, "a Parquet")
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path} is not a readable Parquet file ({error})") from None
+    _text_column(path, table.schema_arrow)
+    yield from _rows_of(path, table.iter_batches(batch_size=PARQUET_ROWS, columns=["text"]), 0)
+
+
+def _read_arrow(path: Path) -> Iterator[str]:
+    """The "text" column of an Arrow IPC file, a record batch at a time: the stream format, which Hugging Face
+    datasets writes (save_to_disk's data-*.arrow, its cache files), or the random-access file format."""
+    pa = _pyarrow(path, "an Arrow")
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+                batches = iter(reader)
+            except pa.ArrowInvalid:
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            column = _text_column(path, reader.schema)
+            yield from _rows_of(path, batches, column)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path} is not a readable Arrow file ({error})") from None

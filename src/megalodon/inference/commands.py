@@ -233,7 +233,8 @@ def add_eval_parser(sub) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", metavar="NAME", help="shakespeare, bible, austen, or a token-store directory")
     source.add_argument("--files", nargs="+", metavar="F",
-                        help="text/jsonl (plain, .gz, .zst) or parquet files, or directories: every document")
+                        help="text/jsonl (plain, .gz, .zst), parquet or arrow files, or directories: every "
+                             "document")
     p.add_argument("--split", default=None, help="split of --corpus to evaluate (default: test)")
     attention = p.add_mutually_exclusive_group()
     attention.add_argument("--window", type=int, metavar="W", help="baseline: sliding attention window")

@@ -23,7 +23,7 @@ def _corpus_source(cfg: TrainConfig) -> str | list[str]:
     if not paths or missing:
         raise FileNotFoundError(f"data {cfg.data!r}: no such file or directory {missing or cfg.data!r}; give a "
                                 f"built-in corpus ({', '.join(BUILTIN_CORPORA)}) or paths to .txt, .md or .jsonl "
-                                "files (plain, .gz or .zst), .parquet files, or directories of them")
+                                "files (plain, .gz or .zst), .parquet or .arrow files, or directories of them")
     return paths
 
 
