@@ -65,6 +65,30 @@ def test_report_writes_json_and_png(model, llama, tokenizer, tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_documents_from_texts_tokenize_a_long_text_in_parts_to_the_ids_of_the_whole(monkeypatch):
+    """`megalodon eval --files` tokenizes a document at a time from a stream, a long one in parts (the tokenizer
+    work on 100 MB of text would otherwise be gigabytes): the same ids, eos appended, bytes counted."""
+    import importlib
+
+    from megalodon.data import BPETokenizer, ByteTokenizer
+
+    evaluate_module = importlib.import_module("megalodon.inference.evaluate")  # the package exports the function
+
+    text = "".join(f"line {i}: the naïve king's {i * i} crowns.\n" for i in range(300))
+    bpe = BPETokenizer.train([text], vocab_size=300)
+    monkeypatch.setattr(evaluate_module, "_PART_CHARS", 100)
+    for tokenizer in (ByteTokenizer(), bpe):
+        calls = []
+        monkeypatch.setattr(tokenizer, "encode", lambda t, _e=tokenizer.encode: calls.append(len(t)) or _e(t))
+        docs = documents_from_texts(iter([text, "short"]), tokenizer, names=["long", "short"])
+        monkeypatch.undo()
+        monkeypatch.setattr(evaluate_module, "_PART_CHARS", 100)
+        assert docs[0].ids.tolist() == tokenizer.encode(text) + [tokenizer.eos_id]
+        assert docs[1].ids.tolist() == tokenizer.encode("short") + [tokenizer.eos_id]
+        assert [d.name for d in docs] == ["long", "short"] and docs[0].n_bytes == len(text.encode())
+        assert len(calls) > 50 and max(calls) < 200, (type(tokenizer).__name__, len(calls), max(calls))
+
+
 def test_baseline_window_equals_one_windowed_forward(llama):
     doc = random_document(50)
     windowed = evaluate(llama, [doc], window=8, block_size=7)

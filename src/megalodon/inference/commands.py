@@ -329,8 +329,8 @@ def _documents(args, tokenizer):
     from megalodon.inference.evaluate import documents_from_store, documents_from_texts
 
     if args.files:
-        texts = list(itertools.islice(UserDocuments(args.files), args.max_docs))  # reads no further than max_docs
-        return documents_from_texts(texts, tokenizer)
+        # read a document at a time, no further than max_docs
+        return documents_from_texts(itertools.islice(UserDocuments(args.files), args.max_docs), tokenizer)
     split = args.split or "test"
     corpus = Path(args.corpus)
     if (corpus / "meta.json").is_file():

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from megalodon.progress import progress_bar
 DEFAULT_FIRST_EDGE = 1024
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_BASELINE_BLOCK = 512
+_PART_CHARS = 2_000_000  # of a long document, tokenized at a time
 
 
 @dataclass
@@ -52,13 +53,17 @@ class EvalDocument:
     name: str
 
 
-def documents_from_texts(texts: Sequence[str], tokenizer: Tokenizer, names: Sequence[str] | None = None,
+def documents_from_texts(texts: Iterable[str], tokenizer: Tokenizer, names: Sequence[str] | None = None,
                          append_eos: bool = True) -> list[EvalDocument]:
-    names = names or [f"doc{i}" for i in range(len(texts))]
+    """Each text's ids, tokenized one text at a time and a long one in the parts its tokenizer can cut it into
+    (Tokenizer.parts): what is held is the ids, never the tokenizer's work on a whole corpus, and `texts` may be a
+    stream (UserDocuments)."""
     docs = []
-    for text, name, ids in zip(texts, names, tokenizer.encode_batch(list(texts))):
-        ids = ids + [tokenizer.eos_id] if append_eos else ids
-        docs.append(EvalDocument(torch.tensor(ids, dtype=torch.int64), len(text.encode("utf-8")), name))
+    for i, text in enumerate(texts):
+        ids = [np.asarray(tokenizer.encode(part), dtype=np.int64) for part in tokenizer.parts(text, _PART_CHARS)]
+        ids += [np.asarray([tokenizer.eos_id], dtype=np.int64)] if append_eos else []
+        docs.append(EvalDocument(torch.from_numpy(np.concatenate(ids)), len(text.encode("utf-8")),
+                                 names[i] if names else f"doc{i}"))
     return docs
 
 
