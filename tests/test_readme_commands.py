@@ -46,6 +46,9 @@ PLAN = {
                                       "--time_budget_min 0 --eval_tokens 256 --sample_tokens 8",
                             "an hour of training; a 16000-token BPE needs more text than the stand-in"),
     "megalodon train --arch llama --config demo": ("append", TINY, "five minutes of training"),
+    "megalodon train --init_from runs/demo/model --data my_texts/ --lr 3e-4 --max_steps 500 --run-dir runs/tuned":
+        ("append", "--seq_len 64 --batch_size 2 --max_steps 2 --eval_every 0 --eval_tokens 256 --sample_tokens 8 "
+                   "--checkpoint_every 0", "500 steps; the model and tokenizer are the tiny demo run's"),
     "megalodon compare --config demo --max_steps 300 --run-dir runs/compare": ("append", TINY, "300 steps, twice"),
     'pip install -e ".[hf]"': ("skip", "installs packages; the test runs in that installation"),
     'pip install -e ".[eval]"': ("skip", "installs packages; the test runs in that installation"),

@@ -188,12 +188,25 @@ def load_pretrained(directory: str | Path, map_location="cpu", verify: bool = Tr
         return load_sharded_model(directory).to(map_location).eval()
     verified = verify_directory(directory) if verify else True
     config, model_class = read_config(directory / CONFIG_NAME)
-    if not verified and (directory / WEIGHTS_NAME).is_file():
-        warnings.warn(f"{directory} has no checksums ({CHECKSUMS_NAME}; saved by an older version): its files "
-                      "cannot be verified. Save it again to add them", stacklevel=2)
-    tensors = read_weights(directory / WEIGHTS_NAME)
-    _refuse_non_finite(tensors, str(directory / WEIGHTS_NAME))
+    tensors = _finite_weights(directory, verified)
     with torch.device(map_location):
         model = model_class(config)
     load_state_strict(model, tensors, str(directory / WEIGHTS_NAME))
     return model.eval()
+
+
+def load_weights(model: nn.Module, directory: str | Path) -> None:
+    """Copy a model directory's weights, checked against its checksums, into `model` (which must have their keys
+    and shapes): what a run that starts from a trained model (TrainConfig.init_from) does."""
+    directory = Path(directory)
+    tensors = _finite_weights(directory, verify_directory(directory))
+    load_state_strict(model, tensors, str(directory / WEIGHTS_NAME))
+
+
+def _finite_weights(directory: Path, verified: bool) -> dict[str, Tensor]:
+    if not verified and (directory / WEIGHTS_NAME).is_file():
+        warnings.warn(f"{directory} has no checksums ({CHECKSUMS_NAME}; saved by an older version): its files "
+                      "cannot be verified. Save it again to add them", stacklevel=3)
+    tensors = read_weights(directory / WEIGHTS_NAME)
+    _refuse_non_finite(tensors, str(directory / WEIGHTS_NAME))
+    return tensors

@@ -25,9 +25,10 @@ MODEL_PREFIX = "model."
 def given_options(args: argparse.Namespace) -> dict:
     """The options the user gave: a config file, --quick, then the --field and --model.field options."""
     values = read_config_file(args.config) if args.config else {}
-    if args.quick:
-        values = {**values, **QUICK}
     flags = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k != "model"}
+    if args.quick:  # a quick fine-tune keeps the model and tokenizer it starts from
+        keeps = ("preset", "tokenizer") if flags.get("init_from") or values.get("init_from") else ()
+        values = {**values, **{k: v for k, v in QUICK.items() if k not in keeps}}
     model_flags = {k[len(MODEL_PREFIX):]: v for k, v in vars(args).items() if k.startswith(MODEL_PREFIX)}
     values = {**values, **flags}
     if model_flags:
@@ -108,6 +109,8 @@ def run_compare(args: argparse.Namespace) -> int:
         raise ValueError("compare needs a fixed --max_steps, so that both models see the same tokens")
     if cfg.nproc > 1:
         raise ValueError("compare runs in one process; drop --nproc (train each model with megalodon train --nproc)")
+    if cfg.init_from:
+        raise ValueError("compare trains both models from scratch; drop --init_from (megalodon train takes it)")
     results = {}
     for arch in ("megalodon", "llama"):
         try:

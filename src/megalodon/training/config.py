@@ -25,6 +25,7 @@ class TrainConfig:
     arch: str = "megalodon"  # "megalodon", or "llama": the baseline matched to the preset
     preset: str = "small"  # a Megalodon preset; the baseline is matched to it by parameter count
     model: dict = field(default_factory=dict)  # overrides of model fields ([model] table, or --model.field)
+    init_from: str = ""  # a Megalodon model directory to start from (fine-tuning): its weights, fields and tokenizer
     # data
     data: str = "shakespeare"  # a built-in corpus (shakespeare, bible, austen) or comma-separated paths
     data_dir: str = "data"  # cache of corpora, tokenizers and token stores
@@ -80,6 +81,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Types, then ranges, then the model the preset and overrides describe: all before any work starts."""
         check_field_types(self)
+        if self.init_from:
+            self._take_initial_model()
         checks = [
             (self.arch in ARCHS, "arch", f"one of {ARCHS}"),
             (self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
@@ -135,6 +138,29 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
         MegalodonConfig.from_preset(self.preset, **self.model)  # unknown presets and bad model fields, now
+
+    def _take_initial_model(self) -> None:
+        """init_from: the directory's model fields (under --model's), and its tokenizer, written into this config,
+        so that train_config.json records the architecture trained and a resumed run rebuilds it."""
+        from megalodon.checkpoint import CONFIG_NAME, read_config
+
+        directory = Path(self.init_from)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"init_from {self.init_from!r}: no such model directory; give one that a run "
+                                    "saved (RUN_DIR/model) or `megalodon convert` wrote")
+        config, _ = read_config(directory / CONFIG_NAME)
+        if not isinstance(config, MegalodonConfig):
+            raise ValueError(f"init_from {self.init_from!r} holds a {type(config).__name__.removesuffix('Config')} "
+                             "model: init_from starts Megalodon runs only")
+        given = {"arch": (self.arch, "megalodon"), "preset": (self.preset, "small"),
+                 "tokenizer": (self.tokenizer, "bpe", self.init_from)}
+        for name, (value, *allowed) in given.items():
+            if value not in allowed:
+                raise ValueError(f"TrainConfig.{name} cannot be set with init_from ({value!r} given): the model, "
+                                 f"its fields and its tokenizer are {self.init_from}'s; change a field with "
+                                 "--model.FIELD (dropout, chunk_size: any that keeps the weights' shapes)")
+        self.model = {**dataclasses.asdict(config), **self.model}
+        self.tokenizer = self.init_from
 
     @property
     def micro_batch_size(self) -> int:

@@ -49,6 +49,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
     data_key = source if isinstance(source, str) else f"user-{files_key(source)}"
     if cfg.tokenizer in ("byte", "bpe"):
         tok_key = "byte" if cfg.tokenizer == "byte" else f"bpe{cfg.vocab_size}"
+    elif Path(cfg.tokenizer).is_dir():  # a model directory (init_from) too: its weights do not shape the store
+        tok_key = f"tok-{files_key([str(p) for p in Path(cfg.tokenizer).glob('tokenizer*.json')])}"
     elif Path(cfg.tokenizer).exists():
         tok_key = f"tok-{files_key([cfg.tokenizer])}"
     else:

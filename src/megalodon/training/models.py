@@ -3,6 +3,9 @@ activation checkpointing."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 
 from megalodon.baseline import Llama, matched_llama_config
@@ -19,6 +22,22 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
     if cfg.arch == "llama":
         return Llama(matched_llama_config(mega))
     return Megalodon(mega)
+
+
+def load_initial_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """cfg.init_from's weights into the run's model; the --model fields that keep no shape are the only ones that
+    may differ from the directory's (TrainConfig took the rest from it)."""
+    from megalodon.checkpoint import CONFIG_NAME, load_weights, read_config
+
+    try:
+        load_weights(model, cfg.init_from)
+    except ValueError as err:
+        if "does not fit" not in str(err) and "has shape" not in str(err):
+            raise
+        saved, _ = read_config(Path(cfg.init_from) / CONFIG_NAME)
+        changed = sorted(k for k, v in dataclasses.asdict(saved).items() if cfg.model.get(k, v) != v)
+        raise ValueError(f"{err}. The run changes {', '.join(f'model.{k}' for k in changed) or 'no field'} of "
+                         f"init_from's model: only fields that keep the weights' shapes may change") from None
 
 
 def chunk_size_of(cfg: TrainConfig) -> int:

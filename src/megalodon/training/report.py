@@ -96,7 +96,7 @@ def write_report(run_dir: Path, cfg, model, sample: str, padding_fraction: float
     alone) and wall_s (the run's wall-clock time, evaluations and checkpoints included); precision: what the run
     computed in ("precision": fp32, bf16 or fp16; for fp16 also its final loss_scale and skipped_steps)."""
     train, val = read_metrics(run_dir / "metrics.jsonl")
-    plot_curves({cfg.arch: (train, val)}, run_dir / "loss.png", f"{cfg.arch} / {cfg.preset} on {cfg.data}")
+    plot_curves({cfg.arch: (train, val)}, run_dir / "loss.png", f"{cfg.arch} / {_size(cfg)} on {cfg.data}")
     last_val = val[-1] if val else {"val_loss": float("nan"), "val_ppl": float("nan"), "val_bpb": float("nan")}
     rate = timing["tokens"] / timing["train_s"] if timing["train_s"] > 0 else 0.0
     final = {**last_val, "tokens_per_s": rate, "steps": train[-1]["step"] if train else 0, **timing,
@@ -105,7 +105,7 @@ def write_report(run_dir: Path, cfg, model, sample: str, padding_fraction: float
         if "loss_scale" in precision else ""
     lines = [
         f"run        {run_dir}",
-        f"model      {cfg.arch} ({cfg.preset}), {final['parameters']:,} parameters",
+        f"model      {cfg.arch} ({_size(cfg)}), {final['parameters']:,} parameters",
         f"data       {cfg.data}, seq_len {cfg.seq_len}, batch {cfg.batch_size}, padding {padding_fraction:.1%}",
         f"trained    {final['steps']} steps, {timing['tokens']:,} tokens at {rate:,.0f} tokens/s of training time",
         f"precision  {precision['precision']}{' autocast' if precision['precision'] != 'fp32' else ''}{scaling}",
@@ -129,3 +129,7 @@ def tensorboard_writer():
         raise ValueError("--tensorboard true needs the tensorboard package: pip install tensorboard "
                          "(or drop --tensorboard)") from None
     return SummaryWriter
+
+
+def _size(cfg) -> str:
+    return f"from {cfg.init_from}" if cfg.init_from else cfg.preset

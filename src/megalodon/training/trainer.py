@@ -26,7 +26,8 @@ from megalodon.training.config import TrainConfig
 from megalodon.training.cuda_graphs import GraphedForwardLoss
 from megalodon.training.data import open_splits, prepare_data
 from megalodon.training.loss_scaling import LossScaling
-from megalodon.training.models import apply_activation_checkpointing, build_model, chunk_size_of
+from megalodon.training.models import (apply_activation_checkpointing, build_model, chunk_size_of,
+                                       load_initial_weights)
 from megalodon.training.optim import build_optimizer, changed_length, lr_at
 from megalodon.training.report import RunResult, strict_json, tensorboard_writer, truncate_metrics, write_report
 from megalodon.training.run_dir import RunDirLock, atomic_write_text, prepare_run_dir, saved_options
@@ -90,6 +91,8 @@ class Trainer:
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
         self.model = build_model(cfg, tok.vocab_size)
+        if cfg.init_from:  # a resumed run's checkpoint then replaces them
+            load_initial_weights(self.model, cfg)
         with explain_out_of_memory(f"placing the model on {self.device}",
                                    lambda: weights_fixes(self.model.num_parameters(), optimizer=False)):
             self.model.to(self.device)
