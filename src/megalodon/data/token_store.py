@@ -79,8 +79,8 @@ def _enough_documents(documents: list[str], split_fractions: Sequence[float]) ->
 def _check_fractions(split_fractions: Sequence[float]) -> None:
     if len(split_fractions) != len(SPLITS) or any(f < 0 for f in split_fractions):
         raise ValueError(f"split_fractions must be {len(SPLITS)} non-negative numbers {SPLITS}, got {split_fractions}")
-    if abs(sum(split_fractions) - 1.0) > 1e-6 or split_fractions[0] <= 0:
-        raise ValueError(f"split_fractions must sum to 1 with a positive train share, got {split_fractions}")
+    if abs(sum(split_fractions) - 1.0) > 1e-6:  # (0, 1, 0): a store of validation documents only
+        raise ValueError(f"split_fractions must sum to 1, got {split_fractions}")
 
 
 class DocumentSplits:

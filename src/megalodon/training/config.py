@@ -28,6 +28,7 @@ class TrainConfig:
     init_from: str = ""  # a Megalodon model directory to start from (fine-tuning): its weights, fields and tokenizer
     # data
     data: str = "shakespeare"  # a built-in corpus (shakespeare, bible, austen) or comma-separated paths
+    val_data: str = ""  # validation documents of your own (a built-in corpus or paths); then all of data trains
     data_dir: str = "data"  # cache of corpora, tokenizers and token stores
     tokenizer: str = "bpe"  # "bpe" (trained on the train split), "byte", or a path to a tokenizer.json/dir
     vocab_size: int = 8192  # for a trained BPE

@@ -15,16 +15,30 @@ from megalodon.training.run_dir import exclusive, remove_stale_temporaries
 logger = logging.getLogger(__name__)
 
 
-def _corpus_source(cfg: TrainConfig) -> str | list[str]:
-    if cfg.data in BUILTIN_CORPORA:
-        return cfg.data
-    paths = [p.strip() for p in cfg.data.split(",") if p.strip()]
+def _corpus_source(data: str, option: str = "data") -> str | list[str]:
+    if data in BUILTIN_CORPORA:
+        return data
+    paths = [p.strip() for p in data.split(",") if p.strip()]
     missing = [p for p in paths if not Path(p).exists()]
     if not paths or missing:
-        raise FileNotFoundError(f"data {cfg.data!r}: no such file or directory {missing or cfg.data!r}; give a "
+        raise FileNotFoundError(f"{option} {data!r}: no such file or directory {missing or data!r}; give a "
                                 f"built-in corpus ({', '.join(BUILTIN_CORPORA)}) or paths to .txt, .md or .jsonl "
                                 "files (plain, .gz or .zst), .parquet or .arrow files, or directories of them")
     return paths
+
+
+def _source_key(source: str | list[str]) -> str:
+    return source if isinstance(source, str) else f"user-{files_key(source)}"
+
+
+def _documents(cfg: TrainConfig, source: str | list[str]):
+    # the user's files are read from disk on each pass, never held: they may be larger than memory
+    return UserDocuments(source) if isinstance(source, list) else load_corpus(source, Path(cfg.data_dir) / "corpora")
+
+
+def _split_fractions(cfg: TrainConfig) -> tuple[float, float, float]:
+    """Every document of data trains when val_data gives the validation documents."""
+    return (1.0, 0.0, 0.0) if cfg.val_data else (0.9, 0.05, 0.05)
 
 
 def files_key(paths: list[str]) -> str:
@@ -43,10 +57,12 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
     """The token store directory and tokenizer for this config, building them on first use.
 
     The store's name holds everything that shapes it: the corpus (for your own files, their paths, sizes and
-    modification times), the tokenizer and the split seed. Edited files therefore get a new store. One process
-    builds a store while others wait for it (a lock file per store)."""
-    source = _corpus_source(cfg)
-    data_key = source if isinstance(source, str) else f"user-{files_key(source)}"
+    modification times), the tokenizer, the split seed, and whether val_data takes the validation's place. Edited
+    files therefore get a new store. One process builds a store while others wait for it (a lock file per
+    store)."""
+    source = _corpus_source(cfg.data)
+    if cfg.val_data:
+        _corpus_source(cfg.val_data, "val_data")  # a missing file named before the training store is built
     if cfg.tokenizer in ("byte", "bpe"):
         tok_key = "byte" if cfg.tokenizer == "byte" else f"bpe{cfg.vocab_size}"
     elif Path(cfg.tokenizer).is_dir():  # a model directory (init_from) too: its weights do not shape the store
@@ -56,44 +72,69 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
     else:
         raise FileNotFoundError(f"tokenizer {cfg.tokenizer!r}: no such file or directory; give bpe, byte, or the path "
                                 "of a tokenizer.json or a tokenizer directory")
+    key = _source_key(source)
+    store_dir = _stores(cfg) / f"{key}-{tok_key}-s{cfg.seed}{'-all' if cfg.val_data else ''}"
+    built = _cached_store(store_dir, source, key, cfg.data, lambda: _build_store(cfg, source, store_dir),
+                          with_tokenizer=True)
+    return store_dir, built or load_tokenizer(store_dir / "tokenizer")
+
+
+def open_splits(cfg: TrainConfig, store_dir: Path, tokenizer: Tokenizer) -> tuple[TokenStore, TokenStore]:
+    """The run's train split, and its validation: the store's val split, or val_data's documents (tokenized with
+    the run's tokenizer, in a store of their own)."""
+    train = TokenStore(store_dir, "train")
+    if train.n_tokens == 0:
+        raise ValueError(f"the train split of {store_dir} is empty")
+    if not cfg.val_data:
+        return train, TokenStore(store_dir, "val")
+    source = _corpus_source(cfg.val_data, "val_data")
+    key = _source_key(source)
+    val_dir = _stores(cfg) / f"val-{key}-{tokenizer.fingerprint()}"
+
+    def build():
+        build_token_store(_documents(cfg, source), tokenizer, val_dir, split_fractions=(0.0, 1.0, 0.0),
+                          overwrite=True)
+
+    _cached_store(val_dir, source, key, cfg.val_data, build, with_tokenizer=False)
+    return train, TokenStore(val_dir, "val")
+
+
+def _stores(cfg: TrainConfig) -> Path:
     stores = Path(cfg.data_dir) / "stores"
     stores.mkdir(parents=True, exist_ok=True)
-    store_dir = stores / f"{data_key}-{tok_key}-s{cfg.seed}"
     remove_stale_temporaries(stores)
-    with exclusive(stores / f".{store_dir.name}.lock"):
-        tokenizer_dir = store_dir / "tokenizer"
-        if (store_dir / "meta.json").is_file() and tokenizer_dir.is_dir():
-            return store_dir, load_tokenizer(tokenizer_dir)
-        logger.info("building the token store %s from %s (once: later runs reuse it)", store_dir, cfg.data)
-        tokenizer = _build_store(cfg, source, store_dir)
-        if isinstance(source, list) and f"user-{files_key(source)}" != data_key:
+    return stores
+
+
+def _cached_store(store_dir: Path, source, key: str, given: str, build, with_tokenizer: bool):
+    """build() under the store's lock unless the store is there whole (its tokenizer too, with_tokenizer); its
+    result, None when the store was there. A store whose files changed while it was built (their key is no
+    longer `key`) is removed, and the error says to run again."""
+    with exclusive(store_dir.parent / f".{store_dir.name}.lock"):
+        if (store_dir / "meta.json").is_file() and (not with_tokenizer or (store_dir / "tokenizer").is_dir()):
+            return None
+        logger.info("building the token store %s from %s (once: later runs reuse it)", store_dir, given)
+        result = build()
+        if isinstance(source, list) and _source_key(source) != key:
             shutil.rmtree(store_dir)  # its name says files that no longer exist as they are
-            raise RuntimeError(f"the training files ({cfg.data}) changed while their token store was built: run "
-                               "again to build it from the files as they are now")
-    return store_dir, tokenizer
+            raise RuntimeError(f"the files of {given} changed while their token store was built: run again to "
+                               "build it from the files as they are now")
+    return result
 
 
 def _build_store(cfg: TrainConfig, source, store_dir: Path) -> Tokenizer:
-    # the user's files are read from disk on each pass, never held: they may be larger than memory
-    corpora = Path(cfg.data_dir) / "corpora"
-    documents = UserDocuments(source) if isinstance(source, list) else load_corpus(source, corpora)
+    documents = _documents(cfg, source)
+    fractions = _split_fractions(cfg)
     if cfg.tokenizer == "byte":
         tokenizer = ByteTokenizer()
     elif cfg.tokenizer == "bpe":
         # Trained on the train split only, so that validation text is truly unseen.
-        train_docs = DocumentSplits(documents, seed=cfg.seed).split("train")
+        train_docs = DocumentSplits(documents, fractions, seed=cfg.seed).split("train")
         logger.info("training a %d-token byte-level BPE on the train split", cfg.vocab_size)
         tokenizer = BPETokenizer.train(train_docs, vocab_size=cfg.vocab_size)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
     # overwrite: a store a crash left without its tokenizer is rebuilt
-    build_token_store(documents, tokenizer, store_dir, seed=cfg.seed, overwrite=True)
+    build_token_store(documents, tokenizer, store_dir, fractions, seed=cfg.seed, overwrite=True)
     tokenizer.save(store_dir / "tokenizer")
     return tokenizer
-
-
-def open_splits(store_dir: Path) -> tuple[TokenStore, TokenStore]:
-    train, val = TokenStore(store_dir, "train"), TokenStore(store_dir, "val")
-    if train.n_tokens == 0:
-        raise ValueError(f"the train split of {store_dir} is empty")
-    return train, val

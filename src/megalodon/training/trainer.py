@@ -82,11 +82,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         store_dir, self.tokenizer = prepare_data(cfg)
-        train_store, self.val_store = open_splits(store_dir)
+        train_store, self.val_store = open_splits(cfg, store_dir, self.tokenizer)
         if train_store.vocab_size != self.tokenizer.vocab_size:
             raise ValueError(f"the token store's vocab ({train_store.vocab_size}) does not match the tokenizer's "
                              f"({self.tokenizer.vocab_size}); delete {store_dir} to rebuild it")
-        self.data_fingerprint = hashlib.sha256(json.dumps(train_store.meta, sort_keys=True).encode()).hexdigest()
+        stores = train_store.meta if not cfg.val_data else [train_store.meta, self.val_store.meta]
+        self.data_fingerprint = hashlib.sha256(json.dumps(stores, sort_keys=True).encode()).hexdigest()
         self.chunk = chunk_size_of(cfg)
         tok = self.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
