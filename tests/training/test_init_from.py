@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megalodon import Megalodon
+from megalodon import Megalodon, MegalodonConfig
+from megalodon.baseline import Llama, matched_llama_config
 from megalodon.checkpoint import read_config, save_pretrained
+from megalodon.data import ByteTokenizer
 from megalodon.training.config import TrainConfig
 from megalodon.training.trainer import Trainer, train
 from training_helpers import losses
@@ -16,10 +18,13 @@ FROM_MODEL = dict(preset="small", tokenizer="bpe")  # the defaults: what init_fr
 
 
 @pytest.fixture
-def trained(make_config, tmp_path):
-    """A model directory, as a run leaves it."""
-    train(make_config(max_steps=2, checkpoint_every=0), tmp_path / "pretrained", progress=False)
-    return tmp_path / "pretrained" / "model"
+def trained(tmp_path):
+    """A model directory as a run leaves it (weights, config, tokenizer): the tiny run's model, at its chunk."""
+    directory = tmp_path / "pretrained"
+    torch.manual_seed(0)
+    save_pretrained(Megalodon(MegalodonConfig.from_preset("tiny", vocab_size=259, chunk_size=16)), directory)
+    ByteTokenizer().save(directory)
+    return directory
 
 
 def test_a_run_starts_from_the_directorys_weights_and_records_its_model(make_config, trained, tmp_path):
@@ -63,10 +68,9 @@ def test_misuse_of_init_from_is_refused_by_name(make_config, trained, tmp_path):
     (hf_layout / "config.json").write_text(json.dumps({"architectures": ["MegalodonForCausalLM"]}))
     with pytest.raises(ValueError, match="Hugging Face transformers layout.*convert from-hf"):
         make_config(init_from=str(hf_layout), **FROM_MODEL)
-    llama_run = tmp_path / "llama"
-    train(make_config(arch="llama", max_steps=1, checkpoint_every=0), llama_run, progress=False)
+    save_pretrained(Llama(matched_llama_config(MegalodonConfig.from_preset("tiny"))), tmp_path / "llama")
     with pytest.raises(ValueError, match="holds a Llama model: init_from starts Megalodon runs only"):
-        make_config(init_from=str(llama_run / "model"), **FROM_MODEL)
+        make_config(init_from=str(tmp_path / "llama"), **FROM_MODEL)
     wider = make_config(init_from=str(trained), model={"model_dim": 48}, **FROM_MODEL)
     with pytest.raises(ValueError, match="has shape.*changes model.model_dim of init_from's model"):
         train(wider, tmp_path / "wider", progress=False)
