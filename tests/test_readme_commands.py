@@ -38,7 +38,8 @@ PLAN = {
     "make demo": ("replace", f"{DEMO_RECIPE} {TINY}",
                   "the Makefile's demo recipe (checked below) with tiny settings; `make` would build a virtualenv"),
     "make test": ("skip", "runs the test suite that this test belongs to"),
-    "megalodon train --config demo": ("append", TINY, "five minutes of training"),
+    "megalodon train --config demo": ("skip", "`make demo`'s recipe, run above with tiny settings, is this command "
+                                              "with a run directory of its own"),
     "megalodon train --preset base --data austen --seq_len 4096 --batch_size 4 --max_steps 2000 --run-dir runs/base":
         ("append", TINY, "2000 steps of the base preset; the Austen cache is a stand-in"),
     "megalodon train --data my_texts/,extra.jsonl --tokenizer bpe --vocab_size 16000 --time_budget_min 60 "

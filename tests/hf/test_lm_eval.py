@@ -1,4 +1,6 @@
-"""lm-evaluation-harness over local jsonl tasks: Python API on an in-memory model, and the lm_eval CLI."""
+"""lm-evaluation-harness over local jsonl tasks, through the Python API on an in-memory model, to the numbers the
+model's own log-probabilities give. The lm_eval CLI on an exported directory is the hf README's command, which
+tests/test_readme_commands.py runs; that the export computes the package's logits is tests/hf/test_remote_code.py's."""
 
 import pytest
 
@@ -7,14 +9,11 @@ pytest.importorskip("lm_eval")
 
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import torch  # noqa: E402
 
 from megalodon.data import ByteTokenizer  # noqa: E402
-from megalodon.hf import export_hf, lm_eval_task, to_hf_tokenizer, wrap  # noqa: E402
+from megalodon.hf import lm_eval_task, to_hf_tokenizer, wrap  # noqa: E402
 
 DOCUMENTS = ["The quick brown fox jumps over the lazy dog.",
              "Call me Ishmael. Some years ago, never mind how long precisely.",
@@ -75,20 +74,3 @@ def test_python_api_on_an_in_memory_model(core, task_dir):
     assert math.isfinite(ppl["word_perplexity,none"]) and ppl["word_perplexity,none"] > 1
     assert ppl["bits_per_byte,none"] == pytest.approx(_expected_bits_per_byte(core), rel=1e-5)
     assert mc["acc,none"] == pytest.approx(_expected_accuracy(core))
-
-
-@pytest.mark.slow
-def test_cli_on_a_saved_directory(core, task_dir, tmp_path):
-    export_hf(core, tmp_path / "model", tokenizer=ByteTokenizer())
-    # A fresh process has not imported megalodon.hf: trust_remote_code lets it load the one-line loader module.
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "lm_eval", "--model", "hf",
-               "--model_args", f"pretrained={tmp_path / 'model'},trust_remote_code=True,backend=causal,"
-                               f"prefix_token_id={EOS}",
-               "--include_path", str(task_dir), "--tasks", "tiny_ppl", "--device", "cpu", "--batch_size", "2",
-               "--output_path", str(tmp_path / "results")]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    [result_file] = list((tmp_path / "results").rglob("results_*.json"))
-    ppl = json.loads(result_file.read_text())["results"]["tiny_ppl"]
-    assert ppl["bits_per_byte,none"] == pytest.approx(_expected_bits_per_byte(core), rel=1e-5)
