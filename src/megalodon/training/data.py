@@ -76,7 +76,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[Path, Tokenizer]:
     store_dir = _stores(cfg) / f"{key}-{tok_key}-s{cfg.seed}{'-all' if cfg.val_data else ''}"
     built = _cached_store(store_dir, source, key, cfg.data, lambda: _build_store(cfg, source, store_dir),
                           with_tokenizer=True)
-    return store_dir, built or load_tokenizer(store_dir / "tokenizer")
+    return store_dir, built if built is not None else load_tokenizer(store_dir / "tokenizer")
 
 
 def open_splits(cfg: TrainConfig, store_dir: Path, tokenizer: Tokenizer) -> tuple[TokenStore, TokenStore]:
