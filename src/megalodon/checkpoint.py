@@ -195,12 +195,11 @@ def load_pretrained(directory: str | Path, map_location="cpu", verify: bool = Tr
     return model.eval()
 
 
-def load_weights(model: nn.Module, directory: str | Path) -> None:
-    """Copy a model directory's weights, checked against its checksums, into `model` (which must have their keys
-    and shapes): what a run that starts from a trained model (TrainConfig.init_from) does."""
+def verified_weights(directory: str | Path) -> dict[str, Tensor]:
+    """A model directory's weights, checked against its checksums and for non-finite values: what a run that
+    starts from a trained model (TrainConfig.init_from) loads with load_state_strict."""
     directory = Path(directory)
-    tensors = _finite_weights(directory, verify_directory(directory))
-    load_state_strict(model, tensors, str(directory / WEIGHTS_NAME))
+    return _finite_weights(directory, verify_directory(directory))
 
 
 def _finite_weights(directory: Path, verified: bool) -> dict[str, Tensor]:

@@ -27,13 +27,12 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
 def load_initial_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """cfg.init_from's weights into the run's model; the --model fields that keep no shape are the only ones that
     may differ from the directory's (TrainConfig took the rest from it)."""
-    from megalodon.checkpoint import CONFIG_NAME, load_weights, read_config
+    from megalodon.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_state_strict, read_config, verified_weights
 
+    tensors = verified_weights(cfg.init_from)  # a damaged or non-finite file is refused as it is anywhere
     try:
-        load_weights(model, cfg.init_from)
-    except ValueError as err:
-        if "does not fit" not in str(err) and "has shape" not in str(err):
-            raise
+        load_state_strict(model, tensors, str(Path(cfg.init_from) / WEIGHTS_NAME))
+    except ValueError as err:  # keys or shapes: which of the run's fields made them differ
         saved, _ = read_config(Path(cfg.init_from) / CONFIG_NAME)
         changed = sorted(k for k, v in dataclasses.asdict(saved).items() if cfg.model.get(k, v) != v)
         raise ValueError(f"{err}. The run changes {', '.join(f'model.{k}' for k in changed) or 'no field'} of "
