@@ -274,8 +274,9 @@ def compiled_against_eager(model, device="cpu", compile=lambda model: model.comp
     """Logits and gradients of a training call, eager then compiled (by default each block, with fullgraph),
     documents reset mid-sequence; they must agree. carry_state: the call continues row 0's stream from a state,
     as the trainer's stateful windows do. autocast_dtype: both calls under autocast, as the trainer's bf16 runs;
-    Inductor's fusions round differently from eager's kernels, so each tensor is compared to 2% of its largest
-    magnitude (a gradient path lost or doubled is off by its whole size)."""
+    Inductor's fusions round differently from eager's kernels, so each tensor may differ from eager's by 2% of its
+    largest magnitude plus as much as eager's own autocast call differs from its fp32 call (on an H200 a bf16 bias
+    gradient, a sum that cancels, came out 2.6% off); a gradient path lost or doubled is off by its whole size."""
     ids, doc_start = training_batch(device)
     state = None
     if carry_state:
@@ -284,27 +285,28 @@ def compiled_against_eager(model, device="cpu", compile=lambda model: model.comp
         doc_start[0, 0] = False
     runner = model
 
-    def step():
+    def step(autocast_dtype=autocast_dtype):
         model.zero_grad()
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = runner(ids, state=state, doc_start=doc_start).float()
         logits.square().mean().backward()
-        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+        return {"logits": logits.detach()} | {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    eager_logits, eager_grads = step()
+    eager = step()
+    exact = step(None) if autocast_dtype is not None else None
     torch._dynamo.reset()
     runner = compile(model)
-    logits, grads = step()
+    compiled = step()
     if autocast_dtype is not None:
-        for name, got, expected in [("logits", logits, eager_logits)] + [
-                (name, grad, eager_grads[name]) for name, grad in grads.items()]:
-            scale = expected.abs().max().item()
-            assert (got - expected).abs().max().item() <= 0.02 * scale, name
+        for name, expected in eager.items():
+            rounding = (expected - exact[name]).abs().max().item()
+            error = (compiled[name] - expected).abs().max().item()
+            assert error <= 0.02 * expected.abs().max().item() + rounding, name
         return
-    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
-    for name, grad in grads.items():
+    torch.testing.assert_close(compiled.pop("logits"), eager.pop("logits"), rtol=1e-4, atol=1e-4)
+    for name, grad in compiled.items():
         # every gradient is compared: torch 2.11's compile once returned zeros through a custom Function
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(grad, eager[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow

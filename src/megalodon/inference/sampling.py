@@ -129,7 +129,8 @@ def sample_next(
         if generators is None or len(generators) != batch:
             raise ValueError(f"sampling needs one torch.Generator per row ({batch}), "
                              f"got {None if generators is None else len(generators)}")
-        uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+        uniforms = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64).cpu()
+                                for g in generators])
     elif uniforms.shape != (batch,):
         raise ValueError(f"uniforms must have shape ({batch},), got {tuple(uniforms.shape)}")
     logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)

@@ -113,7 +113,7 @@ def evaluate(model, store: TokenStore, cfg: TrainConfig, chunk: int, pad_id: int
 def sample_text(model, tokenizer, cfg: TrainConfig, device, temperature: float = 0.8, top_k: int = 50) -> str:
     """A short continuation of the sample prompt: the sanity check a person reads."""
     from megalodon.inference.generate import generate
-    from megalodon.inference.sampling import SamplingConfig, sample_next
+    from megalodon.inference.sampling import SamplingConfig, make_generators, sample_next
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, seed=cfg.seed, max_new_tokens=cfg.sample_tokens)
     was_training = model.training
@@ -121,13 +121,13 @@ def sample_text(model, tokenizer, cfg: TrainConfig, device, temperature: float =
     try:
         if isinstance(model, Megalodon):
             return cfg.sample_prompt + generate(model, tokenizer, [cfg.sample_prompt], sampling)[0].text
-        # The baseline decodes with its KV cache; same sampler, same seed.
+        # The baseline decodes with its KV cache; same sampler, same seed, the same CPU generator as generate().
         ids = torch.tensor([tokenizer.encode(cfg.sample_prompt)], device=device)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        generators = make_generators(cfg.seed, 1)
         logits, past = model(ids, return_past=True)
         new: list[int] = []
         for _ in range(cfg.sample_tokens):
-            token = int(sample_next(logits[:, -1], [new], sampling, [generator])[0])
+            token = int(sample_next(logits[:, -1], [new], sampling, generators)[0])
             if token == tokenizer.eos_id:
                 break
             new.append(token)
