@@ -207,6 +207,10 @@ def section_profile(preset: str, length: int, out: Path | None, decode_steps: in
             runs[arch, mode] = op_timing.kernels_by_kind(prof)
             if (arch, mode) == ("megalodon", "eager"):
                 kept = prof
+                if out is not None:
+                    # now: exported after later profiles had run (H200, 2026-11-30), its kernels had no times;
+                    # gzipped, as the raw JSON can pass the 16 MB a file that the device tool brings back
+                    prof.export_chrome_trace(str(out / f"trace_{preset}_{length}.json.gz"))
             free_cache()
     columns = [key for key in (("megalodon", "eager"), ("llama", "eager"), ("megalodon", "compiled"),
                                ("llama", "compiled")) if key in runs]
@@ -221,9 +225,6 @@ def section_profile(preset: str, length: int, out: Path | None, decode_steps: in
     if ("megalodon", "eager") in runs:
         log("Megalodon eager, kernel by kernel:\n")
         log(kernel_listing(kept, 30))
-        if out is not None:
-            # gzipped: the raw JSON can pass the 16 MB a file that the device tool brings back
-            kept.export_chrome_trace(str(out / f"trace_{preset}_{length}.json.gz"))
     result = {f"{arch} {mode}": {kind: {"launches": n, "ms": ms} for kind, (n, ms) in runs[arch, mode].items()}
               for arch, mode in columns}
     if not out_of_time("the decode profile"):

@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_session.sh all both in one call, which saves a second machine start when the machine would
 #                                      go back (idle) before part 1's results could be read;
 #   bash benchmarks/gpu_session.sh tuned (after `all`) the kernels' settings picked on this GPU by gpu_tuning.py,
-#                                      then the graphed 4K and 16K rows again with them;
+#                                      then the graphed 4K and 16K rows again with them, then with the time left
+#                                      the sections `all` ends with (eager table, parity, reduce-overhead, hf);
 #   bash benchmarks/gpu_session.sh sweep the CEMA's and the TimestepNorm's kernel tilings (bench_cema.py --chunks
 #                                      and --prefetch,
 #                                      bench_timestep_norm.py --scan-tiles) and the attention's query blocks
@@ -126,7 +127,7 @@ part2() {
 }
 
 # At most 8 files come back: nvidia-smi.txt, gpu-tests.txt, disabled-kernels.txt, and per part bench_gpu_partN.md
-# and results_partN.json, plus part 2's gzipped profile trace.
+# and results_partN.json, plus part 2's gzipped profile trace (tuned: six files, the parts tuned and rest).
 case "$PART" in
 1) part1 ;;
 2) part2 ;;
@@ -155,6 +156,7 @@ tuned)  # after `all`, in a second call (within the machine's 30 s idle window, 
         # too: pass its MEGALODON_DISABLE_TRITON. Then, here: gpu_targets.py over all three results files. The
         # graphed rows come first (no compilation: 40 s), then the compiled blocks inside graphed steps.
     fresh_part
+    DEFAULT_BENCH_ARGS=${BENCH_ARGS:-}
     # shellcheck disable=SC2086  # TUNE_ARGS: "--device cpu" for a dry run without a GPU, as BENCH_ARGS
     timeout 100 "$PYTHON" benchmarks/gpu_tuning.py --out "$OUT/kernel-settings.json" --deadline 60 ${TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/tuning.md"
@@ -162,9 +164,16 @@ tuned)  # after `all`, in a second call (within the machine's 30 s idle window, 
         BENCH_ARGS="${BENCH_ARGS:-} --kernel-settings $OUT/kernel-settings.json --presets mega200M --lengths 4096 16384"
         bench train-graphed  # first: it compiles nothing, so the time left after it is known
         bench train-compiled-graphed
+        BENCH_ARGS=$DEFAULT_BENCH_ARGS
     else
         echo "gpu_tuning.py wrote no settings: nothing to run again" | tee -a "$OUT/tuning.md"
     fi
+    # With the time left (on the H200, 2026-11-30, the above took 80 s of 240), with the default settings, what
+    # `all` puts last and had no time for there: the eager table (the memory targets and mega1.3B at 32K),
+    # the parity, the blocks under reduce-overhead and generate() (REST_SECTIONS: others, for a dry run)
+    PART=rest
+    fresh_part
+    bench "${REST_SECTIONS:-train-eager,parity,train-compiled-graphs,hf}"
     ;;
 all)  # both parts in one call, each with its own SESSION_SECONDS; part 1's disabled kernels stay off in part 2
     PART=1
