@@ -259,8 +259,8 @@ def test_the_trainer_with_cuda_graphs_trains_as_it_does_eagerly(capture, arch, m
     first window of the streams run eagerly (the state starts from the model's prior) and the rest replayed.
     With dropout: the capture's warm-up draws random numbers, which it must give back."""
     cfg = dict(arch=arch, max_steps=4, checkpoint_every=0, model={"chunk_size": 16, "dropout": 0.1})
-    train(make_config(**cfg), tmp_path / "eager", progress=False, device=str(capture))
-    train(make_config(**cfg, cuda_graphs=True), tmp_path / "graphed", progress=False, device=str(capture))
+    train(make_config(**cfg, cuda_graphs="false"), tmp_path / "eager", progress=False, device=str(capture))
+    train(make_config(**cfg, cuda_graphs="true"), tmp_path / "graphed", progress=False, device=str(capture))
     eager, graphed = losses(tmp_path / "eager"), losses(tmp_path / "graphed")
     assert len(eager) == 4
     torch.testing.assert_close(graphed, eager, rtol=0 if capture.type == "cpu" else 1e-4, atol=0)  # CPU: to the bit
@@ -341,6 +341,49 @@ def test_a_micro_batch_of_another_shape_is_refused(capture):
     graphed(model, batch(16), None)[0].backward()
     with pytest.raises(ValueError, match=r"torch.Size\(\[2, 32\]\).*captured with.*\[2, 16\]"):
         graphed(model, batch(32), None)
+
+
+def test_auto_takes_cuda_graphs_where_they_can_work(make_config):
+    """--cuda_graphs auto (the default) on one CUDA GPU, not where a capture cannot hold the step; true and false
+    as given; the true and false of configs and run directories written before auto, as those words."""
+    from megalodon.training.compute import uses_cuda_graphs
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert make_config().cuda_graphs == "auto"
+    assert uses_cuda_graphs(make_config(), gpu, distributed=False) == (torch.version.hip is None)
+    assert not uses_cuda_graphs(make_config(), cpu, distributed=False)
+    assert not uses_cuda_graphs(make_config(), gpu, distributed=True)
+    assert not uses_cuda_graphs(make_config(activation_checkpointing=True), gpu, distributed=False)
+    assert not uses_cuda_graphs(make_config(compile=True, compile_mode="reduce-overhead"), gpu, distributed=False)
+    assert uses_cuda_graphs(make_config(compile=True), gpu, distributed=False) == (torch.version.hip is None)
+    assert uses_cuda_graphs(make_config(cuda_graphs=True), cpu, distributed=False)  # for_run then refuses it
+    assert not uses_cuda_graphs(make_config(cuda_graphs=False), gpu, distributed=False)
+    assert make_config(cuda_graphs=True).cuda_graphs == "true" and make_config(cuda_graphs=False).cuda_graphs == "false"
+    with pytest.raises(ValueError, match="cuda_graphs must be one of \\('auto', 'true', 'false'\\)"):
+        make_config(cuda_graphs="yes please")
+
+
+def test_auto_trains_eagerly_where_the_capture_fails(make_config, tmp_path, monkeypatch, caplog):
+    """A capture that fails under --cuda_graphs auto leaves the model as it was: the run goes on eagerly, with the
+    eager run's losses to the bit, and says so; under --cuda_graphs true the failure ends the run."""
+    from megalodon.training import trainer as trainer_module
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    cfg = dict(max_steps=3, checkpoint_every=0, model={"chunk_size": 16})
+    train(make_config(**cfg, cuda_graphs="false"), tmp_path / "eager", progress=False, device="cpu")
+    monkeypatch.setattr(trainer_module, "uses_cuda_graphs", lambda cfg, device, distributed: True)
+    monkeypatch.setattr(cuda_graphs, "check_capturable", lambda devices, fix: None)
+    monkeypatch.setattr(cuda_graphs, "make_graphed_callables", failing)
+    with caplog.at_level("WARNING", logger="megalodon"):
+        train(make_config(**cfg), tmp_path / "auto", progress=False, device="cpu")
+    assert losses(tmp_path / "auto") == losses(tmp_path / "eager")
+    assert [r.message for r in caplog.records if "capturing the step failed" in r.message] == [
+        "--cuda_graphs auto: capturing the step failed (RuntimeError: operation not permitted when stream is "
+        "capturing); training eagerly (--cuda_graphs false skips the attempt, --cuda_graphs true makes it an error)"]
+    with pytest.raises(RuntimeError, match="operation not permitted"):
+        train(make_config(**cfg, cuda_graphs="true"), tmp_path / "true", progress=False, device="cpu")
 
 
 def test_cuda_graphs_options_that_cannot_work_are_refused(make_config, tmp_path):

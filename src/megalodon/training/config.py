@@ -15,6 +15,7 @@ from megalodon.config import MegalodonConfig, check_field_types
 ARCHS = ("megalodon", "llama")
 SCHEDULES = ("linear", "cosine")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+CUDA_GRAPHS = ("auto", "true", "false")
 PARALLEL_KINDS = ("fsdp", "ddp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
@@ -56,7 +57,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (model.compile_blocks)
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays each block from CUDA graphs
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more time
-    cuda_graphs: bool = False  # replay each step's forward and backward from CUDA graphs (one GPU): no host per kernel
+    cuda_graphs: str = "auto"  # steps from CUDA graphs: auto (on one CUDA GPU; eager if capture fails), true, false
     threads: int = 0  # torch threads; 0 keeps torch's default
     seed: int = 0  # initialization, data order, document split and samples
     # several processes (docs/distributed.md): torchrun -m megalodon train, or --nproc N
@@ -81,6 +82,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Types, then ranges, then the model the preset and overrides describe: all before any work starts."""
+        if isinstance(self.cuda_graphs, bool):  # as configs and run directories written before "auto" hold it
+            self.cuda_graphs = "true" if self.cuda_graphs else "false"
         check_field_types(self)
         if self.init_from:
             self._take_initial_model()
@@ -114,14 +117,16 @@ class TrainConfig:
             (self.compile_mode in COMPILE_MODES, "compile_mode", f"one of {COMPILE_MODES}"),
             (self.compile or self.compile_mode == "default", "compile_mode",
              '"default" unless compile is true (--compile true --compile_mode reduce-overhead)'),
-            (not self.cuda_graphs or self.compile_mode in ("default", "max-autotune-no-cudagraphs"), "cuda_graphs",
+            (self.cuda_graphs in CUDA_GRAPHS, "cuda_graphs", f"one of {CUDA_GRAPHS}"),
+            (self.cuda_graphs != "true" or self.compile_mode in ("default", "max-autotune-no-cudagraphs"),
+             "cuda_graphs",
              f"false with compile_mode {self.compile_mode!r}, whose blocks replay CUDA graphs of their own: use one "
              "or the other (--compile true --cuda_graphs true graphs the compiled blocks' whole step)"),
-            (not (self.cuda_graphs and self.activation_checkpointing), "cuda_graphs",
+            (not (self.cuda_graphs == "true" and self.activation_checkpointing), "cuda_graphs",
              "false with activation_checkpointing: its recomputation saves and restores the random state on the "
              "host, which a captured step cannot replay; at the lengths that need it the GPU's work per kernel "
              "hides the host anyway"),
-            (not (self.cuda_graphs and self.nproc > 1), "cuda_graphs",
+            (not (self.cuda_graphs == "true" and self.nproc > 1), "cuda_graphs",
              "false with several processes (nproc): a captured step cannot hold their collectives"),
             (self.chunk_parallel >= 1, "chunk_parallel", ">= 1"),
             (self.collective_timeout_min > 0, "collective_timeout_min", "> 0"),

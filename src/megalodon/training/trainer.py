@@ -21,7 +21,7 @@ from megalodon.progress import progress_bar
 from megalodon.parallel.runtime import Ranks, rank_device
 from megalodon.training.checkpoint import list_checkpoints, save_checkpoint, verify_latest
 from megalodon.training.compute import autocast, autocast_dtype, carried, evaluate, forward_loss, graph_launches, \
-    precision_name, precision_notes, sample_text
+    precision_name, precision_notes, sample_text, uses_cuda_graphs
 from megalodon.training.config import TrainConfig
 from megalodon.training.cuda_graphs import GraphedForwardLoss
 from megalodon.training.data import open_splits, prepare_data
@@ -73,8 +73,9 @@ class Trainer:
     def _setup(self, resume: bool, overwrite: bool) -> None:
         cfg = self.cfg
         self.stateful = cfg.stateful and cfg.arch == "megalodon"
-        self.graphed = None if not cfg.cuda_graphs else GraphedForwardLoss.for_run(  # refused before any work
-            self.device, self.ranks is not None, forward_loss, autocast_dtype(cfg, self.device), self.stateful)
+        self.graphed = None if not uses_cuda_graphs(cfg, self.device, self.ranks is not None) else \
+            GraphedForwardLoss.for_run(  # refused before any work
+                self.device, self.ranks is not None, forward_loss, autocast_dtype(cfg, self.device), self.stateful)
         self._on_main(lambda: prepare_run_dir(self.run_dir, cfg.to_dict(), resume, overwrite))
         torch.set_flush_denormal(True)  # fp32 training slows 3-4x on denormals on these CPUs
         if cfg.threads:
@@ -282,8 +283,9 @@ class Trainer:
         """Micro-batch m (these rows of the step's batch): forward and backward, its loss added into `total` (on
         the device), its state carried to the next step."""
         part = Batch(mine.input_ids[rows], mine.labels[rows], mine.doc_start[rows], mine.continues[rows])
-        if self.graphed is not None and self.graphed.ready(self.streams[m]):
-            loss, new_state = self.graphed(self.runner, part, self.streams[m])
+        replayed = self.graphed is not None and self.graphed.ready(self.streams[m]) and self._replayed(part, m)
+        if replayed:
+            loss, new_state = replayed
         else:
             with autocast(self.cfg, self.device), graph_launches(self.cfg):
                 loss, new_state = forward_loss(self.runner, part, self.streams[m], self.stateful)
@@ -293,6 +295,24 @@ class Trainer:
             new_state = carried(new_state, self.cfg)
             self.streams[m] = new_state if self.ranks is None else \
                 self.ranks.global_state(new_state, part.input_ids.shape[1])
+
+    def _replayed(self, part: Batch, m: int):
+        """(loss, state) from the graphed step; None where --cuda_graphs auto's capture failed, which leaves the
+        model as it was (the capture's warm-up takes its gradients apart from .grad and gives back the random
+        state), so the run goes on eagerly."""
+        try:
+            return self.graphed(self.runner, part, self.streams[m])
+        except Exception as err:
+            if self.cfg.cuda_graphs != "auto" or self.graphed.step is not None:
+                raise
+            logger.warning("--cuda_graphs auto: capturing the step failed (%s: %s); training eagerly "
+                           "(--cuda_graphs false skips the attempt, --cuda_graphs true makes it an error)",
+                           type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
+            self.graphed = None
+            gc.collect()  # the failed capture's graph pool
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
 
     def _done(self) -> bool:
         return self.max_steps > 0 and self.step >= self.max_steps
