@@ -6,7 +6,10 @@ is checked on the CPU; on a GPU the same tests capture for real."""
 
 import contextlib
 import gc
+import os
 import re
+import subprocess
+import sys
 import textwrap
 import weakref
 from pathlib import Path
@@ -15,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from helpers import CUDA_MARKS, requires_cuda, tiny_config
@@ -341,6 +345,70 @@ def test_a_micro_batch_of_another_shape_is_refused(capture):
     graphed(model, batch(16), None)[0].backward()
     with pytest.raises(ValueError, match=r"torch.Size\(\[2, 32\]\).*captured with.*\[2, 16\]"):
         graphed(model, batch(32), None)
+
+
+class _NoGraph:
+    """torch.cuda.graph and CUDAGraph on a CPU: the body runs eagerly, a replay does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def replay(self):
+        pass
+
+
+def test_the_capture_keeps_no_autograd_graph(monkeypatch):
+    """torch's own make_graphed_callables (its CUDA calls stood in for on the CPU) keeps the capture's outputs in
+    its closures, and with them the capture's autograd graph, whose AccumulateGrad nodes (made on its side stream)
+    every replay's backward would meet from the default stream: the stream-mismatch warning of the H200 run.
+    graphed_loss detaches them, and then none is left. If torch's closures change shape, this fails: look there."""
+    for name, stand_in in (("synchronize", lambda *a, **k: None), ("Stream", lambda *a, **k: None),
+                           ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", _NoGraph),
+                           ("graph", _NoGraph)):
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    monkeypatch.setattr(torch.cuda.graphs, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(cuda_graphs, "check_capturable", lambda devices, fix: None)
+    released = []
+    release = cuda_graphs._release_capture_graph
+    monkeypatch.setattr(cuda_graphs, "_release_capture_graph", lambda forward: released.append(release(forward)))
+    model = nn.Linear(4, 1)
+    step = graphed_loss(model, lambda model, x: model(x).square().mean(), [torch.randn(3, 4)], autocast_dtype=None)
+    assert released == [1]  # the loss
+    module = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, cuda_graphs._Loss))
+    assert release(module.forward) == 0
+
+
+STREAM_WARNING_CHECK = """
+import sys, warnings, torch
+from megalodon.training.cuda_graphs import graphed_loss
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1)).cuda()
+    torch.nn.functional.mse_loss(model(torch.randn(4, 8, device="cuda")), torch.zeros(4, 1, device="cuda")).backward()
+    step = graphed_loss(model, lambda model, x: model(x).square().mean(), [torch.randn(4, 8, device="cuda")])
+    for _ in range(3):
+        step(torch.randn(4, 8, device="cuda")).backward()
+    torch.cuda.synchronize()
+mismatches = [str(w.message) for w in seen if "AccumulateGrad node's stream" in str(w.message)]
+sys.exit("; ".join(mismatches) or None)
+"""
+
+
+@requires_cuda
+def test_replayed_steps_meet_no_accumulate_grad_node_of_another_stream():
+    """On a GPU, a fresh process (torch warns once a process): an eager step, then graphed steps, without torch's
+    AccumulateGrad stream-mismatch warning, which every graphed step raised before the capture's graph was
+    released (H200, 2026-11-30)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(cuda_graphs.__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", STREAM_WARNING_CHECK], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_auto_takes_cuda_graphs_where_they_can_work(make_config):

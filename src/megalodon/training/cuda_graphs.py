@@ -15,9 +15,10 @@ the weights in place between steps (their addresses stay); it must not replace t
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -104,9 +105,10 @@ def graphed_loss(model: nn.Module, loss_fn: Callable, sample_batch: Sequence[Ten
     rng_devices = [device] if device.type == "cuda" else []
     # the graph's input buffers are the sample's own tensors, which each replay overwrites: give it copies
     sample = tuple(t.detach().clone() for t in sample_batch)
-    with on_device, launches_without_host_cost(), torch.random.fork_rng(rng_devices):
+    with on_device, launches_without_host_cost(), torch.random.fork_rng(rng_devices), _capture_stream_warning_off():
         graphed = make_graphed_callables(_Loss(model, loss_fn, autocast_dtype, device.type), sample,
                                          num_warmup_iters=warmup_steps, allow_unused_input=True)
+    _release_capture_graph(graphed.forward)
     gradients = _OwnedGradients([p for p in model.parameters() if p.requires_grad])
     calls = [0]
 
@@ -123,6 +125,60 @@ def graphed_loss(model: nn.Module, loss_fn: Callable, sample_batch: Sequence[Ten
         return (loss, *outputs[1:]) if isinstance(outputs, tuple) else loss
 
     return step
+
+
+@contextmanager
+def _capture_stream_warning_off():
+    """torch's AccumulateGrad stream-mismatch warning off during make_graphed_callables, whose last warm-up pass
+    (on a side stream of its own) stays alive through the capture (on another), a mismatch of torch's making that
+    the capture survives; a warning spent there (once a process) would hide one from the replays, which
+    _release_capture_graph's release is there to prevent."""
+    enabled = getattr(torch._C, "_warn_on_accumulate_grad_stream_mismatch", None)
+    if enabled is None:  # a torch without the warning
+        yield
+        return
+    was = enabled()
+    torch._C._set_warn_on_accumulate_grad_stream_mismatch(False)
+    try:
+        yield
+    finally:
+        torch._C._set_warn_on_accumulate_grad_stream_mismatch(was)
+
+
+def _release_capture_graph(forward: Callable) -> int:
+    """Detach, in place, the capture's outputs that make_graphed_callables keeps in its closures (the module's
+    forward -> the graphed function -> its autograd.Function -> that Function's forward), with the capture's
+    autograd graph hanging from them. That graph holds the parameters' AccumulateGrad nodes, made on the capture's
+    side streams, which every replay's backward then met from the default stream: torch's "The AccumulateGrad
+    node's stream does not match..." warning (on the H200) and a wait between streams for each parameter. A replay
+    needs none of it: its forward returns detached copies, its backward the static gradients. Returns how many
+    outputs it detached."""
+    released, seen, todo = 0, set(), [forward]
+    for _ in range(8):  # the chain above is seven links long, from forward to the outputs
+        found = []
+        for obj in todo:
+            if id(obj) in seen or isinstance(obj, nn.Module):
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, Tensor):
+                if obj.grad_fn is not None:
+                    obj.detach_()
+                    released += 1
+            elif isinstance(obj, (tuple, list)):
+                found.extend(obj)
+            elif isinstance(obj, type) and issubclass(obj, torch.autograd.Function):
+                found.append(obj.forward)
+            elif inspect.isfunction(obj):
+                found.extend(_contents(cell) for cell in obj.__closure__ or ())
+        todo = found
+    return released
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet filled
+        return None
 
 
 def _refuse_if_replayed_since(calls: list[int], call: int) -> Callable[[Tensor], None]:
