@@ -264,6 +264,8 @@ def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict
          {"forward": {"PREFETCH_FORWARD": True, "PREFETCH_REVERSE": False},
           "both": {"PREFETCH_FORWARD": True, "PREFETCH_REVERSE": True},
           "none": {"PREFETCH_FORWARD": False, "PREFETCH_REVERSE": False}}),
+        ("CEMA step kernels' registers a thread", CEMA, cema_op,
+         {"as needed": {"STEP_REGISTERS": None}, "128": {"STEP_REGISTERS": 128}}),  # 128: one wave at 4K
         ("TimestepNorm scan tiles (tokens x groups, warps, segments)", NORM, norm_op,
          {"256x8, 4, 32": dict(SCAN_TOKENS=256, SCAN_GROUPS=8, SCAN_WARPS=4, SCAN_SEGMENTS=32),
           "256x8, 4, 8": dict(SCAN_TOKENS=256, SCAN_GROUPS=8, SCAN_WARPS=4, SCAN_SEGMENTS=8),

@@ -101,13 +101,15 @@ def test_forward_and_backward_match_the_recurrence(batch, length, with_h0, block
 
 
 @pytest.mark.parametrize("batch, length, with_h0, block", [(2, 2 * CHUNK + 8, True, 16), (1, 3 * CHUNK, False, None)])
-def test_the_other_prefetch_setting_matches_the_recurrence(monkeypatch, batch, length, with_h0, block):
+def test_the_other_step_settings_match_the_recurrence(monkeypatch, batch, length, with_h0, block):
     """The step kernels' PREFETCH_FORWARD and PREFETCH_REVERSE, which a GPU sweep may set either way, each the
-    other way round: a partial last chunk with resets and an incoming state, and whole chunks (FULL)."""
+    other way round, and their registers capped (STEP_REGISTERS, which the GPU's tuning may set: on a GPU the
+    kernels then spill): a partial last chunk with resets and an incoming state, and whole chunks (FULL)."""
     from megalodon.ops.triton import cema as glue
 
     monkeypatch.setattr(glue, "PREFETCH_FORWARD", not glue.PREFETCH_FORWARD)
     monkeypatch.setattr(glue, "PREFETCH_REVERSE", not glue.PREFETCH_REVERSE)
+    monkeypatch.setattr(glue, "STEP_REGISTERS", 128 if glue.STEP_REGISTERS is None else None)
     (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, 6, 4, with_h0, block)
     assert_close(y, y_ref, 1e-5)
     assert_close(h, h_ref, 1e-5)

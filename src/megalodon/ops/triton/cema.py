@@ -58,6 +58,11 @@ UNROLL = 8  # steps issued together (see cema_kernels)
 # 188, 168 -> 194: 10 programs an SM instead of 12), hence on and off until a GPU times them: gpu_session.sh's
 # sweep (bench_cema.py --prefetch) runs the four settings.
 PREFETCH_FORWARD, PREFETCH_REVERSE = True, False
+# Registers a thread that the per-step kernels may take (ptxas's .maxnreg; None: what they need). As they compile
+# for sm_90 at mega200M they take 149-168, so 12 or 13 one-warp programs share an SM, and 4K tokens' 2,048
+# programs take 1.3 waves of an H200's 132 SMs; at 128, 16 fit an SM and the 2,048 one wave, for 22 to 102
+# spilled loads and stores a kernel (to L1). Which wins is for a GPU to say: gpu_tuning.py times both.
+STEP_REGISTERS: int | None = None
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
 # loop; see cema_kernels on the specialization that would undo it). The scan runs one component per program, one
@@ -107,8 +112,9 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
     local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)
     cin, real_in = _parts(cin)
+    steps = LAUNCH if STEP_REGISTERS is None else {**LAUNCH, "maxnreg": STEP_REGISTERS}
     kernels.local_states_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, local, length, dim, ndim,
-                                      num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, **meta, **full, **LAUNCH)
+                                      num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, **meta, **full, **steps)
     incoming = torch.empty_like(local)
     final = x.new_empty(batch, dim, ndim, 2, dtype=torch.float32)
     kernels.scan_kernel[(grid[1], ndim, batch)](local, x if keep is None else keep, *decay, x if h0 is None else h0,
@@ -123,7 +129,7 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     y = x.new_empty(batch, length, dim, dtype=dtype)
     kernels.outputs_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, *cout, kappa, incoming, y, length, dim,
                                  ndim, num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, REAL_OUT=real_out,
-                                 **meta, **full, **LAUNCH)
+                                 **meta, **full, **steps)
     return incoming, final, y
 
 
