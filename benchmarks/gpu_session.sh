@@ -67,7 +67,7 @@ fresh_part() {  # a part run again into the same $OUT starts its results and log
 kernels_that_failed() {  # the Triton ops whose own kernel tests failed or errored in pytest's -vv output $1
     "$PYTHON" - "$1" <<'PY'
 import re, sys
-ops = {"causal_softmax": "causal_softmax", "cema": "cema,cema_step", "fused": "norm_rows,silu_gate",
+ops = {"causal_softmax": "causal_softmax", "cema": "cema,cema_step", "fused": "norm_rows,silu_gate,add_linear",
        "queries_keys": "queries_keys", "static_kv": "static_kv", "timestep_norm": "timestep_norm,timestep_norm_step"}
 lines = [line for line in open(sys.argv[1], errors="replace") if "FAILED" in line or "ERROR" in line]
 failed = {name for line in lines for name in re.findall(r"tests/ops/test_(\w+?)_triton\.py", line)}

@@ -31,7 +31,7 @@ KERNEL_KINDS = [
     ("decode steps (Triton)", {"_cema_step_kernel", "_step_kernel", "slot_scores_kernel", "slot_values_kernel"},
      ()),
     ("attention: flash / SDPA", set(), ("flash", "fmha", "attention", "sdpa")),
-    ("GEMMs", set(), ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+    ("GEMMs", {"add_linear_kernel"}, ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
     ("compiled: fused by Inductor", set(), ("triton_poi", "triton_red", "triton_per", "triton_tem")),
     ("norms (torch)", set(), ("norm", "GammaBeta", "RowwiseMoments")),
     ("softmax (torch)", set(), ("softmax", "SoftMax")),

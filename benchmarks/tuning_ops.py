@@ -1,6 +1,7 @@
-"""The ops gpu_tuning.py times, forward and backward, each as a training step of mega200M runs it: a builder takes
-the shape and returns run(), which does one forward and backward on tensors it made once (their gradients cleared
-after), so that it can be captured in a CUDA graph and replayed."""
+"""The ops gpu_tuning.py times, forward and backward, each as a training step of mega200M runs it (the decode's GEMM
+into its output: forward, as a decode step runs it): a builder takes the shape and returns run(), which does one
+forward and backward on tensors it made once (their gradients cleared after), so that it can be captured in a
+CUDA graph and replayed."""
 
 from __future__ import annotations
 
@@ -102,11 +103,30 @@ def queries_keys_op(shape: Shape) -> Callable[[], None]:
     return run
 
 
+def add_linear_op(shape: Shape, features: int) -> Callable[[], None]:
+    """A decode step's GEMM into its output (ops/fused.py's add_linear_): one bf16 row of `features` added into the
+    model's width, as the FFN's and the MEGA layer's output projections add into the residual stream."""
+    from megalodon.ops.fused import add_linear_
+
+    width = shape.config.model_dim
+    torch.manual_seed(0)
+    out = torch.zeros(1, width, device=shape.device, dtype=torch.bfloat16)
+    x = torch.randn(1, features, device=shape.device, dtype=torch.bfloat16)
+    weight = (torch.randn(width, features, device=shape.device) * features ** -0.5).to(torch.bfloat16)
+
+    def run() -> None:
+        with torch.no_grad():
+            add_linear_(out, x, weight)
+
+    return run
+
+
 def kernel_ops(shape: Shape) -> dict[str, Callable[[], list[Callable[[], None]]]]:
     """Each kernel that may be turned off, with a builder of the ops it runs in: the CEMA's and the TimestepNorm's
     (against their PyTorch paths; the CEMA's: chunked Toeplitz matmuls on cuBLAS and a scan over chunks,
     ops/cema.py's cema_chunked), the SiLU gates' and the row norms' (bench_fused.py's four ops), the attention's
-    masked softmax (in the chunk attention) and the queries' and keys' (their norm, affine and rotary)."""
+    masked softmax (in the chunk attention), the queries' and keys' (their norm, affine and rotary) and the
+    decode's GEMM into its output (its two shapes in a mega200M layer)."""
     import bench_fused  # beside this file
 
     def fused(kernel: str) -> Callable[[], list[Callable[[], None]]]:
@@ -117,5 +137,7 @@ def kernel_ops(shape: Shape) -> dict[str, Callable[[], list[Callable[[], None]]]
 
     return {"cema": lambda: [cema_op(shape)], "timestep_norm": lambda: [norm_op(shape)],
             "silu_gate": fused("silu_gate"), "norm_rows": fused("norm_rows"),
-            "causal_softmax": lambda: [attention_op(shape)], "queries_keys": lambda: [queries_keys_op(shape)]}
+            "causal_softmax": lambda: [attention_op(shape)], "queries_keys": lambda: [queries_keys_op(shape)],
+            "add_linear": lambda: [add_linear_op(shape, shape.config.ffn_hidden_dim),
+                                   add_linear_op(shape, shape.config.value_dim)]}
 

@@ -116,7 +116,7 @@ def force_triton(monkeypatch, compiled: bool = False) -> list[str]:
     for module, name in ((cema_kernels, "cema_scan"), (norm_kernels, "timestep_norm_triton"),
                          (qk_kernels, "queries_keys_triton"), (static_kv_kernels, "write_and_attend_triton"),
                          (fused_kernels, "norm_rows"), (fused_kernels, "silu_gate"),
-                         (fused_kernels, "silu_gate_backward"),
+                         (fused_kernels, "silu_gate_backward"), (fused_kernels, "add_linear"),
                          *(() if compiled else ((softmax_kernels, "causal_softmax_fwd"),
                                                 (softmax_kernels, "causal_softmax_bwd")))):
         def recorded(*args, _name=name, _run=getattr(module, name), **kwargs):

@@ -71,7 +71,8 @@ def test_tuning_spends_its_time_where_it_decides_most(monkeypatch):
     settings = gpu_tuning.tune(gpu_tuning.Shape(MegalodonConfig.from_preset("tiny"), 64, "cpu"), float("inf"),
                                lambda settings: writes.append(json.loads(json.dumps(settings))))
     assert seen == [("cema", blocks), ("timestep_norm", blocks), ("group", "4"), ("group", "256x8, 4, 32"),
-                    ("silu_gate", 8), ("norm_rows", 8), ("causal_softmax", 8), ("queries_keys", 8)]
+                    ("silu_gate", 8), ("norm_rows", 8), ("causal_softmax", 8), ("queries_keys", 8),
+                    ("add_linear", 8)]
     assert settings["disable"] == ["cema"] and "timestep_norm kernels (their ops)" not in settings["timings"]
     assert settings["modules"][gpu_tuning.ATTENTION] == {"QUERY_BLOCKS_MAX": 8}
     assert len(writes) >= 7 and writes[0]["disable"] == [] and writes[-1] == json.loads(json.dumps(settings))
@@ -168,6 +169,7 @@ def test_tuning_runs_every_group_on_cpu_and_bench_gpu_takes_its_file(tmp_path):
     assert set(written["timings"]) == {"chunk attention's query blocks",
                                        "silu_gate kernels (their ops)", "norm_rows kernels (their ops)",
                                        "causal_softmax kernels (their ops)", "queries_keys kernels (their ops)",
+                                       "add_linear kernels (their ops)",
                                        "cema kernels (their ops)", "timestep_norm kernels (their ops)",
                                        *(group for kernel in tilings if kernel not in written["disable"]
                                          for group in tilings[kernel])}

@@ -132,5 +132,5 @@ def test_decode_steps_on_the_kernels_equal_the_pytorch_forward(monkeypatch, dtyp
             tolerance = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
             scale = 1.0 if dtype == torch.float32 else full[row].abs().max().item()
             torch.testing.assert_close(logits[row], full[row][n + t], rtol=tolerance, atol=tolerance * scale)
-    # and the step kernels of the norm and the CEMA, not the training entry points
-    assert set(calls) == {"queries_keys_triton", "write_and_attend_triton", "norm_rows", "silu_gate"}
+    # and the step kernels of the norm and the CEMA, not the training entry points; the GEMMs into the residual
+    assert set(calls) == {"queries_keys_triton", "write_and_attend_triton", "norm_rows", "silu_gate", "add_linear"}

@@ -1,6 +1,6 @@
 """The kernels of ops/triton/fused.py against float64, under the interpreter on CPU (tests/conftest.py sets
 TRITON_INTERPRET=1 without a GPU) or on a GPU: the inference row-norm (behind ops/fused.py's rms_norm and
-layer_norm) and the SiLU gate of the gated linear, forward and backward."""
+layer_norm), the SiLU gate of the gated linear, forward and backward, and the decode's GEMM into its output."""
 
 import pytest
 import torch
@@ -261,6 +261,45 @@ def test_compiled_gated_linear_runs_the_forward_kernel_and_traces_its_backward(m
     torch.testing.assert_close(out.detach(), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_add_linear_matches_float64(monkeypatch, dtype, rows):
+    """out += x @ weight^T into a column slice of a wider tensor (strided rows, as a decode step's projections
+    are cut), from x rows that are strided too: 37 outputs (not a multiple of a program's), 300 features (a
+    partial tile), fp32 sums rounded once; what is outside the slice is not touched."""
+    import megalodon.ops.triton.fused as kernels
+
+    calls = kernel_only(monkeypatch, fused, "add_linear", kernels, "add_linear")
+    g = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, 50, generator=g).to(dtype).to(DEVICE)
+    x = torch.randn(rows, 2, 300, generator=g).to(dtype).to(DEVICE)[:, 1]
+    weight = (torch.randn(37, 300, generator=g) * 0.05).to(dtype).to(DEVICE)
+    before = wide.clone()
+    out = wide[:, 5:42]
+    with torch.no_grad():
+        assert fused.add_linear_(out, x, weight) is out
+    assert calls == ["add_linear"]
+    want = before[:, 5:42].double() + x.double() @ weight.double().t()
+    torch.testing.assert_close(out.double(), want, **rounded(want, dtype))
+    torch.testing.assert_close(wide[:, :5], before[:, :5], rtol=0, atol=0)
+    torch.testing.assert_close(wide[:, 42:], before[:, 42:], rtol=0, atol=0)
+
+
+def test_add_linear_leaves_many_rows_and_mixed_dtypes_to_torch(monkeypatch):
+    """More rows than a program holds (a prefill, a wide batch) and mixed dtypes take torch's ops, as before."""
+    import megalodon.ops.triton.fused as kernels
+
+    calls = kernel_only(monkeypatch, fused, "add_linear", kernels, "add_linear")
+    weight = torch.randn(16, 24, device=DEVICE)
+    many = torch.randn(kernels.ADD_LINEAR_MAX_ROWS + 1, 24, device=DEVICE), torch.randn(9, 16, device=DEVICE)
+    torch.testing.assert_close(fused.add_linear_(many[1].clone(), *many[:1], weight),
+                               many[1].clone().addmm_(many[0], weight.t()), rtol=0, atol=0)
+    x, out = torch.randn(2, 24, device=DEVICE, dtype=torch.bfloat16), torch.randn(2, 16, device=DEVICE)
+    torch.testing.assert_close(fused.add_linear_(out.clone(), x, weight),
+                               out + F.linear(x, weight.to(torch.bfloat16)), rtol=0, atol=0)
+    assert calls == []
+
+
 COMPILE_FOR_H100 = """
 from megalodon.ops.triton import fused as kernels
 
@@ -280,6 +319,9 @@ CASES.append((kernels.norm_rows_bwd_kernel, ["*fp32", "*bf16", "*fp32", "*fp32",
                                              "i32", "i32"],
               dict(CENTER=False, HAS_SCALE=False, PARAM_GRADS=False, BLOCK=4096), 8))
 for t in ("*bf16", "*fp32"):
+    for rows in (1, 8):
+        CASES.append((kernels.add_linear_kernel, [t, t, t, "i32", "i32", "i32", "i32", "i32"],
+                      dict(ROWS=rows, BLOCK=kernels.ADD_LINEAR_BLOCK, TILE=kernels.ADD_LINEAR_TILE)))
     for has_x in (True, False):
         CASES.append((kernels.silu_gate_kernel, [t, t, t, "i32", "i64", "i64"],
                       dict(HAS_X=has_x, BLOCK=kernels.GATE_BLOCK)))

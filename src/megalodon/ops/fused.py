@@ -186,10 +186,18 @@ def add_linear_(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     """out += x @ weight^T in place, as one GEMM that reads out as its addend (beta = 1), where an out-of-place
     linear and a sum take two kernels; returns out. For inference steps (no autograd), on an `out` of the step's
     own; its rows may be strided (a slice of a wider projection). Tensors of mixed dtypes (autocast) take the
-    product in x's dtype and add it (two kernels)."""
+    product in x's dtype and add it (two kernels). On CUDA, a decode step's few rows take a Triton kernel, where
+    cuBLAS's tiles leave most of the GPU idle (ops/triton/fused.py)."""
     if not (out.dtype == x.dtype == weight.dtype):
         return out.add_(F.linear(x, weight.to(x.dtype)))
-    out.flatten(0, -2).addmm_(x.flatten(0, -2), weight.t())
+    rows, x_rows = out.flatten(0, -2), x.flatten(0, -2)
+    if use_triton("add_linear", rows, x_rows, weight) and runs_eagerly(rows, x_rows, weight):
+        from megalodon.ops.triton.fused import add_linear, add_linear_fits
+
+        if add_linear_fits(rows, x_rows, weight):
+            add_linear(rows, x_rows, weight)
+            return out
+    rows.addmm_(x_rows, weight.t())
     return out
 
 
