@@ -36,7 +36,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from tuning_ops import Shape, attention_op, cema_op, kernel_ops, norm_op  # beside this file
+from tuning_ops import Shape, attention_op, cema_op, decode_linears_op, kernel_ops, norm_op  # beside this file
 
 from megalodon import MegalodonConfig
 
@@ -49,6 +49,7 @@ CEMA = "megalodon.ops.triton.cema"
 NORM = "megalodon.ops.triton.timestep_norm"
 ATTENTION = "megalodon.ops.attention"
 DISPATCH = "megalodon.ops.triton"
+FUSED = "megalodon.ops.triton.fused"
 
 
 def choose(timings: dict[str, float], default: str, margin: float = MARGIN) -> str:
@@ -266,6 +267,8 @@ def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict
           "none": {"PREFETCH_FORWARD": False, "PREFETCH_REVERSE": False}}),
         ("CEMA step kernels' registers a thread", CEMA, cema_op,
          {"as needed": {"STEP_REGISTERS": None}, "128": {"STEP_REGISTERS": 128}}),  # 128: one wave at 4K
+        ("decode GEMM kernel's outputs a program", FUSED, decode_linears_op,
+         {"4": {"ADD_LINEAR_BLOCK": 4}, "2": {"ADD_LINEAR_BLOCK": 2}, "8": {"ADD_LINEAR_BLOCK": 8}}),
         ("TimestepNorm scan tiles (tokens x groups, warps, segments)", NORM, norm_op,
          {"256x8, 4, 32": dict(SCAN_TOKENS=256, SCAN_GROUPS=8, SCAN_WARPS=4, SCAN_SEGMENTS=32),
           "256x8, 4, 8": dict(SCAN_TOKENS=256, SCAN_GROUPS=8, SCAN_WARPS=4, SCAN_SEGMENTS=8),

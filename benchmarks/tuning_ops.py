@@ -121,6 +121,17 @@ def add_linear_op(shape: Shape, features: int) -> Callable[[], None]:
     return run
 
 
+def decode_linears_op(shape: Shape) -> Callable[[], None]:
+    """Both of a mega200M layer's decode GEMMs into its output (add_linear_op), in one run."""
+    runs = [add_linear_op(shape, shape.config.ffn_hidden_dim), add_linear_op(shape, shape.config.value_dim)]
+
+    def run() -> None:
+        for one in runs:
+            one()
+
+    return run
+
+
 def kernel_ops(shape: Shape) -> dict[str, Callable[[], list[Callable[[], None]]]]:
     """Each kernel that may be turned off, with a builder of the ops it runs in: the CEMA's and the TimestepNorm's
     (against their PyTorch paths; the CEMA's: chunked Toeplitz matmuls on cuBLAS and a scan over chunks,

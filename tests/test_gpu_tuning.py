@@ -70,7 +70,8 @@ def test_tuning_spends_its_time_where_it_decides_most(monkeypatch):
     blocks = attention.QUERY_BLOCKS_MAX
     settings = gpu_tuning.tune(gpu_tuning.Shape(MegalodonConfig.from_preset("tiny"), 64, "cpu"), float("inf"),
                                lambda settings: writes.append(json.loads(json.dumps(settings))))
-    assert seen == [("cema", blocks), ("timestep_norm", blocks), ("group", "4"), ("group", "256x8, 4, 32"),
+    assert seen == [("cema", blocks), ("timestep_norm", blocks), ("group", "4"), ("group", "4"),
+                    ("group", "256x8, 4, 32"),
                     ("silu_gate", 8), ("norm_rows", 8), ("causal_softmax", 8), ("queries_keys", 8),
                     ("add_linear", 8)]
     assert settings["disable"] == ["cema"] and "timestep_norm kernels (their ops)" not in settings["timings"]
@@ -166,7 +167,7 @@ def test_tuning_runs_every_group_on_cpu_and_bench_gpu_takes_its_file(tmp_path):
     tilings = {"cema": {"CEMA steps per chunk", "CEMA tile prefetch (forward, adjoint)",
                         "CEMA step kernels' registers a thread"},
                "timestep_norm": {"TimestepNorm scan tiles (tokens x groups, warps, segments)"}}
-    assert set(written["timings"]) == {"chunk attention's query blocks",
+    assert set(written["timings"]) == {"chunk attention's query blocks", "decode GEMM kernel's outputs a program",
                                        "silu_gate kernels (their ops)", "norm_rows kernels (their ops)",
                                        "causal_softmax kernels (their ops)", "queries_keys kernels (their ops)",
                                        "add_linear kernels (their ops)",

@@ -262,13 +262,14 @@ def test_compiled_gated_linear_runs_the_forward_kernel_and_traces_its_backward(m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_add_linear_matches_float64(monkeypatch, dtype, rows):
+@pytest.mark.parametrize("rows, block", [(1, 4), (3, 2), (8, 8)])  # the outputs a program: what the tuning tries
+def test_add_linear_matches_float64(monkeypatch, dtype, rows, block):
     """out += x @ weight^T into a column slice of a wider tensor (strided rows, as a decode step's projections
     are cut), from x rows that are strided too: 37 outputs (not a multiple of a program's), 300 features (a
     partial tile), fp32 sums rounded once; what is outside the slice is not touched."""
     import megalodon.ops.triton.fused as kernels
 
+    monkeypatch.setattr(kernels, "ADD_LINEAR_BLOCK", block)
     calls = kernel_only(monkeypatch, fused, "add_linear", kernels, "add_linear")
     g = torch.Generator().manual_seed(rows)
     wide = torch.randn(rows, 50, generator=g).to(dtype).to(DEVICE)
