@@ -213,7 +213,8 @@ def test_the_generated_files_import_only_torch_transformers_and_each_other(remot
                                                    "supports_buffers", "write_and_attend_triton",
                                                    "supports_rows", "norm_rows", "norm_rows_training",
                                                    "norm_rows_backward", "silu_gate", "silu_gate_backward",
-                                                   "save_pretrained", "load_pretrained"}
+                                                   "add_linear", "add_linear_fits", "save_pretrained",
+                                                   "load_pretrained"}
 
 
 def test_the_generated_model_keeps_the_architecture_and_leaves_out_the_kernels(remote_code):

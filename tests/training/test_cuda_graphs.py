@@ -427,6 +427,7 @@ def test_auto_takes_cuda_graphs_where_they_can_work(make_config):
     assert uses_cuda_graphs(make_config(cuda_graphs=True), cpu, distributed=False)  # for_run then refuses it
     assert not uses_cuda_graphs(make_config(cuda_graphs=False), gpu, distributed=False)
     assert make_config(cuda_graphs=True).cuda_graphs == "true" and make_config(cuda_graphs=False).cuda_graphs == "false"
+    assert make_config(cuda_graphs="On").cuda_graphs == "true" and make_config(cuda_graphs="0").cuda_graphs == "false"
     with pytest.raises(ValueError, match="cuda_graphs must be one of \\('auto', 'true', 'false'\\)"):
         make_config(cuda_graphs="yes please")
 

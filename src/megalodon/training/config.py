@@ -84,6 +84,9 @@ class TrainConfig:
         """Types, then ranges, then the model the preset and overrides describe: all before any work starts."""
         if isinstance(self.cuda_graphs, bool):  # as configs and run directories written before "auto" hold it
             self.cuda_graphs = "true" if self.cuda_graphs else "false"
+        elif isinstance(self.cuda_graphs, str):  # the words the boolean options take (config.parse_value's)
+            self.cuda_graphs = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false",
+                                "off": "false"}.get(self.cuda_graphs.lower(), self.cuda_graphs.lower())
         check_field_types(self)
         if self.init_from:
             self._take_initial_model()
