@@ -268,7 +268,7 @@ def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict
         ("CEMA step kernels' registers a thread", CEMA, cema_op,
          {"as needed": {"STEP_REGISTERS": None}, "128": {"STEP_REGISTERS": 128}}),  # 128: one wave at 4K
         ("decode GEMM kernel's outputs a program", FUSED, decode_linears_op,
-         {"4": {"ADD_LINEAR_BLOCK": 4}, "2": {"ADD_LINEAR_BLOCK": 2}, "8": {"ADD_LINEAR_BLOCK": 8}}),
+         {"1": {"ADD_LINEAR_BLOCK": 1}, "2": {"ADD_LINEAR_BLOCK": 2}, "4": {"ADD_LINEAR_BLOCK": 4}}),
         ("TimestepNorm scan tiles (tokens x groups, warps, segments)", NORM, norm_op,
          {"256x8, 4, 32": dict(SCAN_TOKENS=256, SCAN_GROUPS=8, SCAN_WARPS=4, SCAN_SEGMENTS=32),
           "256x8, 4, 8": dict(SCAN_TOKENS=256, SCAN_GROUPS=8, SCAN_WARPS=4, SCAN_SEGMENTS=8),

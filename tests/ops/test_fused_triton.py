@@ -262,7 +262,7 @@ def test_compiled_gated_linear_runs_the_forward_kernel_and_traces_its_backward(m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, block", [(1, 4), (3, 2), (8, 8)])  # the outputs a program: what the tuning tries
+@pytest.mark.parametrize("rows, block", [(1, 1), (3, 2), (8, 4)])  # the outputs a program: what the tuning tries
 def test_add_linear_matches_float64(monkeypatch, dtype, rows, block):
     """out += x @ weight^T into a column slice of a wider tensor (strided rows, as a decode step's projections
     are cut), from x rows that are strided too: 37 outputs (not a multiple of a program's), 300 features (a
@@ -320,9 +320,9 @@ CASES.append((kernels.norm_rows_bwd_kernel, ["*fp32", "*bf16", "*fp32", "*fp32",
                                              "i32", "i32"],
               dict(CENTER=False, HAS_SCALE=False, PARAM_GRADS=False, BLOCK=4096), 8))
 for t in ("*bf16", "*fp32"):
-    for rows in (1, 8):
+    for rows, tile in ((1, kernels.ADD_LINEAR_TILE), (8, 512)):  # the launcher's tile for 8 rows of one output
         CASES.append((kernels.add_linear_kernel, [t, t, t, "i32", "i32", "i32", "i32", "i32"],
-                      dict(ROWS=rows, BLOCK=kernels.ADD_LINEAR_BLOCK, TILE=kernels.ADD_LINEAR_TILE)))
+                      dict(ROWS=rows, BLOCK=kernels.ADD_LINEAR_BLOCK, TILE=tile)))
     for has_x in (True, False):
         CASES.append((kernels.silu_gate_kernel, [t, t, t, "i32", "i64", "i64"],
                       dict(HAS_X=has_x, BLOCK=kernels.GATE_BLOCK)))

@@ -21,8 +21,10 @@ ops, which Inductor fuses itself.
 A GEMM that adds into its output, for decode steps (ops/fused.py's add_linear_: out += x @ weight^T, a few rows).
 On an H200 cuBLAS ran the decode's two such GEMMs a layer (1,024 outputs from 2,048 or 2,560 features) at 13 µs,
 about 0.4 TB/s of weights read, a third of a mega200M decode step: with one row, 1,024 outputs make few tiles for
-132 SMs. Here a program takes ADD_LINEAR_BLOCK outputs for every row, streams their weight rows once in tiles of
-ADD_LINEAR_TILE features, sums in fp32, and adds into out, rounding once as cuBLAS does (beta = 1).
+132 SMs. Here a program takes ADD_LINEAR_BLOCK outputs for every row (one: 1,024 programs of 4 warps, about 8 an
+SM, to keep enough weight loads in flight), streams their weight rows once in tiles of up to ADD_LINEAR_TILE
+features (one 16-byte load a thread a tile), sums in fp32, and adds into out, rounding once as cuBLAS does (beta =
+1). In the sm_90 SASS its loop is the two loads and the multiply-adds: no shared memory, no barrier.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from megalodon.ops.triton import LAUNCH, cdiv, next_power_of_2, on_input_device,
 from megalodon.ops.triton.casts import cast
 
 MAX_FEATURES = 16384  # a row is held whole by one program
-# add_linear: outputs a program, features a tile, rows at most (more rows: cuBLAS, whose tiles then fill the GPU)
-ADD_LINEAR_BLOCK, ADD_LINEAR_TILE, ADD_LINEAR_MAX_ROWS = 4, 256, 8
+# add_linear: outputs a program, features a tile (at most), rows at most (more: cuBLAS, whose tiles then fill the GPU)
+ADD_LINEAR_BLOCK, ADD_LINEAR_TILE, ADD_LINEAR_MAX_ROWS = 1, 1024, 8
 
 
 @triton.jit
@@ -273,14 +275,22 @@ def add_linear_kernel(x_ptr, weight_ptr, out_ptr, rows, outputs, features, strid
     block = tl.program_id(0)
     n = block * BLOCK + tl.arange(0, BLOCK)
     r = tl.arange(0, ROWS)
-    sums = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    # x and the weight are both loaded whole in the (rows, outputs, features) shape of their product, each
+    # repeated along the other's axis (the repeats read L1), so that the product needs no layout conversion through
+    # shared memory; the products are summed per feature lane through the loop and across lanes once after it (a
+    # sum across the program's threads every tile would cost shuffles and a barrier each time)
+    rows_3d, outputs_3d = r[:, None, None], n[None, :, None]
+    w_at = weight_ptr + (outputs_3d + 0 * rows_3d).to(tl.int64) * features
+    x_at = x_ptr + (rows_3d + 0 * outputs_3d) * stride_x
+    w_inside = (outputs_3d < outputs) & (rows_3d >= 0)
+    x_inside = (rows_3d < rows) & (outputs_3d >= 0)
+    lanes = tl.zeros((ROWS, BLOCK, TILE), dtype=tl.float32)
     for start in range(0, features, TILE):
-        k = start + tl.arange(0, TILE)
-        w = tl.load(weight_ptr + n[:, None].to(tl.int64) * features + k[None, :],
-                    mask=(n[:, None] < outputs) & (k[None, :] < features), other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + r[:, None] * stride_x + k[None, :], mask=(r[:, None] < rows) & (k[None, :] < features),
-                    other=0.0).to(tl.float32)
-        sums += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        k = start + tl.arange(0, TILE)[None, None, :]
+        w = tl.load(w_at + k, mask=w_inside & (k < features), other=0.0).to(tl.float32)
+        x = tl.load(x_at + k, mask=x_inside & (k < features), other=0.0).to(tl.float32)
+        lanes += x * w
+    sums = tl.sum(lanes, axis=2)
     inside = (r[:, None] < rows) & (n[None, :] < outputs)
     at = out_ptr + r[:, None] * stride_out + n[None, :]
     total = tl.load(at, mask=inside, other=0.0).to(tl.float32) + sums
@@ -300,7 +310,10 @@ def add_linear(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     in fp32, one launch; returns out."""
     rows, outputs = out.shape
     if out.numel():
+        held = next_power_of_2(rows)
+        # the lanes' sums, ROWS x BLOCK x TILE, at most 32 fp32 registers a thread of the 4 warps
+        tile = max(16, min(ADD_LINEAR_TILE, 4096 // (held * ADD_LINEAR_BLOCK)))
         add_linear_kernel[(cdiv(outputs, ADD_LINEAR_BLOCK),)](
-            x, weight, out, rows, outputs, x.shape[1], x.stride(0), out.stride(0), ROWS=next_power_of_2(rows),
-            BLOCK=ADD_LINEAR_BLOCK, TILE=ADD_LINEAR_TILE, num_warps=4, **LAUNCH)
+            x, weight, out, rows, outputs, x.shape[1], x.stride(0), out.stride(0), ROWS=held,
+            BLOCK=ADD_LINEAR_BLOCK, TILE=tile, num_warps=4, **LAUNCH)
     return out
