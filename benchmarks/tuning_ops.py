@@ -149,6 +149,5 @@ def kernel_ops(shape: Shape) -> dict[str, Callable[[], list[Callable[[], None]]]
     return {"cema": lambda: [cema_op(shape)], "timestep_norm": lambda: [norm_op(shape)],
             "silu_gate": fused("silu_gate"), "norm_rows": fused("norm_rows"),
             "causal_softmax": lambda: [attention_op(shape)], "queries_keys": lambda: [queries_keys_op(shape)],
-            "add_linear": lambda: [add_linear_op(shape, shape.config.ffn_hidden_dim),
-                                   add_linear_op(shape, shape.config.value_dim)]}
+            "add_linear": lambda: [decode_linears_op(shape)]}
 

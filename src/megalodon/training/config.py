@@ -16,6 +16,7 @@ ARCHS = ("megalodon", "llama")
 SCHEDULES = ("linear", "cosine")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 CUDA_GRAPHS = ("auto", "true", "false")
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 PARALLEL_KINDS = ("fsdp", "ddp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
@@ -82,11 +83,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Types, then ranges, then the model the preset and overrides describe: all before any work starts."""
+        if isinstance(self.cuda_graphs, str) and self.cuda_graphs.lower() in BOOL_WORDS:  # as the boolean options
+            self.cuda_graphs = BOOL_WORDS[self.cuda_graphs.lower()]
         if isinstance(self.cuda_graphs, bool):  # as configs and run directories written before "auto" hold it
             self.cuda_graphs = "true" if self.cuda_graphs else "false"
-        elif isinstance(self.cuda_graphs, str):  # the words the boolean options take (config.parse_value's)
-            self.cuda_graphs = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false",
-                                "off": "false"}.get(self.cuda_graphs.lower(), self.cuda_graphs.lower())
         check_field_types(self)
         if self.init_from:
             self._take_initial_model()
@@ -233,10 +233,8 @@ def parse_value(raw: str, like: Any, key: str) -> Any:
     if like is None:  # an optional number such as rope_base
         return None if raw.lower() == "none" else parse_value(raw, 0.0, key)
     if isinstance(like, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
+        if raw.lower() in BOOL_WORDS:
+            return BOOL_WORDS[raw.lower()]
         raise ValueError(f"--{key} expects true or false, got {raw!r}")
     for kind in (int, float):
         if isinstance(like, kind):

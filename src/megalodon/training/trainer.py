@@ -73,9 +73,10 @@ class Trainer:
     def _setup(self, resume: bool, overwrite: bool) -> None:
         cfg = self.cfg
         self.stateful = cfg.stateful and cfg.arch == "megalodon"
-        self.graphed = None if not uses_cuda_graphs(cfg, self.device, self.ranks is not None) else \
-            GraphedForwardLoss.for_run(  # refused before any work
-                self.device, self.ranks is not None, forward_loss, autocast_dtype(cfg, self.device), self.stateful)
+        self.graphed = None
+        if uses_cuda_graphs(cfg, self.device, self.ranks is not None):  # refused before any work
+            self.graphed = GraphedForwardLoss.for_run(self.device, self.ranks is not None, forward_loss,
+                                                      autocast_dtype(cfg, self.device), self.stateful)
         self._on_main(lambda: prepare_run_dir(self.run_dir, cfg.to_dict(), resume, overwrite))
         torch.set_flush_denormal(True)  # fp32 training slows 3-4x on denormals on these CPUs
         if cfg.threads:
