@@ -257,10 +257,15 @@ def kernels_to_turn_off(shape: Shape, kernels: list[str], deadline: float, timin
 # ---- the groups: (name, module, op, candidates in the order to try, default first) --------------------------------
 def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict[str, dict]]]:
     return [
+        # 2,048 one-warp programs at 4K took 1.3 waves of an H200's SMs: 96 (1,376 programs, partial last chunk)
+        # and 128 (1,024) fit one; 32 makes more, shorter ones
         ("CEMA steps per chunk", CEMA, cema_op,
-         {"64": {"CHUNK": 64}, "32": {"CHUNK": 32}}),  # more programs at 4K (128: fewer, not tried)
+         {"64": {"CHUNK": 64}, "32": {"CHUNK": 32}, "96": {"CHUNK": 96}, "128": {"CHUNK": 128}}),
+        # n blocks skip (n - 1) / 2n of the products for about 14 launches a block; 8 lost to 4 on the H200, whose
+        # run never timed fewer
         ("chunk attention's query blocks", ATTENTION, attention_op,
-         {"4": {"QUERY_BLOCKS_MAX": 4}, "8": {"QUERY_BLOCKS_MAX": 8}}),  # 8 skips 7/16 of the products
+         {"4": {"QUERY_BLOCKS_MAX": 4}, "8": {"QUERY_BLOCKS_MAX": 8}, "2": {"QUERY_BLOCKS_MAX": 2},
+          "1": {"QUERY_BLOCKS_MAX": 1}}),
         ("CEMA tile prefetch (forward, adjoint)", CEMA, cema_op,
          {"forward": {"PREFETCH_FORWARD": True, "PREFETCH_REVERSE": False},
           "both": {"PREFETCH_FORWARD": True, "PREFETCH_REVERSE": True},

@@ -72,10 +72,10 @@ def test_tuning_spends_its_time_where_it_decides_most(monkeypatch):
                                lambda settings: writes.append(json.loads(json.dumps(settings))))
     assert seen == [("cema", blocks), ("timestep_norm", blocks), ("group", "4"), ("group", "1"),
                     ("group", "256x8, 4, 32"),
-                    ("silu_gate", 8), ("norm_rows", 8), ("causal_softmax", 8), ("queries_keys", 8),
-                    ("add_linear", 8)]
+                    ("silu_gate", 1), ("norm_rows", 1), ("causal_softmax", 1), ("queries_keys", 1),
+                    ("add_linear", 1)]
     assert settings["disable"] == ["cema"] and "timestep_norm kernels (their ops)" not in settings["timings"]
-    assert settings["modules"][gpu_tuning.ATTENTION] == {"QUERY_BLOCKS_MAX": 8}
+    assert settings["modules"][gpu_tuning.ATTENTION] == {"QUERY_BLOCKS_MAX": 1}
     assert len(writes) >= 7 and writes[0]["disable"] == [] and writes[-1] == json.loads(json.dumps(settings))
     assert attention.QUERY_BLOCKS_MAX == blocks
 

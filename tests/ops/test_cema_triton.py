@@ -53,7 +53,7 @@ def reference(u, params, h0, resets):
     return torch.stack(outputs, dim=1), torch.view_as_real(h)
 
 
-def run_both(batch, length, dim, ndim, with_h0, block, seed=0, dtype=torch.float32, params=None):
+def run_both(batch, length, dim, ndim, with_h0, block, seed=0, dtype=torch.float32, params=None, chunk=CHUNK):
     """Outputs and gradients of the Triton path (on DEVICE) and of the float64 reference, for the same inputs
     and the same random output gradients."""
     params = parameters(dim, ndim, seed) if params is None else params
@@ -75,7 +75,7 @@ def run_both(batch, length, dim, ndim, with_h0, block, seed=0, dtype=torch.float
     y_ref, h_ref = reference(ref_inputs[0], ref_inputs[2:], ref_inputs[1], resets)
     dev_inputs = [t if t is None else t.to(DEVICE).requires_grad_() for t in (u, h0, *params)]
     u_dev, h0_dev, *params_dev = dev_inputs
-    y, h = triton_scan(u_dev, params_dev, h0_dev, None if resets is None else resets.to(DEVICE))
+    y, h = triton_scan(u_dev, params_dev, h0_dev, None if resets is None else resets.to(DEVICE), chunk)
     return (y, h, grads(dev_inputs, y, h)), (y_ref, h_ref, grads(ref_inputs, y_ref, h_ref))
 
 
@@ -111,6 +111,17 @@ def test_the_other_step_settings_match_the_recurrence(monkeypatch, batch, length
     monkeypatch.setattr(glue, "PREFETCH_REVERSE", not glue.PREFETCH_REVERSE)
     monkeypatch.setattr(glue, "STEP_REGISTERS", 128 if glue.STEP_REGISTERS is None else None)
     (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, 6, 4, with_h0, block)
+    assert_close(y, y_ref, 1e-5)
+    assert_close(h, h_ref, 1e-5)
+    for grad, expected in zip(grads, grads_ref):
+        assert_close(grad, expected, 2e-5)
+
+
+@pytest.mark.parametrize("chunk, length, block", [(48, 2 * 48 + 19, 16), (128, 2 * 128, None)])
+def test_the_chunk_lengths_the_tuning_tries_match_the_recurrence(chunk, length, block):
+    """gpu_tuning.py times chunks of 96 and 128 steps (one wave of programs at 4K on an H200): a chunk that is not a
+    power of two with a partial last one and resets, and whole chunks of 128 (FULL)."""
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, length, 6, 4, True, block, chunk=chunk)
     assert_close(y, y_ref, 1e-5)
     assert_close(h, h_ref, 1e-5)
     for grad, expected in zip(grads, grads_ref):
