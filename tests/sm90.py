@@ -83,9 +83,9 @@ def sass(compiled) -> str:
         return subprocess.run([str(tool), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
 
 
-def assert_in_thread(cases) -> None:
+def assert_in_thread(cases, ops=("BAR.", "SHFL", "STS", "LDS")) -> None:
     """Each case, compiled as launched, keeps its work inside each thread: no barrier, no shuffle and no shared
-    memory anywhere in its SASS."""
+    memory anywhere in its SASS (none of `ops`)."""
     for index, case in enumerate(cases):
         try:
             text = sass(compile_for_h100(*case[:4], as_launched=True))
@@ -94,8 +94,14 @@ def assert_in_thread(cases) -> None:
                 raise
             print(error)  # no NVIDIA backend, ptxas or cuobjdump in this triton
             sys.exit(NO_NVIDIA_BACKEND)
-        found = {op: text.count(op) for op in ("BAR.", "SHFL", "STS", "LDS")}
+        found = {op: text.count(op) for op in ops}
         assert not any(found.values()), (case[0].__name__, case[2], found)
+
+
+def assert_warp_local(cases) -> None:
+    """Each case, compiled as launched, keeps its work inside each warp: shuffles, but no barrier and no shared
+    memory."""
+    assert_in_thread(cases, ops=("BAR.", "STS", "LDS"))
 
 
 def compile_all(cases) -> None:

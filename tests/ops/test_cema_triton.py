@@ -117,6 +117,26 @@ def test_the_other_step_settings_match_the_recurrence(monkeypatch, batch, length
         assert_close(grad, expected, 2e-5)
 
 
+@pytest.mark.parametrize("batch, length, with_h0, block, dtype, dim, ndim", [
+    (2, 7, False, None, torch.float32, 6, 4), (2, 3 * CHUNK + 5, True, 8, torch.float32, 6, 4),
+    (2, 2 * CHUNK, True, None, torch.float32, 6, 4),  # whole chunks (FULL)
+    (1, 11 * CHUNK + 3, True, 24, torch.float32, 6, 4), (2, 2 * CHUNK + 8, False, 16, torch.bfloat16, 6, 4),
+    # several channel blocks, the last partial, and N = 16 (the steps' tile is the states' own shape)
+    (1, 2 * CHUNK + 3, True, 16, torch.float32, 20, 16),
+])
+def test_the_fused_backward_matches_the_recurrence(monkeypatch, batch, length, with_h0, block, dtype, dim, ndim):
+    """FUSED_BACKWARD (one reverse pass for the input's and the parameters' gradients, which the GPU's tuning may
+    pick): partial last chunks, restarts inside and at the edges of chunks, an incoming state, and a bf16 input
+    whose gradient comes back in bf16."""
+    from megalodon.ops.triton import cema as glue
+
+    monkeypatch.setattr(glue, "FUSED_BACKWARD", not glue.FUSED_BACKWARD)
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, dim, ndim, with_h0, block, dtype=dtype)
+    assert grads[0].dtype == dtype
+    for grad, expected in zip(grads, grads_ref):  # u, h0, alpha, delta, theta, gamma, omega
+        assert_close(grad, expected, 2e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("chunk, length, block", [(48, 2 * 48 + 19, 16), (128, 2 * 128, None)])
 def test_the_chunk_lengths_the_tuning_tries_match_the_recurrence(chunk, length, block):
     """gpu_tuning.py times chunks of 96 and 128 steps (one wave of programs at 4K on an H200): a chunk that is not a
@@ -290,8 +310,10 @@ from megalodon.ops.triton import cema as glue
 from megalodon.ops.triton import cema_kernels as kernels
 from megalodon.ops.triton import cema_tables as tables
 from megalodon.ops.triton import cema_step as step
+from megalodon.ops.triton import cema_backward as fused
 
 warps = {"scan_kernel": glue.WARPS_SCAN, "parameter_grads_kernel": glue.WARPS_GRADS,
+         "adjoint_grads_kernel": glue.WARPS_FUSED,
          "tables_kernel": glue.WARPS_TABLES, "gradients_kernel": glue.WARPS_TABLES}
 fp32, ints = "*fp32", ["i32"] * 4  # L, D, N, num_chunks
 x = ["*bf16", "i32", "i32", "i32", "*u8"]  # a bf16 input with its strides, the reset flags
@@ -308,6 +330,8 @@ for reverse in (False, True):
                                                                  HAS_RESET=reverse, HAS_H0=reverse)))
     CASES.append((kernels.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints,
                   dict(shapes, HAS_RESET=reverse, FULL=not reverse)))
+    CASES.append((fused.adjoint_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 8 + ["*bf16", fp32, fp32] + ints,
+                  dict(shapes, BLOCK_D=glue.FUSED_BLOCK_D, TILE=16, HAS_RESET=reverse, FULL=not reverse)))
 blocks = dict(BLOCK_D=glue.BLOCK_D, BLOCK_N=16)
 CASES.append((tables.tables_kernel, [fp32] * 7 + ["i32", "i32"], blocks))
 CASES.append((tables.gradients_kernel, [fp32] * 11 + ["i32"] * 3,
@@ -352,6 +376,24 @@ for reverse, reset, prefetch in [(r, s, default[r]) for r in (False, True) for s
 """
 
 
+WARP_LOCAL_ON_H100 = """
+from megalodon.ops.triton import cema as glue
+from megalodon.ops.triton import cema_backward as fused
+
+fp32, ints = "*fp32", ["i32"] * 4
+shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.FUSED_BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL, TILE=16, stride_ud=1)
+CASES = [(fused.adjoint_grads_kernel, ["*bf16", "i32", "i32", fp32, "*u8"] + [fp32] * 8 + ["*bf16", fp32, fp32] + ints,
+          dict(shapes, HAS_RESET=reset, FULL=not reset), glue.WARPS_FUSED) for reset in (False, True)]
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile and run them")
+def test_fused_backward_sums_the_components_inside_a_warp_as_launched():
+    """The fused backward kernel at mega200M (N = 16), compiled as launched: each step's sum over a channel's
+    components is shuffles inside a warp, with no barrier or shared memory (at 4 warps it took both every step)."""
+    check_compiles_for_h100(WARP_LOCAL_ON_H100, check="assert_warp_local")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile and run them")
 def test_step_kernels_keep_each_channel_in_one_thread_as_launched():
     """The per-step kernels, compiled as the launcher specializes them at mega200M (D = 1024 and the strides
@@ -365,12 +407,14 @@ def test_step_kernels_keep_each_channel_in_one_thread_as_launched():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_layer_matches_the_pytorch_path(monkeypatch, dtype, flip_prefetch):
     """On a GPU the layer dispatches to Triton: outputs, state and gradients as the float64 PyTorch path's; with
-    the step kernels' prefetch as set and each direction flipped (the sweep may pick either)."""
+    the step kernels' prefetch as set and each direction flipped, and the backward fused or not the other way
+    round (the tuning may pick either)."""
     if flip_prefetch:
         from megalodon.ops.triton import cema as glue
 
         monkeypatch.setattr(glue, "PREFETCH_FORWARD", not glue.PREFETCH_FORWARD)
         monkeypatch.setattr(glue, "PREFETCH_REVERSE", not glue.PREFETCH_REVERSE)
+        monkeypatch.setattr(glue, "FUSED_BACKWARD", not glue.FUSED_BACKWARD)
     torch.manual_seed(0)
     layer = CEMA(64, 16).cuda()
     reference_layer = CEMA(64, 16).double()

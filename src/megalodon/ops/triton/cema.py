@@ -19,7 +19,9 @@ Backward, six launches: the tables again; the adjoint, the same recurrence run i
 each chunk are saved from phase 2 (called without them, the backward op reruns phases 1-2 on u); one kernel
 that reruns every chunk forward with tangents dh/dq and dh/dp to sum the parameter gradients per chunk
 (`parameter_grads_kernel`); and one that adds the chunks' sums up and takes the chain rule through the
-coefficients to the parameters (`gradients_kernel`).
+coefficients to the parameters (`gradients_kernel`). With FUSED_BACKWARD, five: the adjoint's phases 1-2 only,
+then one reverse pass over each chunk that gives dL/du and the parameters' per-chunk sums together
+(`cema_backward.adjoint_grads_kernel`), then `gradients_kernel`.
 
 Why this shape and not a fused kernel for k[d, j] = Re(sum_n p g q**j) plus an FFT (the official code's): the work
 is O(B L D N) multiply-adds in registers (at mega200M, L = 4096, about 0.5 GFLOP per pass, under a millisecond of
@@ -63,6 +65,15 @@ PREFETCH_FORWARD, PREFETCH_REVERSE = True, False
 # programs take 1.3 waves of an H200's 132 SMs; at 128, 16 fit an SM and the 2,048 one wave, for 22 to 102
 # spilled loads and stores a kernel (to L1). Which wins is for a GPU to say: gpu_tuning.py times both.
 STEP_REGISTERS: int | None = None
+# Whether backward takes the input gradient and the parameters' gradient sums in one reverse pass over each chunk
+# (cema_backward.adjoint_grads_kernel: about 20 multiply-adds a step and component where outputs_kernel's reverse
+# run and parameter_grads_kernel take about 28, a pass over u and dy and a launch fewer), instead of two. Off until
+# a GPU times it: gpu_tuning.py's "CEMA backward" group.
+FUSED_BACKWARD = False
+# Its programs: FUSED_BLOCK_D channels, one warp, a channel's components over 4 threads at N = 16, so that each step's
+# sum over them is two shuffles (at 32 channels and 4 warps they spread across warps: a shared-memory round trip
+# and two barriers a step, in the sm_90 SASS). 128 registers a thread, no spill (with resets: 153).
+FUSED_BLOCK_D, WARPS_FUSED = 8, 1
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
 # loop; see cema_kernels on the specialization that would undo it). The scan runs one component per program, one
@@ -230,9 +241,10 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
     resets, keep = _chunk_keep(resets, chunk)
     # Adjoint: s = dL/dh_t from the future; s <- conj(q) (conj(g) dy_t + s), and dL/du_t = Re(sum_n p s) + kappa dy_t
     # with s taken before the step, so the same kernels run it in reverse time with c_in = conj(q g). It leaves
-    # with dL/dh0.
+    # with dL/dh0. Fused, its outputs come from the pass that sums the parameters' gradients.
+    fused = FUSED_BACKWARD
     future, d_h0, du = _run(dy, (tables[t.QG_RE], tables[t.NEG_QG_IM]), (tables[t.LOG_MAG], tables[t.NEG_ANGLE]),
-                            dh, resets, keep, chunk, True, ((tables[t.P], None), kappa, u.dtype))
+                            dh, resets, keep, chunk, True, None if fused else ((tables[t.P], None), kappa, u.dtype))
     if incoming is None:
         incoming, _, _ = _run(u, (tables[t.P], None), (tables[t.LOG_MAG], tables[t.ANGLE]), h0, resets,
                               keep, chunk, False, None)
@@ -243,11 +255,21 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
     partial = u.new_empty(batch, num_chunks, 5, ndim, dim, dtype=torch.float32)
     partial_omega = u.new_empty(batch, num_chunks, dim, dtype=torch.float32)
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
-    k.parameter_grads_kernel[grid](
-        u, *u.stride(), dy, u if resets is None else resets, tables[t.P], tables[t.LOG_MAG], tables[t.ANGLE],
-        tables[t.G_RE], tables[t.G_IM], incoming, future, partial, partial_omega, length, dim, ndim, num_chunks,
-        CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
-        FULL=length % chunk == 0, num_warps=WARPS_GRADS, **LAUNCH)
+    sweep = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
+                 FULL=length % chunk == 0, num_warps=WARPS_GRADS, **LAUNCH)
+    coefficients = (u if resets is None else resets, tables[t.P], tables[t.LOG_MAG], tables[t.ANGLE], tables[t.G_RE],
+                    tables[t.G_IM])
+    if fused:
+        from megalodon.ops.triton.cema_backward import adjoint_grads_kernel
+
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        sweep.update(BLOCK_D=FUSED_BLOCK_D, num_warps=WARPS_FUSED)
+        adjoint_grads_kernel[(num_chunks, -(-dim // FUSED_BLOCK_D), batch)](
+            u, *u.stride(), dy, *coefficients, omega.contiguous(), incoming, future, du, partial, partial_omega, length,
+            dim, ndim, num_chunks, TILE=max(sweep["BLOCK_N"], UNROLL), **sweep)
+    else:
+        k.parameter_grads_kernel[grid](u, *u.stride(), dy, *coefficients, incoming, future, partial, partial_omega,
+                                       length, dim, ndim, num_chunks, **sweep)
     grads = [alpha.new_empty(dim, ndim), alpha.new_empty(dim, ndim), alpha.new_empty(dim),
              alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
     t.gradients_kernel[(-(-dim // GRADIENTS_BLOCK_D),)](
