@@ -195,14 +195,25 @@ def materialized_attention(q: Tensor, k: Tensor, v: Tensor, offset: int, silu_va
     backward keeps v alone rather than v for the SiLU's gradient and silu(v) for the product's."""
     with torch.autocast(q.device.type, enabled=False):
         values = F.silu(v) if silu_values else v
-        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), values.transpose(1, 2)  # head-major views
-        outs = []
+        qh, kh, vh = (_heads_first(t) for t in (q, k, values))
+        out = vh.new_empty(vh.shape[0], qh.shape[1], vh.shape[2])
         for start, end in zip(edges[:-1], edges[1:]):
             keys = min(k.shape[1], end + offset)  # the keys the block's last query sees
-            scores = torch.matmul(qh[:, :, start:end], kh[:, :, :keys].transpose(-1, -2))  # N x H x Sq x Sk
-            outs.append(torch.matmul(_probabilities(scores, offset + start, v.dtype), vh[:, :, :keys]))
+            scores = torch.bmm(qh[:, start:end], kh[:, :keys].transpose(1, 2))  # N * H x Sq x Sk
+            # each block's product written in place: no concatenation after the blocks
+            torch.bmm(_probabilities(scores, offset + start, v.dtype), vh[:, :keys], out=out[:, start:end])
         # token-major, so that the caller's (B, L, H * dv) is a view
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).transpose(1, 2).contiguous()
+        return _tokens_first(out, q.shape[2]).contiguous()
+
+
+def _heads_first(t: Tensor) -> Tensor:
+    """(N, S, H, d) token-major as (N * H, S, d), the batched GEMMs' layout: a view with one head."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+
+
+def _tokens_first(t: Tensor, heads: int) -> Tensor:
+    """_heads_first undone, as a view: (N * H, S, d) to (N, S, H, d)."""
+    return t.view(-1, heads, *t.shape[1:]).transpose(1, 2)
 
 
 @materialized_attention.register_fake
@@ -218,29 +229,27 @@ def materialized_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tenso
     and keep what that part makes (a head-major copy of k, beside the storage q and k share)."""
     with torch.autocast(q.device.type, enabled=False):
         values = F.silu(v) if silu_values else v
-        qh, kh, vh, grad = (t.transpose(1, 2) for t in (q, k, values, grad))  # head-major views
-        grad = grad.to(values.dtype)
-        grads_q, grad_k, grad_values = [], None, None
-        # The last block sees every key: its key and value gradients are the whole tensors, and the earlier blocks
-        # add theirs into the leading keys.
+        heads = q.shape[2]
+        qh, kh, vh, gh = (_heads_first(t) for t in (q, k, values, grad.to(values.dtype)))
+        grad_q, grad_k, grad_values = torch.empty_like(qh), None, None
+        # The last block sees every key: its key and value gradients are the whole tensors, and the earlier blocks'
+        # GEMMs add theirs into the leading keys in place (beta = 1: no sum of their own, one rounding).
         for start, end in reversed(list(zip(edges[:-1], edges[1:]))):
             keys = min(k.shape[1], end + offset)
-            qb, kb, vb, gb = qh[:, :, start:end], kh[:, :, :keys], vh[:, :, :keys], grad[:, :, start:end]
-            probs, grad_s = _softmax_backward(torch.matmul(qb, kb.transpose(-1, -2)),
-                                              torch.matmul(gb, vb.transpose(-1, -2)), offset + start)
-            block_k = torch.matmul(grad_s.transpose(-1, -2), qb)
-            block_values = torch.matmul(probs.transpose(-1, -2), gb)
+            qb, kb, vb, gb = qh[:, start:end], kh[:, :keys], vh[:, :keys], gh[:, start:end]
+            probs, grad_s = _softmax_backward(torch.bmm(qb, kb.transpose(1, 2)), torch.bmm(gb, vb.transpose(1, 2)),
+                                              offset + start)
             if grad_k is None:
-                grad_k, grad_values = block_k, block_values
+                grad_k, grad_values = torch.bmm(grad_s.transpose(1, 2), qb), torch.bmm(probs.transpose(1, 2), gb)
             else:
-                grad_k[:, :, :keys] += block_k
-                grad_values[:, :, :keys] += block_values
-            grads_q.append(torch.matmul(grad_s, kb))
-        grad_q = grads_q[0] if len(grads_q) == 1 else torch.cat(grads_q[::-1], 2)
-        grad_values = grad_values.transpose(1, 2)
+                grad_k[:, :keys].baddbmm_(grad_s.transpose(1, 2), qb)
+                grad_values[:, :keys].baddbmm_(probs.transpose(1, 2), gb)
+            torch.bmm(grad_s, kb, out=grad_q[:, start:end])
+        grad_values = _tokens_first(grad_values, heads)
         grad_v = torch.ops.aten.silu_backward(grad_values, v) if silu_values else grad_values
     # token-major like the inputs (no copy with one head)
-    return grad_q.transpose(1, 2).contiguous(), grad_k.transpose(1, 2).contiguous(), grad_v.contiguous()
+    return (_tokens_first(grad_q, heads).contiguous(), _tokens_first(grad_k, heads).contiguous(),
+            grad_v.contiguous())
 
 
 @materialized_attention_backward.register_fake
