@@ -19,7 +19,8 @@ figures):
           and PyTorch must not share the GPU's memory pools);
 - profile: one mega200M 4K step of each model under torch.profiler, eager and with compiled blocks (--modes): GPU
           time and launches by kind of kernel (GEMMs, CEMA, TimestepNorm, attention, Inductor's fused kernels,
-          copies...), Megalodon's eager kernels one by one, and its trace under --out; then a decode step of each
+          copies...; the compiled step as a graphed one runs it), Megalodon's kernels one by one (eager and
+          compiled), and its eager trace under --out; then a decode step of each
           model the same way (per step, from the middle of a chunk): what a graph-replayed step's kernels cost the
           GPU;
 - parity: the CUDA model (Triton kernels, fp32) against the CPU fp32 model: logits and gradients; bf16 autocast
@@ -54,6 +55,8 @@ import op_timing  # noqa: E402
 import torch  # noqa: E402
 from gpu_checks import log  # noqa: E402
 from gpu_training import TRAIN_CASES, autocast, build, free_cache, loss_of, section_train, sync  # noqa: E402
+
+from megalodon.ops.attention import launches_without_host_cost  # noqa: E402
 
 DEADLINE = float("inf")  # time.perf_counter() after which nothing new starts (--deadline)
 STRICT = False  # --strict: a failure anywhere fails the run (the CPU smoke test)
@@ -138,20 +141,21 @@ def section_hf(preset: str, position: int, tokens: int, repeats: int) -> dict:
 
 def profiled_step(arch: str, preset: str, length: int, compiled: bool = False):
     """torch.profiler over one bf16 step (forward + backward) of a fresh model, after two warm-up steps; compiled:
-    its blocks through torch.compile first (the trainer's --compile), compiled during the warm-up."""
+    its blocks through torch.compile first (the trainer's --compile), compiled during the warm-up, and the step as
+    a graphed one runs it (the attention's queries in blocks, launches_without_host_cost): the kernels that the
+    best rows (compiled-graphed) replay, whose profile a graph replay itself does not show one by one."""
     model = build(arch, preset)
     if compiled:
         model.compile_blocks()
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=training.DEVICE)
-    for _ in range(2):
-        with autocast():
-            loss_of(model, ids).backward()
-    model.zero_grad(set_to_none=True)  # as a training step starts (no .grad to add into)
 
     def step() -> None:
-        with autocast():
+        with autocast(), launches_without_host_cost() if compiled else contextlib.nullcontext():
             loss_of(model, ids).backward()
 
+    for _ in range(2):
+        step()
+    model.zero_grad(set_to_none=True)  # as a training step starts (no .grad to add into)
     return profiled(step)
 
 
@@ -194,7 +198,7 @@ def section_profile(preset: str, length: int, out: Path | None, decode_steps: in
     graphed step replays the same kernels, so their sum is the GPU time a step costs once the host is out of it.
     Then the same for a decode step (profile_decode)."""
     log(f"## Profile: one {preset} step at {length} tokens (bf16 autocast)\n")
-    runs = {}
+    runs, listings = {}, {}
     for mode in ("eager", "compiled") if compiled else ("eager",):
         for arch in ("llama", "megalodon"):
             if mode == "compiled" and out_of_time(f"the compiled profile of {arch}"):
@@ -205,8 +209,9 @@ def section_profile(preset: str, length: int, out: Path | None, decode_steps: in
                 log(f"(profile of {arch} {mode} failed: {type(err).__name__}: {str(err)[:160]})\n")
                 continue
             runs[arch, mode] = op_timing.kernels_by_kind(prof)
+            if arch == "megalodon":
+                listings[mode] = kernel_listing(prof, 30)
             if (arch, mode) == ("megalodon", "eager"):
-                kept = prof
                 if out is not None:
                     # now: exported after later profiles had run (H200, 2026-11-30), its kernels had no times;
                     # gzipped, as the raw JSON can pass the 16 MB a file that the device tool brings back
@@ -222,9 +227,9 @@ def section_profile(preset: str, length: int, out: Path | None, decode_steps: in
     log("GPU time by kind of kernel, ms (launches): the kernels' own time, the host's gaps left out\n")
     kind_table({f"{'Megalodon' if arch == 'megalodon' else 'Llama'} {mode}": runs[arch, mode]
                 for arch, mode in columns})
-    if ("megalodon", "eager") in runs:
-        log("Megalodon eager, kernel by kernel:\n")
-        log(kernel_listing(kept, 30))
+    for mode, listing in listings.items():
+        log(f"Megalodon {mode}, kernel by kernel{' (as a graphed step runs it)' if mode == 'compiled' else ''}:\n")
+        log(listing)
     result = {f"{arch} {mode}": {kind: {"launches": n, "ms": ms} for kind, (n, ms) in runs[arch, mode].items()}
               for arch, mode in columns}
     if not out_of_time("the decode profile"):
