@@ -199,8 +199,8 @@ def test_bf16_input_is_upcast_in_the_kernel():
 
 
 def test_backward_reuses_the_forwards_chunk_states():
-    """The states entering each chunk that forward returns (and autograd saves) give backward exactly what
-    backward computes again without them, resets and an initial state included."""
+    """The states entering each chunk and the coefficient tables that forward returns (and autograd saves) give
+    backward exactly what backward computes again without them, resets and an initial state included."""
     from megalodon.ops.triton.cema import cema_scan, cema_scan_backward
 
     params = op_parameters(parameters(8, 4, 3))
@@ -209,13 +209,14 @@ def test_backward_reuses_the_forwards_chunk_states():
     h0 = torch.randn(2, 8, 4, 2, device=DEVICE)
     resets = torch.zeros(2, 37, dtype=torch.bool, device=DEVICE)
     resets[1, 20] = True
-    _, _, incoming = cema_scan(u, *params, h0, resets, CHUNK)
-    assert incoming.shape == (2, 3, 2, 4, 8)
+    _, _, incoming, tables, kappa = cema_scan(u, *params, h0, resets, CHUNK)
+    assert incoming.shape == (2, 3, 2, 4, 8) and kappa.shape == (8,) and tables.shape[1:] == (4, 8)
     dy, dh = torch.randn(2, 37, 8, device=DEVICE), torch.randn(2, 8, 4, 2, device=DEVICE)
     again = cema_scan_backward(dy, dh, u, *params, h0, resets, CHUNK)
-    reused = cema_scan_backward(dy, dh, u, *params, h0, resets, CHUNK, incoming)
-    for a, b in zip(reused, again):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for saved in ((incoming,), (incoming, tables, kappa)):
+        reused = cema_scan_backward(dy, dh, u, *params, h0, resets, CHUNK, *saved)
+        for a, b in zip(reused, again):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_op_registration_fake_and_autograd():

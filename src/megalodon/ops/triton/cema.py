@@ -14,12 +14,12 @@ Forward, four launches (ops/triton/cema_kernels.py; the tables and the parameter
 2. per (channel block, component, row): the scan over chunks, s_in(c+1) = q**len(c) s_in(c) + s_loc(c), from h0,
    cut where a document restarts inside chunk c; it also gives the final state;
 3. per (chunk, channel block, row): the chunk rerun from its incoming state, writing y.
-Backward, six launches: the tables again; the adjoint, the same recurrence run in reverse time with conj(q)
-(phases 1-3 on dy give dL/du, the adjoint state entering each chunk, and dL/dh0); the forward's states entering
-each chunk are saved from phase 2 (called without them, the backward op reruns phases 1-2 on u); one kernel
-that reruns every chunk forward with tangents dh/dq and dh/dp to sum the parameter gradients per chunk
+Backward, five launches (the forward's tables and its states entering each chunk are saved for it; called
+without them, the backward op derives the tables and reruns phases 1-2 on u): the adjoint, the same recurrence
+run in reverse time with conj(q) (phases 1-3 on dy give dL/du, the adjoint state entering each chunk, and dL/dh0);
+one kernel that reruns every chunk forward with tangents dh/dq and dh/dp to sum the parameter gradients per chunk
 (`parameter_grads_kernel`); and one that adds the chunks' sums up and takes the chain rule through the
-coefficients to the parameters (`gradients_kernel`). With FUSED_BACKWARD, five: the adjoint's phases 1-2 only,
+coefficients to the parameters (`gradients_kernel`). With FUSED_BACKWARD, four: the adjoint's phases 1-2 only,
 then one reverse pass over each chunk that gives dL/du and the parameters' per-chunk sums together
 (`cema_backward.adjoint_grads_kernel`), then `gradients_kernel`.
 
@@ -33,7 +33,8 @@ chunk (64 dependent steps), hidden by running many programs per SM.
 
 Memory: saved for backward are u itself (in its own dtype, bf16 stays bf16), h0, the reset flags and the states
 entering each chunk, (B, L / 64, 2, N, D) fp32 = D N / 8 bytes per token (2 KB at D = 1024, N = 16, about 2% of
-a mega200M layer's activations), which spares backward the two launches that would compute them again.
+a mega200M layer's activations), which spares backward the two launches that would compute them again, and the
+coefficient tables (9 N D + D floats, 0.6 MB a layer at mega200M whatever the length), which spare it one.
 Transient: in backward the adjoint's chunk states (as many bytes again) and the parameter partial sums,
 5 D N / 16 bytes per token.
 
@@ -175,9 +176,9 @@ def _check(u: Tensor, alpha: Tensor, chunk: int) -> None:
         raise ValueError(f"cema_scan: the parameters must be fp32 (the kernels compute in fp32), got {alpha.dtype}")
 
 
-def _tables(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor,
-            omega: Tensor) -> tuple[list[Tensor], Tensor]:
-    """Every (N, D) table the runs read, derived from the parameters, and kappa (D,), in one launch
+def _tables(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+    """Every (N, D) table the runs read, as rows of one (TABLE_ROWS, N, D) buffer derived from the parameters,
+    and kappa (D,), in one launch
     (cema_tables.tables_kernel). The forward is the generic recurrence with outputs from the state before
     each step: y_t = Re(sum_n g h_t) + omega u_t = Re(sum_n g q h_{t-1}) + (omega + sum_n p Re g) u_t."""
     kernels = _table_kernels()
@@ -187,7 +188,7 @@ def _tables(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor,
     kernels.tables_kernel[(-(-dim // BLOCK_D),)](*_contiguous(alpha, delta, theta, gamma, omega), tables, kappa, dim,
                                                  ndim, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim),
                                                  num_warps=WARPS_TABLES, **LAUNCH)
-    return list(tables.unbind(0)), kappa
+    return tables, kappa
 
 
 def _contiguous(*tensors: Tensor) -> list[Tensor]:
@@ -198,13 +199,13 @@ def _contiguous(*tensors: Tensor) -> list[Tensor]:
 @on_input_device
 def cema_scan(u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor,
               h0: Tensor | None = None, resets: Tensor | None = None,
-              chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+              chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The CEMA of ops/cema.py on the chunked Triton scan, from its parameters: the kernels derive the
     coefficients (cema_coefficients) themselves, forward and backward. u (B, L, D) fp32/bf16/fp16; alpha, delta
     (D, N), theta (D,), gamma (D, N, 2) and omega (D,), fp32; h0 (B, D, N, 2) fp32 or None; resets (B, L) bool or
     None, True where the state restarts at zero before that step; chunk a multiple of 16. Returns y (B, L, D) fp32,
-    the final state (B, D, N, 2) fp32, and the state entering each chunk (B, L / chunk, 2, N, D) fp32, which
-    backward reuses (not differentiable)."""
+    the final state (B, D, N, 2) fp32, and, which backward reuses (not differentiable), the state entering each
+    chunk (B, L / chunk, 2, N, D) fp32 and the coefficient tables (TABLE_ROWS, N, D) and kappa (D,) fp32."""
     _check(u, alpha, chunk)
     t = _table_kernels()
     tables, kappa = _tables(alpha, delta, theta, gamma, omega)
@@ -212,7 +213,7 @@ def cema_scan(u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Ten
     resets, keep = _chunk_keep(resets, chunk)
     incoming, final, y = _run(u, (tables[t.P], None), (tables[t.LOG_MAG], tables[t.ANGLE]), h0, resets,
                               keep, chunk, False, ((tables[t.QG_RE], tables[t.QG_IM]), kappa, torch.float32))
-    return y, final, incoming
+    return y, final, incoming, tables, kappa
 
 
 @cema_scan.register_fake
@@ -221,20 +222,24 @@ def _(u, alpha, delta, theta, gamma, omega, h0=None, resets=None, chunk=CHUNK):
     ndim = alpha.shape[1]
     return (u.new_empty(batch, length, dim, dtype=torch.float32),
             u.new_empty(batch, dim, ndim, 2, dtype=torch.float32),
-            u.new_empty(batch, -(-length // chunk), 2, ndim, dim, dtype=torch.float32))
+            u.new_empty(batch, -(-length // chunk), 2, ndim, dim, dtype=torch.float32),
+            u.new_empty(_table_kernels().TABLE_ROWS, ndim, dim, dtype=torch.float32),
+            u.new_empty(dim, dtype=torch.float32))
 
 
 @opaque_op("megalodon::cema_scan_backward", mutates_args=())
 @on_input_device
 def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor,
                        gamma: Tensor, omega: Tensor, h0: Tensor | None, resets: Tensor | None,
-                       chunk: int, incoming: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       chunk: int, incoming: Tensor | None = None, tables: Tensor | None = None,
+                       kappa: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `cema_scan` for (u, alpha, delta, theta, gamma, omega, h0) from dy (B, L, D) and the final
     state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None. incoming: the forward's
-    states entering each chunk, or None to run them again."""
+    states entering each chunk, or None to run them again; tables and kappa: the forward's, or None to derive them
+    again."""
     k, t = _kernels(), _table_kernels()
-    tables, kappa = _tables(alpha, delta, theta, gamma, omega)
+    if tables is None or kappa is None:
+        tables, kappa = _tables(alpha, delta, theta, gamma, omega)
     dy = dy.contiguous()
     dh = None if dh is None else dh.contiguous()
     h0 = None if h0 is None else h0.contiguous()
@@ -279,7 +284,7 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
 
 
 @cema_scan_backward.register_fake
-def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk, incoming=None):
+def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk, incoming=None, tables=None, kappa=None):
     batch, _, dim = u.shape
     return (torch.empty_like(u), torch.empty_like(alpha), torch.empty_like(delta), torch.empty_like(theta),
             torch.empty_like(gamma), torch.empty_like(omega),
@@ -289,18 +294,21 @@ def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk, incoming=
 def _setup_context(ctx, inputs, output) -> None:
     u, alpha, delta, theta, gamma, omega, h0, resets, chunk = inputs
     # the chunks' incoming states (D N / 8 bytes a token at chunk 64: 2 KB at mega200M, about 2% of a layer's
-    # activations) spare backward two launches that would compute them again
-    ctx.save_for_backward(u, alpha, delta, theta, gamma, omega, h0, resets, output[2])
+    # activations) spare backward two launches that would compute them again, and the tables (9 N D floats, 0.6 MB
+    # a layer at mega200M) the launch that would derive them again
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.save_for_backward(u, alpha, delta, theta, gamma, omega, h0, resets, *output[2:])
     ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: the kernels skip it
     ctx.chunk = chunk
     ctx.has_h0 = h0 is not None
 
 
-def _backward(ctx, dy: Tensor | None, dh: Tensor | None, _: Tensor | None):
-    u, alpha, delta, theta, gamma, omega, h0, resets, incoming = ctx.saved_tensors
+def _backward(ctx, dy: Tensor | None, dh: Tensor | None, *_: Tensor | None):
+    u, alpha, delta, theta, gamma, omega, h0, resets, incoming, tables, kappa = ctx.saved_tensors
     if dy is None:
         dy = u.new_zeros(u.shape, dtype=torch.float32)
-    grads = cema_scan_backward(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, ctx.chunk, incoming)
+    grads = cema_scan_backward(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, ctx.chunk, incoming, tables,
+                               kappa)
     return *grads[:6], grads[6] if ctx.has_h0 else None, None, None
 
 

@@ -151,8 +151,9 @@ def _(z, scale, shift, cos, sin, heads, eps):
 @opaque_op("megalodon::queries_keys_bwd", mutates_args=())
 @on_input_device
 def queries_keys_bwd(dqk: Tensor, z: Tensor, rstd: Tensor, scale: Tensor, cos: Tensor, sin: Tensor,
-                     heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of z (contiguous, z's dtype), scale and shift (fp32)."""
+                     heads: int) -> tuple[Tensor, Tensor]:
+    """Gradients of z (contiguous, z's dtype), and of scale and shift stacked (4, H * dz) fp32: one sum over the
+    programs' partials, which backward splits outside the op (a custom op's outputs may not alias each other)."""
     batch, length, width = z.shape
     dz = width // heads
     rows, row_stride = _rows(z)
@@ -164,12 +165,12 @@ def queries_keys_bwd(dqk: Tensor, z: Tensor, rstd: Tensor, scale: Tensor, cos: T
     qk_bwd_kernel[(programs, heads)](
         dqk.contiguous(), rows, rstd, scale, cos, sin, d_z, partial, tokens, length, row_stride,
         _table_batch_stride(cos), heads, dz, BLOCK_T=block_t, BLOCK_D=block_d, **LAUNCH)
-    return d_z, partial[:, :2].sum(0), partial[:, 2:].sum(0)  # two sums: a custom op's outputs may not alias
+    return d_z, partial.sum(0)
 
 
 @queries_keys_bwd.register_fake
 def _(dqk, z, rstd, scale, cos, sin, heads):
-    return torch.empty_like(z), torch.empty_like(scale), torch.empty_like(scale)
+    return torch.empty_like(z), scale.new_empty(4, scale.shape[1])
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -184,8 +185,8 @@ def _backward(ctx, dqk, _rstd):
     if dqk is None:
         return None, None, None, None, None, None, None
     z, rstd, scale, cos, sin = ctx.saved_tensors
-    d_z, d_scale, d_shift = queries_keys_bwd(dqk, z, rstd, scale, cos, sin, ctx.heads)
-    return d_z, d_scale, d_shift, None, None, None, None
+    d_z, d_affine = queries_keys_bwd(dqk, z, rstd, scale, cos, sin, ctx.heads)
+    return d_z, d_affine[:2], d_affine[2:], None, None, None, None
 
 
 queries_keys_fwd.register_autograd(_backward, setup_context=_setup_context)

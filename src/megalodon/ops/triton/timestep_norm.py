@@ -172,8 +172,9 @@ def timestep_norm_bwd(
     dy: Tensor, d_copy: Tensor | None, d_final_mean: Tensor | None, d_final_var: Tensor | None, x: Tensor,
     mean_t: Tensor, rstd_t: Tensor, block_count: Tensor, count: Tensor, mean: Tensor, prior_count: Tensor,
     prior_mean: Tensor, block_reset: Tensor | None, weight: Tensor, block_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of x, the incoming mean and var, the prior mean and var, weight and bias. d_copy: the gradient of
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of x, the incoming mean and var, the prior mean and var, and of weight and bias stacked (2, D): one
+    sum over the token tiles' partials, which backward splits outside the op. d_copy: the gradient of
     y's low-precision copy, or None. d_final_mean and d_final_var: the final state's gradients, both or neither
     (None where the loss does not use the state)."""
     batch, length, dim = x.shape
@@ -183,7 +184,7 @@ def timestep_norm_bwd(
     block_t, block_dg = _token_tiles(groups, dim)
     token_grid = (cdiv(tokens, block_t), groups)
     dm, dv, p, c = (x.new_empty(batch, length, groups, dtype=torch.float32) for _ in range(4))
-    partial = [x.new_empty(token_grid[0], dim, dtype=torch.float32) for _ in range(2)]
+    partial = x.new_empty(2, token_grid[0], dim, dtype=torch.float32)  # the weight's and the bias's
     has_copy = d_copy is not None
     d_copy = d_copy if has_copy else dy  # any pointer when there is none
     kernels.norm_bwd_kernel[token_grid](x, dy, d_copy, mean_t, rstd_t, weight, dm, dv, partial[0], partial[1],
@@ -212,8 +213,7 @@ def timestep_norm_bwd(
     dx = torch.empty_like(x)
     kernels.dx_kernel[token_grid](x, dy, d_copy, mean_t, rstd_t, p, c, weight, dx, tokens, dim, groups,
                                   dim // groups, BLOCK_T=block_t, BLOCK_DG=block_dg, HAS_COPY=has_copy, **LAUNCH)
-    d_weight, d_bias = (t.sum(0).to(weight.dtype) for t in partial)
-    return dx, *d_state, d_weight, d_bias
+    return dx, *d_state, partial.sum(1).to(weight.dtype)  # one sum for both: backward splits it
 
 
 @timestep_norm_bwd.register_fake
@@ -221,7 +221,7 @@ def _(dy, d_copy, d_final_mean, d_final_var, x, mean_t, rstd_t, block_count, cou
       block_reset, weight, block_size):
     state = torch.empty_like(mean)
     return (torch.empty_like(x), state, torch.empty_like(state), torch.empty_like(state), torch.empty_like(state),
-            torch.empty_like(weight), torch.empty_like(weight))
+            weight.new_empty(2, *weight.shape))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -244,10 +244,10 @@ def _backward(ctx, dy, d_copy, _mean_t, _rstd_t, _block_count, _final_count, d_f
         d_final_var = torch.zeros_like(mean) if d_final_var is None else d_final_var
     if d_final_mean is not None:
         d_final_mean, d_final_var = d_final_mean.contiguous(), d_final_var.contiguous()
-    dx, d_mean, d_var, d_prior_mean, d_prior_var, d_weight, d_bias = timestep_norm_bwd(
+    dx, d_mean, d_var, d_prior_mean, d_prior_var, d_affine = timestep_norm_bwd(
         dy, d_copy, d_final_mean, d_final_var, x, mean_t, rstd_t, block_count, count, mean, prior_count, prior_mean,
         block_reset, weight, ctx.block_size)
-    return dx, None, d_mean, d_var, None, d_prior_mean, d_prior_var, None, d_weight, d_bias, None, None, None
+    return dx, None, d_mean, d_var, None, d_prior_mean, d_prior_var, None, *d_affine, None, None, None
 
 
 timestep_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
