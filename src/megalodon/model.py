@@ -241,7 +241,7 @@ class Megalodon(nn.Module):
             require(~(doc_start.any() & (state.position % chunk != 0).any()),
                     "doc_start needs a call that begins on a chunk boundary (state.position % chunk_size == 0); "
                     "this state sits mid-chunk")
-        return doc_start[:, ::chunk]
+        return doc_start[:, ::chunk].contiguous()  # once here: every layer's kernels read it contiguous
 
     # ---- conveniences ----------------------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -178,6 +178,8 @@ def test_bad_inputs_name_the_problem():
         cema(u, coeffs, omega, block_reset=torch.zeros(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="block_reset must be"):
         cema(u, coeffs, omega, block_size=4, block_reset=torch.zeros(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool tensor"):  # the kernels read the flags' bytes
+        cema(u, coeffs, omega, block_size=4, block_reset=torch.zeros(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="channels"):
         cema(u[..., :5], coeffs, omega)
     with pytest.raises(ValueError, match="no time steps"):

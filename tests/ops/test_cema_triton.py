@@ -16,12 +16,13 @@ pytestmark = pytest.mark.cuda  # on a GPU every kernel test here runs on it
 CHUNK = 16  # the kernels' chunk, small so that short sequences span several
 
 
-def triton_scan(u, params, h0=None, resets=None, chunk=CHUNK):
+def triton_scan(u, params, h0=None, block_reset=None, block=0, chunk=CHUNK):
     """The op on the CEMA layer's parameters: alpha, delta (D, N, 1), theta (D, 1, 1), gamma (D, N, 2), omega
-    (D, 1), passed in the shapes the op takes (as ops/cema.py's cema_from_parameters does)."""
+    (D, 1), passed in the shapes the op takes (as ops/cema.py's cema_from_parameters does); restarts where
+    block_reset (B, blocks) flags a block of `block` steps."""
     from megalodon.ops.triton.cema import cema_scan
 
-    return cema_scan(u, *op_parameters(params), h0, resets, chunk)[:2]  # y and the final state
+    return cema_scan(u, *op_parameters(params), h0, block_reset, block, chunk)[:2]  # y and the final state
 
 
 def op_parameters(params):
@@ -60,7 +61,7 @@ def run_both(batch, length, dim, ndim, with_h0, block, seed=0, dtype=torch.float
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, length, dim, generator=g).to(dtype)
     h0 = torch.randn(batch, dim, ndim, 2, generator=g) if with_h0 else None
-    resets = None
+    resets = block_reset = None
     if block is not None:
         block_reset = torch.rand(batch, -(-length // block), generator=g) < 0.5
         block_reset[0, 0] = True
@@ -75,7 +76,8 @@ def run_both(batch, length, dim, ndim, with_h0, block, seed=0, dtype=torch.float
     y_ref, h_ref = reference(ref_inputs[0], ref_inputs[2:], ref_inputs[1], resets)
     dev_inputs = [t if t is None else t.to(DEVICE).requires_grad_() for t in (u, h0, *params)]
     u_dev, h0_dev, *params_dev = dev_inputs
-    y, h = triton_scan(u_dev, params_dev, h0_dev, None if resets is None else resets.to(DEVICE), chunk)
+    y, h = triton_scan(u_dev, params_dev, h0_dev, None if block_reset is None else block_reset.to(DEVICE), block or 0,
+                       chunk)
     return (y, h, grads(dev_inputs, y, h)), (y_ref, h_ref, grads(ref_inputs, y_ref, h_ref))
 
 
@@ -207,14 +209,14 @@ def test_backward_reuses_the_forwards_chunk_states():
     params = [t.to(DEVICE) for t in params]
     u = torch.randn(2, 37, 8, device=DEVICE)
     h0 = torch.randn(2, 8, 4, 2, device=DEVICE)
-    resets = torch.zeros(2, 37, dtype=torch.bool, device=DEVICE)
-    resets[1, 20] = True
-    _, _, incoming, tables, kappa = cema_scan(u, *params, h0, resets, CHUNK)
+    block_reset = torch.tensor([[False, False, False], [False, True, False]], device=DEVICE)  # blocks of 13 steps
+    resets = (block_reset, 13)
+    _, _, incoming, tables, kappa = cema_scan(u, *params, h0, *resets, CHUNK)
     assert incoming.shape == (2, 3, 2, 4, 8) and kappa.shape == (8,) and tables.shape[1:] == (4, 8)
     dy, dh = torch.randn(2, 37, 8, device=DEVICE), torch.randn(2, 8, 4, 2, device=DEVICE)
-    again = cema_scan_backward(dy, dh, u, *params, h0, resets, CHUNK)
+    again = cema_scan_backward(dy, dh, u, *params, h0, *resets, CHUNK)
     for saved in ((incoming,), (incoming, tables, kappa)):
-        reused = cema_scan_backward(dy, dh, u, *params, h0, resets, CHUNK, *saved)
+        reused = cema_scan_backward(dy, dh, u, *params, h0, *resets, CHUNK, *saved)
         for a, b in zip(reused, again):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -226,8 +228,8 @@ def test_op_registration_fake_and_autograd():
     params = [t.detach().clone().requires_grad_() for t in op_parameters(parameters(4, 2, 0))]
     u = torch.randn(2, 5, 4, device=DEVICE, requires_grad=True)
     h0 = torch.randn(2, 4, 2, 2, device=DEVICE, requires_grad=True)
-    resets = torch.tensor([[False] * 5, [False, False, True, False, False]], device=DEVICE)
-    torch.library.opcheck(cema_scan.op, (u, *(t.to(DEVICE) for t in params), h0, resets, CHUNK))
+    block_reset = torch.tensor([[False, False, False], [False, True, False]], device=DEVICE)  # blocks of 2 steps
+    torch.library.opcheck(cema_scan.op, (u, *(t.to(DEVICE) for t in params), h0, block_reset, 2, CHUNK))
 
 
 def test_compiled_graph_holds_the_op():
@@ -318,20 +320,21 @@ warps = {"scan_kernel": glue.WARPS_SCAN, "parameter_grads_kernel": glue.WARPS_GR
          "tables_kernel": glue.WARPS_TABLES, "gradients_kernel": glue.WARPS_TABLES}
 fp32, ints = "*fp32", ["i32"] * 4  # L, D, N, num_chunks
 x = ["*bf16", "i32", "i32", "i32", "*u8"]  # a bf16 input with its strides, the reset flags
-shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL)
+shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL, BLOCK_SIZE=2048)
 # Each constexpr flag compiles different code: every branch appears at least once (8 compiles, not all 34).
 CASES = []
 for reverse in (False, True):
     flags = dict(shapes, REVERSE=reverse, HAS_RESET=True, FULL=reverse, REAL_IN=not reverse, PREFETCH=reverse)
-    CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints, flags))
-    CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints,
+    CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints + ["i32", fp32], flags))  # blocks, keep
+    CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints + ["i32"],
                   dict(flags, REAL_OUT=reverse)))
     CASES.append((kernels.scan_kernel, [fp32] * 7 + ints, dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D,
                                                                  UNROLL=glue.UNROLL, REVERSE=reverse,
                                                                  HAS_RESET=reverse, HAS_H0=reverse)))
-    CASES.append((kernels.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints,
+    CASES.append((kernels.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints + ["i32"],
                   dict(shapes, HAS_RESET=reverse, FULL=not reverse)))
-    CASES.append((fused.adjoint_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 8 + ["*bf16", fp32, fp32] + ints,
+    CASES.append((fused.adjoint_grads_kernel,
+                  x[:4] + [fp32, "*u8"] + [fp32] * 8 + ["*bf16", fp32, fp32] + ints + ["i32"],
                   dict(shapes, BLOCK_D=glue.FUSED_BLOCK_D, TILE=16, HAS_RESET=reverse, FULL=not reverse)))
 blocks = dict(BLOCK_D=glue.BLOCK_D, BLOCK_N=16)
 CASES.append((tables.tables_kernel, [fp32] * 7 + ["i32", "i32"], blocks))
@@ -355,7 +358,7 @@ from megalodon.ops.triton import cema_kernels as kernels
 
 fp32, ints, unit = "*fp32", ["i32"] * 4, dict(stride_xd=1, stride_ud=1)  # the launcher makes a unit stride constant
 x = ["*bf16", "i32", "i32", "*u8"]  # u (B, L, D) bf16 with its batch and time strides, the reset flags
-shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL)
+shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL, BLOCK_SIZE=2048)
 CASES = []
 # prefetch as each direction runs it in every variant; the other setting, which the GPU sweep may pick, too
 default = {False: glue.PREFETCH_FORWARD, True: glue.PREFETCH_REVERSE}
@@ -363,15 +366,15 @@ for reverse, reset, prefetch in [(r, s, default[r]) for r in (False, True) for s
         (r, False, not default[r]) for r in (False, True)]:
     flags = dict(shapes, REVERSE=reverse, HAS_RESET=reset, FULL=not reset, REAL_IN=not reverse,
                  PREFETCH=prefetch, stride_xd=1)
-    CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints, flags, glue.WARPS_STEPS))
-    CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints,
+    CASES.append((kernels.local_states_kernel, x + [fp32] * 5 + ints + ["i32", fp32], flags, glue.WARPS_STEPS))
+    CASES.append((kernels.outputs_kernel, x + [fp32] * 8 + ["*bf16" if reverse else fp32] + ints + ["i32"],
                   dict(flags, REAL_OUT=reverse), glue.WARPS_STEPS))
     if prefetch == default[reverse]:
         CASES.append((kernels.scan_kernel, [fp32] * 7 + ints,
                       dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, UNROLL=glue.UNROLL, REVERSE=reverse,
                            HAS_RESET=reset, HAS_H0=reset), glue.WARPS_SCAN))
     if not reset and prefetch == default[reverse]:
-        CASES.append((kernels.parameter_grads_kernel, x[:3] + [fp32, "*u8"] + [fp32] * 9 + ints,
+        CASES.append((kernels.parameter_grads_kernel, x[:3] + [fp32, "*u8"] + [fp32] * 9 + ints + ["i32"],
                       dict(shapes, HAS_RESET=reverse, FULL=not reverse, stride_ud=1),
                       glue.WARPS_GRADS))
 """
@@ -382,8 +385,10 @@ from megalodon.ops.triton import cema as glue
 from megalodon.ops.triton import cema_backward as fused
 
 fp32, ints = "*fp32", ["i32"] * 4
-shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.FUSED_BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL, TILE=16, stride_ud=1)
-CASES = [(fused.adjoint_grads_kernel, ["*bf16", "i32", "i32", fp32, "*u8"] + [fp32] * 8 + ["*bf16", fp32, fp32] + ints,
+shapes = dict(CHUNK=glue.CHUNK, BLOCK_D=glue.FUSED_BLOCK_D, BLOCK_N=16, UNROLL=glue.UNROLL, TILE=16, stride_ud=1,
+              BLOCK_SIZE=2048)
+CASES = [(fused.adjoint_grads_kernel,
+          ["*bf16", "i32", "i32", fp32, "*u8"] + [fp32] * 8 + ["*bf16", fp32, fp32] + ints + ["i32"],
           dict(shapes, HAS_RESET=reset, FULL=not reset), glue.WARPS_FUSED) for reset in (False, True)]
 """
 

@@ -119,9 +119,8 @@ def cema_from_parameters(
 
         dim, ndim = alpha.shape[:2]
         _check_inputs(u, dim, ndim, h0, block_size, block_reset)
-        resets = None if block_reset is None else step_resets(block_reset, block_size, u.shape[1])
         y, h, *_ = cema_scan(u, alpha.view(dim, ndim), delta.view(dim, ndim), theta.view(dim), gamma, omega, h0,
-                            resets, CHUNK)
+                             block_reset, 0 if block_reset is None else block_size, CHUNK)
         return y, h if need_state else None
     return cema(u, cema_coefficients(alpha, delta, theta, gamma), omega, h0, block_size, block_reset, need_state)
 
@@ -155,9 +154,9 @@ def _check_inputs(u: Tensor, channels: int, ndim: int, h0: Tensor | None, block_
         if block_size is None:
             raise ValueError("block_reset needs block_size: the resets are at the first step of each block")
         blocks = -(-length // block_size)
-        if block_reset.shape != (batch, blocks):
-            raise ValueError(f"block_reset must be (batch, ceil(L / block_size)) = {(batch, blocks)}, "
-                             f"got {tuple(block_reset.shape)}")
+        if block_reset.shape != (batch, blocks) or block_reset.dtype != torch.bool:
+            raise ValueError(f"block_reset must be a bool tensor of shape (batch, ceil(L / block_size)) = "
+                             f"{(batch, blocks)}, got {block_reset.dtype} {tuple(block_reset.shape)}")
 
 
 def chunk_length(length: int, block_size: int | None, has_resets: bool) -> int:

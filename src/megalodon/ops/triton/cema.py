@@ -46,7 +46,6 @@ one node; in eager mode the same implementation and formula run without the disp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from megalodon.ops.triton import LAUNCH, on_input_device, opaque_op
@@ -102,34 +101,36 @@ def _table_kernels():
 
 
 def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tensor], h0: Tensor | None,
-         resets: Tensor | None, keep: Tensor | None, chunk: int, reverse: bool,
+         resets: tuple[Tensor, int] | None, chunk: int, reverse: bool,
          outputs: tuple[tuple[Tensor, Tensor | None], Tensor, torch.dtype] | None
          ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One run of the generic recurrence (see cema_kernels) over x (B, L, D), from state h0 (B, D, N, 2).
     The (complex) coefficients c_in, a (as log|a| and arg a) and c_out come as real parts, each (N, D): rows of
     the table buffer, laid out so that a program's loads are contiguous along its channels; an imaginary part
-    None for a real coefficient (the kernels then skip its arithmetic). resets (B, L) uint8
-    and keep (B, chunks) fp32 (_chunk_keep), or both None.
+    None for a real coefficient (the kernels then skip its arithmetic). resets: _block_flags' (flags, block size),
+    or None.
     outputs: (c_out parts, kappa (D,), dtype of y), or None to stop after the scan.
     Returns the state entering every chunk (B, chunks, 2, N, D), the final state (B, D, N, 2) and y or None."""
     kernels = _kernels()
     batch, length, dim = x.shape
     ndim = decay[0].shape[0]
     num_chunks = -(-length // chunk)
+    flags, block_size = (x, 1) if resets is None else resets  # any pointer will do when unused
     meta = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, REVERSE=reverse,
-                HAS_RESET=resets is not None)
+                HAS_RESET=resets is not None, BLOCK_SIZE=block_size)
     full = dict(FULL=length % chunk == 0,  # the per-chunk kernels' steps need no bounds
                 PREFETCH=PREFETCH_REVERSE if reverse else PREFETCH_FORWARD)
-    reset_flags = x if resets is None else resets  # any pointer will do when unused
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
     local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)
+    keep = local if resets is None else x.new_empty(batch, num_chunks, dtype=torch.float32)  # written in phase 1
     cin, real_in = _parts(cin)
     steps = LAUNCH if STEP_REGISTERS is None else {**LAUNCH, "maxnreg": STEP_REGISTERS}
-    kernels.local_states_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, local, length, dim, ndim,
-                                      num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, **meta, **full, **steps)
+    kernels.local_states_kernel[grid](x, *x.stride(), flags, *cin, *decay, local, length, dim, ndim, num_chunks,
+                                      flags.shape[-1], keep, num_warps=WARPS_STEPS, REAL_IN=real_in, **meta, **full,
+                                      **steps)
     incoming = torch.empty_like(local)
     final = x.new_empty(batch, dim, ndim, 2, dtype=torch.float32)
-    kernels.scan_kernel[(grid[1], ndim, batch)](local, x if keep is None else keep, *decay, x if h0 is None else h0,
+    kernels.scan_kernel[(grid[1], ndim, batch)](local, keep, *decay, x if h0 is None else h0,
                                                 incoming, final, length, dim, ndim, num_chunks, CHUNK=chunk,
                                                 BLOCK_D=BLOCK_D, UNROLL=UNROLL, REVERSE=reverse,
                                                 HAS_H0=h0 is not None, HAS_RESET=resets is not None,
@@ -139,9 +140,9 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     cout, kappa, dtype = outputs
     cout, real_out = _parts(cout)
     y = x.new_empty(batch, length, dim, dtype=dtype)
-    kernels.outputs_kernel[grid](x, *x.stride(), reset_flags, *cin, *decay, *cout, kappa, incoming, y, length, dim,
-                                 ndim, num_chunks, num_warps=WARPS_STEPS, REAL_IN=real_in, REAL_OUT=real_out,
-                                 **meta, **full, **steps)
+    kernels.outputs_kernel[grid](x, *x.stride(), flags, *cin, *decay, *cout, kappa, incoming, y, length, dim, ndim,
+                                 num_chunks, flags.shape[-1], num_warps=WARPS_STEPS, REAL_IN=real_in,
+                                 REAL_OUT=real_out, **meta, **full, **steps)
     return incoming, final, y
 
 
@@ -156,15 +157,15 @@ def _block_n(ndim: int) -> int:
     return max(1, 1 << (ndim - 1).bit_length())
 
 
-def _chunk_keep(resets: Tensor | None, chunk: int) -> tuple[Tensor | None, Tensor | None]:
-    """resets (B, L) bool as the kernels read them: uint8 flags, and keep (B, chunks) fp32, 0 for a chunk that
-    a document restarts in (the scan cuts what enters it off from what leaves it)."""
-    if resets is None:
-        return None, None
-    batch, length = resets.shape
-    num_chunks = -(-length // chunk)
-    padded = F.pad(resets, (0, num_chunks * chunk - length)).view(batch, num_chunks, chunk)
-    return resets.to(torch.uint8), 1.0 - padded.amax(-1).to(torch.float32)
+def _block_flags(block_reset: Tensor | None, block_size: int) -> tuple[Tensor, int] | None:
+    """block_reset (B, blocks) bool as the kernels read it: its bytes as uint8 (a view, no launch), with the block
+    size. The kernels find each step's restart from it, and phase 1 each chunk's, where per-step flags and a
+    per-chunk reduction took five launches a call."""
+    if block_reset is None:
+        return None
+    if block_size <= 0:
+        raise ValueError(f"cema_scan: block_size must be positive with block_reset, got {block_size}")
+    return block_reset.contiguous().view(torch.uint8), block_size
 
 
 def _check(u: Tensor, alpha: Tensor, chunk: int) -> None:
@@ -198,26 +199,27 @@ def _contiguous(*tensors: Tensor) -> list[Tensor]:
 @opaque_op("megalodon::cema_scan", mutates_args=())
 @on_input_device
 def cema_scan(u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor,
-              h0: Tensor | None = None, resets: Tensor | None = None,
+              h0: Tensor | None = None, block_reset: Tensor | None = None, block_size: int = 0,
               chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The CEMA of ops/cema.py on the chunked Triton scan, from its parameters: the kernels derive the
     coefficients (cema_coefficients) themselves, forward and backward. u (B, L, D) fp32/bf16/fp16; alpha, delta
-    (D, N), theta (D,), gamma (D, N, 2) and omega (D,), fp32; h0 (B, D, N, 2) fp32 or None; resets (B, L) bool or
-    None, True where the state restarts at zero before that step; chunk a multiple of 16. Returns y (B, L, D) fp32,
+    (D, N), theta (D,), gamma (D, N, 2) and omega (D,), fp32; h0 (B, D, N, 2) fp32 or None; block_reset
+    (B, ceil(L / block_size)) bool or None, True where the state restarts at zero before that block's first step
+    (ops/cema.py's block resets); chunk a multiple of 16. Returns y (B, L, D) fp32,
     the final state (B, D, N, 2) fp32, and, which backward reuses (not differentiable), the state entering each
     chunk (B, L / chunk, 2, N, D) fp32 and the coefficient tables (TABLE_ROWS, N, D) and kappa (D,) fp32."""
     _check(u, alpha, chunk)
     t = _table_kernels()
     tables, kappa = _tables(alpha, delta, theta, gamma, omega)
     h0 = None if h0 is None else h0.contiguous()
-    resets, keep = _chunk_keep(resets, chunk)
-    incoming, final, y = _run(u, (tables[t.P], None), (tables[t.LOG_MAG], tables[t.ANGLE]), h0, resets,
-                              keep, chunk, False, ((tables[t.QG_RE], tables[t.QG_IM]), kappa, torch.float32))
+    resets = _block_flags(block_reset, block_size)
+    incoming, final, y = _run(u, (tables[t.P], None), (tables[t.LOG_MAG], tables[t.ANGLE]), h0, resets, chunk,
+                              False, ((tables[t.QG_RE], tables[t.QG_IM]), kappa, torch.float32))
     return y, final, incoming, tables, kappa
 
 
 @cema_scan.register_fake
-def _(u, alpha, delta, theta, gamma, omega, h0=None, resets=None, chunk=CHUNK):
+def _(u, alpha, delta, theta, gamma, omega, h0=None, block_reset=None, block_size=0, chunk=CHUNK):
     batch, length, dim = u.shape
     ndim = alpha.shape[1]
     return (u.new_empty(batch, length, dim, dtype=torch.float32),
@@ -230,8 +232,8 @@ def _(u, alpha, delta, theta, gamma, omega, h0=None, resets=None, chunk=CHUNK):
 @opaque_op("megalodon::cema_scan_backward", mutates_args=())
 @on_input_device
 def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, delta: Tensor, theta: Tensor,
-                       gamma: Tensor, omega: Tensor, h0: Tensor | None, resets: Tensor | None,
-                       chunk: int, incoming: Tensor | None = None, tables: Tensor | None = None,
+                       gamma: Tensor, omega: Tensor, h0: Tensor | None, block_reset: Tensor | None,
+                       block_size: int, chunk: int, incoming: Tensor | None = None, tables: Tensor | None = None,
                        kappa: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `cema_scan` for (u, alpha, delta, theta, gamma, omega, h0) from dy (B, L, D) and the final
     state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None. incoming: the forward's
@@ -243,16 +245,16 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
     dy = dy.contiguous()
     dh = None if dh is None else dh.contiguous()
     h0 = None if h0 is None else h0.contiguous()
-    resets, keep = _chunk_keep(resets, chunk)
+    resets = _block_flags(block_reset, block_size)
     # Adjoint: s = dL/dh_t from the future; s <- conj(q) (conj(g) dy_t + s), and dL/du_t = Re(sum_n p s) + kappa dy_t
     # with s taken before the step, so the same kernels run it in reverse time with c_in = conj(q g). It leaves
     # with dL/dh0. Fused, its outputs come from the pass that sums the parameters' gradients.
     fused = FUSED_BACKWARD
     future, d_h0, du = _run(dy, (tables[t.QG_RE], tables[t.NEG_QG_IM]), (tables[t.LOG_MAG], tables[t.NEG_ANGLE]),
-                            dh, resets, keep, chunk, True, None if fused else ((tables[t.P], None), kappa, u.dtype))
+                            dh, resets, chunk, True, None if fused else ((tables[t.P], None), kappa, u.dtype))
     if incoming is None:
-        incoming, _, _ = _run(u, (tables[t.P], None), (tables[t.LOG_MAG], tables[t.ANGLE]), h0, resets,
-                              keep, chunk, False, None)
+        incoming, _, _ = _run(u, (tables[t.P], None), (tables[t.LOG_MAG], tables[t.ANGLE]), h0, resets, chunk,
+                              False, None)
 
     batch, length, dim = u.shape
     ndim = alpha.shape[1]
@@ -260,10 +262,10 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
     partial = u.new_empty(batch, num_chunks, 5, ndim, dim, dtype=torch.float32)
     partial_omega = u.new_empty(batch, num_chunks, dim, dtype=torch.float32)
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
+    flags, block_size = (u, 1) if resets is None else resets
     sweep = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
-                 FULL=length % chunk == 0, num_warps=WARPS_GRADS, **LAUNCH)
-    coefficients = (u if resets is None else resets, tables[t.P], tables[t.LOG_MAG], tables[t.ANGLE], tables[t.G_RE],
-                    tables[t.G_IM])
+                 FULL=length % chunk == 0, BLOCK_SIZE=block_size, num_warps=WARPS_GRADS, **LAUNCH)
+    coefficients = (flags, tables[t.P], tables[t.LOG_MAG], tables[t.ANGLE], tables[t.G_RE], tables[t.G_IM])
     if fused:
         from megalodon.ops.triton.cema_backward import adjoint_grads_kernel
 
@@ -271,10 +273,10 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
         sweep.update(BLOCK_D=FUSED_BLOCK_D, num_warps=WARPS_FUSED)
         adjoint_grads_kernel[(num_chunks, -(-dim // FUSED_BLOCK_D), batch)](
             u, *u.stride(), dy, *coefficients, omega.contiguous(), incoming, future, du, partial, partial_omega, length,
-            dim, ndim, num_chunks, TILE=max(sweep["BLOCK_N"], UNROLL), **sweep)
+            dim, ndim, num_chunks, flags.shape[-1], TILE=max(sweep["BLOCK_N"], UNROLL), **sweep)
     else:
         k.parameter_grads_kernel[grid](u, *u.stride(), dy, *coefficients, incoming, future, partial, partial_omega,
-                                       length, dim, ndim, num_chunks, **sweep)
+                                       length, dim, ndim, num_chunks, flags.shape[-1], **sweep)
     grads = [alpha.new_empty(dim, ndim), alpha.new_empty(dim, ndim), alpha.new_empty(dim),
              alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
     t.gradients_kernel[(-(-dim // GRADIENTS_BLOCK_D),)](
@@ -284,7 +286,8 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
 
 
 @cema_scan_backward.register_fake
-def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk, incoming=None, tables=None, kappa=None):
+def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, block_reset, block_size, chunk, incoming=None, tables=None,
+      kappa=None):
     batch, _, dim = u.shape
     return (torch.empty_like(u), torch.empty_like(alpha), torch.empty_like(delta), torch.empty_like(theta),
             torch.empty_like(gamma), torch.empty_like(omega),
@@ -292,24 +295,24 @@ def _(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, chunk, incoming=
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, alpha, delta, theta, gamma, omega, h0, resets, chunk = inputs
+    u, alpha, delta, theta, gamma, omega, h0, block_reset, block_size, chunk = inputs
     # the chunks' incoming states (D N / 8 bytes a token at chunk 64: 2 KB at mega200M, about 2% of a layer's
     # activations) spare backward two launches that would compute them again, and the tables (9 N D floats, 0.6 MB
     # a layer at mega200M) the launch that would derive them again
     ctx.mark_non_differentiable(*output[2:])
-    ctx.save_for_backward(u, alpha, delta, theta, gamma, omega, h0, resets, *output[2:])
+    ctx.save_for_backward(u, alpha, delta, theta, gamma, omega, h0, block_reset, *output[2:])
     ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: the kernels skip it
-    ctx.chunk = chunk
+    ctx.chunk, ctx.block_size = chunk, block_size
     ctx.has_h0 = h0 is not None
 
 
 def _backward(ctx, dy: Tensor | None, dh: Tensor | None, *_: Tensor | None):
-    u, alpha, delta, theta, gamma, omega, h0, resets, incoming, tables, kappa = ctx.saved_tensors
+    u, alpha, delta, theta, gamma, omega, h0, block_reset, incoming, tables, kappa = ctx.saved_tensors
     if dy is None:
         dy = u.new_zeros(u.shape, dtype=torch.float32)
-    grads = cema_scan_backward(dy, dh, u, alpha, delta, theta, gamma, omega, h0, resets, ctx.chunk, incoming, tables,
-                               kappa)
-    return *grads[:6], grads[6] if ctx.has_h0 else None, None, None
+    grads = cema_scan_backward(dy, dh, u, alpha, delta, theta, gamma, omega, h0, block_reset, ctx.block_size,
+                               ctx.chunk, incoming, tables, kappa)
+    return *grads[:6], grads[6] if ctx.has_h0 else None, None, None, None
 
 
 cema_scan.register_autograd(_backward, setup_context=_setup_context)

@@ -51,9 +51,9 @@ def _conj_mul(a_re, a_im, s_re, s_im):
 @triton.jit(do_not_specialize=("D", "stride_ut"))
 def adjoint_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_ptr, p_ptr, log_ptr, angle_ptr,
                          g_re_ptr, g_im_ptr, omega_ptr, incoming_ptr, future_ptr, du_ptr, partial_ptr,
-                         partial_omega_ptr, L, D, N, num_chunks,
+                         partial_omega_ptr, L, D, N, num_chunks, num_blocks,
                          CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
-                         TILE: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr):
+                         TILE: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Grid (chunks, D / BLOCK_D, B): du (B, L, D) in du's dtype, and per chunk the parameter gradient sums as
     parameter_grads_kernel writes them: partial (B, chunks, 5, N, D) = [dg_re, dg_im, dq_re, dq_im, dp] and
     partial_omega (B, chunks, D). incoming: the forward's state entering each chunk; future: the adjoint's
@@ -104,7 +104,7 @@ def adjoint_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_p
             new_re, new_im = _conj_mul(q_re, q_im, lam_re, lam_im)
             s_re, s_im = tl.where(valid, new_re, s_re), tl.where(valid, new_im, s_im)
             if HAS_RESET:  # a restart before step t: nothing before it reaches what follows
-                keep = _keep(reset_ptr, b, L, t, valid)
+                keep = _keep(reset_ptr, b, num_blocks, t, valid, BLOCK_SIZE)
                 s_re, s_im, a_re, a_im = s_re * keep, s_im * keep, a_re * keep, a_im * keep
                 h_re, h_im = h_re * keep, h_im * keep
         ts = _time(start, length, i0 + cols, True).to(tl.int64)

@@ -70,9 +70,13 @@ def _time(start, length, i, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _keep(reset_ptr, b, L, t, valid):
-    """0.0 where the state restarts before step t, else 1.0."""
-    return 1.0 - tl.load(reset_ptr + b.to(tl.int64) * L + t, mask=valid, other=0).to(tl.float32)
+def _keep(reset_ptr, b, num_blocks, t, valid, BLOCK_SIZE: tl.constexpr):
+    """0.0 where the state restarts before step t, else 1.0: where t starts a block of BLOCK_SIZE steps whose flag
+    (B, num_blocks) is set. Read from the per-block flags themselves, so that no per-step tensor is made for the
+    kernels (several launches a call); BLOCK_SIZE is a constant, which makes t's remainder a multiply and a shift."""
+    first = (t % BLOCK_SIZE) == 0
+    flag = tl.load(reset_ptr + b.to(tl.int64) * num_blocks + t // BLOCK_SIZE, mask=both(first, valid), other=0)
+    return 1.0 - flag.to(tl.float32)
 
 
 @triton.jit
@@ -145,12 +149,14 @@ def _imaginary(ptr, offs, mask, REAL: tl.constexpr):
 
 @triton.jit(do_not_specialize=("D", "stride_xt"))
 def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr, cin_im_ptr, log_ptr,
-                        angle_ptr, loc_ptr, L, D, N, num_chunks,
+                        angle_ptr, loc_ptr, L, D, N, num_chunks, num_blocks, keep_ptr,
                         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
                         REVERSE: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr, REAL_IN: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        PREFETCH: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Phase 1, grid (chunks, D / BLOCK_D, B): each chunk's final state entered at zero -> loc (B, chunks, 2, N, D).
-    PREFETCH: each tile of steps is loaded one tile ahead (see the module docstring)."""
+    PREFETCH: each tile of steps is loaded one tile ahead (see the module docstring). With HAS_RESET the programs
+    of the first channel block also write keep (B, chunks): 0.0 for a chunk that a restart lies in, which the scan
+    reads (the flags of every step of the chunk pass through them anyway)."""
     c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d, mask_d, offs, mask = channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)
     a_re, a_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
@@ -163,6 +169,7 @@ def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_r
     cols = tl.arange(0, UNROLL)
     x_rows = (x_ptr + b.to(tl.int64) * stride_xb + offs_d * stride_xd)[:, None]
     x_first = _first_tile(x_rows, stride_xt, start, length, cols, REVERSE)
+    chunk_keep = tl.full((), 1.0, tl.float32)
     if PREFETCH:
         xs_next = _steps_tile(x_first, stride_xt, length, 0, cols, mask_d, REVERSE, FULL)
     for i0 in range(0, length, UNROLL):
@@ -177,7 +184,8 @@ def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_r
             x = column(xs, cols, k)
             keep = 1.0
             if HAS_RESET:
-                keep = _keep(reset_ptr, b, L, t, valid)
+                keep = _keep(reset_ptr, b, num_blocks, t, valid, BLOCK_SIZE)
+                chunk_keep = chunk_keep * keep
             if not REVERSE:  # forward: the state restarts before the step
                 s_re, s_im = s_re * keep, s_im * keep
             new_re, new_im = _step(s_re, s_im, a_re, a_im, cin_re, cin_im, x[:, None], REAL_IN)
@@ -187,6 +195,8 @@ def local_states_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_r
     base = (b.to(tl.int64) * num_chunks + c) * 2 * D * N
     tl.store(loc_ptr + base + offs, s_re, mask=mask)
     tl.store(loc_ptr + base + D * N + offs, s_im, mask=mask)
+    if HAS_RESET:
+        tl.store(keep_ptr + b.to(tl.int64) * num_chunks + c, chunk_keep, mask=pid_d == 0)
 
 
 @triton.jit(do_not_specialize=("D",))
@@ -243,10 +253,10 @@ def scan_kernel(loc_ptr, keep_ptr, log_ptr, angle_ptr, h0_ptr, incoming_ptr, fin
 
 @triton.jit(do_not_specialize=("D", "stride_xt"))
 def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr, cin_im_ptr, log_ptr, angle_ptr,
-                   cout_re_ptr, cout_im_ptr, kappa_ptr, incoming_ptr, y_ptr, L, D, N, num_chunks,
+                   cout_re_ptr, cout_im_ptr, kappa_ptr, incoming_ptr, y_ptr, L, D, N, num_chunks, num_blocks,
                    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
                    REVERSE: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr, REAL_IN: tl.constexpr,
-                   REAL_OUT: tl.constexpr, PREFETCH: tl.constexpr):
+                   REAL_OUT: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Phase 3, grid as phase 1: each chunk rerun from its incoming state, writing y (B, L, D) contiguous.
     REAL_IN, REAL_OUT: c_in, c_out real (their imaginary tables are not read). PREFETCH as in phase 1."""
     c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -282,7 +292,7 @@ def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr
             valid = _in_chunk(i0 + k, length, FULL)
             keep = 1.0
             if HAS_RESET:  # scalar loads, issued together: no store comes before them in the group
-                keep = _keep(reset_ptr, b, L, _time(start, length, i0 + k, REVERSE), valid)
+                keep = _keep(reset_ptr, b, num_blocks, _time(start, length, i0 + k, REVERSE), valid, BLOCK_SIZE)
             if not REVERSE:
                 s_re, s_im = s_re * keep, s_im * keep
             if REAL_OUT:
@@ -300,9 +310,10 @@ def outputs_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr
 @triton.jit(do_not_specialize=("D", "stride_ut"))
 def parameter_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_ptr, p_ptr, log_ptr, angle_ptr,
                            g_re_ptr, g_im_ptr, incoming_ptr, future_ptr, partial_ptr, partial_omega_ptr,
-                           L, D, N, num_chunks,
+                           L, D, N, num_chunks, num_blocks,
                            CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                           UNROLL: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr):
+                           UNROLL: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr,
+                           BLOCK_SIZE: tl.constexpr):
     """Backward, grid as phase 1: per chunk, sums over its steps of the parameter gradients.
 
     The chunk is rerun forward from its incoming state h_in, with forward-mode tangents entered at zero:
@@ -351,7 +362,7 @@ def parameter_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset
             d_omega += dy * u
             u, dy = u[:, None], dy[:, None]
             if HAS_RESET:
-                keep = _keep(reset_ptr, b, L, t, valid)
+                keep = _keep(reset_ptr, b, num_blocks, t, valid, BLOCK_SIZE)
                 h_re, h_im = h_re * keep, h_im * keep
                 hq_re, hq_im = hq_re * keep, hq_im * keep
                 w_re, w_im = w_re * keep, w_im * keep

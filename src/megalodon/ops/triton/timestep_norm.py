@@ -142,7 +142,8 @@ def timestep_norm_fwd(
             mu, s2, mean_t, rstd_t, seg_mean, seg_var, block_count, in_mean, in_var, *segment_args,
             TOTALS=totals, BLOCK_T=scan.tokens, BLOCK_G=scan.groups, num_warps=SCAN_WARPS, **LAUNCH)
         if totals:
-            reset = count if block_reset is None else block_reset.to(torch.int8)  # any pointer when there is none
+            # the flags' own bytes (a view, not a launch); any pointer when there are none
+            reset = count if block_reset is None else block_reset.view(torch.int8)
             carry.carry_fwd_kernel[scan_grid](
                 seg_mean, seg_var, count, mean, var, prior_count, prior_mean, prior_var, reset, in_mean, in_var,
                 block_count, final_count, final_mean, final_var, length, groups, block_size, num_blocks,
@@ -205,7 +206,7 @@ def timestep_norm_bwd(
             scan.segments, TOTALS=sums is totals, HAS_FINAL=has_final, BLOCK_T=scan.tokens, BLOCK_G=scan.groups,
             num_warps=SCAN_WARPS, **LAUNCH)
         if sums is totals:
-            reset = count if block_reset is None else block_reset.to(torch.int8)
+            reset = count if block_reset is None else block_reset.view(torch.int8)
             carry.carry_bwd_kernel[scan_grid](
                 *totals, *after, reset, count, mean, prior_count, prior_mean, *d_state, length, groups,
                 block_size, num_blocks, scan.segs_per_block, scan.seg_tiles, HAS_RESET=block_reset is not None,
