@@ -208,14 +208,20 @@ def build(arch: str, preset: str, layers: int, chunk: int, shrink: int) -> torch
     return Megalodon(config) if arch == "megalodon" else Llama(matched_llama_config(config))
 
 
-def training_ops(model, length: int, dtype: str) -> int:
+def training_ops(model, length: int, dtype: str, documents: int | None = None) -> int:
+    """documents: a second document starts at this position (on Megalodon's chunk grid), as the trainer's packed
+    batches pass doc_start; None: one sequence, as bench_gpu.py's steps."""
     ids = torch.randint(0, 256, (1, length))
+    inputs = {}
+    if documents is not None:
+        inputs["doc_start"] = torch.zeros(1, length, dtype=torch.bool)
+        inputs["doc_start"][0, [0, documents]] = True
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        model(ids).float().square().mean().backward()  # warm-up: lazy initializations
+        model(ids, **inputs).float().square().mean().backward()  # warm-up: lazy initializations
         model.zero_grad(set_to_none=True)
         with OpCounter() as counter:
-            model(ids).float().square().mean().backward()
+            model(ids, **inputs).float().square().mean().backward()
     return sum(counter.ops.values())
 
 
@@ -251,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="count the chunk attention in blocks of queries, as CUDA runs a long call (16K "
                              "tokens and more at mega200M) or a CUDA-graph step (4 blocks at mega200M); by "
                              "default one, as an eager step at 4K and batch 1")
+    parser.add_argument("--documents", action="store_true",
+                        help="training on two packed documents (doc_start), as the trainer's batches: document "
+                             "restarts in the CEMA, the norm and the Llama's masks")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     kernels = run_the_gpu_code()
@@ -260,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.preset} layers (widths / {args.shrink}), {path}; ops that launch a kernel (views not counted)\n")
     print("| step | dtype | Megalodon per layer | Llama per layer | ratio | Megalodon outside | Llama outside |")
     print("|---|---|---|---|---|---|---|")
-    for step, count in (("training", lambda m, d: training_ops(m, args.length, d)), ("decode", decode_ops)):
+    second = args.chunk * (args.length // args.chunk // 2) if args.documents else None  # on the chunk grid
+    for step, count in (("training", lambda m, d: training_ops(m, args.length, d, second)), ("decode", decode_ops)):
         for dtype in args.dtypes:
             per_layer, outside = {}, {}
             for arch in ("megalodon", "llama"):
