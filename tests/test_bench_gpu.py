@@ -114,11 +114,11 @@ def test_gpu_session_sweep_commands_parse():
 @pytest.mark.slow
 def test_op_counts_counts_the_gpu_path_of_both_models():
     """benchmarks/op_counts.py (a diagnostic for launch-bound GPU steps) on the tiny preset: every row, both
-    models, with the Triton kernels on under the interpreter."""
+    models, with the Triton kernels on under the interpreter, training on two packed documents."""
     pytest.importorskip("triton")
     out = subprocess.run(
         interpreted_script(ROOT / "benchmarks" / "op_counts.py", "--preset", "tiny", "--dtypes", "fp32",
-                           "--shrink", "4", "--chunk", "8", "--length", "16"),
+                           "--shrink", "4", "--chunk", "8", "--length", "16", "--documents"),
         capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Triton kernels on" in out.stdout
