@@ -331,7 +331,7 @@ for reverse in (False, True):
     CASES.append((kernels.scan_kernel, [fp32] * 7 + ints, dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D,
                                                                  UNROLL=glue.UNROLL, REVERSE=reverse,
                                                                  HAS_RESET=reverse, HAS_H0=reverse)))
-    CASES.append((kernels.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints + ["i32"],
+    CASES.append((fused.parameter_grads_kernel, x[:4] + [fp32, "*u8"] + [fp32] * 9 + ints + ["i32"],
                   dict(shapes, HAS_RESET=reverse, FULL=not reverse)))
     CASES.append((fused.adjoint_grads_kernel,
                   x[:4] + [fp32, "*u8"] + [fp32] * 8 + ["*bf16", fp32, fp32] + ints + ["i32"],
@@ -354,6 +354,7 @@ def test_kernels_compile_for_h100():
 
 IN_THREAD_ON_H100 = """
 from megalodon.ops.triton import cema as glue
+from megalodon.ops.triton import cema_backward as grads
 from megalodon.ops.triton import cema_kernels as kernels
 
 fp32, ints, unit = "*fp32", ["i32"] * 4, dict(stride_xd=1, stride_ud=1)  # the launcher makes a unit stride constant
@@ -374,7 +375,7 @@ for reverse, reset, prefetch in [(r, s, default[r]) for r in (False, True) for s
                       dict(CHUNK=glue.CHUNK, BLOCK_D=glue.BLOCK_D, UNROLL=glue.UNROLL, REVERSE=reverse,
                            HAS_RESET=reset, HAS_H0=reset), glue.WARPS_SCAN))
     if not reset and prefetch == default[reverse]:
-        CASES.append((kernels.parameter_grads_kernel, x[:3] + [fp32, "*u8"] + [fp32] * 9 + ints + ["i32"],
+        CASES.append((grads.parameter_grads_kernel, x[:3] + [fp32, "*u8"] + [fp32] * 9 + ints + ["i32"],
                       dict(shapes, HAS_RESET=reverse, FULL=not reverse, stride_ud=1),
                       glue.WARPS_GRADS))
 """

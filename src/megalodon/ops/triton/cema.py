@@ -21,7 +21,7 @@ one kernel that reruns every chunk forward with tangents dh/dq and dh/dp to sum 
 (`parameter_grads_kernel`); and one that adds the chunks' sums up and takes the chain rule through the
 coefficients to the parameters (`gradients_kernel`). With FUSED_BACKWARD, four: the adjoint's phases 1-2 only,
 then one reverse pass over each chunk that gives dL/du and the parameters' per-chunk sums together
-(`cema_backward.adjoint_grads_kernel`), then `gradients_kernel`.
+(`adjoint_grads_kernel`), then `gradients_kernel`. The gradient kernels are in cema_backward.py.
 
 Why this shape and not a fused kernel for k[d, j] = Re(sum_n p g q**j) plus an FFT (the official code's): the work
 is O(B L D N) multiply-adds in registers (at mega200M, L = 4096, about 0.5 GFLOP per pass, under a millisecond of
@@ -98,6 +98,12 @@ def _table_kernels():
     from megalodon.ops.triton import cema_tables
 
     return cema_tables
+
+
+def _backward_kernels():
+    from megalodon.ops.triton import cema_backward
+
+    return cema_backward
 
 
 def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tensor], h0: Tensor | None,
@@ -239,7 +245,7 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
     state's gradient dh (B, D, N, 2) or None. The gradient for h0 is zeros when h0 is None. incoming: the forward's
     states entering each chunk, or None to run them again; tables and kappa: the forward's, or None to derive them
     again."""
-    k, t = _kernels(), _table_kernels()
+    t = _table_kernels()
     if tables is None or kappa is None:
         tables, kappa = _tables(alpha, delta, theta, gamma, omega)
     dy = dy.contiguous()
@@ -266,17 +272,17 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
     sweep = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
                  FULL=length % chunk == 0, BLOCK_SIZE=block_size, num_warps=WARPS_GRADS, **LAUNCH)
     coefficients = (flags, tables[t.P], tables[t.LOG_MAG], tables[t.ANGLE], tables[t.G_RE], tables[t.G_IM])
+    grad_kernels = _backward_kernels()
     if fused:
-        from megalodon.ops.triton.cema_backward import adjoint_grads_kernel
-
         du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         sweep.update(BLOCK_D=FUSED_BLOCK_D, num_warps=WARPS_FUSED)
-        adjoint_grads_kernel[(num_chunks, -(-dim // FUSED_BLOCK_D), batch)](
+        grad_kernels.adjoint_grads_kernel[(num_chunks, -(-dim // FUSED_BLOCK_D), batch)](
             u, *u.stride(), dy, *coefficients, omega.contiguous(), incoming, future, du, partial, partial_omega, length,
             dim, ndim, num_chunks, flags.shape[-1], TILE=max(sweep["BLOCK_N"], UNROLL), **sweep)
     else:
-        k.parameter_grads_kernel[grid](u, *u.stride(), dy, *coefficients, incoming, future, partial, partial_omega,
-                                       length, dim, ndim, num_chunks, flags.shape[-1], **sweep)
+        grad_kernels.parameter_grads_kernel[grid](u, *u.stride(), dy, *coefficients, incoming, future, partial,
+                                                  partial_omega, length, dim, ndim, num_chunks, flags.shape[-1],
+                                                  **sweep)
     grads = [alpha.new_empty(dim, ndim), alpha.new_empty(dim, ndim), alpha.new_empty(dim),
              alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
     t.gradients_kernel[(-(-dim // GRADIENTS_BLOCK_D),)](

@@ -1,8 +1,11 @@
-"""The CEMA's backward in one pass over each chunk: the input gradient and the parameters' per-chunk gradient sums
-together (ops/triton/cema.py's FUSED_BACKWARD; the separate kernels are in cema_kernels.py).
+"""The CEMA's parameter gradients per chunk (ops/triton/cema.py's backward): two kernels, one of which runs.
 
-The separate path runs each chunk twice after the adjoint's scan: `outputs_kernel` in reverse time for dL/du, then
-`parameter_grads_kernel` forward with tangents dh/dq and dh/dp. Here one reverse pass does both. Per channel d and
+After the adjoint's scan, the two-pass path runs each chunk twice: `outputs_kernel` (cema_kernels.py) in reverse
+time for dL/du, then `parameter_grads_kernel` forward with tangents dh/dq and dh/dp for the parameters' sums. With
+cema.py's FUSED_BACKWARD, `adjoint_grads_kernel` does both in one reverse pass. Both write the same per-chunk sums
+(`store_partials`), which cema_tables.gradients_kernel adds up.
+
+The one-pass form. Per channel d and
 component n, with the forward's h_t = q h_{t-1} + p u_t, y_t = Re(sum_n g h_t) + omega u_t, and the adjoint
 lambda_t = dL/dh_t = conj(g) dy_t + conj(q) lambda_{t+1} (the adjoint kernels' state before step t is
 S_t = conj(q) lambda_{t+1}, entering the chunk's last step from the adjoint's scan):
@@ -38,8 +41,110 @@ import triton
 import triton.language as tl
 
 from megalodon.ops.triton.casts import cast
-from megalodon.ops.triton.cema_kernels import _in_chunk, _keep, _mul, _power, _time, channel_tile
+from megalodon.ops.triton.cema_kernels import _in_chunk, _keep, _mul, _power, _step, _time, channel_tile
 from megalodon.ops.triton.registers import both, with_column
+
+
+@triton.jit
+def gradient_coefficients(p_ptr, log_ptr, angle_ptr, g_re_ptr, g_im_ptr, offs, mask):
+    """q (real parts), p and g of a (BLOCK_D, BLOCK_N) tile: the coefficients the gradient sweeps read."""
+    q_re, q_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    g_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
+    g_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
+    return q_re, q_im, p, g_re, g_im
+
+
+@triton.jit
+def store_partials(partial_ptr, partial_omega_ptr, b, c, num_chunks, D, N, offs, mask, offs_d, mask_d, dg_re, dg_im,
+                   dq_re, dq_im, dp, d_omega):
+    """One chunk's parameter gradient sums into partial (B, chunks, 5, N, D) = [dg_re, dg_im, dq_re, dq_im, dp]
+    and partial_omega (B, chunks, D), which gradients_kernel adds up."""
+    out = partial_ptr + (b.to(tl.int64) * num_chunks + c) * 5 * D * N + offs
+    tl.store(out, dg_re, mask=mask)
+    tl.store(out + D * N, dg_im, mask=mask)
+    tl.store(out + 2 * D * N, dq_re, mask=mask)
+    tl.store(out + 3 * D * N, dq_im, mask=mask)
+    tl.store(out + 4 * D * N, dp, mask=mask)
+    tl.store(partial_omega_ptr + (b.to(tl.int64) * num_chunks + c) * D + offs_d, d_omega, mask=mask_d)
+
+
+@triton.jit(do_not_specialize=("D", "stride_ut"))
+def parameter_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_ptr, p_ptr, log_ptr, angle_ptr,
+                           g_re_ptr, g_im_ptr, incoming_ptr, future_ptr, partial_ptr, partial_omega_ptr,
+                           L, D, N, num_chunks, num_blocks,
+                           CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           UNROLL: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr,
+                           BLOCK_SIZE: tl.constexpr):
+    """Backward, grid as phase 1: per chunk, sums over its steps of the parameter gradients.
+
+    The chunk is rerun forward from its incoming state h_in, with forward-mode tangents entered at zero:
+    dh/dq (hq_t = h_{t-1} + q hq_{t-1}) and dh/dp (w_t = u_t + q w_{t-1}). The loss seen from inside the chunk,
+    with h_in held fixed, is sum_t dy_t Re(sum_n g h_t) + Re(conj(mu) h_last), where mu = dL/dh_last from later
+    chunks (the reverse scan's state entering this chunk). Hence, per (d, n):
+        dg = sum_t dy_t conj(h_t)
+        dq = sum_t dy_t conj(g hq_t) + mu conj(hq_last)
+        dp = sum_t dy_t Re(g w_t) + Re(conj(mu) w_last)
+    and d omega[d] = sum_t dy_t u_t. Summed over chunks, these are the full gradients: every use of q and p is a
+    step of some chunk. partial (B, chunks, 5, N, D) = [dg_re, dg_im, dq_re, dq_im, dp]; partial_omega (B, chunks, D).
+    """
+    c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d, mask_d, offs, mask = channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)
+    q_re, q_im, p, g_re, g_im = gradient_coefficients(p_ptr, log_ptr, angle_ptr, g_re_ptr, g_im_ptr, offs, mask)
+    base = (b.to(tl.int64) * num_chunks + c) * 2 * D * N
+    h_re = tl.load(incoming_ptr + base + offs, mask=mask, other=0.0)
+    h_im = tl.load(incoming_ptr + base + D * N + offs, mask=mask, other=0.0)
+    hq_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    hq_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    w_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    w_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    # sum_t dy_t h_t, sum_t dy_t hq_t and sum_t dy_t w_t: g multiplies the last two once, at the end
+    dg_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dg_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    sum_hq_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    sum_hq_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    sum_w_re = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    sum_w_im = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    d_omega = tl.zeros((BLOCK_D,), tl.float32)
+    start = c * CHUNK
+    length = tl.minimum(CHUNK, L - start)
+    u_row = u_ptr + b.to(tl.int64) * stride_ub + offs_d * stride_ud
+    dy_row = dy_ptr + b.to(tl.int64) * L * D + offs_d
+    for i0 in range(0, length, UNROLL):
+        for k in tl.static_range(UNROLL):
+            # Past the chunk's end u and dy load as 0, which adds nothing to the sums, but the states would still
+            # move: they are frozen there, because the terms with mu below use the chunk's last states.
+            valid = _in_chunk(i0 + k, length, FULL)
+            t = start + i0 + k
+            u = tl.load(u_row + t.to(tl.int64) * stride_ut, mask=both(mask_d, valid), other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + t.to(tl.int64) * D, mask=both(mask_d, valid), other=0.0).to(tl.float32)
+            d_omega += dy * u
+            u, dy = u[:, None], dy[:, None]
+            if HAS_RESET:
+                keep = _keep(reset_ptr, b, num_blocks, t, valid, BLOCK_SIZE)
+                h_re, h_im = h_re * keep, h_im * keep
+                hq_re, hq_im = hq_re * keep, hq_im * keep
+                w_re, w_im = w_re * keep, w_im * keep
+            new_hq_re, new_hq_im = _mul(q_re, q_im, hq_re, hq_im)
+            hq_re, hq_im = tl.where(valid, new_hq_re + h_re, hq_re), tl.where(valid, new_hq_im + h_im, hq_im)
+            new_w_re, new_w_im = _step(w_re, w_im, q_re, q_im, 1.0, 0.0, u, True)
+            w_re, w_im = tl.where(valid, new_w_re, w_re), tl.where(valid, new_w_im, w_im)
+            new_h_re, new_h_im = _step(h_re, h_im, q_re, q_im, p, 0.0, u, True)
+            h_re, h_im = tl.where(valid, new_h_re, h_re), tl.where(valid, new_h_im, h_im)
+            dg_re += dy * h_re
+            dg_im -= dy * h_im
+            sum_hq_re += dy * hq_re
+            sum_hq_im += dy * hq_im
+            sum_w_re += dy * w_re
+            sum_w_im += dy * w_im
+    mu_re = tl.load(future_ptr + base + offs, mask=mask, other=0.0)
+    mu_im = tl.load(future_ptr + base + D * N + offs, mask=mask, other=0.0)
+    dq_re, dq_im = _mul(g_re, g_im, sum_hq_re, sum_hq_im)  # sum_t dy_t g hq_t, conjugated below
+    dq_re = dq_re + mu_re * hq_re + mu_im * hq_im
+    dq_im = -dq_im + mu_im * hq_re - mu_re * hq_im
+    dp = g_re * sum_w_re - g_im * sum_w_im + mu_re * w_re + mu_im * w_im
+    store_partials(partial_ptr, partial_omega_ptr, b, c, num_chunks, D, N, offs, mask, offs_d, mask_d, dg_re, dg_im,
+                   dq_re, dq_im, dp, d_omega)
 
 
 @triton.jit
@@ -62,10 +167,7 @@ def adjoint_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_p
     conversion (with a tile of UNROLL columns, each step cost a shared-memory round trip and two barriers)."""
     c, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d, mask_d, offs, mask = channel_tile(pid_d, D, N, BLOCK_D, BLOCK_N)
-    q_re, q_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    g_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
-    g_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
+    q_re, q_im, p, g_re, g_im = gradient_coefficients(p_ptr, log_ptr, angle_ptr, g_re_ptr, g_im_ptr, offs, mask)
     omega = tl.load(omega_ptr + offs_d, mask=mask_d, other=0.0)
     base = (b.to(tl.int64) * num_chunks + c) * 2 * D * N
     s_re = tl.load(future_ptr + base + offs, mask=mask, other=0.0)
@@ -115,11 +217,6 @@ def adjoint_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_p
     dq_re, dq_im = _conj_mul(in_re, in_im, a_re, a_im)
     dq_re, dq_im = dq_re + p * sum_a_re, dq_im + p * sum_a_im
     hg_re, hg_im = _mul(in_re, in_im, h_re, h_im)
-    dyh_re, dyh_im = _mul(q_re, q_im, hg_re, hg_im)  # sum_t dy_t h_t, conjugated below
-    out = partial_ptr + (b.to(tl.int64) * num_chunks + c) * 5 * D * N + offs
-    tl.store(out, dyh_re + p * sum_h_re, mask=mask)
-    tl.store(out + D * N, -(dyh_im + p * sum_h_im), mask=mask)
-    tl.store(out + 2 * D * N, dq_re, mask=mask)
-    tl.store(out + 3 * D * N, dq_im, mask=mask)
-    tl.store(out + 4 * D * N, dp, mask=mask)
-    tl.store(partial_omega_ptr + (b.to(tl.int64) * num_chunks + c) * D + offs_d, d_omega, mask=mask_d)
+    dyh_re, dyh_im = _mul(q_re, q_im, hg_re, hg_im)  # sum_t dy_t h_t, conjugated for dg
+    store_partials(partial_ptr, partial_omega_ptr, b, c, num_chunks, D, N, offs, mask, offs_d, mask_d,
+                   dyh_re + p * sum_h_re, -(dyh_im + p * sum_h_im), dq_re, dq_im, dp, d_omega)
