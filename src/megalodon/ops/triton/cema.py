@@ -72,7 +72,7 @@ STEP_REGISTERS: int | None = None
 FUSED_BACKWARD = False
 # Its programs: FUSED_BLOCK_D channels, one warp, a channel's components over 4 threads at N = 16, so that each step's
 # sum over them is two shuffles (at 32 channels and 4 warps they spread across warps: a shared-memory round trip
-# and two barriers a step, in the sm_90 SASS). 128 registers a thread, no spill (with resets: 153).
+# and two barriers a step, in the sm_90 SASS). 128 registers a thread, no spill (with restarts: 168).
 FUSED_BLOCK_D, WARPS_FUSED = 8, 1
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
