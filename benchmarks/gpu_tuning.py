@@ -261,8 +261,8 @@ def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict
         # and 128 (1,024) fit one; 32 makes more, shorter ones
         ("CEMA steps per chunk", CEMA, cema_op,
          {"64": {"CHUNK": 64}, "32": {"CHUNK": 32}, "96": {"CHUNK": 96}, "128": {"CHUNK": 128}}),
-        # n blocks skip (n - 1) / 2n of the products for about 14 launches a block; 8 lost to 4 on the H200, whose
-        # run never timed fewer
+        # n blocks skip (n - 1) / 2n of the products for 9 launches a block (forward and backward); 8 lost to 4
+        # on the H200, whose run never timed fewer
         ("chunk attention's query blocks", ATTENTION, attention_op,
          {"4": {"QUERY_BLOCKS_MAX": 4}, "8": {"QUERY_BLOCKS_MAX": 8}, "2": {"QUERY_BLOCKS_MAX": 2},
           "1": {"QUERY_BLOCKS_MAX": 1}}),

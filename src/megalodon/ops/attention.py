@@ -117,7 +117,7 @@ def _fused_softmax(scores: Tensor) -> bool:
 # On CUDA, a chunk's queries are attended in up to QUERY_BLOCKS_MAX equal blocks of at least QUERY_BLOCK_MIN, each
 # with only the keys up to its last query: n blocks skip (n - 1) / 2n of the (query, key) products, all of them
 # masked (a quarter with 2 blocks, 3/8 with 4); at mega200M the products are 38% of a step's matmul FLOPs
-# (docs/gpu.md), and its 2,048-token chunks take 4 blocks of 512. Each block costs about 7 more launches a
+# (docs/gpu.md), and its 2,048-token chunks take 4 blocks of 512. Each block costs 9 more launches a
 # layer, so the split is taken only for a call of at least SPLIT_MIN_CHUNKS chunks (rows x chunks), where the
 # GPU's work, not the host's launches, sets the time (at batch 1: from 16K tokens at mega200M), or where launches
 # cost the host nothing (a step captured into a CUDA graph: launches_without_host_cost). On a CPU, splitting

@@ -120,7 +120,7 @@ def cema_from_parameters(
         dim, ndim = alpha.shape[:2]
         _check_inputs(u, dim, ndim, h0, block_size, block_reset)
         y, h, *_ = cema_scan(u, alpha.view(dim, ndim), delta.view(dim, ndim), theta.view(dim), gamma, omega, h0,
-                             block_reset, 0 if block_reset is None else block_size, CHUNK)
+                             block_reset, block_size or 0, CHUNK)
         return y, h if need_state else None
     return cema(u, cema_coefficients(alpha, delta, theta, gamma), omega, h0, block_size, block_reset, need_state)
 
