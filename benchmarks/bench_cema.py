@@ -13,7 +13,10 @@ chunk (ops/triton/cema.py's CHUNK): more chunks, more programs to fill the GPU, 
 
 --prefetch sweeps whether the step kernels load each tile of steps one tile ahead (ops/triton/cema.py's
 PREFETCH_FORWARD and PREFETCH_REVERSE), in the forward's runs, the adjoint's, both or neither: each chunk length
-once per setting.
+once per setting. --forms runs the chunks step by step (the step kernels) and as matrix products on tensor cores
+(ops/triton/cema.py's MATRIX_FORM, cema_matrix), each setting once per form.
+
+    python benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --forms steps matrix
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ def main() -> None:
                         help="the Triton path once per steps-per-chunk (multiples of 16; default: the kernels' own)")
     parser.add_argument("--prefetch", nargs="+", default=None, choices=sorted(PREFETCH_SETTINGS),
                         help="the Triton path once per prefetch setting (default: the kernels' own)")
+    parser.add_argument("--forms", nargs="+", default=None, choices=["steps", "matrix"],
+                        help="the Triton path with its chunk runs step by step, as matrix products, or both (default: "
+                             "the kernels' own)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,13 +73,14 @@ def main() -> None:
     if args.resets:
         resets = torch.zeros(batch, -(-length // 256), dtype=torch.bool, device=args.device)
         resets[:, 1::2] = True
-    paths = ([("triton", chunk, prefetch) for chunk in args.chunks or [None] for prefetch in args.prefetch or [None]]
-             + [("pytorch", None, None)] if x.is_cuda else [("pytorch", None, None)])
+    paths = ([("triton", chunk, prefetch, form) for chunk in args.chunks or [None]
+              for prefetch in args.prefetch or [None] for form in args.forms or [None]]
+             + [("pytorch", None, None, None)] if x.is_cuda else [("pytorch", None, None, None)])
     print(f"CEMA B={batch} L={length} D={dim} N={args.ndim} {args.dtype} on {args.device}"
           f"{' with resets' if args.resets else ''}\n")
     print("| path | forward ms | forward + backward ms | fwd+bwd GPU ms | fwd+bwd peak MiB | tokens/s (fwd+bwd) |")
     print("|---|---|---|---|---|---|")
-    for path, chunk, prefetch in paths:
+    for path, chunk, prefetch, form in paths:
         os.environ[DISABLE_ENV] = "" if path == "triton" else "cema"
         if path == "triton":
             from megalodon.ops.triton import cema as kernels
@@ -82,11 +89,13 @@ def main() -> None:
                 kernels.CHUNK = chunk  # what ops/cema.py passes the op
             if prefetch is not None:
                 kernels.PREFETCH_FORWARD, kernels.PREFETCH_REVERSE = PREFETCH_SETTINGS[prefetch]
+            if form is not None:
+                kernels.MATRIX_FORM = form == "matrix"
         forward = measure(layer, x.detach(), resets, False, args.repeats)
         both = measure(layer, x, resets, True, args.repeats)
         gpu = "-" if both["gpu_ms"] is None else f"{both['gpu_ms']:.3f}"
         label = ", ".join([path] + ([f"chunk {chunk}"] if chunk else [])
-                          + ([f"prefetch {prefetch}"] if prefetch else []))
+                          + ([f"prefetch {prefetch}"] if prefetch else []) + ([form] if form else []))
         peak = "-" if both["peak_mib"] is None else f"{both['peak_mib']:.0f}"
         print(f"| {label} | {forward['ms']:.2f} | {both['ms']:.2f} | {gpu} | {peak} | "
               f"{batch * length / both['ms'] * 1e3:,.0f} |")

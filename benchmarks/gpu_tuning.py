@@ -257,6 +257,14 @@ def kernels_to_turn_off(shape: Shape, kernels: list[str], deadline: float, timin
 # ---- the groups: (name, module, op, candidates in the order to try, default first) --------------------------------
 def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict[str, dict]]]:
     return [
+        # the CEMA's chunk runs as small products on tensor cores (16-step sub-blocks) instead of step by step on
+        # CUDA cores: what channels and rows a program takes is the tradeoff between registers and programs
+        ("CEMA chunk runs (step kernels, matrix products)", CEMA, cema_op,
+         {"steps": {"MATRIX_FORM": False},
+          "products 4x16": {"MATRIX_FORM": True, "MATRIX_BLOCK_D": 4, "MATRIX_ROWS": 16, "WARPS_MATRIX": 4},
+          "products 2x16": {"MATRIX_FORM": True, "MATRIX_BLOCK_D": 2, "MATRIX_ROWS": 16, "WARPS_MATRIX": 4},
+          "products 4x32, 8 warps": {"MATRIX_FORM": True, "MATRIX_BLOCK_D": 4, "MATRIX_ROWS": 32,
+                                     "WARPS_MATRIX": 8}}),
         # 2,048 one-warp programs at 4K took 1.3 waves of an H200's SMs: 96 (1,376 programs, partial last chunk)
         # and 128 (1,024) fit one; 32 makes more, shorter ones
         ("CEMA steps per chunk", CEMA, cema_op,

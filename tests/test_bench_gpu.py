@@ -96,7 +96,7 @@ def test_gpu_session_sweep_commands_parse():
     only, one query block) at a small shape, the sweep's own flags kept."""
     script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     commands = re.findall(r'^\s*"\$PYTHON" (benchmarks/bench_\w+\.py .*)$', script, flags=re.MULTILINE)
-    assert len(commands) == 7, commands
+    assert len(commands) == 8, commands
     small = {"bench_cema.py": ["--shape", "1,64,32", "--repeats", "1"],
              "bench_fused.py": ["--tokens", "32", "--shrink", "16", "--repeats", "1"],
              "bench_attention.py": ["--shape", "1,64,1,8,16", "--chunk", "32", "--repeats", "1"],

@@ -150,6 +150,46 @@ def test_the_chunk_lengths_the_tuning_tries_match_the_recurrence(chunk, length, 
         assert_close(grad, expected, 2e-5)
 
 
+@pytest.mark.parametrize("batch, length, with_h0, block, dtype, dim, ndim, fused", [
+    (2, 2 * CHUNK, False, None, torch.float32, 6, 4, False),
+    (3, 5 * CHUNK, True, CHUNK, torch.float32, 6, 4, False),  # restarts at chunk starts; rows across the batch
+    (1, 4 * CHUNK, True, 2 * CHUNK, torch.bfloat16, 6, 4, False),
+    (2, 3 * CHUNK, True, CHUNK, torch.float32, 20, 16, False),  # several channel blocks, the last partial; N = 16
+    (2, 3 * CHUNK, True, CHUNK, torch.float32, 6, 4, True),  # feeding the fused backward
+    (2, 9 * CHUNK, True, 3 * CHUNK, torch.float32, 6, 4, False),  # more rows (B x chunks) than a program's 16
+])
+def test_the_matrix_form_matches_the_recurrence(monkeypatch, batch, length, with_h0, block, dtype, dim, ndim, fused):
+    """MATRIX_FORM (phases 1 and 3 as matrix products over sub-blocks of 16 steps, cema_matrix), which the GPU's
+    tuning may pick, forward and adjoint: restarts at chunk starts, an incoming state, bf16 input, channels and
+    components that do not fill its tiles, and with the fused backward."""
+    from megalodon.ops.triton import cema as glue
+
+    monkeypatch.setattr(glue, "MATRIX_FORM", True)
+    monkeypatch.setattr(glue, "FUSED_BACKWARD", fused)
+    launches = []
+    products = glue._products
+    monkeypatch.setattr(glue, "_products", lambda *args, **kwargs: launches.append(kwargs) or products(*args, **kwargs))
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, dim, ndim, with_h0, block, dtype=dtype)
+    assert len(launches) == (3 if fused else 4)  # phases 1 and 3, forward and adjoint (fused: its own outputs)
+    assert_close(y, y_ref, 1e-5)
+    assert_close(h, h_ref, 1e-5)
+    for grad, expected in zip(grads, grads_ref):  # u, h0, alpha, delta, theta, gamma, omega
+        assert_close(grad, expected, 2e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("length, block", [(2 * CHUNK + 5, None), (3 * CHUNK, CHUNK // 2)])
+def test_the_matrix_form_leaves_other_runs_to_the_step_kernels(monkeypatch, length, block):
+    """A partial last chunk, or restarts inside chunks: MATRIX_FORM set, the step kernels run, and the results hold."""
+    from megalodon.ops.triton import cema as glue
+
+    monkeypatch.setattr(glue, "MATRIX_FORM", True)
+    monkeypatch.setattr(glue, "_products", lambda *args, **kwargs: pytest.fail("the matrix form ran"))
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, length, 6, 4, True, block)
+    assert_close(y, y_ref, 1e-5)
+    for grad, expected in zip(grads, grads_ref):
+        assert_close(grad, expected, 2e-5)
+
+
 def test_split_calls_equal_one_call():
     """Consecutive calls that carry the state equal one call, at cuts inside and on chunk boundaries."""
     params = [p.to(DEVICE) for p in parameters(6, 4, 2)]
@@ -314,6 +354,7 @@ from megalodon.ops.triton import cema_kernels as kernels
 from megalodon.ops.triton import cema_tables as tables
 from megalodon.ops.triton import cema_step as step
 from megalodon.ops.triton import cema_backward as fused
+from megalodon.ops.triton import cema_matrix as products
 
 warps = {"scan_kernel": glue.WARPS_SCAN, "parameter_grads_kernel": glue.WARPS_GRADS,
          "adjoint_grads_kernel": glue.WARPS_FUSED,
@@ -340,6 +381,16 @@ blocks = dict(BLOCK_D=glue.BLOCK_D, BLOCK_N=16)
 CASES.append((tables.tables_kernel, [fp32] * 7 + ["i32", "i32"], blocks))
 CASES.append((tables.gradients_kernel, [fp32] * 11 + ["i32"] * 3,
               dict(BLOCK_D=glue.GRADIENTS_BLOCK_D, BLOCK_N=16, ROWS=glue.GRADIENTS_ROWS)))
+# the matrix form: "ieee" first, as the T4 and the MI300X compile each kernel's first case (ROCm's Triton has no
+# "tf32x3"); then its four variants as an H100 runs them
+matrix = x[:2] + x[3:] + [fp32] * 9
+variants = [("ieee", True, False)] + [("tf32x3", o, r) for o in (False, True) for r in (False, True)]
+for precision, outputs, reverse in variants:
+    CASES.append((products.chunk_products_kernel, matrix + ["*bf16" if outputs and reverse else fp32] + ["i32"] * 6,
+                  dict(CHUNK=glue.CHUNK, BLOCK_D=glue.MATRIX_BLOCK_D, BLOCK_N=16, BLOCK_ROWS=glue.MATRIX_ROWS,
+                       REVERSE=reverse, HAS_RESET=True, REAL_IN=not reverse, REAL_OUT=reverse, OUTPUTS=outputs,
+                       BLOCK_SIZE=2048, PRECISION=precision, SUB=products.SUB, stride_xd=1)))
+warps["chunk_products_kernel"] = glue.WARPS_MATRIX
 CASES = [(fn, types, constexprs, warps.get(fn.__name__, glue.WARPS_STEPS)) for fn, types, constexprs in CASES]
 CASES.append((step._cema_step_kernel, [fp32] * 10 + ["i32", "i32"], dict(BLOCK_D=step.BLOCK_D, BLOCK_N=16)))
 """
@@ -410,23 +461,26 @@ def test_step_kernels_keep_each_channel_in_one_thread_as_launched():
 
 
 @requires_cuda
-@pytest.mark.parametrize("flip_prefetch", [False, True], ids=["prefetch-as-set", "prefetch-flipped"])
+@pytest.mark.parametrize("settings", ["as-set", "flipped", "matrix-flipped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_layer_matches_the_pytorch_path(monkeypatch, dtype, flip_prefetch):
+def test_cuda_layer_matches_the_pytorch_path(monkeypatch, dtype, settings):
     """On a GPU the layer dispatches to Triton: outputs, state and gradients as the float64 PyTorch path's; with
-    the step kernels' prefetch as set and each direction flipped, and the backward fused or not the other way
-    round (the tuning may pick either)."""
-    if flip_prefetch:
-        from megalodon.ops.triton import cema as glue
+    the step kernels' prefetch as set and each direction flipped, the backward fused or not the other way round,
+    and the chunk runs as matrix products or not the other way round (the tuning may pick any of them; 384 steps,
+    whole chunks, for the matrix form to run)."""
+    from megalodon.ops.triton import cema as glue
 
+    if settings == "flipped":
         monkeypatch.setattr(glue, "PREFETCH_FORWARD", not glue.PREFETCH_FORWARD)
         monkeypatch.setattr(glue, "PREFETCH_REVERSE", not glue.PREFETCH_REVERSE)
         monkeypatch.setattr(glue, "FUSED_BACKWARD", not glue.FUSED_BACKWARD)
+    if settings == "matrix-flipped":
+        monkeypatch.setattr(glue, "MATRIX_FORM", not glue.MATRIX_FORM)
     torch.manual_seed(0)
     layer = CEMA(64, 16).cuda()
     reference_layer = CEMA(64, 16).double()
     reference_layer.load_state_dict(layer.state_dict())
-    x = torch.randn(3, 300, 64).to(dtype)
+    x = torch.randn(3, 384 if settings == "matrix-flipped" else 300, 64).to(dtype)
     h0 = torch.randn(3, 64, 16, dtype=torch.complex64)
     reset = torch.rand(3, 3) < 0.5
 

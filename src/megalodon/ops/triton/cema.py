@@ -14,6 +14,8 @@ Forward, four launches (ops/triton/cema_kernels.py; the tables and the parameter
 2. per (channel block, component, row): the scan over chunks, s_in(c+1) = q**len(c) s_in(c) + s_loc(c), from h0,
    cut where a document restarts inside chunk c; it also gives the final state;
 3. per (chunk, channel block, row): the chunk rerun from its incoming state, writing y.
+With MATRIX_FORM, phases 1 and 3 (of the adjoint's run too) are small matrix products on tensor cores over
+sub-blocks of 16 steps (cema_matrix.py), where every chunk is whole and restarts fall on chunk starts.
 Backward, five launches (the forward's tables and its states entering each chunk are saved for it; called
 without them, the backward op derives the tables and reruns phases 1-2 on u): the adjoint, the same recurrence
 run in reverse time with conj(q) (phases 1-3 on dy give dL/du, the adjoint state entering each chunk, and dL/dh0);
@@ -74,6 +76,16 @@ FUSED_BACKWARD = False
 # sum over them is two shuffles (at 32 channels and 4 warps they spread across warps: a shared-memory round trip
 # and two barriers a step, in the sm_90 SASS). 128 registers a thread, no spill (with restarts: 168).
 FUSED_BLOCK_D, WARPS_FUSED = 8, 1
+# Whether phases 1 and 3 of each run (forward and adjoint) are small matrix products on tensor cores
+# (cema_matrix.chunk_products_kernel: sub-blocks of 16 steps, a Toeplitz product for the outputs and two for the
+# state) instead of the step kernels' sequential multiply-adds. Whole chunks and restarts at chunk starts only;
+# other runs take the step kernels. Off until a GPU times it: gpu_tuning.py's "CEMA chunk runs" group.
+MATRIX_FORM = False
+# Its programs: MATRIX_ROWS chunks of MATRIX_BLOCK_D channels, WARPS_MATRIX warps (on sm_90 at mega200M, 128 to 227
+# registers a thread for the four variants, no spill; at 8 channels they spill); its dots' precision ("tf32x3":
+# three tf32 products, about fp32's error; "tf32": one, about bf16's relative error on the CEMA's output; on ROCm,
+# whose Triton has no "tf32x3", "ieee").
+MATRIX_BLOCK_D, MATRIX_ROWS, WARPS_MATRIX, MATRIX_PRECISION = 4, 16, 4, "tf32x3"
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
 # loop; see cema_kernels on the specialization that would undo it). The scan runs one component per program, one
@@ -122,18 +134,22 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     ndim = decay[0].shape[0]
     num_chunks = -(-length // chunk)
     flags, block_size = (x, 1) if resets is None else resets  # any pointer will do when unused
-    meta = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, REVERSE=reverse,
-                HAS_RESET=resets is not None, BLOCK_SIZE=block_size)
-    full = dict(FULL=length % chunk == 0,  # the per-chunk kernels' steps need no bounds
-                PREFETCH=PREFETCH_REVERSE if reverse else PREFETCH_FORWARD)
+    meta = dict(CHUNK=chunk, BLOCK_N=_block_n(ndim), REVERSE=reverse, HAS_RESET=resets is not None,
+                BLOCK_SIZE=block_size)
+    steps = dict(meta, BLOCK_D=BLOCK_D, UNROLL=UNROLL, FULL=length % chunk == 0,  # FULL: no bounds on the steps
+                 PREFETCH=PREFETCH_REVERSE if reverse else PREFETCH_FORWARD, num_warps=WARPS_STEPS, **LAUNCH)
+    if STEP_REGISTERS is not None:
+        steps["maxnreg"] = STEP_REGISTERS
     grid = (num_chunks, -(-dim // BLOCK_D), batch)
     local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)
     keep = local if resets is None else x.new_empty(batch, num_chunks, dtype=torch.float32)  # written in phase 1
     cin, real_in = _parts(cin)
-    steps = LAUNCH if STEP_REGISTERS is None else {**LAUNCH, "maxnreg": STEP_REGISTERS}
-    kernels.local_states_kernel[grid](x, *x.stride(), flags, *cin, *decay, local, length, dim, ndim, num_chunks,
-                                      flags.shape[-1], keep, num_warps=WARPS_STEPS, REAL_IN=real_in, **meta, **full,
-                                      **steps)
+    matrix = _matrix_form(length, chunk, None if resets is None else block_size)
+    if matrix:  # without outputs, c_out's tables and kappa stand in unread
+        _products(x, flags, cin, decay, (cin, True), decay[0], local, keep, x, meta, real_in, outputs=False)
+    else:
+        kernels.local_states_kernel[grid](x, *x.stride(), flags, *cin, *decay, local, length, dim, ndim, num_chunks,
+                                          flags.shape[-1], keep, REAL_IN=real_in, **steps)
     incoming = torch.empty_like(local)
     final = x.new_empty(batch, dim, ndim, 2, dtype=torch.float32)
     kernels.scan_kernel[(grid[1], ndim, batch)](local, keep, *decay, x if h0 is None else h0,
@@ -144,12 +160,39 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     if outputs is None:
         return incoming, final, None
     cout, kappa, dtype = outputs
-    cout, real_out = _parts(cout)
     y = x.new_empty(batch, length, dim, dtype=dtype)
-    kernels.outputs_kernel[grid](x, *x.stride(), flags, *cin, *decay, *cout, kappa, incoming, y, length, dim, ndim,
-                                 num_chunks, flags.shape[-1], num_warps=WARPS_STEPS, REAL_IN=real_in,
-                                 REAL_OUT=real_out, **meta, **full, **steps)
+    if matrix:
+        _products(x, flags, cin, decay, _parts(cout), kappa, incoming, keep, y, meta, real_in, outputs=True)
+    else:
+        cout, real_out = _parts(cout)
+        kernels.outputs_kernel[grid](x, *x.stride(), flags, *cin, *decay, *cout, kappa, incoming, y, length, dim,
+                                     ndim, num_chunks, flags.shape[-1], REAL_IN=real_in, REAL_OUT=real_out, **steps)
     return incoming, final, y
+
+
+def _matrix_form(length: int, chunk: int, block_size: int | None) -> bool:
+    """Whether a run takes phases 1 and 3 as matrix products (cema_matrix): MATRIX_FORM, every chunk whole, and
+    restarts, if any, only where chunks start."""
+    return MATRIX_FORM and length % chunk == 0 and (block_size is None or block_size % chunk == 0)
+
+
+def _products(x: Tensor, flags: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor],
+              cout: tuple[tuple[Tensor, Tensor], bool], kappa: Tensor, states: Tensor, keep: Tensor, y: Tensor,
+              meta: dict, real_in: bool, outputs: bool) -> None:
+    """Phase 1 (outputs False: writes states and keep) or phase 3 (reads states, writes y) as matrix products."""
+    from megalodon.ops.triton import cema_matrix
+
+    batch, length, dim = x.shape
+    ndim = decay[0].shape[0]
+    num_chunks = length // meta["CHUNK"]
+    cout_parts, real_out = cout
+    meta = dict(meta, BLOCK_N=max(16, meta["BLOCK_N"]))  # a dot's dimensions are 16 or more
+    grid = (-(-batch * num_chunks // MATRIX_ROWS), -(-dim // MATRIX_BLOCK_D))
+    cema_matrix.chunk_products_kernel[grid](
+        x, *x.stride(), flags, *cin, *decay, *cout_parts, kappa, states, keep, y, length, dim, ndim, num_chunks,
+        batch * num_chunks, flags.shape[-1], BLOCK_D=MATRIX_BLOCK_D, BLOCK_ROWS=MATRIX_ROWS, REAL_IN=real_in,
+        REAL_OUT=real_out, OUTPUTS=outputs, PRECISION="ieee" if torch.version.hip else MATRIX_PRECISION,
+        SUB=cema_matrix.SUB, num_warps=WARPS_MATRIX, **meta, **LAUNCH)
 
 
 def _parts(coefficient: tuple[Tensor, Tensor | None]) -> tuple[tuple[Tensor, Tensor], bool]:
