@@ -13,10 +13,11 @@ chunk (ops/triton/cema.py's CHUNK): more chunks, more programs to fill the GPU, 
 
 --prefetch sweeps whether the step kernels load each tile of steps one tile ahead (ops/triton/cema.py's
 PREFETCH_FORWARD and PREFETCH_REVERSE), in the forward's runs, the adjoint's, both or neither: each chunk length
-once per setting. --forms runs the chunks step by step (the step kernels) and as matrix products on tensor cores
-(ops/triton/cema.py's MATRIX_FORM, cema_matrix), each setting once per form.
+once per setting. --forms runs the chunks step by step (the step kernels), as matrix products on tensor cores
+(ops/triton/cema.py's MATRIX_FORM, cema_matrix), or the backward's gradient pass as matrix products too
+(MATRIX_BACKWARD), each setting once per form.
 
-    python benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --forms steps matrix
+    python benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --forms steps matrix both
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def main() -> None:
                         help="the Triton path once per steps-per-chunk (multiples of 16; default: the kernels' own)")
     parser.add_argument("--prefetch", nargs="+", default=None, choices=sorted(PREFETCH_SETTINGS),
                         help="the Triton path once per prefetch setting (default: the kernels' own)")
-    parser.add_argument("--forms", nargs="+", default=None, choices=["steps", "matrix"],
-                        help="the Triton path with its chunk runs step by step, as matrix products, or both (default: "
-                             "the kernels' own)")
+    parser.add_argument("--forms", nargs="+", default=None, choices=["steps", "matrix", "both"],
+                        help="the Triton path with its chunk runs step by step, as matrix products, or those and the "
+                             "backward's gradient pass as matrix products (default: the kernels' own)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +91,7 @@ def main() -> None:
             if prefetch is not None:
                 kernels.PREFETCH_FORWARD, kernels.PREFETCH_REVERSE = PREFETCH_SETTINGS[prefetch]
             if form is not None:
-                kernels.MATRIX_FORM = form == "matrix"
+                kernels.MATRIX_FORM, kernels.MATRIX_BACKWARD = form != "steps", form == "both"
         forward = measure(layer, x.detach(), resets, False, args.repeats)
         both = measure(layer, x, resets, True, args.repeats)
         gpu = "-" if both["gpu_ms"] is None else f"{both['gpu_ms']:.3f}"

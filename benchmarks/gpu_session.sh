@@ -141,7 +141,7 @@ sweep)  # the CEMA's and the TimestepNorm's kernel tilings, the attention's quer
         echo
         "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --prefetch none forward reverse both
         echo
-        "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --resets --forms steps matrix
+        "$PYTHON" benchmarks/bench_cema.py --device cuda --shape 1,4096,1024 --dtype bf16 --resets --forms steps matrix both
         echo
         "$PYTHON" benchmarks/bench_timestep_norm.py --device cuda --scan-tiles 256,8,4,32 1024,2,4,32 256,8,4,8 64,8,4,64
         echo

@@ -278,8 +278,11 @@ def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict
          {"forward": {"PREFETCH_FORWARD": True, "PREFETCH_REVERSE": False},
           "both": {"PREFETCH_FORWARD": True, "PREFETCH_REVERSE": True},
           "none": {"PREFETCH_FORWARD": False, "PREFETCH_REVERSE": False}}),
-        ("CEMA backward (two passes a chunk, one)", CEMA, cema_op,
-         {"two": {"FUSED_BACKWARD": False}, "one": {"FUSED_BACKWARD": True}}),
+        ("CEMA backward (two passes a chunk, one, matrix products)", CEMA, cema_op,
+         {"two": {"FUSED_BACKWARD": False, "MATRIX_BACKWARD": False},
+          "one": {"FUSED_BACKWARD": True, "MATRIX_BACKWARD": False},
+          "products, 2 channels": {"MATRIX_BACKWARD": True, "MATRIX_GRADS_BLOCK_D": 2, "WARPS_MATRIX_GRADS": 8},
+          "products, 4 channels": {"MATRIX_BACKWARD": True, "MATRIX_GRADS_BLOCK_D": 4, "WARPS_MATRIX_GRADS": 8}}),
         ("CEMA step kernels' registers a thread", CEMA, cema_op,
          {"as needed": {"STEP_REGISTERS": None}, "128": {"STEP_REGISTERS": 128}}),  # 128: one wave at 4K
         ("decode GEMM kernel's outputs a program", FUSED, decode_linears_op,

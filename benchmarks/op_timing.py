@@ -22,7 +22,7 @@ def kernels(prof) -> tuple[int, float]:
 KERNEL_KINDS = [
     ("CEMA (Triton)", {"tables_kernel", "local_states_kernel", "scan_kernel", "outputs_kernel",
                        "chunk_products_kernel", "parameter_grads_kernel", "adjoint_grads_kernel",
-                       "gradients_kernel"}, ()),
+                       "matrix_grads_kernel", "gradients_kernel"}, ()),
     ("TimestepNorm (Triton)", {"moments_kernel", "scan_fwd_kernel", "carry_fwd_kernel", "normalize_kernel",
                                "norm_bwd_kernel", "scan_bwd_kernel", "carry_bwd_kernel", "dx_kernel"}, ()),
     ("attention: q, k and softmax (Triton)", {"qk_fwd_kernel", "qk_bwd_kernel", "causal_softmax_fwd_kernel",

@@ -164,8 +164,10 @@ def test_tuning_runs_every_group_on_cpu_and_bench_gpu_takes_its_file(tmp_path):
     written = json.loads(settings.read_text())
     # on the CPU both paths of a pair are PyTorch's, so noise may turn the CEMA's or the norm's kernels "off", and
     # then their tilings are not tuned (test_tuning_spends_its_time_where_it_decides_most)
-    tilings = {"cema": {"CEMA steps per chunk", "CEMA tile prefetch (forward, adjoint)",
-                        "CEMA backward (two passes a chunk, one)", "CEMA step kernels' registers a thread"},
+    tilings = {"cema": {"CEMA chunk runs (step kernels, matrix products)", "CEMA steps per chunk",
+                        "CEMA tile prefetch (forward, adjoint)",
+                        "CEMA backward (two passes a chunk, one, matrix products)",
+                        "CEMA step kernels' registers a thread"},
                "timestep_norm": {"TimestepNorm scan tiles (tokens x groups, warps, segments)"}}
     assert set(written["timings"]) == {"chunk attention's query blocks", "decode GEMM kernel's outputs a program",
                                        "silu_gate kernels (their ops)", "norm_rows kernels (their ops)",

@@ -177,13 +177,55 @@ def test_the_matrix_form_matches_the_recurrence(monkeypatch, batch, length, with
         assert_close(grad, expected, 2e-5 if dtype == torch.float32 else 1e-2)
 
 
+class LaunchCounter:
+    """Stands in for a Triton kernel: counts its launches and runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("batch, length, with_h0, block, dtype, dim, ndim, forward", [
+    (2, 2 * CHUNK, False, None, torch.float32, 6, 4, False),
+    (3, 5 * CHUNK, True, CHUNK, torch.float32, 6, 4, True),  # restarts at chunk starts; rows across the batch
+    (1, 4 * CHUNK, True, 2 * CHUNK, torch.bfloat16, 6, 4, False),  # du comes back in bf16
+    (2, 3 * CHUNK, True, CHUNK, torch.float32, 20, 16, True),  # several channel blocks, the last partial; N = 16
+    (2, 9 * CHUNK, True, 3 * CHUNK, torch.float32, 6, 4, False),  # more rows than a program's: several partial rows
+])
+def test_the_matrix_backward_matches_the_recurrence(monkeypatch, batch, length, with_h0, block, dtype, dim, ndim,
+                                                    forward):
+    """MATRIX_BACKWARD (dL/du and the parameters' sums as matrix products in one reverse pass over each chunk's
+    sub-blocks, cema_matrix.matrix_grads_kernel), which the GPU's tuning may pick, with the forward's chunk runs as
+    matrix products or as steps: every gradient against float64's."""
+    from megalodon.ops.triton import cema as glue
+    from megalodon.ops.triton import cema_matrix
+
+    monkeypatch.setattr(glue, "MATRIX_BACKWARD", True)
+    monkeypatch.setattr(glue, "MATRIX_FORM", forward)
+    counter = LaunchCounter(cema_matrix.matrix_grads_kernel)
+    monkeypatch.setattr(cema_matrix, "matrix_grads_kernel", counter)
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, dim, ndim, with_h0, block, dtype=dtype)
+    assert counter.launches == 1
+    assert grads[0].dtype == dtype
+    assert_close(y, y_ref, 1e-5)
+    for grad, expected in zip(grads, grads_ref):  # u, h0, alpha, delta, theta, gamma, omega
+        assert_close(grad, expected, 2e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("length, block", [(2 * CHUNK + 5, None), (3 * CHUNK, CHUNK // 2)])
 def test_the_matrix_form_leaves_other_runs_to_the_step_kernels(monkeypatch, length, block):
-    """A partial last chunk, or restarts inside chunks: MATRIX_FORM set, the step kernels run, and the results hold."""
+    """A partial last chunk, or restarts inside chunks: MATRIX_FORM and MATRIX_BACKWARD set, the step kernels run,
+    and the results hold."""
     from megalodon.ops.triton import cema as glue
+    from megalodon.ops.triton import cema_matrix
 
     monkeypatch.setattr(glue, "MATRIX_FORM", True)
+    monkeypatch.setattr(glue, "MATRIX_BACKWARD", True)
     monkeypatch.setattr(glue, "_products", lambda *args, **kwargs: pytest.fail("the matrix form ran"))
+    monkeypatch.setattr(cema_matrix, "matrix_grads_kernel", None)  # launching it would fail
     (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, length, 6, 4, True, block)
     assert_close(y, y_ref, 1e-5)
     for grad, expected in zip(grads, grads_ref):
@@ -390,7 +432,12 @@ for precision, outputs, reverse in variants:
                   dict(CHUNK=glue.CHUNK, BLOCK_D=glue.MATRIX_BLOCK_D, BLOCK_N=16, BLOCK_ROWS=glue.MATRIX_ROWS,
                        REVERSE=reverse, HAS_RESET=True, REAL_IN=not reverse, REAL_OUT=reverse, OUTPUTS=outputs,
                        BLOCK_SIZE=2048, PRECISION=precision, SUB=products.SUB, stride_xd=1)))
-warps["chunk_products_kernel"] = glue.WARPS_MATRIX
+grads = ["*bf16", "i32", "i32", fp32, "*u8"] + [fp32] * 8 + ["*bf16", fp32, fp32] + ["i32"] * 6
+for precision, reset in [("ieee", False), ("tf32x3", True)]:
+    CASES.append((products.matrix_grads_kernel, grads,
+                  dict(CHUNK=glue.CHUNK, BLOCK_D=glue.MATRIX_GRADS_BLOCK_D, BLOCK_N=16, BLOCK_ROWS=glue.MATRIX_ROWS,
+                       HAS_RESET=reset, BLOCK_SIZE=2048, PRECISION=precision, SUB=products.SUB, stride_ud=1)))
+warps.update(chunk_products_kernel=glue.WARPS_MATRIX, matrix_grads_kernel=glue.WARPS_MATRIX_GRADS)
 CASES = [(fn, types, constexprs, warps.get(fn.__name__, glue.WARPS_STEPS)) for fn, types, constexprs in CASES]
 CASES.append((step._cema_step_kernel, [fp32] * 10 + ["i32", "i32"], dict(BLOCK_D=step.BLOCK_D, BLOCK_N=16)))
 """
@@ -466,8 +513,8 @@ def test_step_kernels_keep_each_channel_in_one_thread_as_launched():
 def test_cuda_layer_matches_the_pytorch_path(monkeypatch, dtype, settings):
     """On a GPU the layer dispatches to Triton: outputs, state and gradients as the float64 PyTorch path's; with
     the step kernels' prefetch as set and each direction flipped, the backward fused or not the other way round,
-    and the chunk runs as matrix products or not the other way round (the tuning may pick any of them; 384 steps,
-    whole chunks, for the matrix form to run)."""
+    and the chunk runs and the backward as matrix products or not the other way round (the tuning may pick any of
+    them; 384 steps, whole chunks, for the matrix form to run)."""
     from megalodon.ops.triton import cema as glue
 
     if settings == "flipped":
@@ -476,6 +523,7 @@ def test_cuda_layer_matches_the_pytorch_path(monkeypatch, dtype, settings):
         monkeypatch.setattr(glue, "FUSED_BACKWARD", not glue.FUSED_BACKWARD)
     if settings == "matrix-flipped":
         monkeypatch.setattr(glue, "MATRIX_FORM", not glue.MATRIX_FORM)
+        monkeypatch.setattr(glue, "MATRIX_BACKWARD", not glue.MATRIX_BACKWARD)
     torch.manual_seed(0)
     layer = CEMA(64, 16).cuda()
     reference_layer = CEMA(64, 16).double()

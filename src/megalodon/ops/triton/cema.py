@@ -23,7 +23,9 @@ one kernel that reruns every chunk forward with tangents dh/dq and dh/dp to sum 
 (`parameter_grads_kernel`); and one that adds the chunks' sums up and takes the chain rule through the
 coefficients to the parameters (`gradients_kernel`). With FUSED_BACKWARD, four: the adjoint's phases 1-2 only,
 then one reverse pass over each chunk that gives dL/du and the parameters' per-chunk sums together
-(`adjoint_grads_kernel`), then `gradients_kernel`. The gradient kernels are in cema_backward.py.
+(`adjoint_grads_kernel`), then `gradients_kernel`. The gradient kernels are in cema_backward.py. With
+MATRIX_BACKWARD, where a run can take the matrix products, that pass is cema_matrix.matrix_grads_kernel: the same
+sums from tensor-core products over sub-blocks of 16 steps.
 
 Why this shape and not a fused kernel for k[d, j] = Re(sum_n p g q**j) plus an FFT (the official code's): the work
 is O(B L D N) multiply-adds in registers (at mega200M, L = 4096, about 0.5 GFLOP per pass, under a millisecond of
@@ -81,6 +83,14 @@ FUSED_BLOCK_D, WARPS_FUSED = 8, 1
 # state) instead of the step kernels' sequential multiply-adds. Whole chunks and restarts at chunk starts only;
 # other runs take the step kernels. Off until a GPU times it: gpu_tuning.py's "CEMA chunk runs" group.
 MATRIX_FORM = False
+# Whether backward takes the input gradient and the parameters' gradient sums as matrix products too, in one
+# reverse pass over each chunk's sub-blocks (cema_matrix.matrix_grads_kernel), where a run qualifies as above;
+# independent of MATRIX_FORM. Off until a GPU times it: gpu_tuning.py's "CEMA backward" group.
+MATRIX_BACKWARD = False
+# Its programs: MATRIX_GRADS_BLOCK_D channels of MATRIX_ROWS chunks, WARPS_MATRIX_GRADS warps. It holds about twice
+# the forward's matrices and states: on sm_90 at mega200M 255 registers a thread and a 48-byte stack at 2 channels
+# and 8 warps (72 bytes at 4 channels; at 4 warps 152 bytes), one program an SM.
+MATRIX_GRADS_BLOCK_D, WARPS_MATRIX_GRADS = 2, 8
 # Its programs: MATRIX_ROWS chunks of MATRIX_BLOCK_D channels, WARPS_MATRIX warps (on sm_90 at mega200M, 128 to 227
 # registers a thread for the four variants, no spill; at 8 channels they spill); its dots' precision ("tf32x3":
 # three tf32 products, about fp32's error; "tf32": one, about bf16's relative error on the CEMA's output; on ROCm,
@@ -144,7 +154,7 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     local = x.new_empty(batch, num_chunks, 2, ndim, dim, dtype=torch.float32)
     keep = local if resets is None else x.new_empty(batch, num_chunks, dtype=torch.float32)  # written in phase 1
     cin, real_in = _parts(cin)
-    matrix = _matrix_form(length, chunk, None if resets is None else block_size)
+    matrix = MATRIX_FORM and _matrix_ready(length, chunk, None if resets is None else block_size)
     if matrix:  # without outputs, c_out's tables and kappa stand in unread
         _products(x, flags, cin, decay, (cin, True), decay[0], local, keep, x, meta, real_in, outputs=False)
     else:
@@ -170,10 +180,14 @@ def _run(x: Tensor, cin: tuple[Tensor, Tensor | None], decay: tuple[Tensor, Tens
     return incoming, final, y
 
 
-def _matrix_form(length: int, chunk: int, block_size: int | None) -> bool:
-    """Whether a run takes phases 1 and 3 as matrix products (cema_matrix): MATRIX_FORM, every chunk whole, and
-    restarts, if any, only where chunks start."""
-    return MATRIX_FORM and length % chunk == 0 and (block_size is None or block_size % chunk == 0)
+def _matrix_ready(length: int, chunk: int, block_size: int | None) -> bool:
+    """Whether a run can take the matrix products (cema_matrix): every chunk whole, and restarts, if any, only
+    where chunks start."""
+    return length % chunk == 0 and (block_size is None or block_size % chunk == 0)
+
+
+def _matrix_precision() -> str:
+    return "ieee" if torch.version.hip else MATRIX_PRECISION  # ROCm's Triton has no "tf32x3"
 
 
 def _products(x: Tensor, flags: Tensor, cin: tuple[Tensor, Tensor], decay: tuple[Tensor, Tensor],
@@ -191,7 +205,7 @@ def _products(x: Tensor, flags: Tensor, cin: tuple[Tensor, Tensor], decay: tuple
     cema_matrix.chunk_products_kernel[grid](
         x, *x.stride(), flags, *cin, *decay, *cout_parts, kappa, states, keep, y, length, dim, ndim, num_chunks,
         batch * num_chunks, flags.shape[-1], BLOCK_D=MATRIX_BLOCK_D, BLOCK_ROWS=MATRIX_ROWS, REAL_IN=real_in,
-        REAL_OUT=real_out, OUTPUTS=outputs, PRECISION="ieee" if torch.version.hip else MATRIX_PRECISION,
+        REAL_OUT=real_out, OUTPUTS=outputs, PRECISION=_matrix_precision(),
         SUB=cema_matrix.SUB, num_warps=WARPS_MATRIX, **meta, **LAUNCH)
 
 
@@ -297,39 +311,53 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
     resets = _block_flags(block_reset, block_size)
     # Adjoint: s = dL/dh_t from the future; s <- conj(q) (conj(g) dy_t + s), and dL/du_t = Re(sum_n p s) + kappa dy_t
     # with s taken before the step, so the same kernels run it in reverse time with c_in = conj(q g). It leaves
-    # with dL/dh0. Fused, its outputs come from the pass that sums the parameters' gradients.
-    fused = FUSED_BACKWARD
+    # with dL/dh0. Fused or as matrix products, its outputs come from the pass that sums the parameters' gradients.
+    batch, length, dim = u.shape
+    matrix = MATRIX_BACKWARD and _matrix_ready(length, chunk, block_size if block_reset is not None else None)
+    fused = FUSED_BACKWARD or matrix
     future, d_h0, du = _run(dy, (tables[t.QG_RE], tables[t.NEG_QG_IM]), (tables[t.LOG_MAG], tables[t.NEG_ANGLE]),
                             dh, resets, chunk, True, None if fused else ((tables[t.P], None), kappa, u.dtype))
     if incoming is None:
         incoming, _, _ = _run(u, (tables[t.P], None), (tables[t.LOG_MAG], tables[t.ANGLE]), h0, resets, chunk,
                               False, None)
 
-    batch, length, dim = u.shape
     ndim = alpha.shape[1]
     num_chunks = incoming.shape[1]
-    partial = u.new_empty(batch, num_chunks, 5, ndim, dim, dtype=torch.float32)
-    partial_omega = u.new_empty(batch, num_chunks, dim, dtype=torch.float32)
-    grid = (num_chunks, -(-dim // BLOCK_D), batch)
     flags, block_size = (u, 1) if resets is None else resets
-    sweep = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL, HAS_RESET=resets is not None,
-                 FULL=length % chunk == 0, BLOCK_SIZE=block_size, num_warps=WARPS_GRADS, **LAUNCH)
     coefficients = (flags, tables[t.P], tables[t.LOG_MAG], tables[t.ANGLE], tables[t.G_RE], tables[t.G_IM])
-    grad_kernels = _backward_kernels()
+    # the per-chunk (or, as matrix products, per-program) sums that gradients_kernel adds up
+    rows = -(-batch * num_chunks // MATRIX_ROWS) if matrix else batch * num_chunks
+    partial = u.new_empty(rows, 5, ndim, dim, dtype=torch.float32)
+    partial_omega = u.new_empty(rows, dim, dtype=torch.float32)
     if fused:
         du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-        sweep.update(BLOCK_D=FUSED_BLOCK_D, num_warps=WARPS_FUSED)
-        grad_kernels.adjoint_grads_kernel[(num_chunks, -(-dim // FUSED_BLOCK_D), batch)](
-            u, *u.stride(), dy, *coefficients, omega.contiguous(), incoming, future, du, partial, partial_omega, length,
-            dim, ndim, num_chunks, flags.shape[-1], TILE=max(sweep["BLOCK_N"], UNROLL), **sweep)
+    if matrix:
+        from megalodon.ops.triton import cema_matrix
+
+        cema_matrix.matrix_grads_kernel[(rows, -(-dim // MATRIX_GRADS_BLOCK_D))](
+            u, *u.stride(), dy, *coefficients, kappa, incoming, future, du, partial, partial_omega, length, dim,
+            ndim, num_chunks, batch * num_chunks, flags.shape[-1], CHUNK=chunk, BLOCK_D=MATRIX_GRADS_BLOCK_D,
+            BLOCK_N=max(16, _block_n(ndim)), BLOCK_ROWS=MATRIX_ROWS, HAS_RESET=resets is not None,
+            BLOCK_SIZE=block_size, PRECISION=_matrix_precision(), SUB=cema_matrix.SUB,
+            num_warps=WARPS_MATRIX_GRADS, **LAUNCH)
     else:
-        grad_kernels.parameter_grads_kernel[grid](u, *u.stride(), dy, *coefficients, incoming, future, partial,
-                                                  partial_omega, length, dim, ndim, num_chunks, flags.shape[-1],
-                                                  **sweep)
+        sweep = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL,
+                     HAS_RESET=resets is not None, FULL=length % chunk == 0, BLOCK_SIZE=block_size,
+                     num_warps=WARPS_GRADS, **LAUNCH)
+        grad_kernels = _backward_kernels()
+        if fused:
+            sweep.update(BLOCK_D=FUSED_BLOCK_D, num_warps=WARPS_FUSED)
+            grad_kernels.adjoint_grads_kernel[(num_chunks, -(-dim // FUSED_BLOCK_D), batch)](
+                u, *u.stride(), dy, *coefficients, omega.contiguous(), incoming, future, du, partial, partial_omega,
+                length, dim, ndim, num_chunks, flags.shape[-1], TILE=max(sweep["BLOCK_N"], UNROLL), **sweep)
+        else:
+            grad_kernels.parameter_grads_kernel[(num_chunks, -(-dim // BLOCK_D), batch)](
+                u, *u.stride(), dy, *coefficients, incoming, future, partial, partial_omega, length, dim, ndim,
+                num_chunks, flags.shape[-1], **sweep)
     grads = [alpha.new_empty(dim, ndim), alpha.new_empty(dim, ndim), alpha.new_empty(dim),
              alpha.new_empty(dim, ndim, 2), alpha.new_empty(dim)]  # alpha, delta, theta, gamma, omega
     t.gradients_kernel[(-(-dim // GRADIENTS_BLOCK_D),)](
-        partial, partial_omega, *_contiguous(alpha, delta, theta, gamma), *grads, batch * num_chunks, dim, ndim,
+        partial, partial_omega, *_contiguous(alpha, delta, theta, gamma), *grads, rows, dim, ndim,
         BLOCK_D=GRADIENTS_BLOCK_D, BLOCK_N=_block_n(ndim), ROWS=GRADIENTS_ROWS, num_warps=WARPS_TABLES, **LAUNCH)
     return (du, *grads, d_h0)
 

@@ -37,6 +37,18 @@ SUB = 16  # steps a sub-block (the kernel's SUB): the smallest dot Triton makes
 
 
 @triton.jit
+def _toeplitz(kernel, lag, SUB: tl.constexpr):
+    """(BLOCK_D, SUB, SUB) with K[lag] where 0 <= lag (a (1, SUB, SUB) index), else 0, from K (BLOCK_D, SUB): a
+    select per lag, as registers cannot be indexed."""
+    steps = tl.arange(0, SUB)[None, :]
+    toeplitz = tl.zeros((kernel.shape[0], SUB, SUB), tl.float32)
+    for m in tl.static_range(SUB):
+        k_m = tl.sum(tl.where(steps == m, kernel, 0.0), axis=1)
+        toeplitz = tl.where(lag == m, k_m[:, None, None], toeplitz)
+    return toeplitz
+
+
+@triton.jit
 def _sub_block_matrices(log_ptr, angle_ptr, cin_re_ptr, cin_im_ptr, cout_re_ptr, cout_im_ptr, kappa_ptr, offs_d,
                         mask_d, D, N, SUB: tl.constexpr, BLOCK_N: tl.constexpr, REAL_IN: tl.constexpr,
                         REAL_OUT: tl.constexpr):
@@ -79,11 +91,7 @@ def _sub_block_matrices(log_ptr, angle_ptr, cin_re_ptr, cin_im_ptr, cout_re_ptr,
     kappa = tl.load(kappa_ptr + offs_d, mask=mask_d, other=0.0)
     steps = tl.arange(0, SUB)[None, :]
     kernel = tl.where(steps == 0, kappa[:, None], kernel)
-    lag = steps_last - steps_mid  # u - v
-    toeplitz = tl.zeros((offs_d.shape[0], SUB, SUB), tl.float32)
-    for m in tl.static_range(SUB):
-        k_m = tl.sum(tl.where(steps == m, kernel, 0.0), axis=1)
-        toeplitz = tl.where(lag == m, k_m[:, None, None], toeplitz)
+    toeplitz = _toeplitz(kernel, steps_last - steps_mid, SUB)  # T[v, u] = K[u - v]
     return w_re, w_im, a_re, a_im, v_re, v_im, toeplitz
 
 
@@ -153,3 +161,167 @@ def chunk_products_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin
         tl.store(state_ptr + states + N * D, s_im, mask=mask_states)
         if HAS_RESET:
             tl.store(keep_ptr + b.to(tl.int64) * num_chunks + c, keep_rows, mask=both(row_ok, pid_d == 0))
+
+
+@triton.jit
+def _conj_dot_rows(a_re, a_im, b_re, b_im):
+    """sum over rows of conj(a) b, complex, for (BLOCK_D, rows, BLOCK_N) tiles -> (BLOCK_D, BLOCK_N)."""
+    return tl.sum(a_re * b_re + a_im * b_im, axis=1), tl.sum(a_re * b_im - a_im * b_re, axis=1)
+
+
+@triton.jit
+def _masked_power(log_ptr, angle_ptr, offs, mask, exponent):
+    power_re, power_im = _power(log_ptr, angle_ptr, offs, mask, exponent)
+    return tl.where(mask, power_re, 0.0), tl.where(mask, power_im, 0.0)
+
+
+@triton.jit(do_not_specialize=("D", "stride_ut"))
+def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_ptr, p_ptr, log_ptr, angle_ptr,
+                        g_re_ptr, g_im_ptr, kappa_ptr, incoming_ptr, future_ptr, du_ptr, partial_ptr,
+                        partial_omega_ptr, L, D, N, num_chunks, num_rows, num_blocks, CHUNK: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                        HAS_RESET: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+                        SUB: tl.constexpr):
+    """The CEMA's backward after the adjoint's scan, as matrix products: dL/du (B, L, D) and the parameters' sums,
+    grid and rows as chunk_products_kernel's. Per program the sums go to its own row of partial
+    (programs, 5, N, D) = [dg_re, dg_im, dq_re, dq_im, dp] and partial_omega (programs, D), which gradients_kernel
+    adds up. Forward, over a sub-block k: y = X T + Re(V S_k), S_{k+1} = A S_k + p X Q with A = q**SUB,
+    Q[v] = q**(SUB - 1 - v), V[u] = g q**(u + 1), T[v, u] = K[u - v], K[m] = Re(sum_n p g q**m) + omega [m = 0].
+    The sub-blocks run in reverse with the adjoint G_k = dL/dS_k = conj(g) Z_k + conj(A) G_{k+1}, Z_k = dY_k
+    conj(q**(u+1)), entered from the adjoint's scan (future) after the chunk:
+        dL/du_k = dY_k T^T + Re(conj(p X Q)^T G_{k+1})      dK[m] = sum over u - v = m of X_k^T dY_k
+        sum_k conj(S_k) M_k = conj(S_0) H_0 + sum_j conj(p X_j Q) H_{j+1},  H_j = M_j + conj(A) H_{j+1}
+    the last for M = Z_k (dg through V) and M = conj(SUB q**(SUB-1)) G_{k+1} + conj(g) Z'_k, Z'_k = dY_k
+    conj((u+1) q**u) (dq through A and V), so that the states S_k are never run forward: S_0 is the chunk's
+    incoming state, the rest enters through p X Q."""
+    pid_r, pid_d = tl.program_id(0), tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    d3 = offs_d[:, None, None]
+    mask_d3 = mask_d[:, None, None]
+    steps_mid = tl.arange(0, SUB)[None, :, None]
+    steps_last = tl.arange(0, SUB)[None, None, :]
+    comps_mid = tl.arange(0, BLOCK_N)[None, :, None]
+    comps_last = tl.arange(0, BLOCK_N)[None, None, :]
+
+    # (BLOCK_D, SUB, BLOCK_N): the products' right sides, components last
+    offs = d3 + comps_last * D
+    mask = mask_d3 & (comps_last < N)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    g_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
+    g_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
+    a_re, a_im = _power(log_ptr, angle_ptr, offs, mask, SUB * 1.0)
+    lag = SUB - 1 - steps_mid
+    q_re, q_im = _masked_power(log_ptr, angle_ptr, offs, mask, lag.to(tl.float32))
+    qd_re, qd_im = _masked_power(log_ptr, angle_ptr, offs, mask, tl.maximum(lag - 1, 0).to(tl.float32))
+    qd_re, qd_im = qd_re * lag, qd_im * lag  # d/dq of q**lag
+    z_re, z_im = _masked_power(log_ptr, angle_ptr, offs, mask, (steps_mid + 1).to(tl.float32))
+    z_im = -z_im
+    zp_re, zp_im = _masked_power(log_ptr, angle_ptr, offs, mask, steps_mid.to(tl.float32))
+    zp_re, zp_im = zp_re * (steps_mid + 1), -zp_im * (steps_mid + 1)
+    # du's right sides: T^T (u, v) = K[u - v], and p Q transposed (components mid)
+    offs = d3 + comps_mid * D
+    mask = mask_d3 & (comps_mid < N)
+    pq_re, pq_im = _masked_power(log_ptr, angle_ptr, offs, mask, (SUB - 1 - steps_last).to(tl.float32))
+    p_mid = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    pq_re, pq_im = p_mid * pq_re, p_mid * pq_im
+    pk_re, pk_im = _masked_power(log_ptr, angle_ptr, offs, mask, steps_last.to(tl.float32))  # q**m, m last
+    gm_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
+    gm_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
+    kernel = tl.sum(p_mid * (gm_re * pk_re - gm_im * pk_im), axis=1)
+    kappa = tl.load(kappa_ptr + offs_d, mask=mask_d, other=0.0)
+    steps = tl.arange(0, SUB)[None, :]
+    kernel = tl.where(steps == 0, kappa[:, None], kernel)  # K[0] = kappa = omega + sum_n p Re g
+    toeplitz_t = _toeplitz(kernel, steps_mid - steps_last, SUB)
+
+    rows = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < num_rows
+    b = rows // num_chunks
+    c = rows % num_chunks
+    start = c * CHUNK
+    mask_rows = mask_d3 & row_ok[None, :, None]
+    states = ((b.to(tl.int64) * num_chunks + c) * 2 * N * D)[None, :, None] + d3 + comps_last * D
+    mask_states = mask_rows & (comps_last < N)
+    ad_re = tl.load(future_ptr + states, mask=mask_states, other=0.0)  # G after the chunk
+    ad_im = tl.load(future_ptr + states + N * D, mask=mask_states, other=0.0)
+    # dq through A and through V pair conj(S_k) with one M_k: conj(SUB q**(SUB-1)) G_{k+1} + conj(g) Z'_k
+    e_re, e_im = _power(log_ptr, angle_ptr, d3 + comps_last * D, mask_d3 & (comps_last < N), SUB - 1.0)
+    e_re, e_im = SUB * e_re, SUB * e_im
+    zero = tl.zeros((BLOCK_D, BLOCK_ROWS, BLOCK_N), tl.float32)
+    hq_re, hq_im, hz_re, hz_im = zero, zero, zero, zero
+    acc_p = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    acc_w_re, acc_w_im, acc_q_re, acc_q_im, acc_z_re, acc_z_im = acc_p, acc_p, acc_p, acc_p, acc_p, acc_p
+    d_toeplitz = tl.zeros((BLOCK_D, SUB, SUB), tl.float32)
+    u_rows = u_ptr + (b.to(tl.int64) * stride_ub)[None, :, None] + (offs_d * stride_ud)[:, None, None]
+    dy_rows = (b.to(tl.int64) * L * D)[None, :, None] + d3
+    for kk in range(CHUNK // SUB):  # not unrolled: each sub-block's loads wait for the last one's work
+        t = (start[None, :, None] + (CHUNK - SUB - kk * SUB) + steps_last).to(tl.int64)
+        xs = tl.load(u_rows + t * stride_ut, mask=mask_rows, other=0.0).to(tl.float32)
+        dys = tl.load(dy_ptr + dy_rows + t * D, mask=mask_rows, other=0.0).to(tl.float32)
+        du = tl.dot(dys, toeplitz_t, input_precision=PRECISION)
+        du = tl.dot(ad_re, pq_re, du, input_precision=PRECISION)
+        du = tl.dot(ad_im, pq_im, du, input_precision=PRECISION)
+        tl.store(du_ptr + dy_rows + t * D, cast(du, du_ptr.dtype.element_ty), mask=mask_rows)
+        d_toeplitz = tl.dot(tl.permute(xs, (0, 2, 1)), dys, d_toeplitz, input_precision=PRECISION)
+        xq_re = tl.dot(xs, q_re, input_precision=PRECISION)  # X Q: the sub-block's input to the state, over p
+        xq_im = tl.dot(xs, q_im, input_precision=PRECISION)
+        xd_re = tl.dot(xs, qd_re, input_precision=PRECISION)  # its derivative in q
+        xd_im = tl.dot(xs, qd_im, input_precision=PRECISION)
+        zk_re = tl.dot(dys, z_re, input_precision=PRECISION)
+        zk_im = tl.dot(dys, z_im, input_precision=PRECISION)
+        zpk_re = tl.dot(dys, zp_re, input_precision=PRECISION)
+        zpk_im = tl.dot(dys, zp_im, input_precision=PRECISION)
+        # through Q (p X Q enters S_{k+1}): dp = Re(G conj(X Q)), dq = p G conj(X dQ)
+        acc_p += tl.sum(ad_re * xq_re + ad_im * xq_im, axis=1)
+        w_re, w_im = _conj_dot_rows(xd_re, xd_im, ad_re, ad_im)
+        acc_w_re, acc_w_im = acc_w_re + w_re, acc_w_im + w_im
+        # the Horner pairs conj(X Q) H_{k+1}, then H_k = M_k + conj(A) H_{k+1}
+        h_re, h_im = _conj_dot_rows(xq_re, xq_im, hq_re, hq_im)
+        acc_q_re, acc_q_im = acc_q_re + h_re, acc_q_im + h_im
+        h_re, h_im = _conj_dot_rows(xq_re, xq_im, hz_re, hz_im)
+        acc_z_re, acc_z_im = acc_z_re + h_re, acc_z_im + h_im
+        m_re = e_re * ad_re + e_im * ad_im + g_re * zpk_re + g_im * zpk_im
+        m_im = e_re * ad_im - e_im * ad_re + g_re * zpk_im - g_im * zpk_re
+        hq_re, hq_im = m_re + a_re * hq_re + a_im * hq_im, m_im + a_re * hq_im - a_im * hq_re
+        hz_re, hz_im = zk_re + a_re * hz_re + a_im * hz_im, zk_im + a_re * hz_im - a_im * hz_re
+        ad_re, ad_im = (g_re * zk_re + g_im * zk_im + a_re * ad_re + a_im * ad_im,
+                        g_re * zk_im - g_im * zk_re + a_re * ad_im - a_im * ad_re)
+    # the states' part entering the chunk: S_0, the incoming state (zero after a restart at the chunk's start)
+    s_re = tl.load(incoming_ptr + states, mask=mask_states, other=0.0)
+    s_im = tl.load(incoming_ptr + states + N * D, mask=mask_states, other=0.0)
+    if HAS_RESET:
+        keep = _keep(reset_ptr, b, num_blocks, start, row_ok, BLOCK_SIZE)[None, :, None]
+        s_re, s_im = s_re * keep, s_im * keep
+    offs = offs_d[:, None] + tl.arange(0, BLOCK_N)[None, :] * D  # (BLOCK_D, BLOCK_N): the sums' own shape
+    mask = mask_d[:, None] & (tl.arange(0, BLOCK_N)[None, :] < N)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    g_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
+    g_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
+    h_re, h_im = _conj_dot_rows(s_re, s_im, hz_re, hz_im)
+    dg_re, dg_im = h_re + p * acc_z_re, h_im + p * acc_z_im  # through V: sum_k conj(S_k) Z_k
+    h_re, h_im = _conj_dot_rows(s_re, s_im, hq_re, hq_im)  # through A and V: sum_k conj(S_k) M_k
+    dq_re, dq_im = h_re + p * (acc_q_re + acc_w_re), h_im + p * (acc_q_im + acc_w_im)  # and Q: p G conj(X dQ)
+    # through T: dK[m], the sum of X^T dY's m-th diagonal; K[m] = Re(sum_n p g q**m) (+ omega at m = 0)
+    lag = steps_last - steps_mid
+    d_kernel = tl.zeros((BLOCK_D, SUB), tl.float32)
+    for m in tl.static_range(SUB):
+        d_m = tl.sum(tl.sum(tl.where(lag == m, d_toeplitz, 0.0), axis=2), axis=1)
+        d_kernel = tl.where(steps == m, d_m[:, None], d_kernel)
+    d_omega = tl.sum(tl.where(steps == 0, d_kernel, 0.0), axis=1)
+    d_kernel = d_kernel[:, None, :]  # (BLOCK_D, 1, SUB) against the powers q**m (BLOCK_D, BLOCK_N, SUB)
+    dp = acc_p + tl.sum(d_kernel * (gm_re * pk_re - gm_im * pk_im), axis=2)
+    dg_re += p * tl.sum(d_kernel * pk_re, axis=2)
+    dg_im -= p * tl.sum(d_kernel * pk_im, axis=2)
+    pm_re, pm_im = _masked_power(log_ptr, angle_ptr, d3 + comps_mid * D, mask_d3 & (comps_mid < N),
+                                 tl.maximum(steps_last - 1, 0).to(tl.float32))
+    w_re = tl.sum(d_kernel * steps_last * pm_re, axis=2)  # sum_m m dK[m] q**(m-1)
+    w_im = tl.sum(d_kernel * steps_last * pm_im, axis=2)
+    dq_re += p * (g_re * w_re - g_im * w_im)  # p conj(g w)
+    dq_im -= p * (g_re * w_im + g_im * w_re)
+    out = partial_ptr + pid_r.to(tl.int64) * 5 * D * N + offs
+    tl.store(out, dg_re, mask=mask)
+    tl.store(out + D * N, dg_im, mask=mask)
+    tl.store(out + 2 * D * N, dq_re, mask=mask)
+    tl.store(out + 3 * D * N, dq_im, mask=mask)
+    tl.store(out + 4 * D * N, dp, mask=mask)
+    tl.store(partial_omega_ptr + pid_r.to(tl.int64) * D + offs_d, d_omega, mask=mask_d)
