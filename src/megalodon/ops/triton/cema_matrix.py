@@ -309,11 +309,15 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
         d_kernel = tl.where(steps == m, d_m[:, None], d_kernel)
     d_omega = tl.sum(tl.where(steps == 0, d_kernel, 0.0), axis=1)
     d_kernel = d_kernel[:, None, :]  # (BLOCK_D, 1, SUB) against the powers q**m (BLOCK_D, BLOCK_N, SUB)
+    # loaded and raised again rather than held through the loop, where registers are short
+    offs_mid, mask_mid = d3 + comps_mid * D, mask_d3 & (comps_mid < N)
+    pk_re, pk_im = _masked_power(log_ptr, angle_ptr, offs_mid, mask_mid, steps_last.to(tl.float32))
+    gm_re = tl.load(g_re_ptr + offs_mid, mask=mask_mid, other=0.0)
+    gm_im = tl.load(g_im_ptr + offs_mid, mask=mask_mid, other=0.0)
     dp = acc_p + tl.sum(d_kernel * (gm_re * pk_re - gm_im * pk_im), axis=2)
     dg_re += p * tl.sum(d_kernel * pk_re, axis=2)
     dg_im -= p * tl.sum(d_kernel * pk_im, axis=2)
-    pm_re, pm_im = _masked_power(log_ptr, angle_ptr, d3 + comps_mid * D, mask_d3 & (comps_mid < N),
-                                 tl.maximum(steps_last - 1, 0).to(tl.float32))
+    pm_re, pm_im = _masked_power(log_ptr, angle_ptr, offs_mid, mask_mid, tl.maximum(steps_last - 1, 0).to(tl.float32))
     w_re = tl.sum(d_kernel * steps_last * pm_re, axis=2)  # sum_m m dK[m] q**(m-1)
     w_im = tl.sum(d_kernel * steps_last * pm_im, axis=2)
     dq_re += p * (g_re * w_re - g_im * w_im)  # p conj(g w)
