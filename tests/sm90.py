@@ -70,8 +70,9 @@ def amd_backend() -> bool:
     return True
 
 
-def sass(compiled) -> str:
-    """The SASS of a compiled kernel (cuobjdump ships with triton's NVIDIA backend)."""
+def cuobjdump(compiled, option: str) -> str:
+    """cuobjdump's report (`option`: -sass, -res-usage) on a compiled kernel; the tool ships with triton's NVIDIA
+    backend."""
     import tempfile
 
     import triton
@@ -80,7 +81,33 @@ def sass(compiled) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        return subprocess.run([str(tool), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(tool), option, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass(compiled) -> str:
+    """The SASS of a compiled kernel."""
+    return cuobjdump(compiled, "-sass")
+
+
+def resources(compiled) -> dict[str, int]:
+    """A compiled kernel's resources a thread as cuobjdump -res-usage reports them: REG, STACK (bytes), ..."""
+    import re
+
+    report = cuobjdump(compiled, "-res-usage")
+    return {name: int(value) for name, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", report)}
+
+
+def assert_no_spill(cases) -> None:
+    """Each case, compiled as launched, keeps its values in registers: no stack (spilled registers) at all."""
+    for index, case in enumerate(cases):
+        try:
+            used = resources(compile_for_h100(*case[:4], as_launched=True))
+        except (RuntimeError, FileNotFoundError, ImportError, subprocess.CalledProcessError) as error:
+            if index:
+                raise
+            print(error)
+            sys.exit(NO_NVIDIA_BACKEND)
+        assert used["STACK"] == 0, (case[0].__name__, case[2], used)
 
 
 def assert_in_thread(cases, ops=("BAR.", "SHFL", "STS", "LDS")) -> None:

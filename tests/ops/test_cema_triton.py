@@ -499,6 +499,26 @@ def test_fused_backward_sums_the_components_inside_a_warp_as_launched():
     check_compiles_for_h100(WARP_LOCAL_ON_H100, check="assert_warp_local")
 
 
+MATRIX_ON_H100 = """
+from megalodon.ops.triton import cema as glue
+from megalodon.ops.triton import cema_matrix as products
+
+fp32 = "*fp32"
+matrix = ["*bf16", "i32", "i32", "*u8"] + [fp32] * 9
+CASES = [(products.chunk_products_kernel, matrix + ["*bf16" if outputs else fp32] + ["i32"] * 6,
+          dict(CHUNK=glue.CHUNK, BLOCK_D=glue.MATRIX_BLOCK_D, BLOCK_N=16, BLOCK_ROWS=glue.MATRIX_ROWS, REVERSE=True,
+               HAS_RESET=True, REAL_IN=False, REAL_OUT=True, OUTPUTS=outputs, BLOCK_SIZE=2048, PRECISION="tf32x3",
+               SUB=products.SUB, stride_xd=1), glue.WARPS_MATRIX) for outputs in (False, True)]
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile and run them")
+def test_matrix_form_keeps_to_registers_as_launched():
+    """The chunk runs as matrix products at their default tiling, compiled as launched at mega200M (the adjoint's
+    runs, the larger), spill nothing: at 8 channels a program they spilled 680 bytes a thread."""
+    check_compiles_for_h100(MATRIX_ON_H100, check="assert_no_spill")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other kernel tests compile and run them")
 def test_step_kernels_keep_each_channel_in_one_thread_as_launched():
     """The per-step kernels, compiled as the launcher specializes them at mega200M (D = 1024 and the strides
