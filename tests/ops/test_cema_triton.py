@@ -245,17 +245,24 @@ def test_split_calls_equal_one_call():
     torch.testing.assert_close(h, h_full, rtol=1e-5, atol=1e-5)
 
 
-def test_coefficients_from_extreme_parameters():
+@pytest.mark.parametrize("matrix", [False, True], ids=["steps", "matrix"])
+def test_coefficients_from_extreme_parameters(monkeypatch, matrix):
     """The kernels derive the coefficients themselves: |q| near 1 (log1p of a tiny x), near 0 (the log-space
     branch where sigmoid(alpha) sigmoid(delta) > 1/2), in between, and phases over the whole range, with the
-    gradients of each parameter against float64 autograd through cema_coefficients."""
+    gradients of each parameter against float64 autograd through cema_coefficients; the step kernels, and the
+    matrix products forward and backward (whose powers reach q**16)."""
+    from megalodon.ops.triton import cema as glue
+
+    monkeypatch.setattr(glue, "MATRIX_FORM", matrix)
+    monkeypatch.setattr(glue, "MATRIX_BACKWARD", matrix)
     alpha, delta, theta, gamma, omega = parameters(8, 4, seed=5)
     with torch.no_grad():
         alpha.copy_(torch.tensor([-12.0, -4.0, 0.0, 4.0, 9.0, 2.0, -1.0, 6.0]).view(8, 1, 1).expand(8, 4, 1))
         delta.copy_(torch.tensor([-9.0, 3.0, 0.5, 5.0, 8.0, -2.0, 12.0, 1.0]).view(8, 1, 1).expand(8, 4, 1))
         theta.copy_(torch.linspace(-6.0, 6.0, 8).view(8, 1, 1))
-    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, 40, 8, 4, True, 8, params=[alpha, delta, theta, gamma,
-                                                                                       omega])
+    length, block = (48, 16) if matrix else (40, 8)  # whole chunks, restarts at their starts, for the products
+    (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(2, length, 8, 4, True, block,
+                                                        params=[alpha, delta, theta, gamma, omega])
     assert_close(y, y_ref, 1e-5)
     assert_close(h, h_ref, 1e-5)
     # d theta sums the phase gradient over every step of long-lived states: in fp32 about 5e-5 of its largest
