@@ -88,8 +88,8 @@ MATRIX_FORM = False
 # independent of MATRIX_FORM. Off until a GPU times it: gpu_tuning.py's "CEMA backward" group.
 MATRIX_BACKWARD = False
 # Its programs: MATRIX_GRADS_BLOCK_D channels of MATRIX_ROWS chunks, WARPS_MATRIX_GRADS warps. It holds about twice
-# the forward's matrices and states: on sm_90 at mega200M 255 registers a thread and a 48-byte stack at 2 channels
-# and 8 warps (72 bytes at 4 channels; at 4 warps 152 bytes), one program an SM.
+# the forward's matrices and states: on sm_90 at mega200M 255 registers a thread and a 32-byte stack at 2 channels
+# and 8 warps with restarts (80 bytes at 4 channels; 88 at 4 warps), one program an SM.
 MATRIX_GRADS_BLOCK_D, WARPS_MATRIX_GRADS = 2, 8
 # Its programs: MATRIX_ROWS chunks of MATRIX_BLOCK_D channels, WARPS_MATRIX warps (on sm_90 at mega200M, 128 to 227
 # registers a thread for the four variants, no spill; at 8 channels they spill); its dots' precision ("tf32x3":

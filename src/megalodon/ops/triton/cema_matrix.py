@@ -49,22 +49,28 @@ def _toeplitz(kernel, lag, SUB: tl.constexpr):
 
 
 @triton.jit
+def _table_axes(offs_d, mask_d, D, N, SUB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets and masks into an (N, D) table for (BLOCK_D, 1, BLOCK_N) tiles (components last) and
+    (BLOCK_D, BLOCK_N, 1) ones (components in the middle), and the steps of a sub-block as (1, SUB, 1) and
+    (1, 1, SUB) indices: the axes the products' matrices are laid out on."""
+    d3 = offs_d[:, None, None]
+    mask_d3 = mask_d[:, None, None]
+    comps_mid = tl.arange(0, BLOCK_N)[None, :, None]
+    comps_last = tl.arange(0, BLOCK_N)[None, None, :]
+    return (d3 + comps_last * D, mask_d3 & (comps_last < N), d3 + comps_mid * D, mask_d3 & (comps_mid < N),
+            tl.arange(0, SUB)[None, :, None], tl.arange(0, SUB)[None, None, :])
+
+
+@triton.jit
 def _sub_block_matrices(log_ptr, angle_ptr, cin_re_ptr, cin_im_ptr, cout_re_ptr, cout_im_ptr, kappa_ptr, offs_d,
                         mask_d, D, N, SUB: tl.constexpr, BLOCK_N: tl.constexpr, REAL_IN: tl.constexpr,
                         REAL_OUT: tl.constexpr):
     """For BLOCK_D channels: W (re, im) (BLOCK_D, SUB, BLOCK_N), a**SUB (re, im) (BLOCK_D, 1, BLOCK_N), V (re, im)
     (BLOCK_D, BLOCK_N, SUB) with V_im = -Im so that S_re V_re + S_im V_im = Re(c_out a**u S), and T
     (BLOCK_D, SUB, SUB), T[v, u] = K[u - v] for u >= v. Components past N are zero everywhere."""
-    d3 = offs_d[:, None, None]
-    mask_d3 = mask_d[:, None, None]
-    steps_mid = tl.arange(0, SUB)[None, :, None]
-    steps_last = tl.arange(0, SUB)[None, None, :]
-    comps_mid = tl.arange(0, BLOCK_N)[None, :, None]
-    comps_last = tl.arange(0, BLOCK_N)[None, None, :]
+    offs, mask, offs_mid, mask_mid, steps_mid, steps_last = _table_axes(offs_d, mask_d, D, N, SUB, BLOCK_N)
 
     # components along the last axis: W and a**SUB
-    offs = d3 + comps_last * D
-    mask = mask_d3 & (comps_last < N)
     cin_re = tl.load(cin_re_ptr + offs, mask=mask, other=0.0)
     cin_im = _imaginary(cin_im_ptr, offs, mask, REAL_IN)
     pw_re, pw_im = _power(log_ptr, angle_ptr, offs, mask, (SUB - 1 - steps_mid).to(tl.float32))
@@ -74,8 +80,7 @@ def _sub_block_matrices(log_ptr, angle_ptr, cin_re_ptr, cin_im_ptr, cout_re_ptr,
     a_re, a_im = _power(log_ptr, angle_ptr, offs, mask, SUB * 1.0)
 
     # components along the middle axis: V, and the Toeplitz coefficients summed over them
-    offs = d3 + comps_mid * D
-    mask = mask_d3 & (comps_mid < N)
+    offs, mask = offs_mid, mask_mid
     cout_re = tl.load(cout_re_ptr + offs, mask=mask, other=0.0)
     cout_im = _imaginary(cout_im_ptr, offs, mask, REAL_OUT)
     pv_re, pv_im = _power(log_ptr, angle_ptr, offs, mask, steps_last.to(tl.float32))
@@ -199,14 +204,10 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     mask_d = offs_d < D
     d3 = offs_d[:, None, None]
     mask_d3 = mask_d[:, None, None]
-    steps_mid = tl.arange(0, SUB)[None, :, None]
-    steps_last = tl.arange(0, SUB)[None, None, :]
-    comps_mid = tl.arange(0, BLOCK_N)[None, :, None]
     comps_last = tl.arange(0, BLOCK_N)[None, None, :]
+    offs, mask, offs_mid, mask_mid, steps_mid, steps_last = _table_axes(offs_d, mask_d, D, N, SUB, BLOCK_N)
 
     # (BLOCK_D, SUB, BLOCK_N): the products' right sides, components last
-    offs = d3 + comps_last * D
-    mask = mask_d3 & (comps_last < N)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     g_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
     g_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
@@ -220,14 +221,12 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     zp_re, zp_im = _masked_power(log_ptr, angle_ptr, offs, mask, steps_mid.to(tl.float32))
     zp_re, zp_im = zp_re * (steps_mid + 1), -zp_im * (steps_mid + 1)
     # du's right sides: T^T (u, v) = K[u - v], and p Q transposed (components mid)
-    offs = d3 + comps_mid * D
-    mask = mask_d3 & (comps_mid < N)
-    pq_re, pq_im = _masked_power(log_ptr, angle_ptr, offs, mask, (SUB - 1 - steps_last).to(tl.float32))
-    p_mid = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    pq_re, pq_im = _masked_power(log_ptr, angle_ptr, offs_mid, mask_mid, (SUB - 1 - steps_last).to(tl.float32))
+    p_mid = tl.load(p_ptr + offs_mid, mask=mask_mid, other=0.0)
     pq_re, pq_im = p_mid * pq_re, p_mid * pq_im
-    pk_re, pk_im = _masked_power(log_ptr, angle_ptr, offs, mask, steps_last.to(tl.float32))  # q**m, m last
-    gm_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
-    gm_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
+    pk_re, pk_im = _masked_power(log_ptr, angle_ptr, offs_mid, mask_mid, steps_last.to(tl.float32))  # q**m
+    gm_re = tl.load(g_re_ptr + offs_mid, mask=mask_mid, other=0.0)
+    gm_im = tl.load(g_im_ptr + offs_mid, mask=mask_mid, other=0.0)
     kernel = tl.sum(p_mid * (gm_re * pk_re - gm_im * pk_im), axis=1)
     kappa = tl.load(kappa_ptr + offs_d, mask=mask_d, other=0.0)
     steps = tl.arange(0, SUB)[None, :]
@@ -245,7 +244,7 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     ad_re = tl.load(future_ptr + states, mask=mask_states, other=0.0)  # G after the chunk
     ad_im = tl.load(future_ptr + states + N * D, mask=mask_states, other=0.0)
     # dq through A and through V pair conj(S_k) with one M_k: conj(SUB q**(SUB-1)) G_{k+1} + conj(g) Z'_k
-    e_re, e_im = _power(log_ptr, angle_ptr, d3 + comps_last * D, mask_d3 & (comps_last < N), SUB - 1.0)
+    e_re, e_im = _power(log_ptr, angle_ptr, offs, mask, SUB - 1.0)
     e_re, e_im = SUB * e_re, SUB * e_im
     zero = tl.zeros((BLOCK_D, BLOCK_ROWS, BLOCK_N), tl.float32)
     hq_re, hq_im, hz_re, hz_im = zero, zero, zero, zero
@@ -310,7 +309,6 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     d_omega = tl.sum(tl.where(steps == 0, d_kernel, 0.0), axis=1)
     d_kernel = d_kernel[:, None, :]  # (BLOCK_D, 1, SUB) against the powers q**m (BLOCK_D, BLOCK_N, SUB)
     # loaded and raised again rather than held through the loop, where registers are short
-    offs_mid, mask_mid = d3 + comps_mid * D, mask_d3 & (comps_mid < N)
     pk_re, pk_im = _masked_power(log_ptr, angle_ptr, offs_mid, mask_mid, steps_last.to(tl.float32))
     gm_re = tl.load(g_re_ptr + offs_mid, mask=mask_mid, other=0.0)
     gm_im = tl.load(g_im_ptr + offs_mid, mask=mask_mid, other=0.0)
