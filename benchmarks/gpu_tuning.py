@@ -258,13 +258,12 @@ def kernels_to_turn_off(shape: Shape, kernels: list[str], deadline: float, timin
 def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict[str, dict]]]:
     return [
         # the CEMA's chunk runs as small products on tensor cores (16-step sub-blocks) instead of step by step on
-        # CUDA cores: what channels and rows a program takes is the tradeoff between registers and programs
+        # CUDA cores, at 4 channels a program (177-227 registers, 2 programs an SM) or 2 (126, 4); each tiling is
+        # four kernel variants to compile, so few are tried
         ("CEMA chunk runs (step kernels, matrix products)", CEMA, cema_op,
          {"steps": {"MATRIX_FORM": False},
           "products 4x16": {"MATRIX_FORM": True, "MATRIX_BLOCK_D": 4, "MATRIX_ROWS": 16, "WARPS_MATRIX": 4},
-          "products 2x16": {"MATRIX_FORM": True, "MATRIX_BLOCK_D": 2, "MATRIX_ROWS": 16, "WARPS_MATRIX": 4},
-          "products 4x32, 8 warps": {"MATRIX_FORM": True, "MATRIX_BLOCK_D": 4, "MATRIX_ROWS": 32,
-                                     "WARPS_MATRIX": 8}}),
+          "products 2x16": {"MATRIX_FORM": True, "MATRIX_BLOCK_D": 2, "MATRIX_ROWS": 16, "WARPS_MATRIX": 4}}),
         # 2,048 one-warp programs at 4K took 1.3 waves of an H200's SMs: 96 (1,376 programs, partial last chunk)
         # and 128 (1,024) fit one; 32 makes more, shorter ones
         ("CEMA steps per chunk", CEMA, cema_op,
@@ -281,8 +280,7 @@ def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict
         ("CEMA backward (two passes a chunk, one, matrix products)", CEMA, cema_op,
          {"two": {"FUSED_BACKWARD": False, "MATRIX_BACKWARD": False},
           "one": {"FUSED_BACKWARD": True, "MATRIX_BACKWARD": False},
-          "products, 2 channels": {"MATRIX_BACKWARD": True, "MATRIX_GRADS_BLOCK_D": 2, "WARPS_MATRIX_GRADS": 8},
-          "products, 4 channels": {"MATRIX_BACKWARD": True, "MATRIX_GRADS_BLOCK_D": 4, "WARPS_MATRIX_GRADS": 8}}),
+          "products": {"MATRIX_BACKWARD": True}}),
         ("CEMA step kernels' registers a thread", CEMA, cema_op,
          {"as needed": {"STEP_REGISTERS": None}, "128": {"STEP_REGISTERS": 128}}),  # 128: one wave at 4K
         ("decode GEMM kernel's outputs a program", FUSED, decode_linears_op,

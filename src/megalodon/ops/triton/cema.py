@@ -83,19 +83,19 @@ FUSED_BLOCK_D, WARPS_FUSED = 8, 1
 # state) instead of the step kernels' sequential multiply-adds. Whole chunks and restarts at chunk starts only;
 # other runs take the step kernels. Off until a GPU times it: gpu_tuning.py's "CEMA chunk runs" group.
 MATRIX_FORM = False
+# Its programs: MATRIX_ROWS chunks of MATRIX_BLOCK_D channels, WARPS_MATRIX warps (on sm_90 at mega200M, 128 to 227
+# registers a thread for the four variants, no spill; at 8 channels they spill); its dots' precision ("tf32x3":
+# three tf32 products, about fp32's error; "tf32": one, about bf16's relative error on the CEMA's output; on ROCm,
+# whose Triton has no "tf32x3", "ieee").
+MATRIX_BLOCK_D, MATRIX_ROWS, WARPS_MATRIX, MATRIX_PRECISION = 4, 16, 4, "tf32x3"
 # Whether backward takes the input gradient and the parameters' gradient sums as matrix products too, in one
 # reverse pass over each chunk's sub-blocks (cema_matrix.matrix_grads_kernel), where a run qualifies as above;
 # independent of MATRIX_FORM. Off until a GPU times it: gpu_tuning.py's "CEMA backward" group.
 MATRIX_BACKWARD = False
 # Its programs: MATRIX_GRADS_BLOCK_D channels of MATRIX_ROWS chunks, WARPS_MATRIX_GRADS warps. It holds about twice
 # the forward's matrices and states: on sm_90 at mega200M 255 registers a thread and a 32-byte stack at 2 channels
-# and 8 warps with restarts (80 bytes at 4 channels; 88 at 4 warps), one program an SM.
+# and 8 warps with restarts (56 without; 80 bytes at 4 channels, 88 at 4 warps), one program an SM.
 MATRIX_GRADS_BLOCK_D, WARPS_MATRIX_GRADS = 2, 8
-# Its programs: MATRIX_ROWS chunks of MATRIX_BLOCK_D channels, WARPS_MATRIX warps (on sm_90 at mega200M, 128 to 227
-# registers a thread for the four variants, no spill; at 8 channels they spill); its dots' precision ("tf32x3":
-# three tf32 products, about fp32's error; "tf32": one, about bf16's relative error on the CEMA's output; on ROCm,
-# whose Triton has no "tf32x3", "ieee").
-MATRIX_BLOCK_D, MATRIX_ROWS, WARPS_MATRIX, MATRIX_PRECISION = 4, 16, 4, "tf32x3"
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
 # loop; see cema_kernels on the specialization that would undo it). The scan runs one component per program, one

@@ -1,4 +1,5 @@
-"""The CEMA's per-chunk runs (phases 1 and 3 of ops/triton/cema.py) as small matrix products, on tensor cores.
+"""The CEMA's per-chunk runs (phases 1 and 3 of ops/triton/cema.py), and its backward's gradient pass, as small
+matrix products on tensor cores.
 
 The step kernels (cema_kernels) run a chunk's CHUNK steps one after another on CUDA cores: about 7 multiply-adds
 a step, component and channel, 16 components. Over a sub-block of SUB = 16 steps entered with state S, the same
@@ -22,6 +23,10 @@ Only whole chunks (L a multiple of CHUNK), and restarts only at chunk starts (a 
 the model's chunk_size at every preset): then a restart zeroes the state entering a chunk (forward) or leaving it
 (reverse), a factor a row, and the scan's per-chunk flag is the one at the chunk's start. cema.py's `_run` picks
 this form when MATRIX_FORM is set and a run qualifies, the step kernels otherwise.
+
+`matrix_grads_kernel` does the backward's work after the adjoint's scan the same way, in one reverse pass over
+each chunk's sub-blocks: dL/du and the sums every parameter's gradient needs (its docstring has the algebra), in
+place of cema_backward's kernels when MATRIX_BACKWARD is set.
 """
 
 from __future__ import annotations
