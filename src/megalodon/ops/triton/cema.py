@@ -93,8 +93,10 @@ MATRIX_BLOCK_D, MATRIX_ROWS, WARPS_MATRIX, MATRIX_PRECISION = 4, 16, 4, "tf32x3"
 # independent of MATRIX_FORM. Off until a GPU times it: gpu_tuning.py's "CEMA backward" group.
 MATRIX_BACKWARD = False
 # Its programs: MATRIX_GRADS_BLOCK_D channels of MATRIX_ROWS chunks, WARPS_MATRIX_GRADS warps. It holds about twice
-# the forward's matrices and states: on sm_90 at mega200M 255 registers a thread and a 32-byte stack at 2 channels
-# and 8 warps with restarts (56 without; 80 bytes at 4 channels, 88 at 4 warps), one program an SM.
+# the forward's matrices and states: on sm_90 at mega200M 255 registers a thread at 2 channels and 8 warps, one
+# program an SM. Its 32-byte stack is libdevice's sine and cosine reducing huge arguments (a path its angles, at
+# most 16 pi, never take; compiled "ieee" at 192 registers it has the same); beyond it, 5 spilled values without
+# restarts, none with. At 4 channels or 4 warps it spills (80, 88 bytes of stack).
 MATRIX_GRADS_BLOCK_D, WARPS_MATRIX_GRADS = 2, 8
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
