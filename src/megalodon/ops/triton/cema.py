@@ -96,7 +96,8 @@ MATRIX_BACKWARD = False
 # the forward's matrices and states: on sm_90 at mega200M 255 registers a thread at 2 channels and 8 warps, one
 # program an SM. Its 32-byte stack is libdevice's sine and cosine reducing huge arguments (a path its angles, at
 # most 16 pi, never take; compiled "ieee" at 192 registers it has the same); beyond it, 5 spilled values without
-# restarts, none with. At 4 channels or 4 warps it spills (80, 88 bytes of stack).
+# restarts, none with. At 4 channels or 4 warps it spills (80, 88 bytes of stack). Triton 3.6 (torch 2.11's, the
+# GPU image's) spills 576-784 bytes at every tiling tried: its "tf32x3" splits cost registers that 3.9's do not.
 MATRIX_GRADS_BLOCK_D, WARPS_MATRIX_GRADS = 2, 8
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
