@@ -92,12 +92,11 @@ MATRIX_BLOCK_D, MATRIX_ROWS, WARPS_MATRIX, MATRIX_PRECISION = 4, 16, 4, "tf32x3"
 # reverse pass over each chunk's sub-blocks (cema_matrix.matrix_grads_kernel), where a run qualifies as above;
 # independent of MATRIX_FORM. Off until a GPU times it: gpu_tuning.py's "CEMA backward" group.
 MATRIX_BACKWARD = False
-# Its programs: MATRIX_GRADS_BLOCK_D channels of MATRIX_ROWS chunks, WARPS_MATRIX_GRADS warps. It holds about twice
-# the forward's matrices and states: on sm_90 at mega200M 255 registers a thread at 2 channels and 8 warps, one
-# program an SM. Its 32-byte stack is libdevice's sine and cosine reducing huge arguments (a path its angles, at
-# most 16 pi, never take; compiled "ieee" at 192 registers it has the same); beyond it, 5 spilled values without
-# restarts, none with. At 4 channels or 4 warps it spills (80, 88 bytes of stack). Triton 3.6 (torch 2.11's, the
-# GPU image's) spills 576-784 bytes at every tiling tried: its "tf32x3" splits cost registers that 3.9's do not.
+# Its programs: MATRIX_GRADS_BLOCK_D channels of MATRIX_ROWS chunks, WARPS_MATRIX_GRADS warps: 255 registers a
+# thread on sm_90 at mega200M, one program an SM. Its stack: 32 bytes of it are libdevice's sine and cosine reducing
+# huge arguments (a path its angles, at most 16 pi, never take; compiled with "ieee" dots at 192 registers it has the
+# same), and beyond them triton 3.9 spills 24-40 bytes, triton 3.6 (torch 2.11's, the GPU image's) about 360: its
+# "tf32x3" splits hold more registers. Other tilings spill more on one or the other.
 MATRIX_GRADS_BLOCK_D, WARPS_MATRIX_GRADS = 2, 8
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the

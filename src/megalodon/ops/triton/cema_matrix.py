@@ -217,14 +217,12 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     g_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
     g_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
     a_re, a_im = _power(log_ptr, angle_ptr, offs, mask, SUB * 1.0)
-    lag = SUB - 1 - steps_mid
-    q_re, q_im = _masked_power(log_ptr, angle_ptr, offs, mask, lag.to(tl.float32))
-    qd_re, qd_im = _masked_power(log_ptr, angle_ptr, offs, mask, tl.maximum(lag - 1, 0).to(tl.float32))
-    qd_re, qd_im = qd_re * lag, qd_im * lag  # d/dq of q**lag
-    z_re, z_im = _masked_power(log_ptr, angle_ptr, offs, mask, (steps_mid + 1).to(tl.float32))
-    z_im = -z_im
-    zp_re, zp_im = _masked_power(log_ptr, angle_ptr, offs, mask, steps_mid.to(tl.float32))
-    zp_re, zp_im = zp_re * (steps_mid + 1), -zp_im * (steps_mid + 1)
+    # One matrix of powers, P[w] = q**w, serves the four products over a sub-block's steps, each with its left side
+    # arranged to fit: X Q = X' P with X'[w] = x[SUB-1-w], X dQ = X'' P with X''[w] = (w+1) x[SUB-2-w],
+    # Z = conj(q (dY P)) and Z' = conj((dY (u+1)) P). Matrices are what the loop holds in registers; left sides
+    # are loads.
+    pw_re, pw_im = _masked_power(log_ptr, angle_ptr, offs, mask, steps_mid.to(tl.float32))
+    q_re, q_im = _power(log_ptr, angle_ptr, offs, mask, 1.0)
     # du's right sides: T^T (u, v) = K[u - v], and p Q transposed (components mid)
     pq_re, pq_im = _masked_power(log_ptr, angle_ptr, offs_mid, mask_mid, (SUB - 1 - steps_last).to(tl.float32))
     p_mid = tl.load(p_ptr + offs_mid, mask=mask_mid, other=0.0)
@@ -260,21 +258,26 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     dy_rows = (b.to(tl.int64) * L * D)[None, :, None] + d3
     for kk in range(CHUNK // SUB):  # not unrolled: each sub-block's loads wait for the last one's work
         t = (start[None, :, None] + (CHUNK - SUB - kk * SUB) + steps_last).to(tl.int64)
-        xs = tl.load(u_rows + t * stride_ut, mask=mask_rows, other=0.0).to(tl.float32)
+        t_reversed = (start[None, :, None] + (CHUNK - 1 - kk * SUB) - steps_last).to(tl.int64)
+        xs = tl.load(u_rows + t_reversed * stride_ut, mask=mask_rows, other=0.0).to(tl.float32)  # X'
+        xs_next = tl.load(u_rows + (t_reversed - 1) * stride_ut, mask=mask_rows & (steps_last < SUB - 1),
+                          other=0.0).to(tl.float32) * (steps_last + 1)  # X''
         dys = tl.load(dy_ptr + dy_rows + t * D, mask=mask_rows, other=0.0).to(tl.float32)
         du = tl.dot(dys, toeplitz_t, input_precision=PRECISION)
         du = tl.dot(ad_re, pq_re, du, input_precision=PRECISION)
         du = tl.dot(ad_im, pq_im, du, input_precision=PRECISION)
         tl.store(du_ptr + dy_rows + t * D, cast(du, du_ptr.dtype.element_ty), mask=mask_rows)
-        d_toeplitz = tl.dot(tl.permute(xs, (0, 2, 1)), dys, d_toeplitz, input_precision=PRECISION)
-        xq_re = tl.dot(xs, q_re, input_precision=PRECISION)  # X Q: the sub-block's input to the state, over p
-        xq_im = tl.dot(xs, q_im, input_precision=PRECISION)
-        xd_re = tl.dot(xs, qd_re, input_precision=PRECISION)  # its derivative in q
-        xd_im = tl.dot(xs, qd_im, input_precision=PRECISION)
-        zk_re = tl.dot(dys, z_re, input_precision=PRECISION)
-        zk_im = tl.dot(dys, z_im, input_precision=PRECISION)
-        zpk_re = tl.dot(dys, zp_re, input_precision=PRECISION)
-        zpk_im = tl.dot(dys, zp_im, input_precision=PRECISION)
+        d_toeplitz = tl.dot(tl.permute(xs, (0, 2, 1)), dys, d_toeplitz, input_precision=PRECISION)  # [w, u]
+        xq_re = tl.dot(xs, pw_re, input_precision=PRECISION)  # X Q: the sub-block's input to the state, over p
+        xq_im = tl.dot(xs, pw_im, input_precision=PRECISION)
+        xd_re = tl.dot(xs_next, pw_re, input_precision=PRECISION)  # its derivative in q
+        xd_im = tl.dot(xs_next, pw_im, input_precision=PRECISION)
+        yp_re = tl.dot(dys, pw_re, input_precision=PRECISION)
+        yp_im = tl.dot(dys, pw_im, input_precision=PRECISION)
+        zk_re, zk_im = q_re * yp_re - q_im * yp_im, -(q_re * yp_im + q_im * yp_re)
+        dys = dys * (steps_last + 1)
+        zpk_re = tl.dot(dys, pw_re, input_precision=PRECISION)
+        zpk_im = -tl.dot(dys, pw_im, input_precision=PRECISION)
         # through Q (p X Q enters S_{k+1}): dp = Re(G conj(X Q)), dq = p G conj(X dQ)
         acc_p += tl.sum(ad_re * xq_re + ad_im * xq_im, axis=1)
         w_re, w_im = _conj_dot_rows(xd_re, xd_im, ad_re, ad_im)
@@ -305,8 +308,9 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     dg_re, dg_im = h_re + p * acc_z_re, h_im + p * acc_z_im  # through V: sum_k conj(S_k) Z_k
     h_re, h_im = _conj_dot_rows(s_re, s_im, hq_re, hq_im)  # through A and V: sum_k conj(S_k) M_k
     dq_re, dq_im = h_re + p * (acc_q_re + acc_w_re), h_im + p * (acc_q_im + acc_w_im)  # and Q: p G conj(X dQ)
-    # through T: dK[m], the sum of X^T dY's m-th diagonal; K[m] = Re(sum_n p g q**m) (+ omega at m = 0)
-    lag = steps_last - steps_mid
+    # through T: dK[m], the sum of X^T dY over u - v = m (X' is reversed: v = SUB-1-w); K[m] = Re(sum_n p g q**m)
+    # (+ omega at m = 0)
+    lag = steps_last + steps_mid - (SUB - 1)
     d_kernel = tl.zeros((BLOCK_D, SUB), tl.float32)
     for m in tl.static_range(SUB):
         d_m = tl.sum(tl.sum(tl.where(lag == m, d_toeplitz, 0.0), axis=2), axis=1)
