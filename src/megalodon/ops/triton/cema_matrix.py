@@ -212,7 +212,7 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     comps_last = tl.arange(0, BLOCK_N)[None, None, :]
     offs, mask, offs_mid, mask_mid, steps_mid, steps_last = _table_axes(offs_d, mask_d, D, N, SUB, BLOCK_N)
 
-    # (BLOCK_D, SUB, BLOCK_N): the products' right sides, components last
+    # components last: the coefficients (BLOCK_D, 1, BLOCK_N) and the products' right sides (BLOCK_D, SUB, BLOCK_N)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     g_re = tl.load(g_re_ptr + offs, mask=mask, other=0.0)
     g_im = tl.load(g_im_ptr + offs, mask=mask, other=0.0)
