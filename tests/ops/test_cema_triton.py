@@ -438,12 +438,14 @@ for precision, outputs, reverse in variants:
     CASES.append((products.chunk_products_kernel, matrix + ["*bf16" if outputs and reverse else fp32] + ["i32"] * 6,
                   dict(CHUNK=glue.CHUNK, BLOCK_D=glue.MATRIX_BLOCK_D, BLOCK_N=16, BLOCK_ROWS=glue.MATRIX_ROWS,
                        REVERSE=reverse, HAS_RESET=True, REAL_IN=not reverse, REAL_OUT=reverse, OUTPUTS=outputs,
-                       BLOCK_SIZE=2048, PRECISION=precision, SUB=products.SUB, stride_xd=1)))
+                       BLOCK_SIZE=2048, PRECISION=precision, SUB=products.SUB, ROW_TILES=glue.MATRIX_ROW_TILES,
+                       stride_xd=1)))
 grads = ["*bf16", "i32", "i32", fp32, "*u8"] + [fp32] * 8 + ["*bf16", fp32, fp32] + ["i32"] * 6
 for precision, reset in [("ieee", False), ("tf32x3", True)]:
     CASES.append((products.matrix_grads_kernel, grads,
                   dict(CHUNK=glue.CHUNK, BLOCK_D=glue.MATRIX_GRADS_BLOCK_D, BLOCK_N=16, BLOCK_ROWS=glue.MATRIX_ROWS,
-                       HAS_RESET=reset, BLOCK_SIZE=2048, PRECISION=precision, SUB=products.SUB, stride_ud=1)))
+                       HAS_RESET=reset, BLOCK_SIZE=2048, PRECISION=precision, SUB=products.SUB,
+                       ROW_TILES=glue.MATRIX_ROW_TILES, stride_ud=1)))
 warps.update(chunk_products_kernel=glue.WARPS_MATRIX, matrix_grads_kernel=glue.WARPS_MATRIX_GRADS)
 CASES = [(fn, types, constexprs, warps.get(fn.__name__, glue.WARPS_STEPS)) for fn, types, constexprs in CASES]
 CASES.append((step._cema_step_kernel, [fp32] * 10 + ["i32", "i32"], dict(BLOCK_D=step.BLOCK_D, BLOCK_N=16)))
@@ -515,7 +517,8 @@ matrix = ["*bf16", "i32", "i32", "*u8"] + [fp32] * 9
 CASES = [(products.chunk_products_kernel, matrix + ["*bf16" if outputs else fp32] + ["i32"] * 6,
           dict(CHUNK=glue.CHUNK, BLOCK_D=glue.MATRIX_BLOCK_D, BLOCK_N=16, BLOCK_ROWS=glue.MATRIX_ROWS, REVERSE=True,
                HAS_RESET=True, REAL_IN=False, REAL_OUT=True, OUTPUTS=outputs, BLOCK_SIZE=2048, PRECISION="tf32x3",
-               SUB=products.SUB, stride_xd=1), glue.WARPS_MATRIX) for outputs in (False, True)]
+               SUB=products.SUB, ROW_TILES=glue.MATRIX_ROW_TILES, stride_xd=1), glue.WARPS_MATRIX)
+         for outputs in (False, True)]
 """
 
 

@@ -88,15 +88,17 @@ MATRIX_FORM = False
 # three tf32 products, about fp32's error; "tf32": one, about bf16's relative error on the CEMA's output; on ROCm,
 # whose Triton has no "tf32x3", "ieee").
 MATRIX_BLOCK_D, MATRIX_ROWS, WARPS_MATRIX, MATRIX_PRECISION = 4, 16, 4, "tf32x3"
+# Tiles of MATRIX_ROWS chunks a program of either kernel runs in turn: making its matrices from the tables is most
+# of its instructions (in the forward's outputs, 9,600 of 12,000 a warp in the sm_90 SASS), so a program serves
+# several tiles with them. 4: 64 chunks, 4K tokens of a row.
+MATRIX_ROW_TILES = 4
 # Whether backward takes the input gradient and the parameters' gradient sums as matrix products too, in one
 # reverse pass over each chunk's sub-blocks (cema_matrix.matrix_grads_kernel), where a run qualifies as above;
 # independent of MATRIX_FORM. Off until a GPU times it: gpu_tuning.py's "CEMA backward" group.
 MATRIX_BACKWARD = False
-# Its programs: MATRIX_GRADS_BLOCK_D channels of MATRIX_ROWS chunks, WARPS_MATRIX_GRADS warps: 255 registers a
-# thread on sm_90 at mega200M, one program an SM. Its stack: 32 bytes of it are libdevice's sine and cosine reducing
-# huge arguments (a path its angles, at most 16 pi, never take; compiled with "ieee" dots at 192 registers it has the
-# same), and beyond them triton 3.9 spills 24-40 bytes, triton 3.6 (torch 2.11's, the GPU image's) about 360: its
-# "tf32x3" splits hold more registers. Other tilings spill more on one or the other.
+# Its programs: MATRIX_GRADS_BLOCK_D channels, WARPS_MATRIX_GRADS warps: 255 registers a thread on sm_90 at mega200M.
+# Beyond libdevice's 32 stack bytes (sine and cosine of huge arguments, a path never taken) triton 3.9 spills 24-40
+# bytes, 3.6 (torch 2.11's, the GPU image's) about 360; other tilings spill more (docs/gpu.md).
 MATRIX_GRADS_BLOCK_D, WARPS_MATRIX_GRADS = 2, 8
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
@@ -203,12 +205,12 @@ def _products(x: Tensor, flags: Tensor, cin: tuple[Tensor, Tensor], decay: tuple
     num_chunks = length // meta["CHUNK"]
     cout_parts, real_out = cout
     meta = dict(meta, BLOCK_N=max(16, meta["BLOCK_N"]))  # a dot's dimensions are 16 or more
-    grid = (-(-batch * num_chunks // MATRIX_ROWS), -(-dim // MATRIX_BLOCK_D))
+    grid = (-(-batch * num_chunks // (MATRIX_ROWS * MATRIX_ROW_TILES)), -(-dim // MATRIX_BLOCK_D))
     cema_matrix.chunk_products_kernel[grid](
         x, *x.stride(), flags, *cin, *decay, *cout_parts, kappa, states, keep, y, length, dim, ndim, num_chunks,
         batch * num_chunks, flags.shape[-1], BLOCK_D=MATRIX_BLOCK_D, BLOCK_ROWS=MATRIX_ROWS, REAL_IN=real_in,
         REAL_OUT=real_out, OUTPUTS=outputs, PRECISION=_matrix_precision(),
-        SUB=cema_matrix.SUB, num_warps=WARPS_MATRIX, **meta, **LAUNCH)
+        SUB=cema_matrix.SUB, ROW_TILES=MATRIX_ROW_TILES, num_warps=WARPS_MATRIX, **meta, **LAUNCH)
 
 
 def _parts(coefficient: tuple[Tensor, Tensor | None]) -> tuple[tuple[Tensor, Tensor], bool]:
@@ -328,7 +330,7 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
     flags, block_size = (u, 1) if resets is None else resets
     coefficients = (flags, tables[t.P], tables[t.LOG_MAG], tables[t.ANGLE], tables[t.G_RE], tables[t.G_IM])
     # the per-chunk (or, as matrix products, per-program) sums that gradients_kernel adds up
-    rows = -(-batch * num_chunks // MATRIX_ROWS) if matrix else batch * num_chunks
+    rows = -(-batch * num_chunks // (MATRIX_ROWS * MATRIX_ROW_TILES)) if matrix else batch * num_chunks
     partial = u.new_empty(rows, 5, ndim, dim, dtype=torch.float32)
     partial_omega = u.new_empty(rows, dim, dtype=torch.float32)
     if fused:
@@ -340,7 +342,7 @@ def cema_scan_backward(dy: Tensor, dh: Tensor | None, u: Tensor, alpha: Tensor, 
             u, *u.stride(), dy, *coefficients, kappa, incoming, future, du, partial, partial_omega, length, dim,
             ndim, num_chunks, batch * num_chunks, flags.shape[-1], CHUNK=chunk, BLOCK_D=MATRIX_GRADS_BLOCK_D,
             BLOCK_N=max(16, _block_n(ndim)), BLOCK_ROWS=MATRIX_ROWS, HAS_RESET=resets is not None,
-            BLOCK_SIZE=block_size, PRECISION=_matrix_precision(), SUB=cema_matrix.SUB,
+            BLOCK_SIZE=block_size, PRECISION=_matrix_precision(), SUB=cema_matrix.SUB, ROW_TILES=MATRIX_ROW_TILES,
             num_warps=WARPS_MATRIX_GRADS, **LAUNCH)
     else:
         sweep = dict(CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=_block_n(ndim), UNROLL=UNROLL,
