@@ -90,13 +90,11 @@ def _sub_block_matrices(log_ptr, angle_ptr, cin_re_ptr, cin_im_ptr, cout_re_ptr,
     v_im = tl.where(mask, -(cout_re * pv_im + cout_im * pv_re), 0.0)
     cin_re = tl.load(cin_re_ptr + offs, mask=mask, other=0.0)
     cin_im = _imaginary(cin_im_ptr, offs, mask, REAL_IN)
-    # Re(c_out a**(m-1) c_in) for m >= 1 is Re(V(m-1) c_in) with V's conjugated sign undone
-    pk_re, pk_im = _power(log_ptr, angle_ptr, offs, mask, tl.maximum(steps_last - 1, 0).to(tl.float32))
-    ca_re = cout_re * pk_re - cout_im * pk_im
-    ca_im = cout_re * pk_im + cout_im * pk_re
-    kernel = tl.sum(tl.where(mask, ca_re * cin_re - ca_im * cin_im, 0.0), axis=1)  # (BLOCK_D, SUB) over m
-    kappa = tl.load(kappa_ptr + offs_d, mask=mask_d, other=0.0)
+    # K[m] = Re(sum_n c_in V[m-1]) for m >= 1 (V's imaginary part is stored negated), shifted from V's own sums
+    kernel = tl.sum(cin_re * v_re + cin_im * v_im, axis=1)  # (BLOCK_D, SUB): K[m + 1]
     steps = tl.arange(0, SUB)[None, :]
+    kernel = tl.gather(kernel, tl.broadcast_to(tl.maximum(steps - 1, 0), kernel.shape), 1)
+    kappa = tl.load(kappa_ptr + offs_d, mask=mask_d, other=0.0)
     kernel = tl.where(steps == 0, kappa[:, None], kernel)
     toeplitz = _toeplitz(kernel, steps_last - steps_mid, SUB)  # T[v, u] = K[u - v]
     return w_re, w_im, a_re, a_im, v_re, v_im, toeplitz
