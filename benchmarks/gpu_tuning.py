@@ -258,8 +258,8 @@ def kernels_to_turn_off(shape: Shape, kernels: list[str], deadline: float, timin
 def groups() -> list[tuple[str, str, Callable[[Shape], Callable[[], None]], dict[str, dict]]]:
     return [
         # the CEMA's chunk runs as small products on tensor cores (16-step sub-blocks) instead of step by step on
-        # CUDA cores, at 4 channels a program (177-227 registers, 2 programs an SM) or 2 (126, 4); each tiling is
-        # four kernel variants to compile, so few are tried
+        # CUDA cores, at 4 channels a program (163-244 registers on sm_90) or 2; each tiling is four kernel
+        # variants to compile, so few are tried
         ("CEMA chunk runs (step kernels, matrix products)", CEMA, cema_op,
          {"steps": {"MATRIX_FORM": False},
           "products 4x16": {"MATRIX_FORM": True, "MATRIX_BLOCK_D": 4, "MATRIX_ROWS": 16, "WARPS_MATRIX": 4},

@@ -83,8 +83,8 @@ FUSED_BLOCK_D, WARPS_FUSED = 8, 1
 # state) instead of the step kernels' sequential multiply-adds. Whole chunks and restarts at chunk starts only;
 # other runs take the step kernels. Off until a GPU times it: gpu_tuning.py's "CEMA chunk runs" group.
 MATRIX_FORM = False
-# Its programs: MATRIX_ROWS chunks of MATRIX_BLOCK_D channels, WARPS_MATRIX warps (on sm_90 at mega200M, 128 to 227
-# registers a thread for the four variants, no spill; at 8 channels they spill); its dots' precision ("tf32x3":
+# Its programs: tiles of MATRIX_ROWS chunks of MATRIX_BLOCK_D channels, WARPS_MATRIX warps (on sm_90 at mega200M, 163
+# to 244 registers a thread for the four variants, no spill; at 8 channels they spill); its dots' precision ("tf32x3":
 # three tf32 products, about fp32's error; "tf32": one, about bf16's relative error on the CEMA's output; on ROCm,
 # whose Triton has no "tf32x3", "ieee").
 MATRIX_BLOCK_D, MATRIX_ROWS, WARPS_MATRIX, MATRIX_PRECISION = 4, 16, 4, "tf32x3"
@@ -96,10 +96,11 @@ MATRIX_ROW_TILES = 4
 # reverse pass over each chunk's sub-blocks (cema_matrix.matrix_grads_kernel), where a run qualifies as above;
 # independent of MATRIX_FORM. Off until a GPU times it: gpu_tuning.py's "CEMA backward" group.
 MATRIX_BACKWARD = False
-# Its programs: MATRIX_GRADS_BLOCK_D channels, WARPS_MATRIX_GRADS warps: 255 registers a thread on sm_90 at mega200M.
-# Beyond libdevice's 32 stack bytes (sine and cosine of huge arguments, a path never taken) triton 3.9 spills 24-40
-# bytes, 3.6 (torch 2.11's, the GPU image's) about 360; other tilings spill more (docs/gpu.md).
-MATRIX_GRADS_BLOCK_D, WARPS_MATRIX_GRADS = 2, 8
+# Its programs: MATRIX_GRADS_BLOCK_D channels, WARPS_MATRIX_GRADS warps: the fewest instructions a token and
+# channel in its sm_90 SASS (11.7 warp-instructions on triton 3.9, about 20 on 3.6; the two step-kernel passes
+# take about 7.4), 255 registers, and beyond libdevice's 32 stack bytes (sine and cosine of huge arguments, a path
+# never taken) 64 bytes spilled on 3.9, about 600 on 3.6 (torch 2.11's, the GPU image's). docs/gpu.md has more.
+MATRIX_GRADS_BLOCK_D, WARPS_MATRIX_GRADS = 4, 8
 # Warps per program. With one warp, each thread owns a channel and all N components, so the sum over N is inside
 # the thread and the per-step loads and stores need no layout conversion (no shared memory, no barrier in the
 # loop; see cema_kernels on the specialization that would undo it). The scan runs one component per program, one
