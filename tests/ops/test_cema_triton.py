@@ -156,16 +156,20 @@ def test_the_chunk_lengths_the_tuning_tries_match_the_recurrence(chunk, length, 
     (1, 4 * CHUNK, True, 2 * CHUNK, torch.bfloat16, 6, 4, False),
     (2, 3 * CHUNK, True, CHUNK, torch.float32, 20, 16, False),  # several channel blocks, the last partial; N = 16
     (2, 3 * CHUNK, True, CHUNK, torch.float32, 6, 4, True),  # feeding the fused backward
-    (2, 9 * CHUNK, True, 3 * CHUNK, torch.float32, 6, 4, False),  # more rows (B x chunks) than a program's 16
+    (2, 9 * CHUNK, True, 3 * CHUNK, torch.float32, 6, 4, False),  # more rows (B x chunks) than a tile's 16
+    (2, 9 * CHUNK, True, 3 * CHUNK, torch.float32, 6, 4, None),  # ... and a tile a program: two programs of rows
 ])
 def test_the_matrix_form_matches_the_recurrence(monkeypatch, batch, length, with_h0, block, dtype, dim, ndim, fused):
     """MATRIX_FORM (phases 1 and 3 as matrix products over sub-blocks of 16 steps, cema_matrix), which the GPU's
     tuning may pick, forward and adjoint: restarts at chunk starts, an incoming state, bf16 input, channels and
-    components that do not fill its tiles, and with the fused backward."""
+    components that do not fill its tiles, rows over one program's tiles or several programs, and with the fused
+    backward. fused None: the two-pass backward, one tile of rows a program."""
     from megalodon.ops.triton import cema as glue
 
     monkeypatch.setattr(glue, "MATRIX_FORM", True)
-    monkeypatch.setattr(glue, "FUSED_BACKWARD", fused)
+    monkeypatch.setattr(glue, "FUSED_BACKWARD", bool(fused))
+    if fused is None:
+        monkeypatch.setattr(glue, "MATRIX_ROW_TILES", 1)
     launches = []
     products = glue._products
     monkeypatch.setattr(glue, "_products", lambda *args, **kwargs: launches.append(kwargs) or products(*args, **kwargs))
@@ -193,18 +197,22 @@ class LaunchCounter:
     (3, 5 * CHUNK, True, CHUNK, torch.float32, 6, 4, True),  # restarts at chunk starts; rows across the batch
     (1, 4 * CHUNK, True, 2 * CHUNK, torch.bfloat16, 6, 4, False),  # du comes back in bf16
     (2, 3 * CHUNK, True, CHUNK, torch.float32, 20, 16, True),  # several channel blocks, the last partial; N = 16
-    (2, 9 * CHUNK, True, 3 * CHUNK, torch.float32, 6, 4, False),  # more rows than a program's: several partial rows
+    (2, 9 * CHUNK, True, 3 * CHUNK, torch.float32, 6, 4, False),  # more rows than a tile's: two tiles
+    (2, 9 * CHUNK, True, 3 * CHUNK, torch.float32, 6, 4, None),  # ... and a tile a program: two programs' sums
 ])
 def test_the_matrix_backward_matches_the_recurrence(monkeypatch, batch, length, with_h0, block, dtype, dim, ndim,
                                                     forward):
     """MATRIX_BACKWARD (dL/du and the parameters' sums as matrix products in one reverse pass over each chunk's
     sub-blocks, cema_matrix.matrix_grads_kernel), which the GPU's tuning may pick, with the forward's chunk runs as
-    matrix products or as steps: every gradient against float64's."""
+    matrix products or as steps: every gradient against float64's. forward None: steps, one tile of rows a
+    program."""
     from megalodon.ops.triton import cema as glue
     from megalodon.ops.triton import cema_matrix
 
     monkeypatch.setattr(glue, "MATRIX_BACKWARD", True)
-    monkeypatch.setattr(glue, "MATRIX_FORM", forward)
+    monkeypatch.setattr(glue, "MATRIX_FORM", bool(forward))
+    if forward is None:
+        monkeypatch.setattr(glue, "MATRIX_ROW_TILES", 1)
     counter = LaunchCounter(cema_matrix.matrix_grads_kernel)
     monkeypatch.setattr(cema_matrix, "matrix_grads_kernel", counter)
     (y, h, grads), (y_ref, h_ref, grads_ref) = run_both(batch, length, dim, ndim, with_h0, block, dtype=dtype)
