@@ -97,30 +97,30 @@ def resources(compiled) -> dict[str, int]:
     return {name: int(value) for name, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", report)}
 
 
-def assert_no_spill(cases) -> None:
-    """Each case, compiled as launched, keeps its values in registers: no stack (spilled registers) at all."""
+def _as_launched(cases, report):
+    """Each case compiled as launched, with `report` (sass, resources) on it: (case, report) pairs. Where the first
+    case cannot compile (no NVIDIA backend, ptxas or cuobjdump in this triton), the process exits with
+    NO_NVIDIA_BACKEND; a later case that fails is a real failure."""
     for index, case in enumerate(cases):
         try:
-            used = resources(compile_for_h100(*case[:4], as_launched=True))
+            yield case, report(compile_for_h100(*case[:4], as_launched=True))
         except (RuntimeError, FileNotFoundError, ImportError, subprocess.CalledProcessError) as error:
             if index:
                 raise
             print(error)
             sys.exit(NO_NVIDIA_BACKEND)
+
+
+def assert_no_spill(cases) -> None:
+    """Each case, compiled as launched, keeps its values in registers: no stack (spilled registers) at all."""
+    for case, used in _as_launched(cases, resources):
         assert used["STACK"] == 0, (case[0].__name__, case[2], used)
 
 
 def assert_in_thread(cases, ops=("BAR.", "SHFL", "STS", "LDS")) -> None:
     """Each case, compiled as launched, keeps its work inside each thread: no barrier, no shuffle and no shared
     memory anywhere in its SASS (none of `ops`)."""
-    for index, case in enumerate(cases):
-        try:
-            text = sass(compile_for_h100(*case[:4], as_launched=True))
-        except (RuntimeError, FileNotFoundError, ImportError, subprocess.CalledProcessError) as error:
-            if index:  # the first case compiled: this one is a real failure
-                raise
-            print(error)  # no NVIDIA backend, ptxas or cuobjdump in this triton
-            sys.exit(NO_NVIDIA_BACKEND)
+    for case, text in _as_launched(cases, sass):
         found = {op: text.count(op) for op in ops}
         assert not any(found.values()), (case[0].__name__, case[2], found)
 

@@ -12,12 +12,12 @@ is three products per channel, with K[0] = kappa and K[m] = Re(sum_n c_out c_in 
     y_{p0+u} = sum_{v <= u} K[u - v] x_{p0+v}  +  Re(sum_n c_out a**u S)          (Toeplitz T, and V)
     S'       = a**SUB S  +  sum_v a**(SUB - 1 - v) c_in x_{p0+v}                   (W)
 
-A program takes BLOCK_ROWS chunks (rows over the batch and the chunks) of BLOCK_D channels and runs the chunk's
-sub-blocks in turn, each as batched dots over its channels: (rows x SUB) @ T (SUB x SUB), state (rows x N) @ V
-(N x SUB), (rows x SUB) @ W (SUB x N): 16 + 2 N multiply-adds a step for the outputs and 2 N for the state, on
-tensor cores instead of CUDA cores, in "tf32x3" (three tf32 products: about fp32's accuracy). T, V, W and a**SUB
-come from the (N, D) tables the step kernels read, once a program. What stays sequential is SUB-step blocks, not
-steps.
+A program takes ROW_TILES tiles of BLOCK_ROWS chunks (rows over the batch and the chunks) of BLOCK_D channels and
+runs each chunk's sub-blocks in turn, each as batched dots over its channels: (rows x SUB) @ T (SUB x SUB), state
+(rows x N) @ V (N x SUB), (rows x SUB) @ W (SUB x N): 16 + 2 N multiply-adds a step for the outputs and 2 N for the
+state, on tensor cores instead of CUDA cores, in "tf32x3" (three tf32 products: about fp32's accuracy). T, V, W
+and a**SUB come from the (N, D) tables the step kernels read, once a program for all its tiles. What stays
+sequential is SUB-step blocks, not steps.
 
 Only whole chunks (L a multiple of CHUNK), and restarts only at chunk starts (a block size that CHUNK divides,
 the model's chunk_size at every preset): then a restart zeroes the state entering a chunk (forward) or leaving it
@@ -119,6 +119,7 @@ def chunk_products_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin
     w_re, w_im, a_re, a_im, v_re, v_im, toeplitz = _sub_block_matrices(
         log_ptr, angle_ptr, cin_re_ptr, cin_im_ptr, cout_re_ptr, cout_im_ptr, kappa_ptr, offs_d, mask_d, D, N,
         SUB, BLOCK_N, REAL_IN, REAL_OUT)
+    offs, mask, _, _, _, _ = _table_axes(offs_d, mask_d, D, N, SUB, BLOCK_N)
 
     for tile in range(ROW_TILES):  # the matrices above, made once, serve ROW_TILES tiles of rows
         rows = (pid_r * ROW_TILES + tile) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # over (b, chunk)
@@ -127,9 +128,8 @@ def chunk_products_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin
         c = rows % num_chunks
         start = c * CHUNK
         mask_rows = mask_d[:, None, None] & row_ok[None, :, None]
-        comps = tl.arange(0, BLOCK_N)[None, None, :]
-        states = ((b.to(tl.int64) * num_chunks + c) * 2 * N * D)[None, :, None] + offs_d[:, None, None] + comps * D
-        mask_states = mask_rows & (comps < N)
+        states = ((b.to(tl.int64) * num_chunks + c) * 2 * N * D)[None, :, None] + offs  # offs: components last
+        mask_states = mask & row_ok[None, :, None]
         keep_rows = tl.full((BLOCK_ROWS,), 1.0, tl.float32)
         if HAS_RESET:
             keep_rows = _keep(reset_ptr, b, num_blocks, start, row_ok, BLOCK_SIZE)
@@ -205,8 +205,6 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     d3 = offs_d[:, None, None]
-    mask_d3 = mask_d[:, None, None]
-    comps_last = tl.arange(0, BLOCK_N)[None, None, :]
     offs, mask, offs_mid, mask_mid, steps_mid, steps_last = _table_axes(offs_d, mask_d, D, N, SUB, BLOCK_N)
 
     # components last: the coefficients (BLOCK_D, 1, BLOCK_N) and the products' right sides (BLOCK_D, SUB, BLOCK_N)
@@ -246,9 +244,9 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
         b = rows // num_chunks
         c = rows % num_chunks
         start = c * CHUNK
-        mask_rows = mask_d3 & row_ok[None, :, None]
-        states = ((b.to(tl.int64) * num_chunks + c) * 2 * N * D)[None, :, None] + d3 + comps_last * D
-        mask_states = mask_rows & (comps_last < N)
+        mask_rows = mask_d[:, None, None] & row_ok[None, :, None]
+        states = ((b.to(tl.int64) * num_chunks + c) * 2 * N * D)[None, :, None] + offs  # offs: components last
+        mask_states = mask & row_ok[None, :, None]
         ad_re = tl.load(future_ptr + states, mask=mask_states, other=0.0)  # G after the chunk
         ad_im = tl.load(future_ptr + states + N * D, mask=mask_states, other=0.0)
         zero = tl.zeros((BLOCK_D, BLOCK_ROWS, BLOCK_N), tl.float32)
