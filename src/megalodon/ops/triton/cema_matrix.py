@@ -100,6 +100,20 @@ def _sub_block_matrices(log_ptr, angle_ptr, cin_re_ptr, cin_im_ptr, cout_re_ptr,
     return w_re, w_im, a_re, a_im, v_re, v_im, toeplitz
 
 
+@triton.jit
+def _row_tile(tile, offs, mask, mask_d, D, N, num_chunks, num_rows, CHUNK: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """Tile `tile` of BLOCK_ROWS rows over (b, chunk): which rows exist, their b, chunk and first step, the
+    (BLOCK_D, rows, 1) mask of their inputs, and the offsets and mask of their (B, chunks, 2, N, D) states from a
+    (BLOCK_D, 1, BLOCK_N) table tile's offs and mask (components last)."""
+    rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < num_rows
+    b = rows // num_chunks
+    c = rows % num_chunks
+    states = ((b.to(tl.int64) * num_chunks + c) * 2 * N * D)[None, :, None] + offs
+    return (row_ok, b, c, c * CHUNK, mask_d[:, None, None] & row_ok[None, :, None], states,
+            mask & row_ok[None, :, None])
+
+
 @triton.jit(do_not_specialize=("D", "stride_xt"))
 def chunk_products_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin_re_ptr, cin_im_ptr, log_ptr,
                           angle_ptr, cout_re_ptr, cout_im_ptr, kappa_ptr, state_ptr, keep_ptr, y_ptr, L, D, N,
@@ -122,14 +136,8 @@ def chunk_products_kernel(x_ptr, stride_xb, stride_xt, stride_xd, reset_ptr, cin
     offs, mask, _, _, _, _ = _table_axes(offs_d, mask_d, D, N, SUB, BLOCK_N)
 
     for tile in range(ROW_TILES):  # the matrices above, made once, serve ROW_TILES tiles of rows
-        rows = (pid_r * ROW_TILES + tile) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # over (b, chunk)
-        row_ok = rows < num_rows
-        b = rows // num_chunks
-        c = rows % num_chunks
-        start = c * CHUNK
-        mask_rows = mask_d[:, None, None] & row_ok[None, :, None]
-        states = ((b.to(tl.int64) * num_chunks + c) * 2 * N * D)[None, :, None] + offs  # offs: components last
-        mask_states = mask & row_ok[None, :, None]
+        row_ok, b, c, start, mask_rows, states, mask_states = _row_tile(
+            pid_r * ROW_TILES + tile, offs, mask, mask_d, D, N, num_chunks, num_rows, CHUNK, BLOCK_ROWS)
         keep_rows = tl.full((BLOCK_ROWS,), 1.0, tl.float32)
         if HAS_RESET:
             keep_rows = _keep(reset_ptr, b, num_blocks, start, row_ok, BLOCK_SIZE)
@@ -239,14 +247,8 @@ def matrix_grads_kernel(u_ptr, stride_ub, stride_ut, stride_ud, dy_ptr, reset_pt
     s_z_re, s_z_im, s_q_re, s_q_im = acc_p, acc_p, acc_p, acc_p  # the pairs with S_0, the chunks' incoming states
     d_toeplitz = tl.zeros((BLOCK_D, SUB, SUB), tl.float32)
     for tile in range(ROW_TILES):  # the matrices above, made once, serve ROW_TILES tiles of rows
-        rows = (pid_r * ROW_TILES + tile) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < num_rows
-        b = rows // num_chunks
-        c = rows % num_chunks
-        start = c * CHUNK
-        mask_rows = mask_d[:, None, None] & row_ok[None, :, None]
-        states = ((b.to(tl.int64) * num_chunks + c) * 2 * N * D)[None, :, None] + offs  # offs: components last
-        mask_states = mask & row_ok[None, :, None]
+        row_ok, b, c, start, mask_rows, states, mask_states = _row_tile(
+            pid_r * ROW_TILES + tile, offs, mask, mask_d, D, N, num_chunks, num_rows, CHUNK, BLOCK_ROWS)
         ad_re = tl.load(future_ptr + states, mask=mask_states, other=0.0)  # G after the chunk
         ad_im = tl.load(future_ptr + states + N * D, mask=mask_states, other=0.0)
         zero = tl.zeros((BLOCK_D, BLOCK_ROWS, BLOCK_N), tl.float32)
